@@ -1,0 +1,118 @@
+"""Rolling scan of a new file against a signature's weak-sum table.
+
+The window slides one byte at a time (O(1) Adler-32 roll) until its weak sum is
+in the table; then the keyed check selects a block, preferring the block that
+follows the previous match so COPY runs stay contiguous. A candidate chain
+(blocks sharing a weak sum) is walked for at most ``max_chain`` entries, so a
+basis made of thousands of equal blocks cannot make the scan quadratic.
+
+Matches are tentative: the caller confirms each with BLAKE3 in batch
+(``blake3_lanes.hash_windows``), which keeps strong hashing off this loop.
+"""
+import numpy as np
+from numba import uint32
+
+from ._jit import kernel
+from .weak import MOD, window_check, window_sums
+
+EMPTY = -1
+_GOLDEN = 0x9E3779B1
+
+
+@kernel
+def build_table(sorted_weak, bits):
+    """Open-addressing table from weak sum to the first index of its run in
+    ``sorted_weak`` (ascending). ``bits``: log2 of the slot count (> 2x runs)."""
+    size = 1 << bits
+    mask = size - 1
+    keys = np.zeros(size, dtype=np.uint32)
+    heads = np.full(size, EMPTY, dtype=np.int64)
+    filter_bits = np.zeros(size >> 3, dtype=np.uint8)
+    shift = 32 - bits
+    for i in range(sorted_weak.shape[0]):
+        w = sorted_weak[i]
+        if i > 0 and sorted_weak[i - 1] == w:
+            continue
+        slot = ((np.uint64(w) * _GOLDEN) & 0xFFFFFFFF) >> shift
+        while heads[slot] != EMPTY:
+            slot = (slot + 1) & mask
+        keys[slot] = w
+        heads[slot] = i
+        f = w & mask
+        filter_bits[f >> 3] |= np.uint8(1 << (f & 7))
+    return keys, heads, filter_bits
+
+
+@kernel
+def scan(data, start, stop, block_len, weights,
+         keys, heads, filter_bits, bits,
+         sorted_weak, sorted_check, sorted_block,
+         block_weak, block_check, max_chain,
+         out_pos, out_block):
+    """Tentative matches for windows starting in [start, stop) of ``data``.
+
+    Windows are ``block_len`` long and may extend past ``stop``. block_weak /
+    block_check are indexed by block number (full blocks only). Writes match
+    positions and block numbers in increasing position order; returns the count.
+    out arrays need (stop - start) // block_len + 1 entries.
+    """
+    n = data.shape[0]
+    nfull = block_weak.shape[0]
+    mask = (1 << bits) - 1
+    shift = 32 - bits
+    roll_out = block_len % MOD
+    count = 0
+    expected = -1
+    p = start
+    fresh = True
+    s1 = np.int64(0)
+    s2 = np.int64(0)
+    check = uint32(0)
+    have_check = False
+    while p < stop and p + block_len <= n:
+        if fresh:
+            s1, s2, check = window_sums(data, p, block_len, weights)
+            have_check = True
+            fresh = False
+        weak = uint32((s2 << 16) | s1)
+        f = weak & mask
+        matched = -1
+        if filter_bits[f >> 3] & (1 << (f & 7)):
+            slot = ((np.uint64(weak) * _GOLDEN) & 0xFFFFFFFF) >> shift
+            head = EMPTY
+            while heads[slot] != EMPTY:
+                if keys[slot] == weak:
+                    head = heads[slot]
+                    break
+                slot = (slot + 1) & mask
+            if head != EMPTY:
+                if not have_check:
+                    check = window_check(data, p, block_len, weights)
+                    have_check = True
+                if 0 <= expected < nfull and block_weak[expected] == weak and block_check[expected] == check:
+                    matched = expected
+                else:
+                    i = head
+                    last = min(head + max_chain, sorted_weak.shape[0])
+                    while i < last and sorted_weak[i] == weak:
+                        if sorted_check[i] == check:
+                            matched = sorted_block[i]
+                            break
+                        i += 1
+        if matched >= 0:
+            out_pos[count] = p
+            out_block[count] = matched
+            count += 1
+            expected = matched + 1
+            p += block_len
+            fresh = True
+            continue
+        if p + block_len >= n:
+            break
+        b_out = np.int64(data[p])
+        b_in = np.int64(data[p + block_len])
+        s1 = (s1 - b_out + b_in + MOD) % MOD
+        s2 = (s2 - roll_out * b_out + s1 - 1 + 256 * MOD) % MOD
+        p += 1
+        have_check = False
+    return count

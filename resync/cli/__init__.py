@@ -1,0 +1,64 @@
+"""resync's command line. Only this package imports click; command modules keep
+their heavy imports (NumPy, Numba kernels) inside the command bodies so that
+``resync --help`` starts fast and compiles nothing."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
+from . import delta_cmd, patch_cmd, signature_cmd
+
+CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="resync")
+def cli() -> None:
+    """resync: rsync-style file deltas (signature, delta, patch).
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 file error, 4 invalid resync
+    file, 5 verification failed, 6 no space, 130 interrupted.
+    """
+
+
+cli.add_command(signature_cmd.command)
+cli.add_command(delta_cmd.command)
+cli.add_command(patch_cmd.command)
+
+
+def _fail(message: str, code: int) -> None:
+    try:
+        click.echo(f"resync: error: {message}", err=True)
+    finally:
+        sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns errors into one line on stderr plus
+    the exit code documented in the README (never a traceback, unless
+    RESYNC_DEBUG=1)."""
+    try:
+        cli.main(args=argv, prog_name="resync", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+    except click.exceptions.Abort:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except ResyncError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(EXIT_INTERNAL)
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        if os.environ.get("RESYNC_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (RESYNC_DEBUG=1 shows a traceback)",
+              EXIT_INTERNAL)

@@ -1,0 +1,34 @@
+"""Options and output helpers shared by several commands."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print machine-readable statistics on stdout.")
+verbose_option = click.option("-v", "--verbose", is_flag=True,
+                              help="Print statistics on stderr.")
+
+
+def existing_file(**kw) -> click.Path:
+    return click.Path(exists=True, dir_okay=False, readable=True, **kw)
+
+
+output_file = click.Path(dir_okay=False, writable=True)
+
+
+def report(stats: dict, as_json: bool, verbose: bool, summary: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(stats, sort_keys=True) + "\n")
+    if verbose:
+        click.echo(summary, err=True)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,141 @@
+"""Patch stage: rebuild the new file from the basis and a delta, atomically.
+
+Before anything is renamed into place, the basis must hash to the BLAKE3 the
+delta was made against and the result must hash to the target's BLAKE3; on any
+mismatch the output path keeps its old contents and the error names the check.
+Output is assembled in bounded windows, so memory does not grow with file size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import formats
+from .errors import FormatError, NoSpaceError, VerificationError
+from .fs import MappedFile, atomic_output, raise_os_error, write_all
+from .parallel import thread_count
+from .signature import HashInBackground
+
+WINDOW = 8 << 20
+
+
+@dataclass
+class PatchStats:
+    target_bytes: int
+    copied_bytes: int
+    literal_bytes: int
+    instructions: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LiteralStream:
+    """Decodes the delta's literal chunks in order and hands out contiguous
+    windows of the literal stream (requests must move forward)."""
+
+    def __init__(self, buf, parsed: formats.ParsedDelta, name: str):
+        self._buf = buf
+        self._chunks = parsed.chunks
+        self._name = name
+        self._next = 0
+        self._offset = parsed.data_offset
+        self._data = np.empty(0, np.uint8)
+        self._base = 0
+
+    def _decode_next(self) -> np.ndarray:
+        import lz4.block
+
+        codec, raw, stored = (int(x) for x in self._chunks[self._next])
+        payload = memoryview(self._buf)[self._offset:self._offset + stored]
+        self._offset += stored
+        self._next += 1
+        if codec == formats.CODEC_RAW:
+            return np.frombuffer(payload, np.uint8)
+        try:
+            out = lz4.block.decompress(payload, uncompressed_size=raw)
+        except Exception:   # lz4 raises its own error types for malformed input
+            raise FormatError(self._name, "resync delta", f"corrupt LZ4 literal chunk {self._next - 1}") from None
+        if len(out) != raw:
+            raise FormatError(self._name, "resync delta", f"LZ4 literal chunk {self._next - 1} has the wrong size")
+        return np.frombuffer(out, np.uint8)
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, int]:
+        """Return (array, base) with array[i] = literal byte base + i, covering [lo, hi)."""
+        drop = lo - self._base
+        parts = [self._data[drop:]]
+        have = self._data.shape[0] - drop
+        while have < hi - lo and self._next < self._chunks.shape[0]:
+            part = self._decode_next()
+            parts.append(part)
+            have += part.shape[0]
+        self._data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._base = lo
+        return self._data, self._base
+
+
+def _check_space(path: str, need: int) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise NoSpaceError(path, f"needs {need} bytes, {free} free")
+
+
+def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
+                threads: int | None = None) -> PatchStats:
+    from .kernels.patch import assemble
+
+    threads = threads or thread_count()
+    with MappedFile(delta_path) as delta:
+        parsed = formats.unpack_delta(delta.buffer, delta_path)
+        h = parsed.header
+        basis = None
+        if basis_path is not None and not (h.basis_len == 0 and not os.path.exists(basis_path)):
+            basis = MappedFile(basis_path)
+        try:
+            basis_data = basis.array if basis is not None else np.empty(0, np.uint8)
+            if basis_data.shape[0] != h.basis_len:
+                raise VerificationError(basis_path, f"basis is {basis_data.shape[0]} bytes, the delta "
+                                        f"was made against {h.basis_len} bytes: wrong basis file")
+            basis_hash = HashInBackground(basis_data, max(1, threads - 1)) if h.basis_len else None
+            kinds = parsed.instructions["kind"].copy()
+            lengths = parsed.instructions["length"].astype(np.int64)
+            sources = parsed.instructions["source"].astype(np.int64)
+            is_insert = kinds == formats.INSERT
+            literal_before = np.cumsum(np.where(is_insert, lengths, 0)) - np.where(is_insert, lengths, 0)
+            sources[is_insert] = literal_before[is_insert]
+            literals = LiteralStream(delta.buffer, parsed, delta_path)
+            _check_space(out_path, h.target_len)
+
+            import blake3
+            hasher = blake3.blake3(max_threads=threads)
+            window = np.empty(min(WINDOW, max(h.target_len, 1)), np.uint8)
+            with atomic_output(out_path) as fd:
+                index, skip, written = 0, 0, 0
+                while written < h.target_len:
+                    lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
+                    lit_hi = min(lit_lo + window.shape[0], h.literal_len)
+                    lit, lit_base = literals.window(lit_lo, lit_hi)
+                    index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
+                                                   lengths, index, skip, window)
+                    chunk = window[:filled]
+                    hasher.update(chunk)
+                    write_all(fd, chunk)
+                    written += filled
+                if basis_hash is not None and basis_hash.result() != h.basis_hash:
+                    raise VerificationError(basis_path, "basis does not match the signature the "
+                                            "delta was made against (BLAKE3 differs); nothing written")
+                if hasher.digest() != h.target_hash:
+                    raise VerificationError(out_path, "result does not match the delta's target "
+                                            "BLAKE3 (corrupt delta or basis changed); nothing written")
+        finally:
+            if basis is not None:
+                basis.close()
+    copied = int(lengths[~is_insert].sum()) if h.count else 0
+    return PatchStats(h.target_len, copied, h.literal_len, h.count)
