@@ -81,7 +81,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[int]:
 
 def write_all(fd: int, data) -> None:
     """os.write until every byte of ``data`` (bytes-like) is written."""
-    view = memoryview(data).cast("B")
+    view = memoryview(data)
+    if view.nbytes == 0:
+        return
+    view = view.cast("B")
     while view:
         written = os.write(fd, view)
         view = view[written:]

@@ -1,0 +1,49 @@
+# resync — two commands set everything up on a fresh machine:
+#   make run    install and run the main job on a built-in sample
+#   make test   install (with test extras and the Debian tools the tests use) and run the tests
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUN    := .run
+
+.PHONY: install run test bench tools clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Debian tools the tests and benchmarks compare against; installed only when missing.
+tools:
+	@missing=""; \
+	command -v rdiff >/dev/null 2>&1 || missing="$$missing rdiff"; \
+	command -v rsync >/dev/null 2>&1 || missing="$$missing rsync"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The main job on a built-in default: a seeded 64 MiB file, edited, shipped as a delta.
+run: install
+	@mkdir -p $(RUN)
+	$(PY) bench/gen.py file --size 64MiB --edits 40 --seed 1 $(RUN)/basis $(RUN)/new
+	$(VENV)/bin/resync signature $(RUN)/basis $(RUN)/basis.sig -v
+	$(VENV)/bin/resync delta $(RUN)/basis.sig $(RUN)/new $(RUN)/new.delta -v --json
+	$(VENV)/bin/resync patch $(RUN)/basis $(RUN)/new.delta $(RUN)/result -v
+	cmp $(RUN)/result $(RUN)/new && echo "run: result is byte-identical to the new file"
+
+test: install tools
+	$(PY) -m pytest -q
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py
+
+bench: install tools
+	$(PY) bench/bench_delta.py
+
+clean:
+	rm -rf $(VENV) $(RUN) bench/.data .pytest_cache .hypothesis
