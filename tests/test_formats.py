@@ -44,23 +44,18 @@ def test_golden_digests(files):
     assert blake3.blake3((d / "delta").read_bytes()).hexdigest() == GOLDEN_DELTA
 
 
-def _patch(d, delta_bytes):
-    (d / "bad.delta").write_bytes(delta_bytes)
-    out = d / "out"
-    try:
-        apply_delta(str(d / "basis"), str(d / "bad.delta"), str(out))
-    finally:
-        pass
-    return out
-
-
 # --- signature -------------------------------------------------------------
 
-def _sig_with(raw: bytes, **fields) -> bytes:
-    names = ["magic", "version", "weak", "strong_len", "block_len", "file_len", "count", "salt", "hash"]
-    values = dict(zip(names, formats.SIG_HEADER.unpack_from(raw, 0)))
+SIG_FIELDS = ["magic", "version", "weak", "strong_len", "block_len", "file_len", "count", "salt", "hash"]
+DELTA_FIELDS = ["magic", "version", "flags", "reserved", "basis_len", "basis_hash", "target_len",
+                "target_hash", "count", "literal_len", "chunks"]
+
+
+def _with_fields(layout, names, raw: bytes, **fields) -> bytes:
+    """``raw`` with some header fields replaced."""
+    values = dict(zip(names, layout.unpack_from(raw, 0)))
     values.update(fields)
-    return formats.SIG_HEADER.pack(*(values[n] for n in names)) + raw[formats.SIG_HEADER.size:]
+    return layout.pack(*(values[n] for n in names)) + raw[layout.size:]
 
 
 @pytest.mark.parametrize("fields,why", [
@@ -80,7 +75,7 @@ def _sig_with(raw: bytes, **fields) -> bytes:
 ])
 def test_hostile_signature_fields(files, fields, why):
     d, _, _ = files
-    raw = _sig_with((d / "sig").read_bytes(), **fields)
+    raw = _with_fields(formats.SIG_HEADER, SIG_FIELDS, (d / "sig").read_bytes(), **fields)
     with pytest.raises(FormatError, match=why):
         formats.unpack_sig(raw)
 
@@ -110,14 +105,6 @@ def _set_instruction(raw: bytearray, i: int, kind=None, source=None, length=None
     return raw
 
 
-def _header_with(raw: bytes, **fields) -> bytes:
-    names = ["magic", "version", "flags", "reserved", "basis_len", "basis_hash", "target_len",
-             "target_hash", "count", "literal_len", "chunks"]
-    values = dict(zip(names, formats.DELTA_HEADER.unpack_from(raw, 0)))
-    values.update(fields)
-    return formats.DELTA_HEADER.pack(*(values[n] for n in names)) + raw[formats.DELTA_HEADER.size:]
-
-
 @pytest.mark.parametrize("fields,why", [
     (dict(magic=b"XSYNCDLT"), "bad magic"),
     (dict(version=0), "unsupported version"),
@@ -133,7 +120,7 @@ def _header_with(raw: bytes, **fields) -> bytes:
 ])
 def test_hostile_delta_header(files, fields, why):
     d, _, _ = files
-    raw = _header_with((d / "delta").read_bytes(), **fields)
+    raw = _with_fields(formats.DELTA_HEADER, DELTA_FIELDS, (d / "delta").read_bytes(), **fields)
     with pytest.raises(FormatError, match=why):
         formats.unpack_delta(raw)
 
@@ -247,8 +234,6 @@ def test_fuzz_delta_parser_and_patch(tmp_path_factory, data):
 @given(data=st.data())
 def test_fuzz_signature_parser(data):
     basis, _ = _golden_pair()
-    import io
-    buf = io.BytesIO()
     sig = compute_signature(basis[:5000], 512, salt=SALT)
     raw = bytearray(formats.pack_sig_header(sig.header()) + sig.weak.tobytes() + sig.check.tobytes()
                     + sig.strong.tobytes())
