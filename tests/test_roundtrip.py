@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from resync import formats
-from resync.delta import empty_signature, make_delta
+from resync.delta import LITERAL_CHUNK, empty_signature, make_delta
 from resync.patch import apply_delta
 from resync.signature import compute_signature, default_block_len, read_signature, write_signature
 
@@ -71,16 +71,11 @@ def test_compressible_literals_use_lz4(tmp_path, rng):
 
 
 def test_absent_basis_gives_whole_file_delta(tmp_path, rng):
-    new = rng.integers(0, 256, 3 * formats_chunk() + 5, dtype=np.uint8)
+    new = rng.integers(0, 256, 3 * LITERAL_CHUNK + 5, dtype=np.uint8)
     st_ = make_delta(empty_signature(), new, tmp_path / "d")
     assert st_.literal_bytes == new.shape[0] and st_.copy_instructions == 0
     apply_delta(str(tmp_path / "missing-basis"), str(tmp_path / "d"), str(tmp_path / "out"))
     assert (tmp_path / "out").read_bytes() == new.tobytes()
-
-
-def formats_chunk():
-    from resync.delta import LITERAL_CHUNK
-    return LITERAL_CHUNK
 
 
 def test_repeated_blocks_basis(tmp_path, rng):
