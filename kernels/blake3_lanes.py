@@ -21,6 +21,7 @@ OUT_WORDS = 8          # 32-byte digests
 CHUNK_LEN = 1024
 BLOCK_LEN = 64
 MAX_DEPTH = 54         # log2(2**64 / 1024): deepest possible chaining-value stack
+SCRATCH_WORDS = (16 + 8 + 8 + 8 * MAX_DEPTH) * LANES   # hash_windows' work space
 
 CHUNK_START = 1
 CHUNK_END = 2
@@ -225,20 +226,21 @@ def _parent(left, right, key, flags, m, cv, out):
 
 
 @kernel
-def hash_windows(data, starts, length, key, keyed, out):
+def hash_windows(data, starts, length, key, keyed, out, scratch):
     """out[i] = BLAKE3(data[starts[i] : starts[i] + length]) as 8 little-endian words.
 
     ``key`` holds 8 words: the key when ``keyed`` (BLAKE3 keyed mode), else the
     IV. ``length`` >= 1; every window must lie inside ``data`` (the caller checks).
+    ``scratch``: uint32[SCRATCH_WORDS] of work space (the kernel allocates nothing).
     """
     n = starts.shape[0]
     base_flags = KEYED_HASH if keyed else 0
     nchunks = (length + CHUNK_LEN - 1) // CHUNK_LEN
     words = data[: data.shape[0] // 4 * 4].view(np.uint32)
-    m = np.empty(16 * LANES, dtype=np.uint32)
-    cv = np.empty(8 * LANES, dtype=np.uint32)
-    nxt = np.empty(8 * LANES, dtype=np.uint32)
-    stack = np.empty((MAX_DEPTH, 8 * LANES), dtype=np.uint32)
+    m = scratch[:16 * LANES]
+    cv = scratch[16 * LANES:24 * LANES]
+    nxt = scratch[24 * LANES:32 * LANES]
+    stack = scratch[32 * LANES:]     # MAX_DEPTH rows of 8 * LANES words
     for g0 in range(0, n, LANES):
         count = min(LANES, n - g0)
         depth = 0
@@ -265,16 +267,16 @@ def hash_windows(data, starts, length, key, keyed, out):
                 total = c + 1
                 while total & 1 == 0:
                     depth -= 1
-                    _parent(stack[depth], cv, key, base_flags, m, nxt, cv)
+                    _parent(stack[depth * 8 * LANES:(depth + 1) * 8 * LANES], cv, key, base_flags, m, nxt, cv)
                     total >>= 1
-                stack[depth, :] = cv
+                stack[depth * 8 * LANES:(depth + 1) * 8 * LANES] = cv
                 depth += 1
         # The last chunk's chaining value climbs the remaining stack; the top
         # parent is the root.
         while depth > 0:
             depth -= 1
             flags = base_flags | ROOT if depth == 0 else base_flags
-            _parent(stack[depth], cv, key, flags, m, nxt, cv)
+            _parent(stack[depth * 8 * LANES:(depth + 1) * 8 * LANES], cv, key, flags, m, nxt, cv)
         for l in range(count):
             for w in range(OUT_WORDS):
                 out[g0 + l, w] = cv[w * LANES + l]

@@ -20,14 +20,17 @@ _GOLDEN = 0x9E3779B1
 
 
 @kernel
-def build_table(sorted_weak, bits):
+def build_table(sorted_weak, bits, keys, heads, filter_bits):
     """Open-addressing table from weak sum to the first index of its run in
-    ``sorted_weak`` (ascending). ``bits``: log2 of the slot count (> 2x runs)."""
+    ``sorted_weak`` (ascending), written into keys (uint32), heads (int64),
+    both 2**bits long, and filter_bits (uint8, 2**bits / 8): a bit per
+    ``weak & mask`` that rejects most windows before the table probe.
+    ``bits``: log2 of the slot count (> 2x the number of runs)."""
     size = 1 << bits
     mask = size - 1
-    keys = np.zeros(size, dtype=np.uint32)
-    heads = np.full(size, EMPTY, dtype=np.int64)
-    filter_bits = np.zeros(size >> 3, dtype=np.uint8)
+    keys[:] = 0
+    heads[:] = EMPTY
+    filter_bits[:] = 0
     shift = 32 - bits
     for i in range(sorted_weak.shape[0]):
         w = sorted_weak[i]
@@ -40,7 +43,6 @@ def build_table(sorted_weak, bits):
         heads[slot] = i
         f = w & mask
         filter_bits[f >> 3] |= np.uint8(1 << (f & 7))
-    return keys, heads, filter_bits
 
 
 @kernel

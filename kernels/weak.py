@@ -58,18 +58,16 @@ def window_check(data, pos, length, weights):
 
 
 @kernel
-def check_weights(seed, length):
-    """Per-position weights of the second check: splitmix64(seed + i) >> 32."""
-    out = np.empty(length, dtype=np.uint32)
+def check_weights(seed, out):
+    """Per-position weights of the second check: out[i] = splitmix64(seed + i) >> 32."""
     state = uint64(seed)
-    for i in range(length):
+    for i in range(out.shape[0]):
         state = uint64(state + uint64(0x9E3779B97F4A7C15))
         z = state
         z = uint64((z ^ (z >> uint64(30))) * uint64(0xBF58476D1CE4E5B9))
         z = uint64((z ^ (z >> uint64(27))) * uint64(0x94D049BB133111EB))
         z = z ^ (z >> uint64(31))
         out[i] = uint32(z >> uint64(32))
-    return out
 
 
 @kernel

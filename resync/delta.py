@@ -62,8 +62,8 @@ def _table_bits(runs: int) -> int:
 
 def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -> Matches:
     """Verified block matches of ``data`` against ``sig``, in increasing position order."""
-    from .kernels.scan import build_table, scan
-    from .kernels.weak import sums_at
+    from .kernels.native import get
+    build_table, scan, sums_at = get("build_table"), get("scan"), get("sums_at")
 
     threads = threads or thread_count()
     L = sig.block_len
@@ -81,7 +81,10 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
         sorted_weak = block_weak[order]
         runs = int(np.count_nonzero(np.diff(sorted_weak))) + 1
         bits = _table_bits(runs)
-        keys, heads, filt = build_table(sorted_weak, bits)
+        keys = np.empty(1 << bits, np.uint32)
+        heads = np.empty(1 << bits, np.int64)
+        filt = np.empty((1 << bits) >> 3, np.uint8)
+        build_table(sorted_weak, bits, keys, heads, filt)
         sorted_check = block_check[order]
         sorted_block = order.astype(np.int64)
         strong = sig.strong[:full]
@@ -176,7 +179,8 @@ def build_instructions(m: Matches, target_len: int) -> tuple[np.ndarray, np.ndar
 def _literal_chunks(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, total: int):
     """Yield the literal stream (the INSERT ranges of ``data`` in order) in
     chunks of LITERAL_CHUNK bytes."""
-    from .kernels.patch import assemble
+    from .kernels.native import get
+    assemble = get("assemble")
 
     kinds = np.zeros(starts.shape[0], np.uint8)    # all COPY from data
     index, skip, done = 0, 0, 0

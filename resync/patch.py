@@ -89,7 +89,8 @@ def _check_space(path: str, need: int) -> None:
 
 def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
                 threads: int | None = None) -> PatchStats:
-    from .kernels.patch import assemble
+    from .kernels.native import get
+    assemble = get("assemble")
 
     threads = threads or thread_count()
     with MappedFile(delta_path) as delta:

@@ -56,8 +56,10 @@ class Signature:
         return np.frombuffer(self.salt, dtype="<u4").astype(np.uint32)
 
     def check_weights(self) -> np.ndarray:
-        from .kernels.weak import check_weights
-        return check_weights(np.uint64(int.from_bytes(self.salt[:8], "little")), self.block_len)
+        from .kernels.native import get
+        out = np.empty(self.block_len, np.uint32)
+        get("check_weights")(np.uint64(int.from_bytes(self.salt[:8], "little")), out)
+        return out
 
     def header(self) -> formats.SigHeader:
         return formats.SigHeader(self.strong_len, self.block_len, self.file_len, self.count,
@@ -93,10 +95,11 @@ class HashInBackground:
 
 def hash_blocks(data: np.ndarray, starts: np.ndarray, length: int, key: np.ndarray) -> np.ndarray:
     """Keyed BLAKE3 (32 bytes) of data[s:s+length] for each s in starts -> uint8[n, 32]."""
-    from .kernels.blake3_lanes import hash_windows
+    from .kernels.native import HASH_WINDOWS_SCRATCH, get
     out = np.empty((starts.shape[0], 8), dtype=np.uint32)
     if starts.shape[0]:
-        hash_windows(data, starts.astype(np.int64, copy=False), length, key, True, out)
+        get("hash_windows")(data, np.ascontiguousarray(starts, np.int64), length, key, True, out,
+                            np.empty(HASH_WINDOWS_SCRATCH, np.uint32))
     return out.view(np.uint8)
 
 
@@ -106,7 +109,8 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
     """Signature of ``data`` (uint8 array, typically a memory map of the basis)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .kernels.weak import block_sums
+    from .kernels.native import get
+    block_sums = get("block_sums")
 
     file_len = int(data.shape[0])
     block_len = block_len or default_block_len(file_len)

@@ -38,8 +38,12 @@ def test_help_imports_no_numba_and_is_fast():
 
 
 def test_version():
+    from resync import __version__
     r = resync("--version")
-    assert r.returncode == 0 and r.stdout.startswith("resync, version ")
+    assert r.returncode == 0
+    first, kernels = r.stdout.splitlines()
+    assert first == f"resync {__version__}"
+    assert kernels.startswith("kernels: ")
 
 
 def test_full_cycle_with_json(pair):

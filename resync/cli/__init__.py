@@ -8,15 +8,25 @@ import sys
 
 import click
 
-from .. import __version__
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
 from . import delta_cmd, patch_cmd, signature_cmd
 
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
 
 
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .. import __version__
+    from ..kernels import native
+    click.echo(f"resync {__version__}")
+    click.echo(f"kernels: {native.describe()}")
+    ctx.exit()
+
+
 @click.group(context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="resync")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and which kernels run, then exit.")
 def cli() -> None:
     """resync: rsync-style file deltas (signature, delta, patch).
 
