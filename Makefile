@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
+# The native kernel library (built once per machine and kernel source; a no-op
+# when it exists; without a C compiler commands fall back to the Numba JIT).
 install: $(STAMP)
+	@$(PY) -m resync.kernels.build || true
 
 # Debian tools the tests and benchmarks compare against; installed only when missing.
 tools:

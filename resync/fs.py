@@ -90,6 +90,125 @@ def write_all(fd: int, data) -> None:
         view = view[written:]
 
 
+DIRECT_ALIGN = 4096
+
+
+class StreamWriter:
+    """Writes a large file front to back from a few page-aligned buffers, on a
+    background thread, so filling the next buffer overlaps writing this one.
+
+    Full buffers go to disk with O_DIRECT where the file system accepts it:
+    the file is fsynced before it is renamed anyway, so its data gains nothing
+    from passing through the page cache, and on the project's VMs filling a GiB
+    of fresh page cache costs seconds (first touch of guest memory) while the
+    direct writes take ~0.6 s. The short last buffer, and every write on file
+    systems without O_DIRECT (tmpfs, some FUSE), use ordinary writes.
+
+    Use: ``buf = w.get()``; fill ``buf[:n]``; ``w.put(buf, n)`` (n equals the
+    buffer size except for the last one); ``w.finish()``. Errors of the writer
+    thread are raised from the next call.
+    """
+
+    def __init__(self, fd: int, buffer_size: int = 8 << 20, buffers: int = 3, direct: bool = True):
+        import mmap
+        import queue
+        import threading
+
+        import numpy as np
+
+        if buffer_size % DIRECT_ALIGN:
+            raise ValueError("buffer size must be a multiple of 4096")
+        self._fd = fd
+        self._offset = 0
+        self._error: BaseException | None = None
+        self._direct = direct and hasattr(os, "O_DIRECT") and self._set_direct(True)
+        self._maps = [mmap.mmap(-1, buffer_size) for _ in range(buffers)]   # page-aligned
+        self._free: queue.Queue = queue.Queue()
+        for m in self._maps:
+            self._free.put(np.frombuffer(m, np.uint8))
+        self._todo: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="resync-writer")
+        self._thread.start()
+
+    @property
+    def direct(self) -> bool:
+        return self._direct
+
+    def _set_direct(self, on: bool) -> bool:
+        import fcntl
+        try:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            flags = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+            return True
+        except OSError:
+            return False
+
+    def _write(self, view: memoryview) -> None:
+        aligned = len(view) % DIRECT_ALIGN == 0
+        if self._direct and not aligned:
+            self._direct = not self._set_direct(False)
+        while view:
+            try:
+                n = os.pwrite(self._fd, view, self._offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._direct:
+                    raise
+                self._direct = not self._set_direct(False)   # O_DIRECT refused: write normally
+                if self._direct:
+                    raise
+                continue
+            view = view[n:]
+            self._offset += n
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                if self._error is None:
+                    self._write(memoryview(buf)[:n])
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error = exc
+            self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def get(self):
+        buf = self._free.get()
+        self._check()
+        return buf
+
+    def put(self, buf, n: int) -> None:
+        self._check()
+        self._todo.put((buf, n))
+
+    def finish(self) -> None:
+        """Wait until everything is written; raise the writer's error if any."""
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+        if self._direct:
+            self._set_direct(False)
+        self._check()
+
+    def close(self) -> None:
+        """Stop the thread (after an error in the caller) and free the buffers."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("writer closed")
+            self._todo.put(None)
+            self._thread.join()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+
+
 class MappedFile:
     """A read-only memory map of a whole file as a uint8 array (page-cache
     backed: a 4 GiB file is never copied into anonymous memory)."""

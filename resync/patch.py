@@ -14,7 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import FormatError, NoSpaceError, VerificationError
-from .fs import MappedFile, atomic_output, raise_os_error, write_all
+from .fs import MappedFile, StreamWriter, atomic_output, raise_os_error
 from .parallel import thread_count
 from .signature import HashInBackground
 
@@ -115,20 +115,24 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
             _check_space(out_path, h.target_len)
 
             import blake3
-            hasher = blake3.blake3(max_threads=threads)
-            window = np.empty(min(WINDOW, max(h.target_len, 1)), np.uint8)
+            hasher = blake3.blake3()
             with atomic_output(out_path) as fd:
-                index, skip, written = 0, 0, 0
-                while written < h.target_len:
-                    lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
-                    lit_hi = min(lit_lo + window.shape[0], h.literal_len)
-                    lit, lit_base = literals.window(lit_lo, lit_hi)
-                    index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
-                                                   lengths, index, skip, window)
-                    chunk = window[:filled]
-                    hasher.update(chunk)
-                    write_all(fd, chunk)
-                    written += filled
+                writer = StreamWriter(fd, WINDOW)
+                try:
+                    index, skip, written = 0, 0, 0
+                    while written < h.target_len:
+                        window = writer.get()
+                        lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
+                        lit_hi = min(lit_lo + window.shape[0], h.literal_len)
+                        lit, lit_base = literals.window(lit_lo, lit_hi)
+                        index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
+                                                       lengths, index, skip, window)
+                        hasher.update(window[:filled])
+                        writer.put(window, filled)
+                        written += filled
+                    writer.finish()
+                finally:
+                    writer.close()
                 if basis_hash is not None and basis_hash.result() != h.basis_hash:
                     raise VerificationError(basis_path, "basis does not match the signature the "
                                             "delta was made against (BLAKE3 differs); nothing written")
