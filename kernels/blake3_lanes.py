@@ -269,7 +269,8 @@ def hash_windows(data, starts, length, key, keyed, out, scratch):
                     depth -= 1
                     _parent(stack[depth * 8 * LANES:(depth + 1) * 8 * LANES], cv, key, base_flags, m, nxt, cv)
                     total >>= 1
-                stack[depth * 8 * LANES:(depth + 1) * 8 * LANES] = cv
+                for j in range(8 * LANES):
+                    stack[depth * 8 * LANES + j] = cv[j]
                 depth += 1
         # The last chunk's chaining value climbs the remaining stack; the top
         # parent is the root.

@@ -96,6 +96,8 @@ DIRECT_ALIGN = 4096
 class StreamWriter:
     """Writes a large file front to back from a few page-aligned buffers, on a
     background thread, so filling the next buffer overlaps writing this one.
+    With ``hasher`` (anything with ``update``, e.g. a BLAKE3 hasher that drops
+    the GIL), a second thread feeds it every buffer in order, alongside the write.
 
     Full buffers go to disk with O_DIRECT where the file system accepts it:
     the file is fsynced before it is renamed anyway, so its data gains nothing
@@ -105,11 +107,12 @@ class StreamWriter:
     systems without O_DIRECT (tmpfs, some FUSE), use ordinary writes.
 
     Use: ``buf = w.get()``; fill ``buf[:n]``; ``w.put(buf, n)`` (n equals the
-    buffer size except for the last one); ``w.finish()``. Errors of the writer
-    thread are raised from the next call.
+    buffer size except for the last one); ``w.finish()``; always ``w.close()``.
+    Errors of the background threads are raised from the next call.
     """
 
-    def __init__(self, fd: int, buffer_size: int = 8 << 20, buffers: int = 3, direct: bool = True):
+    def __init__(self, fd: int, buffer_size: int = 8 << 20, buffers: int = 3, direct: bool = True,
+                 hasher=None):
         import mmap
         import queue
         import threading
@@ -124,11 +127,18 @@ class StreamWriter:
         self._direct = direct and hasattr(os, "O_DIRECT") and self._set_direct(True)
         self._maps = [mmap.mmap(-1, buffer_size) for _ in range(buffers)]   # page-aligned
         self._free: queue.Queue = queue.Queue()
-        for m in self._maps:
-            self._free.put(np.frombuffer(m, np.uint8))
-        self._todo: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="resync-writer")
-        self._thread.start()
+        for i, m in enumerate(self._maps):
+            self._free.put((i, np.frombuffer(m, np.uint8)))
+        self._pending = [0] * buffers          # consumers still using buffer i
+        self._lock = threading.Lock()
+        self._hasher = hasher
+        self._queues = [queue.Queue() for _ in range(2 if hasher is not None else 1)]
+        self._threads = [threading.Thread(target=self._run, args=(q, work), daemon=True, name=name)
+                         for q, work, name in zip(self._queues, (self._write, self._hash),
+                                                  ("resync-writer", "resync-hasher"))]
+        self._buffers: dict[int, int] = {}     # id(array) -> buffer index
+        for t in self._threads:
+            t.start()
 
     @property
     def direct(self) -> bool:
@@ -161,47 +171,63 @@ class StreamWriter:
             view = view[n:]
             self._offset += n
 
-    def _run(self) -> None:
+    def _hash(self, view: memoryview) -> None:
+        self._hasher.update(view)
+
+    def _run(self, todo, work) -> None:
         while True:
-            item = self._todo.get()
+            item = todo.get()
             if item is None:
                 return
-            buf, n = item
+            index, buf, n = item
             try:
                 if self._error is None:
-                    self._write(memoryview(buf)[:n])
+                    work(memoryview(buf)[:n])
             except BaseException as exc:  # re-raised in the caller's thread
                 self._error = exc
-            self._free.put(buf)
+            with self._lock:
+                self._pending[index] -= 1
+                done = self._pending[index] == 0
+            if done:
+                self._free.put((index, buf))
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
 
     def get(self):
-        buf = self._free.get()
+        index, buf = self._free.get()
         self._check()
+        self._buffers[id(buf)] = index
         return buf
 
     def put(self, buf, n: int) -> None:
         self._check()
-        self._todo.put((buf, n))
+        index = self._buffers.pop(id(buf))
+        with self._lock:
+            self._pending[index] = len(self._queues)
+        for q in self._queues:
+            q.put((index, buf, n))
+
+    def _stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
 
     def finish(self) -> None:
-        """Wait until everything is written; raise the writer's error if any."""
-        if self._thread.is_alive():
-            self._todo.put(None)
-            self._thread.join()
+        """Wait until everything is written (and hashed); raise any background error."""
+        if any(t.is_alive() for t in self._threads):
+            self._stop()
         if self._direct:
             self._set_direct(False)
         self._check()
 
     def close(self) -> None:
-        """Stop the thread (after an error in the caller) and free the buffers."""
-        if self._thread.is_alive():
+        """Stop the threads (also after an error in the caller) and free the buffers."""
+        if any(t.is_alive() for t in self._threads):
             self._error = self._error or RuntimeError("writer closed")
-            self._todo.put(None)
-            self._thread.join()
+            self._stop()
         for m in self._maps:
             try:
                 m.close()
@@ -213,7 +239,7 @@ class MappedFile:
     """A read-only memory map of a whole file as a uint8 array (page-cache
     backed: a 4 GiB file is never copied into anonymous memory)."""
 
-    def __init__(self, path: str | os.PathLike, *, name: str | None = None):
+    def __init__(self, path: str | os.PathLike, *, name: str | None = None, populate: bool = False):
         import mmap
 
         import numpy as np
@@ -228,7 +254,11 @@ class MappedFile:
                     raise FileError(self.name, "is a directory")
                 size = st.st_size
                 if size:
-                    self._map = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+                    # populate: map every cached page now, in one call, instead
+                    # of taking a page fault per 64 KiB later (patch reads the
+                    # basis from two threads, where those faults contend).
+                    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+                    self._map = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
                     self._map.madvise(mmap.MADV_SEQUENTIAL)
         except OSError as exc:
             raise_os_error(self.name, exc)

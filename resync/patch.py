@@ -98,7 +98,7 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
         h = parsed.header
         basis = None
         if basis_path is not None and not (h.basis_len == 0 and not os.path.exists(basis_path)):
-            basis = MappedFile(basis_path)
+            basis = MappedFile(basis_path, populate=True)
         try:
             basis_data = basis.array if basis is not None else np.empty(0, np.uint8)
             if basis_data.shape[0] != h.basis_len:
@@ -117,7 +117,7 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
             import blake3
             hasher = blake3.blake3()
             with atomic_output(out_path) as fd:
-                writer = StreamWriter(fd, WINDOW)
+                writer = StreamWriter(fd, WINDOW, hasher=hasher)
                 try:
                     index, skip, written = 0, 0, 0
                     while written < h.target_len:
@@ -127,7 +127,6 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
                         lit, lit_base = literals.window(lit_lo, lit_hi)
                         index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
                                                        lengths, index, skip, window)
-                        hasher.update(window[:filled])
                         writer.put(window, filled)
                         written += filled
                     writer.finish()
