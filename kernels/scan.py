@@ -1,48 +1,65 @@
 """Rolling scan of a new file against a signature's weak-sum table.
 
-The window slides one byte at a time (O(1) Adler-32 roll) until its weak sum is
-in the table; then the keyed check selects a block, preferring the block that
-follows the previous match so COPY runs stay contiguous. A candidate chain
-(blocks sharing a weak sum) is walked for at most ``max_chain`` entries, so a
-basis made of thousands of equal blocks cannot make the scan quadratic.
+The window slides one byte at a time until its weak sum is in the table; then
+the keyed check selects a block, preferring the block that follows the
+previous match so COPY runs stay contiguous. A candidate chain (blocks sharing
+a weak sum) is walked for at most ``max_chain`` entries, so a basis made of
+thousands of equal blocks cannot make the scan quadratic.
+
+Per byte, the roll updates the exact sums (two adds, no modulo on the
+loop-carried chain), and a bit filter holding 8 bits per table slot (a hash of
+the weak sum picks the bit) rejects ~97 % of windows without touching the
+table, so the branch is predictable and the table stays out of the way.
 
 Matches are tentative: the caller confirms each with BLAKE3 in batch
 (``blake3_lanes.hash_windows``), which keeps strong hashing off this loop.
 """
 import numpy as np
-from numba import uint32
+from numba import uint32, uint64
 
-from ._jit import kernel
-from .weak import MOD, window_check, window_sums
+from ._jit import inline, kernel
+from .weak import adler, window_check, window_totals
 
 EMPTY = -1
 _GOLDEN = 0x9E3779B1
 
 
+@inline
+def _mix(weak):
+    return (uint64(weak) * uint64(_GOLDEN)) & uint64(0xFFFFFFFF)
+
+
+@inline
+def _filter_bit(weak, nbits):
+    """Bit index in [0, nbits) for ``weak`` (multiply-shift: any nbits works)."""
+    return (_mix(weak) * uint64(nbits)) >> uint64(32)
+
+
 @kernel
 def build_table(sorted_weak, bits, keys, heads, filter_bits):
     """Open-addressing table from weak sum to the first index of its run in
-    ``sorted_weak`` (ascending), written into keys (uint32), heads (int64),
-    both 2**bits long, and filter_bits (uint8, 2**bits / 8): a bit per
-    ``weak & mask`` that rejects most windows before the table probe.
-    ``bits``: log2 of the slot count (> 2x the number of runs)."""
+    ``sorted_weak`` (ascending), written into keys (uint32) and heads (int64),
+    both 2**bits long (> 2x the number of runs), and a bit filter over the weak
+    sums in ``filter_bits`` (uint8, any length; more bits reject more windows
+    before the table probe). All three are overwritten."""
     size = 1 << bits
     mask = size - 1
     keys[:] = 0
     heads[:] = EMPTY
     filter_bits[:] = 0
-    shift = 32 - bits
+    nbits = filter_bits.shape[0] * 8
+    shift = uint64(32 - bits)
     for i in range(sorted_weak.shape[0]):
         w = sorted_weak[i]
         if i > 0 and sorted_weak[i - 1] == w:
             continue
-        slot = ((np.uint64(w) * _GOLDEN) & 0xFFFFFFFF) >> shift
+        slot = np.int64(_mix(w) >> shift)
         while heads[slot] != EMPTY:
             slot = (slot + 1) & mask
         keys[slot] = w
         heads[slot] = i
-        f = w & mask
-        filter_bits[f >> 3] |= np.uint8(1 << (f & 7))
+        f = _filter_bit(w, nbits)
+        filter_bits[f >> uint64(3)] |= np.uint8(1 << (f & uint64(7)))
 
 
 @kernel
@@ -61,26 +78,27 @@ def scan(data, start, stop, block_len, weights,
     n = data.shape[0]
     nfull = block_weak.shape[0]
     mask = (1 << bits) - 1
-    shift = 32 - bits
-    roll_out = block_len % MOD
+    shift = uint64(32 - bits)
+    nbits = filter_bits.shape[0] * 8
+    L = uint64(block_len)
     count = 0
     expected = -1
     p = start
     fresh = True
-    s1 = np.int64(0)
-    s2 = np.int64(0)
+    s1 = uint64(0)
+    s2 = uint64(0)
     check = uint32(0)
     have_check = False
     while p < stop and p + block_len <= n:
         if fresh:
-            s1, s2, check = window_sums(data, p, block_len, weights)
+            s1, s2, check = window_totals(data, p, block_len, weights)
             have_check = True
             fresh = False
-        weak = uint32((s2 << 16) | s1)
-        f = weak & mask
+        weak = adler(s1, s2, block_len)
         matched = -1
-        if filter_bits[f >> 3] & (1 << (f & 7)):
-            slot = ((np.uint64(weak) * _GOLDEN) & 0xFFFFFFFF) >> shift
+        f = _filter_bit(weak, nbits)
+        if filter_bits[f >> uint64(3)] & (1 << (f & uint64(7))):
+            slot = np.int64(_mix(weak) >> shift)
             head = EMPTY
             while heads[slot] != EMPTY:
                 if keys[slot] == weak:
@@ -111,10 +129,10 @@ def scan(data, start, stop, block_len, weights,
             continue
         if p + block_len >= n:
             break
-        b_out = np.int64(data[p])
-        b_in = np.int64(data[p + block_len])
-        s1 = (s1 - b_out + b_in + MOD) % MOD
-        s2 = (s2 - roll_out * b_out + s1 - 1 + 256 * MOD) % MOD
+        # Exact sums never go negative: the byte leaving was part of both.
+        b_out = uint64(data[p])
+        s1 = s1 - b_out + uint64(data[p + block_len])
+        s2 = s2 - L * b_out + s1
         p += 1
         have_check = False
     return count

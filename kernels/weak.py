@@ -18,11 +18,14 @@ _SPAN = 4096   # bytes summed in 32-bit lanes before widening: sum(j * b) < 2**3
 
 
 @inline
-def window_sums(data, pos, length, weights):
-    """(s1, s2, check) of data[pos:pos+length]; s1, s2 already reduced mod 65521.
+def window_totals(data, pos, length, weights):
+    """Exact (unreduced) sums of data[pos:pos+length] as uint64: (sum(b[k]),
+    sum((length - k) * b[k]), check). Adler-32 is ((s2 + length) % 65521) << 16
+    | ((s1 + 1) % 65521) of these; the scan rolls them exactly, which keeps the
+    modulo off its loop-carried chain.
 
-    s2 = sum((length - k) * b[k]) is computed as length * sum(b) - sum(k * b[k]),
-    each span of 4096 bytes in 32-bit arithmetic so the loop vectorizes.
+    s2 is computed as length * sum(b) - sum(k * b[k]), each span of 4096 bytes
+    in 32-bit arithmetic so the loop vectorizes.
     """
     total = uint64(0)
     moment = uint64(0)
@@ -44,8 +47,13 @@ def window_sums(data, pos, length, weights):
         moment += uint64(i) * uint64(a) + uint64(m)
         total += uint64(a)
         check = uint32(check + c)
-    s2 = uint64(length) * total - moment
-    return np.int64((total + 1) % MOD), np.int64((s2 + uint64(length)) % MOD), check
+    return total, uint64(length) * total - moment, check
+
+
+@inline
+def adler(s1, s2, length):
+    """Adler-32 from the exact sums of window_totals."""
+    return uint32((((s2 + uint64(length)) % uint64(MOD)) << uint64(16)) | ((s1 + uint64(1)) % uint64(MOD)))
 
 
 @inline
@@ -81,13 +89,13 @@ def block_sums(data, first_block, nblocks, block_len, weights, weak_out, check_o
     for k in range(first_block, first_block + nblocks):
         pos = k * block_len
         length = min(block_len, n - pos)
-        s1, s2, check = window_sums(data, pos, length, weights)
-        weak_out[k] = uint32((s2 << 16) | s1)
+        s1, s2, check = window_totals(data, pos, length, weights)
+        weak_out[k] = adler(s1, s2, length)
         check_out[k] = check
 
 
 @kernel
 def sums_at(data, pos, length, weights):
     """(weak, check) of the window data[pos:pos+length]."""
-    s1, s2, check = window_sums(data, pos, length, weights)
-    return uint32((s2 << 16) | s1), check
+    s1, s2, check = window_totals(data, pos, length, weights)
+    return adler(s1, s2, length), check

@@ -56,6 +56,9 @@ class DeltaStats:
         return d
 
 
+_MAX_FILTER_BITS = 26          # filter of at most 64 MiB
+
+
 def _table_bits(runs: int) -> int:
     return max(10, min(30, (4 * max(runs, 1) - 1).bit_length()))
 
@@ -83,7 +86,7 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
         bits = _table_bits(runs)
         keys = np.empty(1 << bits, np.uint32)
         heads = np.empty(1 << bits, np.int64)
-        filt = np.empty((1 << bits) >> 3, np.uint8)
+        filt = np.empty(1 << min(bits, _MAX_FILTER_BITS), np.uint8)   # 8 filter bits per slot
         build_table(sorted_weak, bits, keys, heads, filt)
         sorted_check = block_check[order]
         sorted_block = order.astype(np.int64)

@@ -28,7 +28,7 @@ class Kernels:
 
     def table(self, sorted_weak: np.ndarray, bits: int):
         keys, heads = np.empty(1 << bits, np.uint32), np.empty(1 << bits, np.int64)
-        filt = np.empty((1 << bits) >> 3, np.uint8)
+        filt = np.empty(1 << bits, np.uint8)
         self.build_table(sorted_weak, bits, keys, heads, filt)
         return keys, heads, filt
 
@@ -113,7 +113,8 @@ def test_block_sums_extreme_bytes(kern):
     assert weak.tolist() == naive.adler32_blocks(data.tobytes(), block)
 
 
-def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int = 64, start=0, stop=None):
+def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int = 64, start=0, stop=None,
+          filter_bytes=None):
     full = basis.shape[0] // block
     weights = kern.weights(99, block)
     weak = np.zeros(full, np.uint32)
@@ -124,6 +125,9 @@ def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int =
     runs = int(np.count_nonzero(np.diff(sw))) + 1 if full else 1
     bits = max(10, (4 * runs - 1).bit_length())
     keys, heads, filt = kern.table(sw, bits)
+    if filter_bytes is not None:      # the filter only rejects early: any size gives the same matches
+        filt = np.empty(filter_bytes, np.uint8)
+        kern.build_table(sw, bits, keys, heads, filt)
     stop = new.shape[0] if stop is None else stop
     cap = max(stop - start, 0) // block + 1
     pos = np.zeros(cap, np.int64)
@@ -164,6 +168,9 @@ def test_scan_matches_naive_random(kern, rng):
         # a scan of a sub-range sees the same rules
         got, ref = _scan(kern, new, basis, block, start=5, stop=new.shape[0] // 2)
         assert got == ref
+        for size in (1, 3, 1000):
+            got, ref = _scan(kern, new, basis, block, filter_bytes=size)
+            assert got == ref
 
 
 def test_scan_low_entropy_and_chain_cap(kern, rng):
