@@ -135,6 +135,13 @@ def build(path: Path) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise BuildError("no C compiler (cc) to link the kernels")
+    try:
+        return _build(cc, path)
+    except OSError as exc:      # unwritable cache, full disk, ...
+        raise BuildError(f"{exc.filename or path}: {exc.strerror or exc}") from exc
+
+
+def _build(cc: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="resync-build-") as tmp:
         work = Path(tmp)

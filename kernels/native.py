@@ -124,6 +124,8 @@ def _load() -> ctypes.CDLL | None:
             _status = f"jit: native build failed earlier (see {failed})"
             return None
         from .build import BuildError, build
+        if sys.stderr is not None and sys.stderr.isatty():
+            print("resync: compiling kernels for this machine (once, ~30 s)...", file=sys.stderr, flush=True)
         try:
             build(path)
         except BuildError as exc:

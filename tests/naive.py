@@ -33,20 +33,23 @@ def check_value(window: bytes, weights: list[int]) -> int:
 
 def scan(new: bytes, block_len: int, weak: list[int], check: list[int], weights: list[int],
          max_chain: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
-    """Greedy scan with the kernel's documented rules: at each window position,
-    prefer the block after the previous match, else the first of up to
+    """Greedy scan with the kernel's documented rules: right after a match, the
+    next block matches if its check does; at each window position, prefer the
+    block after the previous match, else the first of up to
     ``max_chain`` blocks (in block order) with the window's weak sum whose check
     also matches; on a match jump a block, else move one byte."""
     stop = len(new) if stop is None else stop
     by_weak: dict[int, list[int]] = {}
     for b, w in enumerate(weak):
         by_weak.setdefault(w, []).append(b)
-    out, expected, p = [], -1, start
+    out, expected, p, after_match = [], -1, start, False
     while p < stop and p + block_len <= len(new):
         window = new[p:p + block_len]
         w = zlib.adler32(window)
         match = -1
-        if w in by_weak:
+        if after_match and 0 <= expected < len(weak) and check[expected] == check_value(window, weights):
+            match = expected      # right after a match, the next block's check alone decides
+        elif w in by_weak:
             c = check_value(window, weights)
             if 0 <= expected < len(weak) and weak[expected] == w and check[expected] == c:
                 match = expected
@@ -55,6 +58,7 @@ def scan(new: bytes, block_len: int, weak: list[int], check: list[int], weights:
                     if check[b] == c:
                         match = b
                         break
+        after_match = match >= 0
         if match >= 0:
             out.append((p, match))
             expected = match + 1

@@ -114,9 +114,9 @@ def test_block_sums_extreme_bytes(kern):
 
 
 def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int = 64, start=0, stop=None,
-          filter_bytes=None):
+          filter_bytes=None, weights=None):
     full = basis.shape[0] // block
-    weights = kern.weights(99, block)
+    weights = kern.weights(99, block) if weights is None else weights
     weak = np.zeros(full, np.uint32)
     chk = np.zeros(full, np.uint32)
     kern.block_sums(basis, 0, full, block, weights, weak, chk)
@@ -171,6 +171,18 @@ def test_scan_matches_naive_random(kern, rng):
         for size in (1, 3, 1000):
             got, ref = _scan(kern, new, basis, block, filter_bytes=size)
             assert got == ref
+
+
+def test_scan_after_match_trusts_the_next_blocks_check(kern, rng):
+    # With all-zero weights every check is 0, so right after a match the next
+    # block is always taken (the caller's BLAKE3 refutes such matches); the
+    # kernel must follow that rule exactly like the reference.
+    block = 16
+    basis = rng.integers(0, 256, block * 10, dtype=np.uint8)
+    new = np.concatenate([basis[:40], [9, 9, 9], basis[40:]]).astype(np.uint8)
+    got, ref = _scan(kern, new, basis, block, weights=np.zeros(block, np.uint32))
+    assert got == ref
+    assert got[:4] == [(0, 0), (16, 1), (32, 2), (48, 3)]    # block 2 spans the insert
 
 
 def test_scan_low_entropy_and_chain_cap(kern, rng):
