@@ -4,7 +4,9 @@ carries its process exit code; only ``resync.cli.main`` turns them into exits.
 Exit codes (documented in README.md):
   0 success · 1 internal error · 2 usage error · 3 file error ·
   4 invalid or corrupt resync file · 5 verification failed · 6 no space left ·
+  23 partial transfer · 24 source files vanished · 25 deletion refused ·
   130 interrupted
+(23, 24 and 25 are rsync's codes for the same outcomes.)
 """
 
 
@@ -43,6 +45,24 @@ class NoSpaceError(ResyncError):
     """{}: not enough space: {}"""
 
     exit_code = 6
+
+
+class PartialTransferError(ResyncError):
+    """{} of {} entries failed (messages above); the rest was transferred{}"""
+
+    exit_code = 23
+
+
+class VanishedError(ResyncError):
+    """{} source files vanished during the run; everything else was transferred"""
+
+    exit_code = 24
+
+
+class DeletionRefusedError(ResyncError):
+    """deletion refused: {}"""
+
+    exit_code = 25
 
 
 EXIT_OK = 0
