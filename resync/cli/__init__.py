@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
-from . import delta_cmd, patch_cmd, signature_cmd
+from . import delta_cmd, patch_cmd, signature_cmd, sync_cmd
 
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
 
@@ -28,16 +28,19 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version and which kernels run, then exit.")
 def cli() -> None:
-    """resync: rsync-style file deltas (signature, delta, patch).
+    """resync: mirror directory trees (sync) and rsync-style file deltas
+    (signature, delta, patch).
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 file error, 4 invalid resync
-    file, 5 verification failed, 6 no space, 130 interrupted.
+    file, 5 verification failed, 6 no space, 23 partial transfer, 24 source
+    files vanished, 25 deletion refused, 130 interrupted.
     """
 
 
 cli.add_command(signature_cmd.command)
 cli.add_command(delta_cmd.command)
 cli.add_command(patch_cmd.command)
+cli.add_command(sync_cmd.command)
 
 
 def _fail(message: str, code: int) -> None:

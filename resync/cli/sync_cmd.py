@@ -1,0 +1,86 @@
+import sys
+
+import click
+
+from .options import human, json_option
+
+
+def _read_patterns(paths) -> list[str]:
+    from ..errors import FileError
+    patterns = []
+    for path in paths:
+        try:
+            if path == "-":
+                text = sys.stdin.read()
+            else:
+                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                    text = f.read()
+        except OSError as exc:
+            raise FileError.from_os(path, exc) from None
+        patterns += text.splitlines()
+    return patterns
+
+
+@click.command("sync")
+@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("-c", "--checksum", is_flag=True, help="Compare files by BLAKE3, not by size and mtime.")
+@click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=True, show_default=True,
+              help="Copy changed files whole (default for local copies), or rebuild them from the "
+                   "destination's old copy with the delta engine.")
+@click.option("--delete", is_flag=True, help="Delete destination entries that are not in SRC "
+                                              "(after all transfers succeeded).")
+@click.option("--max-delete", type=click.IntRange(min=0), default=None, metavar="N",
+              help="With --delete: delete nothing if more than N entries would go.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PATTERN",
+              help="Skip paths matching PATTERN (gitignore syntax); repeatable.")
+@click.option("--exclude-from", "exclude_files", multiple=True, metavar="FILE",
+              help="Read exclude patterns from FILE ('-' for stdin); repeatable.")
+@click.option("-n", "--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("-i", "--itemize-changes", "itemize", is_flag=True,
+              help="One line per change: YXcstpoguax PATH (see README).")
+@json_option
+@click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
+            itemize, as_json, verbose, quiet):
+    """Mirror directory SRC into DST, like rsync -a SRC/ DST/.
+
+    Example: resync sync --delete -i photos/ /backup/photos/
+    """
+    import json
+
+    from ..errors import DeletionRefusedError, PartialTransferError, VanishedError
+    from ..sync import Syncer, SyncOptions
+
+    patterns = list(excludes) + _read_patterns(exclude_files)
+    options = SyncOptions(checksum=checksum, whole_file=whole_file, delete=delete, max_delete=max_delete,
+                          excludes=patterns, dry_run=dry_run)
+    item_stream = sys.stderr if as_json else sys.stdout
+
+    def on_item(line: str) -> None:
+        if itemize and not quiet:
+            print(line, file=item_stream, flush=False)
+
+    def on_error(message: str) -> None:
+        print(f"resync: error: {message}", file=sys.stderr, flush=True)
+
+    stats = Syncer(src, dst, options, on_item=on_item, on_error=on_error).run()
+    item_stream.flush()
+    if as_json:
+        sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
+    if verbose and not quiet:
+        rate = stats.bytes_written / stats.duration if stats.duration else 0.0
+        click.echo(f"sync: {stats.files} files, {stats.dirs} dirs scanned ({human(stats.bytes_scanned)}); "
+                   f"{stats.files_transferred} transferred ({human(stats.bytes_transferred)}, "
+                   f"{human(stats.bytes_matched)} reused), {stats.created} created, {stats.updated} updated, "
+                   f"{stats.deleted} deleted{' (dry run)' if dry_run else ''}; "
+                   f"{stats.duration:.2f} s, {human(rate)}/s", err=True)
+    total = stats.files + stats.dirs + stats.symlinks + stats.specials
+    if stats.errors:
+        extra = f"; {stats.deletion_refused}" if stats.deletion_refused else ""
+        raise PartialTransferError(stats.errors, total, extra)
+    if stats.deletion_refused:
+        raise DeletionRefusedError(stats.deletion_refused)
+    if stats.vanished:
+        raise VanishedError(stats.vanished)

@@ -1,0 +1,820 @@
+"""Local tree mirroring: ``resync sync SRC DST`` behaves like ``rsync -a SRC/ DST/``.
+
+Regular files, directories, symlinks (copied as links, never followed) and
+special files, with permissions, modification times and, as root, owners.
+A file is transferred when its size or mtime differs (``checksum``: when its
+BLAKE3 differs); changed files are copied whole, or with ``whole_file=False``
+rebuilt from the destination's old copy by the delta engine.
+
+Safety and durability:
+- Every destination change goes through the directory descriptors of
+  ``tree`` (O_NOFOLLOW per component), so nothing is written outside DST.
+- A file is written to a temp file beside its final name, its data made
+  durable, then renamed over the old one: a killed run leaves each path old or
+  new. Durability is batched the way the field notes measured: a batch of temp
+  files, one ``syncfs``, the renames, one fsync per directory touched. Stray
+  temp files of a killed run are removed when the next run lists their
+  directory.
+- Deletions (``delete``) happen after all transfers, only if every transfer
+  succeeded, never when the source root is empty, and not at all when they
+  would exceed ``max_delete``. Directory permissions and mtimes are set last,
+  deepest first, so later changes inside them do not disturb them.
+
+Work is spread over threads (copies release the GIL); the traversal keeps one
+directory listing at a time, so memory does not grow with the number of files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .errors import DeletionRefusedError, FileError
+from .fs import TEMP_PREFIX
+from .parallel import thread_count
+from .tree import Entry, Excludes, join, list_dir, open_dir_at, open_rel_dir
+
+_BATCH_FILES = 512              # temp files made durable with one syncfs
+_BATCH_BYTES = 512 << 20
+_CHUNK_FILES = 64               # small files copied by one worker call
+_CHUNK_BYTES = 16 << 20
+_COPY_STEP = 64 << 20
+
+
+@dataclass
+class SyncOptions:
+    checksum: bool = False
+    whole_file: bool = True
+    delete: bool = False
+    max_delete: int | None = None
+    excludes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class SyncStats:
+    files: int = 0                  # regular files in the source (after excludes)
+    dirs: int = 0
+    symlinks: int = 0
+    specials: int = 0
+    bytes_scanned: int = 0          # total size of the source's regular files
+    files_transferred: int = 0
+    bytes_transferred: int = 0      # size of the transferred files
+    bytes_literal: int = 0          # bytes read from the source for them
+    bytes_matched: int = 0          # bytes reused from the destination's old copies
+    bytes_written: int = 0
+    created: int = 0                # new entries of any kind
+    updated: int = 0                # changed entries (content or attributes)
+    deleted: int = 0
+    errors: int = 0
+    vanished: int = 0
+    deletion_refused: str = ""
+    duration: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FileChange:
+    """One transferred file, for itemize output and the history."""
+    path: str
+    action: str          # "new" | "update"
+    size: int
+    literal: int
+    matched: int
+    seconds: float
+
+
+class _Dir:
+    """An open destination directory shared by pending work (reference-counted)."""
+
+    __slots__ = ("fd", "rel", "_refs", "_lock")
+
+    def __init__(self, fd: int, rel: str):
+        self.fd, self.rel, self._refs, self._lock = fd, rel, 1, threading.Lock()
+
+    def acquire(self) -> "_Dir":
+        with self._lock:
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            os.close(self.fd)
+
+
+@dataclass
+class _Job:
+    parent: _Dir
+    name: str
+    rel: str
+    src_path: str
+    src: Entry
+    old: Entry | None
+    code: str
+    tmp: str = ""
+    result: FileChange | None = None
+    error: str = ""
+    vanished: bool = False
+
+
+def _itemize(y: str, entry: Entry, old: Entry | None, content: str = ".") -> str:
+    """rsync's 11-character change summary YXcstpoguax for one entry."""
+    x = entry.kind
+    if old is None:
+        return f"{y}{x}+++++++++"
+    s = "s" if x == "f" and entry.size != old.size else "."
+    t = "t" if entry.mtime_ns != old.mtime_ns else "."
+    p = "p" if entry.perms != old.perms and x != "L" else "."
+    root = os.geteuid() == 0
+    o = "o" if root and entry.uid != old.uid else "."
+    g = "g" if root and entry.gid != old.gid else "."
+    return f"{y}{x}{content}{s}{t}{p}{o}{g}..."
+
+
+def _syncfs(fd: int) -> bool:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs(fd) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _copy_data(src_fd: int, dst_fd: int) -> int:
+    """Copy src to dst (both at offset 0) until EOF; returns the bytes copied."""
+    total = 0
+    try:
+        while True:
+            n = os.copy_file_range(src_fd, dst_fd, _COPY_STEP)
+            if n == 0:
+                return total
+            total += n
+    except OSError as exc:
+        if total or exc.errno not in (18, 22, 38, 95):   # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+            raise
+    while True:
+        chunk = os.read(src_fd, 1 << 20)
+        if not chunk:
+            return total
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view):]
+        total += len(chunk)
+
+
+def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
+    """Write src to dst, reusing the blocks it shares with basis (the delta
+    engine run locally). Returns (literal, matched) bytes."""
+    import mmap
+
+    import numpy as np
+
+    from . import formats
+    from .delta import build_instructions, find_matches
+    from .kernels.native import get
+    from .signature import compute_signature
+
+    def mapped(fd):
+        size = os.fstat(fd).st_size
+        if not size:
+            return None, np.empty(0, np.uint8)
+        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        return m, np.frombuffer(m, np.uint8)
+
+    bmap, basis = mapped(basis_fd)
+    nmap, new = mapped(src_fd)
+    try:
+        sig = compute_signature(basis, threads=1)
+        matches = find_matches(sig, new, threads=1)
+        kinds, sources, lengths, literal_positions = build_instructions(matches, int(new.shape[0]))
+        is_insert = kinds == formats.INSERT
+        sources[is_insert] = literal_positions     # literals come straight from the new file
+        assemble = get("assemble")
+        window = np.empty(min(8 << 20, max(int(new.shape[0]), 1)), np.uint8)
+        index, skip, done = 0, 0, 0
+        while done < new.shape[0]:
+            index, skip, filled = assemble(basis, new, 0, kinds, sources, lengths, index, skip, window)
+            view = memoryview(window)[:filled]
+            while view:
+                view = view[os.write(dst_fd, view):]
+            done += filled
+        literal = int(lengths[is_insert].sum())
+        return literal, int(new.shape[0]) - literal
+    finally:
+        del basis, new
+        for m in (bmap, nmap):
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass
+
+
+def _same_content(src_path: str, parent: _Dir, name: str) -> bool:
+    import blake3
+
+    def digest(fd):
+        h = blake3.blake3(max_threads=1)
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return h.digest()
+            h.update(chunk)
+
+    a = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        b = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            return digest(a) == digest(b)
+        finally:
+            os.close(b)
+    finally:
+        os.close(a)
+
+
+class Syncer:
+    """One run of ``sync``. Callbacks: ``on_item(line)`` for each change
+    (itemize format), ``on_error(message)`` for each per-entry error,
+    ``on_file(FileChange)`` for each transferred file."""
+
+    def __init__(self, src: str, dst: str, options: SyncOptions | None = None,
+                 on_item: Callable[[str], None] | None = None,
+                 on_error: Callable[[str], None] | None = None,
+                 on_file: Callable[[FileChange], None] | None = None):
+        self.src = os.path.abspath(src)
+        self.dst = os.path.abspath(dst)
+        self.opt = options or SyncOptions()
+        self.stats = SyncStats()
+        self._on_item = on_item or (lambda line: None)
+        self._on_error = on_error or (lambda msg: None)
+        self._on_file = on_file or (lambda change: None)
+        self._excludes = Excludes(self.opt.excludes)
+        self._root = os.geteuid() == 0
+        self._run_tag = f"{TEMP_PREFIX}{os.getpid():x}-{os.urandom(3).hex()}-"
+        self._counter = 0
+        self._chunk: list[_Job] = []
+        self._chunk_bytes = 0
+        self._batch: list[tuple[Future, list[_Job]]] = []
+        self._batch_files = 0
+        self._batch_bytes = 0
+        self._dirty: dict[int, _Dir] = {}          # directories with renames to fsync
+        self._dirs: list[tuple[str, Entry, Entry | None]] = []   # (rel, source, old) in pre-order
+        self._deletions: list[tuple[str, Entry]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._root_fd = -1
+        self._root_created = False
+
+    # ----------------------------------------------------------------- entry
+    def run(self) -> SyncStats:
+        started = time.monotonic()
+        try:
+            src_st = os.stat(self.src)
+        except OSError as exc:
+            raise FileError.from_os(self.src, exc) from None
+        if not stat.S_ISDIR(src_st.st_mode):
+            raise FileError(self.src, "source is not a directory")
+        try:
+            top, _, _ = list_dir(self.src, self._excludes)
+        except OSError as exc:
+            raise FileError.from_os(self.src, exc) from None
+        if self.opt.delete and not top:
+            raise DeletionRefusedError(f"source {self.src} is empty (or everything in it is excluded); "
+                                       "refusing to delete the destination's contents")
+        self._open_root()
+        self._pool = ThreadPoolExecutor(max(1, self.opt.threads or thread_count()),
+                                        thread_name_prefix="resync-sync")
+        try:
+            self._walk(src_st)
+            self._flush_chunk()
+            self._commit()
+        finally:
+            self._pool.shutdown(wait=True)
+        self._delete()
+        self._finish_dirs()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+        self.stats.duration = time.monotonic() - started
+        return self.stats
+
+    def _open_root(self) -> None:
+        if self.opt.dry_run and not os.path.exists(self.dst):
+            self._root_fd = -1
+            return
+        try:
+            if not os.path.isdir(self.dst):
+                if os.path.lexists(self.dst):
+                    raise FileError(self.dst, "destination exists and is not a directory")
+                os.makedirs(self.dst, exist_ok=True)
+                self._root_created = True
+            self._root_fd = os.open(self.dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise FileError.from_os(self.dst, exc) from None
+
+    def _error(self, path: str, message: str) -> None:
+        self.stats.errors += 1
+        self._on_error(f"{path}: {message}")
+
+    def _vanished(self, path: str) -> None:
+        self.stats.vanished += 1
+        self._on_error(f"file has vanished: {path}")
+
+    # ------------------------------------------------------------- traversal
+    def _walk(self, src_root_st: os.stat_result) -> None:
+        root_entry = Entry.from_stat("", src_root_st)
+        old_root = None
+        if self._root_fd >= 0 and not self._root_created:
+            old_root = Entry.from_stat("", os.fstat(self._root_fd))
+        if old_root is None:
+            self.stats.created += 1
+            self._on_item("cd+++++++++ ./")
+        self._dirs.append(("", root_entry, old_root))
+        root = _Dir(os.dup(self._root_fd), "") if self._root_fd >= 0 else None
+        stack: list[tuple[str, _Dir | None, bool]] = [("", root, True)]
+        while stack:
+            rel, handle, exists = stack.pop()
+            try:
+                children = self._visit(rel, handle, exists)
+            finally:
+                if handle is not None:
+                    handle.release()
+            stack.extend(reversed(children))
+
+    def _visit(self, rel: str, parent: _Dir | None, exists: bool) -> list[tuple[str, _Dir | None, bool]]:
+        """Handle one directory: its files, links and specials; returns its
+        subdirectories to visit (each with an acquired handle)."""
+        src_dir = os.path.join(self.src, rel) if rel else self.src
+        try:
+            entries, _, gone = list_dir(src_dir, self._excludes, rel)
+        except FileNotFoundError:
+            self._vanished(rel + "/")
+            return []
+        except OSError as exc:
+            self._error(rel + "/", exc.strerror or str(exc))
+            return []
+        for name in gone:
+            self._vanished(join(rel, name))
+        old: dict[str, Entry] = {}
+        if parent is not None and exists:
+            try:
+                dst_entries, temps, _ = list_dir(parent.fd, None, rel, skip_temps=True)
+            except OSError as exc:
+                self._error(rel + "/", f"cannot list destination directory: {exc.strerror or exc}")
+                return []
+            old = {e.name: e for e in dst_entries}
+            if not self.opt.dry_run:
+                for t in temps:          # left by a killed run
+                    try:
+                        os.unlink(t, dir_fd=parent.fd)
+                    except OSError:
+                        pass
+        subdirs = []
+        for e in entries:
+            path = join(rel, e.name)
+            prev = old.pop(e.name, None)
+            kind = e.kind
+            if kind == "d":
+                self.stats.dirs += 1
+                sub = self._enter_dir(parent, e, prev, path)
+                if sub is not None:
+                    subdirs.append(sub)
+            elif kind == "f":
+                self.stats.files += 1
+                self.stats.bytes_scanned += e.size
+                self._file(parent, e, prev, path, os.path.join(src_dir, e.name))
+            elif kind == "L":
+                self.stats.symlinks += 1
+                self._symlink(parent, e, prev, path, os.path.join(src_dir, e.name))
+            else:
+                self.stats.specials += 1
+                self._special(parent, e, prev, path)
+        if self.opt.delete:
+            for e in old.values():
+                path = join(rel, e.name)
+                if self._excludes and self._excludes.excluded(path, e.kind == "d"):
+                    continue    # excluded files are protected, as in rsync
+                self._deletions.append((rel, e))
+        return subdirs
+
+    # ----------------------------------------------------------- directories
+    def _enter_dir(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str):
+        if prev is not None and prev.kind != "d":
+            if not self._make_way(parent, e.name, prev, path):
+                return None
+            prev = None
+        self._dirs.append((path, e, prev))
+        if prev is None:
+            if not (self.opt.dry_run or parent is None):
+                try:
+                    os.mkdir(e.name, 0o700, dir_fd=parent.fd)
+                    self._mark_dirty(parent)
+                except OSError as exc:
+                    self._error(path + "/", exc.strerror or str(exc))
+                    return None
+            self.stats.created += 1
+            self._on_item(f"cd+++++++++ {path}/")
+            if self.opt.dry_run or parent is None:
+                return (path, None, False)
+        if parent is None:
+            return (path, None, False)
+        try:
+            return (path, _Dir(open_dir_at(parent.fd, e.name), path), True)
+        except OSError as exc:
+            self._error(path + "/", f"cannot open destination directory: {exc.strerror or exc}")
+            return None
+
+    def _finish_dirs(self) -> None:
+        """Permissions, owners and mtimes of directories, deepest first."""
+        if self.opt.dry_run:
+            for path, e, prev in self._dirs:
+                if prev is not None and (e.perms != prev.perms or e.mtime_ns != prev.mtime_ns):
+                    self.stats.updated += 1
+                    self._on_item(f"{_itemize('.', e, prev)} {path}/" if path else f"{_itemize('.', e, prev)} ./")
+            return
+        for path, e, prev in reversed(self._dirs):
+            try:
+                fd = open_rel_dir(self._root_fd, path)
+            except OSError as exc:
+                self._error(path + "/", f"cannot set attributes: {exc.strerror or exc}")
+                continue
+            try:
+                now = Entry.from_stat("", os.fstat(fd))
+                if self._root and (now.uid != e.uid or now.gid != e.gid):
+                    os.fchown(fd, e.uid, e.gid)
+                if now.perms != e.perms:
+                    os.fchmod(fd, e.perms)
+                if now.mtime_ns != e.mtime_ns:
+                    os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
+                if prev is not None and (prev.perms != e.perms or prev.mtime_ns != e.mtime_ns
+                                         or (self._root and (prev.uid, prev.gid) != (e.uid, e.gid))):
+                    self.stats.updated += 1
+                    self._on_item(f"{_itemize('.', e, prev)} {path + '/' if path else './'}")
+            except OSError as exc:
+                self._error(path + "/", exc.strerror or str(exc))
+            finally:
+                os.close(fd)
+
+    def _make_way(self, parent: _Dir | None, name: str, prev: Entry, path: str) -> bool:
+        """Remove the destination entry ``prev`` that has the wrong type."""
+        if self.opt.dry_run or parent is None:
+            return True
+        try:
+            if prev.kind == "d":
+                try:
+                    os.rmdir(name, dir_fd=parent.fd)
+                except OSError:
+                    if not self.opt.delete:
+                        self._error(path, "cannot replace a non-empty directory (use --delete)")
+                        return False
+                    shutil.rmtree(name, dir_fd=parent.fd)
+            else:
+                os.unlink(name, dir_fd=parent.fd)
+            self.stats.deleted += 1
+            self._on_item(f"*deleting   {path}/" if prev.kind == "d" else f"*deleting   {path}")
+            return True
+        except OSError as exc:
+            self._error(path, exc.strerror or str(exc))
+            return False
+
+    # ----------------------------------------------------------------- files
+    def _file(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str, src_path: str) -> None:
+        if prev is not None and prev.kind == "f":
+            same = prev.size == e.size and (prev.mtime_ns == e.mtime_ns or self.opt.checksum)
+            if same and self.opt.checksum and parent is not None:
+                try:
+                    same = _same_content(src_path, parent, e.name)
+                except FileNotFoundError:
+                    self._vanished(path)
+                    return
+                except OSError as exc:
+                    self._error(path, exc.strerror or str(exc))
+                    return
+            if same:
+                self._attributes(parent, e, prev, path)
+                return
+            code = _itemize(">", e, prev, "c" if self.opt.checksum else ".")
+        else:
+            code = _itemize(">", e, None)
+        if self.opt.dry_run or parent is None:
+            self._count_transfer(e, prev)
+            self._on_item(f"{code} {path}")
+            return
+        self._counter += 1
+        job = _Job(parent.acquire(), e.name, path, src_path, e, prev, code, tmp=f"{self._run_tag}{self._counter}")
+        self._chunk.append(job)
+        self._chunk_bytes += e.size
+        if len(self._chunk) >= _CHUNK_FILES or self._chunk_bytes >= _CHUNK_BYTES:
+            self._flush_chunk()
+
+    def _count_transfer(self, e: Entry, prev: Entry | None) -> None:
+        self.stats.files_transferred += 1
+        self.stats.bytes_transferred += e.size
+        if prev is None:
+            self.stats.created += 1
+        else:
+            self.stats.updated += 1
+
+    def _attributes(self, parent: _Dir | None, e: Entry, prev: Entry, path: str) -> None:
+        """Same content: fix permissions (and owner as root) in place."""
+        fix_owner = self._root and (prev.uid, prev.gid) != (e.uid, e.gid)
+        if prev.perms == e.perms and not fix_owner:
+            return
+        self.stats.updated += 1
+        self._on_item(f"{_itemize('.', e, prev)} {path}")
+        if self.opt.dry_run or parent is None:
+            return
+        try:
+            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+            try:
+                if fix_owner:
+                    os.fchown(fd, e.uid, e.gid)
+                os.fchmod(fd, e.perms)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._error(path, exc.strerror or str(exc))
+
+    def _flush_chunk(self) -> None:
+        if not self._chunk:
+            return
+        jobs, self._chunk = self._chunk, []
+        nbytes, self._chunk_bytes = self._chunk_bytes, 0
+        self._batch.append((self._pool.submit(self._transfer_all, jobs), jobs))
+        self._batch_files += len(jobs)
+        self._batch_bytes += nbytes
+        if self._batch_files >= _BATCH_FILES or self._batch_bytes >= _BATCH_BYTES:
+            self._commit()
+
+    def _transfer_all(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            try:
+                self._transfer(job)
+            except FileNotFoundError as exc:
+                if exc.filename is None or exc.filename == job.src_path:
+                    job.vanished = True
+                else:
+                    job.error = exc.strerror or str(exc)
+            except OSError as exc:
+                job.error = exc.strerror or str(exc)
+
+    def _transfer(self, job: _Job) -> None:
+        started = time.monotonic()
+        src_fd = os.open(job.src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(src_fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(0, "changed type during the run")
+            dst_fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                             dir_fd=job.parent.fd)
+            try:
+                literal, matched = st.st_size, 0
+                use_delta = not self.opt.whole_file and job.old is not None and job.old.kind == "f" \
+                    and job.old.size > 0 and st.st_size > 0
+                if use_delta:
+                    basis_fd = os.open(job.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                       dir_fd=job.parent.fd)
+                    try:
+                        literal, matched = _delta_data(basis_fd, src_fd, dst_fd)
+                    finally:
+                        os.close(basis_fd)
+                else:
+                    literal = _copy_data(src_fd, dst_fd)
+                if self._root:
+                    os.fchown(dst_fd, st.st_uid, st.st_gid)
+                os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+                os.utime(dst_fd, ns=(time.time_ns(), st.st_mtime_ns))
+            except BaseException:
+                os.close(dst_fd)
+                try:
+                    os.unlink(job.tmp, dir_fd=job.parent.fd)
+                except OSError:
+                    pass
+                raise
+            os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
+                                literal, matched, time.monotonic() - started)
+
+    def _commit(self) -> None:
+        """Wait for the pending copies, make them durable with one syncfs,
+        rename them into place, then fsync the directories."""
+        batch, self._batch = self._batch, []
+        self._batch_files = self._batch_bytes = 0
+        done: list[_Job] = []
+        for fut, jobs in batch:
+            fut.result()
+            done.extend(jobs)
+        ready = [j for j in done if j.result is not None]
+        if ready and not _syncfs(self._root_fd):
+            for j in ready:                          # no syncfs: one fsync per file
+                try:
+                    fd = os.open(j.tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=j.parent.fd)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    j.error, j.result = exc.strerror or str(exc), None
+        for j in done:
+            try:
+                if j.result is not None:
+                    if j.old is not None and j.old.kind == "d" and not self._make_way(j.parent, j.name, j.old, j.rel):
+                        os.unlink(j.tmp, dir_fd=j.parent.fd)
+                        continue
+                    os.rename(j.tmp, j.name, src_dir_fd=j.parent.fd, dst_dir_fd=j.parent.fd)
+                    self._count_transfer(j.src, j.old)
+                    self.stats.bytes_literal += j.result.literal
+                    self.stats.bytes_matched += j.result.matched
+                    self.stats.bytes_written += j.result.size
+                    self._on_item(f"{j.code} {j.rel}")
+                    self._on_file(j.result)
+                    self._mark_dirty(j.parent)
+                elif j.vanished:
+                    self._vanished(j.rel)
+                else:
+                    self._error(j.rel, j.error or "transfer failed")
+            except OSError as exc:
+                self._error(j.rel, exc.strerror or str(exc))
+                try:
+                    os.unlink(j.tmp, dir_fd=j.parent.fd)
+                except OSError:
+                    pass
+            finally:
+                j.parent.release()
+        self._sync_dirs()
+
+    def _mark_dirty(self, d: _Dir) -> None:
+        """``d`` gained or lost a name: fsync it at the next commit."""
+        if id(d) not in self._dirty:
+            self._dirty[id(d)] = d.acquire()
+
+    def _sync_dirs(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        for d in dirty.values():
+            try:
+                os.fsync(d.fd)
+            except OSError as exc:
+                self._error(d.rel + "/", exc.strerror or str(exc))
+            finally:
+                d.release()
+
+    # ------------------------------------------------- links and special files
+    def _replace_with(self, parent: _Dir, e: Entry, prev: Entry | None, path: str, create) -> bool:
+        """Create the new entry under a temp name with ``create(tmp)``, set its
+        times, then rename it over ``path``."""
+        self._counter += 1
+        tmp = f"{self._run_tag}{self._counter}"
+        try:
+            create(tmp)
+            try:
+                if self._root:
+                    os.chown(tmp, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
+                if e.kind != "L":
+                    os.chmod(tmp, e.perms, dir_fd=parent.fd)
+                os.utime(tmp, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
+                if prev is not None and prev.kind == "d" and not self._make_way(parent, e.name, prev, path):
+                    os.unlink(tmp, dir_fd=parent.fd)
+                    return False
+                os.rename(tmp, e.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=parent.fd)
+                except OSError:
+                    pass
+                raise
+        except OSError as exc:
+            self._error(path, exc.strerror or str(exc))
+            return False
+        self._mark_dirty(parent)
+        return True
+
+    def _symlink(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str, src_path: str) -> None:
+        try:
+            target = os.readlink(src_path)
+        except FileNotFoundError:
+            self._vanished(path)
+            return
+        except OSError as exc:
+            self._error(path, exc.strerror or str(exc))
+            return
+        if prev is not None and prev.kind == "L" and parent is not None:
+            try:
+                same = os.readlink(e.name, dir_fd=parent.fd) == target
+            except OSError:
+                same = False
+            if same:
+                if prev.mtime_ns != e.mtime_ns or (self._root and (prev.uid, prev.gid) != (e.uid, e.gid)):
+                    self.stats.updated += 1
+                    self._on_item(f"{_itemize('.', e, prev)} {path} -> {target}")
+                    if not self.opt.dry_run:
+                        try:
+                            if self._root:
+                                os.chown(e.name, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
+                            os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd,
+                                     follow_symlinks=False)
+                        except OSError as exc:
+                            self._error(path, exc.strerror or str(exc))
+                return
+            code = _itemize("c", e, prev, "c")
+        else:
+            code = _itemize("c", e, None)
+        if self.opt.dry_run or parent is None:
+            self.stats.created += prev is None
+            self.stats.updated += prev is not None
+            self._on_item(f"{code} {path} -> {target}")
+            return
+        if self._replace_with(parent, e, prev, path,
+                              lambda tmp: os.symlink(target, tmp, dir_fd=parent.fd)):
+            self.stats.created += prev is None
+            self.stats.updated += prev is not None
+            self._on_item(f"{code} {path} -> {target}")
+
+    def _special(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str) -> None:
+        if prev is not None and prev.kind == e.kind and stat.S_IFMT(prev.mode) == stat.S_IFMT(e.mode) \
+                and prev.rdev == e.rdev:
+            if prev.mtime_ns != e.mtime_ns or prev.perms != e.perms:
+                self.stats.updated += 1
+                self._on_item(f"{_itemize('.', e, prev)} {path}")
+                if not self.opt.dry_run and parent is not None:
+                    try:
+                        os.chmod(e.name, e.perms, dir_fd=parent.fd, follow_symlinks=True)
+                        os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd,
+                                 follow_symlinks=False)
+                    except OSError as exc:
+                        self._error(path, exc.strerror or str(exc))
+            return
+        code = _itemize("c", e, None if prev is None or prev.kind != e.kind else prev)
+        if self.opt.dry_run or parent is None:
+            self.stats.created += prev is None
+            self.stats.updated += prev is not None
+            self._on_item(f"{code} {path}")
+            return
+        if self._replace_with(parent, e, prev, path,
+                              lambda tmp: os.mknod(tmp, stat.S_IFMT(e.mode) | 0o600, e.rdev, dir_fd=parent.fd)):
+            self.stats.created += prev is None
+            self.stats.updated += prev is not None
+            self._on_item(f"{code} {path}")
+
+    # ------------------------------------------------------------- deletions
+    def _delete(self) -> None:
+        if not self._deletions:
+            return
+        if self.stats.errors:
+            self.stats.deletion_refused = (f"{self.stats.errors} transfer errors: skipping "
+                                           f"{len(self._deletions)} deletions (as rsync does)")
+            return
+        count = 0
+        for rel, e in self._deletions:
+            count += 1
+            if e.kind == "d" and self._root_fd >= 0:
+                count += self._count_tree(rel, e.name)
+        if self.opt.max_delete is not None and count > self.opt.max_delete:
+            self.stats.deletion_refused = (f"{count} deletions exceed --max-delete {self.opt.max_delete}; "
+                                           "nothing deleted")
+            return
+        for rel, e in self._deletions:
+            path = join(rel, e.name)
+            self._on_item(f"*deleting   {path}/" if e.kind == "d" else f"*deleting   {path}")
+            if self.opt.dry_run or self._root_fd < 0:
+                self.stats.deleted += 1 + (self._count_tree(rel, e.name) if e.kind == "d" and self._root_fd >= 0 else 0)
+                continue
+            try:
+                fd = open_rel_dir(self._root_fd, rel)
+                try:
+                    if e.kind == "d":
+                        n = self._count_tree(rel, e.name)
+                        shutil.rmtree(e.name, dir_fd=fd)
+                        self.stats.deleted += 1 + n
+                    else:
+                        os.unlink(e.name, dir_fd=fd)
+                        self.stats.deleted += 1
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self._error(path, exc.strerror or str(exc))
+
+    def _count_tree(self, rel: str, name: str) -> int:
+        """Entries below the destination directory rel/name."""
+        try:
+            fd = open_rel_dir(self._root_fd, join(rel, name))
+        except OSError:
+            return 0
+        try:
+            total = 0
+            for _, dirs, files, _ in os.fwalk(".", dir_fd=fd):
+                total += len(dirs) + len(files)
+            return total
+        finally:
+            os.close(fd)

@@ -1,0 +1,120 @@
+"""Directory trees as resync sees them: listings, excludes, and the one safe
+way to reach a path under the destination root.
+
+Destination paths are always reached from an open descriptor of the root, one
+component at a time with O_NOFOLLOW, and every change is made relative to the
+descriptor of its parent directory. A directory inside the destination that is
+swapped for a symlink (before or during a run) therefore makes that operation
+fail; it is never followed out of the root.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from .fs import TEMP_PREFIX
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry: name and lstat fields that rsync -a compares."""
+    name: str
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    rdev: int = 0
+
+    @classmethod
+    def from_stat(cls, name: str, st: os.stat_result) -> "Entry":
+        return cls(name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_rdev)
+
+    @property
+    def kind(self) -> str:
+        m = self.mode
+        if stat.S_ISREG(m):
+            return "f"
+        if stat.S_ISDIR(m):
+            return "d"
+        if stat.S_ISLNK(m):
+            return "L"
+        if stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            return "D"
+        return "S"      # fifo, socket
+
+    @property
+    def perms(self) -> int:
+        return stat.S_IMODE(self.mode)
+
+
+class Excludes:
+    """--exclude / --exclude-from patterns with gitignore semantics (pathspec),
+    matched against paths relative to the source root ("dir/" for directories)."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = [p for p in patterns if p.strip() and not p.lstrip().startswith("#")]
+        self._spec = None
+        if self.patterns:
+            from pathspec import GitIgnoreSpec
+            self._spec = GitIgnoreSpec.from_lines(self.patterns)
+
+    def __bool__(self) -> bool:
+        return self._spec is not None
+
+    def excluded(self, rel: str, is_dir: bool) -> bool:
+        if self._spec is None:
+            return False
+        return self._spec.match_file(rel + "/" if is_dir else rel)
+
+
+def join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def list_dir(fd_or_path, excludes: Excludes | None = None, rel: str = "",
+             skip_temps: bool = False) -> tuple[list[Entry], list[str], list[str]]:
+    """Sorted entries of a directory (lstat, never following symlinks), minus
+    excluded ones; also the names of resync temp files (when ``skip_temps``)
+    and of entries that vanished while being listed."""
+    entries: list[Entry] = []
+    temps: list[str] = []
+    vanished: list[str] = []
+    with os.scandir(fd_or_path) as it:
+        for de in it:
+            name = de.name
+            if skip_temps and name.startswith(TEMP_PREFIX):
+                temps.append(name)
+                continue
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                vanished.append(name)
+                continue
+            if excludes and excludes.excluded(join(rel, name), stat.S_ISDIR(st.st_mode)):
+                continue
+            entries.append(Entry.from_stat(name, st))
+    entries.sort(key=lambda e: e.name)
+    return entries, temps, vanished
+
+
+def open_dir_at(parent_fd: int, name: str) -> int:
+    """Open the directory ``name`` under ``parent_fd`` without following a symlink."""
+    return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+
+
+def open_rel_dir(root_fd: int, rel: str) -> int:
+    """Open root/rel one component at a time, refusing symlinks on the way."""
+    fd = os.dup(root_fd)
+    try:
+        for part in (rel.split("/") if rel else []):
+            nxt = open_dir_at(fd, part)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
