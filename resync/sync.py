@@ -39,7 +39,7 @@ from .fs import TEMP_PREFIX
 from .parallel import thread_count
 from .tree import Entry, Excludes, join, list_dir, open_dir_at, open_rel_dir
 
-_BATCH_FILES = 512              # temp files made durable with one syncfs
+_BATCH_FILES = 512               # temp files made durable with one syncfs
 _BATCH_BYTES = 512 << 20
 _CHUNK_FILES = 64               # small files copied by one worker call
 _CHUNK_BYTES = 16 << 20
@@ -589,7 +589,7 @@ class Syncer:
                         os.close(basis_fd)
                 else:
                     literal = _copy_data(src_fd, dst_fd)
-                if self._root:
+                if self._root and (st.st_uid, st.st_gid) != (0, 0):     # created as root:root
                     os.fchown(dst_fd, st.st_uid, st.st_gid)
                 os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
                 os.utime(dst_fd, ns=(time.time_ns(), st.st_mtime_ns))
