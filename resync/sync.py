@@ -30,6 +30,7 @@ import shutil
 import stat
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -126,6 +127,17 @@ class _Job:
     result: FileChange | None = None
     error: str = ""
     vanished: bool = False
+
+
+class _Batch:
+    """Copies made durable together: chunks submitted to the pool, then the jobs."""
+
+    __slots__ = ("chunks", "jobs", "thread")
+
+    def __init__(self, chunks: list[tuple[Future, list[_Job]]]):
+        self.chunks = chunks
+        self.jobs: list[_Job] = []
+        self.thread: threading.Thread | None = None
 
 
 def _itemize(y: str, entry: Entry, old: Entry | None, content: str = ".") -> str:
@@ -266,6 +278,7 @@ class Syncer:
         self._chunk: list[_Job] = []
         self._chunk_bytes = 0
         self._batch: list[tuple[Future, list[_Job]]] = []
+        self._pipeline: deque[_Batch] = deque()
         self._batch_files = 0
         self._batch_bytes = 0
         self._dirty: dict[int, _Dir] = {}          # directories with renames to fsync
@@ -297,7 +310,7 @@ class Syncer:
         try:
             self._walk(src_st)
             self._flush_chunk()
-            self._commit()
+            self._commit(final=True)
         finally:
             self._pool.shutdown(wait=True)
         self._delete()
@@ -353,7 +366,7 @@ class Syncer:
     def _visit(self, rel: str, parent: _Dir | None, exists: bool) -> list[tuple[str, _Dir | None, bool]]:
         """Handle one directory: its files, links and specials; returns its
         subdirectories to visit (each with an acquired handle)."""
-        src_dir = os.path.join(self.src, rel) if rel else self.src
+        src_dir = f"{self.src}/{rel}" if rel else self.src
         try:
             entries, _, gone = list_dir(src_dir, self._excludes, rel)
         except FileNotFoundError:
@@ -391,10 +404,10 @@ class Syncer:
             elif kind == "f":
                 self.stats.files += 1
                 self.stats.bytes_scanned += e.size
-                self._file(parent, e, prev, path, os.path.join(src_dir, e.name))
+                self._file(parent, e, prev, path, f"{src_dir}/{e.name}")
             elif kind == "L":
                 self.stats.symlinks += 1
-                self._symlink(parent, e, prev, path, os.path.join(src_dir, e.name))
+                self._symlink(parent, e, prev, path, f"{src_dir}/{e.name}")
             else:
                 self.stats.specials += 1
                 self._special(parent, e, prev, path)
@@ -606,26 +619,52 @@ class Syncer:
         job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
                                 literal, matched, time.monotonic() - started)
 
-    def _commit(self) -> None:
-        """Wait for the pending copies, make them durable with one syncfs,
-        rename them into place, then fsync the directories."""
-        batch, self._batch = self._batch, []
+    def _commit(self, final: bool = False) -> None:
+        """Move the pending copies down a three-stage pipeline, so the disk
+        flush of one batch overlaps copying the next and the traversal never
+        waits for it: [copying N] -> [syncfs of N-1 on a thread] -> [renames of
+        N-2]. ``final``: drain everything."""
+        if self._batch:
+            self._pipeline.append(_Batch(self._batch))
+            self._batch = []
         self._batch_files = self._batch_bytes = 0
-        done: list[_Job] = []
-        for fut, jobs in batch:
+        keep = 0 if final else 2
+        while len(self._pipeline) > keep:
+            batch = self._pipeline.popleft()
+            self._start_sync(batch)
+            self._finish_batch(batch)
+        if not final and len(self._pipeline) == 2:
+            self._start_sync(self._pipeline[0])
+
+    def _start_sync(self, batch: "_Batch") -> None:
+        """Wait for the batch's copies, then flush them to disk on a thread."""
+        if batch.thread is not None:
+            return
+        for fut, jobs in batch.chunks:
             fut.result()
-            done.extend(jobs)
-        ready = [j for j in done if j.result is not None]
-        if ready and not _syncfs(self._root_fd):
-            for j in ready:                          # no syncfs: one fsync per file
+            batch.jobs.extend(jobs)
+        ready = [j for j in batch.jobs if j.result is not None]
+        batch.thread = threading.Thread(target=self._make_durable, args=(ready,), daemon=True,
+                                        name="resync-syncfs")
+        batch.thread.start()
+
+    def _make_durable(self, ready: list[_Job]) -> None:
+        if not ready or _syncfs(self._root_fd):
+            return
+        for j in ready:                          # no syncfs: one fsync per file
+            try:
+                fd = os.open(j.tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=j.parent.fd)
                 try:
-                    fd = os.open(j.tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=j.parent.fd)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as exc:
-                    j.error, j.result = exc.strerror or str(exc), None
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                j.error, j.result = exc.strerror or str(exc), None
+
+    def _finish_batch(self, batch: "_Batch") -> None:
+        """Rename the batch's durable temp files into place; fsync the directories."""
+        batch.thread.join()
+        done = batch.jobs
         for j in done:
             try:
                 if j.result is not None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .fs import TEMP_PREFIX
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One directory entry: name and lstat fields that rsync -a compares."""
+class Entry(NamedTuple):
+    """One directory entry: name and the lstat fields that rsync -a compares.
+    (A NamedTuple: a tree of 100,000 entries builds 200,000 of these.)"""
     name: str
     mode: int
     size: int

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""resync sync vs rsync -a on a generated tree, whole processes, side by side.
+
+    python bench/bench_sync.py [--files 20000] [--big 2] [--repeat 3] [--dir bench/.data]
+
+Tree (bench/gen.py tree): 20,000 files of 200 B .. 20 kB in 500 directories
+plus two 50 MB files. Steps, each timed for both tools into their own
+destination: initial copy (fresh destination; best of --repeat), no-change
+re-run (best of --repeat), and a run after 1 % of the small files were
+rewritten and both big files edited in place (once). Prints wall times,
+ratios (resync / rsync: < 1 means resync is faster), peak RSS, and the bytes
+each tool transferred (rsync --stats "Total transferred file size", resync
+--json "bytes_transferred"). resync makes every file durable before renaming
+it into place; rsync does not fsync, so the table also shows rsync followed by
+`sync -f` on its destination (the same guarantee).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESYNC = [sys.executable, "-m", "resync", "sync"]
+
+
+def timed(cmd):
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    proc.stdout.close()
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(map(str, cmd))}\n{err}")
+    return dt, usage.ru_maxrss / 1024, out
+
+
+def fresh(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+
+
+def rsync_bytes(out: str) -> int:
+    m = re.search(r"Total transferred file size: ([\d,]+)", out)
+    return int(m.group(1).replace(",", "")) if m else -1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--big", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=HERE / ".data")
+    args = ap.parse_args()
+    if not shutil.which("rsync"):
+        raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
+    d = args.dir / f"tree-{args.files}-{args.big}"
+    src, dr, ds = d / "src", d / "rsync-dst", d / "resync-dst"
+    fresh(d)
+    subprocess.run([sys.executable, str(HERE / "gen.py"), "tree", "--files", str(args.files),
+                    "--big", str(args.big), str(src)], check=True)
+    subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
+    rsync = ["rsync", "-a", "--stats", f"{src}/", f"{dr}/"]
+    rsync_durable = ["sh", "-c", f'rsync -a "{src}/" "{dr}/" && sync -f "{dr}"']
+    resync = [*RESYNC, "--json", str(src), str(ds)]
+    print(f"# resync sync vs rsync -a: {args.files} small files + {args.big} x 50 MB, "
+          f"best of {args.repeat}, {os.cpu_count()} CPUs", flush=True)
+    rows = []
+
+    best = {"rsync": (1e9, 0), "rsync+sync": (1e9, 0), "resync": (1e9, 0)}
+    for _ in range(args.repeat):
+        for name, cmd, dst in (("rsync", rsync, dr), ("rsync+sync", rsync_durable, dr), ("resync", resync, ds)):
+            fresh(dst)
+            t, rss, _ = timed(cmd)
+            best[name] = (min(best[name][0], t), max(best[name][1], rss))
+    rows.append(("initial copy", best))
+
+    best = {"rsync": (1e9, 0), "resync": (1e9, 0)}
+    for _ in range(args.repeat):
+        for name, cmd in (("rsync", rsync), ("resync", resync)):
+            t, rss, _ = timed(cmd)
+            best[name] = (min(best[name][0], t), max(best[name][1], rss))
+    rows.append(("no change", best))
+
+    subprocess.run([sys.executable, str(HERE / "gen.py"), "change", "--fraction", "0.01", str(src)], check=True)
+    t_r, rss_r, out_r = timed(rsync)
+    t_s, rss_s, out_s = timed(resync)
+    rows.append(("after 1 % changed", {"rsync": (t_r, rss_r), "resync": (t_s, rss_s)}))
+    bytes_r, bytes_s = rsync_bytes(out_r), json.loads(out_s.strip().splitlines()[-1])["bytes_transferred"]
+    same = subprocess.run(["diff", "-r", "--no-dereference", "-q", str(dr), str(ds)], capture_output=True)
+
+    print("\n| step | rsync -a | rsync -a + sync | resync sync | resync / rsync | peak RSS rsync / resync (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for step, b in rows:
+        rs, rd, sy = b["rsync"], b.get("rsync+sync"), b["resync"]
+        durable = f"{rd[0]:.2f} s" if rd else ""
+        print(f"| {step} | {rs[0]:.2f} s | {durable} | {sy[0]:.2f} s | **{sy[0] / rs[0]:.2f}x** | "
+              f"{rs[1]:.0f} / {sy[1]:.0f} |")
+    print(f"\nbytes transferred after the change: rsync {bytes_r:,}, resync {bytes_s:,} "
+          f"({'equal' if bytes_r == bytes_s else 'DIFFERENT'}); trees identical: {same.returncode == 0}")
+
+
+if __name__ == "__main__":
+    main()
