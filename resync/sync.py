@@ -263,7 +263,7 @@ class Syncer:
     def __init__(self, src: str, dst: str, options: SyncOptions | None = None,
                  on_item: Callable[[str], None] | None = None,
                  on_error: Callable[[str], None] | None = None,
-                 on_file: Callable[[FileChange], None] | None = None):
+                 on_file: Callable[[FileChange], None] | None = None, progress=None):
         self.src = os.path.abspath(src)
         self.dst = os.path.abspath(dst)
         self.opt = options or SyncOptions()
@@ -271,6 +271,7 @@ class Syncer:
         self._on_item = on_item or (lambda line: None)
         self._on_error = on_error or (lambda msg: None)
         self._on_file = on_file or (lambda change: None)
+        self._progress = progress        # resync.progress.Progress or None
         self._excludes = Excludes(self.opt.excludes)
         self._root = os.geteuid() == 0
         self._run_tag = f"{TEMP_PREFIX}{os.getpid():x}-{os.urandom(3).hex()}-"
@@ -309,6 +310,8 @@ class Syncer:
                                         thread_name_prefix="resync-sync")
         try:
             self._walk(src_st)
+            if self._progress is not None:
+                self._progress.scanned()
             self._flush_chunk()
             self._commit(final=True)
         finally:
@@ -526,6 +529,8 @@ class Syncer:
         job = _Job(parent.acquire(), e.name, path, src_path, e, prev, code, tmp=f"{self._run_tag}{self._counter}")
         self._chunk.append(job)
         self._chunk_bytes += e.size
+        if self._progress is not None:
+            self._progress.queued(e.size)
         if len(self._chunk) >= _CHUNK_FILES or self._chunk_bytes >= _CHUNK_BYTES:
             self._flush_chunk()
 
@@ -618,6 +623,8 @@ class Syncer:
             os.close(src_fd)
         job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
                                 literal, matched, time.monotonic() - started)
+        if self._progress is not None:
+            self._progress.done(literal + matched)
 
     def _commit(self, final: bool = False) -> None:
         """Move the pending copies down a three-stage pipeline, so the disk

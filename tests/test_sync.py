@@ -310,3 +310,28 @@ def test_cli_errors_and_exit_codes(tmp_path):
     r = run_cli("-i", src, tmp_path / "dst")
     assert r.returncode == 0 and r.stdout == ""
     assert FileError.exit_code == 3 and PartialTransferError.exit_code == 23 and VanishedError.exit_code == 24
+
+
+def test_progress_counts_and_renders(tmp_path):
+    import io
+
+    from resync.progress import Progress
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(b"x" * 1000 * (i + 1))
+    out = io.StringIO()
+    p = Progress(out, interval=0.01)
+    Syncer(str(src), str(dst), SyncOptions(), progress=p).run()
+    p.close()
+    assert p.bytes_done == p.bytes_queued == 15000 and p.files_done == p.files_queued == 5
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert "100.0%" in last and "5/5 files" in last and "14.6 KiB" in last
+
+
+def test_progress_is_silent_without_a_terminal(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    r = run_cli("-P", src, tmp_path / "dst")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""

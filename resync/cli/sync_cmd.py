@@ -39,11 +39,13 @@ def _read_patterns(paths) -> list[str]:
 @click.option("-n", "--dry-run", is_flag=True, help="Show what would change; change nothing.")
 @click.option("-i", "--itemize-changes", "itemize", is_flag=True,
               help="One line per change: YXcstpoguax PATH (see README).")
+@click.option("-P", "--progress", "show_progress", is_flag=True,
+              help="A progress line (bytes, rate, ETA, files) on stderr when it is a terminal.")
 @json_option
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
-            itemize, as_json, verbose, quiet):
+            itemize, show_progress, as_json, verbose, quiet):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/.
 
     Example: resync sync --delete -i photos/ /backup/photos/
@@ -65,7 +67,15 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
     def on_error(message: str) -> None:
         print(f"resync: error: {message}", file=sys.stderr, flush=True)
 
-    stats = Syncer(src, dst, options, on_item=on_item, on_error=on_error).run()
+    progress = None
+    if show_progress and not quiet and sys.stderr.isatty():
+        from ..progress import Progress
+        progress = Progress(sys.stderr)
+    try:
+        stats = Syncer(src, dst, options, on_item=on_item, on_error=on_error, progress=progress).run()
+    finally:
+        if progress is not None:
+            progress.close()
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
