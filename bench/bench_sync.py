@@ -67,6 +67,7 @@ def main():
     subprocess.run([sys.executable, str(HERE / "gen.py"), "tree", "--files", str(args.files),
                     "--big", str(args.big), str(src)], check=True)
     subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
+    os.environ["RESYNC_HISTORY"] = str(d / "history.duckdb")     # resync records every run, as by default
     rsync = ["rsync", "-a", "--stats", f"{src}/", f"{dr}/"]
     rsync_durable = ["sh", "-c", f'rsync -a "{src}/" "{dr}/" && sync -f "{dr}"']
     resync = [*RESYNC, "--json", str(src), str(ds)]

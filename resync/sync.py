@@ -56,6 +56,7 @@ class SyncOptions:
     excludes: list[str] = field(default_factory=list)
     dry_run: bool = False
     threads: int | None = None
+    hash_files: bool = False        # BLAKE3 of each transferred file (for the history)
 
 
 @dataclass
@@ -91,6 +92,8 @@ class FileChange:
     literal: int
     matched: int
     seconds: float
+    blake3: str | None = None
+    entry: Entry | None = None      # the source file as copied (fstat at open)
 
 
 class _Dir:
@@ -233,6 +236,18 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
                     pass
 
 
+def _hash_fd(fd: int) -> str:
+    """BLAKE3 (hex) of the whole file open at ``fd`` (read from the page cache)."""
+    import blake3
+    h = blake3.blake3(max_threads=1)
+    size = os.fstat(fd).st_size
+    if size:
+        import mmap
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+            h.update(m)
+    return h.hexdigest()
+
+
 def _same_content(src_path: str, parent: _Dir, name: str) -> bool:
     import blake3
 
@@ -263,7 +278,8 @@ class Syncer:
     def __init__(self, src: str, dst: str, options: SyncOptions | None = None,
                  on_item: Callable[[str], None] | None = None,
                  on_error: Callable[[str], None] | None = None,
-                 on_file: Callable[[FileChange], None] | None = None, progress=None):
+                 on_file: Callable[[FileChange], None] | None = None, progress=None,
+                 on_entry: Callable[[str, Entry, str | None], None] | None = None):
         self.src = os.path.abspath(src)
         self.dst = os.path.abspath(dst)
         self.opt = options or SyncOptions()
@@ -272,6 +288,9 @@ class Syncer:
         self._on_error = on_error or (lambda msg: None)
         self._on_file = on_file or (lambda change: None)
         self._progress = progress        # resync.progress.Progress or None
+        # on_entry(path, entry, blake3 or None): the final state of each destination
+        # path (the manifest); not called in a dry run.
+        self._on_entry = on_entry if on_entry is not None and not self.opt.dry_run else (lambda *a: None)
         self._excludes = Excludes(self.opt.excludes)
         self._root = os.geteuid() == 0
         self._run_tag = f"{TEMP_PREFIX}{os.getpid():x}-{os.urandom(3).hex()}-"
@@ -443,6 +462,7 @@ class Syncer:
                 return (path, None, False)
         if parent is None:
             return (path, None, False)
+        self._on_entry(path, e, None)
         try:
             return (path, _Dir(open_dir_at(parent.fd, e.name), path), True)
         except OSError as exc:
@@ -517,6 +537,7 @@ class Syncer:
                     return
             if same:
                 self._attributes(parent, e, prev, path)
+                self._on_entry(path, e, None)
                 return
             code = _itemize(">", e, prev, "c" if self.opt.checksum else ".")
         else:
@@ -592,7 +613,7 @@ class Syncer:
             st = os.fstat(src_fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(0, "changed type during the run")
-            dst_fd = os.open(job.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+            dst_fd = os.open(job.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                              dir_fd=job.parent.fd)
             try:
                 literal, matched = st.st_size, 0
@@ -611,6 +632,7 @@ class Syncer:
                     os.fchown(dst_fd, st.st_uid, st.st_gid)
                 os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
                 os.utime(dst_fd, ns=(time.time_ns(), st.st_mtime_ns))
+                digest = _hash_fd(dst_fd) if self.opt.hash_files else None
             except BaseException:
                 os.close(dst_fd)
                 try:
@@ -622,7 +644,8 @@ class Syncer:
         finally:
             os.close(src_fd)
         job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
-                                literal, matched, time.monotonic() - started)
+                                literal, matched, time.monotonic() - started, digest,
+                                Entry.from_stat(job.name, st)._replace(size=literal + matched))
         if self._progress is not None:
             self._progress.done(literal + matched)
 
@@ -685,11 +708,14 @@ class Syncer:
                     self.stats.bytes_written += j.result.size
                     self._on_item(f"{j.code} {j.rel}")
                     self._on_file(j.result)
+                    self._on_entry(j.rel, j.result.entry, j.result.blake3)
                     self._mark_dirty(j.parent)
                 elif j.vanished:
                     self._vanished(j.rel)
+                    self._keep_old(j.rel, j.old)
                 else:
                     self._error(j.rel, j.error or "transfer failed")
+                    self._keep_old(j.rel, j.old)
             except OSError as exc:
                 self._error(j.rel, exc.strerror or str(exc))
                 try:
@@ -699,6 +725,11 @@ class Syncer:
             finally:
                 j.parent.release()
         self._sync_dirs()
+
+    def _keep_old(self, path: str, old: Entry | None) -> None:
+        """A change failed: the destination keeps ``old`` (for the manifest)."""
+        if old is not None and old.kind != "d":
+            self._on_entry(path, old, None)
 
     def _mark_dirty(self, d: _Dir) -> None:
         """``d`` gained or lost a name: fsync it at the next commit."""
@@ -771,6 +802,7 @@ class Syncer:
                                      follow_symlinks=False)
                         except OSError as exc:
                             self._error(path, exc.strerror or str(exc))
+                self._on_entry(path, e, None)
                 return
             code = _itemize("c", e, prev, "c")
         else:
@@ -785,6 +817,9 @@ class Syncer:
             self.stats.created += prev is None
             self.stats.updated += prev is not None
             self._on_item(f"{code} {path} -> {target}")
+            self._on_entry(path, e, None)
+        else:
+            self._keep_old(path, prev)
 
     def _special(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str) -> None:
         if prev is not None and prev.kind == e.kind and stat.S_IFMT(prev.mode) == stat.S_IFMT(e.mode) \
@@ -799,6 +834,7 @@ class Syncer:
                                  follow_symlinks=False)
                     except OSError as exc:
                         self._error(path, exc.strerror or str(exc))
+            self._on_entry(path, e, None)
             return
         code = _itemize("c", e, None if prev is None or prev.kind != e.kind else prev)
         if self.opt.dry_run or parent is None:
@@ -811,6 +847,9 @@ class Syncer:
             self.stats.created += prev is None
             self.stats.updated += prev is not None
             self._on_item(f"{code} {path}")
+            self._on_entry(path, e, None)
+        else:
+            self._keep_old(path, prev)
 
     # ------------------------------------------------------------- deletions
     def _delete(self) -> None:
@@ -819,6 +858,7 @@ class Syncer:
         if self.stats.errors:
             self.stats.deletion_refused = (f"{self.stats.errors} transfer errors: skipping "
                                            f"{len(self._deletions)} deletions (as rsync does)")
+            self._keep_deletion_candidates()
             return
         count = 0
         for rel, e in self._deletions:
@@ -828,6 +868,7 @@ class Syncer:
         if self.opt.max_delete is not None and count > self.opt.max_delete:
             self.stats.deletion_refused = (f"{count} deletions exceed --max-delete {self.opt.max_delete}; "
                                            "nothing deleted")
+            self._keep_deletion_candidates()
             return
         for rel, e in self._deletions:
             path = join(rel, e.name)
@@ -850,6 +891,10 @@ class Syncer:
                     os.close(fd)
             except OSError as exc:
                 self._error(path, exc.strerror or str(exc))
+
+    def _keep_deletion_candidates(self) -> None:
+        for rel, e in self._deletions:
+            self._on_entry(join(rel, e.name), e, None)
 
     def _count_tree(self, rel: str, name: str) -> int:
         """Entries below the destination directory rel/name."""

@@ -118,3 +118,38 @@ def open_rel_dir(root_fd: int, rel: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
+    """BLAKE3 (hex) of root/path for each (path, size, mtime_ns) that still has
+    that size and mtime; reached without following symlinks."""
+    import blake3
+    out: dict[str, str] = {}
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return out
+    try:
+        for path, size, mtime_ns in files:
+            parent, _, name = path.rpartition("/")
+            try:
+                dfd = open_rel_dir(root_fd, parent)
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
+                    continue
+                h = blake3.blake3(max_threads=1)
+                while chunk := os.read(fd, 1 << 20):
+                    h.update(chunk)
+                out[path] = h.hexdigest()
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+    return out

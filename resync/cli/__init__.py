@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
-from . import delta_cmd, patch_cmd, signature_cmd, sync_cmd
+from . import delta_cmd, history_cmd, patch_cmd, signature_cmd, sync_cmd, verify_cmd
 
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
 
@@ -41,6 +41,8 @@ cli.add_command(signature_cmd.command)
 cli.add_command(delta_cmd.command)
 cli.add_command(patch_cmd.command)
 cli.add_command(sync_cmd.command)
+cli.add_command(history_cmd.command)
+cli.add_command(verify_cmd.command)
 
 
 def _fail(message: str, code: int) -> None:

@@ -32,3 +32,12 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def history_options(f):
+    """--history PATH / RESYNC_HISTORY and --no-history."""
+    f = click.option("--no-history", is_flag=True, help="Do not record this run in the history database.")(f)
+    f = click.option("--history", "history_path", type=click.Path(dir_okay=False), envvar="RESYNC_HISTORY",
+                     default=None, metavar="PATH",
+                     help="History database (default: ~/.local/share/resync/history.duckdb; env RESYNC_HISTORY).")(f)
+    return f

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import human, json_option
+from .options import history_options, human, json_option
 
 
 def _read_patterns(paths) -> list[str]:
@@ -44,8 +44,9 @@ def _read_patterns(paths) -> list[str]:
 @json_option
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@history_options
 def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
-            itemize, show_progress, as_json, verbose, quiet):
+            itemize, show_progress, as_json, verbose, quiet, history_path, no_history):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/.
 
     Example: resync sync --delete -i photos/ /backup/photos/
@@ -55,9 +56,12 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
     from ..errors import DeletionRefusedError, PartialTransferError, VanishedError
     from ..sync import Syncer, SyncOptions
 
+    import os
+
     patterns = list(excludes) + _read_patterns(exclude_files)
+    record = not (dry_run or no_history)
     options = SyncOptions(checksum=checksum, whole_file=whole_file, delete=delete, max_delete=max_delete,
-                          excludes=patterns, dry_run=dry_run)
+                          excludes=patterns, dry_run=dry_run, hash_files=record)
     item_stream = sys.stderr if as_json else sys.stdout
 
     def on_item(line: str) -> None:
@@ -71,11 +75,25 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
     if show_progress and not quiet and sys.stderr.isatty():
         from ..progress import Progress
         progress = Progress(sys.stderr)
+    recorder = None
+    if record:
+        from ..store.recorder import RunRecorder
+        recorder = RunRecorder(history_path, "sync", os.path.abspath(src), os.path.abspath(dst))
     try:
-        stats = Syncer(src, dst, options, on_item=on_item, on_error=on_error, progress=progress).run()
+        stats = Syncer(src, dst, options, on_item=on_item, on_error=on_error, progress=progress,
+                       on_file=recorder.file if recorder else None,
+                       on_entry=recorder.entry if recorder else None).run()
+    except BaseException:
+        if recorder is not None:
+            recorder.finish("failed", None)
+        raise
     finally:
         if progress is not None:
             progress.close()
+    if recorder is not None:
+        status = ("partial" if stats.errors else "refused" if stats.deletion_refused
+                  else "vanished" if stats.vanished else "ok")
+        recorder.finish(status, stats)
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")

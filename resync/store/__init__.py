@@ -1,0 +1,279 @@
+"""Transfer history and destination manifests in DuckDB — the only DuckDB code.
+
+Concurrency. DuckDB lets one process at a time hold a database file (even a
+read-only holder blocks writers), and a notebook, a cron run and a one-shot
+sync may all want the history at once. So nobody holds it for long:
+
+- A run never writes the database while it works. It writes a spool in the
+  history's directory instead (``<db>.spool/<run id>.*``): the run record at
+  start (status ``running``, pid, host), then, as it goes, its manifest and
+  changed files as newline-delimited JSON, and at the end the final record.
+- Merging a spool into the database is one short transaction (DuckDB reads
+  the JSON itself), done by the run at its end and by any later history
+  reader. Connections are opened per operation and retried with backoff while
+  another process holds the file; if the database stays busy the spool simply
+  waits for the next merge — nothing is lost and no lock error reaches anyone.
+- A spool still marked ``running`` whose process is gone (killed) is merged
+  as ``incomplete``: a killed run is never recorded as a success.
+
+Readers (``History.query``, the notebook) open read-only per query and copy
+the rows out, holding the lock for milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ResyncError
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+LOCK_WAIT = 30.0        # seconds a writer keeps retrying a busy database before leaving the spool
+
+
+class HistoryError(ResyncError):
+    """history database {}: {}"""
+
+    exit_code = 3
+
+
+def default_path() -> Path:
+    env = os.environ.get("RESYNC_HISTORY")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "resync" / "history.duckdb"
+
+
+def _busy(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "being used" in text
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunSpool:
+    """The files a run writes while it works (merged into the database later)."""
+    directory: Path
+    run_id: str
+
+    @property
+    def record(self) -> Path:
+        return self.directory / f"{self.run_id}.run.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / f"{self.run_id}.manifest.ndjson"
+
+    @property
+    def files(self) -> Path:
+        return self.directory / f"{self.run_id}.files.ndjson"
+
+    def write_record(self, record: dict) -> None:
+        tmp = self.record.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.record)
+
+    def remove(self) -> None:
+        for p in (self.record, self.manifest, self.files):
+            p.unlink(missing_ok=True)
+
+
+class History:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else default_path()
+        self.spool_dir = self.path.with_name(self.path.name + ".spool")
+
+    # ----------------------------------------------------------- connections
+    def _connect(self, read_only: bool, wait: float = LOCK_WAIT):
+        import duckdb
+        deadline = time.monotonic() + wait
+        delay = 0.01
+        while True:
+            try:
+                if read_only and not self.path.exists():
+                    return None
+                if not read_only:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as exc:
+                if not _busy(exc) or time.monotonic() > deadline:
+                    if _busy(exc):
+                        raise TimeoutError(str(exc)) from None
+                    raise HistoryError(self.path, str(exc).splitlines()[0]) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            except OSError as exc:
+                raise HistoryError(self.path, exc.strerror or str(exc)) from None
+        if not read_only:
+            try:
+                self._migrate(con)
+            except BaseException:
+                con.close()
+                raise
+        return con
+
+    def _migrate(self, con) -> None:
+        con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > SCHEMA_VERSION:
+            raise HistoryError(self.path, f"schema version {current} is newer than this resync ({SCHEMA_VERSION})")
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            con.execute("BEGIN")
+            for sql in statements:
+                con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?)", [version])
+            con.execute("COMMIT")
+
+    def query(self, sql: str, params: list | None = None, wait: float = LOCK_WAIT) -> tuple[list[str], list[tuple]]:
+        """Run a read-only query: (column names, rows). Empty when there is no history yet."""
+        try:
+            con = self._connect(read_only=True, wait=wait)
+        except TimeoutError as exc:
+            raise HistoryError(self.path, f"busy for {wait:.0f} s: {exc}") from None
+        if con is None:
+            return [], []
+        try:
+            cur = con.execute(sql, params or [])
+            return [d[0] for d in cur.description], cur.fetchall()
+        finally:
+            con.close()
+
+    # ----------------------------------------------------------------- spools
+    def start_run(self, command: str, source: str, destination: str) -> RunSpool:
+        from .. import __version__
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        run = RunSpool(self.spool_dir, uuid.uuid4().hex)
+        run.write_record({"id": run.run_id, "command": command, "source": source,
+                          "destination": destination, "status": "running",
+                          "started": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+                          "version": __version__})
+        return run
+
+    def finish_run(self, run: RunSpool, status: str, stats: dict) -> None:
+        record = json.loads(run.record.read_text())
+        record.update(stats)
+        record["status"] = status
+        record["finished"] = time.time()
+        run.write_record(record)
+
+    def merge_in_background(self) -> None:
+        """Merge spools in a detached process, so a command returns without
+        waiting for DuckDB (readers merge pending spools first anyway)."""
+        import subprocess
+        import sys
+        try:
+            subprocess.Popen([sys.executable, "-m", "resync.store", "merge", str(self.path)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        except OSError:
+            pass     # the next reader or run merges the spool
+
+    def merge(self, wait: float = LOCK_WAIT) -> int:
+        """Move finished (or abandoned) spools into the database. Returns how
+        many runs were merged; leaves spools alone while the database is busy."""
+        if not self.spool_dir.is_dir():
+            return 0
+        import fcntl
+        # One merger at a time (a background merge and a reader may race for
+        # the same spool); the lock is on a file beside the spools.
+        with open(self.spool_dir / ".merge.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._merge_locked(wait)
+
+    def _merge_locked(self, wait: float) -> int:
+        pending = []
+        host = socket.gethostname()
+        for rec_path in sorted(self.spool_dir.glob("*.run.json")):
+            try:
+                record = json.loads(rec_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("status") == "running":
+                if record.get("host") == host and _alive(int(record.get("pid", 0))):
+                    continue                  # still working
+                record["status"] = "incomplete"
+            pending.append((RunSpool(self.spool_dir, record["id"]), record))
+        if not pending:
+            return 0
+        try:
+            con = self._connect(read_only=False, wait=wait)
+        except TimeoutError:
+            return 0
+        try:
+            for spool, record in pending:
+                self._merge_one(con, spool, record)
+                spool.remove()
+        finally:
+            con.close()
+        return len(pending)
+
+    def _merge_one(self, con, spool: RunSpool, r: dict) -> None:
+        from .schema import FILE_COLUMNS, MANIFEST_COLUMNS
+        con.execute("BEGIN")
+        con.execute("DELETE FROM runs WHERE id = ?", [r["id"]])
+        con.execute("DELETE FROM run_files WHERE run_id = ?", [r["id"]])
+        con.execute("DELETE FROM manifests WHERE run_id = ?", [r["id"]])
+        con.execute(
+            "INSERT INTO runs VALUES (?, to_timestamp(?)::TIMESTAMP, to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [r["id"], r["started"], r.get("finished"), r["source"], r["destination"], r["status"],
+             r.get("files_scanned"), r.get("files_changed"), r.get("files_deleted"), r.get("bytes_scanned"),
+             r.get("bytes_literal"), r.get("bytes_matched"), r.get("bytes_written"), r.get("errors"),
+             r.get("duration"), r.get("version"), r.get("host"), r.get("command"), r.get("pid")])
+        parts = [(spool.files, "run_files", FILE_COLUMNS)]
+        if r["status"] not in ("incomplete", "failed"):
+            # A killed or failed run's manifest is partial (its last line may be
+            # torn): the destination's state after it is not known, so none is kept.
+            parts.append((spool.manifest, "manifests", MANIFEST_COLUMNS))
+        for path, table, columns in parts:
+            if path.exists() and path.stat().st_size:
+                spec = "{" + ", ".join(f"'{name}': '{kind}'" for name, kind in columns) + "}"
+                names = ", ".join(name for name, _ in columns)
+                con.execute(f"INSERT INTO {table} SELECT ?, {names} FROM read_json(?, "
+                            f"format='newline_delimited', ignore_errors=true, columns={spec})", [r["id"], str(path)])
+        # Unchanged files were not re-read by the run: take their hash from the
+        # previous manifest of the same destination when size and mtime agree.
+        con.execute("""
+            UPDATE manifests AS m SET blake3 = p.blake3
+            FROM (SELECT path, size, mtime_ns, blake3 FROM manifests
+                  WHERE run_id = (SELECT r.id FROM runs r
+                                  WHERE r.destination = ? AND r.id <> ?
+                                    AND EXISTS (SELECT 1 FROM manifests x WHERE x.run_id = r.id)
+                                  ORDER BY r.started DESC LIMIT 1)
+                    AND blake3 IS NOT NULL) AS p
+            WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL
+              AND m.path = p.path AND m.size = p.size AND m.mtime_ns = p.mtime_ns""",
+                    [r["destination"], r["id"], r["id"]])
+        con.execute("COMMIT")
+        # What is still unknown (a first run over files that were already in
+        # place) is hashed now, from the destination itself.
+        missing = con.execute("SELECT path, size, mtime_ns FROM manifests WHERE run_id = ? AND kind = 'f' "
+                              "AND blake3 IS NULL", [r["id"]]).fetchall()
+        if missing:
+            from ..tree import hash_under
+            hashes = hash_under(r["destination"], missing)
+            if hashes:
+                con.execute("BEGIN")
+                con.executemany("UPDATE manifests SET blake3 = ? WHERE run_id = ? AND path = ?",
+                                [(h, r["id"], path) for path, h in hashes.items()])
+                con.execute("COMMIT")

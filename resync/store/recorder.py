@@ -1,0 +1,52 @@
+"""Recording one run: manifest and changed-file rows streamed to the run's
+spool as it goes (bounded memory), the final record at the end, then a merge
+into the database in the background. Imports no DuckDB itself."""
+from __future__ import annotations
+
+import json
+import os
+
+from . import History
+
+
+class RunRecorder:
+    def __init__(self, history_path: str | None, command: str, source: str, destination: str):
+        self.history = History(history_path)
+        self.run = self.history.start_run(command, source, destination)
+        self._manifest = open(self.run.manifest, "w", buffering=1 << 20)
+        self._files = open(self.run.files, "w", buffering=1 << 20)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    def entry(self, path: str, e, blake3: str | None) -> None:
+        self._manifest.write(json.dumps({"path": path, "kind": e.kind, "size": e.size if e.kind != "d" else 0,
+                                         "mtime_ns": e.mtime_ns, "mode": e.perms, "blake3": blake3},
+                                        separators=(",", ":"), ensure_ascii=False) + "\n")
+
+    def file(self, change) -> None:
+        self._files.write(json.dumps({"path": change.path, "action": change.action, "size": change.size,
+                                      "literal_bytes": change.literal, "matched_bytes": change.matched,
+                                      "duration": round(change.seconds, 6), "blake3": change.blake3},
+                                     separators=(",", ":"), ensure_ascii=False) + "\n")
+
+    def finish(self, status: str, stats, merge: bool = True) -> None:
+        for f in (self._manifest, self._files):
+            if not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        fields = {}
+        if stats is not None:
+            fields = {"files_scanned": stats.files, "files_changed": stats.files_transferred,
+                      "files_deleted": stats.deleted, "bytes_scanned": stats.bytes_scanned,
+                      "bytes_literal": stats.bytes_literal, "bytes_matched": stats.bytes_matched,
+                      "bytes_written": stats.bytes_written, "errors": stats.errors,
+                      "duration": stats.duration}
+        self.history.finish_run(self.run, status, fields)
+        if merge:
+            if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":
+                self.history.merge()
+            else:
+                self.history.merge_in_background()

@@ -1,0 +1,60 @@
+"""History schema (documented in README.md) and its migrations.
+
+Each migration is (version, statements) and runs once, in a transaction, when
+a writer opens an older database; ``schema_version`` records what ran.
+"""
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS = [
+    (1, [
+        """CREATE TABLE runs (
+            id VARCHAR PRIMARY KEY,          -- random 128-bit hex
+            started TIMESTAMP NOT NULL,          -- UTC
+            finished TIMESTAMP,                  -- UTC; NULL when the run was killed
+            source VARCHAR NOT NULL,
+            destination VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,          -- ok | partial | vanished | refused | failed | incomplete
+            files_scanned BIGINT,
+            files_changed BIGINT,
+            files_deleted BIGINT,
+            bytes_scanned BIGINT,
+            bytes_literal BIGINT,             -- read from the source for changed files
+            bytes_matched BIGINT,             -- reused from the destination (delta)
+            bytes_written BIGINT,
+            errors BIGINT,
+            duration DOUBLE,                  -- seconds
+            version VARCHAR,
+            host VARCHAR,
+            command VARCHAR,
+            pid INTEGER
+        )""",
+        """CREATE TABLE run_files (
+            run_id VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,            -- relative to the destination
+            action VARCHAR NOT NULL,          -- new | update
+            size BIGINT,
+            literal_bytes BIGINT,
+            matched_bytes BIGINT,
+            duration DOUBLE,
+            blake3 VARCHAR                    -- hex of the file as written
+        )""",
+        """CREATE TABLE manifests (
+            run_id VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,            -- the destination tree after the run
+            kind VARCHAR NOT NULL,            -- f d L D S
+            size BIGINT,
+            mtime_ns BIGINT,
+            mode INTEGER,                     -- permission bits
+            blake3 VARCHAR                    -- regular files; NULL if not hashed
+        )""",
+        "CREATE INDEX run_files_run ON run_files (run_id)",
+        "CREATE INDEX manifests_run ON manifests (run_id)",
+    ]),
+]
+
+FILE_COLUMNS = [("path", "VARCHAR"), ("action", "VARCHAR"), ("size", "BIGINT"),
+                ("literal_bytes", "BIGINT"), ("matched_bytes", "BIGINT"), ("duration", "DOUBLE"),
+                ("blake3", "VARCHAR")]
+MANIFEST_COLUMNS = [("path", "VARCHAR"), ("kind", "VARCHAR"), ("size", "BIGINT"), ("mtime_ns", "BIGINT"),
+                    ("mode", "INTEGER"), ("blake3", "VARCHAR")]

@@ -1,0 +1,144 @@
+"""History in DuckDB: runs, files and manifests recorded; killed runs never
+recorded as success; a reader and a writer in two processes never see a lock
+error; resync verify finds drift and corruption."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from resync.store import History
+from resync.store.recorder import RunRecorder
+from resync.sync import SyncOptions, Syncer
+
+PY = sys.executable
+
+
+def cli(*args, history, env_extra=None):
+    env = dict(os.environ, RESYNC_HISTORY=str(history), RESYNC_HISTORY_MERGE="inline", **(env_extra or {}))
+    return subprocess.run([PY, "-m", "resync", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def tree(root: Path, n: int = 20) -> None:
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / ("sub" if i % 2 else "") / f"f{i}").write_bytes(os.urandom(100 + i * 37))
+    os.symlink("f0", root / "link")
+
+
+def test_runs_files_and_manifests_are_recorded(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src)
+    assert cli("sync", src, dst, history=db).returncode == 0
+    (src / "f0").write_bytes(b"changed")
+    assert cli("sync", src, dst, history=db).returncode == 0
+    h = History(db)
+    _, runs = h.query("SELECT id, status, files_scanned, files_changed, bytes_written, finished IS NOT NULL "
+                      "FROM runs ORDER BY started")
+    assert [(r[1], r[2], r[3], r[5]) for r in runs] == [("ok", 20, 20, True), ("ok", 20, 1, True)]
+    assert runs[1][4] == len(b"changed")
+    _, files = h.query("SELECT path, action, size, blake3 FROM run_files WHERE run_id = ?", [runs[1][0]])
+    import blake3
+    assert files == [("f0", "update", 7, blake3.blake3(b"changed").hexdigest())]
+    # The second manifest is complete: every file hashed (19 carried over, 1 new).
+    _, man = h.query("SELECT path, kind, blake3 FROM manifests WHERE run_id = ? ORDER BY path", [runs[1][0]])
+    assert len(man) == 22                      # 20 files, sub/, link
+    for path, kind, digest in man:
+        if kind == "f":
+            assert digest == blake3.blake3((dst / path).read_bytes()).hexdigest()
+    r = cli("history", "--json", history=db)
+    assert [x["status"] for x in json.loads(r.stdout)] == ["ok", "ok"]
+    r = cli("history", "--run", runs[1][0][:8], history=db)
+    assert r.returncode == 0 and "f0" in r.stdout and "update" in r.stdout
+
+
+def test_first_run_over_existing_files_hashes_them(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src, 6)
+    assert cli("sync", "--no-history", src, dst, history=db).returncode == 0
+    assert cli("sync", src, dst, history=db).returncode == 0        # nothing transferred
+    _, rows = History(db).query("SELECT count(*), count(blake3) FROM manifests WHERE kind = 'f'")
+    assert rows == [(6, 6)]
+
+
+def test_killed_run_is_recorded_as_incomplete(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src)
+    rec = RunRecorder(str(db), "sync", str(src), str(dst))
+    # Simulate a process that died mid-run: its spool says running, its pid is gone.
+    record = json.loads(rec.run.record.read_text())
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()
+    record["pid"] = dead.pid
+    rec.run.write_record(record)
+    Syncer(str(src), str(dst), SyncOptions(hash_files=True), on_entry=rec.entry, on_file=rec.file).run()
+    rec._manifest.write('{"path": "torn')           # a torn last line
+    rec._manifest.flush()
+    assert History(db).merge() == 1
+    _, rows = History(db).query("SELECT status, finished FROM runs")
+    assert rows == [("incomplete", None)]
+    _, rows = History(db).query("SELECT count(*) FROM manifests")
+    assert rows == [(0,)]
+    r = cli("verify", dst, history=db)
+    assert r.returncode == 5 and "no recorded sync" in r.stderr
+
+
+def test_running_spool_of_a_live_process_is_left_alone(tmp_path):
+    db = tmp_path / "h.duckdb"
+    rec = RunRecorder(str(db), "sync", "/s", "/d")
+    assert History(db).merge() == 0 and rec.run.record.exists()
+
+
+@pytest.mark.slow
+def test_reader_and_writer_processes_never_see_a_lock_error(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src, 50)
+    reader = subprocess.Popen([PY, "-c", f"""
+import time, sys
+from resync.store import History
+h = History({str(db)!r})
+n = 0
+end = time.monotonic() + 8
+while time.monotonic() < end:
+    h.query("SELECT count(*) FROM runs")      # each query opens, reads, closes
+    n += 1
+print(n)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    codes = []
+    for i in range(8):
+        (src / "f0").write_bytes(os.urandom(1000 + i))
+        r = cli("sync", src, dst, history=db)
+        codes.append((r.returncode, r.stderr))
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    assert int(out) > 10 and err == ""
+    assert all(code == 0 and e == "" for code, e in codes), codes
+    History(db).merge()
+    _, rows = History(db).query("SELECT count(*), count(*) FILTER (status = 'ok') FROM runs")
+    assert rows == [(8, 8)]
+
+
+def test_verify_reports_drift_and_corruption(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src)
+    assert cli("sync", src, dst, history=db).returncode == 0
+    r = cli("verify", dst, history=db)
+    assert r.returncode == 0, r.stderr
+    # Same size and mtime, different bytes: only the hash can tell.
+    victim = dst / "sub" / "f1"
+    st = victim.stat()
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 1
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (dst / "f2").unlink()
+    (dst / "stray").write_bytes(b"?")
+    r = cli("verify", "--json", dst, history=db)
+    assert r.returncode == 5
+    report = json.loads(r.stdout)
+    assert report["corrupt"] == ["sub/f1"] and report["missing"] == ["f2"] and report["extra"] == ["stray"]
