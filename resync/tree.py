@@ -18,6 +18,9 @@ from .fs import TEMP_PREFIX
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
+_KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "L", stat.S_IFCHR: "D", stat.S_IFBLK: "D"}
+
+
 class Entry(NamedTuple):
     """One directory entry: name and the lstat fields that rsync -a compares.
     (A NamedTuple: a tree of 100,000 entries builds 200,000 of these.)"""
@@ -35,16 +38,8 @@ class Entry(NamedTuple):
 
     @property
     def kind(self) -> str:
-        m = self.mode
-        if stat.S_ISREG(m):
-            return "f"
-        if stat.S_ISDIR(m):
-            return "d"
-        if stat.S_ISLNK(m):
-            return "L"
-        if stat.S_ISCHR(m) or stat.S_ISBLK(m):
-            return "D"
-        return "S"      # fifo, socket
+        """f file, d directory, L symlink, D device, S fifo or socket."""
+        return _KINDS.get(stat.S_IFMT(self.mode), "S")
 
     @property
     def perms(self) -> int:

@@ -57,6 +57,20 @@ def test_runs_files_and_manifests_are_recorded(tmp_path):
     assert r.returncode == 0 and "f0" in r.stdout and "update" in r.stdout
 
 
+def test_manifest_keeps_awkward_names(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    names = ['we"ird', "back\\slash", "tab\there", "été", "日本", "new\nline"]
+    for n in names:
+        (src / n).write_bytes(n.encode())
+    (src / "big").write_bytes(os.urandom(3 << 20))        # hashed after a whole-file copy
+    assert cli("sync", src, dst, history=db).returncode == 0
+    _, rows = History(db).query("SELECT path, blake3 FROM manifests ORDER BY path")
+    import blake3
+    assert sorted(p for p, _ in rows) == sorted(names + ["big"])
+    assert all(d == blake3.blake3((dst / p).read_bytes()).hexdigest() for p, d in rows)
+
+
 def test_first_run_over_existing_files_hashes_them(tmp_path):
     db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
     tree(src, 6)

@@ -8,6 +8,8 @@ import os
 
 from . import History
 
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
 
 class RunRecorder:
     def __init__(self, history_path: str | None, command: str, source: str, destination: str):
@@ -21,9 +23,13 @@ class RunRecorder:
         return self.run.run_id
 
     def entry(self, path: str, e, blake3: str | None) -> None:
-        self._manifest.write(json.dumps({"path": path, "kind": e.kind, "size": e.size if e.kind != "d" else 0,
-                                         "mtime_ns": e.mtime_ns, "mode": e.perms, "blake3": blake3},
-                                        separators=(",", ":"), ensure_ascii=False) + "\n")
+        # Formatted by hand: this runs once per file of the tree (json.dumps
+        # of the whole row costs several times more).
+        digest = "null" if blake3 is None else f'"{blake3}"'
+        quoted = f'"{path}"' if path.isascii() and path.isprintable() and '"' not in path \
+            and "\\" not in path else _dumps(path)
+        self._manifest.write(f'{{"path":{quoted},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
+                             f'"mtime_ns":{e.mtime_ns},"mode":{e.perms},"blake3":{digest}}}\n')
 
     def file(self, change) -> None:
         self._files.write(json.dumps({"path": change.path, "action": change.action, "size": change.size,
