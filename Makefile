@@ -32,9 +32,20 @@ tools:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The main job on a built-in default: a seeded 64 MiB file, edited, shipped as a delta.
+# The main job on a built-in default: mirror a generated sample tree, change it,
+# mirror again (recorded in a history database), show the history; then the
+# delta engine on a seeded 64 MiB file.
 run: install
-	@mkdir -p $(RUN)
+	@rm -rf $(RUN) && mkdir -p $(RUN)
+	$(PY) bench/gen.py tree --files 2000 --big 1 --big-size 8MB --seed 1 $(RUN)/src
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync sync -v $(RUN)/src $(RUN)/mirror
+	$(PY) bench/gen.py change --fraction 0.05 --seed 2 $(RUN)/src
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync sync -v --delete --no-whole-file $(RUN)/src $(RUN)/mirror
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync verify $(RUN)/mirror
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync history
+	$(PY) -c "from resync.store import History; \
+	cols, rows = History('$(RUN)/history.duckdb').query('SELECT status, files_changed, bytes_written, bytes_matched, round(duration, 2) FROM runs ORDER BY started'); \
+	print(cols); [print(r) for r in rows]"
 	$(PY) bench/gen.py file --size 64MiB --edits 40 --seed 1 $(RUN)/basis $(RUN)/new
 	$(VENV)/bin/resync signature $(RUN)/basis $(RUN)/basis.sig -v
 	$(VENV)/bin/resync delta $(RUN)/basis.sig $(RUN)/new $(RUN)/new.delta -v --json

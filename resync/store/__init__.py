@@ -145,8 +145,12 @@ class History:
             con.execute("INSERT INTO schema_version VALUES (?)", [version])
             con.execute("COMMIT")
 
-    def query(self, sql: str, params: list | None = None, wait: float = LOCK_WAIT) -> tuple[list[str], list[tuple]]:
-        """Run a read-only query: (column names, rows). Empty when there is no history yet."""
+    def query(self, sql: str, params: list | None = None, wait: float = LOCK_WAIT,
+              merge: bool = True) -> tuple[list[str], list[tuple]]:
+        """Run a read-only query: (column names, rows). Empty when there is no
+        history yet. Pending run spools are merged first (``merge``)."""
+        if merge and self.spool_dir.is_dir() and any(self.spool_dir.glob("*.run.json")):
+            self.merge(wait)
         try:
             con = self._connect(read_only=True, wait=wait)
         except TimeoutError as exc:
