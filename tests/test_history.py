@@ -156,3 +156,12 @@ def test_verify_reports_drift_and_corruption(tmp_path):
     assert r.returncode == 5
     report = json.loads(r.stdout)
     assert report["corrupt"] == ["sub/f1"] and report["missing"] == ["f2"] and report["extra"] == ["stray"]
+
+
+def test_unwritable_history_is_a_clear_error_before_any_change(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 3)
+    r = cli("sync", src, dst, history="/proc/no-such-dir/h.duckdb")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
+    assert "cannot record the run" in r.stderr and not dst.exists()
+    assert cli("sync", "--no-history", src, dst, history="/proc/no-such-dir/h.duckdb").returncode == 0

@@ -166,13 +166,20 @@ class History:
     # ----------------------------------------------------------------- spools
     def start_run(self, command: str, source: str, destination: str) -> RunSpool:
         from .. import __version__
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
         run = RunSpool(self.spool_dir, uuid.uuid4().hex)
+        try:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            self._write_start(run, command, source, destination, __version__)
+        except OSError as exc:
+            raise HistoryError(self.path, f"cannot record the run ({exc.strerror or exc}); "
+                                          "use --history PATH or --no-history") from None
+        return run
+
+    def _write_start(self, run: RunSpool, command: str, source: str, destination: str, version: str) -> None:
         run.write_record({"id": run.run_id, "command": command, "source": source,
                           "destination": destination, "status": "running",
                           "started": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
-                          "version": __version__})
-        return run
+                          "version": version})
 
     def finish_run(self, run: RunSpool, status: str, stats: dict) -> None:
         record = json.loads(run.record.read_text())
