@@ -45,6 +45,7 @@ _BATCH_BYTES = 512 << 20
 _CHUNK_FILES = 64               # small files copied by one worker call
 _CHUNK_BYTES = 16 << 20
 _COPY_STEP = 64 << 20
+_MAX_OPEN_DIRS = 128            # directory descriptors held by pending work before committing
 _SMALL_FILE = 1 << 20           # copied through user space (and hashed on the way)
 
 
@@ -101,9 +102,13 @@ class _Dir:
     """An open destination directory shared by pending work (reference-counted)."""
 
     __slots__ = ("fd", "rel", "_refs", "_lock")
+    open_count = 0                  # descriptors held by all _Dir objects
+    _count_lock = threading.Lock()
 
     def __init__(self, fd: int, rel: str):
         self.fd, self.rel, self._refs, self._lock = fd, rel, 1, threading.Lock()
+        with _Dir._count_lock:
+            _Dir.open_count += 1
 
     def acquire(self) -> "_Dir":
         with self._lock:
@@ -116,6 +121,8 @@ class _Dir:
             last = self._refs == 0
         if last:
             os.close(self.fd)
+            with _Dir._count_lock:
+                _Dir.open_count -= 1
 
 
 @dataclass
@@ -435,6 +442,11 @@ class Syncer:
                 if listing.handle is not None:
                     listing.handle.release()
             stack.extend(reversed(children))
+            if _Dir.open_count > _MAX_OPEN_DIRS and not self.opt.dry_run:
+                # Pending work keeps its directories open: in a wide tree with few
+                # files per directory, commit early rather than run out of descriptors.
+                self._flush_chunk()
+                self._commit(final=True)
 
     def _list_pair(self, p: "_Pending") -> "_Listing":
         """Open a pending directory in DST and list it in SRC and DST."""
@@ -621,6 +633,7 @@ class Syncer:
             self._progress.queued(e.size)
         if len(self._chunk) >= _CHUNK_FILES or self._chunk_bytes >= _CHUNK_BYTES:
             self._flush_chunk()
+
 
     def _count_transfer(self, e: Entry, prev: Entry | None) -> None:
         self.stats.files_transferred += 1

@@ -353,3 +353,19 @@ def test_wide_tree_within_a_small_descriptor_limit(tmp_path):
                        capture_output=True, text=True, preexec_fn=limit)
     assert r.returncode == 0, r.stderr
     assert snapshot(tmp_path / "dst") == snapshot(src)
+
+
+def test_wide_tree_of_links_within_a_small_descriptor_limit(tmp_path):
+    import resource
+    src = tmp_path / "src"
+    for i in range(600):
+        (src / f"d{i:04d}").mkdir(parents=True)
+        os.symlink("target", src / f"d{i:04d}" / "l")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    r = subprocess.run([PY, "-m", "resync", "sync", "--no-history", str(src), str(tmp_path / "dst")],
+                       capture_output=True, text=True, preexec_fn=limit)
+    assert r.returncode == 0, r.stderr
+    assert snapshot(tmp_path / "dst") == snapshot(src)
