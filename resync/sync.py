@@ -747,6 +747,8 @@ class Syncer:
             batch = self._pipeline.popleft()
             self._start_sync(batch)
             self._finish_batch(batch)
+        if final:
+            self._sync_dirs()        # directories changed by mkdir, links and specials only
         if not final and len(self._pipeline) == 2:
             self._start_sync(self._pipeline[0])
 
