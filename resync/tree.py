@@ -22,28 +22,25 @@ _KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "L", stat.S_IFCHR:
 
 
 class Entry(NamedTuple):
-    """One directory entry: name and the lstat fields that rsync -a compares.
-    (A NamedTuple: a tree of 100,000 entries builds 200,000 of these.)"""
+    """One directory entry: name and the lstat fields that rsync -a compares,
+    plus ``kind`` (f file, d directory, L symlink, D device, S fifo or socket)
+    and ``perms`` (permission bits), computed once. (A NamedTuple: a tree of
+    100,000 entries builds 200,000 of these.)"""
     name: str
     mode: int
     size: int
     mtime_ns: int
     uid: int
     gid: int
-    rdev: int = 0
+    rdev: int
+    kind: str
+    perms: int
 
     @classmethod
     def from_stat(cls, name: str, st: os.stat_result) -> "Entry":
-        return cls(name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_rdev)
-
-    @property
-    def kind(self) -> str:
-        """f file, d directory, L symlink, D device, S fifo or socket."""
-        return _KINDS.get(stat.S_IFMT(self.mode), "S")
-
-    @property
-    def perms(self) -> int:
-        return stat.S_IMODE(self.mode)
+        mode = st.st_mode
+        return cls(name, mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid, st.st_rdev,
+                   _KINDS.get(mode & 0o170000, "S"), mode & 0o7777)
 
 
 class Excludes:
