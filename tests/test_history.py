@@ -165,3 +165,44 @@ def test_unwritable_history_is_a_clear_error_before_any_change(tmp_path):
     assert r.returncode == 3 and r.stderr.count("\n") == 1
     assert "cannot record the run" in r.stderr and not dst.exists()
     assert cli("sync", "--no-history", src, dst, history="/proc/no-such-dir/h.duckdb").returncode == 0
+
+
+def test_unchanged_run_shares_the_previous_manifest(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src)
+    for _ in range(3):
+        assert cli("sync", src, dst, history=db).returncode == 0
+    h = History(db)
+    _, runs = h.query("SELECT id, manifest_run FROM runs ORDER BY started")
+    assert len(runs) == 3 and runs[0][1] == runs[0][0]
+    assert runs[1][1] == runs[2][1] == runs[0][0]           # no copies of an unchanged tree
+    _, rows = h.query("SELECT count(DISTINCT run_id) FROM manifests")
+    assert rows == [(1,)]
+    assert cli("verify", dst, history=db).returncode == 0
+    (src / "f3").write_bytes(b"changed")
+    assert cli("sync", src, dst, history=db).returncode == 0
+    _, runs = h.query("SELECT id, manifest_run FROM runs ORDER BY started")
+    assert runs[3][1] == runs[3][0]
+    assert cli("verify", dst, history=db).returncode == 0
+
+
+def test_migration_from_version_1(tmp_path):
+    import duckdb
+
+    from resync.store.schema import MIGRATIONS
+    db = tmp_path / "h.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for sql in MIGRATIONS[0][1]:
+        con.execute(sql)
+    con.execute("INSERT INTO schema_version VALUES (1)")
+    con.execute("INSERT INTO runs (id, started, source, destination, status) VALUES "
+                "('a', now()::TIMESTAMP, '/s', '/d', 'ok'), ('b', now()::TIMESTAMP, '/s', '/d', 'incomplete')")
+    con.execute("INSERT INTO manifests VALUES ('a', 'f', 'f', 1, 1, 420, NULL)")
+    con.close()
+    h = History(db)
+    RunRecorder(str(db), "sync", "/s", "/x").finish("ok", None)     # any write opens and migrates
+    _, rows = h.query("SELECT max(version) FROM schema_version")
+    assert rows == [(2,)]
+    _, rows = h.query("SELECT id, manifest_run FROM runs WHERE id IN ('a', 'b') ORDER BY id")
+    assert rows == [("a", "a"), ("b", None)]

@@ -27,14 +27,13 @@ def command(dst, as_json, quiet, history_path, no_history):
     history = History(history_path)
     history.merge(wait=5.0)
     dst = os.path.abspath(dst)
-    _, rows = history.query("SELECT id FROM runs WHERE destination = ? AND status <> 'incomplete' AND "
-                            "EXISTS (SELECT 1 FROM manifests m WHERE m.run_id = runs.id) "
+    _, rows = history.query("SELECT id, manifest_run FROM runs WHERE destination = ? AND manifest_run IS NOT NULL "
                             "ORDER BY started DESC LIMIT 1", [dst])
     if not rows:
         raise VerificationError(dst, "no recorded sync into this directory in the history")
-    run_id = rows[0][0]
+    run_id, manifest_run = rows[0]
     _, manifest = history.query("SELECT path, kind, size, mtime_ns, mode, blake3 FROM manifests "
-                                "WHERE run_id = ?", [run_id])
+                                "WHERE run_id = ?", [manifest_run])
     report = verify_tree(dst, manifest)
     if as_json:
         sys.stdout.write(json.dumps({"run": run_id, **report.as_dict()}, sort_keys=True) + "\n")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ResyncError
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import MIGRATIONS, RUN_COLUMNS, SCHEMA_VERSION
 
 LOCK_WAIT = 30.0        # seconds a writer keeps retrying a busy database before leaving the spool
 
@@ -245,16 +245,25 @@ class History:
         con.execute("DELETE FROM runs WHERE id = ?", [r["id"]])
         con.execute("DELETE FROM run_files WHERE run_id = ?", [r["id"]])
         con.execute("DELETE FROM manifests WHERE run_id = ?", [r["id"]])
-        con.execute(
-            "INSERT INTO runs VALUES (?, to_timestamp(?)::TIMESTAMP, to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [r["id"], r["started"], r.get("finished"), r["source"], r["destination"], r["status"],
-             r.get("files_scanned"), r.get("files_changed"), r.get("files_deleted"), r.get("bytes_scanned"),
-             r.get("bytes_literal"), r.get("bytes_matched"), r.get("bytes_written"), r.get("errors"),
-             r.get("duration"), r.get("version"), r.get("host"), r.get("command"), r.get("pid")])
+        complete = r["status"] not in ("incomplete", "failed")
+        previous = con.execute(
+            "SELECT manifest_run FROM runs WHERE destination = ? AND id <> ? AND manifest_run IS NOT NULL "
+            "ORDER BY started DESC LIMIT 1", [r["destination"], r["id"]]).fetchone()
+        previous = previous[0] if previous else None
+        unchanged = complete and previous is not None and r.get("unchanged")
+        manifest_run = previous if unchanged else (r["id"] if complete else None)
+        values = [r["id"], r["started"], r.get("finished"), r["source"], r["destination"], r["status"],
+                  r.get("files_scanned"), r.get("files_changed"), r.get("files_deleted"), r.get("bytes_scanned"),
+                  r.get("bytes_literal"), r.get("bytes_matched"), r.get("bytes_written"), r.get("errors"),
+                  r.get("duration"), r.get("version"), r.get("host"), r.get("command"), r.get("pid"),
+                  manifest_run]
+        marks = ["?", "to_timestamp(?)::TIMESTAMP", "to_timestamp(?)::TIMESTAMP"] + ["?"] * (len(RUN_COLUMNS) - 3)
+        con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join(marks)})", values)
         parts = [(spool.files, "run_files", FILE_COLUMNS)]
-        if r["status"] not in ("incomplete", "failed"):
+        if manifest_run == r["id"]:
             # A killed or failed run's manifest is partial (its last line may be
-            # torn): the destination's state after it is not known, so none is kept.
+            # torn): the destination's state after it is not known, so none is
+            # kept. A run that changed nothing points at the previous manifest.
             parts.append((spool.manifest, "manifests", MANIFEST_COLUMNS))
         for path, table, columns in parts:
             if path.exists() and path.stat().st_size:
@@ -262,19 +271,16 @@ class History:
                 names = ", ".join(name for name, _ in columns)
                 con.execute(f"INSERT INTO {table} SELECT ?, {names} FROM read_json(?, "
                             f"format='newline_delimited', ignore_errors=true, columns={spec})", [r["id"], str(path)])
-        # Unchanged files were not re-read by the run: take their hash from the
-        # previous manifest of the same destination when size and mtime agree.
-        con.execute("""
-            UPDATE manifests AS m SET blake3 = p.blake3
-            FROM (SELECT path, size, mtime_ns, blake3 FROM manifests
-                  WHERE run_id = (SELECT r.id FROM runs r
-                                  WHERE r.destination = ? AND r.id <> ?
-                                    AND EXISTS (SELECT 1 FROM manifests x WHERE x.run_id = r.id)
-                                  ORDER BY r.started DESC LIMIT 1)
-                    AND blake3 IS NOT NULL) AS p
-            WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL
-              AND m.path = p.path AND m.size = p.size AND m.mtime_ns = p.mtime_ns""",
-                    [r["destination"], r["id"], r["id"]])
+        if manifest_run == r["id"] and previous is not None:
+            # Unchanged files were not re-read by the run: take their hash from
+            # the previous manifest when size and mtime agree.
+            con.execute("""
+                UPDATE manifests AS m SET blake3 = p.blake3
+                FROM (SELECT path, size, mtime_ns, blake3 FROM manifests
+                      WHERE run_id = ? AND blake3 IS NOT NULL) AS p
+                WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL
+                  AND m.path = p.path AND m.size = p.size AND m.mtime_ns = p.mtime_ns""",
+                        [previous, r["id"]])
         con.execute("COMMIT")
         # What is still unknown (a first run over files that were already in
         # place) is hashed now, from the destination itself.

@@ -49,7 +49,10 @@ class RunRecorder:
                       "files_deleted": stats.deleted, "bytes_scanned": stats.bytes_scanned,
                       "bytes_literal": stats.bytes_literal, "bytes_matched": stats.bytes_matched,
                       "bytes_written": stats.bytes_written, "errors": stats.errors,
-                      "duration": stats.duration}
+                      "duration": stats.duration,
+                      # nothing created, updated or deleted: the tree is the previous manifest's
+                      "unchanged": not (stats.created or stats.updated or stats.deleted or stats.errors
+                                        or stats.vanished or stats.files_transferred)}
         self.history.finish_run(self.run, status, fields)
         if merge:
             if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":

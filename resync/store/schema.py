@@ -4,7 +4,7 @@ Each migration is (version, statements) and runs once, in a transaction, when
 a writer opens an older database; ``schema_version`` records what ran.
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS = [
     (1, [
@@ -51,7 +51,18 @@ MIGRATIONS = [
         "CREATE INDEX run_files_run ON run_files (run_id)",
         "CREATE INDEX manifests_run ON manifests (run_id)",
     ]),
+    # v2: a run that changed nothing shares the manifest rows of the run before
+    # it instead of storing a copy (a nightly no-change run of 200,000 files
+    # added 27 MB). runs.manifest_run names the run whose rows are the tree.
+    (2, [
+        "ALTER TABLE runs ADD COLUMN manifest_run VARCHAR",
+        "UPDATE runs SET manifest_run = id WHERE EXISTS (SELECT 1 FROM manifests m WHERE m.run_id = runs.id)",
+    ]),
 ]
+
+RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
+               "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
+               "bytes_written", "errors", "duration", "version", "host", "command", "pid", "manifest_run"]
 
 FILE_COLUMNS = [("path", "VARCHAR"), ("action", "VARCHAR"), ("size", "BIGINT"),
                 ("literal_bytes", "BIGINT"), ("matched_bytes", "BIGINT"), ("duration", "DOUBLE"),
