@@ -85,7 +85,7 @@ def mutate(root: Path, rnd: random.Random) -> None:
             import shutil
             shutil.rmtree(p)
             p.write_bytes(b"dir became a file")          # directory becomes a file
-        elif p.is_dir():
+        elif p.is_dir() and not (p / "new-file").is_dir():
             (p / "new-file").write_bytes(rnd.randbytes(300))
         elif p.is_fifo():
             p.unlink()
