@@ -369,3 +369,29 @@ def test_wide_tree_of_links_within_a_small_descriptor_limit(tmp_path):
                        capture_output=True, text=True, preexec_fn=limit)
     assert r.returncode == 0, r.stderr
     assert snapshot(tmp_path / "dst") == snapshot(src)
+
+
+def test_disk_full_is_reported_and_a_rerun_finishes(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        src, dst = tmp_path / "src", mnt / "dst"
+        src.mkdir()
+        for name in ("a", "b"):
+            (src / name).write_bytes(os.urandom(600_000))
+        (src / "c").write_bytes(b"small")
+        r = run_cli("--no-history", src, dst)
+        assert r.returncode == PartialTransferError.exit_code
+        assert "No space left on device" in r.stderr
+        assert not list(dst.glob(".resync-tmp-*"))
+        for p in dst.iterdir():                       # what landed is complete
+            assert p.read_bytes() == (src / p.name).read_bytes()
+        (src / "a").write_bytes(b"now small")          # the source shrinks: room for b
+        r = run_cli("--no-history", src, dst)
+        assert r.returncode == 0, r.stderr
+        assert snapshot(dst, root_meta=False) == snapshot(src, root_meta=False)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
