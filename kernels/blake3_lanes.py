@@ -12,7 +12,7 @@ chunk chaining values are merged into parents with the usual BLAKE3 stack
 (all windows have the same length, so the tree shape is the same in every lane).
 """
 import numpy as np
-from numba import uint32, uint64
+from numba import uint32
 
 from ._jit import function, inline, kernel
 

@@ -6,7 +6,6 @@ with per-position weights derived from the signature's salt, is computed only
 where the rolling sum already matched, so a 32-bit weak collision (about
 N*F/2**32 of them for N blocks and F bytes scanned) rarely reaches BLAKE3.
 """
-import numpy as np
 from numba import uint32, uint64
 
 from ._jit import inline, kernel

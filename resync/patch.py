@@ -14,7 +14,7 @@ import numpy as np
 
 from . import formats
 from .errors import FormatError, NoSpaceError, VerificationError
-from .fs import MappedFile, StreamWriter, atomic_output, raise_os_error
+from .fs import MappedFile, StreamWriter, atomic_output
 from .parallel import thread_count
 from .signature import HashInBackground
 

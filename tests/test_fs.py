@@ -95,7 +95,7 @@ def test_stream_writer_error_reaches_caller_and_keeps_old_file(tmp_path):
     target = tmp_path / "out"
     target.write_bytes(b"old")
     with pytest.raises(FileError):
-        with atomic_output(target) as fd:
+        with atomic_output(target):
             ro = os.open(target, os.O_RDONLY)        # writes to it fail with EBADF
             w = StreamWriter(ro, 4096, buffers=2)
             try:
