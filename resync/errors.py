@@ -19,6 +19,12 @@ class ResyncError(Exception):
         return (self.__doc__ or "{}").format(*self.args)
 
 
+class UsageError(ResyncError):
+    """{}"""
+
+    exit_code = 2
+
+
 class FileError(ResyncError):
     """{}: {}"""
 

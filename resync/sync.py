@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .errors import DeletionRefusedError, FileError
+from .errors import DeletionRefusedError, FileError, UsageError
 from .fs import TEMP_PREFIX
 from .parallel import thread_count
 from .tree import Entry, Excludes, join, list_dir, open_dir_at, open_rel_dir
@@ -359,6 +359,7 @@ class Syncer:
         self._pool: ThreadPoolExecutor | None = None
         self._root_fd = -1
         self._root_created = False
+        self._dst_id: tuple[int, int] | None = None     # (st_dev, st_ino) of DST's root
 
     # ----------------------------------------------------------------- entry
     def run(self) -> SyncStats:
@@ -376,7 +377,11 @@ class Syncer:
         if self.opt.delete and not top:
             raise DeletionRefusedError(f"source {self.src} is empty (or everything in it is excluded); "
                                        "refusing to delete the destination's contents")
+        self._check_nesting()
         self._open_root()
+        if self._root_fd >= 0:
+            st = os.fstat(self._root_fd)
+            self._dst_id = (st.st_dev, st.st_ino)
         self._pool = ThreadPoolExecutor(max(1, self.opt.threads or thread_count()),
                                         thread_name_prefix="resync-sync")
         try:
@@ -393,6 +398,18 @@ class Syncer:
             os.close(self._root_fd)
         self.stats.duration = time.monotonic() - started
         return self.stats
+
+    def _check_nesting(self) -> None:
+        """SRC and DST must not be the same directory, and --delete must not
+        run when SRC lies inside DST (it would delete the source itself). DST
+        inside SRC is fine: the traversal skips it (see _visit)."""
+        real_src = os.path.realpath(self.src)
+        real_dst = os.path.realpath(self.dst)
+        if real_src == real_dst:
+            raise UsageError(f"source and destination are the same directory: {real_src}")
+        if self.opt.delete and (real_src + os.sep).startswith(real_dst.rstrip(os.sep) + os.sep):
+            raise DeletionRefusedError(f"the source {real_src} is inside the destination {real_dst}: "
+                                       "--delete would remove it")
 
     def _open_root(self) -> None:
         if self.opt.dry_run and not os.path.exists(self.dst):
@@ -448,6 +465,13 @@ class Syncer:
                 self._flush_chunk()
                 self._commit(final=True)
 
+    def _is_destination(self, path: str) -> bool:
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._dst_id
+
     def _list_pair(self, p: "_Pending") -> "_Listing":
         """Open a pending directory in DST and list it in SRC and DST."""
         out = _Listing()
@@ -502,6 +526,8 @@ class Syncer:
             prev = old.pop(e.name, None)
             kind = e.kind
             if kind == "d":
+                if self._dst_id is not None and self._is_destination(f"{src_dir}/{e.name}"):
+                    continue           # DST inside SRC: never copy the copy into itself
                 self.stats.dirs += 1
                 sub = self._enter_dir(parent, e, prev, path)
                 if sub is not None:

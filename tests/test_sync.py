@@ -398,3 +398,26 @@ def test_disk_full_is_reported_and_a_rerun_finishes(tmp_path):
         assert snapshot(dst) == snapshot(src)
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_nested_source_and_destination(tmp_path):
+    from resync.errors import UsageError
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    (src / "sub").mkdir()
+    (src / "sub" / "g").write_bytes(b"y")
+    r = run_cli("--no-history", src, src)
+    assert r.returncode == UsageError.exit_code and "same directory" in r.stderr
+    # DST inside SRC: the copy is never copied into itself, and re-runs settle
+    # (the second only updates DST's mtime: creating DST changed SRC's).
+    for _ in range(3):
+        stats, items, errors = sync(src, src / "backup")
+        assert not errors
+    assert items == []
+    assert sorted(str(p.relative_to(src / "backup")) for p in (src / "backup").rglob("*")) == ["f", "sub", "sub/g"]
+    # SRC inside DST with --delete would delete the source: refused, nothing touched.
+    before = snapshot(tmp_path)
+    r = run_cli("--no-history", "--delete", src / "sub", tmp_path)
+    assert r.returncode == DeletionRefusedError.exit_code and "inside the destination" in r.stderr
+    assert snapshot(tmp_path) == before
