@@ -429,6 +429,21 @@ class Syncer:
         self.stats.errors += 1
         self._on_error(f"{path}: {message}")
 
+    def _source_failed(self, path: str, exc: OSError) -> None:
+        """Reading the source entry failed: vanished (exit 24) or an error (23)."""
+        if isinstance(exc, FileNotFoundError):
+            self._vanished(path)
+        else:
+            self._error(path, exc.strerror or str(exc))
+
+    def _changed(self, prev: Entry | None, item: str) -> None:
+        """Count a created (no ``prev``) or replaced entry and itemize it."""
+        if prev is None:
+            self.stats.created += 1
+        else:
+            self.stats.updated += 1
+        self._on_item(item)
+
     def _vanished(self, path: str) -> None:
         self.stats.vanished += 1
         self._on_error(f"file has vanished: {path}")
@@ -634,11 +649,8 @@ class Syncer:
             if same and self.opt.checksum and parent is not None:
                 try:
                     same = _same_content(src_path, parent, e.name)
-                except FileNotFoundError:
-                    self._vanished(path)
-                    return
                 except OSError as exc:
-                    self._error(path, exc.strerror or str(exc))
+                    self._source_failed(path, exc)
                     return
             if same:
                 self._attributes(parent, e, prev, path)
@@ -891,11 +903,8 @@ class Syncer:
     def _symlink(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str, src_path: str) -> None:
         try:
             target = os.readlink(src_path)
-        except FileNotFoundError:
-            self._vanished(path)
-            return
         except OSError as exc:
-            self._error(path, exc.strerror or str(exc))
+            self._source_failed(path, exc)
             return
         if prev is not None and prev.kind == "L" and parent is not None:
             try:
@@ -920,15 +929,11 @@ class Syncer:
         else:
             code = _itemize("c", e, None)
         if self.opt.dry_run or parent is None:
-            self.stats.created += prev is None
-            self.stats.updated += prev is not None
-            self._on_item(f"{code} {path} -> {target}")
+            self._changed(prev, f"{code} {path} -> {target}")
             return
         if self._replace_with(parent, e, prev, path,
                               lambda tmp: os.symlink(target, tmp, dir_fd=parent.fd)):
-            self.stats.created += prev is None
-            self.stats.updated += prev is not None
-            self._on_item(f"{code} {path} -> {target}")
+            self._changed(prev, f"{code} {path} -> {target}")
             self._on_entry(path, e, None)
         else:
             self._keep_old(path, prev)
@@ -950,15 +955,11 @@ class Syncer:
             return
         code = _itemize("c", e, None if prev is None or prev.kind != e.kind else prev)
         if self.opt.dry_run or parent is None:
-            self.stats.created += prev is None
-            self.stats.updated += prev is not None
-            self._on_item(f"{code} {path}")
+            self._changed(prev, f"{code} {path}")
             return
         if self._replace_with(parent, e, prev, path,
                               lambda tmp: os.mknod(tmp, stat.S_IFMT(e.mode) | 0o600, e.rdev, dir_fd=parent.fd)):
-            self.stats.created += prev is None
-            self.stats.updated += prev is not None
-            self._on_item(f"{code} {path}")
+            self._changed(prev, f"{code} {path}")
             self._on_entry(path, e, None)
         else:
             self._keep_old(path, prev)
