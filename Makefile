@@ -58,6 +58,7 @@ test: install tools
 
 bench: install tools
 	$(PY) bench/bench_delta.py
+	$(PY) bench/bench_sync.py
 
 clean:
 	rm -rf $(VENV) $(RUN) bench/.data .pytest_cache .hypothesis
