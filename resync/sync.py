@@ -20,8 +20,10 @@ Safety and durability:
   would exceed ``max_delete``. Directory permissions and mtimes are set last,
   deepest first, so later changes inside them do not disturb them.
 
-Work is spread over threads (copies release the GIL); the traversal keeps one
-directory listing at a time, so memory does not grow with the number of files.
+Copies run in forked worker processes (with threads, copying 20,000 small
+files was serialised by the GIL: 1.7 s vs 0.6 s into tmpfs); the traversal
+keeps one directory listing at a time, so memory does not grow with the
+number of files.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -300,6 +302,82 @@ def _hash_fd(fd: int) -> str:
     return h.hexdigest()
 
 
+def _copy_one(dir_fd: int, name: str, src_path: str, tmp: str, old_size: int,
+              whole_file: bool, hash_files: bool, as_root: bool) -> tuple:
+    """Copy src_path to the new temp file ``tmp`` in the destination directory
+    ``dir_fd`` (``old_size`` >= 0: ``name`` there is the old regular file, a
+    basis for the delta engine unless ``whole_file``). Returns ("ok", literal,
+    matched, blake3 or None, mode, mtime_ns, uid, gid, seconds)."""
+    started = time.monotonic()
+    src_fd = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "changed type during the run")
+        dst_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            literal, matched, digest = st.st_size, 0, None
+            if not whole_file and old_size > 0 and st.st_size > 0:
+                basis_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    literal, matched = _delta_data(basis_fd, src_fd, dst_fd)
+                finally:
+                    os.close(basis_fd)
+            elif st.st_size < _SMALL_FILE:
+                # One read, one write, and the hash from the same bytes.
+                literal, digest = _copy_small(src_fd, dst_fd, st.st_size, hash_files)
+            else:
+                literal = _copy_data(src_fd, dst_fd)
+            if as_root and (st.st_uid, st.st_gid) != (0, 0):     # created as root:root
+                os.fchown(dst_fd, st.st_uid, st.st_gid)
+            os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+            os.utime(dst_fd, ns=(time.time_ns(), st.st_mtime_ns))
+            if hash_files and digest is None:
+                digest = _hash_fd(dst_fd)
+        except BaseException:
+            os.close(dst_fd)
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    return ("ok", literal, matched, digest, stat.S_IFMT(st.st_mode) | stat.S_IMODE(st.st_mode),
+            st.st_mtime_ns, st.st_uid, st.st_gid, time.monotonic() - started)
+
+
+def _copy_chunk(root_fd: int, options: tuple, items: list[tuple]) -> list[tuple]:
+    """Worker-process entry: copy each (dir, name, src_path, tmp, old_size)
+    into its temp file. Directories are reached from the inherited root
+    descriptor with O_NOFOLLOW, like everything under DST. Returns one result
+    per item: ("ok", ...) as _copy_one, ("vanished", ""), or ("error", message)."""
+    results = []
+    cached_rel, cached_fd = None, -1
+    try:
+        for rel_dir, name, src_path, tmp, old_size in items:
+            try:
+                if rel_dir != cached_rel:
+                    if cached_fd >= 0:
+                        os.close(cached_fd)
+                        cached_fd = -1
+                    cached_fd = open_rel_dir(root_fd, rel_dir)
+                    cached_rel = rel_dir
+                results.append(_copy_one(cached_fd, name, src_path, tmp, old_size, *options))
+            except FileNotFoundError as exc:
+                if exc.filename is None or exc.filename == src_path:
+                    results.append(("vanished", ""))
+                else:
+                    results.append(("error", exc.strerror or str(exc)))
+            except OSError as exc:
+                results.append(("error", exc.strerror or str(exc)))
+    finally:
+        if cached_fd >= 0:
+            os.close(cached_fd)
+    return results
+
+
 def _same_content(src_path: str, parent: _Dir, name: str) -> bool:
     import blake3
 
@@ -356,7 +434,7 @@ class Syncer:
         self._dirty: dict[int, _Dir] = {}          # directories with renames to fsync
         self._dirs: list[tuple[str, Entry, Entry | None]] = []   # (rel, source, old) in pre-order
         self._deletions: list[tuple[str, Entry]] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = None                           # copy workers (see _workers)
         self._root_fd = -1
         self._root_created = False
         self._dst_id: tuple[int, int] | None = None     # (st_dev, st_ino) of DST's root
@@ -382,8 +460,6 @@ class Syncer:
         if self._root_fd >= 0:
             st = os.fstat(self._root_fd)
             self._dst_id = (st.st_dev, st.st_ino)
-        self._pool = ThreadPoolExecutor(max(1, self.opt.threads or thread_count()),
-                                        thread_name_prefix="resync-sync")
         try:
             self._walk(src_st)
             if self._progress is not None:
@@ -391,7 +467,8 @@ class Syncer:
             self._flush_chunk()
             self._commit(final=True)
         finally:
-            self._pool.shutdown(wait=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         self._delete()
         self._finish_dirs()
         if self._root_fd >= 0:
@@ -706,70 +783,43 @@ class Syncer:
             return
         jobs, self._chunk = self._chunk, []
         nbytes, self._chunk_bytes = self._chunk_bytes, 0
-        self._batch.append((self._pool.submit(self._transfer_all, jobs), jobs))
+        items = [(j.parent.rel, j.name, j.src_path, j.tmp,
+                  j.old.size if j.old is not None and j.old.kind == "f" else -1) for j in jobs]
+        options = (self.opt.whole_file, self.opt.hash_files, self._root)
+        fut = self._workers().submit(_copy_chunk, self._root_fd, options, items)
+        if self._progress is not None:
+            progress = self._progress
+            fut.add_done_callback(lambda f: [progress.done(r[1] + r[2]) for r in (
+                f.result() if not f.exception() else []) if r[0] == "ok"])
+        self._batch.append((fut, jobs))
         self._batch_files += len(jobs)
         self._batch_bytes += nbytes
         if self._batch_files >= _BATCH_FILES or self._batch_bytes >= _BATCH_BYTES:
             self._commit()
 
-    def _transfer_all(self, jobs: list[_Job]) -> None:
-        for job in jobs:
-            try:
-                self._transfer(job)
-            except FileNotFoundError as exc:
-                if exc.filename is None or exc.filename == job.src_path:
-                    job.vanished = True
-                else:
-                    job.error = exc.strerror or str(exc)
-            except OSError as exc:
-                job.error = exc.strerror or str(exc)
+    def _workers(self):
+        """Copy workers: forked processes, so copying many small files is not
+        serialised by the GIL (threads spent most of the run trading it).
+        Forked on first use: a run with nothing to copy starts none."""
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            self._pool = ProcessPoolExecutor(max(1, self.opt.threads or thread_count()),
+                                             mp_context=multiprocessing.get_context("fork"))
+        return self._pool
 
-    def _transfer(self, job: _Job) -> None:
-        started = time.monotonic()
-        src_fd = os.open(job.src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            st = os.fstat(src_fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(0, "changed type during the run")
-            dst_fd = os.open(job.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
-                             dir_fd=job.parent.fd)
-            try:
-                literal, matched, digest = st.st_size, 0, None
-                use_delta = not self.opt.whole_file and job.old is not None and job.old.kind == "f" \
-                    and job.old.size > 0 and st.st_size > 0
-                if use_delta:
-                    basis_fd = os.open(job.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                       dir_fd=job.parent.fd)
-                    try:
-                        literal, matched = _delta_data(basis_fd, src_fd, dst_fd)
-                    finally:
-                        os.close(basis_fd)
-                elif st.st_size < _SMALL_FILE:
-                    # One read, one write, and the hash from the same bytes.
-                    literal, digest = _copy_small(src_fd, dst_fd, st.st_size, self.opt.hash_files)
-                else:
-                    literal = _copy_data(src_fd, dst_fd)
-                if self._root and (st.st_uid, st.st_gid) != (0, 0):     # created as root:root
-                    os.fchown(dst_fd, st.st_uid, st.st_gid)
-                os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
-                os.utime(dst_fd, ns=(time.time_ns(), st.st_mtime_ns))
-                if self.opt.hash_files and digest is None:
-                    digest = _hash_fd(dst_fd)
-            except BaseException:
-                os.close(dst_fd)
-                try:
-                    os.unlink(job.tmp, dir_fd=job.parent.fd)
-                except OSError:
-                    pass
-                raise
-            os.close(dst_fd)
-        finally:
-            os.close(src_fd)
-        job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
-                                literal, matched, time.monotonic() - started, digest,
-                                Entry.from_stat(job.name, st)._replace(size=literal + matched))
-        if self._progress is not None:
-            self._progress.done(literal + matched)
+    def _collect(self, jobs: list[_Job], results: list[tuple]) -> None:
+        """Attach a worker's results to the jobs they belong to."""
+        for job, r in zip(jobs, results):
+            if r[0] == "ok":
+                _, literal, matched, digest, mode, mtime_ns, uid, gid, seconds = r
+                entry = Entry(job.name, mode, literal + matched, mtime_ns, uid, gid, 0, "f", mode & 0o7777)
+                job.result = FileChange(job.rel, "new" if job.old is None else "update", literal + matched,
+                                        literal, matched, seconds, digest, entry)
+            elif r[0] == "vanished":
+                job.vanished = True
+            else:
+                job.error = r[1]
 
     def _commit(self, final: bool = False) -> None:
         """Move the pending copies down a three-stage pipeline, so the disk
@@ -795,7 +845,7 @@ class Syncer:
         if batch.thread is not None:
             return
         for fut, jobs in batch.chunks:
-            fut.result()
+            self._collect(jobs, fut.result())
             batch.jobs.extend(jobs)
         ready = [j for j in batch.jobs if j.result is not None]
         batch.thread = threading.Thread(target=self._make_durable, args=(ready,), daemon=True,
