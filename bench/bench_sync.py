@@ -70,12 +70,19 @@ def main():
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
+    ap.add_argument("--dst-dir", type=Path, default=None,
+                    help="where the destinations go (e.g. a tmpfs, to compare the tools' CPU paths "
+                         "without the disk); default: beside the source")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
     d = args.dir / f"tree-{args.files}-{args.big}"
-    src, dr, ds, dn = d / "src", d / "rsync-dst", d / "resync-dst", d / "resync-nohist-dst"
+    out = args.dst_dir or d
+    out.mkdir(parents=True, exist_ok=True)
+    src, dr, ds, dn = d / "src", out / "rsync-dst", out / "resync-dst", out / "resync-nohist-dst"
     fresh(d)
+    for p in (dr, ds, dn):
+        fresh(p)
     subprocess.run([sys.executable, str(HERE / "gen.py"), "tree", "--files", str(args.files),
                     "--big", str(args.big), str(src)], check=True)
     subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)

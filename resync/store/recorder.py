@@ -11,6 +11,13 @@ from . import History
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
+def _quote(path: str) -> str:
+    """A JSON string for ``path`` (the common plain case without the encoder)."""
+    if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+        return f'"{path}"'
+    return _dumps(path)
+
+
 class RunRecorder:
     def __init__(self, history_path: str | None, command: str, source: str, destination: str):
         self.history = History(history_path)
@@ -26,16 +33,14 @@ class RunRecorder:
         # Formatted by hand: this runs once per file of the tree (json.dumps
         # of the whole row costs several times more).
         digest = "null" if blake3 is None else f'"{blake3}"'
-        quoted = f'"{path}"' if path.isascii() and path.isprintable() and '"' not in path \
-            and "\\" not in path else _dumps(path)
-        self._manifest.write(f'{{"path":{quoted},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
+        self._manifest.write(f'{{"path":{_quote(path)},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
                              f'"mtime_ns":{e.mtime_ns},"mode":{e.perms},"blake3":{digest}}}\n')
 
     def file(self, change) -> None:
-        self._files.write(json.dumps({"path": change.path, "action": change.action, "size": change.size,
-                                      "literal_bytes": change.literal, "matched_bytes": change.matched,
-                                      "duration": round(change.seconds, 6), "blake3": change.blake3},
-                                     separators=(",", ":"), ensure_ascii=False) + "\n")
+        digest = "null" if change.blake3 is None else f'"{change.blake3}"'
+        self._files.write(f'{{"path":{_quote(change.path)},"action":"{change.action}","size":{change.size},'
+                          f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
+                          f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
 
     def finish(self, status: str, stats, merge: bool = True) -> None:
         for f in (self._manifest, self._files):
