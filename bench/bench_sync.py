@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# resync runs as an installed copy would: with its bytecode cached (this
+# sandbox exports PYTHONDONTWRITEBYTECODE=1, which makes every start compile
+# resync's sources again).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 RESYNC = [sys.executable, "-m", "resync", "sync"]
 
 
