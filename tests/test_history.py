@@ -205,3 +205,19 @@ def test_migration_from_version_1(tmp_path):
     assert rows == [(2,)]
     _, rows = h.query("SELECT id, manifest_run FROM runs WHERE id IN ('a', 'b') ORDER BY id")
     assert rows == [("a", "a"), ("b", None)]
+
+
+def test_manifest_cut_short_by_a_crash_is_not_kept(tmp_path):
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree(src)
+    rec = RunRecorder(str(db), "sync", str(src), str(dst))
+    stats = Syncer(str(src), str(dst), SyncOptions(hash_files=True), on_entry=rec.entry, on_file=rec.file).run()
+    rec.finish("ok", stats, merge=False)
+    # The record survived, the unsynced manifest lost its tail.
+    with open(rec.run.manifest, "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    assert History(db).merge() == 1
+    _, rows = History(db).query("SELECT status, manifest_run FROM runs")
+    assert rows == [("ok", None)]
+    _, rows = History(db).query("SELECT count(*) FROM manifests")
+    assert rows == [(0,)]

@@ -266,6 +266,12 @@ class History:
             # kept. A run that changed nothing points at the previous manifest.
             parts.append((spool.manifest, "manifests", MANIFEST_COLUMNS))
         for path, table, columns in parts:
+            expected = r.get("manifest_bytes" if table == "manifests" else "files_bytes")
+            if table == "manifests" and path.exists() and expected is not None \
+                    and path.stat().st_size != expected:
+                # Lost to a crash after the record was written: the tree is unknown.
+                con.execute("UPDATE runs SET manifest_run = NULL WHERE id = ?", [r["id"]])
+                continue
             if path.exists() and path.stat().st_size:
                 spec = "{" + ", ".join(f"'{name}': '{kind}'" for name, kind in columns) + "}"
                 names = ", ".join(name for name, _ in columns)
