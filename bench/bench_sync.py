@@ -58,6 +58,19 @@ def settle(d: Path) -> None:
     time.sleep(0.2)
 
 
+def metadata(root: Path) -> dict:
+    """{path: (type, mode, size, mtime in seconds)} of a tree (rsync leaves a
+    directory's mtime alone when it already matches to the second)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            out[rel] = (st.st_mode, st.st_size if not os.path.isdir(os.path.join(dirpath, name)) else 0,
+                        st.st_mtime_ns // 10**9)
+    return out
+
+
 def fresh(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run(["sync"], check=True)
@@ -124,6 +137,7 @@ def main():
     rows.append(("after 1 % changed", {"rsync": (t_r, rss_r), "resync": (t_s, rss_s)}))
     bytes_r, bytes_s = rsync_bytes(out_r), json.loads(out_s.strip().splitlines()[-1])["bytes_transferred"]
     same = subprocess.run(["diff", "-r", "--no-dereference", "-q", str(dr), str(ds)], capture_output=True)
+    meta_equal = metadata(dr) == metadata(ds)
 
     print("\n| step | rsync -a | rsync -a + sync | resync sync | resync / rsync | resync --no-history "
           "| ratio | peak RSS rsync / resync (MiB) |")
@@ -135,7 +149,8 @@ def main():
         print(f"| {step} | {rs[0]:.2f} s | {durable} | {sy[0]:.2f} s | **{sy[0] / rs[0]:.2f}x** | {nohist} | "
               f"{rs[1]:.0f} / {sy[1]:.0f} |")
     print(f"\nbytes transferred after the change: rsync {bytes_r:,}, resync {bytes_s:,} "
-          f"({'equal' if bytes_r == bytes_s else 'DIFFERENT'}); trees identical: {same.returncode == 0}")
+          f"({'equal' if bytes_r == bytes_s else 'DIFFERENT'}); trees identical: {same.returncode == 0}; "
+          f"modes, sizes and mtimes (to the second) identical: {meta_equal}")
 
 
 if __name__ == "__main__":
