@@ -352,6 +352,14 @@ def _copy_one(dir_fd: int, name: str, src_path: str, tmp: str, old_size: int,
             st.st_mtime_ns, st.st_uid, st.st_gid, time.monotonic() - started)
 
 
+def _worker_init() -> None:
+    """Ctrl-C reaches the whole process group: only the parent handles it (it
+    lets the workers finish their chunk, keeps temp files out of place, and
+    exits 130 with one line), so workers print no traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _copy_chunk(root_fd: int, options: tuple, items: list[tuple]) -> list[tuple]:
     """Worker-process entry: copy each (dir, name, src_path, tmp, old_size)
     into its temp file. Directories are reached from the inherited root
@@ -470,6 +478,11 @@ class Syncer:
                 self._progress.scanned()
             self._flush_chunk()
             self._commit(final=True)
+        except BaseException:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._discard_pending()
+            raise
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -785,8 +798,7 @@ class Syncer:
     def _flush_chunk(self) -> None:
         if not self._chunk:
             return
-        jobs, self._chunk = self._chunk, []
-        nbytes, self._chunk_bytes = self._chunk_bytes, 0
+        jobs, nbytes = self._chunk, self._chunk_bytes
         items = [(j.parent.rel, j.name, j.src_path, j.tmp,
                   j.old.size if j.old is not None and j.old.kind == "f" else -1) for j in jobs]
         options = (self.opt.whole_file, self.opt.hash_files, self._root)
@@ -796,10 +808,27 @@ class Syncer:
             fut.add_done_callback(lambda f: [progress.done(r[1] + r[2]) for r in (
                 f.result() if not f.exception() else []) if r[0] == "ok"])
         self._batch.append((fut, jobs))
+        self._chunk, self._chunk_bytes = [], 0     # only now: an interrupt finds every job somewhere
         self._batch_files += len(jobs)
         self._batch_bytes += nbytes
         if self._batch_files >= _BATCH_FILES or self._batch_bytes >= _BATCH_BYTES:
             self._commit()
+
+    def _discard_pending(self) -> None:
+        """Interrupted: remove the temp files of copies not yet renamed (the
+        next run would, but an operator should not find them lying around)."""
+        jobs = list(self._chunk)
+        for _, chunk in self._batch:
+            jobs += chunk
+        for batch in self._pipeline:
+            if batch.thread is not None:
+                batch.thread.join()
+            jobs += [j for _, chunk in batch.chunks for j in chunk]
+        for job in jobs:
+            try:
+                os.unlink(job.tmp, dir_fd=job.parent.fd)
+            except OSError:
+                pass
 
     def _workers(self):
         """Copy workers: forked processes, so copying many small files is not
@@ -809,7 +838,8 @@ class Syncer:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
             self._pool = ProcessPoolExecutor(max(1, self.opt.threads or thread_count()),
-                                             mp_context=multiprocessing.get_context("fork"))
+                                             mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_worker_init)
         return self._pool
 
     def _collect(self, jobs: list[_Job], results: list[tuple]) -> None:
@@ -836,9 +866,10 @@ class Syncer:
         self._batch_files = self._batch_bytes = 0
         keep = 0 if final else 2
         while len(self._pipeline) > keep:
-            batch = self._pipeline.popleft()
+            batch = self._pipeline[0]        # stays listed until done: see _discard_pending
             self._start_sync(batch)
             self._finish_batch(batch)
+            self._pipeline.popleft()
         if final:
             self._sync_dirs()        # directories changed by mkdir, links and specials only
         if not final and len(self._pipeline) == 2:

@@ -17,6 +17,19 @@ from .test_sync import make_tree, mutate
 from .treeutil import rsync_a, snapshot
 
 
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Wait until no process of the group is left (workers die a moment later
+    than the parent when they were inside a write)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process group {pgid} still alive")
+
+
 def contents(root: Path) -> dict[str, str]:
     out = {}
     for p in root.rglob("*"):
@@ -52,7 +65,7 @@ def test_kill_at_many_points_then_resume(tmp_path):
     for i in range(200):
         (src / f"new{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 50_000)))
     new = contents(src)
-    cmd = [sys.executable, "-m", "resync", "sync", "--delete", str(src), str(dst)]
+    cmd = [sys.executable, "-m", "resync", "sync", "--no-history", "--delete", str(src), str(dst)]
 
     full = 1e9
     for _ in range(2):                  # how long an uninterrupted run takes (warm)
@@ -71,6 +84,7 @@ def test_kill_at_many_points_then_resume(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
+        wait_group_gone(proc.pid)          # copy workers too, before we look
         now = contents(dst)
         for rel, value in now.items():
             assert value in (old.get(rel), new.get(rel)), f"{rel} is neither old nor new after a kill at {delay:.2f} s"
@@ -79,3 +93,32 @@ def test_kill_at_many_points_then_resume(tmp_path):
         assert snapshot(dst) == snapshot(src)
         assert not list(dst.rglob(".resync-tmp-*"))
     assert kills >= 5, f"only {kills} of 10 runs were killed before finishing ({full:.2f} s each)"
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_one_line_and_no_temp_files(tmp_path):
+    rnd = random.Random(5)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(6000):
+        (src / f"f{i:05d}").write_bytes(rnd.randbytes(rnd.randrange(100, 20_000)))
+    cmd = [sys.executable, "-m", "resync", "sync", "--no-history", str(src), str(dst)]
+    interrupted = 0
+    for delay in (0.15, 0.2, 0.25, 0.3, 0.4):
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)         # what a terminal's Ctrl-C does
+        _, err = proc.communicate()
+        wait_group_gone(proc.pid)
+        if proc.returncode == 130:
+            interrupted += 1
+            assert err.strip() == "resync: error: interrupted"
+        else:
+            assert proc.returncode == 0, err
+        assert not list(dst.rglob(".resync-tmp-*"))
+        for p in dst.glob("f*"):                        # whatever landed is whole
+            assert p.read_bytes() == (src / p.name).read_bytes()
+    assert interrupted >= 1
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert snapshot(dst) == snapshot(src)
