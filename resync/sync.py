@@ -391,21 +391,12 @@ def _copy_chunk(root_fd: int, options: tuple, items: list[tuple]) -> list[tuple]
 
 
 def _same_content(src_path: str, parent: _Dir, name: str) -> bool:
-    import blake3
-
-    def digest(fd):
-        h = blake3.blake3(max_threads=1)
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                return h.digest()
-            h.update(chunk)
-
+    """--checksum: do the source file and the destination's ``name`` have the same BLAKE3?"""
     a = os.open(src_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         b = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
-            return digest(a) == digest(b)
+            return _hash_fd(a) == _hash_fd(b)
         finally:
             os.close(b)
     finally:
@@ -997,17 +988,7 @@ class Syncer:
             except OSError:
                 same = False
             if same:
-                if prev.mtime_ns != e.mtime_ns or (self._root and (prev.uid, prev.gid) != (e.uid, e.gid)):
-                    self.stats.updated += 1
-                    self._on_item(f"{_itemize('.', e, prev)} {path} -> {target}")
-                    if not self.opt.dry_run:
-                        try:
-                            if self._root:
-                                os.chown(e.name, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
-                            os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd,
-                                     follow_symlinks=False)
-                        except OSError as exc:
-                            self._error(path, exc.strerror or str(exc))
+                self._fix_in_place(parent, e, prev, path, f" -> {target}")
                 self._on_entry(path, e, None)
                 return
             code = _itemize("c", e, prev, "c")
@@ -1023,19 +1004,30 @@ class Syncer:
         else:
             self._keep_old(path, prev)
 
+    def _fix_in_place(self, parent: _Dir | None, e: Entry, prev: Entry, path: str, suffix: str = "") -> None:
+        """A link or special file that is already right but for its mtime,
+        permissions (not for links) or, as root, owner: set those in place."""
+        owner = self._root and (prev.uid, prev.gid) != (e.uid, e.gid)
+        mode = e.kind != "L" and prev.perms != e.perms
+        if not (owner or mode or prev.mtime_ns != e.mtime_ns):
+            return
+        self.stats.updated += 1
+        self._on_item(f"{_itemize('.', e, prev)} {path}{suffix}")
+        if self.opt.dry_run or parent is None:
+            return
+        try:
+            if owner:
+                os.chown(e.name, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
+            if mode:
+                os.chmod(e.name, e.perms, dir_fd=parent.fd)
+            os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
+        except OSError as exc:
+            self._error(path, exc.strerror or str(exc))
+
     def _special(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str) -> None:
         if prev is not None and prev.kind == e.kind and stat.S_IFMT(prev.mode) == stat.S_IFMT(e.mode) \
                 and prev.rdev == e.rdev:
-            if prev.mtime_ns != e.mtime_ns or prev.perms != e.perms:
-                self.stats.updated += 1
-                self._on_item(f"{_itemize('.', e, prev)} {path}")
-                if not self.opt.dry_run and parent is not None:
-                    try:
-                        os.chmod(e.name, e.perms, dir_fd=parent.fd, follow_symlinks=True)
-                        os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd,
-                                 follow_symlinks=False)
-                    except OSError as exc:
-                        self._error(path, exc.strerror or str(exc))
+            self._fix_in_place(parent, e, prev, path)
             self._on_entry(path, e, None)
             return
         code = _itemize("c", e, None if prev is None or prev.kind != e.kind else prev)

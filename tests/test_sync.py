@@ -251,12 +251,19 @@ def test_directory_swapped_for_symlink_during_run_is_not_followed(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["f"]
 
 
-def test_type_change_during_run_is_a_partial_transfer(tmp_path):
+def file_then_link(tmp_path):
+    """src with files a, b and a link z (listed after them: its item line is
+    a moment when a and b are listed but not yet copied)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     (src / "a").write_bytes(b"file")
     (src / "b").write_bytes(b"ok")
     os.symlink("b", src / "z")
+    return src, dst
+
+
+def test_type_change_during_run_is_a_partial_transfer(tmp_path):
+    src, dst = file_then_link(tmp_path)
 
     def on_item(line):
         if line.startswith("cL") and (src / "a").is_file():      # listed as a file, now a directory
@@ -270,11 +277,7 @@ def test_type_change_during_run_is_a_partial_transfer(tmp_path):
 
 
 def test_vanished_source_file_is_reported_not_fatal(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
-    (src / "a").write_bytes(b"file")
-    (src / "b").write_bytes(b"ok")
-    os.symlink("b", src / "z")
+    src, dst = file_then_link(tmp_path)
     errors = []
     stats = Syncer(str(src), str(dst), SyncOptions(), on_error=errors.append,
                    on_item=lambda line: line.startswith("cL") and (src / "a").unlink(missing_ok=True)).run()
