@@ -119,6 +119,8 @@ def test_random_trees_and_edits_match_rsync_delete(tmp_path_factory, seed, whole
         assert snapshot(dst) == snapshot(src)
         assert seconds(snapshot(dst)) == seconds(snapshot(ref))
         mutate(src, rnd)
+        if not any(src.iterdir()):        # --delete rightly refuses an empty source
+            (src / "last").write_bytes(b"x")
     assert not [p for p in dst.rglob(".resync-tmp-*")]
 
 
