@@ -54,7 +54,7 @@ run: install
 
 test: install tools
 	$(PY) -m pytest -q
-	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py
+	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py tests/test_erasure.py
 
 bench: install tools
 	$(PY) bench/bench_delta.py

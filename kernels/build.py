@@ -92,6 +92,8 @@ def _objects(workdir: Path) -> list[Path]:
                                            opt=3, reloc="pic", codemodel="default")
     objects = []
     for name, (module, args, results) in native.EXPORTS.items():
+        if not native.supported(name):
+            continue
         fn = getattr(importlib.import_module(f"{__package__}.{module}"), name)
         scope = {"carray": carray, "fn": fn}
         exec(compile(_wrapper_source(name, args, results), f"<{name} wrapper>", "exec"), scope)

@@ -42,9 +42,16 @@ EXPORTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                       "u32[]", "u32[]", "i64[]", "u32[]", "u32[]", "i64", "i64[]", "i64[]"), ("i64",)),
     "assemble": ("patch", ("u8[]", "u8[]", "i64", "u8[]", "i64[]", "i64[]", "i64", "i64", "u8[]"),
                  ("i64", "i64", "i64")),
+    "gf_mul_portable": ("gf256", ("u8[,]", "u8[]", "i64[]", "u8[]", "i64[]", "i64", "i64", "u8[]"), ()),
+    "gf_mul_gfni": ("gf256", ("u8[,]", "i64[]", "u8[]", "i64[]", "u8[]", "i64[]", "i64", "i64", "u8[]"), ()),
+}
+# Kernels that only exist on CPUs with these features (names as in /proc/cpuinfo).
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "gf_mul_gfni": ("gfni", "avx2"),
 }
 SYMBOL_PREFIX = "resync_kernel_"
 HASH_WINDOWS_SCRATCH = (16 + 8 + 8 + 8 * 54) * 16    # == blake3_lanes.SCRATCH_WORDS (tested)
+GF_SCRATCH = 8 * 2048                                 # == gf256.SCRATCH (tested)
 
 _DTYPES = {"u8": np.dtype(np.uint8), "u32": np.dtype(np.uint32), "i64": np.dtype(np.int64)}
 
@@ -75,6 +82,38 @@ def _cpu_identity() -> bytes:
     except OSError:
         ident += platform.processor().encode()
     return ident
+
+
+_flags: frozenset[str] | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature names (``gfni``, ``avx2``, ...), from /proc/cpuinfo
+    or, failing that, from LLVM's view of the host."""
+    global _flags
+    if _flags is None:
+        flags: set[str] = set()
+        try:
+            with open("/proc/cpuinfo", "rb") as f:
+                info = f.read(1 << 16).split(b"\n\n")[0]
+            for line in info.splitlines():
+                if line.startswith((b"flags", b"Features")):
+                    flags.update(line.split(b":", 1)[1].decode().split())
+        except OSError:
+            pass
+        if not flags:
+            try:
+                import llvmlite.binding as llvm
+                flags = {name for name, on in llvm.get_host_cpu_features().items() if on}
+            except Exception:       # no LLVM either: only the portable kernels
+                flags = set()
+        _flags = frozenset(flags)
+    return _flags
+
+
+def supported(name: str) -> bool:
+    """Whether kernel ``name`` can run on this CPU (see REQUIRES)."""
+    return all(flag in cpu_flags() for flag in REQUIRES.get(name, ()))
 
 
 def library_key() -> str:
@@ -220,14 +259,17 @@ def native_kernels() -> dict[str, object]:
         lib = _load()
     if lib is None:
         raise RuntimeError(f"native kernels unavailable ({_status})")
-    return {name: _bind(lib, name) for name in EXPORTS}
+    return {name: _bind(lib, name) for name in EXPORTS if supported(name)}
 
 
 def get(name: str):
-    """The kernel ``name`` (see EXPORTS): native if available, else Numba's."""
+    """The kernel ``name`` (see EXPORTS): native if available, else Numba's.
+    RuntimeError if this CPU cannot run it (see REQUIRES)."""
     fn = _bound.get(name)
     if fn is not None:
         return fn
+    if not supported(name):
+        raise RuntimeError(f"kernel {name} needs CPU features {', '.join(REQUIRES[name])}")
     with _lock:
         lib = _load()
         fn = _bind(lib, name) if lib is not None else \

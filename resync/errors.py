@@ -4,6 +4,7 @@ carries its process exit code; only ``resync.cli.main`` turns them into exits.
 Exit codes (documented in README.md):
   0 success · 1 internal error · 2 usage error · 3 file error ·
   4 invalid or corrupt resync file · 5 verification failed · 6 no space left ·
+  7 damaged beyond repair (more lost shards than parity) ·
   23 partial transfer · 24 source files vanished · 25 deletion refused ·
   130 interrupted
 (23, 24 and 25 are rsync's codes for the same outcomes.)
@@ -51,6 +52,12 @@ class NoSpaceError(ResyncError):
     """{}: not enough space: {}"""
 
     exit_code = 6
+
+
+class UnrecoverableError(ResyncError):
+    """{}: cannot be recovered: {}"""
+
+    exit_code = 7
 
 
 class PartialTransferError(ResyncError):

@@ -79,3 +79,58 @@ def patch(basis: bytes, instructions: list[tuple[int, int, int]], literals: byte
             out += literals[lit:lit + length]
             lit += length
     return bytes(out)
+
+
+# GF(2^8) with 0x11d, by shift-and-add: the definition, nothing precomputed.
+
+def gf_mul(a: int, b: int) -> int:
+    r = 0
+    while b:
+        if b & 1:
+            r ^= a
+        a <<= 1
+        if a & 0x100:
+            a ^= 0x11D
+        b >>= 1
+    return r
+
+
+def gf_inv(a: int) -> int:
+    """a^254 (a^255 = 1 for a != 0)."""
+    if a == 0:
+        raise ZeroDivisionError("0 has no inverse in GF(2^8)")
+    r, p, e = 1, a, 254
+    while e:
+        if e & 1:
+            r = gf_mul(r, p)
+        p = gf_mul(p, p)
+        e >>= 1
+    return r
+
+
+def gf_mul_rows(coef: list[list[int]], rows: list[bytes]) -> list[bytes]:
+    """out[i] = XOR_j coef[i][j] * rows[j], byte by byte."""
+    length = len(rows[0]) if rows else 0
+    out = []
+    for crow in coef:
+        acc = bytearray(length)
+        for c, row in zip(crow, rows):
+            for t in range(length):
+                acc[t] ^= gf_mul(c, row[t])
+        out.append(bytes(acc))
+    return out
+
+
+def cauchy_parity(k: int, m: int) -> list[list[int]]:
+    """resync's documented parity matrix: 1 / ((k + i) xor j)."""
+    return [[gf_inv((k + i) ^ j) for j in range(k)] for i in range(m)]
+
+
+def affine_byte(matrix: int, x: int) -> int:
+    """What GF2P8AFFINEQB computes for one byte (Intel SDM): bit i of the
+    result is the parity of (byte 7-i of the matrix) AND x."""
+    out = 0
+    for i in range(8):
+        row = (matrix >> (8 * (7 - i))) & 0xFF
+        out |= (bin(row & x).count("1") & 1) << i
+    return out

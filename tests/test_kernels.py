@@ -36,7 +36,7 @@ class Kernels:
 def _module_kernels():
     import importlib
     return {name: getattr(importlib.import_module(f"resync.kernels.{module}"), name)
-            for name, (module, _, _) in native.EXPORTS.items()}
+            for name, (module, _, _) in native.EXPORTS.items() if native.supported(name)}
 
 
 @pytest.fixture(params=["jit"] if NOJIT else ["jit", "native"], scope="module")

@@ -1,0 +1,248 @@
+"""Systematic Reed-Solomon erasure coding over GF(2^8) (polynomial 0x11d).
+
+``ReedSolomon(k, m)`` turns k data shards into m parity shards; any k of the
+k + m shards give back the data. The generator is ``[I; C]`` with C the m x k
+Cauchy matrix ``C[i, j] = 1 / (x_i + y_j)``, ``x_i = k + i``, ``y_j = j``
+(all distinct because k + m <= 256): every square submatrix of a Cauchy
+matrix is invertible, so every k rows of the generator are, and the code is
+MDS. galois builds the matrices and inverts them (once per erasure pattern,
+cached); the bytes go through the GF(2^8) kernels (``resync.kernels.gf256``),
+split across threads for large shards.
+
+The kernel path is chosen at run time: ``gfni`` where the CPU has GFNI and
+AVX2, else ``portable``; ``RESYNC_GF_KERNEL=portable`` forces the latter.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+from ..errors import UnrecoverableError, UsageError
+from ..parallel import split, thread_count
+from . import gf
+
+MAX_SHARDS = 256
+_PARALLEL_BYTES = 1 << 20        # below this much input, one thread
+_SPLIT_ALIGN = 4096
+
+
+@lru_cache(maxsize=None)
+def _field():
+    import galois
+    return galois.GF(2 ** 8, irreducible_poly=gf.POLY)
+
+
+def kernel_path() -> str:
+    """'gfni' or 'portable': which GF(2^8) kernel encode and decode run."""
+    from ..kernels import native
+    if os.environ.get("RESYNC_GF_KERNEL", "").lower() == "portable" or native.mode() == "python":
+        return "portable"
+    return "gfni" if native.supported("gf_mul_gfni") else "portable"
+
+
+def describe_kernel() -> str:
+    """For benchmarks and --version: the path and how the kernels are run."""
+    from ..kernels import native
+    return f"{kernel_path()} ({native.status().split(':')[0]})"
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(thread_count(), thread_name_prefix="resync-gf")
+        return _pool
+
+
+def multiply(coef: np.ndarray, src: np.ndarray, src_offsets: np.ndarray,
+             dst: np.ndarray, dst_offsets: np.ndarray, length: int) -> None:
+    """dst rows = coef x src rows over GF(2^8): row i of the output is the
+    ``length`` bytes at ``dst[dst_offsets[i]:]``, input row j those at
+    ``src[src_offsets[j]:]`` (flat uint8 buffers; rows must not overlap the
+    output). The low-level entry point: the shard codec calls it on stripes
+    as they lie in its buffers."""
+    from ..kernels import native
+    coef = np.ascontiguousarray(coef, dtype=np.uint8)
+    src_offsets = np.ascontiguousarray(src_offsets, dtype=np.int64)
+    dst_offsets = np.ascontiguousarray(dst_offsets, dtype=np.int64)
+    rows, inputs = coef.shape
+    if rows == 0 or length == 0:
+        return
+    if inputs == 0:
+        for o in dst_offsets:
+            dst[o:o + length] = 0
+        return
+    for name, buf, offs in (("input", src, src_offsets), ("output", dst, dst_offsets)):
+        if offs.shape[0] != (inputs if name == "input" else rows):
+            raise ValueError(f"{name} offsets do not match the coefficient matrix")
+        if offs.min() < 0 or offs.max() + length > buf.shape[0]:
+            raise ValueError(f"{name} rows fall outside their buffer")
+    if kernel_path() == "gfni":
+        fn, extra, tail = native.get("gf_mul_gfni"), gf.bit_matrices(coef), gf.mul_table()
+
+        def run(lo, hi):
+            fn(coef, extra, src, src_offsets, dst, dst_offsets, lo, hi, tail)
+    else:
+        fn = native.get("gf_mul_portable")
+
+        def run(lo, hi):
+            fn(coef, src, src_offsets, dst, dst_offsets, lo, hi, np.empty(native.GF_SCRATCH, np.uint8))
+
+    pieces = split(length, thread_count(), _SPLIT_ALIGN) if length * inputs >= _PARALLEL_BYTES else \
+        [(0, length)]
+    if len(pieces) == 1:
+        run(0, length)
+        return
+    for f in [_threads().submit(run, lo, hi) for lo, hi in pieces]:
+        f.result()
+
+
+def _as_row(shard, index: int) -> np.ndarray:
+    if isinstance(shard, np.ndarray):
+        if shard.dtype != np.uint8 or shard.ndim != 1:
+            raise UsageError(f"shard {index}: expected a 1-D uint8 array, got {shard.dtype}{shard.shape}")
+        return shard if shard.flags.c_contiguous else np.ascontiguousarray(shard)
+    try:
+        return np.frombuffer(shard, np.uint8)
+    except TypeError:
+        raise UsageError(f"shard {index}: expected a uint8 array or bytes, got {type(shard).__name__}") from None
+
+
+def _flat(rows: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """One flat buffer holding every row, and each row's offset in it: the
+    rows' own common base array when they share one (shards cut from one
+    stripe buffer: no copy), else a copy."""
+    base = None
+    for r in rows:
+        b = r
+        while isinstance(b.base, np.ndarray):
+            b = b.base
+        if base is None:
+            base = b
+        elif b is not base:
+            base = None
+            break
+    if base is not None and base.flags.c_contiguous:
+        flat = base.reshape(-1).view(np.uint8)
+        start = flat.__array_interface__["data"][0]
+        offsets = np.array([r.__array_interface__["data"][0] - start for r in rows], np.int64)
+        if offsets.min() >= 0 and offsets.max() + length <= flat.shape[0]:
+            return flat, offsets
+    return np.concatenate(rows) if rows else np.empty(0, np.uint8), np.arange(len(rows), dtype=np.int64) * length
+
+
+class ReedSolomon:
+    """A systematic (k + m, k) Reed-Solomon code over GF(2^8)."""
+
+    def __init__(self, k: int, m: int):
+        if not (isinstance(k, int) and isinstance(m, int)) or k < 1 or m < 0 or k + m > MAX_SHARDS:
+            raise UsageError(f"Reed-Solomon needs k >= 1, m >= 0 and k + m <= {MAX_SHARDS} (got k={k}, m={m})")
+        self.k = k
+        self.m = m
+        self.n = k + m
+
+    def __repr__(self) -> str:
+        return f"ReedSolomon(k={self.k}, m={self.m})"
+
+    @property
+    def parity_matrix(self) -> np.ndarray:
+        """The m x k Cauchy matrix (uint8) whose rows make the parity shards."""
+        return _parity_matrix(self.k, self.m)
+
+    def encode(self, data: np.ndarray) -> np.ndarray:
+        """Parity (m, L) of data (k, L), both uint8."""
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[0] != self.k:
+            raise UsageError(f"encode expects a ({self.k}, L) uint8 array, got {data.dtype}{data.shape}")
+        data = np.ascontiguousarray(data)
+        length = data.shape[1]
+        parity = np.empty((self.m, length), np.uint8)
+        self.encode_into(data.reshape(-1), np.arange(self.k, dtype=np.int64) * length,
+                         parity.reshape(-1), np.arange(self.m, dtype=np.int64) * length, length)
+        return parity
+
+    def encode_into(self, src: np.ndarray, src_offsets, dst: np.ndarray, dst_offsets, length: int) -> None:
+        """encode() on rows in flat buffers (see ``multiply``)."""
+        multiply(self.parity_matrix, src, np.asarray(src_offsets, np.int64), dst,
+                 np.asarray(dst_offsets, np.int64), length)
+
+    def plan(self, present) -> tuple[tuple[int, ...], np.ndarray]:
+        """For the shard indexes in ``present``: the k to read (data shards
+        first) and the n x k matrix that turns those k into every shard.
+        UnrecoverableError when fewer than k are present."""
+        chosen = _choose(tuple(sorted(set(present))), self.k, self.n)
+        return chosen, _recovery_matrix(self.k, self.m, chosen)
+
+    def decode(self, shards) -> np.ndarray:
+        """The (k, L) data from k + m entries, each a length-L uint8 array (or
+        bytes) or None for a lost shard."""
+        shards = list(shards)
+        if len(shards) != self.n:
+            raise UsageError(f"decode expects {self.n} shards (None for lost ones), got {len(shards)}")
+        rows = {i: _as_row(s, i) for i, s in enumerate(shards) if s is not None}
+        lengths = {r.shape[0] for r in rows.values()}
+        if len(lengths) > 1:
+            raise UsageError(f"shards differ in length: {sorted(lengths)}")
+        length = lengths.pop() if lengths else 0
+        chosen, recover = self.plan(rows)
+        out = np.empty((self.k, length), np.uint8)
+        missing = [i for i in range(self.k) if i not in rows]
+        for i in range(self.k):
+            if i in rows:
+                out[i] = rows[i]
+        if missing:
+            src, offsets = _flat([rows[i] for i in chosen], length)
+            multiply(recover[missing], src, offsets, out.reshape(-1),
+                     np.array(missing, np.int64) * length, length)
+        return out
+
+
+def _choose(present: tuple[int, ...], k: int, n: int) -> tuple[int, ...]:
+    if any(i < 0 or i >= n for i in present):
+        raise UsageError(f"shard index out of range 0..{n - 1}")
+    if len(present) < k:
+        raise UnrecoverableError("stripe", f"{len(present)} of {n} shards present, {k} needed")
+    return present[:k]          # sorted: data shards (identity rows) first
+
+
+@lru_cache(maxsize=64)
+def _parity_matrix(k: int, m: int) -> np.ndarray:
+    if m == 0:
+        return np.zeros((0, k), np.uint8)
+    field = _field()
+    x = field(np.arange(k, k + m))
+    y = field(np.arange(k))
+    cauchy = np.reciprocal(x[:, None] + y[None, :])
+    out = np.asarray(cauchy.view(np.ndarray), np.uint8)
+    out.flags.writeable = False
+    return out
+
+
+def generator_matrix(k: int, m: int) -> np.ndarray:
+    """The (k + m) x k systematic generator [I; C] as uint8."""
+    return np.vstack([np.eye(k, dtype=np.uint8), _parity_matrix(k, m)])
+
+
+@lru_cache(maxsize=1024)
+def _recovery_matrix(k: int, m: int, chosen: tuple[int, ...]) -> np.ndarray:
+    """G @ inverse(G[chosen]): row r gives shard r from the chosen k shards."""
+    g = generator_matrix(k, m)
+    if chosen == tuple(range(k)):
+        out = g
+    else:
+        # galois inverts; the product is a table lookup (galois' own matmul
+        # compiles for ~1 s in every new process).
+        field = _field()
+        inverse = np.asarray(np.linalg.inv(field(g[list(chosen)])).view(np.ndarray), np.uint8)
+        out = gf.matmul(g, inverse)
+    out = np.ascontiguousarray(out)
+    out.flags.writeable = False
+    return out
