@@ -93,7 +93,9 @@ def change_tree(root: str, fraction: float, seed: int) -> int:
     small, big = [], []
     for dirpath, _, names in os.walk(root):
         for n in sorted(names):
-            (big if n.startswith("big") else small).append(os.path.join(dirpath, n))
+            path = os.path.join(dirpath, n)
+            if os.path.isfile(path) and not os.path.islink(path):     # links and fifos stay as they are
+                (big if n.startswith("big") else small).append(path)
     small.sort()
     pick = rng.choice(len(small), size=max(1, int(len(small) * fraction)), replace=False)
     for i in pick.tolist():

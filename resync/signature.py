@@ -153,10 +153,27 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
     return sig
 
 
+def _signature_parts(sig: Signature) -> list:
+    return [formats.pack_sig_header(sig.header()), sig.weak.astype("<u4", copy=False),
+            sig.check.astype("<u4", copy=False), np.ascontiguousarray(sig.strong)]
+
+
+def signature_bytes(sig: Signature) -> bytes:
+    """``sig`` in the signature file format."""
+    return b"".join(bytes(memoryview(p).cast("B")) if not isinstance(p, bytes) else p
+                    for p in _signature_parts(sig))
+
+
+def signature_from_bytes(buf, name: str) -> Signature:
+    """Parse and validate a signature held in memory (arrays are copied)."""
+    header, weak, check, strong = formats.unpack_sig(buf, name)
+    return Signature(header.block_len, header.file_len, header.strong_len, header.salt,
+                     header.file_hash, weak.astype(np.uint32), check.astype(np.uint32), strong.copy())
+
+
 def write_signature(sig: Signature, path: str | os.PathLike) -> int:
     """Write ``sig`` atomically; returns the file size."""
-    body = [formats.pack_sig_header(sig.header()), sig.weak.astype("<u4", copy=False),
-            sig.check.astype("<u4", copy=False), np.ascontiguousarray(sig.strong)]
+    body = _signature_parts(sig)
     with atomic_output(path) as fd:
         for part in body:
             write_all(fd, part)

@@ -116,29 +116,6 @@ def _as_row(shard, index: int) -> np.ndarray:
         raise UsageError(f"shard {index}: expected a uint8 array or bytes, got {type(shard).__name__}") from None
 
 
-def _flat(rows: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """One flat buffer holding every row, and each row's offset in it: the
-    rows' own common base array when they share one (shards cut from one
-    stripe buffer: no copy), else a copy."""
-    base = None
-    for r in rows:
-        b = r
-        while isinstance(b.base, np.ndarray):
-            b = b.base
-        if base is None:
-            base = b
-        elif b is not base:
-            base = None
-            break
-    if base is not None and base.flags.c_contiguous:
-        flat = base.reshape(-1).view(np.uint8)
-        start = flat.__array_interface__["data"][0]
-        offsets = np.array([r.__array_interface__["data"][0] - start for r in rows], np.int64)
-        if offsets.min() >= 0 and offsets.max() + length <= flat.shape[0]:
-            return flat, offsets
-    return np.concatenate(rows) if rows else np.empty(0, np.uint8), np.arange(len(rows), dtype=np.int64) * length
-
-
 class ReedSolomon:
     """A systematic (k + m, k) Reed-Solomon code over GF(2^8)."""
 
@@ -193,15 +170,23 @@ class ReedSolomon:
             raise UsageError(f"shards differ in length: {sorted(lengths)}")
         length = lengths.pop() if lengths else 0
         chosen, recover = self.plan(rows)
-        out = np.empty((self.k, length), np.uint8)
         missing = [i for i in range(self.k) if i not in rows]
-        for i in range(self.k):
-            if i in rows:
-                out[i] = rows[i]
+        parity_used = [i for i in chosen if i >= self.k]
+        # One work buffer: the data rows (the result) and, below them, the
+        # parity rows the rebuild reads. Present data rows are copied once
+        # into the result; only the parity rows in use are copied besides.
+        work = np.empty((self.k + len(parity_used), length), np.uint8)
+        for i, row in rows.items():
+            if i < self.k:
+                work[i] = row
+        for t, i in enumerate(parity_used):
+            work[self.k + t] = rows[i]
         if missing:
-            src, offsets = _flat([rows[i] for i in chosen], length)
-            multiply(recover[missing], src, offsets, out.reshape(-1),
-                     np.array(missing, np.int64) * length, length)
+            place = {i: (i if i < self.k else self.k + parity_used.index(i)) for i in chosen}
+            flat = work.reshape(-1)
+            multiply(recover[missing], flat, np.array([place[i] for i in chosen], np.int64) * length,
+                     flat, np.array(missing, np.int64) * length, length)
+        out = work[:self.k]
         return out
 
 

@@ -1,0 +1,174 @@
+"""The bundle payload: what the shard file (``shards.py``) protects.
+
+Little-endian throughout::
+
+    header   8s "RSYNCBDL" | u16 version 1 | u16 flags (1: made against a tree
+             signature) | u32 0 | 16s bundle id | 32s tree signature id (or zeros)
+             | i64 created (ns since the epoch)
+    records  one per file whose content travels, in manifest order:
+             u8 kind (1 whole, 2 delta) | 3x 0 | u32 entry index | u64 body length | body
+             whole: chunks of u8 codec (0 raw, 1 LZ4 block) | u32 raw length
+                    (<= 4 MiB) | u32 stored length | stored bytes, until the
+                    entry's size is reached
+             delta: a resync delta against the destination's file at that path
+    trailer  root: u32 mode | i64 mtime_ns | u32 uid | u32 gid
+             u64 n | n entries: path | u8 kind | u32 mode | i64 mtime_ns | u64 size
+                 | u32 uid | u32 gid | u64 rdev | 32s BLAKE3 (files) | u64 record
+                 offset (2^64-1: content unchanged at the destination) | u16 +
+                 symlink target
+             u64 n | n tree-signature entries the destination must match:
+                 path | u8 kind | u64 size | i64 mtime_ns
+             u64 n | n paths to delete (in the tree signature, not in the source)
+    footer   u64 trailer offset | u64 trailer length | 32s BLAKE3 of the
+             trailer | 8s "RSYNCEND"
+
+Manifest entries come parents first; the trailer is at the end so that pack
+reads each source file once (its BLAKE3 is known after its record is written).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .manifest import (KIND_CODES, KINDS, MAX_PATH, MAX_SIZE, NONE, Cursor, ParentTracker, mode_matches,
+                       pack_path)
+
+MAGIC = b"RSYNCBDL"
+END_MAGIC = b"RSYNCEND"
+VERSION = 1
+FLAG_AGAINST = 1
+HEADER = struct.Struct("<8sHHI16s32sq")
+RECORD = struct.Struct("<B3xIQ")
+CHUNK = struct.Struct("<BII")
+ENTRY = struct.Struct("<BIqQIIQ32sQ")
+AGAINST = struct.Struct("<BQq")
+ROOT = struct.Struct("<IqII")
+FOOTER = struct.Struct("<QQ32s8s")
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+WHOLE = 1
+DELTA = 2
+CODEC_RAW = 0
+CODEC_LZ4 = 1
+MAX_CHUNK = 4 << 20
+CHUNK_RAW = 1 << 20          # what pack cuts files into
+WHAT = "resync bundle"
+
+assert HEADER.size == 72 and RECORD.size == 16 and FOOTER.size == 56
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    kind: str
+    mode: int
+    mtime_ns: int
+    size: int
+    uid: int
+    gid: int
+    rdev: int
+    blake3: bytes
+    target: bytes
+    record: int                 # payload offset of the record, NONE if no content travels
+
+
+@dataclass(frozen=True)
+class Against:
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Root:
+    """Attributes of the tree's root directory."""
+    mode: int
+    mtime_ns: int
+    uid: int
+    gid: int
+
+
+@dataclass
+class Trailer:
+    root: Root
+    entries: list[Entry]
+    against: list[Against]
+    deletions: list[str]
+
+
+def pack_trailer(t: Trailer) -> bytes:
+    out = bytearray(ROOT.pack(t.root.mode, t.root.mtime_ns, t.root.uid, t.root.gid))
+    out += _U64.pack(len(t.entries))
+    for e in t.entries:
+        out += pack_path(e.path)
+        out += ENTRY.pack(KIND_CODES[e.kind], e.mode, e.mtime_ns, e.size, e.uid, e.gid, e.rdev,
+                          e.blake3.ljust(32, b"\0"), e.record)
+        out += _U16.pack(len(e.target)) + e.target
+    out += _U64.pack(len(t.against))
+    for a in t.against:
+        out += pack_path(a.path) + AGAINST.pack(KIND_CODES[a.kind], a.size, a.mtime_ns)
+    out += _U64.pack(len(t.deletions))
+    for path in t.deletions:
+        out += pack_path(path)
+    return bytes(out)
+
+
+def unpack_trailer(buf, name: str, trailer_offset: int, against_flag: bool) -> Trailer:
+    """Parse and check a trailer (``buf`` holds just the trailer)."""
+    c = Cursor(buf, name, WHAT)
+    mode, mtime_ns, uid, gid = c.unpack(ROOT)
+    if not mode_matches("d", mode):
+        c.bad(f"root mode {mode:o} is not a directory's")
+    root = Root(mode, mtime_ns, uid, gid)
+    entries: list[Entry] = []
+    parents = ParentTracker(c)
+    for _ in range(c.count(3 + ENTRY.size + 2)):
+        path = c.path()
+        code, mode, mtime_ns, size, uid, gid, rdev, digest, record = c.unpack(ENTRY)
+        (tlen,) = c.unpack(_U16)
+        target = c.take(tlen)
+        kind = KINDS.get(code)
+        if kind is None or not mode_matches(kind, mode):
+            c.bad(f"{path!r}: bad kind {code} or mode {mode:o}")
+        if size > MAX_SIZE:
+            c.bad(f"{path!r}: size {size} out of range")
+        if kind == "L":
+            if not 0 < tlen <= MAX_PATH or b"\0" in target:
+                c.bad(f"{path!r}: bad symlink target")
+        elif tlen:
+            c.bad(f"{path!r}: only symlinks have a target")
+        if record != NONE and (kind != "f" or not HEADER.size <= record < trailer_offset):
+            c.bad(f"{path!r}: record offset {record} out of range")
+        if kind == "f" and record == NONE and not against_flag:
+            c.bad(f"{path!r}: file without content in a bundle made without a tree signature")
+        parents.add(path, kind)
+        entries.append(Entry(path, kind, mode, mtime_ns, size, uid, gid, rdev, digest, target, record))
+    against: list[Against] = []
+    against_parents = ParentTracker(c)
+    for _ in range(c.count(3 + AGAINST.size)):
+        path = c.path()
+        code, size, mtime_ns = c.unpack(AGAINST)
+        kind = KINDS.get(code)
+        if kind is None or size > MAX_SIZE:
+            c.bad(f"{path!r}: bad tree signature entry")
+        against_parents.add(path, kind)
+        against.append(Against(path, kind, size, mtime_ns))
+    if against and not against_flag:
+        c.bad("tree signature entries in a bundle made without one")
+    old = {a.path: a for a in against}
+    new = {e.path for e in entries}
+    deletions = []
+    for _ in range(c.count(3)):
+        path = c.path()
+        if path not in old or path in new:
+            c.bad(f"deletion of {path!r} is not a path of the tree signature missing from the source")
+        deletions.append(path)
+    for e in entries:
+        if e.kind == "f" and e.record == NONE:
+            a = old.get(e.path)
+            if a is None or a.kind != "f" or a.size != e.size:
+                c.bad(f"{e.path!r}: no content, and the destination does not have it")
+    if c.pos != c.end:
+        c.bad("trailing data after the trailer")
+    return Trailer(root, entries, against, deletions)

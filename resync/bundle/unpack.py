@@ -1,0 +1,517 @@
+"""The receiving side: check a bundle, rebuild what parity allows, and apply
+it to a destination tree.
+
+Everything that can refuse a bundle is checked before the destination is
+touched: every stripe's shards (more than m bad in any stripe: refused), the
+payload's header, footer and trailer, and -- for a bundle made against a tree
+signature -- that the destination is still in the state that signature
+describes. Then every file's new content is written into a staging
+directory inside the destination (``.resync-tmp-unpack-*``, on the same file
+system) and checked against its BLAKE3; only when all of them are staged and
+durable are they renamed into place, links and specials made, attributes set
+and deletions done. A failure or kill before that leaves every destination
+path as it was; stale staging directories are removed by the next unpack.
+
+Every change is made relative to a directory descriptor reached from the
+destination root one component at a time with O_NOFOLLOW, so nothing is
+written outside the root, whatever symlinks the bundle or the destination
+holds.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+
+from ..errors import FileError, FormatError, UnrecoverableError, UsageError, VerificationError
+from ..fs import TEMP_PREFIX, raise_os_error
+from ..tree import DIR_FLAGS, open_dir_at
+from . import payload as P
+from .manifest import NONE
+from .pack import walk
+from .shards import ShardReader
+
+STAGE_PREFIX = TEMP_PREFIX + "unpack-"
+
+
+class PayloadStream:
+    """Random access to the payload of a shard file, one stripe cached."""
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        self.layout = reader.layout
+        self._stripe = -1
+        self._data = memoryview(b"")
+
+    def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0 or offset + n > self.layout.payload_len:
+            raise FormatError(self.reader.name, P.WHAT, "a record runs past the end of the payload")
+        out = bytearray()
+        per = self.layout.stripe_data
+        while n:
+            s = offset // per
+            if s != self._stripe:
+                self._data = self.reader.stripe_payload(s)
+                self._stripe = s
+            lo = offset - s * per
+            take = min(n, len(self._data) - lo)
+            out += self._data[lo:lo + take]
+            offset += take
+            n -= take
+        return bytes(out)
+
+
+@dataclass
+class BundleInfo:
+    bundle_id: bytes
+    against_id: bytes | None
+    created_ns: int
+    trailer: P.Trailer
+    trailer_offset: int
+
+
+def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
+    """The payload stream and the checked header, footer and trailer."""
+    import blake3
+    name = reader.name
+    stream = PayloadStream(reader)
+    size = reader.layout.payload_len
+    if size < P.HEADER.size + P.FOOTER.size:
+        raise FormatError(name, P.WHAT, "payload too short")
+    magic, version, flags, _, bundle_id, against_id, created = P.HEADER.unpack(stream.read(0, P.HEADER.size))
+    if magic != P.MAGIC:
+        raise FormatError(name, P.WHAT, "bad payload magic")
+    if version != P.VERSION:
+        raise FormatError(name, P.WHAT, f"unsupported payload version {version}")
+    if bundle_id != reader.layout.bundle_id:
+        raise FormatError(name, P.WHAT, "payload and shards belong to different bundles")
+    if flags & ~P.FLAG_AGAINST:
+        raise FormatError(name, P.WHAT, f"unknown flags {flags:#x}")
+    t_off, t_len, t_hash, end = P.FOOTER.unpack(stream.read(size - P.FOOTER.size, P.FOOTER.size))
+    if end != P.END_MAGIC:
+        raise FormatError(name, P.WHAT, "bad end magic (truncated?)")
+    if t_off < P.HEADER.size or t_off + t_len != size - P.FOOTER.size:
+        raise FormatError(name, P.WHAT, "trailer offset or length out of range")
+    raw = stream.read(t_off, t_len)
+    if blake3.blake3(raw).digest() != t_hash:
+        raise FormatError(name, P.WHAT, "trailer checksum mismatch")
+    against = bool(flags & P.FLAG_AGAINST)
+    trailer = P.unpack_trailer(raw, name, t_off, against)
+    return stream, BundleInfo(bundle_id, against_id if against else None, created, trailer, t_off)
+
+
+def check_health(reader: ShardReader) -> list:
+    """Health of every stripe; UnrecoverableError if any has more than m bad shards."""
+    health = list(reader.health())
+    for h in health:
+        if not h.repairable:
+            raise UnrecoverableError(
+                f"{reader.name}: stripe {h.stripe}",
+                f"{len(h.bad)} of {h.stored} shards damaged or missing, parity repairs {reader.layout.m}; "
+                f"nothing applied")
+    return health
+
+
+@dataclass
+class UnpackStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    specials: int = 0
+    bytes_scanned: int = 0
+    files_transferred: int = 0
+    bytes_literal: int = 0
+    bytes_matched: int = 0
+    bytes_written: int = 0
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    errors: int = 0
+    vanished: int = 0
+    stripes: int = 0
+    damaged_stripes: int = 0
+    repaired_shards: int = 0
+    duration: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(vars(self))
+        d.pop("messages")
+        return d
+
+
+def _mismatch(dst: str, why: str):
+    raise VerificationError(dst, f"does not match the tree signature the bundle was made against "
+                                 f"({why}); nothing applied")
+
+
+def _check_against(dst: str, current: dict, against: list[P.Against]) -> None:
+    for a in against:
+        cur = current.get(a.path)
+        if cur is None:
+            _mismatch(dst, f"{a.path}: missing")
+        if cur.kind != a.kind:
+            _mismatch(dst, f"{a.path}: is a different kind of entry")
+        if a.kind in "fL" and (cur.size != a.size or (a.kind == "f" and cur.mtime_ns != a.mtime_ns)):
+            _mismatch(dst, f"{a.path}: changed")
+    if len(current) != len(against):
+        known = {a.path for a in against}
+        extra = next(p for p in current if p not in known)
+        _mismatch(dst, f"{extra}: not in the tree signature")
+
+
+class _Dirs:
+    """Descriptors of destination directories, opened from the root one
+    component at a time without following symlinks."""
+
+    def __init__(self, root_fd: int):
+        self.fds = {"": root_fd}
+
+    def get(self, rel: str) -> int:
+        fd = self.fds.get(rel)
+        if fd is None:
+            parent, _, name = rel.rpartition("/")
+            fd = open_dir_at(self.get(parent), name)
+            self.fds[rel] = fd
+        return fd
+
+    def forget(self, rel: str) -> None:
+        for key in [k for k in self.fds if k == rel or k.startswith(rel + "/")]:
+            os.close(self.fds.pop(key))
+
+    def close(self) -> None:
+        for rel, fd in self.fds.items():
+            if rel:
+                os.close(fd)
+        self.fds = {}
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove directory ``name`` under ``parent_fd`` and everything in it,
+    never following a symlink."""
+    fd = open_dir_at(parent_fd, name)
+    try:
+        for child in os.listdir(fd):
+            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def _clear(parent_fd: int, name: str) -> None:
+    """Remove whatever is at ``name`` (file, link, special or directory tree)."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        _remove_tree(parent_fd, name)
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+
+
+def _remove_stale_stages(root_fd: int) -> None:
+    for name in os.listdir(root_fd):
+        if name.startswith(STAGE_PREFIX):
+            try:
+                _clear(root_fd, name)
+            except OSError:
+                pass
+
+
+def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int, name: str) -> int:
+    """Decode a whole-file record body at ``pos`` into ``out_fd``; returns the
+    position after it. Checks every chunk header before decompressing."""
+    import blake3
+    import lz4.block
+    h = blake3.blake3()
+    done = 0
+    while done < e.size:
+        codec, raw_len, stored = P.CHUNK.unpack(stream.read(pos, P.CHUNK.size))
+        pos += P.CHUNK.size
+        if codec not in (P.CODEC_RAW, P.CODEC_LZ4) or not 0 < raw_len <= P.MAX_CHUNK \
+                or raw_len > e.size - done or stored > end - pos \
+                or (codec == P.CODEC_RAW and stored != raw_len) or (codec == P.CODEC_LZ4 and stored > raw_len):
+            raise FormatError(name, P.WHAT, f"{e.path}: bad chunk header")
+        data = stream.read(pos, stored)
+        pos += stored
+        if codec == P.CODEC_LZ4:
+            try:
+                data = lz4.block.decompress(data, uncompressed_size=raw_len)
+            except lz4.block.LZ4BlockError:
+                raise FormatError(name, P.WHAT, f"{e.path}: corrupt LZ4 chunk") from None
+            if len(data) != raw_len:
+                raise FormatError(name, P.WHAT, f"{e.path}: LZ4 chunk expands to the wrong size")
+        h.update(data)
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(out_fd, view):]
+        done += raw_len
+    if h.digest() != e.blake3:
+        raise VerificationError(name, f"{e.path}: content does not match its BLAKE3; nothing applied")
+    return pos
+
+
+def unpack(bundle: str, dst: str, on_entry=None, on_file=None) -> UnpackStats:
+    """Apply ``bundle`` to directory ``dst`` (created if absent and the bundle
+    was made without a tree signature)."""
+    t0 = time.monotonic()
+    stats = UnpackStats()
+    try:
+        fd = os.open(bundle, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FileError.from_os(bundle, exc) from None
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise UsageError(f"{bundle}: is a directory, not a bundle")
+        reader = ShardReader(fd, bundle)
+        health = check_health(reader)
+        stats.stripes = len(health)
+        stats.damaged_stripes = sum(1 for h in health if h.bad)
+        stats.repaired_shards = sum(len(h.bad) for h in health)
+        stream, info = read_bundle(reader)
+        _apply(stream, info, bundle, dst, stats, on_entry, on_file)
+    finally:
+        os.close(fd)
+    stats.duration = time.monotonic() - t0
+    return stats
+
+
+def _open_root(dst: str, info: BundleInfo) -> int:
+    try:
+        return os.open(dst, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if info.against_id is not None and info.trailer.against:
+            _mismatch(dst, "the destination does not exist")
+        try:
+            os.mkdir(dst, 0o755)
+            return os.open(dst, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise_os_error(dst, exc)
+    except NotADirectoryError:
+        raise UsageError(f"{dst}: not a directory") from None
+    except OSError as exc:
+        raise_os_error(dst, exc)
+
+
+def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: UnpackStats,
+           on_entry, on_file) -> None:
+    from ..sync import _syncfs
+    trailer = info.trailer
+    root_fd = _open_root(dst, info)
+    dirs = _Dirs(root_fd)
+    stage_name = None
+    try:
+        _remove_stale_stages(root_fd)
+        try:
+            current = {path: e for path, e in walk(dst)}
+        except OSError as exc:
+            raise_os_error(dst, exc)
+        if info.against_id is not None:
+            _check_against(dst, current, trailer.against)
+
+        # 1. stage every file's new content, checked, in the staging directory
+        stage_name = STAGE_PREFIX + info.bundle_id.hex()[:16]
+        try:
+            os.mkdir(stage_name, 0o700, dir_fd=root_fd)
+            stage_fd = os.open(stage_name, DIR_FLAGS, dir_fd=root_fd)
+        except OSError as exc:
+            raise_os_error(os.path.join(dst, stage_name), exc)
+        dirs.fds[stage_name] = stage_fd
+        staged = {}
+        for index, e in enumerate(trailer.entries):
+            if e.kind != "f" or e.record == NONE:
+                continue
+            started = time.monotonic()
+            kind, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))
+            body = e.record + P.RECORD.size
+            if rec_index != index or kind not in (P.WHOLE, P.DELTA) or length > info.trailer_offset - body:
+                raise FormatError(name, P.WHAT, f"{e.path}: bad record header")
+            out = str(index)
+            try:
+                if kind == P.WHOLE:
+                    if length != e.size:
+                        raise FormatError(name, P.WHAT, f"{e.path}: record size differs from the manifest")
+                    ofd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                                  0o600, dir_fd=stage_fd)
+                    try:
+                        _stage_whole(stream, body, info.trailer_offset, e, ofd, name)
+                    finally:
+                        os.close(ofd)
+                    literal, matched = e.size, 0
+                else:
+                    literal, matched = _stage_delta(stream, body, length, e, current, dirs, stage_fd, out,
+                                                    name, dst)
+            except OSError as exc:
+                raise_os_error(os.path.join(dst, e.path), exc)
+            staged[index] = out
+            stats.files_transferred += 1
+            stats.bytes_literal += literal
+            stats.bytes_matched += matched
+            stats.bytes_written += e.size
+            if on_file is not None:
+                on_file(e.path, "new" if e.path not in current else "update", e.size, literal, matched,
+                        time.monotonic() - started, e.blake3.hex())
+        if not _syncfs(stage_fd):
+            for out in staged.values():
+                sfd = os.open(out, os.O_RDONLY, dir_fd=stage_fd)
+                try:
+                    os.fsync(sfd)
+                finally:
+                    os.close(sfd)
+
+        # 2. commit: parents first, then deletions, then directory attributes
+        try:
+            _commit(trailer, current, dirs, stage_fd, staged, stats, on_entry)
+            dirs.forget(stage_name)
+            _clear(root_fd, stage_name)
+            stage_name = None
+            # the root last: removing the staging directory changed its mtime
+            root = trailer.root
+            if os.geteuid() == 0:
+                os.chown(root_fd, root.uid, root.gid)
+            os.chmod(root_fd, stat.S_IMODE(root.mode))
+            os.utime(root_fd, ns=(root.mtime_ns, root.mtime_ns))
+            os.fsync(root_fd)
+        except OSError as exc:
+            raise_os_error(os.path.join(dst, getattr(exc, "filename", None) or ""), exc)
+    finally:
+        if stage_name is not None:
+            try:
+                dirs.forget(stage_name)
+                _clear(root_fd, stage_name)
+            except OSError:
+                pass
+        dirs.close()
+        os.close(root_fd)
+
+
+def _stage_delta(stream, body, length, e, current, dirs, stage_fd, out, name, dst) -> tuple[int, int]:
+    """Rebuild a file from its delta against the destination's copy."""
+    from .. import formats
+    from ..fs import MappedFile
+    from ..patch import apply_delta
+    cur = current.get(e.path)
+    if cur is None or cur.kind != "f":
+        raise VerificationError(os.path.join(dst, e.path), "the delta's basis is missing; nothing applied")
+    delta_name = out + ".delta"
+    dfd = os.open(delta_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=stage_fd)
+    try:
+        for lo in range(0, length, P.CHUNK_RAW):
+            data = stream.read(body + lo, min(P.CHUNK_RAW, length - lo))
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(dfd, view):]
+    finally:
+        os.close(dfd)
+    here = f"/proc/self/fd/{stage_fd}"
+    with MappedFile(f"{here}/{delta_name}", name=f"{name}: {e.path}") as d:
+        header = formats.unpack_delta(d.buffer, f"{name}: {e.path}").header
+    if header.target_hash != e.blake3 or header.target_len != e.size:
+        raise FormatError(name, P.WHAT, f"{e.path}: delta does not produce the manifest's file")
+    parent, _, base = e.path.rpartition("/")
+    pfd = dirs.get(parent)
+    st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise VerificationError(os.path.join(dst, e.path), "the delta's basis is not a regular file")
+    res = apply_delta(f"/proc/self/fd/{pfd}/{base}", f"{here}/{delta_name}", f"{here}/{out}", threads=None)
+    os.unlink(delta_name, dir_fd=stage_fd)
+    return res.literal_bytes, res.copied_bytes
+
+
+def _attributes(fd: int, name: str, e: P.Entry, is_root: bool) -> None:
+    if is_root:
+        os.chown(name, e.uid, e.gid, dir_fd=fd, follow_symlinks=False)
+    if e.kind != "L":
+        os.chmod(name, stat.S_IMODE(e.mode), dir_fd=fd)
+    os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=fd, follow_symlinks=False)
+
+
+def _commit(trailer: P.Trailer, current: dict, dirs: _Dirs, stage_fd: int, staged: dict,
+            stats: UnpackStats, on_entry) -> None:
+    is_root = os.geteuid() == 0
+    touched: set[str] = set()
+    for index, e in enumerate(trailer.entries):
+        parent, _, base = e.path.rpartition("/")
+        pfd = dirs.get(parent)
+        cur = current.get(e.path)
+        if cur is None:
+            stats.created += 1
+        elif cur.kind != e.kind or index in staged or cur.mode != e.mode or cur.mtime_ns != e.mtime_ns:
+            stats.updated += 1
+        if e.kind == "d":
+            stats.dirs += 1
+            if cur is None or cur.kind != "d":
+                if cur is not None:
+                    _clear(pfd, base)
+                os.mkdir(base, 0o700, dir_fd=pfd)
+                touched.add(parent)
+        elif e.kind == "f":
+            stats.files += 1
+            stats.bytes_scanned += e.size
+            if index in staged:
+                if cur is not None and cur.kind == "d":
+                    dirs.forget(e.path)
+                    _clear(pfd, base)
+                os.rename(staged[index], base, src_dir_fd=stage_fd, dst_dir_fd=pfd)
+                touched.add(parent)
+            _attributes(pfd, base, e, is_root)
+        else:
+            if e.kind == "L":
+                stats.symlinks += 1
+            else:
+                stats.specials += 1
+            tmp = TEMP_PREFIX + os.urandom(6).hex()
+            if e.kind == "L":
+                os.symlink(e.target, tmp, dir_fd=pfd)
+            else:
+                try:
+                    os.mknod(tmp, e.mode, e.rdev, dir_fd=pfd)
+                except PermissionError:
+                    stats.errors += 1
+                    stats.messages.append(f"{e.path}: cannot create a device without root; skipped")
+                    continue
+            try:
+                if cur is not None and cur.kind == "d":
+                    dirs.forget(e.path)
+                    _clear(pfd, base)
+                _attributes(pfd, tmp, e, is_root)
+                os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=pfd)
+                except OSError:
+                    pass
+                raise
+            touched.add(parent)
+        if on_entry is not None:
+            on_entry(e.path, e, e.blake3.hex() if e.kind == "f" else None)
+    for path in reversed(trailer.deletions):         # children before their directories
+        parent, _, base = path.rpartition("/")
+        try:
+            pfd = dirs.get(parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            raise
+        dirs.forget(path)
+        _clear(pfd, base)
+        touched.add(parent)
+        stats.deleted += 1
+    for e in reversed(trailer.entries):
+        if e.kind == "d":
+            parent, _, base = e.path.rpartition("/")
+            _attributes(dirs.get(parent), base, e, is_root)
+
+    for rel in touched:
+        try:
+            os.fsync(dirs.get(rel))
+        except OSError:
+            pass
