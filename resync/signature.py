@@ -160,8 +160,7 @@ def _signature_parts(sig: Signature) -> list:
 
 def signature_bytes(sig: Signature) -> bytes:
     """``sig`` in the signature file format."""
-    return b"".join(bytes(memoryview(p).cast("B")) if not isinstance(p, bytes) else p
-                    for p in _signature_parts(sig))
+    return b"".join(p if isinstance(p, bytes) else p.tobytes() for p in _signature_parts(sig))
 
 
 def signature_from_bytes(buf, name: str) -> Signature:

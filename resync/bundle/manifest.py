@@ -8,11 +8,12 @@ it is refused unless every component is non-empty, not "." or "..", at most
 
 Tree signature (``resync signature-tree``)::
 
-    header  8s "RSYNCTRE" | u16 version 1 | u16 flags 0 | u32 0 | u64 entry count
+    header  8s "RSYNCTRE" | u16 version 1 | u16 flags 0 | u32 0
     entry   path | u8 kind | u32 mode | i64 mtime_ns | u64 size | u32 signature length | signature
             (kind: 1 file, 2 dir, 3 symlink, 4 device, 5 fifo/socket; a signature,
             in resync's signature format, for files only)
-    end     32s BLAKE3 of everything before it (also the tree signature's id)
+    end     u64 entry count | 32s BLAKE3 of everything before it (also the
+            tree signature's id); at the end so the file is written in one pass
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ NONE = (1 << 64) - 1
 
 TREE_MAGIC = b"RSYNCTRE"
 TREE_VERSION = 1
-TREE_HEADER = struct.Struct("<8sHHI")     # then the u64 entry count
+TREE_HEADER = struct.Struct("<8sHHI")
 TREE_ENTRY = struct.Struct("<BIqQI")
 
 
@@ -144,27 +145,28 @@ class ParentTracker:
             self.dirs.add(path)
 
 
-def write_tree_signature(fd: int, entries) -> bytes:
+def write_tree_signature(fd: int, entries) -> tuple[int, bytes]:
     """Write a tree signature of ``entries`` (TreeEntry, parents first) to
-    ``fd``; returns its id (the trailing BLAKE3)."""
+    ``fd``, streaming; returns (entry count, id)."""
     import blake3
     from ..fs import write_all
-    entries = list(entries)
     h = blake3.blake3()
-    head = TREE_HEADER.pack(TREE_MAGIC, TREE_VERSION, 0, 0) + _U64.pack(len(entries))
-    out = bytearray(head)
+    out = bytearray(TREE_HEADER.pack(TREE_MAGIC, TREE_VERSION, 0, 0))
+    count = 0
     for e in entries:
         out += pack_path(e.path)
         out += TREE_ENTRY.pack(KIND_CODES[e.kind], e.mode, e.mtime_ns, e.size, len(e.signature))
         out += e.signature
+        count += 1
         if len(out) >= 1 << 20:
             h.update(out)
             write_all(fd, out)
             out = bytearray()
+    out += _U64.pack(count)
     h.update(out)
     digest = h.digest()
     write_all(fd, bytes(out) + digest)
-    return digest
+    return count, digest
 
 
 def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
@@ -177,7 +179,7 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
         if bytes(buf[:8]) != TREE_MAGIC[:min(8, len(buf))]:
             raise FormatError(name, what, "bad magic")
         raise FormatError(name, what, "truncated")
-    c = Cursor(buf, name, what, end=len(buf) - 32)
+    c = Cursor(buf, name, what, end=len(buf) - 32 - 8)
     magic, version, flags, _ = c.unpack(TREE_HEADER)
     if magic != TREE_MAGIC:
         c.bad("bad magic")
@@ -186,10 +188,10 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
     digest = bytes(buf[len(buf) - 32:])
     if blake3.blake3(buf[:len(buf) - 32]).digest() != digest:
         c.bad("checksum mismatch (damaged or truncated)")
-    count = c.count(2 + TREE_ENTRY.size)
+    (count,) = _U64.unpack_from(buf, c.end)
     parents = ParentTracker(c)
     entries = []
-    for _ in range(count):
+    while c.pos < c.end:
         path = c.path()
         code, mode, mtime_ns, size, sig_len = c.unpack(TREE_ENTRY)
         kind = KINDS.get(code)
@@ -206,6 +208,6 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
                 c.bad(f"{path!r}: signature is of {header.file_len} bytes, entry says {size}")
         parents.add(path, kind)
         entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig))
-    if c.pos != c.end:
-        c.bad("trailing data")
+    if len(entries) != count:
+        c.bad(f"{len(entries)} entries, the count says {count}")
     return digest, entries

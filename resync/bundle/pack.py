@@ -58,16 +58,8 @@ def signature_tree(root: str, out: str) -> tuple[int, int]:
                     sig = signature_bytes(compute_signature(f.array))
             yield TreeEntry(path, e.kind, e.mode, e.mtime_ns, e.size, sig)
 
-    count = 0
-
-    def counted():
-        nonlocal count
-        for e in entries():
-            count += 1
-            yield e
-
     with atomic_output(out) as fd:
-        write_tree_signature(fd, counted())
+        count, _ = write_tree_signature(fd, entries())
         size = os.lseek(fd, 0, os.SEEK_CUR)
     return count, size
 

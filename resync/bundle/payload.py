@@ -71,6 +71,10 @@ class Entry:
     target: bytes
     record: int                 # payload offset of the record, NONE if no content travels
 
+    @property
+    def perms(self) -> int:
+        return self.mode & 0o7777
+
 
 @dataclass(frozen=True)
 class Against:

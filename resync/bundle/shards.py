@@ -350,3 +350,32 @@ class ShardReader:
         """The whole payload, stripe by stripe (memoryviews)."""
         for s in range(self.layout.stripes):
             yield self.stripe_payload(s)
+
+
+def rewrite(reader: ShardReader, fd: int) -> int:
+    """Write the shard file ``reader`` holds, every damaged shard rebuilt, to
+    ``fd``: byte-identical to the file as written. UnrecoverableError (before
+    writing anything) if a stripe has more than m bad shards. Returns the
+    number of shards rebuilt."""
+    lay = reader.layout
+    health = list(reader.health())
+    for h in health:
+        if not h.repairable:
+            raise UnrecoverableError(f"{reader.name}: stripe {h.stripe}",
+                                     f"{len(h.bad)} of {h.stored} shards damaged or missing, "
+                                     f"parity repairs {lay.m}; nothing written")
+    rebuilt = 0
+    for h in health:
+        stored = lay.stored(h.stripe)
+        if not h.bad:
+            block, _ = reader.read_stripe(h.stripe)
+        else:
+            full = reader.stripe_shards(h.stripe)
+            out = bytearray()
+            for index in stored:
+                header = lay.header(h.stripe, index)
+                out += header + _check(header, _digest(full[index])) + full[index].tobytes()
+            block = bytes(out)
+            rebuilt += len(h.bad)
+        _write_all(fd, block, lay.stripe_offset(h.stripe))
+    return rebuilt

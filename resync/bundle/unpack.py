@@ -148,19 +148,54 @@ def _mismatch(dst: str, why: str):
                                  f"({why}); nothing applied")
 
 
-def _check_against(dst: str, current: dict, against: list[P.Against]) -> None:
-    for a in against:
+def _check_against(dst: str, current: dict, trailer: P.Trailer) -> None:
+    """Every destination path must be as the tree signature says, or already
+    as the bundle makes it (a re-run after an interrupted unpack), or gone
+    when the bundle deletes or replaces it."""
+    new = {e.path: e for e in trailer.entries}
+    deleted = set(trailer.deletions)
+
+    def is_new(path: str, cur) -> bool:
+        e = new.get(path)
+        return e is not None and e.kind == cur.kind and (
+            e.kind not in "fL" or (cur.size == e.size and (e.kind == "L" or cur.mtime_ns == e.mtime_ns)))
+
+    for a in trailer.against:
         cur = current.get(a.path)
         if cur is None:
+            if a.path in deleted or a.path in new:
+                continue
             _mismatch(dst, f"{a.path}: missing")
-        if cur.kind != a.kind:
-            _mismatch(dst, f"{a.path}: is a different kind of entry")
-        if a.kind in "fL" and (cur.size != a.size or (a.kind == "f" and cur.mtime_ns != a.mtime_ns)):
-            _mismatch(dst, f"{a.path}: changed")
-    if len(current) != len(against):
-        known = {a.path for a in against}
-        extra = next(p for p in current if p not in known)
-        _mismatch(dst, f"{extra}: not in the tree signature")
+        if cur.kind == a.kind and (a.kind not in "fL" or (
+                cur.size == a.size and (a.kind == "L" or cur.mtime_ns == a.mtime_ns))):
+            continue
+        if is_new(a.path, cur):
+            continue
+        _mismatch(dst, f"{a.path}: changed" if cur.kind == a.kind else f"{a.path}: is a different kind of entry")
+    known = {a.path for a in trailer.against}
+    for path, cur in current.items():
+        if path not in known and not is_new(path, cur):
+            _mismatch(dst, f"{path}: not in the tree signature")
+
+
+def _already_new(dirs: "_Dirs", e: P.Entry, cur) -> bool:
+    """Whether the destination already holds ``e`` (an earlier, interrupted
+    unpack got that far): same size and mtime, and the same BLAKE3."""
+    import blake3
+    if cur is None or cur.kind != "f" or cur.size != e.size or cur.mtime_ns != e.mtime_ns:
+        return False
+    parent, _, base = e.path.rpartition("/")
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dirs.get(parent))
+    except OSError:
+        return False
+    try:
+        h = blake3.blake3()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return h.digest() == e.blake3
+    finally:
+        os.close(fd)
 
 
 class _Dirs:
@@ -315,7 +350,7 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
         except OSError as exc:
             raise_os_error(dst, exc)
         if info.against_id is not None:
-            _check_against(dst, current, trailer.against)
+            _check_against(dst, current, trailer)
 
         # 1. stage every file's new content, checked, in the staging directory
         stage_name = STAGE_PREFIX + info.bundle_id.hex()[:16]
@@ -328,6 +363,8 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
         staged = {}
         for index, e in enumerate(trailer.entries):
             if e.kind != "f" or e.record == NONE:
+                continue
+            if info.against_id is not None and _already_new(dirs, e, current.get(e.path)):
                 continue
             started = time.monotonic()
             kind, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))

@@ -9,7 +9,8 @@ import sys
 import click
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
-from . import delta_cmd, history_cmd, patch_cmd, signature_cmd, sync_cmd, verify_cmd
+from . import (delta_cmd, history_cmd, pack_cmd, patch_cmd, repair_cmd, signature_cmd, signature_tree_cmd,
+               sync_cmd, unpack_cmd, verify_cmd)
 
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
 
@@ -28,12 +29,13 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version and which kernels run, then exit.")
 def cli() -> None:
-    """resync: mirror directory trees (sync) and rsync-style file deltas
-    (signature, delta, patch).
+    """resync: mirror directory trees (sync), rsync-style file deltas
+    (signature, delta, patch) and parity-protected offline bundles
+    (signature-tree, pack, unpack, verify, repair).
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 file error, 4 invalid resync
-    file, 5 verification failed, 6 no space, 23 partial transfer, 24 source
-    files vanished, 25 deletion refused, 130 interrupted.
+    file, 5 verification failed, 6 no space, 7 damaged beyond repair, 23 partial
+    transfer, 24 source files vanished, 25 deletion refused, 130 interrupted.
     """
 
 
@@ -43,6 +45,10 @@ cli.add_command(patch_cmd.command)
 cli.add_command(sync_cmd.command)
 cli.add_command(history_cmd.command)
 cli.add_command(verify_cmd.command)
+cli.add_command(signature_tree_cmd.command)
+cli.add_command(pack_cmd.command)
+cli.add_command(unpack_cmd.command)
+cli.add_command(repair_cmd.command)
 
 
 def _fail(message: str, code: int) -> None:

@@ -41,3 +41,27 @@ def history_options(f):
                      default=None, metavar="PATH",
                      help="History database (default: ~/.local/share/resync/history.duckdb; env RESYNC_HISTORY).")(f)
     return f
+
+
+def recorded(record: bool, history_path, command: str, source: str, destination: str, work):
+    """Run ``work(on_entry, on_file)`` (returns stats with the SyncStats
+    counters) and record it in the history unless ``record`` is false: the
+    run is marked failed if ``work`` raises."""
+    if not record:
+        return work(None, None)
+    import os
+
+    from ..store.recorder import RunRecorder
+    from ..sync import FileChange
+    recorder = RunRecorder(history_path, command, os.path.abspath(source), os.path.abspath(destination))
+
+    def on_file(path, action, size, literal, matched, seconds, digest):
+        recorder.file(FileChange(path, action, size, literal, matched, seconds, digest))
+
+    try:
+        stats = work(recorder.entry, on_file)
+    except BaseException:
+        recorder.finish("failed", None)
+        raise
+    recorder.finish("partial" if stats.errors else "vanished" if stats.vanished else "ok", stats)
+    return stats

@@ -4,21 +4,30 @@ from .options import history_options, json_option
 
 
 @click.command("verify")
-@click.argument("dst", type=click.Path(file_okay=False, exists=True))
+@click.argument("dst", type=click.Path(exists=True))
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @history_options
 def command(dst, as_json, quiet, history_path, no_history):
-    """Re-hash DST and compare it with the manifest of the last sync into it.
+    """Check a directory against its last recorded manifest, or a bundle's
+    shards.
 
-    Reports missing, extra and changed entries and corrupt files (content
-    differs while size and mtime agree); exit code 5 if anything differs.
+    A directory DST is re-hashed and compared with the manifest of the last
+    sync or unpack into it: missing, extra and changed entries and corrupt
+    files (content differs while size and mtime agree); exit 5 if anything
+    differs.
 
-    Example: resync verify /backup/photos
+    A bundle file has every shard checked: exit 0 if intact, 5 if damaged
+    but repairable (resync repair), 7 if a stripe is damaged beyond its parity.
+
+    Examples: resync verify /backup/photos; resync verify photos.bundle
     """
     import json
     import os
     import sys
+
+    if not os.path.isdir(dst):
+        return _verify_bundle(dst, as_json, quiet)
 
     from ..errors import VerificationError
     from ..store import History
@@ -45,3 +54,52 @@ def command(dst, as_json, quiet, history_path, no_history):
                                      f"({report.summary()})")
     if not as_json:
         click.echo(f"verify: {report.checked} entries match run {run_id[:12]}", err=True)
+
+
+def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
+    import json
+    import os
+    import sys
+
+    from ..bundle.shards import ShardReader
+    from ..bundle.unpack import read_bundle
+    from ..errors import FileError, UnrecoverableError, VerificationError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FileError.from_os(path, exc) from None
+    try:
+        reader = ShardReader(fd, path)
+        lay = reader.layout
+        damaged = []
+        for h in reader.health():
+            if h.bad:
+                damaged.append(h)
+                if not quiet and not as_json:
+                    bad = ", ".join(f"{'data' if i < lay.k else 'parity'} {i}" for i in h.bad)
+                    state = "repairable" if h.repairable else "NOT repairable"
+                    click.echo(f"stripe {h.stripe}: {len(h.bad)} of {h.stored} shards bad ({bad}): {state}")
+        fatal = [h for h in damaged if not h.repairable]
+        if not fatal:
+            info = read_bundle(reader)[1]       # header, footer and trailer parse and match
+        trailing = reader.trailing_bytes
+    finally:
+        os.close(fd)
+    bad_shards = sum(len(h.bad) for h in damaged)
+    summary = (f"{lay.stripes} stripes of RS({lay.k},{lay.m}) x {lay.shard_size} B, "
+               f"{bad_shards} shards bad in {len(damaged)} stripes")
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "bundle_id": lay.bundle_id.hex(), "k": lay.k, "m": lay.m, "shard_size": lay.shard_size,
+            "stripes": lay.stripes, "payload_bytes": lay.payload_len, "trailing_bytes": trailing,
+            "entries": None if fatal else len(info.trailer.entries),
+            "damaged": [{"stripe": h.stripe, "bad": list(h.bad), "repairable": h.repairable}
+                        for h in damaged]}, sort_keys=True) + "\n")
+    if fatal:
+        raise UnrecoverableError(path, f"{summary}; {len(fatal)} stripes beyond repair")
+    if damaged or trailing:
+        extra = f", {trailing} bytes of trailing junk" if trailing else ""
+        raise VerificationError(path, f"damaged but repairable ({summary}{extra}); run resync repair")
+    if not quiet and not as_json:
+        click.echo(f"verify: {path}: intact ({summary}; {len(info.trailer.entries)} entries)", err=True)

@@ -202,13 +202,56 @@ def _choose(present: tuple[int, ...], k: int, n: int) -> tuple[int, ...]:
 def _parity_matrix(k: int, m: int) -> np.ndarray:
     if m == 0:
         return np.zeros((0, k), np.uint8)
-    field = _field()
-    x = field(np.arange(k, k + m))
-    y = field(np.arange(k))
-    cauchy = np.reciprocal(x[:, None] + y[None, :])
-    out = np.asarray(cauchy.view(np.ndarray), np.uint8)
+    out = _cached_matrix(k, m)
+    if out is None:
+        field = _field()
+        x = field(np.arange(k, k + m))
+        y = field(np.arange(k))
+        out = np.asarray(np.reciprocal(x[:, None] + y[None, :]).view(np.ndarray), np.uint8)
+        _store_matrix(k, m, out)
     out.flags.writeable = False
     return out
+
+
+# galois needs ~2 s in a new process to set up GF(2^8) (it compiles its
+# ufuncs), which a one-shot `resync pack` of a few files should not pay each
+# time: the parity matrices it builds are kept in the cache directory. A cached
+# matrix is used only if every entry checks out as 1 / (x_i + y_j).
+
+def _matrix_path(k: int, m: int):
+    from ..kernels.native import cache_dir
+    return cache_dir() / f"rs-cauchy-{k}-{m}.npy"
+
+
+def _is_cauchy(k: int, m: int, c: np.ndarray) -> bool:
+    if c.shape != (m, k) or c.dtype != np.uint8:
+        return False
+    x = np.arange(k, k + m)[:, None]
+    y = np.arange(k)[None, :]
+    return bool((gf.mul_table()[(c.astype(np.intp) << 8) | (x ^ y)] == 1).all())
+
+
+def _cached_matrix(k: int, m: int) -> np.ndarray | None:
+    try:
+        c = np.load(_matrix_path(k, m), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return np.ascontiguousarray(c) if _is_cauchy(k, m, c) else None
+
+
+def _store_matrix(k: int, m: int, c: np.ndarray) -> None:
+    path = _matrix_path(k, m)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.save(f, c, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def generator_matrix(k: int, m: int) -> np.ndarray:
