@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN    := .run
 
-.PHONY: install run test bench tools clean
+.PHONY: install run test bench tools bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,18 @@ tools:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# What bench/ compares against besides rdiff and rsync: zfec and pyeclib from
+# PyPI; Debian's ISA-L and liberasurecode (pyeclib's wheel also ships its own).
+bench-tools: tools
+	@$(PIP) install --quiet -e '.[test,bench]'
+	@dpkg -s libisal2 liberasurecode1 >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libisal2 liberasurecode1 >/dev/null; }
+
 # The main job on a built-in default: mirror a generated sample tree, change it,
 # mirror again (recorded in a history database), show the history; then the
 # delta engine on a seeded 64 MiB file.
-run: install
+run: install tools
 	@rm -rf $(RUN) && mkdir -p $(RUN)
 	$(PY) bench/gen.py tree --files 2000 --big 1 --big-size 8MB --seed 1 $(RUN)/src
 	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync sync -v $(RUN)/src $(RUN)/mirror
@@ -51,14 +59,24 @@ run: install
 	$(VENV)/bin/resync delta $(RUN)/basis.sig $(RUN)/new $(RUN)/new.delta -v --json
 	$(VENV)/bin/resync patch $(RUN)/basis $(RUN)/new.delta $(RUN)/result -v
 	cmp $(RUN)/result $(RUN)/new && echo "run: result is byte-identical to the new file"
+	# offline flow: describe the mirror, pack the changes with parity, damage the bundle, apply it
+	$(VENV)/bin/resync signature-tree $(RUN)/mirror -o $(RUN)/mirror.sig -v
+	$(PY) bench/gen.py change --fraction 0.02 --seed 3 $(RUN)/src
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync pack $(RUN)/src --against $(RUN)/mirror.sig -o $(RUN)/changes.bundle -v
+	$(PY) -c "import os; f = os.open('$(RUN)/changes.bundle', os.O_RDWR); os.pwrite(f, bytes(4096), 100000); os.close(f)"
+	$(VENV)/bin/resync verify $(RUN)/changes.bundle || echo "run: bundle damaged (exit $$?), repairable from parity"
+	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync unpack $(RUN)/changes.bundle $(RUN)/mirror -v
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/mirror/ | grep . && exit 1 || echo "run: mirror equals the source (rsync -c finds nothing to do)"
 
 test: install tools
 	$(PY) -m pytest -q
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py tests/test_erasure.py
 
-bench: install tools
+bench: install bench-tools
 	$(PY) bench/bench_delta.py
 	$(PY) bench/bench_sync.py
+	$(PY) bench/bench_erasure.py
+	$(PY) bench/bench_bundle.py
 
 clean:
 	rm -rf $(VENV) $(RUN) bench/.data .pytest_cache .hypothesis
