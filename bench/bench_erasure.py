@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """resync's Reed-Solomon erasure code vs zfec and pyeclib (ISA-L), in one process.
 
-    cd /work/main && .venv/bin/python bench/bench_erasure.py [--size 64MiB] [--repeat 5] [--seed 0] [--json]
+    .venv/bin/python bench/bench_erasure.py [--size 64MiB] [--repeat 5] [--seed 0] [--json]
 
 Cases: RS(50,10) and RS(50,25) over the same seeded random data (64 MiB by
 default), laid out as a (k, L) uint8 array with L = ceil(size / k) and the tail

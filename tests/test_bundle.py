@@ -314,7 +314,7 @@ def test_pack_and_unpack_are_recorded_and_verify_uses_the_manifest(tmp_path):
 
 # -- hostile bundles ---------------------------------------------------------------
 
-def hostile_bundle(path: Path, entries, records=b"", against=None, deletions=(), flags=0) -> None:
+def hostile_bundle(path: Path, entries, records=b"", against=None, deletions=(), flags=0) -> None:  # noqa: E501
     """A bundle whose shards are all valid but whose payload says what we like."""
     bundle_id = b"H" * 16
     head = P.HEADER.pack(P.MAGIC, P.VERSION, flags, 0, bundle_id, bytes(32), 0)
@@ -511,3 +511,37 @@ def test_kill_during_unpack_leaves_old_or_new_and_rerun_finishes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert snapshot(dst) == new
     assert not any(p.name.startswith(".resync-tmp") for p in dst.rglob("*"))
+
+
+def test_bundle_format_is_frozen(tmp_path):
+    """A fixed bundle (payload and shards) as bytes: changing any layout,
+    constant or check breaks bundles already written and shows here."""
+    content = b"frozen content\n" * 3
+    entries = [dir_entry("d"), file_entry("d/f", content, P.HEADER.size), link_entry("l", b"d/f")]
+    hostile_bundle(tmp_path / "b", entries, whole_record(1, content))
+    raw = (tmp_path / "b").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == GOLDEN_BUNDLE
+    unpack(str(tmp_path / "b"), str(tmp_path / "dst"))
+    assert (tmp_path / "dst" / "d" / "f").read_bytes() == content
+    assert os.readlink(tmp_path / "dst" / "l") == "d/f"
+
+
+GOLDEN_BUNDLE = "4e756d13e397039e4acd4b1576effa960fedbe6fb692098d695e0dffd5a11a1c"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    (0, b"RSYNCXXX", "bad payload magic"), (1, 2, "unsupported payload version 2"), (2, 6, "unknown flags")])
+def test_bad_payload_header(tmp_path, field, value, message):
+    fields = [P.MAGIC, P.VERSION, 0, 0, b"H" * 16, bytes(32), 0]
+    fields[field] = value
+    trailer = P.pack_trailer(P.Trailer(P.Root(0o40755, 0, 0, 0), [], [], []))
+    head = P.HEADER.pack(*fields)
+    payload = head + trailer + P.FOOTER.pack(len(head), len(trailer), blake3.blake3(trailer).digest(), P.END_MAGIC)
+    fd = os.open(tmp_path / "b", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    w = ShardWriter(fd, b"H" * 16, 4, 2, 1024)
+    w.write(payload)
+    w.close()
+    os.close(fd)
+    with pytest.raises(FormatError, match=message):
+        unpack(str(tmp_path / "b"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
