@@ -314,7 +314,7 @@ def test_pack_and_unpack_are_recorded_and_verify_uses_the_manifest(tmp_path):
 
 # -- hostile bundles ---------------------------------------------------------------
 
-def hostile_bundle(path: Path, entries, records=b"", against=None, deletions=(), flags=0) -> None:  # noqa: E501
+def hostile_bundle(path: Path, entries, records=b"", against=None, deletions=(), flags=0) -> None:
     """A bundle whose shards are all valid but whose payload says what we like."""
     bundle_id = b"H" * 16
     head = P.HEADER.pack(P.MAGIC, P.VERSION, flags, 0, bundle_id, bytes(32), 0)
