@@ -20,8 +20,8 @@ source with the same seed (so every repeat does the same work) and runs:
    is reported as its own step.
 
 After each phase DST1 and DST2 must be identical (`diff -r`, and type, mode,
-owner, size and mtime of every path, to the nanosecond for files) and equal to
-SRC, and `resync verify` of the bundle must exit 0; the benchmark stops with
+owner, size and mtime to the nanosecond of every path, the roots included) and
+equal to SRC, and `resync verify` of the bundle must exit 0; the benchmark stops with
 an error otherwise. Times are wall clock of whole processes
 (time.perf_counter around subprocess.run; best of --repeat). resync fsyncs
 what it writes (the bundle, the tree signature, every unpacked file); rsync

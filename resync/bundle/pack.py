@@ -266,10 +266,10 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
             raise_os_error(src, exc)
         trailer = P.pack_trailer(P.Trailer(
             P.Root(rst.st_mode, rst.st_mtime_ns, rst.st_uid, rst.st_gid), entries, [P.Against(e.path, e.kind, e.size, e.mtime_ns) for e in old_entries], deletions))
-        import blake3
         trailer_offset = body.pos
-        body.put(trailer)
-        body.put(P.FOOTER.pack(trailer_offset, len(trailer), blake3.blake3(trailer).digest(), P.END_MAGIC))
+        stored = P.store_trailer(trailer)
+        body.put(stored)
+        body.put(P.footer(trailer_offset, trailer, stored))
         layout = writer.close()
     stats.payload_bytes = layout.payload_len
     stats.bundle_bytes = stats.bytes_written = layout.file_size

@@ -19,8 +19,11 @@ Little-endian throughout::
              u64 n | n tree-signature entries the destination must match:
                  path | u8 kind | u64 size | i64 mtime_ns
              u64 n | n paths to delete (in the tree signature, not in the source)
-    footer   u64 trailer offset | u64 trailer length | 32s BLAKE3 of the
-             trailer | 8s "RSYNCEND"
+    footer   u64 trailer offset | u64 stored trailer length | u64 trailer length
+             | 32s BLAKE3 of the stored trailer | 8s "RSYNCEND"
+
+The trailer is stored as one LZ4 block (paths repeat their directories; this
+makes it ~4x smaller); its length is capped by what LZ4 can expand to.
 
 Manifest entries come parents first; the trailer is at the end so that pack
 reads each source file once (its BLAKE3 is known after its record is written).
@@ -43,7 +46,7 @@ CHUNK = struct.Struct("<BII")
 ENTRY = struct.Struct("<BIqQIIQ32sQ")
 AGAINST = struct.Struct("<BQq")
 ROOT = struct.Struct("<IqII")
-FOOTER = struct.Struct("<QQ32s8s")
+FOOTER = struct.Struct("<QQQ32s8s")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
 WHOLE = 1
@@ -54,7 +57,20 @@ MAX_CHUNK = 4 << 20
 CHUNK_RAW = 1 << 20          # what pack cuts files into
 WHAT = "resync bundle"
 
-assert HEADER.size == 72 and RECORD.size == 16 and FOOTER.size == 56
+MAX_TRAILER = 1 << 34      # 16 GiB: far beyond any real tree, and checked before allocation
+LZ4_MAX_RATIO = 255        # an LZ4 block cannot expand by more than this
+
+assert HEADER.size == 72 and RECORD.size == 16 and FOOTER.size == 64
+
+
+def store_trailer(raw: bytes) -> bytes:
+    import lz4.block
+    return lz4.block.compress(raw, store_size=False)
+
+
+def footer(trailer_offset: int, raw: bytes, stored: bytes) -> bytes:
+    import blake3
+    return FOOTER.pack(trailer_offset, len(stored), len(raw), blake3.blake3(stored).digest(), END_MAGIC)
 
 
 @dataclass(frozen=True)

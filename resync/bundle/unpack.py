@@ -90,14 +90,23 @@ def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
         raise FormatError(name, P.WHAT, "payload and shards belong to different bundles")
     if flags & ~P.FLAG_AGAINST:
         raise FormatError(name, P.WHAT, f"unknown flags {flags:#x}")
-    t_off, t_len, t_hash, end = P.FOOTER.unpack(stream.read(size - P.FOOTER.size, P.FOOTER.size))
+    t_off, t_len, raw_len, t_hash, end = P.FOOTER.unpack(stream.read(size - P.FOOTER.size, P.FOOTER.size))
     if end != P.END_MAGIC:
         raise FormatError(name, P.WHAT, "bad end magic (truncated?)")
     if t_off < P.HEADER.size or t_off + t_len != size - P.FOOTER.size:
         raise FormatError(name, P.WHAT, "trailer offset or length out of range")
-    raw = stream.read(t_off, t_len)
-    if blake3.blake3(raw).digest() != t_hash:
+    if raw_len > P.MAX_TRAILER or raw_len > t_len * P.LZ4_MAX_RATIO + 16:
+        raise FormatError(name, P.WHAT, f"trailer length {raw_len} out of range")
+    stored = stream.read(t_off, t_len)
+    if blake3.blake3(stored).digest() != t_hash:
         raise FormatError(name, P.WHAT, "trailer checksum mismatch")
+    import lz4.block
+    try:
+        raw = lz4.block.decompress(stored, uncompressed_size=raw_len) if raw_len else b""
+    except lz4.block.LZ4BlockError:
+        raise FormatError(name, P.WHAT, "corrupt trailer (LZ4)") from None
+    if len(raw) != raw_len:
+        raise FormatError(name, P.WHAT, "trailer expands to the wrong size")
     against = bool(flags & P.FLAG_AGAINST)
     trailer = P.unpack_trailer(raw, name, t_off, against)
     return stream, BundleInfo(bundle_id, against_id if against else None, created, trailer, t_off)
