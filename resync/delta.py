@@ -204,7 +204,7 @@ def _encode_chunk(raw: np.ndarray) -> tuple[int, bytes | np.ndarray]:
 
 def write_delta(path: str | os.PathLike, sig: Signature, data: np.ndarray, target_hash,
                 kinds: np.ndarray, sources: np.ndarray, lengths: np.ndarray,
-                literal_positions: np.ndarray, threads: int) -> tuple[int, int]:
+                literal_positions: np.ndarray, threads: int, durable: bool = True) -> tuple[int, int]:
     """Write a delta file atomically. ``target_hash`` is bytes or a
     HashInBackground. Returns (file size, stored literal bytes)."""
     is_insert = kinds == formats.INSERT
@@ -216,7 +216,7 @@ def write_delta(path: str | os.PathLike, sig: Signature, data: np.ndarray, targe
     chunk_table = np.zeros(nchunks, dtype=formats.CHUNK)
     table_offset = formats.DELTA_HEADER.size + records.nbytes
     stored_total = 0
-    with atomic_output(path) as fd:
+    with atomic_output(path, durable) as fd:
         os.pwrite(fd, b"\0" * formats.DELTA_HEADER.size, 0)
         os.lseek(fd, formats.DELTA_HEADER.size, os.SEEK_SET)
         write_all(fd, records)
@@ -250,13 +250,13 @@ def _put_chunk(fd: int, table: np.ndarray, i: int, raw_len: int, codec: int, pay
 
 
 def make_delta(sig: Signature, data: np.ndarray, out: str | os.PathLike,
-               threads: int | None = None) -> DeltaStats:
+               threads: int | None = None, durable: bool = True) -> DeltaStats:
     threads = threads or thread_count()
     target_hash = HashInBackground(data)
     matches = find_matches(sig, data, threads)
     kinds, sources, lengths, literal_positions = build_instructions(matches, int(data.shape[0]))
     size, stored = write_delta(out, sig, data, target_hash, kinds, sources, lengths,
-                               literal_positions, threads)
+                               literal_positions, threads, durable)
     is_insert = kinds == formats.INSERT
     literal = int(lengths[is_insert].sum())
     return DeltaStats(

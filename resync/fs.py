@@ -35,12 +35,14 @@ def raise_os_error(path, exc: OSError):
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[int]:
+def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int]:
     """Yield a file descriptor whose contents replace ``path`` only if the block
     completes: then the data is fsynced and renamed over ``path`` and the
     directory is fsynced. On any exception the temp file is removed and
     ``path`` keeps its old contents. A new file gets mode 0666 & ~umask; a
-    replaced file keeps its mode.
+    replaced file keeps its mode. ``durable=False`` skips both fsyncs, for a
+    caller that makes a whole batch durable at once (``syncfs``) or writes
+    scratch files.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -61,7 +63,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[int]:
         try:
             yield fd
             os.fchmod(fd, mode)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -73,6 +76,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[int]:
         if isinstance(exc, OSError):
             raise_os_error(path, exc)
         raise
+    if not durable:
+        return
     try:
         _fsync_dir(directory)
     except OSError as exc:

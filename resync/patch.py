@@ -88,7 +88,7 @@ def _check_space(path: str, need: int) -> None:
 
 
 def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
-                threads: int | None = None) -> PatchStats:
+                threads: int | None = None, durable: bool = True) -> PatchStats:
     from .kernels.native import get
     assemble = get("assemble")
 
@@ -116,7 +116,7 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
 
             import blake3
             hasher = blake3.blake3()
-            with atomic_output(out_path) as fd:
+            with atomic_output(out_path, durable) as fd:
                 writer = StreamWriter(fd, WINDOW, hasher=hasher)
                 try:
                     index, skip, written = 0, 0, 0

@@ -108,3 +108,16 @@ def test_stream_writer_error_reaches_caller_and_keeps_old_file(tmp_path):
                 w.close()
                 os.close(ro)
     assert target.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("durable,fsyncs", [(True, 2), (False, 0)])
+def test_durable_flag_controls_the_fsyncs(tmp_path, monkeypatch, durable, fsyncs):
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    target = tmp_path / "f"
+    with atomic_output(target, durable) as fd:
+        write_all(fd, b"content")
+    assert target.read_bytes() == b"content"
+    assert len(calls) == fsyncs                      # file and directory, or neither
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]

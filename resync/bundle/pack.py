@@ -204,7 +204,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                                 if f.array.shape[0] != e.size:
                                     digest = None
                                 else:
-                                    ds = make_delta(sig, f.array, delta_path)
+                                    ds = make_delta(sig, f.array, delta_path, durable=False)
                             if digest is not None:
                                 with MappedFile(delta_path) as d:
                                     digest = formats.unpack_delta(d.buffer, path).header.target_hash

@@ -467,7 +467,8 @@ def _stage_delta(stream, body, length, e, current, dirs, stage_fd, out, name, ds
     st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
         raise VerificationError(os.path.join(dst, e.path), "the delta's basis is not a regular file")
-    res = apply_delta(f"/proc/self/fd/{pfd}/{base}", f"{here}/{delta_name}", f"{here}/{out}", threads=None)
+    # staged files are made durable together (syncfs) before any is renamed into place
+    res = apply_delta(f"/proc/self/fd/{pfd}/{base}", f"{here}/{delta_name}", f"{here}/{out}", durable=False)
     os.unlink(delta_name, dir_fd=stage_fd)
     return res.literal_bytes, res.copied_bytes
 
