@@ -23,7 +23,7 @@ from resync.bundle.manifest import NONE
 from resync.bundle.pack import pack, signature_tree
 from resync.bundle.shards import HEADER_SIZE, Layout, ShardReader, ShardWriter, rewrite
 from resync.bundle.unpack import unpack
-from resync.errors import FormatError, ResyncError, UnrecoverableError, VerificationError
+from resync.errors import FormatError, ResyncError, UnrecoverableError
 
 from . import naive
 from .test_sync import make_tree, mutate, seconds

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..errors import FileError, FormatError, UsageError
+from ..errors import FileError, UsageError
 from ..fs import MappedFile, atomic_output, raise_os_error
 from ..tree import Entry as FsEntry
 from ..tree import join, list_dir
@@ -73,30 +73,24 @@ def load_tree_signature(path: str) -> tuple[bytes, list[TreeEntry]]:
 
 
 @dataclass
-class PackStats:
-    files: int = 0                  # regular files in the source
+class BundleStats:
+    """Counters of a pack or unpack, named as SyncStats's (the history
+    records them the same way)."""
+    files: int = 0                  # regular files in the tree
     dirs: int = 0
     symlinks: int = 0
     specials: int = 0
     bytes_scanned: int = 0          # their total size
-    files_transferred: int = 0      # files whose content (whole or delta) is in the bundle
-    whole_files: int = 0
-    delta_files: int = 0
-    unchanged: int = 0              # files the destination already has (quick check)
+    files_transferred: int = 0      # files whose content (whole or delta) travels / was written
     bytes_literal: int = 0          # file bytes carried (whole files and delta literals)
-    bytes_matched: int = 0          # file bytes the destination rebuilds from its own copy
-    deleted: int = 0                # deletions the bundle carries
-    payload_bytes: int = 0
-    bundle_bytes: int = 0           # size of the bundle file (payload + parity + headers)
+    bytes_matched: int = 0          # file bytes rebuilt from the destination's own copy
     bytes_written: int = 0
-    k: int = 0
-    m: int = 0
-    shard_size: int = 0
-    stripes: int = 0
-    errors: int = 0
-    vanished: int = 0
     created: int = 0
     updated: int = 0
+    deleted: int = 0
+    errors: int = 0
+    vanished: int = 0
+    stripes: int = 0
     duration: float = 0.0
     messages: list[str] = field(default_factory=list)
 
@@ -104,6 +98,18 @@ class PackStats:
         d = dict(vars(self))
         d.pop("messages")
         return d
+
+
+@dataclass
+class PackStats(BundleStats):
+    whole_files: int = 0
+    delta_files: int = 0
+    unchanged: int = 0              # files the destination already has (quick check)
+    payload_bytes: int = 0
+    bundle_bytes: int = 0           # size of the bundle file (payload + parity + headers)
+    k: int = 0
+    m: int = 0
+    shard_size: int = 0
 
 
 class _Payload:

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import FormatError, UnrecoverableError, UsageError
+from ..errors import FileError, FormatError, UnrecoverableError, UsageError
 from ..erasure import MAX_SHARDS, ReedSolomon, multiply
 
 SHARD_MAGIC = b"RSYNCSHD"
@@ -379,3 +380,16 @@ def rewrite(reader: ShardReader, fd: int) -> int:
             rebuilt += len(h.bad)
         _write_all(fd, block, lay.stripe_offset(h.stripe))
     return rebuilt
+
+
+@contextmanager
+def open_bundle(path: str):
+    """A ShardReader on the file at ``path`` (closed afterwards)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FileError.from_os(path, exc) from None
+    try:
+        yield ShardReader(fd, path)
+    finally:
+        os.close(fd)

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..errors import FileError, FormatError, UnrecoverableError, UsageError, VerificationError
+from ..errors import FormatError, UnrecoverableError, UsageError, VerificationError
 from ..fs import TEMP_PREFIX, raise_os_error
 from ..tree import DIR_FLAGS, open_dir_at
 from . import payload as P
 from .manifest import NONE
-from .pack import walk
-from .shards import ShardReader
+from .pack import BundleStats, walk
+from .shards import ShardReader, open_bundle
 
 STAGE_PREFIX = TEMP_PREFIX + "unpack-"
 
@@ -125,31 +124,9 @@ def check_health(reader: ShardReader) -> list:
 
 
 @dataclass
-class UnpackStats:
-    files: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    specials: int = 0
-    bytes_scanned: int = 0
-    files_transferred: int = 0
-    bytes_literal: int = 0
-    bytes_matched: int = 0
-    bytes_written: int = 0
-    created: int = 0
-    updated: int = 0
-    deleted: int = 0
-    errors: int = 0
-    vanished: int = 0
-    stripes: int = 0
+class UnpackStats(BundleStats):
     damaged_stripes: int = 0
     repaired_shards: int = 0
-    duration: float = 0.0
-    messages: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        d = dict(vars(self))
-        d.pop("messages")
-        return d
 
 
 def _mismatch(dst: str, why: str):
@@ -308,22 +285,15 @@ def unpack(bundle: str, dst: str, on_entry=None, on_file=None) -> UnpackStats:
     was made without a tree signature)."""
     t0 = time.monotonic()
     stats = UnpackStats()
-    try:
-        fd = os.open(bundle, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FileError.from_os(bundle, exc) from None
-    try:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise UsageError(f"{bundle}: is a directory, not a bundle")
-        reader = ShardReader(fd, bundle)
+    if os.path.isdir(bundle):
+        raise UsageError(f"{bundle}: is a directory, not a bundle")
+    with open_bundle(bundle) as reader:
         health = check_health(reader)
         stats.stripes = len(health)
         stats.damaged_stripes = sum(1 for h in health if h.bad)
         stats.repaired_shards = sum(len(h.bad) for h in health)
         stream, info = read_bundle(reader)
         _apply(stream, info, bundle, dst, stats, on_entry, on_file)
-    finally:
-        os.close(fd)
     stats.duration = time.monotonic() - t0
     return stats
 

@@ -15,22 +15,12 @@ def command(bundle, out, quiet):
 
     Example: resync repair photos.bundle -o photos.fixed.bundle
     """
-    import os
-
-    from ..bundle.shards import ShardReader, rewrite
-    from ..errors import FileError
+    from ..bundle.shards import open_bundle, rewrite
     from ..fs import atomic_output
 
-    try:
-        fd = os.open(bundle, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FileError.from_os(bundle, exc) from None
-    try:
-        reader = ShardReader(fd, bundle)
+    with open_bundle(bundle) as reader:
         with atomic_output(out) as ofd:
             rebuilt = rewrite(reader, ofd)
-    finally:
-        os.close(fd)
     if not quiet:
         click.echo(f"repair: {rebuilt} shards rebuilt; {reader.layout.stripes} stripes written to {out}",
                    err=True)

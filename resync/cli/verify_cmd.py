@@ -58,19 +58,13 @@ def command(dst, as_json, quiet, history_path, no_history):
 
 def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
     import json
-    import os
     import sys
 
-    from ..bundle.shards import ShardReader
+    from ..bundle.shards import open_bundle
     from ..bundle.unpack import read_bundle
-    from ..errors import FileError, UnrecoverableError, VerificationError
+    from ..errors import UnrecoverableError, VerificationError
 
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FileError.from_os(path, exc) from None
-    try:
-        reader = ShardReader(fd, path)
+    with open_bundle(path) as reader:
         lay = reader.layout
         damaged = []
         for h in reader.health():
@@ -84,8 +78,6 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
         if not fatal:
             info = read_bundle(reader)[1]       # header, footer and trailer parse and match
         trailing = reader.trailing_bytes
-    finally:
-        os.close(fd)
     bad_shards = sum(len(h.bad) for h in damaged)
     summary = (f"{lay.stripes} stripes of RS({lay.k},{lay.m}) x {lay.shard_size} B, "
                f"{bad_shards} shards bad in {len(damaged)} stripes")
