@@ -270,17 +270,26 @@ class ShardReader:
         return layout
 
     def _find_layout(self) -> Layout:
+        """From the first shard; if its header is damaged, from the first
+        intact one found scanning the start of the file (a piece at a time)."""
         if self.size == 0:
             self._bad("empty file")
-        window = _read_exact(self.fd, 0, min(self.size, _FIND_WINDOW))
-        pos = window.find(SHARD_MAGIC)
-        if pos < 0:
+        layout = self._layout_at(0)
+        if layout is not None:
+            return layout
+        piece = 1 << 20
+        seen_magic = False
+        for base in range(0, min(self.size, _FIND_WINDOW), piece):
+            window = _read_exact(self.fd, base, piece + len(SHARD_MAGIC) - 1)
+            pos = window.find(SHARD_MAGIC)
+            while 0 <= pos < piece:
+                seen_magic = True
+                layout = self._layout_at(base + pos)
+                if layout is not None:
+                    return layout
+                pos = window.find(SHARD_MAGIC, pos + 1)
+        if not seen_magic:
             self._bad("bad magic (no resync shard found)")
-        while pos >= 0:
-            layout = self._layout_at(pos)
-            if layout is not None:
-                return layout
-            pos = window.find(SHARD_MAGIC, pos + 1)
         self._bad("no intact shard header found (damaged beyond repair, or not a bundle)")
 
     def _shard_ok(self, block: bytes, pos: int, stripe: int, index: int) -> bool:
