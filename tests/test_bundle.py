@@ -554,3 +554,13 @@ def test_bad_payload_header(tmp_path, field, value, message):
     with pytest.raises(FormatError, match=message):
         unpack(str(tmp_path / "b"), str(tmp_path / "dst"))
     assert not (tmp_path / "dst").exists()
+
+
+def test_bundle_written_inside_its_source_is_not_packed(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    stats = pack(str(src), str(src / "self.bundle"), None, 2, 1)
+    assert stats.files == 1                      # neither the bundle's temp file nor pack's scratch
+    unpack(str(src / "self.bundle"), str(tmp_path / "dst"))
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["f"]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import FileError, UsageError
-from ..fs import MappedFile, atomic_output, raise_os_error
+from ..fs import TEMP_PREFIX, MappedFile, atomic_output, raise_os_error
 from ..tree import Entry as FsEntry
 from ..tree import join, list_dir
 from . import payload as P
@@ -172,7 +172,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
     bundle_id = os.urandom(16)
     entries: list[P.Entry] = []
     out_dir = os.path.dirname(os.path.abspath(out))
-    with atomic_output(out) as fd, tempfile.TemporaryDirectory(prefix=".resync-pack-", dir=out_dir) as tmp:
+    with atomic_output(out) as fd, tempfile.TemporaryDirectory(prefix=TEMP_PREFIX + "pack-", dir=out_dir) as tmp:
         writer = ShardWriter(fd, bundle_id, k, m, shard_size)
         body = _Payload(writer)
         body.put(P.HEADER.pack(P.MAGIC, P.VERSION, P.FLAG_AGAINST if against else 0, 0, bundle_id,
