@@ -123,6 +123,7 @@ class TreeEntry:
     mtime_ns: int
     size: int
     signature: bytes = b""      # the file's block signature (resync signature format)
+    file_hash: bytes = b""      # the file's BLAKE3, from that signature's header
 
 
 class ParentTracker:
@@ -202,12 +203,14 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
         if (kind == "f") != (sig_len > 0):
             c.bad(f"{path!r}: a signature must come with files and only with files")
         sig = c.take(sig_len)
+        file_hash = b""
         if kind == "f":
             header = formats.unpack_sig(sig, f"{name}: {path}")[0]
             if header.file_len != size:
                 c.bad(f"{path!r}: signature is of {header.file_len} bytes, entry says {size}")
+            file_hash = header.file_hash
         parents.add(path, kind)
-        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig))
+        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig, file_hash))
     if len(entries) != count:
         c.bad(f"{len(entries)} entries, the count says {count}")
     return digest, entries

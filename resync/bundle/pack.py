@@ -185,7 +185,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                 stats.bytes_scanned += e.size
                 prev = old.get(path)
                 if prev is not None and prev.kind == "f" and prev.size == e.size and prev.mtime_ns == e.mtime_ns:
-                    digest = formats.unpack_sig(prev.signature, path)[0].file_hash
+                    digest = prev.file_hash
                     stats.unchanged += 1
                 else:
                     started = time.monotonic()

@@ -364,30 +364,22 @@ class ShardReader:
 
 def rewrite(reader: ShardReader, fd: int) -> int:
     """Write the shard file ``reader`` holds, every damaged shard rebuilt, to
-    ``fd``: byte-identical to the file as written. UnrecoverableError (before
-    writing anything) if a stripe has more than m bad shards. Returns the
-    number of shards rebuilt."""
+    ``fd``: byte-identical to the file as written. One pass: UnrecoverableError
+    at the first stripe with more than m bad shards (the caller writes to a
+    temp file, which is then dropped). Returns the number of shards rebuilt."""
     lay = reader.layout
-    health = list(reader.health())
-    for h in health:
-        if not h.repairable:
-            raise UnrecoverableError(f"{reader.name}: stripe {h.stripe}",
-                                     f"{len(h.bad)} of {h.stored} shards damaged or missing, "
-                                     f"parity repairs {lay.m}; nothing written")
     rebuilt = 0
-    for h in health:
-        stored = lay.stored(h.stripe)
-        if not h.bad:
-            block, _ = reader.read_stripe(h.stripe)
-        else:
-            full = reader.stripe_shards(h.stripe)
+    for stripe in range(lay.stripes):
+        block, bad = reader.read_stripe(stripe)
+        if bad:
+            full = reader.stripe_shards(stripe)          # raises beyond m bad shards
             out = bytearray()
-            for index in stored:
-                header = lay.header(h.stripe, index)
+            for index in lay.stored(stripe):
+                header = lay.header(stripe, index)
                 out += header + _check(header, _digest(full[index])) + full[index].tobytes()
             block = bytes(out)
-            rebuilt += len(h.bad)
-        _write_all(fd, block, lay.stripe_offset(h.stripe))
+            rebuilt += len(bad)
+        _write_all(fd, block, lay.stripe_offset(stripe))
     return rebuilt
 
 
