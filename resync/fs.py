@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -56,6 +55,7 @@ def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int
     except OSError as exc:
         raise_os_error(path, exc)
     try:
+        import tempfile
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     except OSError as exc:
         raise_os_error(path, exc)

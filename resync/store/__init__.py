@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +45,10 @@ def default_path() -> Path:
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "resync" / "history.duckdb"
+
+
+def _hostname() -> str:
+    return os.uname().nodename          # what socket.gethostname() returns, without importing socket
 
 
 def _busy(exc: Exception) -> bool:
@@ -166,7 +168,7 @@ class History:
     # ----------------------------------------------------------------- spools
     def start_run(self, command: str, source: str, destination: str) -> RunSpool:
         from .. import __version__
-        run = RunSpool(self.spool_dir, uuid.uuid4().hex)
+        run = RunSpool(self.spool_dir, os.urandom(16).hex())
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             self._write_start(run, command, source, destination, __version__)
@@ -178,7 +180,7 @@ class History:
     def _write_start(self, run: RunSpool, command: str, source: str, destination: str, version: str) -> None:
         run.write_record({"id": run.run_id, "command": command, "source": source,
                           "destination": destination, "status": "running",
-                          "started": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+                          "started": time.time(), "pid": os.getpid(), "host": _hostname(),
                           "version": version})
 
     def finish_run(self, run: RunSpool, status: str, stats: dict) -> None:
@@ -214,7 +216,7 @@ class History:
 
     def _merge_locked(self, wait: float) -> int:
         pending = []
-        host = socket.gethostname()
+        host = _hostname()
         for rec_path in sorted(self.spool_dir.glob("*.run.json")):
             try:
                 record = json.loads(rec_path.read_text())
