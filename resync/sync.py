@@ -28,18 +28,19 @@ number of files.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import DeletionRefusedError, FileError, UsageError
 from .fs import TEMP_PREFIX
 from .parallel import thread_count
-from .tree import Entry, Excludes, join, list_dir, open_dir_at, open_rel_dir
+from .tree import Entry, Excludes, TreeLister, join, list_dir, open_dir_at, open_rel_dir, stat_dir
+
+if TYPE_CHECKING:                 # concurrent.futures costs 4 ms to import; a run with nothing to copy needs none
+    from concurrent.futures import Future
 
 _BATCH_FILES = 512               # temp files made durable with one syncfs
 _BATCH_BYTES = 512 << 20
@@ -158,14 +159,15 @@ class _Pending:
 
 
 class _Listing:
-    __slots__ = ("handle", "src", "gone", "src_error", "dst", "temps", "dst_error")
+    __slots__ = ("handle", "src", "gone", "skip", "src_error", "dst", "temps", "dst_error")
 
     def __init__(self):
         self.handle: _Dir | None = None
         self.src: list[Entry] = []
         self.gone: list[str] = []
+        self.skip: str | None = None            # the source directory that is DST itself
         self.src_error: OSError | None = None
-        self.dst: list[Entry] = []
+        self.dst: dict[str, os.stat_result] = {}
         self.temps: list[str] = []
         self.dst_error = ""
 
@@ -355,9 +357,11 @@ def _copy_one(dir_fd: int, name: str, src_path: str, tmp: str, old_size: int,
 def _worker_init() -> None:
     """Ctrl-C reaches the whole process group: only the parent handles it (it
     lets the workers finish their chunk, keeps temp files out of place, and
-    exits 130 with one line), so workers print no traceback."""
+    exits 130 with one line), so workers print no traceback. SIGINT was
+    blocked while they were forked (see _submit), so none arrives before this."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _copy_chunk(root_fd: int, options: tuple, items: list[tuple]) -> list[tuple]:
@@ -436,6 +440,7 @@ class Syncer:
         self._batch_bytes = 0
         self._dirty: dict[int, _Dir] = {}          # directories with renames to fsync
         self._dirs: list[tuple[str, Entry, Entry | None]] = []   # (rel, source, old) in pre-order
+        self._touched: set[str] = set()             # directories that gained or lost a name
         self._deletions: list[tuple[str, Entry]] = []
         self._pool = None                           # copy workers (see _workers)
         self._root_fd = -1
@@ -550,20 +555,23 @@ class Syncer:
         # made the no-change run 30 % slower.)
         root = _Dir(os.dup(self._root_fd), "") if self._root_fd >= 0 else None
         stack: list[_Pending] = [_Pending("", None, True, root)]
-        while stack:
-            pending = stack.pop()
-            listing = self._list_pair(pending)
-            try:
-                children = self._visit(pending.rel, listing)
-            finally:
-                if listing.handle is not None:
-                    listing.handle.release()
-            stack.extend(reversed(children))
-            if _Dir.open_count > _MAX_OPEN_DIRS and not self.opt.dry_run:
-                # Pending work keeps its directories open: in a wide tree with few
-                # files per directory, commit early rather than run out of descriptors.
-                self._flush_chunk()
-                self._commit(final=True)
+        # The source is listed ahead by a forked process (TreeLister), in the
+        # order of this loop; the destination is listed here, where it is changed.
+        with TreeLister(self.src, self._excludes, self._dst_id) as lister:
+            while stack:
+                pending = stack.pop()
+                listing = self._list_pair(pending, lister)
+                try:
+                    children = self._visit(pending.rel, listing)
+                finally:
+                    if listing.handle is not None:
+                        listing.handle.release()
+                stack.extend(reversed(children))
+                if _Dir.open_count > _MAX_OPEN_DIRS and not self.opt.dry_run:
+                    # Pending work keeps its directories open: in a wide tree with few
+                    # files per directory, commit early rather than run out of descriptors.
+                    self._flush_chunk()
+                    self._commit(final=True)
 
     def _is_destination(self, path: str) -> bool:
         try:
@@ -572,7 +580,7 @@ class Syncer:
             return False
         return (st.st_dev, st.st_ino) == self._dst_id
 
-    def _list_pair(self, p: "_Pending") -> "_Listing":
+    def _list_pair(self, p: "_Pending", lister: TreeLister) -> "_Listing":
         """Open a pending directory in DST and list it in SRC and DST."""
         out = _Listing()
         handle = p.handle
@@ -584,14 +592,21 @@ class Syncer:
             finally:
                 p.parent.release()
         out.handle = handle
-        src_dir = f"{self.src}/{p.rel}" if p.rel else self.src
-        try:
-            out.src, _, out.gone = list_dir(src_dir, self._excludes, p.rel)
-        except OSError as exc:
-            out.src_error = exc
+        ahead = lister.listing(p.rel)
+        if ahead is not None:
+            out.src, out.gone, out.skip, out.src_error = ahead
+        else:
+            src_dir = f"{self.src}/{p.rel}" if p.rel else self.src
+            try:
+                out.src, _, out.gone = list_dir(src_dir, self._excludes, p.rel)
+            except OSError as exc:
+                out.src_error = exc
+            if self._dst_id is not None:
+                out.skip = next((e.name for e in out.src
+                                 if e.kind == "d" and self._is_destination(f"{src_dir}/{e.name}")), None)
         if handle is not None and p.exists and not out.dst_error:
             try:
-                out.dst, out.temps, _ = list_dir(handle.fd, None, p.rel, skip_temps=True)
+                out.dst, out.temps = stat_dir(handle.fd, skip_temps=True)
             except OSError as exc:
                 out.dst_error = f"cannot list destination directory: {exc.strerror or exc}"
         return out
@@ -613,39 +628,55 @@ class Syncer:
         entries = listing.src
         for name in listing.gone:
             self._vanished(join(rel, name))
-        old: dict[str, Entry] = {e.name: e for e in listing.dst}
+        old = listing.dst
         if parent is not None and not self.opt.dry_run:
             for t in listing.temps:          # left by a killed run
                 try:
                     os.unlink(t, dir_fd=parent.fd)
+                    self._touched.add(rel)
                 except OSError:
                     pass
+        stats = self.stats
+        # A regular file whose size, mtime, type, permissions and (as root)
+        # owner already match needs nothing: that is most files of most runs,
+        # so it is decided here, from the raw lstat of the destination.
+        quick = not self.opt.checksum
+        owners = self._root
+        on_entry = self._on_entry
         subdirs = []
         for e in entries:
-            path = join(rel, e.name)
-            prev = old.pop(e.name, None)
+            name = e.name
+            st = old.pop(name, None)
             kind = e.kind
+            if kind == "f":
+                stats.files += 1
+                stats.bytes_scanned += e.size
+                if quick and st is not None and st.st_mtime_ns == e.mtime_ns and st.st_size == e.size \
+                        and st.st_mode == e.mode and (not owners or (st.st_uid == e.uid and st.st_gid == e.gid)):
+                    on_entry(f"{rel}/{name}" if rel else name, e, None)
+                    continue
+                prev = Entry.from_stat(name, st) if st is not None else None
+                self._file(parent, e, prev, join(rel, name), f"{src_dir}/{name}")
+                continue
+            path = join(rel, name)
+            prev = Entry.from_stat(name, st) if st is not None else None
             if kind == "d":
-                if self._dst_id is not None and self._is_destination(f"{src_dir}/{e.name}"):
+                if name == listing.skip:
                     continue           # DST inside SRC: never copy the copy into itself
-                self.stats.dirs += 1
+                stats.dirs += 1
                 sub = self._enter_dir(parent, e, prev, path)
                 if sub is not None:
                     subdirs.append(sub)
-            elif kind == "f":
-                self.stats.files += 1
-                self.stats.bytes_scanned += e.size
-                self._file(parent, e, prev, path, f"{src_dir}/{e.name}")
             elif kind == "L":
-                self.stats.symlinks += 1
-                self._symlink(parent, e, prev, path, f"{src_dir}/{e.name}")
+                stats.symlinks += 1
+                self._symlink(parent, e, prev, path, f"{src_dir}/{name}")
             else:
-                self.stats.specials += 1
+                stats.specials += 1
                 self._special(parent, e, prev, path)
         if self.opt.delete:
-            for e in old.values():
-                path = join(rel, e.name)
-                if self._excludes and self._excludes.excluded(path, e.kind == "d"):
+            for name in sorted(old):
+                e = Entry.from_stat(name, old[name])
+                if self._excludes and self._excludes.excluded(join(rel, name), e.kind == "d"):
                     continue    # excluded files are protected, as in rsync
                 self._deletions.append((rel, e))
         return subdirs
@@ -683,6 +714,9 @@ class Syncer:
                     self._on_item(f"{_itemize('.', e, prev)} {path}/" if path else f"{_itemize('.', e, prev)} ./")
             return
         for path, e, prev in reversed(self._dirs):
+            if prev is not None and path not in self._touched and prev.perms == e.perms \
+                    and prev.mtime_ns == e.mtime_ns and (not self._root or (prev.uid, prev.gid) == (e.uid, e.gid)):
+                continue            # as listed, and nothing in it changed since
             try:
                 fd = open_rel_dir(self._root_fd, path)
             except OSError as exc:
@@ -709,6 +743,7 @@ class Syncer:
         """Remove the destination entry ``prev`` that has the wrong type."""
         if self.opt.dry_run or parent is None:
             return True
+        self._touched.add(parent.rel)
         try:
             if prev.kind == "d":
                 try:
@@ -717,6 +752,7 @@ class Syncer:
                     if not self.opt.delete:
                         self._error(path, "cannot replace a non-empty directory (use --delete)")
                         return False
+                    import shutil
                     shutil.rmtree(name, dir_fd=parent.fd)
             else:
                 os.unlink(name, dir_fd=parent.fd)
@@ -749,6 +785,7 @@ class Syncer:
             self._on_item(f"{code} {path}")
             return
         self._counter += 1
+        self._touched.add(parent.rel)
         job = _Job(parent.acquire(), e.name, path, src_path, e, prev, code, tmp=f"{self._run_tag}{self._counter}")
         self._chunk.append(job)
         self._chunk_bytes += e.size
@@ -793,7 +830,7 @@ class Syncer:
         items = [(j.parent.rel, j.name, j.src_path, j.tmp,
                   j.old.size if j.old is not None and j.old.kind == "f" else -1) for j in jobs]
         options = (self.opt.whole_file, self.opt.hash_files, self._root)
-        fut = self._workers().submit(_copy_chunk, self._root_fd, options, items)
+        fut = self._submit(_copy_chunk, self._root_fd, options, items)
         if self._progress is not None:
             progress = self._progress
             fut.add_done_callback(lambda f: [progress.done(r[1] + r[2]) for r in (
@@ -820,6 +857,17 @@ class Syncer:
                 os.unlink(job.tmp, dir_fd=job.parent.fd)
             except OSError:
                 pass
+
+    def _submit(self, fn, *args) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args)
+        import signal
+        # The first submit forks the workers: hold Ctrl-C off until they ignore it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self._workers().submit(fn, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _workers(self):
         """Copy workers: forked processes, so copying many small files is not
@@ -933,6 +981,7 @@ class Syncer:
 
     def _mark_dirty(self, d: _Dir) -> None:
         """``d`` gained or lost a name: fsync it at the next commit."""
+        self._touched.add(d.rel)
         if id(d) not in self._dirty:
             self._dirty[id(d)] = d.acquire()
 
@@ -952,6 +1001,7 @@ class Syncer:
         times, then rename it over ``path``."""
         self._counter += 1
         tmp = f"{self._run_tag}{self._counter}"
+        self._touched.add(parent.rel)
         try:
             create(tmp)
             try:
@@ -1066,11 +1116,13 @@ class Syncer:
             if self.opt.dry_run or self._root_fd < 0:
                 self.stats.deleted += 1 + (self._count_tree(rel, e.name) if e.kind == "d" and self._root_fd >= 0 else 0)
                 continue
+            self._touched.add(rel)
             try:
                 fd = open_rel_dir(self._root_fd, rel)
                 try:
                     if e.kind == "d":
                         n = self._count_tree(rel, e.name)
+                        import shutil
                         shutil.rmtree(e.name, dir_fd=fd)
                         self.stats.deleted += 1 + n
                     else:

@@ -9,6 +9,7 @@ fail; it is never followed out of the root.
 """
 from __future__ import annotations
 
+import marshal
 import os
 import stat
 from typing import NamedTuple
@@ -91,6 +92,183 @@ def list_dir(fd_or_path, excludes: Excludes | None = None, rel: str = "",
             entries.append(Entry.from_stat(name, st))
     entries.sort(key=lambda e: e.name)
     return entries, temps, vanished
+
+
+class TreeLister:
+    """The listings of a source tree, made ahead of the caller by a forked
+    process.
+
+    ``sync`` spends most of a run that changes little on listing two trees;
+    with the source listed here, on the other core, the main process only
+    lists the destination and compares (rsync splits the work between
+    processes the same way). The child walks ``root`` in the order the caller
+    visits it (pre-order, names sorted, ``excludes`` applied, never entering
+    the directory whose (st_dev, st_ino) is ``skip``) and sends one frame per
+    directory through a pipe, which bounds how far it runs ahead.
+
+    ``listing(rel)`` returns (entries, vanished names, the name of the skipped
+    directory or None, OSError or None); or None when the stream cannot
+    supply it (the child died, or ``rel`` was not in its walk) and the caller
+    must list the directory itself. Directories the caller does not visit
+    are passed over."""
+
+    def __init__(self, root: str, excludes: Excludes | None = None, skip: tuple[int, int] | None = None):
+        self._stream = None
+        self._pid = -1
+        self._next: tuple | None = None             # a frame read ahead, not yet asked for
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return
+        try:
+            import fcntl
+            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)   # let it run further ahead
+        except OSError:
+            pass
+        import signal
+        # Ctrl-C reaches the whole process group; only the parent handles it
+        # (the child must not print a KeyboardInterrupt, not even from an
+        # at-fork hook), so SIGINT is held off until the child ignores it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:                                 # the child: walk, write, leave
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                os.close(r)
+                _walk_frames(root, excludes, skip, w)
+                code = 0
+            except BaseException:
+                pass
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if pid < 0:
+            os.close(r)
+            os.close(w)
+            return
+        os.close(w)
+        self._pid = pid
+        self._stream = os.fdopen(r, "rb", buffering=1 << 16)
+
+    def listing(self, rel: str):
+        if self._stream is None:
+            return None
+        key = rel.split("/") if rel else []
+        while True:
+            frame = self._next if self._next is not None else self._read()
+            self._next = None
+            if frame is None:
+                self.close()
+                return None
+            found = frame[0].split("/") if frame[0] else []
+            if found == key:
+                entries, vanished, skipped, error = frame[1:]
+                if error is not None:
+                    error = OSError(*error) if error[0] != 2 else FileNotFoundError(*error)
+                return [_entry(e) for e in entries], vanished, skipped, error
+            if found > key:              # past it: ``rel`` is not in the walk
+                self._next = frame
+                return None
+
+    def _read(self):
+        head = self._stream.read(8)
+        if len(head) < 8:
+            return None
+        size = int.from_bytes(head, "little")
+        data = self._stream.read(size)
+        if len(data) < size:
+            return None
+        try:
+            return marshal.loads(data)
+        except (EOFError, ValueError, TypeError):
+            return None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._pid > 0:
+            import signal
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(self._pid, 0)
+            except ChildProcessError:
+                pass
+            self._pid = -1
+
+    def __enter__(self) -> "TreeLister":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _entry(fields: tuple) -> Entry:
+    return tuple.__new__(Entry, fields)
+
+
+def _walk_frames(root: str, excludes: Excludes | None, skip: tuple[int, int] | None, fd: int) -> None:
+    """TreeLister's child: one length-prefixed marshal frame per directory,
+    (rel, entries as plain tuples, vanished, skipped name, (errno, message))."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = f"{root}/{rel}" if rel else root
+        entries: list[Entry] = []
+        vanished: list[str] = []
+        error = None
+        try:
+            entries, _, vanished = list_dir(path, excludes, rel)
+        except OSError as exc:
+            error = (exc.errno or 0, exc.strerror or str(exc))
+        skipped = None
+        subdirs = []
+        for e in entries:
+            if e.kind != "d":
+                continue
+            if skip is not None and skipped is None:
+                try:
+                    st = os.stat(f"{path}/{e.name}", follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == skip:
+                        skipped = e.name
+                        continue
+                except OSError:
+                    pass
+            subdirs.append(join(rel, e.name))
+        data = marshal.dumps((rel, [tuple(e) for e in entries], vanished, skipped, error))
+        view = memoryview(len(data).to_bytes(8, "little") + data)
+        while view:
+            view = view[os.write(fd, view):]
+        stack.extend(reversed(subdirs))
+
+
+def stat_dir(fd_or_path, skip_temps: bool = False) -> tuple[dict[str, os.stat_result], list[str]]:
+    """The lstat of every entry of a directory by name, unsorted, and the
+    names of resync temp files (when ``skip_temps``); entries that vanish
+    while it is listed are left out. The cheap listing of a destination
+    directory: most of its entries are only compared, never turned into an
+    Entry."""
+    found: dict[str, os.stat_result] = {}
+    temps: list[str] = []
+    with os.scandir(fd_or_path) as it:
+        for de in it:
+            name = de.name
+            if skip_temps and name.startswith(TEMP_PREFIX):
+                temps.append(name)
+                continue
+            try:
+                found[name] = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+    return found, temps
 
 
 def open_dir_at(parent_fd: int, name: str) -> int:

@@ -417,3 +417,50 @@ def test_nested_source_and_destination(tmp_path):
     r = run_cli("--no-history", "--delete", src / "sub", tmp_path)
     assert r.returncode == DeletionRefusedError.exit_code and "inside the destination" in r.stderr
     assert snapshot(tmp_path) == before
+
+
+class _SilentLister:
+    """A TreeLister whose child answers the first ``answers`` directories and
+    then dies (0: never answers): sync must list the rest itself."""
+
+    answers = 0
+
+    def __init__(self, root, excludes=None, skip=None):
+        from resync.tree import TreeLister
+        self._real = TreeLister(root, excludes, skip)
+        self._left = self.answers
+
+    def listing(self, rel):
+        if self._left <= 0:
+            self._real.close()
+            return None
+        self._left -= 1
+        return self._real.listing(rel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._real.close()
+
+
+@pytest.mark.parametrize("answers", [0, 1, 3])
+def test_source_listed_locally_when_the_lister_cannot(tmp_path, monkeypatch, answers):
+    import resync.sync
+    monkeypatch.setattr(_SilentLister, "answers", answers)
+    monkeypatch.setattr(resync.sync, "TreeLister", _SilentLister)
+    rnd = random.Random(answers)
+    src, dst, ref = tmp_path / "src", tmp_path / "dst", tmp_path / "ref"
+    make_tree(src, rnd, files=80)
+    for _ in range(3):
+        stats, _, errors = sync(src, dst, delete=True, excludes=["*.tmp"])
+        assert not errors
+        assert rsync_a(src, ref, "--delete", "--exclude=*.tmp").returncode == 0
+        assert seconds(snapshot(dst)) == seconds(snapshot(ref))
+        mutate(src, rnd)
+        (src / f"junk{rnd.random()}.tmp").write_bytes(b"excluded")
+    # DST inside SRC, found without the lister too
+    for _ in range(3):
+        stats, items, errors = sync(src, src / "backup")
+        assert not errors
+    assert items == [] and not (src / "backup" / "backup").exists()
