@@ -70,6 +70,47 @@ def test_manifest_keeps_awkward_names(tmp_path):
     assert all(d == blake3.blake3((dst / p).read_bytes()).hexdigest() for p, d in rows)
 
 
+def test_names_that_are_not_utf8_are_recorded_exactly(tmp_path):
+    """A VARCHAR cannot hold them: path shows \\xHH, path_raw has the bytes;
+    verify and the merge's hashing find the real files (DST's own name is
+    not UTF-8 either)."""
+    import blake3
+    db, src = tmp_path / "h.duckdb", tmp_path / "src"
+    dst = os.fsdecode(os.fsencode(tmp_path) + b"/dst-\xff")
+    src.mkdir()
+    bad_dir = os.fsencode(src) + b"/r\xe9pertoire"
+    os.mkdir(bad_dir)
+    names = {b"caf\xe9": b"latin-1", b"r\xe9pertoire/\xff\xfe": b"bytes", b"caf\\xe9": b"a literal backslash"}
+    for name, data in names.items():
+        with open(os.fsencode(src) + b"/" + name, "wb") as f:
+            f.write(data)
+    assert cli("sync", "--no-history", src, dst, history=db).returncode == 0
+    (src / "new").write_bytes(b"n")
+    r = cli("sync", src, dst, history=db)                      # hashes the files already in place
+    assert r.returncode == 0, r.stderr
+    _, rows = History(db).query("SELECT path, path_raw, blake3 FROM manifests WHERE kind = 'f' ORDER BY path")
+    got = {(path, None if raw is None else bytes(raw)): digest for path, raw, digest in rows}
+    assert got == {("caf\\xe9", b"caf\xe9"): blake3.blake3(b"latin-1").hexdigest(),
+                   ("caf\\xe9", None): blake3.blake3(b"a literal backslash").hexdigest(),
+                   ("r\\xe9pertoire/\\xff\\xfe", b"r\xe9pertoire/\xff\xfe"): blake3.blake3(b"bytes").hexdigest(),
+                   ("new", None): blake3.blake3(b"n").hexdigest()}
+    _, runs = History(db).query("SELECT destination FROM runs")
+    assert runs == [(str(tmp_path) + "/dst-\\xff",)]
+    r = cli("verify", dst, history=db)
+    assert r.returncode == 0, r.stderr
+    with open(os.fsencode(dst) + b"/caf\xe9", "r+b") as f:       # same size and mtime, other bytes
+        st = os.fstat(f.fileno())
+        f.write(b"LATIN-1")
+    os.utime(os.fsencode(dst) + b"/caf\xe9", ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = subprocess.run([PY, "-m", "resync", "verify", dst], capture_output=True,
+                       env=dict(os.environ, RESYNC_HISTORY=str(db)))
+    assert r.returncode == 5 and r.stdout == b"corrupt  caf\xe9\n", r.stderr
+    # itemized names are the names' bytes, whatever the locale (here: strict UTF-8)
+    r = subprocess.run([PY, "-m", "resync", "sync", "-n", "-i", "--checksum", "--no-history", str(src), dst],
+                       capture_output=True, env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))   # as in a UTF-8 locale
+    assert r.returncode == 0 and r.stdout == b">fc........ caf\xe9\n", r.stderr
+
+
 def test_first_run_over_existing_files_hashes_them(tmp_path):
     db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
     tree(src, 6)
@@ -202,7 +243,9 @@ def test_migration_from_version_1(tmp_path):
     h = History(db)
     RunRecorder(str(db), "sync", "/s", "/x").finish("ok", None)     # any write opens and migrates
     _, rows = h.query("SELECT max(version) FROM schema_version")
-    assert rows == [(2,)]
+    assert rows == [(3,)]
+    _, rows = h.query("SELECT path, path_raw FROM manifests")
+    assert rows == [("f", None)]
     _, rows = h.query("SELECT id, manifest_run FROM runs WHERE id IN ('a', 'b') ORDER BY id")
     assert rows == [("a", "a"), ("b", None)]
 

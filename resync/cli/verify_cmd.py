@@ -31,19 +31,20 @@ def command(dst, as_json, quiet, history_path, no_history):
 
     from ..errors import VerificationError
     from ..store import History
+    from ..store.schema import display_path, stored_path
     from ..verify import verify_tree
 
     history = History(history_path)
     history.merge(wait=5.0)
     dst = os.path.abspath(dst)
     _, rows = history.query("SELECT id, manifest_run FROM runs WHERE destination = ? AND manifest_run IS NOT NULL "
-                            "ORDER BY started DESC LIMIT 1", [dst])
+                            "ORDER BY started DESC LIMIT 1", [display_path(dst)])
     if not rows:
         raise VerificationError(dst, "no recorded sync into this directory in the history")
     run_id, manifest_run = rows[0]
-    _, manifest = history.query("SELECT path, kind, size, mtime_ns, mode, blake3 FROM manifests "
+    _, manifest = history.query("SELECT path, path_raw, kind, size, mtime_ns, mode, blake3 FROM manifests "
                                 "WHERE run_id = ?", [manifest_run])
-    report = verify_tree(dst, manifest)
+    report = verify_tree(dst, [(stored_path(path, raw), *rest) for path, raw, *rest in manifest])
     if as_json:
         sys.stdout.write(json.dumps({"run": run_id, **report.as_dict()}, sort_keys=True) + "\n")
     elif not quiet:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ResyncError
-from .schema import MIGRATIONS, RUN_COLUMNS, SCHEMA_VERSION
+from .schema import MIGRATIONS, RUN_COLUMNS, SCHEMA_VERSION, display_path, stored_path
 
 LOCK_WAIT = 30.0        # seconds a writer keeps retrying a busy database before leaving the spool
 
@@ -242,7 +242,8 @@ class History:
         return len(pending)
 
     def _merge_one(self, con, spool: RunSpool, r: dict) -> None:
-        from .schema import FILE_COLUMNS, MANIFEST_COLUMNS
+        from .schema import FILE_COLUMNS, MANIFEST_COLUMNS, SPOOL_EXPRESSIONS
+        destination = display_path(r["destination"])
         con.execute("BEGIN")
         con.execute("DELETE FROM runs WHERE id = ?", [r["id"]])
         con.execute("DELETE FROM run_files WHERE run_id = ?", [r["id"]])
@@ -250,11 +251,11 @@ class History:
         complete = r["status"] not in ("incomplete", "failed")
         previous = con.execute(
             "SELECT manifest_run FROM runs WHERE destination = ? AND id <> ? AND manifest_run IS NOT NULL "
-            "ORDER BY started DESC LIMIT 1", [r["destination"], r["id"]]).fetchone()
+            "ORDER BY started DESC LIMIT 1", [destination, r["id"]]).fetchone()
         previous = previous[0] if previous else None
         unchanged = complete and previous is not None and r.get("unchanged")
         manifest_run = previous if unchanged else (r["id"] if complete else None)
-        values = [r["id"], r["started"], r.get("finished"), r["source"], r["destination"], r["status"],
+        values = [r["id"], r["started"], r.get("finished"), display_path(r["source"]), destination, r["status"],
                   r.get("files_scanned"), r.get("files_changed"), r.get("files_deleted"), r.get("bytes_scanned"),
                   r.get("bytes_literal"), r.get("bytes_matched"), r.get("bytes_written"), r.get("errors"),
                   r.get("duration"), r.get("version"), r.get("host"), r.get("command"), r.get("pid"),
@@ -277,28 +278,32 @@ class History:
             if path.exists() and path.stat().st_size:
                 spec = "{" + ", ".join(f"'{name}': '{kind}'" for name, kind in columns) + "}"
                 names = ", ".join(name for name, _ in columns)
-                con.execute(f"INSERT INTO {table} SELECT ?, {names} FROM read_json(?, "
+                values = ", ".join(SPOOL_EXPRESSIONS.get(name, name) for name, _ in columns)
+                con.execute(f"INSERT INTO {table} (run_id, {names}) SELECT ?, {values} FROM read_json(?, "
                             f"format='newline_delimited', ignore_errors=true, columns={spec})", [r["id"], str(path)])
         if manifest_run == r["id"] and previous is not None:
             # Unchanged files were not re-read by the run: take their hash from
             # the previous manifest when size and mtime agree.
             con.execute("""
                 UPDATE manifests AS m SET blake3 = p.blake3
-                FROM (SELECT path, size, mtime_ns, blake3 FROM manifests
+                FROM (SELECT path, path_raw, size, mtime_ns, blake3 FROM manifests
                       WHERE run_id = ? AND blake3 IS NOT NULL) AS p
-                WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL
-                  AND m.path = p.path AND m.size = p.size AND m.mtime_ns = p.mtime_ns""",
+                WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL AND m.path = p.path
+                  AND m.path_raw IS NOT DISTINCT FROM p.path_raw AND m.size = p.size AND m.mtime_ns = p.mtime_ns""",
                         [previous, r["id"]])
         con.execute("COMMIT")
         # What is still unknown (a first run over files that were already in
         # place) is hashed now, from the destination itself.
-        missing = con.execute("SELECT path, size, mtime_ns FROM manifests WHERE run_id = ? AND kind = 'f' "
-                              "AND blake3 IS NULL", [r["id"]]).fetchall()
+        missing = con.execute("SELECT path, path_raw, size, mtime_ns FROM manifests WHERE run_id = ? "
+                              "AND kind = 'f' AND blake3 IS NULL", [r["id"]]).fetchall()
         if missing:
             from ..tree import hash_under
-            hashes = hash_under(r["destination"], missing)
+            names = {stored_path(path, raw): (path, raw) for path, raw, _, _ in missing}
+            hashes = hash_under(r["destination"], [(stored_path(path, raw), size, mtime_ns)
+                                                   for path, raw, size, mtime_ns in missing])
             if hashes:
                 con.execute("BEGIN")
-                con.executemany("UPDATE manifests SET blake3 = ? WHERE run_id = ? AND path = ?",
-                                [(h, r["id"], path) for path, h in hashes.items()])
+                con.executemany("UPDATE manifests SET blake3 = ? WHERE run_id = ? AND path = ? "
+                                "AND path_raw IS NOT DISTINCT FROM ?",
+                                [(h, r["id"], *names[name]) for name, h in hashes.items()])
                 con.execute("COMMIT")

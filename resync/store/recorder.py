@@ -7,23 +7,29 @@ import json
 import os
 
 from . import History
+from .schema import display_path, raw_path
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
-def _quote(path: str) -> str:
-    """A JSON string for ``path`` (the common plain case without the encoder)."""
+def _path_fields(path: str) -> str:
+    """The JSON fields naming ``path``: "path", and "path_raw" (hex of the
+    exact bytes) when the name is not valid UTF-8 (see schema.display_path).
+    The common plain case skips the encoder."""
     if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
-        return f'"{path}"'
-    return _dumps(path)
+        return f'"path":"{path}"'
+    raw = raw_path(path)
+    if raw is None:
+        return f'"path":{_dumps(path)}'
+    return f'"path":{_dumps(display_path(path))},"path_raw":"{raw.hex()}"'
 
 
 class RunRecorder:
     def __init__(self, history_path: str | None, command: str, source: str, destination: str):
         self.history = History(history_path)
         self.run = self.history.start_run(command, source, destination)
-        self._manifest = open(self.run.manifest, "w", buffering=1 << 20)
-        self._files = open(self.run.files, "w", buffering=1 << 20)
+        self._manifest = open(self.run.manifest, "w", encoding="utf-8", buffering=1 << 20)
+        self._files = open(self.run.files, "w", encoding="utf-8", buffering=1 << 20)
 
     @property
     def run_id(self) -> str:
@@ -33,12 +39,12 @@ class RunRecorder:
         # Formatted by hand: this runs once per file of the tree (json.dumps
         # of the whole row costs several times more).
         digest = "null" if blake3 is None else f'"{blake3}"'
-        self._manifest.write(f'{{"path":{_quote(path)},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
+        self._manifest.write(f'{{{_path_fields(path)},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
                              f'"mtime_ns":{e.mtime_ns},"mode":{e.perms},"blake3":{digest}}}\n')
 
     def file(self, change) -> None:
         digest = "null" if change.blake3 is None else f'"{change.blake3}"'
-        self._files.write(f'{{"path":{_quote(change.path)},"action":"{change.action}","size":{change.size},'
+        self._files.write(f'{{{_path_fields(change.path)},"action":"{change.action}","size":{change.size},'
                           f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
                           f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
 

@@ -4,7 +4,7 @@ Each migration is (version, statements) and runs once, in a transaction, when
 a writer opens an older database; ``schema_version`` records what ran.
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS = [
     (1, [
@@ -58,14 +58,53 @@ MIGRATIONS = [
         "ALTER TABLE runs ADD COLUMN manifest_run VARCHAR",
         "UPDATE runs SET manifest_run = id WHERE EXISTS (SELECT 1 FROM manifests m WHERE m.run_id = runs.id)",
     ]),
+    # v3: names that are not valid UTF-8 (a VARCHAR cannot hold them): ``path``
+    # shows them with each undecodable byte as \xHH, ``path_raw`` keeps the
+    # exact bytes (NULL for every other name).
+    (3, [
+        "ALTER TABLE manifests ADD COLUMN path_raw BLOB",
+        "ALTER TABLE run_files ADD COLUMN path_raw BLOB",
+    ]),
 ]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
                "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
                "bytes_written", "errors", "duration", "version", "host", "command", "pid", "manifest_run"]
 
+# The spool's NDJSON fields (name, type in the JSON) in table order; path_raw
+# arrives as hex and is stored as bytes.
 FILE_COLUMNS = [("path", "VARCHAR"), ("action", "VARCHAR"), ("size", "BIGINT"),
                 ("literal_bytes", "BIGINT"), ("matched_bytes", "BIGINT"), ("duration", "DOUBLE"),
-                ("blake3", "VARCHAR")]
+                ("blake3", "VARCHAR"), ("path_raw", "VARCHAR")]
 MANIFEST_COLUMNS = [("path", "VARCHAR"), ("kind", "VARCHAR"), ("size", "BIGINT"), ("mtime_ns", "BIGINT"),
-                    ("mode", "INTEGER"), ("blake3", "VARCHAR")]
+                    ("mode", "INTEGER"), ("blake3", "VARCHAR"), ("path_raw", "VARCHAR")]
+SPOOL_EXPRESSIONS = {"path_raw": "unhex(path_raw)"}
+
+
+def display_path(path: str) -> str:
+    """``path`` as the history's VARCHAR columns hold it: unchanged when it is
+    valid UTF-8, else with each undecodable byte as \\xHH."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        import os
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def raw_path(path: str) -> bytes | None:
+    """The exact bytes of ``path`` when it is not valid UTF-8, else None."""
+    try:
+        path.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        import os
+        return os.fsencode(path)
+
+
+def stored_path(path: str, raw: bytes | None) -> str:
+    """The file system's name back from a (path, path_raw) pair of the history."""
+    if raw is None:
+        return path
+    import os
+    return os.fsdecode(bytes(raw))
