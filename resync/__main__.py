@@ -1,3 +1,3 @@
-from resync.cli import main
+from resync._entry import main
 
 main()

@@ -39,6 +39,21 @@ def test_help_imports_no_numba_and_is_fast():
         assert name in r.stdout
 
 
+def test_ctrl_c_while_the_cli_imports_is_one_line_and_exit_130():
+    # A Ctrl-C that lands while click is being imported (made certain here by
+    # a finder that raises it) ends as one during a run does.
+    code = ("import sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'click':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "from resync._entry import main\n"
+            "main()\n")
+    r = subprocess.run([PY, "-c", code, "sync", "a", "b"], capture_output=True, text=True)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "resync: error: interrupted\n", "")
+
+
 def test_version():
     from resync import __version__
     r = resync("--version")

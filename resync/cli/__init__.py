@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one line on stderr plus
     the exit code documented in the README (never a traceback, unless
     RESYNC_DEBUG=1)."""
+    # File names are bytes: print them as such (a name that is not UTF-8 would
+    # otherwise stop an itemized run in a UTF-8 locale, whose stdout is strict).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         cli.main(args=argv, prog_name="resync", standalone_mode=False)
     except click.exceptions.Exit as exc:
