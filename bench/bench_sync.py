@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """resync sync vs rsync -a on a generated tree, whole processes, side by side.
 
-    python bench/bench_sync.py [--files 20000] [--big 2] [--repeat 3] [--dir bench/.data]
+    python bench/bench_sync.py [--files 20000] [--big 2] [--repeat 3] [--rounds 10] [--dir bench/.data]
 
 Tree (bench/gen.py tree): 20,000 files of 200 B .. 20 kB in 500 directories
 plus two 50 MB files. Steps, each timed for both tools into their own
@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="then the no-change step alone, the three commands alternating, this many "
+                         "rounds (medians; steadier than best-of on a noisy machine)")
     ap.add_argument("--dst-dir", type=Path, default=None,
                     help="where the destinations go (e.g. a tmpfs, to compare the tools' CPU paths "
                          "without the disk); default: beside the source")
@@ -151,6 +154,21 @@ def main():
     print(f"\nbytes transferred after the change: rsync {bytes_r:,}, resync {bytes_s:,} "
           f"({'equal' if bytes_r == bytes_s else 'DIFFERENT'}); trees identical: {same.returncode == 0}; "
           f"modes, sizes and mtimes (to the second) identical: {meta_equal}")
+
+    if args.rounds:
+        import statistics
+        for cmd in (rsync, resync, resync_nohist):       # the trees are in sync again
+            timed(cmd)
+            settle(d)
+        times = {"rsync": [], "resync": [], "nohist": []}
+        for _ in range(args.rounds):
+            for name, cmd in (("rsync", rsync), ("resync", resync), ("nohist", resync_nohist)):
+                times[name].append(timed(cmd)[0])
+                settle(d)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\nno change, {args.rounds} alternating rounds, medians: rsync {med['rsync']:.3f} s, "
+              f"resync {med['resync']:.3f} s ({med['resync'] / med['rsync']:.2f}x), "
+              f"--no-history {med['nohist']:.3f} s ({med['nohist'] / med['rsync']:.2f}x)")
 
 
 if __name__ == "__main__":
