@@ -292,22 +292,30 @@ def open_rel_dir(root_fd: int, rel: str) -> int:
 
 def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
     """BLAKE3 (hex) of root/path for each (path, size, mtime_ns) that still has
-    that size and mtime; reached without following symlinks."""
+    that size and mtime; reached without following symlinks. Files are taken
+    directory by directory, each directory opened once."""
     import blake3
     out: dict[str, str] = {}
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return out
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    dir_rel, dir_fd = None, -1
     try:
-        for path, size, mtime_ns in files:
+        for path, size, mtime_ns in sorted(files, key=lambda f: f[0].rpartition("/")[::2]):
             parent, _, name = path.rpartition("/")
             try:
-                dfd = open_rel_dir(root_fd, parent)
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
-                finally:
-                    os.close(dfd)
+                if parent != dir_rel:
+                    if dir_fd >= 0:
+                        os.close(dir_fd)
+                        dir_fd = -1
+                    dir_rel = parent
+                    dir_fd = open_rel_dir(root_fd, parent)
+                if dir_fd < 0:
+                    continue
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
             except OSError:
                 continue
             try:
@@ -315,11 +323,15 @@ def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
                 if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
                     continue
                 h = blake3.blake3(max_threads=1)
-                while chunk := os.read(fd, 1 << 20):
-                    h.update(chunk)
+                while n := os.readv(fd, [buf]):
+                    h.update(view[:n])
                 out[path] = h.hexdigest()
+            except OSError:
+                continue
             finally:
                 os.close(fd)
     finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
         os.close(root_fd)
     return out

@@ -111,6 +111,41 @@ def test_names_that_are_not_utf8_are_recorded_exactly(tmp_path):
     assert r.returncode == 0 and r.stdout == b">fc........ caf\xe9\n", r.stderr
 
 
+def test_unknown_hashes_are_filled_in_later_without_holding_the_database(tmp_path, monkeypatch):
+    import blake3
+
+    from resync import tree
+    db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
+    tree_files = 30
+    (src / "a" / "b").mkdir(parents=True)
+    for i in range(tree_files):
+        (src / ("a/b" if i % 3 == 0 else "a" if i % 3 == 1 else "") / f"f{i}").write_bytes(os.urandom(i * 50))
+    Syncer(str(src), str(dst), SyncOptions()).run()                  # files already in place, unrecorded
+    rec = RunRecorder(str(db), "sync", str(src), str(dst))
+    stats = Syncer(str(src), str(dst), SyncOptions(hash_files=True), on_entry=rec.entry, on_file=rec.file).run()
+    rec.finish("ok", stats, merge=False)
+    assert History(db).merge() == 1                                   # as a reader merges: no hashing
+    _, rows = History(db).query("SELECT count(blake3) FROM manifests WHERE kind = 'f'")
+    assert rows == [(0,)] and len(list(History(db).spool_dir.glob("*.hash"))) == 1
+    real, seen = tree.hash_under, []
+
+    def hash_under(root, files):
+        # While the files are hashed, another process may write the database.
+        con = History(db)._connect(read_only=False, wait=0.5)
+        con.close()
+        seen.append(len(files))
+        return real(root, files)
+
+    monkeypatch.setattr(tree, "hash_under", hash_under)
+    assert History(db).merge(hash_files=True) == 0
+    assert seen == [tree_files]
+    _, rows = History(db).query("SELECT path, blake3 FROM manifests WHERE kind = 'f'")
+    assert len(rows) == tree_files
+    assert all(d == blake3.blake3((dst / p).read_bytes()).hexdigest() for p, d in rows)
+    assert not [p for p in History(db).spool_dir.glob("*") if p.name.endswith((".hash", ".ndjson"))]
+    assert cli("verify", dst, history=db).returncode == 0
+
+
 def test_first_run_over_existing_files_hashes_them(tmp_path):
     db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
     tree(src, 6)

@@ -47,6 +47,22 @@ def default_path() -> Path:
     return Path(base) / "resync" / "history.duckdb"
 
 
+def _flock(f, wait: float) -> bool:
+    """An exclusive lock on open file ``f``, trying for ``wait`` seconds."""
+    import fcntl
+    deadline = time.monotonic() + wait
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def _hostname() -> str:
     return os.uname().nodename          # what socket.gethostname() returns, without importing socket
 
@@ -202,17 +218,23 @@ class History:
         except OSError:
             pass     # the next reader or run merges the spool
 
-    def merge(self, wait: float = LOCK_WAIT) -> int:
+    def merge(self, wait: float = LOCK_WAIT, hash_files: bool = False) -> int:
         """Move finished (or abandoned) spools into the database. Returns how
-        many runs were merged; leaves spools alone while the database is busy."""
+        many runs were merged; leaves spools alone while the database or
+        another merger stays busy for ``wait`` seconds.
+
+        ``hash_files``: then hash the destination files whose BLAKE3 no run
+        has recorded (see _hash_pending). Only the background merger and
+        inline merges do; a reader never waits for that."""
         if not self.spool_dir.is_dir():
             return 0
-        import fcntl
         # One merger at a time (a background merge and a reader may race for
         # the same spool); the lock is on a file beside the spools.
         with open(self.spool_dir / ".merge.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._merge_locked(wait)
+            merged = self._merge_locked(wait) if _flock(lock, wait) else 0
+        if hash_files:
+            self._hash_pending(wait)
+        return merged
 
     def _merge_locked(self, wait: float) -> int:
         pending = []
@@ -293,17 +315,63 @@ class History:
                         [previous, r["id"]])
         con.execute("COMMIT")
         # What is still unknown (a first run over files that were already in
-        # place) is hashed now, from the destination itself.
-        missing = con.execute("SELECT path, path_raw, size, mtime_ns FROM manifests WHERE run_id = ? "
-                              "AND kind = 'f' AND blake3 IS NULL", [r["id"]]).fetchall()
-        if missing:
-            from ..tree import hash_under
-            names = {stored_path(path, raw): (path, raw) for path, raw, _, _ in missing}
-            hashes = hash_under(r["destination"], [(stored_path(path, raw), size, mtime_ns)
-                                                   for path, raw, size, mtime_ns in missing])
-            if hashes:
-                con.execute("BEGIN")
-                con.executemany("UPDATE manifests SET blake3 = ? WHERE run_id = ? AND path = ? "
-                                "AND path_raw IS NOT DISTINCT FROM ?",
-                                [(h, r["id"], *names[name]) for name, h in hashes.items()])
-                con.execute("COMMIT")
+        # place) is hashed later from the destination itself, without holding
+        # the database: a marker names the run.
+        unknown = con.execute("SELECT count(*) FROM manifests WHERE run_id = ? AND kind = 'f' "
+                              "AND blake3 IS NULL", [r["id"]]).fetchone()[0]
+        if unknown:
+            marker = self.spool_dir / f"{r['id']}.hash"
+            marker.write_text(json.dumps({"id": r["id"], "destination": r["destination"]}))
+
+    def _hash_pending(self, wait: float) -> None:
+        """Hash the files named by ``*.hash`` markers: read the rows (a short
+        read-only connection), hash the files with no connection open (that
+        can take minutes on a large tree), then set every hash in one UPDATE
+        from a JSON file. One hasher at a time; a busy one is left alone."""
+        with open(self.spool_dir / ".hash.lock", "a") as lock:
+            if not _flock(lock, 0):
+                return
+            for marker in sorted(self.spool_dir.glob("*.hash")):
+                try:
+                    job = json.loads(marker.read_text())
+                    self._hash_run(job["id"], job["destination"], wait)
+                except TimeoutError:
+                    return                      # the database stays busy: try again next time
+                except (OSError, ValueError, KeyError):
+                    pass
+                marker.unlink(missing_ok=True)
+
+    def _hash_run(self, run_id: str, destination: str, wait: float) -> None:
+        from ..tree import hash_under
+        con = self._connect(read_only=True, wait=wait)
+        if con is None:
+            return
+        try:
+            missing = con.execute("SELECT path, path_raw, size, mtime_ns FROM manifests WHERE run_id = ? "
+                                  "AND kind = 'f' AND blake3 IS NULL", [run_id]).fetchall()
+        finally:
+            con.close()
+        names = {stored_path(path, raw): (path, raw) for path, raw, _, _ in missing}
+        hashes = hash_under(destination, [(stored_path(path, raw), size, mtime_ns)
+                                          for path, raw, size, mtime_ns in missing])
+        if not hashes:
+            return
+        rows = self.spool_dir / f"{run_id}.hashes.ndjson"
+        try:
+            with open(rows, "w", encoding="utf-8") as f:
+                for name, digest in hashes.items():
+                    path, raw = names[name]
+                    f.write(json.dumps({"path": path, "path_raw": None if raw is None else bytes(raw).hex(),
+                                        "blake3": digest}, ensure_ascii=False) + "\n")
+            con = self._connect(read_only=False, wait=wait)
+            try:
+                con.execute("""
+                    UPDATE manifests AS m SET blake3 = h.blake3
+                    FROM read_json(?, format='newline_delimited',
+                                   columns={'path': 'VARCHAR', 'path_raw': 'VARCHAR', 'blake3': 'VARCHAR'}) AS h
+                    WHERE m.run_id = ? AND m.kind = 'f' AND m.blake3 IS NULL AND m.path = h.path
+                      AND m.path_raw IS NOT DISTINCT FROM unhex(h.path_raw)""", [str(rows), run_id])
+            finally:
+                con.close()
+        finally:
+            rows.unlink(missing_ok=True)

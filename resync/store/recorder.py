@@ -71,6 +71,6 @@ class RunRecorder:
         self.history.finish_run(self.run, status, fields)
         if merge:
             if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":
-                self.history.merge()
+                self.history.merge(hash_files=True)
             else:
                 self.history.merge_in_background()
