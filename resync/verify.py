@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
+from typing import Iterable
 
-from .tree import Entry, hash_under, join, list_dir, open_rel_dir
+from .tree import join, list_dir, open_rel_dir
 
 
 @dataclass
@@ -36,12 +38,19 @@ class VerifyReport:
                 "problems": self.problems}
 
 
-def verify_tree(root: str, manifest: list[tuple]) -> VerifyReport:
-    """manifest rows: (path, kind, size, mtime_ns, mode, blake3)."""
-    expected = {row[0]: row for row in manifest}
+def verify_tree(root: str, manifest: Iterable[tuple]) -> VerifyReport:
+    """Compare the tree at ``root`` with manifest rows (path, kind, size,
+    mtime_ns, mode, blake3 hex or None), given in any order.
+
+    Memory: one compact record per manifest row. The tree is walked one
+    directory at a time (never following symlinks, reached through O_NOFOLLOW
+    descriptors) and each file is hashed when it is met."""
+    expected: dict[str, tuple] = {}
+    for path, kind, size, mtime_ns, mode, digest in manifest:
+        expected[path] = (kind, size, mtime_ns, mode, bytes.fromhex(digest) if digest else None)
     report = VerifyReport()
-    seen: dict[str, Entry] = {}
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    buf = bytearray(1 << 20)
     try:
         stack = [""]
         while stack:
@@ -51,39 +60,57 @@ def verify_tree(root: str, manifest: list[tuple]) -> VerifyReport:
             except OSError:
                 continue
             try:
-                entries, temps, _ = list_dir(fd, None, rel, skip_temps=True)
+                entries, _, _ = list_dir(fd, None, rel, skip_temps=True)
+                for e in entries:
+                    path = join(rel, e.name)
+                    if e.kind == "d":
+                        stack.append(path)
+                    want = expected.pop(path, None)
+                    if want is None:
+                        report.extra.append(path)
+                        continue
+                    report.checked += 1
+                    kind, size, mtime_ns, mode, digest = want
+                    if e.kind != kind or e.perms != mode or (kind != "d" and (e.size != size or e.mtime_ns != mtime_ns)):
+                        report.changed.append(path)
+                    elif kind == "f":
+                        if digest is None:
+                            report.unhashed += 1
+                            continue
+                        got = _hash_at(fd, e.name, size, mtime_ns, buf)
+                        if got is None:
+                            report.changed.append(path)      # changed or vanished while we looked
+                        elif got != digest:
+                            report.corrupt.append(path)
             finally:
                 os.close(fd)
-            for e in entries:
-                path = join(rel, e.name)
-                seen[path] = e
-                if e.kind == "d":
-                    stack.append(path)
     finally:
         os.close(root_fd)
-    to_hash = []
-    for path, (_, kind, size, mtime_ns, mode, digest) in expected.items():
-        e = seen.get(path)
-        if e is None:
-            report.missing.append(path)
-            continue
-        report.checked += 1
-        if e.kind != kind or e.perms != mode or (kind != "d" and (e.size != size or e.mtime_ns != mtime_ns)):
-            report.changed.append(path)
-        elif kind == "f":
-            if digest is None:
-                report.unhashed += 1
-            else:
-                to_hash.append((path, size, mtime_ns))
-    report.extra = sorted(p for p in seen if p not in expected)
-    hashes = hash_under(root, to_hash)
-    for path, size, mtime_ns in to_hash:
-        got = hashes.get(path)
-        if got is None:
-            report.changed.append(path)          # changed or vanished while we looked
-        elif got != expected[path][5]:
-            report.corrupt.append(path)
-    report.missing.sort()
+    report.missing = sorted(expected)
+    report.extra.sort()
     report.changed.sort()
     report.corrupt.sort()
     return report
+
+
+def _hash_at(dir_fd: int, name: str, size: int, mtime_ns: int, buf: bytearray) -> bytes | None:
+    """BLAKE3 of the regular file ``name`` in ``dir_fd`` if it still has this
+    size and mtime, else None."""
+    import blake3
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return None
+        h = blake3.blake3(max_threads=1)
+        view = memoryview(buf)
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+        return h.digest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -227,10 +227,19 @@ def test_verify_reports_drift_and_corruption(tmp_path):
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     (dst / "f2").unlink()
     (dst / "stray").write_bytes(b"?")
+    (dst / "newdir").mkdir()
+    (dst / "newdir" / "x").write_bytes(b"x")
+    (dst / "f4").chmod(0o600)                       # mode
+    (dst / "sub" / "f3").write_bytes(b"longer than before" * 40)       # size
+    (dst / "f6").unlink()
+    os.symlink("f0", dst / "f6")                    # kind
     r = cli("verify", "--json", dst, history=db)
     assert r.returncode == 5
     report = json.loads(r.stdout)
-    assert report["corrupt"] == ["sub/f1"] and report["missing"] == ["f2"] and report["extra"] == ["stray"]
+    assert report["corrupt"] == ["sub/f1"] and report["missing"] == ["f2"]
+    assert report["extra"] == ["newdir", "newdir/x", "stray"]
+    assert report["changed"] == ["f4", "f6", "sub/f3"]
+    assert report["checked"] == 22 - 1 and report["unhashed"] == 0
 
 
 def test_unwritable_history_is_a_clear_error_before_any_change(tmp_path):

@@ -42,9 +42,9 @@ def command(dst, as_json, quiet, history_path, no_history):
     if not rows:
         raise VerificationError(dst, "no recorded sync into this directory in the history")
     run_id, manifest_run = rows[0]
-    _, manifest = history.query("SELECT path, path_raw, kind, size, mtime_ns, mode, blake3 FROM manifests "
-                                "WHERE run_id = ?", [manifest_run])
-    report = verify_tree(dst, [(stored_path(path, raw), *rest) for path, raw, *rest in manifest])
+    manifest = history.rows("SELECT path, path_raw, kind, size, mtime_ns, mode, blake3 FROM manifests "
+                            "WHERE run_id = ?", [manifest_run])
+    report = verify_tree(dst, ((stored_path(path, raw), *rest) for path, raw, *rest in manifest))
     if as_json:
         sys.stdout.write(json.dumps({"run": run_id, **report.as_dict()}, sort_keys=True) + "\n")
     elif not quiet:

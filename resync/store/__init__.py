@@ -181,6 +181,23 @@ class History:
         finally:
             con.close()
 
+    def rows(self, sql: str, params: list | None = None, wait: float = LOCK_WAIT, batch: int = 8192):
+        """Like ``query`` (no merge), but yields the rows in batches as they
+        are fetched, so a large result is never held whole; the read-only
+        connection stays open until the iteration ends."""
+        try:
+            con = self._connect(read_only=True, wait=wait)
+        except TimeoutError as exc:
+            raise HistoryError(self.path, f"busy for {wait:.0f} s: {exc}") from None
+        if con is None:
+            return
+        try:
+            cur = con.execute(sql, params or [])
+            while chunk := cur.fetchmany(batch):
+                yield from chunk
+        finally:
+            con.close()
+
     # ----------------------------------------------------------------- spools
     def start_run(self, command: str, source: str, destination: str) -> RunSpool:
         from .. import __version__
