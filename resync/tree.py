@@ -68,14 +68,10 @@ def join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
-def list_dir(fd_or_path, excludes: Excludes | None = None, rel: str = "",
-             skip_temps: bool = False) -> tuple[list[Entry], list[str], list[str]]:
-    """Sorted entries of a directory (lstat, never following symlinks), minus
-    excluded ones; also the names of resync temp files (when ``skip_temps``)
-    and of entries that vanished while being listed."""
-    entries: list[Entry] = []
-    temps: list[str] = []
-    vanished: list[str] = []
+def _scan(fd_or_path, skip_temps: bool, temps: list[str], vanished: list[str]):
+    """(name, lstat) of each entry of a directory, in directory order; the
+    names of resync temp files (when ``skip_temps``) go to ``temps``, of
+    entries that vanish while listed to ``vanished``."""
     with os.scandir(fd_or_path) as it:
         for de in it:
             name = de.name
@@ -87,11 +83,33 @@ def list_dir(fd_or_path, excludes: Excludes | None = None, rel: str = "",
             except FileNotFoundError:
                 vanished.append(name)
                 continue
-            if excludes and excludes.excluded(join(rel, name), stat.S_ISDIR(st.st_mode)):
-                continue
-            entries.append(Entry.from_stat(name, st))
+            yield name, st
+
+
+def list_dir(fd_or_path, excludes: Excludes | None = None, rel: str = "",
+             skip_temps: bool = False) -> tuple[list[Entry], list[str], list[str]]:
+    """Sorted entries of a directory (lstat, never following symlinks), minus
+    excluded ones; also the names of resync temp files (when ``skip_temps``)
+    and of entries that vanished while being listed."""
+    temps: list[str] = []
+    vanished: list[str] = []
+    if excludes:
+        entries = [Entry.from_stat(name, st) for name, st in _scan(fd_or_path, skip_temps, temps, vanished)
+                   if not excludes.excluded(join(rel, name), stat.S_ISDIR(st.st_mode))]
+    else:
+        entries = [Entry.from_stat(name, st) for name, st in _scan(fd_or_path, skip_temps, temps, vanished)]
     entries.sort(key=lambda e: e.name)
     return entries, temps, vanished
+
+
+def stat_dir(fd_or_path, skip_temps: bool = False) -> tuple[dict[str, os.stat_result], list[str]]:
+    """The lstat of every entry of a directory by name, unsorted, and the
+    names of resync temp files (when ``skip_temps``); entries that vanish
+    while it is listed are left out. The cheap listing of a destination
+    directory: most of its entries are only compared, never turned into an
+    Entry."""
+    temps: list[str] = []
+    return dict(_scan(fd_or_path, skip_temps, temps, [])), temps
 
 
 class TreeLister:
@@ -248,27 +266,6 @@ def _walk_frames(root: str, excludes: Excludes | None, skip: tuple[int, int] | N
         while view:
             view = view[os.write(fd, view):]
         stack.extend(reversed(subdirs))
-
-
-def stat_dir(fd_or_path, skip_temps: bool = False) -> tuple[dict[str, os.stat_result], list[str]]:
-    """The lstat of every entry of a directory by name, unsorted, and the
-    names of resync temp files (when ``skip_temps``); entries that vanish
-    while it is listed are left out. The cheap listing of a destination
-    directory: most of its entries are only compared, never turned into an
-    Entry."""
-    found: dict[str, os.stat_result] = {}
-    temps: list[str] = []
-    with os.scandir(fd_or_path) as it:
-        for de in it:
-            name = de.name
-            if skip_temps and name.startswith(TEMP_PREFIX):
-                temps.append(name)
-                continue
-            try:
-                found[name] = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-    return found, temps
 
 
 def open_dir_at(parent_fd: int, name: str) -> int:
