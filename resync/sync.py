@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Callable
 from .errors import DeletionRefusedError, FileError, UsageError
 from .fs import TEMP_PREFIX
 from .parallel import thread_count
-from .tree import Entry, Excludes, TreeLister, join, list_dir, open_dir_at, open_rel_dir, stat_dir
+from .tree import (Entry, Excludes, TreeLister, join, list_dir, open_dir_at, open_rel_dir, skipped_dir,
+                   stat_dir)
 
 if TYPE_CHECKING:                 # concurrent.futures costs 4 ms to import; a run with nothing to copy needs none
     from concurrent.futures import Future
@@ -577,13 +578,6 @@ class Syncer:
                     self._flush_chunk()
                     self._commit(final=True)
 
-    def _is_destination(self, path: str) -> bool:
-        try:
-            st = os.stat(path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self._dst_id
-
     def _list_pair(self, p: "_Pending", lister: TreeLister) -> "_Listing":
         """Open a pending directory in DST and list it in SRC and DST."""
         out = _Listing()
@@ -605,9 +599,7 @@ class Syncer:
                 out.src, _, out.gone = list_dir(src_dir, self._excludes, p.rel)
             except OSError as exc:
                 out.src_error = exc
-            if self._dst_id is not None:
-                out.skip = next((e.name for e in out.src
-                                 if e.kind == "d" and self._is_destination(f"{src_dir}/{e.name}")), None)
+            out.skip = skipped_dir(src_dir, out.src, self._dst_id)
         if handle is not None and p.exists and not out.dst_error:
             try:
                 out.dst, out.temps = stat_dir(handle.fd, skip_temps=True)

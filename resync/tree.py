@@ -187,7 +187,7 @@ class TreeLister:
             if found == key:
                 entries, vanished, skipped, error = frame[1:]
                 if error is not None:
-                    error = OSError(*error) if error[0] != 2 else FileNotFoundError(*error)
+                    error = OSError(*error)          # the errno picks the subclass (FileNotFoundError, ...)
                 return [_entry(e) for e in entries], vanished, skipped, error
             if found > key:              # past it: ``rel`` is not in the walk
                 self._next = frame
@@ -229,6 +229,22 @@ class TreeLister:
         self.close()
 
 
+def skipped_dir(path: str, entries: list[Entry], skip: tuple[int, int] | None) -> str | None:
+    """The name of the directory among ``entries`` (listed from ``path``) whose
+    (st_dev, st_ino) is ``skip`` — the destination inside its own source."""
+    if skip is None:
+        return None
+    for e in entries:
+        if e.kind == "d":
+            try:
+                st = os.stat(f"{path}/{e.name}", follow_symlinks=False)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == skip:
+                return e.name
+    return None
+
+
 def _entry(fields: tuple) -> Entry:
     return tuple.__new__(Entry, fields)
 
@@ -247,20 +263,8 @@ def _walk_frames(root: str, excludes: Excludes | None, skip: tuple[int, int] | N
             entries, _, vanished = list_dir(path, excludes, rel)
         except OSError as exc:
             error = (exc.errno or 0, exc.strerror or str(exc))
-        skipped = None
-        subdirs = []
-        for e in entries:
-            if e.kind != "d":
-                continue
-            if skip is not None and skipped is None:
-                try:
-                    st = os.stat(f"{path}/{e.name}", follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) == skip:
-                        skipped = e.name
-                        continue
-                except OSError:
-                    pass
-            subdirs.append(join(rel, e.name))
+        skipped = skipped_dir(path, entries, skip)
+        subdirs = [join(rel, e.name) for e in entries if e.kind == "d" and e.name != skipped]
         data = marshal.dumps((rel, [tuple(e) for e in entries], vanished, skipped, error))
         view = memoryview(len(data).to_bytes(8, "little") + data)
         while view:
@@ -291,14 +295,12 @@ def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
     """BLAKE3 (hex) of root/path for each (path, size, mtime_ns) that still has
     that size and mtime; reached without following symlinks. Files are taken
     directory by directory, each directory opened once."""
-    import blake3
     out: dict[str, str] = {}
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return out
     buf = bytearray(1 << 20)
-    view = memoryview(buf)
     dir_rel, dir_fd = None, -1
     try:
         for path, size, mtime_ns in sorted(files, key=lambda f: f[0].rpartition("/")[::2]):
@@ -312,23 +314,37 @@ def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
                     dir_fd = open_rel_dir(root_fd, parent)
                 if dir_fd < 0:
                     continue
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
             except OSError:
                 continue
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
-                    continue
-                h = blake3.blake3(max_threads=1)
-                while n := os.readv(fd, [buf]):
-                    h.update(view[:n])
-                out[path] = h.hexdigest()
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
+            digest = hash_at(dir_fd, name, size, mtime_ns, buf)
+            if digest is not None:
+                out[path] = digest.hex()
     finally:
         if dir_fd >= 0:
             os.close(dir_fd)
         os.close(root_fd)
     return out
+
+
+def hash_at(dir_fd: int, name: str, size: int, mtime_ns: int, buf: bytearray) -> bytes | None:
+    """BLAKE3 of the regular file ``name`` in ``dir_fd`` (never following a
+    symlink) if it still has this size and mtime, else None. ``buf`` is the
+    read buffer."""
+    import blake3
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return None
+        h = blake3.blake3(max_threads=1)
+        view = memoryview(buf)
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+        return h.digest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .tree import join, list_dir, open_rel_dir
+from .tree import hash_at, join, list_dir, open_rel_dir
 
 
 @dataclass
@@ -77,7 +76,7 @@ def verify_tree(root: str, manifest: Iterable[tuple]) -> VerifyReport:
                         if digest is None:
                             report.unhashed += 1
                             continue
-                        got = _hash_at(fd, e.name, size, mtime_ns, buf)
+                        got = hash_at(fd, e.name, size, mtime_ns, buf)
                         if got is None:
                             report.changed.append(path)      # changed or vanished while we looked
                         elif got != digest:
@@ -92,25 +91,3 @@ def verify_tree(root: str, manifest: Iterable[tuple]) -> VerifyReport:
     report.corrupt.sort()
     return report
 
-
-def _hash_at(dir_fd: int, name: str, size: int, mtime_ns: int, buf: bytearray) -> bytes | None:
-    """BLAKE3 of the regular file ``name`` in ``dir_fd`` if it still has this
-    size and mtime, else None."""
-    import blake3
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_mtime_ns != mtime_ns:
-            return None
-        h = blake3.blake3(max_threads=1)
-        view = memoryview(buf)
-        while n := os.readv(fd, [buf]):
-            h.update(view[:n])
-        return h.digest()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)

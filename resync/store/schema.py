@@ -3,6 +3,7 @@
 Each migration is (version, statements) and runs once, in a transaction, when
 a writer opens an older database; ``schema_version`` records what ran.
 """
+import os
 
 SCHEMA_VERSION = 3
 
@@ -88,7 +89,6 @@ def display_path(path: str) -> str:
         path.encode("utf-8")
         return path
     except UnicodeEncodeError:
-        import os
         return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
@@ -98,7 +98,6 @@ def raw_path(path: str) -> bytes | None:
         path.encode("utf-8")
         return None
     except UnicodeEncodeError:
-        import os
         return os.fsencode(path)
 
 
@@ -106,5 +105,4 @@ def stored_path(path: str, raw: bytes | None) -> str:
     """The file system's name back from a (path, path_raw) pair of the history."""
     if raw is None:
         return path
-    import os
     return os.fsdecode(bytes(raw))
