@@ -7,8 +7,16 @@
     gen.py change --fraction 0.01 --seed 2 DIR
 
 ``random``: BASIS is random bytes. ``repeat``: BASIS is one random 8 KiB block
-repeated (every block has the same weak sum: the adversarial case). NEW is BASIS
-with ``edits`` random inserts, deletes and replacements of ``edit-len`` bytes.
+repeated (every block has the same weak sum: the adversarial case). ``mixed``:
+segments of every content kind below. NEW is BASIS with ``edits`` random
+inserts, deletes and replacements of ``edit-len`` bytes.
+
+Trees and the tests' data use a realistic mix of content by default (a bundle
+bug once hid behind test data that never compressed): random bytes, text (log
+lines), runs of zeros, sparse files (holes), repeated blocks, empty files, and
+files that are a mix of these; trees also hold a few odd names (spaces, a
+newline, non-ASCII, bytes that are not UTF-8, a 255-byte name). The tests draw
+from the same functions (``content``, ``write_file``, ``ODD_NAMES``).
 """
 import argparse
 import re
@@ -27,10 +35,121 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
+# -- content -------------------------------------------------------------------
+
+KINDS = ("random", "text", "zeros", "sparse", "repeat", "empty", "mixed")
+# how often each kind is picked for a file of a generated tree
+WEIGHTS = {"random": 0.25, "text": 0.3, "zeros": 0.05, "sparse": 0.05, "repeat": 0.1, "empty": 0.05,
+           "mixed": 0.2}
+
+# Names a tree should hold besides plain ones (bytes: the file system's names).
+ODD_NAMES = [b"with space", b"-leading-dash", b"caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac", b"not-utf8-\xff\xfe",
+             b"new\nline", b"tab\there", b"back\\slash", b"n" * 255, b".hidden", b"#hash;semi'quote\""]
+
+_WORDS = ("request worker user file path error warning sync delta block signature stripe shard parity "
+          "connect timeout retry bytes ok failed done queue cache index commit rename fsync open close "
+          "read write scan match literal copy insert module peer device id status").split()
+_LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
+
+
+_POOL: list = []
+
+
+def _line_pool(count: int = 4096) -> np.ndarray:
+    """Distinct log lines (bytes) that text is drawn from; made once, from a fixed seed."""
+    if _POOL:
+        return _POOL[0]
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        words = " ".join(_WORDS[j] for j in rng.integers(0, len(_WORDS), int(rng.integers(2, 9))))
+        lines.append((f"2026-11-{1 + i % 30:02d} {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}:"
+                      f"{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d} "
+                      f"{_LEVELS[int(rng.integers(0, len(_LEVELS)))]} worker-{int(rng.integers(0, 16))}"
+                      f"[{int(rng.integers(100, 99999))}]: {words} id={int(rng.integers(0, 1 << 32)):08x} "
+                      f"in {int(rng.integers(0, 5000))} ms\n").encode())
+    _POOL.append(np.array(lines, dtype=object))
+    return _POOL[0]
+
+
+def _text(rng: np.random.Generator, size: int) -> np.ndarray:
+    pool = _line_pool()
+    parts, total = [], 0
+    while total < size:
+        picked = b"".join(pool[rng.integers(0, len(pool), max(16, (size - total) // 60))])
+        parts.append(picked)
+        total += len(picked)
+    return np.frombuffer(b"".join(parts)[:size], np.uint8).copy()
+
+
+def _islands(rng: np.random.Generator, size: int) -> list[tuple[int, np.ndarray]]:
+    """(offset, bytes) of the few data islands of a sparse file: its start,
+    its end and some places between; the rest is holes."""
+    if size == 0:
+        return []
+    spots = {0, max(0, size - 512)} | {int(x) for x in rng.integers(0, size, int(rng.integers(0, 4)))}
+    out = []
+    for off in sorted(spots):
+        n = min(size - off, int(rng.integers(1, 513)))
+        out.append((off, rng.integers(0, 256, n, dtype=np.uint8)))
+    return out
+
+
+def content(rng: np.random.Generator, size: int, kind: str = "mixed") -> np.ndarray:
+    """``size`` bytes (uint8 array) of one content kind (see KINDS)."""
+    if kind == "random":
+        return rng.integers(0, 256, size, dtype=np.uint8)
+    if kind == "text":
+        return _text(rng, size)
+    if kind in ("zeros", "empty"):
+        return np.zeros(size if kind == "zeros" else 0, np.uint8)
+    if kind == "sparse":
+        out = np.zeros(size, np.uint8)
+        for off, data in _islands(rng, size):
+            out[off:off + data.shape[0]] = data
+        return out
+    if kind == "repeat":
+        block = rng.integers(0, 256, int(rng.choice([64, 700, 4096, 8192])), dtype=np.uint8)
+        return np.resize(block, size)
+    if kind == "mixed":
+        parts, total = [], 0
+        while total < size:
+            n = min(size - total, int(np.exp(rng.uniform(np.log(16), np.log(max(size, 17))))))
+            parts.append(content(rng, n, str(rng.choice(["random", "text", "zeros", "repeat"]))))
+            total += n
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    raise ValueError(f"unknown content kind {kind!r}")
+
+
+def pick_kind(rng: np.random.Generator) -> str:
+    return str(rng.choice(list(WEIGHTS), p=list(WEIGHTS.values())))
+
+
+def write_file(path, rng: np.random.Generator, size: int, kind: str = "mixed") -> None:
+    """Write a file of ``size`` bytes of ``kind``; ``sparse`` files get real
+    holes (only their data islands are written)."""
+    import os
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if kind == "sparse":
+            os.ftruncate(fd, size)
+            for off, data in _islands(rng, size):
+                os.pwrite(fd, data.tobytes(), off)
+            return
+        data = content(rng, size, kind)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def make_basis(rng: np.random.Generator, size: int, pattern: str) -> np.ndarray:
     if pattern == "repeat":
         block = rng.integers(0, 256, 8192, dtype=np.uint8)
         return np.resize(block, size)
+    if pattern == "mixed":
+        return content(rng, size, "mixed")
     return rng.integers(0, 256, size, dtype=np.uint8)
 
 
@@ -58,9 +177,12 @@ def edit(rng: np.random.Generator, basis: np.ndarray, edits: int, edit_len: int)
     yield basis[cursor:]
 
 
-def make_tree(root: str, files: int, big: int, big_size: int, seed: int) -> int:
+def make_tree(root: str, files: int, big: int, big_size: int, seed: int, mix: str = "mixed") -> int:
     """``files`` files of 200 B .. 20 kB (log-uniform) in a few hundred nested
-    directories, plus ``big`` files of ``big_size`` bytes. Returns the bytes written."""
+    directories, plus ``big`` files of ``big_size`` bytes. ``mix="mixed"``:
+    each file's content kind is drawn by WEIGHTS (big files are ``mixed``) and
+    a few files get odd names; ``"random"``: random bytes only (the content of
+    the benchmark figures recorded before session 5). Returns the bytes written."""
     import os
     rng = np.random.default_rng(seed)
     ndirs = max(1, files // 40)
@@ -71,16 +193,29 @@ def make_tree(root: str, files: int, big: int, big_size: int, seed: int) -> int:
     for d in dirs:
         os.makedirs(d, exist_ok=True)
     sizes = np.exp(rng.uniform(np.log(200), np.log(20_000), files)).astype(np.int64)
-    pool = rng.integers(0, 256, int(sizes.max()) + (1 << 16), dtype=np.uint8)
     total = 0
+    if mix == "random":
+        pool = rng.integers(0, 256, int(sizes.max()) + (1 << 16), dtype=np.uint8)
+        for i, size in enumerate(sizes.tolist()):
+            d = dirs[int(rng.integers(0, len(dirs)))]
+            off = int(rng.integers(0, 1 << 16))
+            with open(os.path.join(d, f"file{i:06d}.dat"), "wb") as f:
+                f.write(memoryview(pool[off:off + size]))
+            total += size
+        for i in range(big):
+            rng.integers(0, 256, big_size, dtype=np.uint8).tofile(os.path.join(root, f"big{i}.bin"))
+            total += big_size
+        return total
+    odd = {int(i): name for i, name in zip(rng.choice(files, min(files, len(ODD_NAMES)), replace=False),
+                                           ODD_NAMES)}
     for i, size in enumerate(sizes.tolist()):
         d = dirs[int(rng.integers(0, len(dirs)))]
-        off = int(rng.integers(0, 1 << 16))
-        with open(os.path.join(d, f"file{i:06d}.dat"), "wb") as f:
-            f.write(memoryview(pool[off:off + size]))
-        total += size
+        name = odd.get(i, f"file{i:06d}.dat".encode())
+        kind = pick_kind(rng)
+        write_file(os.path.join(os.fsencode(d), name), rng, 0 if kind == "empty" else size, kind)
+        total += 0 if kind == "empty" else size
     for i in range(big):
-        rng.integers(0, 256, big_size, dtype=np.uint8).tofile(os.path.join(root, f"big{i}.bin"))
+        write_file(os.path.join(root, f"big{i}.bin"), rng, big_size, "mixed")
         total += big_size
     return total
 
@@ -91,16 +226,16 @@ def change_tree(root: str, fraction: float, seed: int) -> int:
     import os
     rng = np.random.default_rng(seed)
     small, big = [], []
-    for dirpath, _, names in os.walk(root):
+    for dirpath, _, names in os.walk(os.fsencode(root)):
         for n in sorted(names):
             path = os.path.join(dirpath, n)
             if os.path.isfile(path) and not os.path.islink(path):     # links and fifos stay as they are
-                (big if n.startswith("big") else small).append(path)
+                (big if n.startswith(b"big") else small).append(path)
     small.sort()
     pick = rng.choice(len(small), size=max(1, int(len(small) * fraction)), replace=False)
     for i in pick.tolist():
-        size = os.path.getsize(small[i])
-        rng.integers(0, 256, size, dtype=np.uint8).tofile(small[i])
+        size = os.path.getsize(small[i]) or int(rng.integers(1, 5000))
+        write_file(small[i], rng, size, pick_kind(rng))
     for path in big:
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
@@ -115,7 +250,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     f = sub.add_parser("file", help="a basis file and an edited new file")
     f.add_argument("--size", type=parse_size, default=parse_size("64MiB"))
-    f.add_argument("--pattern", choices=("random", "repeat"), default="random")
+    f.add_argument("--pattern", choices=("random", "repeat", "mixed"), default="random")
     f.add_argument("--edits", type=int, default=40)
     f.add_argument("--edit-len", type=int, default=27000)
     f.add_argument("--seed", type=int, default=1)
@@ -126,6 +261,8 @@ def main(argv=None) -> int:
     t.add_argument("--big", type=int, default=2)
     t.add_argument("--big-size", type=parse_size, default=parse_size("50MB"))
     t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--content", choices=("mixed", "random"), default="mixed",
+                   help="mixed: the realistic mix (default); random: random bytes only")
     t.add_argument("dir")
     c = sub.add_parser("change", help="change a fraction of a generated tree's files")
     c.add_argument("--fraction", type=float, default=0.01)
@@ -133,7 +270,7 @@ def main(argv=None) -> int:
     c.add_argument("dir")
     args = ap.parse_args(argv)
     if args.what == "tree":
-        total = make_tree(args.dir, args.files, args.big, args.big_size, args.seed)
+        total = make_tree(args.dir, args.files, args.big, args.big_size, args.seed, args.content)
         print(f"{args.files + args.big} files, {total / 1e6:.1f} MB in {args.dir}")
         return 0
     if args.what == "change":

@@ -166,13 +166,33 @@ class ParsedDelta:
 
 def unpack_delta(buf, name: str = "delta") -> ParsedDelta:
     """Parse and validate a whole delta file held in ``buf`` (bytes-like or mmap)."""
-    size = len(buf)
+    return parse_delta(buf, len(buf), name)
+
+
+def delta_tables_size(head, size: int, name: str = "delta") -> int:
+    """How many bytes of a delta of ``size`` bytes ``parse_delta`` needs (the
+    header, instructions and chunk table), from its first DELTA_HEADER.size
+    bytes ``head``. FormatError if the counts cannot fit in ``size``."""
+    if len(head) < DELTA_HEADER.size or size < DELTA_HEADER.size:
+        raise FormatError(name, "resync delta", "truncated header")
+    count, _, nchunks = struct.unpack_from("<QQQ", head, 96)
+    need = DELTA_HEADER.size + count * INSTRUCTION.itemsize + nchunks * CHUNK.itemsize
+    if need > size:
+        raise FormatError(name, "resync delta", "instruction or chunk count exceeds the delta's size")
+    return need
+
+
+def parse_delta(buf, size: int, name: str = "delta") -> ParsedDelta:
+    """Parse and validate a delta file of ``size`` bytes (its stored length)
+    of which ``buf`` holds at least the header, instructions and chunk table
+    (``delta_tables_size``): everything but the chunk bytes is checked,
+    including that the chunks' stored lengths add up to ``size``."""
 
     def bad(why: str):
         raise FormatError(name, "resync delta", why)
 
-    if size < DELTA_HEADER.size:
-        if bytes(buf[:8]) != DELTA_MAGIC[: min(size, 8)]:
+    if size < DELTA_HEADER.size or len(buf) < DELTA_HEADER.size:
+        if bytes(buf[:8]) != DELTA_MAGIC[: min(len(buf), 8)]:
             bad("bad magic")
         bad("truncated header")
     (magic, version, flags, reserved, basis_len, basis_hash, target_len, target_hash,
@@ -189,14 +209,14 @@ def unpack_delta(buf, name: str = "delta") -> ParsedDelta:
     if literal_len > target_len:
         bad("literal length exceeds target length")
     off = DELTA_HEADER.size
-    room = size - off
+    room = min(size, len(buf)) - off
     if count > room // INSTRUCTION.itemsize:
         bad(f"instruction count {count} exceeds the file size")
     if (count == 0) != (target_len == 0):
         bad("instruction count does not match target length")
     ins = np.frombuffer(buf, dtype=INSTRUCTION, count=count, offset=off)
     off += count * INSTRUCTION.itemsize
-    room = size - off
+    room = min(size, len(buf)) - off
     if nchunks > room // CHUNK.itemsize:
         bad(f"literal chunk count {nchunks} exceeds the file size")
     chunks = np.frombuffer(buf, dtype=CHUNK, count=nchunks, offset=off)

@@ -19,6 +19,46 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def every_bundle_reads_back(monkeypatch, tmp_path_factory):
+    """Every bundle the suite's in-process ``pack`` calls write is read again
+    after the test, from its final name, with everything unpack checks (every
+    shard, the trailer, every record decoded); one made without a tree
+    signature is also unpacked. Bundles a test changed on purpose (damage,
+    truncation) are left to that test."""
+    import blake3
+
+    from resync.bundle import pack as pack_module
+    written = []
+    real = pack_module._read_back
+
+    def spy(fd, out, bundle_id, entries):
+        real(fd, out, bundle_id, entries)
+        digest = blake3.blake3()
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        written.append((out, digest.digest()))
+
+    monkeypatch.setattr(pack_module, "_read_back", spy)
+    yield
+    from resync.bundle.shards import open_bundle
+    from resync.bundle.unpack import check_bundle, unpack
+    for out, digest in written:
+        try:
+            with open(out, "rb") as f:
+                if blake3.blake3(f.read()).digest() != digest:
+                    continue                  # changed since: the test's own business
+        except FileNotFoundError:
+            continue
+        with open_bundle(out) as reader:
+            health, info = check_bundle(reader)
+        assert not any(h.bad for h in health), out
+        if info.against_id is None:
+            unpack(out, str(tmp_path_factory.mktemp("reread")))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

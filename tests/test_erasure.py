@@ -10,7 +10,7 @@ from resync.erasure import ReedSolomon, gf
 from resync.errors import UnrecoverableError, UsageError
 from resync.kernels import native
 
-from . import naive
+from . import mix, naive
 from .conftest import NOJIT
 
 
@@ -145,12 +145,12 @@ def test_every_pattern_of_m_losses_decodes(k, m):
             rs.decode(_damage(shards, set(lost)))
 
 
+@pytest.mark.parametrize("kind", mix.KINDS[:-2] + ("mixed",))
 @pytest.mark.parametrize("k,m", [(5, 3), (10, 4), (50, 10), (50, 25), (200, 56)])
-def test_sweep_losses_up_to_m(k, m):
-    rng = np.random.default_rng(k + m)
+def test_sweep_losses_up_to_m(k, m, kind):
     rnd = random.Random(k * m)
     rs = ReedSolomon(k, m)
-    data = rng.integers(0, 256, (k, 333), dtype=np.uint8)
+    data = mix.array(k + m, k * 333, kind).reshape(k, 333)
     shards = list(data) + list(rs.encode(data))
     n = k + m
     patterns = [set(rnd.sample(range(n), lost)) for lost in range(m + 1) for _ in range(3)]
@@ -164,10 +164,9 @@ def test_sweep_losses_up_to_m(k, m):
 
 
 def test_rs_50_10_recovers_any_10_and_refuses_11():
-    rng = np.random.default_rng(5010)
     rnd = random.Random(5010)
     rs = ReedSolomon(50, 10)
-    data = rng.integers(0, 256, (50, 4096 + 3), dtype=np.uint8)
+    data = mix.array(5010, 50 * (4096 + 3), "mixed").reshape(50, 4096 + 3)
     shards = list(data) + list(rs.encode(data))
     for _ in range(20):
         lost = set(rnd.sample(range(60), 10))

@@ -155,6 +155,23 @@ def _whole(out: _Payload, fd: int, size: int) -> bytes | None:
     return None if short else h.digest()
 
 
+def _read_back(fd: int, out: str, bundle_id: bytes, entries: int) -> None:
+    """Check the bundle just written (still under its temp name) the way
+    unpack will read it: every shard intact, the trailer parsed, every record
+    decoded and checked. A bundle pack reports as written is one unpack
+    accepts; anything else is refused here, before the rename."""
+    from ..errors import ResyncError, VerificationError
+    from .shards import ShardReader
+    from .unpack import check_bundle
+    try:
+        health, info = check_bundle(ShardReader(fd, out))
+        bad = sum(len(h.bad) for h in health)
+        if bad or info.bundle_id != bundle_id or len(info.trailer.entries) != entries:
+            raise VerificationError(out, f"{bad} shards damaged, or another bundle, right after writing")
+    except ResyncError as exc:
+        raise VerificationError(out, f"the bundle does not read back as written ({exc}); nothing written") from None
+
+
 def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: int = DEFAULT_M,
          shard_size: int = DEFAULT_SHARD, on_entry=None, on_file=None) -> PackStats:
     """Write bundle ``out`` holding tree ``src`` as the destination described
@@ -277,6 +294,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
         body.put(stored)
         body.put(P.footer(trailer_offset, trailer, stored))
         layout = writer.close()
+        _read_back(fd, out, bundle_id, len(entries))
     stats.payload_bytes = layout.payload_len
     stats.bundle_bytes = stats.bytes_written = layout.file_size
     stats.shard_size, stats.stripes = layout.shard_size, layout.stripes

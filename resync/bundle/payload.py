@@ -6,11 +6,14 @@ Little-endian throughout::
              signature) | u32 0 | 16s bundle id | 32s tree signature id (or zeros)
              | i64 created (ns since the epoch)
     records  one per file whose content travels, in manifest order:
-             u8 kind (1 whole, 2 delta) | 3x 0 | u32 entry index | u64 body length | body
-             whole: chunks of u8 codec (0 raw, 1 LZ4 block) | u32 raw length
-                    (<= 4 MiB) | u32 stored length | stored bytes, until the
-                    entry's size is reached
-             delta: a resync delta against the destination's file at that path
+             u8 kind (1 whole, 2 delta) | 3x 0 | u32 entry index | u64 length | body
+             whole: length is the file's size (logical bytes, = the entry's
+                    size); the body is chunks of u8 codec (0 raw, 1 LZ4 block)
+                    | u32 raw length (<= 4 MiB) | u32 stored length | stored
+                    bytes, until the raw lengths reach the file's size (each
+                    chunk's stored length delimits it)
+             delta: length is the body's stored size; the body is a resync
+                    delta against the destination's file at that path
     trailer  root: u32 mode | i64 mtime_ns | u32 uid | u32 gid
              u64 n | n entries: path | u8 kind | u32 mode | i64 mtime_ns | u64 size
                  | u32 uid | u32 gid | u64 rdev | 32s BLAKE3 (files) | u64 record

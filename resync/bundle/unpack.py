@@ -123,6 +123,17 @@ def check_health(reader: ShardReader) -> list:
     return health
 
 
+def check_bundle(reader: ShardReader) -> tuple[list, BundleInfo]:
+    """Everything unpack checks before it touches a destination: the health
+    of every stripe (UnrecoverableError beyond parity), then the payload's
+    header, trailer and every record (``check_records``). Returns the stripes'
+    health and the bundle's BundleInfo."""
+    health = check_health(reader)
+    stream, info = read_bundle(reader)
+    check_records(stream, info, reader.name)
+    return health, info
+
+
 @dataclass
 class UnpackStats(BundleStats):
     damaged_stripes: int = 0
@@ -247,9 +258,77 @@ def _remove_stale_stages(root_fd: int) -> None:
                 pass
 
 
-def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int, name: str) -> int:
-    """Decode a whole-file record body at ``pos`` into ``out_fd``; returns the
-    position after it. Checks every chunk header before decompressing."""
+def record_header(stream: PayloadStream, info: BundleInfo, index: int, e: P.Entry, name: str) -> tuple[int, int, int]:
+    """(kind, body offset, length) of manifest entry ``index``'s record, checked.
+
+    ``length`` is a logical size for a whole-file record (the file's size; its
+    chunks, each with its stored length, delimit themselves) and the stored
+    size for a delta record (the delta file's length)."""
+    kind, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))
+    body = e.record + P.RECORD.size
+    if rec_index != index or kind not in (P.WHOLE, P.DELTA):
+        raise FormatError(name, P.WHAT, f"{e.path}: bad record header")
+    if kind == P.WHOLE and length != e.size:
+        raise FormatError(name, P.WHAT, f"{e.path}: record size differs from the manifest")
+    if kind == P.DELTA and length > info.trailer_offset - body:
+        raise FormatError(name, P.WHAT, f"{e.path}: delta record runs into the trailer")
+    return kind, body, length
+
+
+def delta_header(stream: PayloadStream, body: int, length: int, e: P.Entry, name: str):
+    """The parsed tables of a delta record (everything but its literal bytes),
+    checked against the manifest entry it must produce."""
+    from .. import formats
+    where = f"{name}: {e.path}"
+    head = stream.read(body, min(length, formats.DELTA_HEADER.size))
+    tables = stream.read(body, formats.delta_tables_size(head, length, where))
+    parsed = formats.parse_delta(tables, length, where)
+    if parsed.header.target_hash != e.blake3 or parsed.header.target_len != e.size:
+        raise FormatError(name, P.WHAT, f"{e.path}: delta does not produce the manifest's file")
+    return parsed
+
+
+def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
+    """Read every record as unpack will: whole files decoded and checked
+    against their BLAKE3, deltas parsed and their literal chunks decoded.
+    What this accepts, unpack applies (given the destination it was made for).
+    Records must also tile the payload between its header and the trailer,
+    in manifest order, with no gap or overlap: a writer that miscounted a
+    length shows here even where a reader would not notice."""
+    import lz4.block
+    expected = P.HEADER.size
+    for index, e in enumerate(info.trailer.entries):
+        if e.record == NONE:
+            continue
+        if e.record != expected:
+            raise FormatError(name, P.WHAT, f"{e.path}: record at {e.record}, where the previous one ends "
+                                            f"at {expected}")
+        kind, body, length = record_header(stream, info, index, e, name)
+        if kind == P.WHOLE:
+            expected = _stage_whole(stream, body, info.trailer_offset, e, None, name)
+            continue
+        expected = body + length
+        parsed = delta_header(stream, body, length, e, name)
+        pos = body + parsed.data_offset
+        for codec, raw, stored in parsed.chunks.tolist():
+            data = stream.read(pos, stored)
+            pos += stored
+            if codec == P.CODEC_LZ4:
+                try:
+                    out = lz4.block.decompress(data, uncompressed_size=raw)
+                except lz4.block.LZ4BlockError:
+                    raise FormatError(name, P.WHAT, f"{e.path}: corrupt LZ4 chunk in its delta") from None
+                if len(out) != raw:
+                    raise FormatError(name, P.WHAT, f"{e.path}: delta chunk expands to the wrong size")
+    if expected != info.trailer_offset:
+        raise FormatError(name, P.WHAT, f"{info.trailer_offset - expected} bytes between the last record "
+                                        "and the trailer")
+
+
+def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int | None, name: str) -> int:
+    """Decode a whole-file record body at ``pos`` into ``out_fd`` (None: only
+    check it); returns the position after it. Checks every chunk header
+    before decompressing, and the content against the entry's BLAKE3."""
     import blake3
     import lz4.block
     h = blake3.blake3()
@@ -271,9 +350,10 @@ def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: 
             if len(data) != raw_len:
                 raise FormatError(name, P.WHAT, f"{e.path}: LZ4 chunk expands to the wrong size")
         h.update(data)
-        view = memoryview(data)
-        while len(view):
-            view = view[os.write(out_fd, view):]
+        if out_fd is not None:
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(out_fd, view):]
         done += raw_len
     if h.digest() != e.blake3:
         raise VerificationError(name, f"{e.path}: content does not match its BLAKE3; nothing applied")
@@ -346,15 +426,10 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
             if info.against_id is not None and _already_new(dirs, e, current.get(e.path)):
                 continue
             started = time.monotonic()
-            kind, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))
-            body = e.record + P.RECORD.size
-            if rec_index != index or kind not in (P.WHOLE, P.DELTA) or length > info.trailer_offset - body:
-                raise FormatError(name, P.WHAT, f"{e.path}: bad record header")
+            kind, body, length = record_header(stream, info, index, e, name)
             out = str(index)
             try:
                 if kind == P.WHOLE:
-                    if length != e.size:
-                        raise FormatError(name, P.WHAT, f"{e.path}: record size differs from the manifest")
                     ofd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                                   0o600, dir_fd=stage_fd)
                     try:
@@ -411,12 +486,11 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
 
 def _stage_delta(stream, body, length, e, current, dirs, stage_fd, out, name, dst) -> tuple[int, int]:
     """Rebuild a file from its delta against the destination's copy."""
-    from .. import formats
-    from ..fs import MappedFile
     from ..patch import apply_delta
     cur = current.get(e.path)
     if cur is None or cur.kind != "f":
         raise VerificationError(os.path.join(dst, e.path), "the delta's basis is missing; nothing applied")
+    delta_header(stream, body, length, e, name)         # before anything is written
     delta_name = out + ".delta"
     dfd = os.open(delta_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=stage_fd)
     try:
@@ -428,10 +502,6 @@ def _stage_delta(stream, body, length, e, current, dirs, stage_fd, out, name, ds
     finally:
         os.close(dfd)
     here = f"/proc/self/fd/{stage_fd}"
-    with MappedFile(f"{here}/{delta_name}", name=f"{name}: {e.path}") as d:
-        header = formats.unpack_delta(d.buffer, f"{name}: {e.path}").header
-    if header.target_hash != e.blake3 or header.target_len != e.size:
-        raise FormatError(name, P.WHAT, f"{e.path}: delta does not produce the manifest's file")
     parent, _, base = e.path.rpartition("/")
     pfd = dirs.get(parent)
     st = os.stat(base, dir_fd=pfd, follow_symlinks=False)

@@ -62,7 +62,7 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
     import sys
 
     from ..bundle.shards import open_bundle
-    from ..bundle.unpack import read_bundle
+    from ..bundle.unpack import check_records, read_bundle
     from ..errors import UnrecoverableError, VerificationError
 
     with open_bundle(path) as reader:
@@ -76,8 +76,9 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
                     state = "repairable" if h.repairable else "NOT repairable"
                     click.echo(f"stripe {h.stripe}: {len(h.bad)} of {h.stored} shards bad ({bad}): {state}")
         fatal = [h for h in damaged if not h.repairable]
-        if not fatal:
-            info = read_bundle(reader)[1]       # header, footer and trailer parse and match
+        if not fatal:                           # what unpack reads: trailer and every record
+            stream, info = read_bundle(reader)
+            check_records(stream, info, path)
         trailing = reader.trailing_bytes
     bad_shards = sum(len(h.bad) for h in damaged)
     summary = (f"{lay.stripes} stripes of RS({lay.k},{lay.m}) x {lay.shard_size} B, "
