@@ -3,9 +3,14 @@
 The window slides one byte at a time until its weak sum is in the table; then
 the keyed check selects a block, preferring the block that follows the
 previous match so COPY runs stay contiguous (right after a match, that block's
-check alone is enough). A candidate chain (blocks sharing
-a weak sum) is walked for at most ``max_chain`` entries, so a basis made of
-thousands of equal blocks cannot make the scan quadratic.
+check alone is enough). That preference is forgotten once the window has slid
+a whole block past the end of the previous match without a match, so the
+scan's state is then its position alone: a scan split into pieces (one per
+thread) can be joined where a re-scan from the true state meets a piece's own
+scan, and the result does not depend on how the work was split (see
+``resync.delta.find_matches``). A candidate chain (blocks sharing a weak sum)
+is walked for at most ``max_chain`` entries, so a basis made of thousands of
+equal blocks cannot make the scan quadratic.
 
 Per byte, the roll updates the exact sums (two adds, no modulo on the
 loop-carried chain), and a bit filter holding 8 bits per table slot (a hash of
@@ -68,6 +73,7 @@ def scan(data, start, stop, block_len, weights,
          keys, heads, filter_bits, bits,
          sorted_weak, sorted_check, sorted_block,
          block_weak, block_check, max_chain,
+         fresh, expected, last_end,
          out_pos, out_block):
     """Tentative matches for windows starting in [start, stop) of ``data``.
 
@@ -75,6 +81,12 @@ def scan(data, start, stop, block_len, weights,
     block_check are indexed by block number (full blocks only). Writes match
     positions and block numbers in increasing position order; returns the count.
     out arrays need (stop - start) // block_len + 1 entries.
+
+    The scan starts in the state (``fresh``, ``expected``, ``last_end``): fresh
+    (1) means ``start`` directly follows a match, whose block + 1 is
+    ``expected`` and whose end is ``last_end``; a fresh scan of a whole file is
+    (1, -1, start). ``expected`` is preferred until the window has slid a block
+    past ``last_end``.
     """
     n = data.shape[0]
     nfull = block_weak.shape[0]
@@ -83,13 +95,12 @@ def scan(data, start, stop, block_len, weights,
     nbits = filter_bits.shape[0] * 8
     L = uint64(block_len)
     count = 0
-    expected = -1
     p = start
-    fresh = True
     s1 = uint64(0)
     s2 = uint64(0)
     check = uint32(0)
     have_check = False
+    have_sums = False
     while p < stop and p + block_len <= n:
         if fresh:
             # Right after a match, the next block usually follows: its keyed
@@ -101,10 +112,16 @@ def scan(data, start, stop, block_len, weights,
                 count += 1
                 expected += 1
                 p += block_len
+                last_end = p
                 continue
+            fresh = False
+            have_sums = False
+        if not have_sums:
             s1, s2, check = window_totals(data, p, block_len, weights)
             have_check = True
-            fresh = False
+            have_sums = True
+        if expected >= 0 and p - last_end >= block_len:
+            expected = -1                  # a block past the last match: the preference is forgotten
         weak = adler(s1, s2, block_len)
         matched = -1
         f = _filter_bit(weak, nbits)
@@ -136,6 +153,7 @@ def scan(data, start, stop, block_len, weights,
             count += 1
             expected = matched + 1
             p += block_len
+            last_end = p
             fresh = True
             continue
         if p + block_len >= n:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import formats
 from .fs import MappedFile, atomic_output, write_all
-from .parallel import thread_count
+from .parallel import split, thread_count
 from .signature import HashInBackground, Signature, hash_blocks, read_signature
 
 MAX_CHAIN = 64                 # blocks sharing one weak sum tried per position
@@ -63,8 +63,89 @@ def _table_bits(runs: int) -> int:
     return max(10, min(30, (4 * max(runs, 1) - 1).bit_length()))
 
 
+class _ScanState:
+    """Where a scan stands before the window at ``pos``: right after a match
+    (``fresh``) or sliding, the block it prefers (``expected``, or -1) and the
+    end of its last match (the preference lapses a block past it)."""
+
+    __slots__ = ("pos", "fresh", "expected", "last_end")
+
+    def __init__(self, pos: int, fresh: bool, expected: int, last_end: int):
+        self.pos, self.fresh, self.expected, self.last_end = pos, fresh, expected, last_end
+
+    def after(self, pos: np.ndarray, blk: np.ndarray, stop: int, L: int) -> "_ScanState":
+        """The state at ``stop`` of a scan that started here and found the
+        matches (pos, blk) among the windows starting before ``stop``."""
+        if pos.size:
+            end = int(pos[-1]) + L
+            if end >= stop:
+                return _ScanState(end, True, int(blk[-1]) + 1, end)
+            return _ScanState(stop, False, int(blk[-1]) + 1, end)
+        if self.pos >= stop:
+            return self
+        return _ScanState(stop, False, self.expected, self.last_end)
+
+
+def _settled(pos: np.ndarray, lo: int, hi: int, L: int, state: _ScanState | None) -> list[tuple[int, int]]:
+    """The ranges of [lo, hi) where a scan that found the matches ``pos`` (and
+    started in ``state``; None: at ``lo`` with no preference) slid its window
+    with no preferred block: not inside a match, and a block or more past the
+    last one. There, the scan's state is its position alone."""
+    first = lo
+    if state is not None and state.expected >= 0:
+        first = max(lo, state.last_end + L)
+    starts = np.concatenate(([first], pos + 2 * L))
+    ends = np.concatenate((pos, [hi]))
+    keep = ends > starts
+    return list(zip(starts[keep].tolist(), ends[keep].tolist()))
+
+
+def _meeting(rescan: tuple[np.ndarray, np.ndarray], state: _ScanState, stop: int,
+             piece: tuple[np.ndarray, np.ndarray], lo: int, hi: int, L: int) -> int | None:
+    """The first position where the re-scan of a piece from the true state
+    (``rescan``: its matches among windows in [state.pos, stop)) and the
+    piece's own scan (``piece``: its matches in [lo, hi), started at ``lo``
+    with no preference) are provably in the same state, so that the piece's
+    own matches from there on are the ones a single scan finds: a match both
+    found (same position, same block), or a position where both slid their
+    window with no preferred block. None if they do not meet before ``stop``."""
+    rp, rb = rescan
+    pp, pb = piece
+    best = None
+    if rp.size and pp.size:
+        i = np.searchsorted(pp, rp)
+        inside = i < pp.size
+        same = np.zeros(rp.size, bool)
+        same[inside] = (pp[i[inside]] == rp[inside]) & (pb[i[inside]] == rb[inside])
+        hits = np.flatnonzero(same)
+        if hits.size:
+            best = int(rp[hits[0]])
+    a = _settled(rp, state.pos, stop, L, state)
+    near = pp[(pp >= state.pos - 2 * L) & (pp < stop)]
+    before = pp[pp < state.pos - 2 * L]
+    b = _settled(near, lo, hi, L, None if not before.size else _ScanState(0, False, 0, int(before[-1]) + L))
+    i = j = 0
+    while i < len(a) and j < len(b):
+        x = max(a[i][0], b[j][0])
+        if x < min(a[i][1], b[j][1]):
+            if best is None or x < best:
+                best = x
+            break
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return best
+
+
 def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -> Matches:
-    """Verified block matches of ``data`` against ``sig``, in increasing position order."""
+    """Verified block matches of ``data`` against ``sig``, in increasing
+    position order. The same for any ``threads``: the file is scanned in
+    pieces in parallel, and each piece's matches are joined to the previous
+    ones where a re-scan from the true state (usually within a block or two
+    of the piece's start) meets the piece's own scan; so the tentative matches
+    are exactly those of one scan over the whole file. Each is then confirmed
+    by BLAKE3."""
     from .kernels.native import get
     build_table, scan, sums_at = get("build_table"), get("scan"), get("sums_at")
 
@@ -74,8 +155,8 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
     full = sig.file_len // L
     key = sig.key_words
     weights = sig.check_weights() if sig.count else None
-    pos_parts: list[np.ndarray] = []
-    blk_parts: list[np.ndarray] = []
+    pos = np.empty(0, np.int64)
+    src = np.empty(0, np.int64)
 
     if full and n >= L:
         block_weak = np.ascontiguousarray(sig.weak[:full])
@@ -95,37 +176,54 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
         piece = max(L, min(_PIECE_BYTES, -(-windows // threads)))
         pieces = [(lo, min(lo + piece, windows)) for lo in range(0, windows, piece)]
 
-        def work(lo: int, hi: int):
-            cap = (hi - lo) // L + 1
+        def run(lo: int, hi: int, state: _ScanState) -> tuple[np.ndarray, np.ndarray]:
+            cap = max(hi - lo, 0) // L + 1
             out_pos = np.empty(cap, dtype=np.int64)
             out_blk = np.empty(cap, dtype=np.int64)
             k = scan(data, lo, hi, L, weights, keys, heads, filt, bits,
                      sorted_weak, sorted_check, sorted_block, block_weak, block_check,
-                     MAX_CHAIN, out_pos, out_blk)
-            p, b = out_pos[:k], out_blk[:k]
-            digests = hash_blocks(data, p, L, key)[:, : sig.strong_len]
-            ok = np.all(digests == strong[b], axis=1)
-            return p[ok], b[ok]
+                     MAX_CHAIN, state.fresh, state.expected, state.last_end, out_pos, out_blk)
+            return out_pos[:k], out_blk[:k]
 
         if len(pieces) == 1:
-            results = [work(*pieces[0])]
+            tentative = [run(0, windows, _ScanState(0, True, -1, 0))]
         else:
             with ThreadPoolExecutor(min(threads, len(pieces))) as pool:
-                results = list(pool.map(lambda r: work(*r), pieces))
-        last_end = 0
-        for p, b in results:
-            # Pieces were scanned independently: drop matches overlapping the
-            # previous piece's last match.
-            keep = p >= last_end
-            p, b = p[keep], b[keep]
-            if p.size:
-                # Within a piece matches never overlap, so only the first can.
-                last_end = int(p[-1]) + L
-            pos_parts.append(p)
-            blk_parts.append(b)
+                own = list(pool.map(lambda r: run(r[0], r[1], _ScanState(r[0], True, -1, r[0])), pieces))
+            tentative = [own[0]]
+            state = _ScanState(0, True, -1, 0).after(*own[0], pieces[0][1], L)
+            for (lo, hi), (pp, pb) in zip(pieces[1:], own[1:]):
+                if state.pos >= hi:
+                    continue                 # the previous match covers every window of this piece
+                step = 4 * L
+                while True:                  # re-scan from the true state until it meets the piece's scan
+                    stop = min(hi, state.pos + step)
+                    rp, rb = run(state.pos, stop, state)
+                    meet = _meeting((rp, rb), state, stop, (pp, pb), lo, hi, L)
+                    if meet is not None:
+                        tail = (np.concatenate((rp[rp < meet], pp[pp >= meet])),
+                                np.concatenate((rb[rp < meet], pb[pp >= meet])))
+                        tentative.append(tail)
+                        state = state.after(*tail, hi, L)
+                        break
+                    tentative.append((rp, rb))
+                    state = state.after(rp, rb, stop, L)
+                    if stop >= hi:
+                        break
+                    step *= 2
+        pos = np.concatenate([t[0] for t in tentative])
+        blk = np.concatenate([t[1] for t in tentative])
+        # Confirm every tentative match with BLAKE3 (a refuted one becomes literal data).
+        confirm = split(pos.shape[0], threads)
+        if len(confirm) > 1:
+            with ThreadPoolExecutor(len(confirm)) as pool:
+                oks = list(pool.map(lambda r: _confirmed(data, pos[r[0]:r[1]], blk[r[0]:r[1]], L, key, sig, strong),
+                                    confirm))
+            ok = np.concatenate(oks)
+        else:
+            ok = _confirmed(data, pos, blk, L, key, sig, strong)
+        pos, src = pos[ok], blk[ok] * L
 
-    pos = np.concatenate(pos_parts) if pos_parts else np.empty(0, np.int64)
-    src = np.concatenate(blk_parts) * L if blk_parts else np.empty(0, np.int64)
     length = np.full(pos.shape[0], L, dtype=np.int64)
 
     tail = sig.tail_len
@@ -142,6 +240,14 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
                     src = np.append(src, full * L)
                     length = np.append(length, tail)
     return Matches(pos, src, length)
+
+
+def _confirmed(data, pos, blk, L, key, sig, strong) -> np.ndarray:
+    """Which tentative matches BLAKE3 confirms (bool per match)."""
+    if not pos.size:
+        return np.zeros(0, bool)
+    digests = hash_blocks(data, pos, L, key)[:, : sig.strong_len]
+    return np.all(digests == strong[blk], axis=1)
 
 
 def build_instructions(m: Matches, target_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -32,21 +32,27 @@ def check_value(window: bytes, weights: list[int]) -> int:
 
 
 def scan(new: bytes, block_len: int, weak: list[int], check: list[int], weights: list[int],
-         max_chain: int, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+         max_chain: int, start: int = 0, stop: int | None = None,
+         state: tuple[bool, int, int] | None = None) -> list[tuple[int, int]]:
     """Greedy scan with the kernel's documented rules: right after a match, the
     next block matches if its check does; at each window position, prefer the
-    block after the previous match, else the first of up to
-    ``max_chain`` blocks (in block order) with the window's weak sum whose check
-    also matches; on a match jump a block, else move one byte."""
+    block after the previous match (until the window is a whole block past
+    that match's end), else the first of up to ``max_chain`` blocks (in block
+    order) with the window's weak sum whose check also matches; on a match jump
+    a block, else move one byte. ``state``: (right after a match, expected
+    block, end of that match) at ``start``."""
     stop = len(new) if stop is None else stop
     by_weak: dict[int, list[int]] = {}
     for b, w in enumerate(weak):
         by_weak.setdefault(w, []).append(b)
-    out, expected, p, after_match = [], -1, start, False
+    after_match, expected, last_end = state if state is not None else (False, -1, start)
+    out, p = [], start
     while p < stop and p + block_len <= len(new):
         window = new[p:p + block_len]
         w = zlib.adler32(window)
         match = -1
+        if p - last_end >= block_len:
+            expected = -1
         if after_match and 0 <= expected < len(weak) and check[expected] == check_value(window, weights):
             match = expected      # right after a match, the next block's check alone decides
         elif w in by_weak:
@@ -63,6 +69,7 @@ def scan(new: bytes, block_len: int, weak: list[int], check: list[int], weights:
             out.append((p, match))
             expected = match + 1
             p += block_len
+            last_end = p
         else:
             p += 1
     return out

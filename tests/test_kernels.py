@@ -114,7 +114,7 @@ def test_block_sums_extreme_bytes(kern):
 
 
 def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int = 64, start=0, stop=None,
-          filter_bytes=None, weights=None):
+          filter_bytes=None, weights=None, state=None):
     full = basis.shape[0] // block
     weights = kern.weights(99, block) if weights is None else weights
     weak = np.zeros(full, np.uint32)
@@ -132,10 +132,12 @@ def _scan(kern, new: np.ndarray, basis: np.ndarray, block: int, max_chain: int =
     cap = max(stop - start, 0) // block + 1
     pos = np.zeros(cap, np.int64)
     blk = np.zeros(cap, np.int64)
+    state = (True, -1, start) if state is None else state
     k = kern.scan(new, start, stop, block, weights, keys, heads, filt, bits, sw, chk[order],
-             order.astype(np.int64), weak, chk, max_chain, pos, blk)
+                  order.astype(np.int64), weak, chk, max_chain, *state, pos, blk)
     got = list(zip(pos[:k].tolist(), blk[:k].tolist()))
-    ref = naive.scan(new.tobytes(), block, weak.tolist(), chk.tolist(), weights.tolist(), max_chain, start, stop)
+    ref = naive.scan(new.tobytes(), block, weak.tolist(), chk.tolist(), weights.tolist(), max_chain, start, stop,
+                     state)
     return got, ref
 
 
@@ -171,6 +173,22 @@ def test_scan_matches_naive_random(kern, rng):
         for size in (1, 3, 1000):
             got, ref = _scan(kern, new, basis, block, filter_bytes=size)
             assert got == ref
+
+
+def test_scan_resumes_from_a_given_state(kern, rng):
+    """Started as if right after a match of block 3 (fresh, expected 4), the
+    scan takes block 4's check alone; started rolling with that preference,
+    it keeps it for one block length past the match's end, then forgets it."""
+    block = 16
+    basis = np.tile(rng.integers(0, 256, block, dtype=np.uint8), 12)   # every block equal
+    new = np.concatenate([[1, 2, 3], basis]).astype(np.uint8)
+    for state in [(True, 4, 0), (False, 4, 0), (False, 4, -block), (False, -1, 0), (True, 11, 0)]:
+        got, ref = _scan(kern, new, basis, block, state=state)
+        assert got == ref, state
+    got, _ = _scan(kern, new, basis, block, state=(False, 4, 0))
+    assert got[0] == (3, 4)                          # preferred: 3 bytes past the match's end
+    got, _ = _scan(kern, new, basis, block, state=(False, 4, -block))
+    assert got[0] == (3, 0)                          # forgotten: the first block of the chain
 
 
 def test_scan_after_match_trusts_the_next_blocks_check(kern, rng):

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from resync import formats
-from resync.delta import LITERAL_CHUNK, empty_signature, make_delta
+from resync.delta import LITERAL_CHUNK, empty_signature, find_matches, make_delta
 from resync.patch import apply_delta
 from resync.signature import compute_signature, default_block_len, read_signature, write_signature
 
+from . import mix
 from .conftest import edited
 from .helpers import roundtrip
 
@@ -113,13 +114,13 @@ def test_threads_do_not_change_the_result(tmp_path, rng):
         assert (tmp_path / ("o" + d)).read_bytes() == new.tobytes()
 
 
-@given(basis=st.binary(max_size=3000), data=st.data(), block=st.sampled_from([8, 16, 64, 700]))
+@given(basis=mix.mixed_bytes(3000), data=st.data(), block=st.sampled_from([8, 16, 64, 700]))
 @example(basis=b"", data=None, block=8)
 def test_property_roundtrip(basis, data, block):
     if data is None:
         new = b"x"
     else:
-        ops = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3000), st.binary(max_size=100)),
+        ops = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3000), mix.mixed_bytes(100)),
                                  max_size=6))
         new = bytearray(basis)
         for op, pos, chunk in ops:
@@ -134,3 +135,87 @@ def test_property_roundtrip(basis, data, block):
     with tempfile.TemporaryDirectory() as d:
         out, _ = roundtrip(Path(d), basis, new, block, threads=1)
     assert out == new
+
+
+@pytest.mark.parametrize("kind", mix.KINDS)
+def test_roundtrip_over_the_content_mix(tmp_path, rng, kind):
+    """Each content kind, edited: the result is exact, and an unchanged file
+    against its own signature is all COPY (no literal bytes) at any thread count."""
+    basis = mix.array(7, 3_000_000, kind)
+    new = edited(rng, basis, 20, span=3000) if basis.size else np.frombuffer(b"new", np.uint8)
+    for threads in (1, 3):
+        out, stats = roundtrip(tmp_path, basis.tobytes(), new.tobytes(), 4096, threads=threads)
+        assert out == new.tobytes()
+        out, stats = roundtrip(tmp_path, basis.tobytes(), basis.tobytes(), 4096, threads=threads)
+        assert out == basis.tobytes() and stats.literal_bytes == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(basis=mix.mixed_bytes(60_000, min_size=1), data=st.data(), block=st.sampled_from([8, 16, 64, 256, 700]),
+       piece=st.integers(1, 5000))
+def test_delta_does_not_depend_on_the_thread_count(basis, data, block, piece):
+    """The matches (and so the delta) are those of one scan over the whole file
+    whatever the number of threads and wherever the pieces fall: 1, 2 and 5
+    threads, with pieces as small as one block."""
+    from resync import delta as delta_module
+    ops = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 60_000), mix.mixed_bytes(300)),
+                             max_size=8))
+    new = bytearray(basis)
+    for op, pos, chunk in ops:
+        pos = min(pos, len(new))
+        if op == 0:
+            new[pos:pos] = chunk
+        elif op == 1:
+            del new[pos:pos + len(chunk) + 1]
+        else:
+            new[pos:pos + len(chunk)] = chunk
+    new = np.frombuffer(bytes(new) + (basis if data.draw(st.booleans()) else b""), np.uint8)
+    sig = compute_signature(np.frombuffer(basis, np.uint8), block, salt=bytes(32), threads=1)
+    saved = delta_module._PIECE_BYTES
+    try:
+        delta_module._PIECE_BYTES = piece
+        results = [find_matches(sig, new, threads=t) for t in (1, 2, 5)]
+    finally:
+        delta_module._PIECE_BYTES = saved
+    for m in results[1:]:
+        assert np.array_equal(m.pos, results[0].pos) and np.array_equal(m.src, results[0].src)
+        assert np.array_equal(m.length, results[0].length)
+
+
+def test_file_of_one_repeated_byte_against_its_own_signature_is_all_copy(tmp_path):
+    """Field case 07: zeros (and any one repeated byte) against their own
+    signature: no literal byte at any thread count (was one block per piece
+    boundary: 64 KiB with two threads, 192 KiB with four)."""
+    for fill in (0, 0xAB):
+        data = np.full(4 << 20, fill, np.uint8)
+        sig = compute_signature(data, 65536, threads=1)
+        for threads in (1, 2, 4):
+            stats = make_delta(sig, data, tmp_path / "d", threads=threads)
+            assert stats.literal_bytes == 0 and stats.copy_instructions == 1, threads
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), block=st.sampled_from([8, 16]), piece=st.integers(1, 60))
+def test_thread_count_on_repeated_blocks(data, block, piece):
+    """The hard case for joining pieces: a basis of a few distinct blocks
+    repeated (so a window matches several blocks and the preferred one
+    matters), and a new file of those blocks in another order with short
+    junk between them; pieces of a few bytes to a few blocks."""
+    from resync import delta as delta_module
+    alphabet = [bytes(data.draw(st.binary(min_size=block, max_size=block))) for _ in range(data.draw(st.integers(1, 3)))]
+    symbols = st.integers(0, len(alphabet) - 1)
+    basis = b"".join(alphabet[i] for i in data.draw(st.lists(symbols, min_size=2, max_size=30)))
+    parts = []
+    for i in data.draw(st.lists(symbols, min_size=1, max_size=40)):
+        parts.append(alphabet[i])
+        parts.append(data.draw(st.binary(max_size=block - 1)))
+    new = np.frombuffer(b"".join(parts), np.uint8)
+    sig = compute_signature(np.frombuffer(basis, np.uint8), block, salt=bytes(32), threads=1)
+    saved = delta_module._PIECE_BYTES
+    try:
+        delta_module._PIECE_BYTES = piece
+        results = [find_matches(sig, new, threads=t) for t in (1, 2, 5)]
+    finally:
+        delta_module._PIECE_BYTES = saved
+    for m in results[1:]:
+        assert np.array_equal(m.pos, results[0].pos) and np.array_equal(m.src, results[0].src)
