@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import blake3
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -535,11 +536,35 @@ def test_bundle_format_is_frozen(tmp_path):
     assert os.readlink(tmp_path / "dst" / "l") == "d/f"
 
 
-GOLDEN_BUNDLE = "04d7a199959748c30d0d073410ad901a503645137307c03d46bb091f5a860243"
+# Payload version 2 (times as seconds + nanoseconds). The version-1 bundle of
+# the same entries (hash 04d7a199...) is tests/data/v1.bundle, still unpacked
+# by test_times.py.
+GOLDEN_BUNDLE = "e4e891a3f7d2674c31154c15e80a06fa9a4743e5479420eb50a9eb03b61b8cf6"
+
+
+def test_tree_signature_format_is_frozen(tmp_path):
+    from resync.bundle.manifest import TreeEntry, read_tree_signature, write_tree_signature
+    from resync.signature import compute_signature, signature_bytes
+    content = b"frozen content\n" * 3
+    sig = signature_bytes(compute_signature(np.frombuffer(content, np.uint8), salt=bytes(32), threads=1))
+    entries = [TreeEntry("d", "d", 0o40755, 1_600_000_000_123_456_789, 0),
+               TreeEntry("d/f", "f", 0o100644, -500_000_000, len(content), sig),
+               TreeEntry("l", "L", 0o120777, 10_413_792_000 * 10**9, 3),
+               TreeEntry("u", "d", 0o40000, 0, 0, unlisted=True)]
+    fd = os.open(tmp_path / "t.sig", os.O_WRONLY | os.O_CREAT, 0o644)
+    write_tree_signature(fd, entries)
+    os.close(fd)
+    raw = (tmp_path / "t.sig").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == GOLDEN_TREE_SIGNATURE
+    back = read_tree_signature(raw, "t.sig")[1]
+    assert [(e.path, e.mtime_ns, e.unlisted) for e in back] == [(e.path, e.mtime_ns, e.unlisted) for e in entries]
+
+
+GOLDEN_TREE_SIGNATURE = "27199265c03a092b41e58769cb29398ee9e9e818f5fa19a6462affc47563114f"
 
 
 @pytest.mark.parametrize("field,value,message", [
-    (0, b"RSYNCXXX", "bad payload magic"), (1, 2, "unsupported payload version 2"), (2, 6, "unknown flags")])
+    (0, b"RSYNCXXX", "bad payload magic"), (1, 3, "unsupported payload version 3"), (2, 6, "unknown flags")])
 def test_bad_payload_header(tmp_path, field, value, message):
     fields = [P.MAGIC, P.VERSION, 0, 0, b"H" * 16, bytes(32), 0]
     fields[field] = value

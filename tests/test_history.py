@@ -287,9 +287,9 @@ def test_migration_from_version_1(tmp_path):
     h = History(db)
     RunRecorder(str(db), "sync", "/s", "/x").finish("ok", None)     # any write opens and migrates
     _, rows = h.query("SELECT max(version) FROM schema_version")
-    assert rows == [(3,)]
-    _, rows = h.query("SELECT path, path_raw FROM manifests")
-    assert rows == [("f", None)]
+    assert rows == [(4,)]
+    _, rows = h.query("SELECT path, path_raw, mtime_ns, typeof(mtime_ns) FROM manifests")
+    assert rows == [("f", None, 1, "HUGEINT")]
     _, rows = h.query("SELECT id, manifest_run FROM runs WHERE id IN ('a', 'b') ORDER BY id")
     assert rows == [("a", "a"), ("b", None)]
 

@@ -6,14 +6,26 @@ system's bytes, ``os.fsencode``), relative to the tree root, "/"-separated;
 it is refused unless every component is non-empty, not "." or "..", at most
 255 bytes, and free of NUL, and the whole at most 4095 bytes.
 
-Tree signature (``resync signature-tree``)::
+A time is ``i64 seconds | u32 nanoseconds`` since the epoch (the seconds
+rounded down, the nanoseconds 0..999,999,999; 1969-12-31 23:59:59.5 is -1,
+500,000,000): any time a file system stores fits, where a signed 64-bit count
+of nanoseconds ends in 2262 (ext4 goes to 2446). Version 1 files, which stored
+``i64 nanoseconds``, are still read.
 
-    header  8s "RSYNCTRE" | u16 version 1 | u16 flags 0 | u32 0
-    entry   path | u8 kind | u32 mode | i64 mtime_ns | u64 size | u32 signature length | signature
-            (kind: 1 file, 2 dir, 3 symlink, 4 device, 5 fifo/socket; a signature,
-            in resync's signature format, for files only)
+Tree signature (``resync signature-tree``), version 2::
+
+    header  8s "RSYNCTRE" | u16 version 2 | u16 flags 0 | u32 0
+    entry   path | u8 kind | u8 flags | u32 mode | time mtime | u64 size
+            | u32 signature length | signature
+            (kind: 1 file, 2 dir, 3 symlink, 4 device, 5 fifo/socket; a
+            signature, in resync's signature format, for files only; flags bit
+            0 "unlisted": a directory whose contents could not be read, so
+            nothing below it is described)
     end     u64 entry count | 32s BLAKE3 of everything before it (also the
             tree signature's id); at the end so the file is written in one pass
+
+Version 1 entries were ``path | u8 kind | u32 mode | i64 mtime_ns | u64 size |
+u32 signature length | signature``.
 """
 from __future__ import annotations
 
@@ -34,9 +46,24 @@ MAX_SIZE = 1 << 62
 NONE = (1 << 64) - 1
 
 TREE_MAGIC = b"RSYNCTRE"
-TREE_VERSION = 1
+TREE_VERSION = 2
 TREE_HEADER = struct.Struct("<8sHHI")
-TREE_ENTRY = struct.Struct("<BIqQI")
+TREE_ENTRY = struct.Struct("<BBIqIQI")
+TREE_ENTRY_V1 = struct.Struct("<BIqQI")
+FLAG_UNLISTED = 1
+NS = 10**9
+
+
+def split_time(ns: int) -> tuple[int, int]:
+    """(seconds rounded down, nanoseconds) of a time in nanoseconds since the epoch."""
+    return divmod(ns, NS)
+
+
+def join_time(seconds: int, nanoseconds: int, cursor: "Cursor", path: str) -> int:
+    """Nanoseconds since the epoch; a FormatError if the nanoseconds are out of range."""
+    if nanoseconds >= NS:
+        cursor.bad(f"{path!r}: nanoseconds {nanoseconds} out of range")
+    return seconds * NS + nanoseconds
 
 
 def check_path(raw: bytes) -> str | None:
@@ -124,6 +151,7 @@ class TreeEntry:
     size: int
     signature: bytes = b""      # the file's block signature (resync signature format)
     file_hash: bytes = b""      # the file's BLAKE3, from that signature's header
+    unlisted: bool = False      # a directory whose contents could not be read
 
 
 class ParentTracker:
@@ -135,14 +163,16 @@ class ParentTracker:
         self.dirs: set[str] = {""}
         self.seen: set[str] = set()
 
-    def add(self, path: str, kind: str) -> None:
+    def add(self, path: str, kind: str, unlisted: bool = False) -> None:
+        """``unlisted``: a directory with nothing described below it."""
         if path in self.seen:
             self.cursor.bad(f"duplicate path {path!r}")
         parent = path.rpartition("/")[0]
         if parent not in self.dirs:
-            self.cursor.bad(f"{path!r} comes before its directory, or its parent is not a directory")
+            self.cursor.bad(f"{path!r} comes before its directory, or its parent is not a directory "
+                            "(or one whose contents are not listed)")
         self.seen.add(path)
-        if kind == "d":
+        if kind == "d" and not unlisted:
             self.dirs.add(path)
 
 
@@ -156,7 +186,8 @@ def write_tree_signature(fd: int, entries) -> tuple[int, bytes]:
     count = 0
     for e in entries:
         out += pack_path(e.path)
-        out += TREE_ENTRY.pack(KIND_CODES[e.kind], e.mode, e.mtime_ns, e.size, len(e.signature))
+        out += TREE_ENTRY.pack(KIND_CODES[e.kind], FLAG_UNLISTED if e.unlisted else 0, e.mode,
+                               *split_time(e.mtime_ns), e.size, len(e.signature))
         out += e.signature
         count += 1
         if len(out) >= 1 << 20:
@@ -184,7 +215,7 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
     magic, version, flags, _ = c.unpack(TREE_HEADER)
     if magic != TREE_MAGIC:
         c.bad("bad magic")
-    if version != TREE_VERSION:
+    if version not in (1, TREE_VERSION):
         c.bad(f"unsupported version {version}")
     digest = bytes(buf[len(buf) - 32:])
     if blake3.blake3(buf[:len(buf) - 32]).digest() != digest:
@@ -194,10 +225,17 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
     entries = []
     while c.pos < c.end:
         path = c.path()
-        code, mode, mtime_ns, size, sig_len = c.unpack(TREE_ENTRY)
+        if version == 1:
+            code, mode, mtime_ns, size, sig_len = c.unpack(TREE_ENTRY_V1)
+            flags = 0
+        else:
+            code, flags, mode, seconds, nanoseconds, size, sig_len = c.unpack(TREE_ENTRY)
+            mtime_ns = join_time(seconds, nanoseconds, c, path)
         kind = KINDS.get(code)
         if kind is None or not mode_matches(kind, mode):
             c.bad(f"{path!r}: bad kind {code} or mode {mode:o}")
+        if flags & ~FLAG_UNLISTED or (flags and kind != "d"):
+            c.bad(f"{path!r}: bad flags {flags:#x}")
         if size > MAX_SIZE:
             c.bad(f"{path!r}: size {size} out of range")
         if (kind == "f") != (sig_len > 0):
@@ -209,8 +247,8 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
             if header.file_len != size:
                 c.bad(f"{path!r}: signature is of {header.file_len} bytes, entry says {size}")
             file_hash = header.file_hash
-        parents.add(path, kind)
-        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig, file_hash))
+        parents.add(path, kind, bool(flags))
+        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig, file_hash, bool(flags)))
     if len(entries) != count:
         c.bad(f"{len(entries)} entries, the count says {count}")
     return digest, entries

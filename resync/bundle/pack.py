@@ -288,7 +288,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
         except OSError as exc:
             raise_os_error(src, exc)
         trailer = P.pack_trailer(P.Trailer(
-            P.Root(rst.st_mode, rst.st_mtime_ns, rst.st_uid, rst.st_gid), entries, [P.Against(e.path, e.kind, e.size, e.mtime_ns) for e in old_entries], deletions))
+            P.Root(rst.st_mode, rst.st_mtime_ns, rst.st_uid, rst.st_gid), entries, [P.Against(e.path, e.kind, e.size, e.mtime_ns, e.unlisted) for e in old_entries], deletions))
         trailer_offset = body.pos
         stored = P.store_trailer(trailer)
         body.put(stored)

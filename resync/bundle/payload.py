@@ -1,8 +1,10 @@
 """The bundle payload: what the shard file (``shards.py``) protects.
 
-Little-endian throughout::
+Little-endian throughout; a time is ``i64 seconds | u32 nanoseconds`` (see
+``manifest.py``). Version 2 (version 1, still read, stored every time as
+``i64 nanoseconds`` and had no flags in tree-signature entries)::
 
-    header   8s "RSYNCBDL" | u16 version 1 | u16 flags (1: made against a tree
+    header   8s "RSYNCBDL" | u16 version 2 | u16 flags (1: made against a tree
              signature) | u32 0 | 16s bundle id | 32s tree signature id (or zeros)
              | i64 created (ns since the epoch)
     records  one per file whose content travels, in manifest order:
@@ -14,13 +16,14 @@ Little-endian throughout::
                     chunk's stored length delimits it)
              delta: length is the body's stored size; the body is a resync
                     delta against the destination's file at that path
-    trailer  root: u32 mode | i64 mtime_ns | u32 uid | u32 gid
-             u64 n | n entries: path | u8 kind | u32 mode | i64 mtime_ns | u64 size
+    trailer  root: u32 mode | time mtime | u32 uid | u32 gid
+             u64 n | n entries: path | u8 kind | u32 mode | time mtime | u64 size
                  | u32 uid | u32 gid | u64 rdev | 32s BLAKE3 (files) | u64 record
                  offset (2^64-1: content unchanged at the destination) | u16 +
                  symlink target
              u64 n | n tree-signature entries the destination must match:
-                 path | u8 kind | u64 size | i64 mtime_ns
+                 path | u8 kind | u8 flags (1: unlisted, as in the tree
+                 signature) | u64 size | time mtime
              u64 n | n paths to delete (in the tree signature, not in the source)
     footer   u64 trailer offset | u64 stored trailer length | u64 trailer length
              | 32s BLAKE3 of the stored trailer | 8s "RSYNCEND"
@@ -36,19 +39,23 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .manifest import (KIND_CODES, KINDS, MAX_PATH, MAX_SIZE, NONE, Cursor, ParentTracker, mode_matches,
-                       pack_path)
+from .manifest import (FLAG_UNLISTED, KIND_CODES, KINDS, MAX_PATH, MAX_SIZE, NONE, Cursor, ParentTracker,
+                       join_time, mode_matches, pack_path, split_time)
 
 MAGIC = b"RSYNCBDL"
 END_MAGIC = b"RSYNCEND"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)           # what this resync reads
 FLAG_AGAINST = 1
 HEADER = struct.Struct("<8sHHI16s32sq")
 RECORD = struct.Struct("<B3xIQ")
 CHUNK = struct.Struct("<BII")
-ENTRY = struct.Struct("<BIqQIIQ32sQ")
-AGAINST = struct.Struct("<BQq")
-ROOT = struct.Struct("<IqII")
+ENTRY = struct.Struct("<BIqIQIIQ32sQ")
+AGAINST = struct.Struct("<BBQqI")
+ROOT = struct.Struct("<IqIII")
+ENTRY_V1 = struct.Struct("<BIqQIIQ32sQ")
+AGAINST_V1 = struct.Struct("<BQq")
+ROOT_V1 = struct.Struct("<IqII")
 FOOTER = struct.Struct("<QQQ32s8s")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
@@ -101,6 +108,7 @@ class Against:
     kind: str
     size: int
     mtime_ns: int
+    unlisted: bool = False          # a directory whose contents the tree signature does not describe
 
 
 @dataclass(frozen=True)
@@ -121,34 +129,47 @@ class Trailer:
 
 
 def pack_trailer(t: Trailer) -> bytes:
-    out = bytearray(ROOT.pack(t.root.mode, t.root.mtime_ns, t.root.uid, t.root.gid))
+    """The trailer in the current version's layout."""
+    seconds, nanoseconds = split_time(t.root.mtime_ns)
+    out = bytearray(ROOT.pack(t.root.mode, seconds, nanoseconds, t.root.uid, t.root.gid))
     out += _U64.pack(len(t.entries))
     for e in t.entries:
         out += pack_path(e.path)
-        out += ENTRY.pack(KIND_CODES[e.kind], e.mode, e.mtime_ns, e.size, e.uid, e.gid, e.rdev,
+        out += ENTRY.pack(KIND_CODES[e.kind], e.mode, *split_time(e.mtime_ns), e.size, e.uid, e.gid, e.rdev,
                           e.blake3.ljust(32, b"\0"), e.record)
         out += _U16.pack(len(e.target)) + e.target
     out += _U64.pack(len(t.against))
     for a in t.against:
-        out += pack_path(a.path) + AGAINST.pack(KIND_CODES[a.kind], a.size, a.mtime_ns)
+        out += pack_path(a.path) + AGAINST.pack(KIND_CODES[a.kind], FLAG_UNLISTED if a.unlisted else 0, a.size,
+                                                *split_time(a.mtime_ns))
     out += _U64.pack(len(t.deletions))
     for path in t.deletions:
         out += pack_path(path)
     return bytes(out)
 
 
-def unpack_trailer(buf, name: str, trailer_offset: int, against_flag: bool) -> Trailer:
-    """Parse and check a trailer (``buf`` holds just the trailer)."""
+def unpack_trailer(buf, name: str, trailer_offset: int, against_flag: bool, version: int = VERSION) -> Trailer:
+    """Parse and check a trailer (``buf`` holds just the trailer) of a
+    payload of ``version``."""
     c = Cursor(buf, name, WHAT)
-    mode, mtime_ns, uid, gid = c.unpack(ROOT)
+    v1 = version == 1
+    if v1:
+        mode, mtime_ns, uid, gid = c.unpack(ROOT_V1)
+    else:
+        mode, seconds, nanoseconds, uid, gid = c.unpack(ROOT)
+        mtime_ns = join_time(seconds, nanoseconds, c, "the root")
     if not mode_matches("d", mode):
         c.bad(f"root mode {mode:o} is not a directory's")
     root = Root(mode, mtime_ns, uid, gid)
     entries: list[Entry] = []
     parents = ParentTracker(c)
-    for _ in range(c.count(3 + ENTRY.size + 2)):
+    for _ in range(c.count(3 + ENTRY_V1.size + 2)):
         path = c.path()
-        code, mode, mtime_ns, size, uid, gid, rdev, digest, record = c.unpack(ENTRY)
+        if v1:
+            code, mode, mtime_ns, size, uid, gid, rdev, digest, record = c.unpack(ENTRY_V1)
+        else:
+            code, mode, seconds, nanoseconds, size, uid, gid, rdev, digest, record = c.unpack(ENTRY)
+            mtime_ns = join_time(seconds, nanoseconds, c, path)
         (tlen,) = c.unpack(_U16)
         target = c.take(tlen)
         kind = KINDS.get(code)
@@ -169,14 +190,19 @@ def unpack_trailer(buf, name: str, trailer_offset: int, against_flag: bool) -> T
         entries.append(Entry(path, kind, mode, mtime_ns, size, uid, gid, rdev, digest, target, record))
     against: list[Against] = []
     against_parents = ParentTracker(c)
-    for _ in range(c.count(3 + AGAINST.size)):
+    for _ in range(c.count(3 + AGAINST_V1.size)):
         path = c.path()
-        code, size, mtime_ns = c.unpack(AGAINST)
+        if v1:
+            code, size, mtime_ns = c.unpack(AGAINST_V1)
+            flags = 0
+        else:
+            code, flags, size, seconds, nanoseconds = c.unpack(AGAINST)
+            mtime_ns = join_time(seconds, nanoseconds, c, path)
         kind = KINDS.get(code)
-        if kind is None or size > MAX_SIZE:
+        if kind is None or size > MAX_SIZE or flags & ~FLAG_UNLISTED or (flags and kind != "d"):
             c.bad(f"{path!r}: bad tree signature entry")
-        against_parents.add(path, kind)
-        against.append(Against(path, kind, size, mtime_ns))
+        against_parents.add(path, kind, bool(flags))
+        against.append(Against(path, kind, size, mtime_ns, bool(flags)))
     if against and not against_flag:
         c.bad("tree signature entries in a bundle made without one")
     old = {a.path: a for a in against}

@@ -83,7 +83,7 @@ def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
     magic, version, flags, _, bundle_id, against_id, created = P.HEADER.unpack(stream.read(0, P.HEADER.size))
     if magic != P.MAGIC:
         raise FormatError(name, P.WHAT, "bad payload magic")
-    if version != P.VERSION:
+    if version not in P.VERSIONS:
         raise FormatError(name, P.WHAT, f"unsupported payload version {version}")
     if bundle_id != reader.layout.bundle_id:
         raise FormatError(name, P.WHAT, "payload and shards belong to different bundles")
@@ -107,7 +107,7 @@ def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
     if len(raw) != raw_len:
         raise FormatError(name, P.WHAT, "trailer expands to the wrong size")
     against = bool(flags & P.FLAG_AGAINST)
-    trailer = P.unpack_trailer(raw, name, t_off, against)
+    trailer = P.unpack_trailer(raw, name, t_off, against, version)
     return stream, BundleInfo(bundle_id, against_id if against else None, created, trailer, t_off)
 
 

@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS = [
     (1, [
@@ -45,7 +45,7 @@ MIGRATIONS = [
             path VARCHAR NOT NULL,            -- the destination tree after the run
             kind VARCHAR NOT NULL,            -- f d L D S
             size BIGINT,
-            mtime_ns BIGINT,
+            mtime_ns BIGINT,                  -- HUGEINT from v4
             mode INTEGER,                     -- permission bits
             blake3 VARCHAR                    -- regular files; NULL if not hashed
         )""",
@@ -66,6 +66,14 @@ MIGRATIONS = [
         "ALTER TABLE manifests ADD COLUMN path_raw BLOB",
         "ALTER TABLE run_files ADD COLUMN path_raw BLOB",
     ]),
+    # v4: mtimes after 2262-04-11 (ext4 goes to 2446) do not fit a BIGINT of
+    # nanoseconds (they were stored as NULL, and verify called such files
+    # changed): HUGEINT holds any time a file system does.
+    (4, [
+        "DROP INDEX manifests_run",
+        "ALTER TABLE manifests ALTER mtime_ns TYPE HUGEINT",
+        "CREATE INDEX manifests_run ON manifests (run_id)",
+    ]),
 ]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
@@ -77,7 +85,7 @@ RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "
 FILE_COLUMNS = [("path", "VARCHAR"), ("action", "VARCHAR"), ("size", "BIGINT"),
                 ("literal_bytes", "BIGINT"), ("matched_bytes", "BIGINT"), ("duration", "DOUBLE"),
                 ("blake3", "VARCHAR"), ("path_raw", "VARCHAR")]
-MANIFEST_COLUMNS = [("path", "VARCHAR"), ("kind", "VARCHAR"), ("size", "BIGINT"), ("mtime_ns", "BIGINT"),
+MANIFEST_COLUMNS = [("path", "VARCHAR"), ("kind", "VARCHAR"), ("size", "BIGINT"), ("mtime_ns", "HUGEINT"),
                     ("mode", "INTEGER"), ("blake3", "VARCHAR"), ("path_raw", "VARCHAR")]
 SPOOL_EXPRESSIONS = {"path_raw": "unhex(path_raw)"}
 
