@@ -6,8 +6,9 @@ Exit codes (documented in README.md):
   4 invalid or corrupt resync file · 5 verification failed · 6 no space left ·
   7 damaged beyond repair (more lost shards than parity) ·
   23 partial transfer · 24 source files vanished · 25 deletion refused ·
-  130 interrupted
-(23, 24 and 25 are rsync's codes for the same outcomes.)
+  129 hangup (SIGHUP) · 130 interrupted (SIGINT) · 143 terminated (SIGTERM)
+(23, 24 and 25 are rsync's codes for the same outcomes; 129, 130 and 143 are
+128 + the signal's number, as a shell reports a process the signal killed.)
 """
 
 
@@ -81,4 +82,22 @@ class DeletionRefusedError(ResyncError):
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130          # SIGINT; SIGTERM and SIGHUP: StopSignal
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGHUP arrived (a timeout, a service stop, a closed ssh
+    session). Raised in the main thread by the CLI's handler; like a Ctrl-C it
+    unwinds the run (temp files of unfinished copies removed, the history
+    records a failed run), then the CLI exits 128 + the signal's number with
+    one line. A BaseException, so no ``except Exception`` swallows it."""
+
+    NAMES = {1: "hangup (SIGHUP)", 15: "terminated (SIGTERM)"}
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        return self.NAMES.get(self.signum, f"stopped by signal {self.signum}")

@@ -359,14 +359,14 @@ def _copy_one(dir_fd: int, name: str, src_path: str, tmp: str, old_size: int,
             st.st_mtime_ns, st.st_uid, st.st_gid, time.monotonic() - started)
 
 
-def _worker_init() -> None:
-    """Ctrl-C reaches the whole process group: only the parent handles it (it
-    lets the workers finish their chunk, keeps temp files out of place, and
-    exits 130 with one line), so workers print no traceback. SIGINT was
-    blocked while they were forked (see _submit), so none arrives before this."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+def _worker_init(parent: int, mask) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP reach the whole process group: only the
+    parent handles them (it lets the workers finish their chunk, removes temp
+    files not yet renamed, and exits with one line), so workers print no
+    traceback; and a worker dies with its parent (parallel.child_started).
+    The signals were blocked while they were forked (see _submit)."""
+    from .parallel import child_started
+    child_started(parent, mask)
 
 
 def _copy_chunk(root_fd: int, options: tuple, items: list[tuple]) -> list[tuple]:
@@ -857,24 +857,27 @@ class Syncer:
     def _submit(self, fn, *args) -> Future:
         if self._pool is not None:
             return self._pool.submit(fn, *args)
-        import signal
-        # The first submit forks the workers: hold Ctrl-C off until they ignore it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        from .parallel import block_stop_signals, restore_signals
+        # The first submit forks the workers: hold the stop signals off until they ignore them.
+        blocked = block_stop_signals()
         try:
-            return self._workers().submit(fn, *args)
+            return self._workers(blocked).submit(fn, *args)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            restore_signals(blocked)
 
-    def _workers(self):
+    def _workers(self, mask):
         """Copy workers: forked processes, so copying many small files is not
         serialised by the GIL (threads spent most of the run trading it).
-        Forked on first use: a run with nothing to copy starts none."""
+        Forked on first use: a run with nothing to copy starts none. They are
+        forked by this thread (ProcessPoolExecutor forks in ``submit`` with
+        the fork context), which lives as long as the run: the parent-death
+        signal they ask for is tied to it."""
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
             self._pool = ProcessPoolExecutor(max(1, self.opt.threads or thread_count()),
                                              mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_worker_init)
+                                             initializer=_worker_init, initargs=(os.getpid(), mask))
         return self._pool
 
     def _collect(self, jobs: list[_Job], results: list[tuple]) -> None:

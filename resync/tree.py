@@ -143,11 +143,13 @@ class TreeLister:
             fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)   # let it run further ahead
         except OSError:
             pass
-        import signal
-        # Ctrl-C reaches the whole process group; only the parent handles it
-        # (the child must not print a KeyboardInterrupt, not even from an
-        # at-fork hook), so SIGINT is held off until the child ignores it.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        from .parallel import block_stop_signals, child_started, restore_signals
+        # Ctrl-C (and a stop's SIGTERM or SIGHUP) reaches the whole process
+        # group; only the parent handles it (the child must not print a
+        # KeyboardInterrupt, not even from an at-fork hook), so the signals are
+        # held off until the child ignores them. The child dies with its parent.
+        parent = os.getpid()
+        blocked = block_stop_signals()
         try:
             pid = os.fork()
         except OSError:
@@ -155,8 +157,7 @@ class TreeLister:
         if pid == 0:                                 # the child: walk, write, leave
             code = 1
             try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                child_started(parent, blocked)
                 os.close(r)
                 _walk_frames(root, excludes, skip, w)
                 code = 0
@@ -164,7 +165,7 @@ class TreeLister:
                 pass
             finally:
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        restore_signals(blocked)
         if pid < 0:
             os.close(r)
             os.close(w)

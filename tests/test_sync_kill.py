@@ -130,3 +130,68 @@ def test_ctrl_c_exits_130_with_one_line_and_no_temp_files(tmp_path):
     assert interrupted >= 1
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert snapshot(dst) == snapshot(src)
+
+
+def _busy_tree(root: Path, files: int = 6000) -> None:
+    rnd = random.Random(6)
+    root.mkdir()
+    for i in range(files):
+        (root / f"f{i:05d}").write_bytes(rnd.randbytes(rnd.randrange(100, 20_000)))
+
+
+def _start_copying(cmd: list[str], dst: Path) -> subprocess.Popen:
+    """Start a run and return once it is copying (its workers and lister exist)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    end = time.monotonic() + 30
+    while not (dst.exists() and any(dst.iterdir())) and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.002)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,line", [(signal.SIGTERM, 143, "resync: error: terminated (SIGTERM)"),
+                                           (signal.SIGHUP, 129, "resync: error: hangup (SIGHUP)")])
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_term_and_hup_are_handled_like_ctrl_c(tmp_path, sig, code, line, whole_group):
+    """timeout(1) signals the main process, systemd's stop and a closed
+    terminal the whole group: either way the run removes its temp files,
+    prints one line, exits 128 + the signal, and leaves no process behind."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _busy_tree(src)
+    cmd = [sys.executable, "-m", "resync", "sync", "--no-history", str(src), str(dst)]
+    stopped = 0
+    for delay in (0.0, 0.05):
+        shutil.rmtree(dst, ignore_errors=True)
+        proc = _start_copying(cmd, dst)
+        time.sleep(delay)
+        if proc.poll() is None:
+            (os.killpg if whole_group else os.kill)(proc.pid, sig)
+        _, err = proc.communicate()
+        wait_group_gone(proc.pid, timeout=5)
+        if proc.returncode == code:
+            stopped += 1
+            assert err.strip() == line
+        else:
+            assert proc.returncode == 0, err
+        assert not list(dst.rglob(".resync-tmp-*"))
+        for p in dst.glob("f*"):                        # whatever landed is whole
+            assert p.read_bytes() == (src / p.name).read_bytes()
+    assert stopped >= 1
+
+
+@pytest.mark.slow
+def test_children_end_when_the_main_process_is_killed(tmp_path):
+    """SIGKILL of the main process alone (the OOM killer): its copy workers and
+    source lister end too (they were left blocked on a pipe for good); a re-run
+    removes the temp files and completes the mirror."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _busy_tree(src)
+    cmd = [sys.executable, "-m", "resync", "sync", "--no-history", str(src), str(dst)]
+    proc = _start_copying(cmd, dst)
+    children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(children) >= 2                          # the lister and at least one worker
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_group_gone(proc.pid, timeout=5)               # was: two processes blocked forever
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert snapshot(dst) == snapshot(src) and not list(dst.rglob(".resync-tmp-*"))

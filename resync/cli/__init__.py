@@ -4,11 +4,12 @@ their heavy imports (NumPy, Numba kernels) inside the command bodies so that
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
 
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError, StopSignal
 from . import (delta_cmd, history_cmd, pack_cmd, patch_cmd, repair_cmd, signature_cmd, signature_tree_cmd,
                sync_cmd, unpack_cmd, verify_cmd)
 
@@ -35,7 +36,8 @@ def cli() -> None:
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 file error, 4 invalid resync
     file, 5 verification failed, 6 no space, 7 damaged beyond repair, 23 partial
-    transfer, 24 source files vanished, 25 deletion refused, 130 interrupted.
+    transfer, 24 source files vanished, 25 deletion refused, 129 hangup, 130
+    interrupted, 143 terminated.
     """
 
 
@@ -58,10 +60,20 @@ def _fail(message: str, code: int) -> None:
         sys.exit(code)
 
 
+def _stop(signum: int, _frame) -> None:
+    """SIGTERM / SIGHUP: unwind the run like a Ctrl-C (once: a second stop
+    signal must not interrupt the clean-up)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise StopSignal(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one line on stderr plus
     the exit code documented in the README (never a traceback, unless
     RESYNC_DEBUG=1)."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     # File names are bytes: print them as such (a name that is not UTF-8 would
     # otherwise stop an itemized run in a UTF-8 locale, whose stdout is strict).
     if hasattr(sys.stdout, "reconfigure"):
@@ -75,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
     except click.exceptions.Abort:
         _fail("interrupted", EXIT_INTERRUPTED)
+    except StopSignal as exc:
+        _fail(str(exc), exc.exit_code)
     except ResyncError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
