@@ -68,9 +68,15 @@ run: install tools
 	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync unpack $(RUN)/changes.bundle $(RUN)/mirror -v
 	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/mirror/ | grep . && exit 1 || echo "run: mirror equals the source (rsync -c finds nothing to do)"
 
+# The sync, unpack and bundle tests run once more as an ordinary user
+# (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs
+# them as nobody.
+USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py
+
 test: install tools
 	$(PY) -m pytest -q
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py tests/test_erasure.py
+	bash tests/as-user.sh $(abspath $(PY)) $(USER_TESTS)
 
 bench: install bench-tools
 	$(PY) bench/bench_delta.py

@@ -67,6 +67,12 @@ class PartialTransferError(ResyncError):
     exit_code = 23
 
 
+class PartialReadError(ResyncError):
+    """{} of {} entries could not be read (messages above); {}"""
+
+    exit_code = 23
+
+
 class VanishedError(ResyncError):
     """{} source files vanished during the run; everything else was transferred"""
 

@@ -74,7 +74,10 @@ def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise_os_error(path, exc)
+            # An error on the output (its descriptor, its temp name) names the
+            # output; one the block met elsewhere names the path it was about.
+            culprit = exc.filename if exc.filename not in (None, tmp) else path
+            raise_os_error(os.fsdecode(culprit) if isinstance(culprit, bytes) else culprit, exc)
         raise
     if not durable:
         return

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Callable
 from .errors import DeletionRefusedError, FileError, UsageError
 from .fs import TEMP_PREFIX
 from .parallel import thread_count
-from .tree import (Entry, Excludes, TreeLister, join, list_dir, open_dir_at, open_rel_dir, skipped_dir,
-                   stat_dir)
+from .tree import (USER_RWX, Entry, Excludes, TreeLister, join, list_dir, open_dir_at, open_rel_dir,
+                   open_up_at, overrides_permissions, remove_tree, skipped_dir, stat_dir)
 
 if TYPE_CHECKING:                 # concurrent.futures costs 4 ms to import; a run with nothing to copy needs none
     from concurrent.futures import Future
@@ -111,14 +111,15 @@ class FileChange:
 
 
 class _Dir:
-    """An open destination directory shared by pending work (reference-counted)."""
+    """An open destination directory shared by pending work (reference-counted),
+    and its permission bits as this run last set or saw them."""
 
-    __slots__ = ("fd", "rel", "_refs", "_lock")
+    __slots__ = ("fd", "rel", "perms", "_refs", "_lock")
     open_count = 0                  # descriptors held by all _Dir objects
     _count_lock = threading.Lock()
 
-    def __init__(self, fd: int, rel: str):
-        self.fd, self.rel, self._refs, self._lock = fd, rel, 1, threading.Lock()
+    def __init__(self, fd: int, rel: str, perms: int = 0o700):
+        self.fd, self.rel, self.perms, self._refs, self._lock = fd, rel, perms, 1, threading.Lock()
         with _Dir._count_lock:
             _Dir.open_count += 1
 
@@ -155,12 +156,14 @@ class _Job:
 class _Pending:
     """A directory waiting to be visited: its path, its parent's handle
     (acquired; the child is opened from it when its turn comes), whether it
-    already existed in DST, or its own handle (the root)."""
+    already existed in DST and its permission bits there, or its own handle
+    (the root)."""
 
-    __slots__ = ("rel", "parent", "exists", "handle")
+    __slots__ = ("rel", "parent", "exists", "handle", "perms")
 
-    def __init__(self, rel: str, parent: "_Dir | None", exists: bool, handle: "_Dir | None" = None):
-        self.rel, self.parent, self.exists, self.handle = rel, parent, exists, handle
+    def __init__(self, rel: str, parent: "_Dir | None", exists: bool, handle: "_Dir | None" = None,
+                 perms: int = 0o700):
+        self.rel, self.parent, self.exists, self.handle, self.perms = rel, parent, exists, handle, perms
 
 
 class _Listing:
@@ -435,6 +438,10 @@ class Syncer:
         self._on_entry = on_entry if on_entry is not None and not self.opt.dry_run else (lambda *a: None)
         self._excludes = Excludes(self.opt.excludes)
         self._root = os.geteuid() == 0
+        # Without CAP_DAC_OVERRIDE, a destination directory without u+rwx
+        # (a 0555 copy of a read-only source directory) gets it for the run.
+        self._dac = overrides_permissions()
+        self._opened: dict[str, int] = {}           # rel -> permission bits before this run opened it up
         self._run_tag = f"{TEMP_PREFIX}{os.getpid():x}-{os.urandom(3).hex()}-"
         self._counter = 0
         self._chunk: list[_Job] = []
@@ -483,12 +490,17 @@ class Syncer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self._discard_pending()
+            self._close_up()
             raise
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-        self._delete()
-        self._finish_dirs()
+        try:
+            self._delete()
+            self._finish_dirs()
+        except BaseException:
+            self._close_up()
+            raise
         if self._root_fd >= 0:
             os.close(self._root_fd)
         self.stats.duration = time.monotonic() - started
@@ -524,6 +536,59 @@ class Syncer:
         self.stats.errors += 1
         self._on_error(f"{path}: {message}")
 
+    # ------------------------------------------- permissions as an ordinary user
+    def _open_up(self, d: "_Dir | None") -> None:
+        """Something in ``d`` is about to change: without CAP_DAC_OVERRIDE, give
+        it u+rwx first if it lacks them (rsync does the same); its mode is set
+        back when the run's directory attributes are set, or by _close_up."""
+        if d is None or self._dac or d.perms & USER_RWX == USER_RWX:
+            return
+        try:
+            os.fchmod(d.fd, d.perms | USER_RWX)
+        except OSError:
+            return                  # not ours: the change itself reports EACCES
+        self._opened.setdefault(d.rel, d.perms)
+        d.perms |= USER_RWX
+        self._touched.add(d.rel)
+
+    def _open_up_at(self, parent: "_Dir", name: str, rel: str) -> None:
+        """Like _open_up, for a directory not opened yet (it lacks u+r or u+x)."""
+        try:
+            self._opened.setdefault(rel, open_up_at(parent.fd, name))
+            self._touched.add(rel)
+        except OSError:
+            pass
+
+    def _open_up_fd(self, fd: int, rel: str) -> None:
+        """Like _open_up, for a directory descriptor opened from the root."""
+        if self._dac:
+            return
+        perms = stat.S_IMODE(os.fstat(fd).st_mode)
+        if perms & USER_RWX != USER_RWX:
+            try:
+                os.fchmod(fd, perms | USER_RWX)
+            except OSError:
+                return
+            self._opened.setdefault(rel, perms)
+            self._touched.add(rel)
+
+    def _close_up(self) -> None:
+        """The run stops early: give the directories it opened up their modes back."""
+        opened, self._opened = self._opened, {}
+        if self._root_fd < 0:
+            return
+        for rel, perms in sorted(opened.items(), reverse=True):     # children first
+            try:
+                fd = open_rel_dir(self._root_fd, rel)
+            except OSError:
+                continue
+            try:
+                os.fchmod(fd, perms)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
     def _source_failed(self, path: str, exc: OSError) -> None:
         """Reading the source entry failed: vanished (exit 24) or an error (23)."""
         if isinstance(exc, FileNotFoundError):
@@ -558,7 +623,11 @@ class Syncer:
         # directory with 100,000 subdirectories does not hold 100,000
         # descriptors. (Listing ahead on a thread instead of a process was
         # tried: GIL contention made the no-change run 30 % slower.)
-        root = _Dir(os.dup(self._root_fd), "") if self._root_fd >= 0 else None
+        root = None
+        if self._root_fd >= 0:
+            root = _Dir(os.dup(self._root_fd), "", stat.S_IMODE(os.fstat(self._root_fd).st_mode))
+            if not self._dac and root.perms & 0o500 != 0o500:
+                self._open_up(root)                     # it must be listed
         stack: list[_Pending] = [_Pending("", None, True, root)]
         # The source is listed ahead by a forked process (TreeLister), in the
         # order of this loop; the destination is listed here, where it is changed.
@@ -583,8 +652,12 @@ class Syncer:
         out = _Listing()
         handle = p.handle
         if handle is None and p.parent is not None:
+            name = p.rel.rpartition("/")[2]
             try:
-                handle = _Dir(open_dir_at(p.parent.fd, p.rel.rpartition("/")[2]), p.rel)
+                if p.exists and not self._dac and p.perms & 0o500 != 0o500:
+                    self._open_up_at(p.parent, name, p.rel)      # it must be listed
+                handle = _Dir(open_dir_at(p.parent.fd, name), p.rel,
+                              (p.perms | USER_RWX) if p.rel in self._opened else p.perms)
             except OSError as exc:
                 out.dst_error = f"cannot open destination directory: {exc.strerror or exc}"
             finally:
@@ -626,6 +699,8 @@ class Syncer:
             self._vanished(join(rel, name))
         old = listing.dst
         if parent is not None and not self.opt.dry_run:
+            if listing.temps:
+                self._open_up(parent)
             for t in listing.temps:          # left by a killed run
                 try:
                     os.unlink(t, dir_fd=parent.fd)
@@ -687,6 +762,7 @@ class Syncer:
         if prev is None:
             if not (self.opt.dry_run or parent is None):
                 try:
+                    self._open_up(parent)
                     os.mkdir(e.name, 0o700, dir_fd=parent.fd)
                     self._mark_dirty(parent)
                 except OSError as exc:
@@ -699,7 +775,7 @@ class Syncer:
         if parent is None:
             return _Pending(path, None, False)
         self._on_entry(path, e, None)
-        return _Pending(path, parent.acquire(), prev is not None)
+        return _Pending(path, parent.acquire(), prev is not None, perms=prev.perms if prev is not None else USER_RWX)
 
     def _finish_dirs(self) -> None:
         """Permissions, owners and mtimes of directories, deepest first."""
@@ -724,6 +800,7 @@ class Syncer:
                     os.fchown(fd, e.uid, e.gid)
                 if now.perms != e.perms:
                     os.fchmod(fd, e.perms)
+                self._opened.pop(path, None)            # opened up for the run: closed again
                 if now.mtime_ns != e.mtime_ns:
                     os.utime(fd, ns=(time.time_ns(), e.mtime_ns))
                 if prev is not None and (prev.perms != e.perms or prev.mtime_ns != e.mtime_ns
@@ -734,12 +811,14 @@ class Syncer:
                 self._error(path + "/", exc.strerror or str(exc))
             finally:
                 os.close(fd)
+        self._close_up()                                # any left (their attributes failed)
 
     def _make_way(self, parent: _Dir | None, name: str, prev: Entry, path: str) -> bool:
         """Remove the destination entry ``prev`` that has the wrong type."""
         if self.opt.dry_run or parent is None:
             return True
         self._touched.add(parent.rel)
+        self._open_up(parent)
         try:
             if prev.kind == "d":
                 try:
@@ -748,8 +827,7 @@ class Syncer:
                     if not self.opt.delete:
                         self._error(path, "cannot replace a non-empty directory (use --delete)")
                         return False
-                    import shutil
-                    shutil.rmtree(name, dir_fd=parent.fd)
+                    remove_tree(parent.fd, name, open_up=not self._dac)
             else:
                 os.unlink(name, dir_fd=parent.fd)
             self.stats.deleted += 1
@@ -782,6 +860,7 @@ class Syncer:
             return
         self._counter += 1
         self._touched.add(parent.rel)
+        self._open_up(parent)                   # the worker creates its temp file there
         job = _Job(parent.acquire(), e.name, path, src_path, e, prev, code, tmp=f"{self._run_tag}{self._counter}")
         self._chunk.append(job)
         self._chunk_bytes += e.size
@@ -804,20 +883,23 @@ class Syncer:
         fix_owner = self._root and (prev.uid, prev.gid) != (e.uid, e.gid)
         if prev.perms == e.perms and not fix_owner:
             return
-        self.stats.updated += 1
-        self._on_item(f"{_itemize('.', e, prev)} {path}")
-        if self.opt.dry_run or parent is None:
-            return
-        try:
-            fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        if not (self.opt.dry_run or parent is None):
             try:
-                if fix_owner:
-                    os.fchown(fd, e.uid, e.gid)
-                os.fchmod(fd, e.perms)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            self._error(path, exc.strerror or str(exc))
+                # O_PATH: a file without read permission (mode 0200, 0000) has its mode changed too
+                fd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise OSError(0, "changed type during the run")
+                    if fix_owner:
+                        os.chown(f"/proc/self/fd/{fd}", e.uid, e.gid)
+                    os.chmod(f"/proc/self/fd/{fd}", e.perms)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self._error(path, exc.strerror or str(exc))
+                return
+        self.stats.updated += 1                 # reported only once done
+        self._on_item(f"{_itemize('.', e, prev)} {path}")
 
     def _flush_chunk(self) -> None:
         if not self._chunk:
@@ -1001,6 +1083,7 @@ class Syncer:
         self._counter += 1
         tmp = f"{self._run_tag}{self._counter}"
         self._touched.add(parent.rel)
+        self._open_up(parent)
         try:
             create(tmp)
             try:
@@ -1060,18 +1143,18 @@ class Syncer:
         mode = e.kind != "L" and prev.perms != e.perms
         if not (owner or mode or prev.mtime_ns != e.mtime_ns):
             return
-        self.stats.updated += 1
+        if not (self.opt.dry_run or parent is None):
+            try:
+                if owner:
+                    os.chown(e.name, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
+                if mode:
+                    os.chmod(e.name, e.perms, dir_fd=parent.fd)
+                os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
+            except OSError as exc:
+                self._error(path, exc.strerror or str(exc))
+                return
+        self.stats.updated += 1                 # reported only once done
         self._on_item(f"{_itemize('.', e, prev)} {path}{suffix}")
-        if self.opt.dry_run or parent is None:
-            return
-        try:
-            if owner:
-                os.chown(e.name, e.uid, e.gid, dir_fd=parent.fd, follow_symlinks=False)
-            if mode:
-                os.chmod(e.name, e.perms, dir_fd=parent.fd)
-            os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
-        except OSError as exc:
-            self._error(path, exc.strerror or str(exc))
 
     def _special(self, parent: _Dir | None, e: Entry, prev: Entry | None, path: str) -> None:
         if prev is not None and prev.kind == e.kind and stat.S_IFMT(prev.mode) == stat.S_IFMT(e.mode) \
@@ -1111,19 +1194,18 @@ class Syncer:
             return
         for rel, e in self._deletions:
             path = join(rel, e.name)
-            self._on_item(f"*deleting   {path}/" if e.kind == "d" else f"*deleting   {path}")
+            item = f"*deleting   {path}/" if e.kind == "d" else f"*deleting   {path}"
             if self.opt.dry_run or self._root_fd < 0:
                 self.stats.deleted += 1 + (self._count_tree(rel, e.name) if e.kind == "d" and self._root_fd >= 0 else 0)
+                self._on_item(item)
                 continue
             self._touched.add(rel)
             try:
                 fd = open_rel_dir(self._root_fd, rel)
                 try:
+                    self._open_up_fd(fd, rel)
                     if e.kind == "d":
-                        n = self._count_tree(rel, e.name)
-                        import shutil
-                        shutil.rmtree(e.name, dir_fd=fd)
-                        self.stats.deleted += 1 + n
+                        self.stats.deleted += 1 + remove_tree(fd, e.name, open_up=not self._dac)
                     else:
                         os.unlink(e.name, dir_fd=fd)
                         self.stats.deleted += 1
@@ -1132,6 +1214,10 @@ class Syncer:
                     os.close(fd)
             except OSError as exc:
                 self._error(path, exc.strerror or str(exc))
+                if e.kind != "d":
+                    self._on_entry(path, e, None)       # still there
+                continue
+            self._on_item(item)                         # reported only once done
 
     def _keep_deletion_candidates(self) -> None:
         for rel, e in self._deletions:

@@ -82,9 +82,12 @@ def mutate(root: Path, rnd: random.Random) -> None:
         if p.is_symlink() or not p.exists():
             p.unlink()
         elif p.is_file() and r < 0.4:
+            perms = p.stat().st_mode & 0o7777
+            p.chmod(perms | 0o600)                       # as an ordinary user, a 0444 file needs it
             data = bytearray(p.read_bytes() or b"x")
             data[rnd.randrange(len(data))] ^= 0xFF
             p.write_bytes(bytes(data) + rnd.randbytes(rnd.randrange(3)))
+            p.chmod(perms)
             _restamp(p, rnd)
         elif p.is_file() and r < 0.6:
             p.rename(p.with_name(p.name + "-renamed"))

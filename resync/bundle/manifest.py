@@ -18,9 +18,10 @@ Tree signature (``resync signature-tree``), version 2::
     entry   path | u8 kind | u8 flags | u32 mode | time mtime | u64 size
             | u32 signature length | signature
             (kind: 1 file, 2 dir, 3 symlink, 4 device, 5 fifo/socket; a
-            signature, in resync's signature format, for files only; flags bit
-            0 "unlisted": a directory whose contents could not be read, so
-            nothing below it is described)
+            signature, in resync's signature format, for files only; flags:
+            bit 0 "unlisted", a directory whose contents could not be read,
+            so nothing below it is described; bit 1 "unread", a file that
+            could not be read, which has no signature)
     end     u64 entry count | 32s BLAKE3 of everything before it (also the
             tree signature's id); at the end so the file is written in one pass
 
@@ -51,6 +52,7 @@ TREE_HEADER = struct.Struct("<8sHHI")
 TREE_ENTRY = struct.Struct("<BBIqIQI")
 TREE_ENTRY_V1 = struct.Struct("<BIqQI")
 FLAG_UNLISTED = 1
+FLAG_UNREAD = 2
 NS = 10**9
 
 
@@ -152,6 +154,7 @@ class TreeEntry:
     signature: bytes = b""      # the file's block signature (resync signature format)
     file_hash: bytes = b""      # the file's BLAKE3, from that signature's header
     unlisted: bool = False      # a directory whose contents could not be read
+    unread: bool = False        # a file that could not be read (no signature, content unknown)
 
 
 class ParentTracker:
@@ -186,8 +189,9 @@ def write_tree_signature(fd: int, entries) -> tuple[int, bytes]:
     count = 0
     for e in entries:
         out += pack_path(e.path)
-        out += TREE_ENTRY.pack(KIND_CODES[e.kind], FLAG_UNLISTED if e.unlisted else 0, e.mode,
-                               *split_time(e.mtime_ns), e.size, len(e.signature))
+        flags = (FLAG_UNLISTED if e.unlisted else 0) | (FLAG_UNREAD if e.unread else 0)
+        out += TREE_ENTRY.pack(KIND_CODES[e.kind], flags, e.mode, *split_time(e.mtime_ns), e.size,
+                               len(e.signature))
         out += e.signature
         count += 1
         if len(out) >= 1 << 20:
@@ -234,21 +238,24 @@ def read_tree_signature(buf, name: str) -> tuple[bytes, list[TreeEntry]]:
         kind = KINDS.get(code)
         if kind is None or not mode_matches(kind, mode):
             c.bad(f"{path!r}: bad kind {code} or mode {mode:o}")
-        if flags & ~FLAG_UNLISTED or (flags and kind != "d"):
+        if flags & ~(FLAG_UNLISTED | FLAG_UNREAD) or (flags & FLAG_UNLISTED and kind != "d") \
+                or (flags & FLAG_UNREAD and kind != "f"):
             c.bad(f"{path!r}: bad flags {flags:#x}")
+        unread = bool(flags & FLAG_UNREAD)
         if size > MAX_SIZE:
             c.bad(f"{path!r}: size {size} out of range")
-        if (kind == "f") != (sig_len > 0):
-            c.bad(f"{path!r}: a signature must come with files and only with files")
+        if (kind == "f" and not unread) != (sig_len > 0):
+            c.bad(f"{path!r}: a signature must come with files (unless unread) and only with files")
         sig = c.take(sig_len)
         file_hash = b""
-        if kind == "f":
+        if sig_len:
             header = formats.unpack_sig(sig, f"{name}: {path}")[0]
             if header.file_len != size:
                 c.bad(f"{path!r}: signature is of {header.file_len} bytes, entry says {size}")
             file_hash = header.file_hash
-        parents.add(path, kind, bool(flags))
-        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig, file_hash, bool(flags)))
+        parents.add(path, kind, bool(flags & FLAG_UNLISTED))
+        entries.append(TreeEntry(path, kind, mode, mtime_ns, size, sig, file_hash, bool(flags & FLAG_UNLISTED),
+                                 unread))
     if len(entries) != count:
         c.bad(f"{len(entries)} entries, the count says {count}")
     return digest, entries

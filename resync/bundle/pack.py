@@ -10,29 +10,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..errors import FileError, UsageError
+from ..errors import FileError, ResyncError, UsageError
 from ..fs import TEMP_PREFIX, MappedFile, atomic_output, raise_os_error
 from ..tree import Entry as FsEntry
-from ..tree import join, list_dir
+from ..tree import walk
 from . import payload as P
 from .manifest import NONE, TreeEntry, read_tree_signature, write_tree_signature
 from .shards import DEFAULT_K, DEFAULT_M, DEFAULT_SHARD, ShardWriter, check_parameters
-
-
-def walk(root: str):
-    """(relative path, tree.Entry) of everything under ``root``, parents first,
-    sorted by name; symlinks are not followed. Unreadable directories raise."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        entries, _, _ = list_dir(os.path.join(root, rel) if rel else root, rel=rel, skip_temps=True)
-        subdirs = []
-        for e in entries:
-            path = join(rel, e.name)
-            yield path, e
-            if e.kind == "d":
-                subdirs.append(path)
-        stack.extend(reversed(subdirs))
 
 
 def _check_root(path: str, what: str) -> None:
@@ -44,24 +28,45 @@ def _check_root(path: str, what: str) -> None:
         raise UsageError(f"{path}: {what} must be a directory")
 
 
-def signature_tree(root: str, out: str) -> tuple[int, int]:
+def _problem(path: str, exc: BaseException, is_dir: bool = False) -> str:
+    """One line naming the path that failed (a directory with a trailing /)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, ResyncError) and len(exc.args) == 2:
+        why = exc.args[1]
+    return f"{path or '.'}{'/' if is_dir and path else ''}: {why}"
+
+
+def signature_tree(root: str, out: str) -> tuple[int, int, list[str]]:
     """Write the tree signature of directory ``root`` to ``out`` (atomically).
-    Returns (entries, bytes written)."""
+    Returns (entries, bytes written, problems): a directory that cannot be
+    listed is recorded as unlisted and a file that cannot be read as unread
+    (each named in ``problems``), so that a pack against the signature leaves
+    what lies there alone or sends it whole."""
     from ..signature import compute_signature, signature_bytes
     _check_root(root, "the destination")
+    errors: list = []
+    problems: list[str] = []
 
     def entries():
-        for path, e in walk(root):
-            sig = b""
+        for path, e, unlisted in walk(root, errors):
+            for rel, exc in errors:
+                problems.append(_problem(rel, exc, True))
+            errors.clear()
+            sig, unread = b"", False
             if e.kind == "f":
-                with MappedFile(os.path.join(root, path)) as f:
-                    sig = signature_bytes(compute_signature(f.array))
-            yield TreeEntry(path, e.kind, e.mode, e.mtime_ns, e.size, sig)
+                try:
+                    with MappedFile(os.path.join(root, path), name=path) as f:
+                        sig = signature_bytes(compute_signature(f.array))
+                except ResyncError as exc:
+                    problems.append(_problem(path, exc))
+                    unread = True
+            yield TreeEntry(path, e.kind, e.mode, e.mtime_ns, e.size, sig, unlisted=unlisted, unread=unread)
 
     with atomic_output(out) as fd:
         count, _ = write_tree_signature(fd, entries())
         size = os.lseek(fd, 0, os.SEEK_CUR)
-    return count, size
+    problems += [_problem(rel, exc, True) for rel, exc in errors]
+    return count, size, problems
 
 
 def load_tree_signature(path: str) -> tuple[bytes, list[TreeEntry]]:
@@ -113,14 +118,19 @@ class PackStats(BundleStats):
 
 
 class _Payload:
-    """The payload stream: counts its offset and feeds the shard writer."""
+    """The payload stream: counts its offset and feeds the shard writer. A
+    write error names the bundle (``out``), never the source file being read."""
 
-    def __init__(self, writer: ShardWriter):
+    def __init__(self, writer: ShardWriter, out: str):
         self.writer = writer
+        self.out = out
         self.pos = 0
 
     def put(self, data) -> None:
-        self.writer.write(data)
+        try:
+            self.writer.write(data)
+        except OSError as exc:
+            raise_os_error(self.out, exc)
         self.pos += len(memoryview(data).cast("B"))
 
 
@@ -191,17 +201,37 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
     out_dir = os.path.dirname(os.path.abspath(out))
     with atomic_output(out) as fd, tempfile.TemporaryDirectory(prefix=TEMP_PREFIX + "pack-", dir=out_dir) as tmp:
         writer = ShardWriter(fd, bundle_id, k, m, shard_size)
-        body = _Payload(writer)
+        body = _Payload(writer, out)
         body.put(P.HEADER.pack(P.MAGIC, P.VERSION, P.FLAG_AGAINST if against else 0, 0, bundle_id,
                                against_id, time.time_ns()))
-        for path, e in walk(src):
+        # Paths whose source state is unknown (a directory that could not be
+        # listed, a file that could not be read): the bundle says nothing of
+        # them, and deletes nothing there.
+        unknown: list[str] = []
+        errors: list = []
+
+        def failed(path: str, exc: BaseException, is_dir: bool = False) -> None:
+            stats.errors += 1
+            stats.messages.append(_problem(path, exc, is_dir))
+            unknown.append(path)
+
+        for path, e, unlisted in walk(src, errors):
+            for rel, exc in errors:
+                failed(rel, exc, True)
+            errors.clear()
+            if unlisted:
+                unknown.append(path)
             full = os.path.join(src, path)
             digest, target, record = bytes(32), b"", NONE
             if e.kind == "f":
                 stats.files += 1
                 stats.bytes_scanned += e.size
                 prev = old.get(path)
-                if prev is not None and prev.kind == "f" and prev.size == e.size and prev.mtime_ns == e.mtime_ns:
+                if prev is not None and (prev.kind != "f" or prev.unread):
+                    basis = None             # nothing to compare with or build from: the file travels whole
+                else:
+                    basis = prev
+                if basis is not None and basis.size == e.size and basis.mtime_ns == e.mtime_ns:
                     digest = prev.file_hash
                     stats.unchanged += 1
                 else:
@@ -209,21 +239,19 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                     try:
                         fd_src = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
                     except OSError as exc:
-                        stats.errors += 1
-                        stats.messages.append(f"{path}: {exc.strerror}")
+                        failed(path, exc)
                         continue
                     try:
                         st = os.fstat(fd_src)
                         if not stat.S_ISREG(st.st_mode):
-                            stats.errors += 1
-                            stats.messages.append(f"{path}: changed type while packing; skipped")
+                            failed(path, OSError(0, "changed type while packing; skipped"))
                             continue
                         e = FsEntry.from_stat(e.name, st)
                         record = body.pos
-                        if prev is not None and prev.kind == "f":
+                        if basis is not None:
                             delta_path = os.path.join(tmp, "delta")
                             sig = signature_from_bytes(prev.signature, path)
-                            with MappedFile(full) as f:
+                            with MappedFile(full, name=path) as f:
                                 if f.array.shape[0] != e.size:
                                     digest = None
                                 else:
@@ -248,11 +276,15 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                             literal, matched = e.size, 0
                         after = os.fstat(fd_src)
                         if digest is None or after.st_size != e.size or after.st_mtime_ns != e.mtime_ns:
-                            stats.vanished += 1
+                            stats.vanished += 1         # its record stays in the payload, unreferenced
                             stats.messages.append(f"{path}: changed while being packed; left out")
+                            unknown.append(path)
                             continue
-                    except OSError as exc:
-                        raise_os_error(full, exc)
+                    except (OSError, FileError) as exc:     # reading the source (the bundle's errors name it)
+                        if isinstance(exc, FileError) and exc.args[0] != path:
+                            raise
+                        failed(path, exc)
+                        continue
                     finally:
                         os.close(fd_src)
                     stats.files_transferred += 1
@@ -266,8 +298,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                 try:
                     target = os.readlink(os.fsencode(full))
                 except OSError as exc:
-                    stats.errors += 1
-                    stats.messages.append(f"{path}: {exc.strerror}")
+                    failed(path, exc)
                     continue
             else:
                 stats.specials += 1
@@ -280,8 +311,12 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                                    e.uid, e.gid, e.rdev, digest, target, record))
             if on_entry is not None:
                 on_entry(path, e, digest.hex() if e.kind == "f" else None)
+        for rel, exc in errors:
+            failed(rel, exc, True)
         present = {e.path for e in entries}
-        deletions = [e.path for e in old_entries if e.path not in present]
+        unknown_dirs = tuple(p + "/" for p in unknown)
+        deletions = [e.path for e in old_entries
+                     if e.path not in present and e.path not in unknown and not e.path.startswith(unknown_dirs)]
         stats.deleted = len(deletions)
         try:
             rst = os.stat(src)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 from ..errors import FormatError, UnrecoverableError, UsageError, VerificationError
 from ..fs import TEMP_PREFIX, raise_os_error
-from ..tree import DIR_FLAGS, open_dir_at
+from ..tree import DIR_FLAGS, USER_RWX, open_dir_at, open_up_at, overrides_permissions, remove_tree, walk
 from . import payload as P
-from .manifest import NONE
-from .pack import BundleStats, walk
+from .manifest import MAX_SIZE, NONE
+from .pack import BundleStats
 from .shards import ShardReader, open_bundle
 
 STAGE_PREFIX = TEMP_PREFIX + "unpack-"
@@ -170,8 +170,9 @@ def _check_against(dst: str, current: dict, trailer: P.Trailer) -> None:
             continue
         _mismatch(dst, f"{a.path}: changed" if cur.kind == a.kind else f"{a.path}: is a different kind of entry")
     known = {a.path for a in trailer.against}
+    unlisted = tuple(a.path + "/" for a in trailer.against if a.unlisted)
     for path, cur in current.items():
-        if path not in known and not is_new(path, cur):
+        if path not in known and not is_new(path, cur) and not path.startswith(unlisted):
             _mismatch(dst, f"{path}: not in the tree signature")
 
 
@@ -197,18 +198,54 @@ def _already_new(dirs: "_Dirs", e: P.Entry, cur) -> bool:
 
 class _Dirs:
     """Descriptors of destination directories, opened from the root one
-    component at a time without following symlinks."""
+    component at a time without following symlinks.
 
-    def __init__(self, root_fd: int):
+    Without CAP_DAC_OVERRIDE, a directory this user owns that lacks u+rwx (a
+    0555 copy of a read-only source directory) is given u+rwx when opened;
+    ``opened`` keeps its permission bits before, for the end of the run (the
+    bundle's attributes) or ``close_up`` (an unpack that stops early)."""
+
+    def __init__(self, root_fd: int, opened: dict[str, int]):
         self.fds = {"": root_fd}
+        self.open_up = not overrides_permissions()
+        self.opened = opened
+        if self.open_up:
+            self._open_up("", root_fd)
 
     def get(self, rel: str) -> int:
         fd = self.fds.get(rel)
         if fd is None:
             parent, _, name = rel.rpartition("/")
-            fd = open_dir_at(self.get(parent), name)
+            pfd = self.get(parent)
+            try:
+                fd = open_dir_at(pfd, name)
+            except PermissionError:
+                if not self.open_up:
+                    raise
+                self.opened.setdefault(rel, open_up_at(pfd, name))
+                fd = open_dir_at(pfd, name)
             self.fds[rel] = fd
+            if self.open_up:
+                self._open_up(rel, fd)
         return fd
+
+    def _open_up(self, rel: str, fd: int) -> None:
+        perms = stat.S_IMODE(os.fstat(fd).st_mode)
+        if perms & USER_RWX != USER_RWX:
+            try:
+                os.fchmod(fd, perms | USER_RWX)
+                self.opened.setdefault(rel, perms)
+            except OSError:
+                pass                    # not ours: what needs it fails with EACCES and says so
+
+    def close_up(self) -> None:
+        """Give the directories opened up their permission bits back (children first)."""
+        for rel, perms in sorted(self.opened.items(), reverse=True):
+            try:
+                os.fchmod(self.get(rel), perms)
+            except OSError:
+                pass
+        self.opened.clear()
 
     def forget(self, rel: str) -> None:
         for key in [k for k in self.fds if k == rel or k.startswith(rel + "/")]:
@@ -221,22 +258,6 @@ class _Dirs:
         self.fds = {}
 
 
-def _remove_tree(parent_fd: int, name: str) -> None:
-    """Remove directory ``name`` under ``parent_fd`` and everything in it,
-    never following a symlink."""
-    fd = open_dir_at(parent_fd, name)
-    try:
-        for child in os.listdir(fd):
-            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                _remove_tree(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-
-
 def _clear(parent_fd: int, name: str) -> None:
     """Remove whatever is at ``name`` (file, link, special or directory tree)."""
     try:
@@ -244,7 +265,7 @@ def _clear(parent_fd: int, name: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        _remove_tree(parent_fd, name)
+        remove_tree(parent_fd, name, open_up=True)
     else:
         os.unlink(name, dir_fd=parent_fd)
 
@@ -293,13 +314,16 @@ def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
     against their BLAKE3, deltas parsed and their literal chunks decoded.
     What this accepts, unpack applies (given the destination it was made for).
     Records must also tile the payload between its header and the trailer,
-    in manifest order, with no gap or overlap: a writer that miscounted a
-    length shows here even where a reader would not notice."""
+    in manifest order, with no gap or overlap (a writer that miscounted a
+    length shows here even where a reader would not notice); the only thing
+    allowed between them is the well-formed record of a file that changed
+    while pack read it (written, then left out of the manifest)."""
     import lz4.block
     expected = P.HEADER.size
     for index, e in enumerate(info.trailer.entries):
         if e.record == NONE:
             continue
+        expected = _skip_abandoned(stream, expected, e.record, info.trailer_offset, name)
         if e.record != expected:
             raise FormatError(name, P.WHAT, f"{e.path}: record at {e.record}, where the previous one ends "
                                             f"at {expected}")
@@ -320,9 +344,37 @@ def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
                     raise FormatError(name, P.WHAT, f"{e.path}: corrupt LZ4 chunk in its delta") from None
                 if len(out) != raw:
                     raise FormatError(name, P.WHAT, f"{e.path}: delta chunk expands to the wrong size")
+    expected = _skip_abandoned(stream, expected, info.trailer_offset, info.trailer_offset, name)
     if expected != info.trailer_offset:
         raise FormatError(name, P.WHAT, f"{info.trailer_offset - expected} bytes between the last record "
                                         "and the trailer")
+
+
+def _skip_abandoned(stream: PayloadStream, pos: int, target: int, end: int, name: str) -> int:
+    """Step over abandoned records from ``pos`` towards ``target``: each must
+    be a well-formed record (its framing is checked, not its content).
+    Returns where the last one ends (``target`` unless something else is there)."""
+    while pos < target and target - pos >= P.RECORD.size:
+        kind, _, length = P.RECORD.unpack(stream.read(pos, P.RECORD.size))
+        body = pos + P.RECORD.size
+        if kind == P.DELTA and length <= end - body:
+            nxt = body + length
+        elif kind == P.WHOLE and length <= MAX_SIZE:
+            nxt, done = body, 0
+            while done < length and nxt + P.CHUNK.size <= end:
+                codec, raw_len, stored = P.CHUNK.unpack(stream.read(nxt, P.CHUNK.size))
+                if codec not in (P.CODEC_RAW, P.CODEC_LZ4) or not 0 < raw_len <= P.MAX_CHUNK or stored > raw_len:
+                    return pos
+                nxt += P.CHUNK.size + stored
+                done += raw_len
+            if done != length:
+                return pos
+        else:
+            return pos
+        if nxt > target:
+            return pos
+        pos = nxt
+    return pos
 
 
 def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int | None, name: str) -> int:
@@ -400,14 +452,20 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
     from ..sync import _syncfs
     trailer = info.trailer
     root_fd = _open_root(dst, info)
-    dirs = _Dirs(root_fd)
+    opened: dict[str, int] = {}
+    dirs = _Dirs(root_fd, opened)
     stage_name = None
     try:
         _remove_stale_stages(root_fd)
-        try:
-            current = {path: e for path, e in walk(dst)}
-        except OSError as exc:
-            raise_os_error(dst, exc)
+        errors: list = []
+        current = {path: e for path, e, _ in walk(dst, errors, opened if dirs.open_up else None)}
+        # A directory that cannot be listed is fine only where the tree
+        # signature could not list it either (nothing below it is checked or
+        # deleted); anywhere else the destination's state is unknown.
+        unlisted = {a.path for a in trailer.against if a.unlisted}
+        for rel, exc in errors:
+            if rel not in unlisted:
+                raise_os_error(os.path.join(dst, rel), exc)
         if info.against_id is not None:
             _check_against(dst, current, trailer)
 
@@ -469,11 +527,13 @@ def _apply(stream: PayloadStream, info: BundleInfo, name: str, dst: str, stats: 
             if os.geteuid() == 0:
                 os.chown(root_fd, root.uid, root.gid)
             os.chmod(root_fd, stat.S_IMODE(root.mode))
+            opened.pop("", None)
             os.utime(root_fd, ns=(root.mtime_ns, root.mtime_ns))
             os.fsync(root_fd)
         except OSError as exc:
             raise_os_error(os.path.join(dst, getattr(exc, "filename", None) or ""), exc)
     finally:
+        dirs.close_up()                 # directories opened up and not given the bundle's mode
         if stage_name is not None:
             try:
                 dirs.forget(stage_name)
@@ -544,12 +604,17 @@ def _commit(trailer: P.Trailer, current: dict, dirs: _Dirs, stage_fd: int, stage
             stats.files += 1
             stats.bytes_scanned += e.size
             if index in staged:
+                # attributes first: a kill between them and the rename must not
+                # leave the new content with another mtime (a re-run would take
+                # it for a change made at the destination and refuse the bundle)
+                _attributes(stage_fd, staged[index], e, is_root)
                 if cur is not None and cur.kind == "d":
                     dirs.forget(e.path)
                     _clear(pfd, base)
                 os.rename(staged[index], base, src_dir_fd=stage_fd, dst_dir_fd=pfd)
                 touched.add(parent)
-            _attributes(pfd, base, e, is_root)
+            else:
+                _attributes(pfd, base, e, is_root)
         else:
             if e.kind == "L":
                 stats.symlinks += 1
@@ -596,6 +661,7 @@ def _commit(trailer: P.Trailer, current: dict, dirs: _Dirs, stage_fd: int, stage
         if e.kind == "d":
             parent, _, base = e.path.rpartition("/")
             _attributes(dirs.get(parent), base, e, is_root)
+            dirs.opened.pop(e.path, None)           # its mode is the bundle's now
 
     for rel in touched:
         try:

@@ -11,11 +11,18 @@ from .options import human, output_file
 def command(dst, out, verbose):
     """Describe directory DST (paths, modes, mtimes, sizes and a block
     signature of every file) for `pack --against`, so a bundle carries only
-    what DST lacks.
+    what DST lacks. What cannot be read is reported, marked in the signature,
+    and the rest is written (exit 23).
 
     Example: resync signature-tree /backup/photos -o photos.sig
     """
     from ..bundle.pack import signature_tree
-    entries, size = signature_tree(dst, out)
+    from ..errors import PartialReadError
+    entries, size, problems = signature_tree(dst, out)
+    for message in problems:
+        click.echo(f"resync: error: {message}", err=True)
     if verbose:
         click.echo(f"signature-tree: {entries} entries, {human(size)} written to {out}", err=True)
+    if problems:
+        raise PartialReadError(len(problems), entries, "they are marked so in the tree signature (pack sends "
+                                                       "such files whole and leaves such directories alone)")
