@@ -665,3 +665,28 @@ def test_pack_refuses_a_bundle_that_does_not_read_back(tmp_path, monkeypatch):
         pack(str(src), str(tmp_path / "x.bundle"))
     assert not (tmp_path / "x.bundle").exists()
     assert not list(tmp_path.glob(".resync-tmp-*"))
+
+
+def test_a_file_changed_while_packed_is_left_out_and_the_bundle_reads_back(tmp_path, monkeypatch):
+    """Its record is already in the payload when the change is seen: it stays
+    there, unreferenced and well-formed, and readers step over it."""
+    from resync.bundle import pack as pack_module
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_bytes(mix.data(ord(name), 200_000, "mixed"))
+    real = pack_module._whole
+
+    def touched_while_read(out, fd, size):
+        digest = real(out, fd, size)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/b"):
+            os.utime(src / "b", ns=(1, 1))                # someone writes to it meanwhile
+        return digest
+
+    monkeypatch.setattr(pack_module, "_whole", touched_while_read)
+    stats = pack(str(src), str(tmp_path / "x.bundle"))
+    assert stats.vanished == 1 and stats.files_transferred == 2
+    r = cli("verify", tmp_path / "x.bundle")
+    assert r.returncode == 0, r.stderr
+    unpack(str(tmp_path / "x.bundle"), str(tmp_path / "dst"))
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["a", "c"]
