@@ -288,9 +288,11 @@ class ShardReader:
                 if layout is not None:
                     return layout
                 pos = window.find(SHARD_MAGIC, pos + 1)
-        if not seen_magic:
-            self._bad("bad magic (no resync shard found)")
-        self._bad("no intact shard header found (damaged beyond repair, or not a bundle)")
+        head = _read_exact(self.fd, 0, len(SHARD_MAGIC))
+        if seen_magic or (len(head) < len(SHARD_MAGIC) and SHARD_MAGIC.startswith(head)):
+            # a bundle (it has resync shards), but not one shard can be checked: truncated or destroyed
+            raise UnrecoverableError(self.name, "no intact shard left (truncated or damaged beyond repair)")
+        self._bad("bad magic (no resync shard found)")
 
     def _shard_ok(self, block: bytes, pos: int, stripe: int, index: int) -> bool:
         lay = self.layout

@@ -10,9 +10,11 @@ import sys
 import click
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError, StopSignal
+from .options import say
 from . import (delta_cmd, history_cmd, pack_cmd, patch_cmd, repair_cmd, signature_cmd, signature_tree_cmd,
                sync_cmd, unpack_cmd, verify_cmd)
 
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
 
 
@@ -55,7 +57,7 @@ cli.add_command(repair_cmd.command)
 
 def _fail(message: str, code: int) -> None:
     try:
-        click.echo(f"resync: error: {message}", err=True)
+        say(f"resync: error: {message}", err=True)
     finally:
         sys.exit(code)
 
@@ -82,9 +84,16 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="resync", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except _NO_ARGS as exc:                                   # plain `resync`: the help, exit 2
+        click.echo(exc.ctx.get_help())
+        sys.exit(EXIT_USAGE)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
+        # one line, like every other error: "resync: error: sync: Missing argument 'DST' (resync sync --help)"
+        where = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None and ctx.command_path:
+            where = f" ({ctx.command_path} --help)"
+        _fail(f"{exc.format_message()}{where}", exc.exit_code if exc.exit_code else EXIT_USAGE)
     except click.exceptions.Abort:
         _fail("interrupted", EXIT_INTERRUPTED)
     except StopSignal as exc:

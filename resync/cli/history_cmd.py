@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import history_options, human
+from .options import history_options, human, say
 
 
 @click.command("history")
@@ -27,23 +27,27 @@ def command(run_id, limit, as_json, history_path, no_history):
             from ..errors import FileError
             raise FileError(run_id, "no such run in the history")
         full = rows[0][0]
-        cols, rows = history.query("SELECT path, action, size, literal_bytes, matched_bytes, duration, blake3 "
-                                   "FROM run_files WHERE run_id = ? ORDER BY path", [full])
+        cols, rows = history.query("SELECT path, action, size, literal_bytes, matched_bytes, duration, blake3, "
+                                   "path_raw FROM run_files WHERE run_id = ? ORDER BY path", [full])
     else:
         cols, rows = history.query(
             "SELECT id, strftime(started, '%Y-%m-%d %H:%M:%S') AS started, status, source, destination, "
             "files_scanned, files_changed, files_deleted, bytes_written, bytes_matched, errors, "
             "round(duration, 3) AS duration FROM runs ORDER BY runs.started DESC LIMIT ?", [limit])
+    if run_id:                  # names as the file system's bytes (see store.schema.stored_path)
+        from ..store.schema import stored_path
+        rows = [(stored_path(r[0], r[-1]), *r[1:-1]) for r in rows]
+        cols = cols[:-1]
     if as_json:
         sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str) + "\n")
         return
     if run_id:
         for path, action, size, literal, matched, seconds, digest in rows:
-            click.echo(f"{action:6} {human(size or 0):>10}  literal {human(literal or 0):>10}  "
+            say(f"{action:6} {human(size or 0):>10}  literal {human(literal or 0):>10}  "
                        f"reused {human(matched or 0):>10}  {path}")
         return
     for r in rows:
         d = dict(zip(cols, r))
-        click.echo(f"{d['id'][:12]}  {d['started']}  {d['status']:10} {d['files_changed'] or 0:>7} changed "
+        say(f"{d['id'][:12]}  {d['started']}  {d['status']:10} {d['files_changed'] or 0:>7} changed "
                    f"{d['files_deleted'] or 0:>6} deleted {human(d['bytes_written'] or 0):>10}  "
                    f"{d['source']} -> {d['destination']}")

@@ -13,17 +13,53 @@ verbose_option = click.option("-v", "--verbose", is_flag=True,
 
 
 def existing_file(**kw) -> click.Path:
-    return click.Path(exists=True, dir_okay=False, readable=True, **kw)
+    """An input file that must exist (else a usage error, 2); whether it can be
+    read is the command's own check (a file error, 3)."""
+    return click.Path(exists=True, dir_okay=False, readable=False, **kw)
 
 
-output_file = click.Path(dir_okay=False, writable=True)
+output_file = click.Path(dir_okay=False)     # whether it can be written: a file error (3) when it is
+
+
+_DIGITS = frozenset("01234567")
+
+
+def printable(text: str) -> str:
+    """``text`` as it may reach a terminal or a script reading lines, escaped
+    the way rsync escapes file names: each byte of a control character (C0 but
+    tab, DEL, C1), of a line or paragraph separator (U+2028, U+2029: Python's
+    splitlines() splits there) and of a name that is not valid UTF-8 (the
+    surrogate-escaped bytes of os.fsdecode) becomes ``\\#ooo`` (three octal
+    digits), and so does a backslash that would start such an escape. So a
+    name cannot forge report lines or send escape sequences to a terminal.
+    JSON output is not escaped this way (JSON has its own)."""
+    if text.isprintable() and "\\#" not in text:
+        return text
+    out = []
+    for i, ch in enumerate(text):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:                       # a byte that was not UTF-8
+            out.append(f"\\#{o - 0xDC00:03o}")
+        elif (o < 0x20 and ch != "\t") or 0x7F <= o <= 0x9F or o in (0x2028, 0x2029) or 0xD800 <= o <= 0xDFFF:
+            out.extend(f"\\#{b:03o}" for b in ch.encode("utf-8", "surrogatepass"))
+        elif ch == "\\" and text[i + 1:i + 2] == "#" and len(text) >= i + 5 \
+                and set(text[i + 2:i + 5]) <= _DIGITS:
+            out.append("\\#134")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def say(text: str, err: bool = False) -> None:
+    """One line for a person or a script (``printable``): stdout, or stderr."""
+    click.echo(printable(text), err=err)
 
 
 def report(stats: dict, as_json: bool, verbose: bool, summary: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(stats, sort_keys=True) + "\n")
     if verbose:
-        click.echo(summary, err=True)
+        say(summary, err=True)
 
 
 def human(n: float) -> str:

@@ -1,6 +1,6 @@
 import click
 
-from .options import history_options, human, json_option, output_file, recorded
+from .options import history_options, human, json_option, output_file, recorded, say
 
 
 def _parity(ctx, param, value):
@@ -12,10 +12,10 @@ def _parity(ctx, param, value):
 
 
 @click.command("pack")
-@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.argument("src", type=click.Path(file_okay=False, exists=True, readable=False))
 @click.option("-o", "--output", "out", type=output_file, required=True, metavar="BUNDLE",
               help="Where to write the bundle.")
-@click.option("--against", type=click.Path(dir_okay=False, exists=True), default=None, metavar="TREE.sig",
+@click.option("--against", type=click.Path(dir_okay=False, exists=True, readable=False), default=None, metavar="TREE.sig",
               help="Tree signature of the destination (resync signature-tree): carry only what it "
                    "lacks, as deltas, plus deletions. Without it, everything travels.")
 @click.option("--parity", default="50,10", show_default=True, callback=_parity, metavar="K,M",
@@ -43,11 +43,11 @@ def command(src, out, against, parity, shard_size, as_json, verbose, history_pat
                      lambda on_entry, on_file: pack(src, out, against, k, m, shard_size,
                                                     on_entry=on_entry, on_file=on_file))
     for message in stats.messages:
-        click.echo(f"resync: error: {message}", err=True)
+        say(f"resync: error: {message}", err=True)
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
     if verbose:
-        click.echo(f"pack: {stats.files} files, {stats.dirs} dirs ({human(stats.bytes_scanned)}); "
+        say(f"pack: {stats.files} files, {stats.dirs} dirs ({human(stats.bytes_scanned)}); "
                    f"{stats.whole_files} whole, {stats.delta_files} as deltas, {stats.unchanged} unchanged, "
                    f"{stats.deleted} deletions; payload {human(stats.payload_bytes)}, bundle "
                    f"{human(stats.bundle_bytes)} in {stats.stripes} stripes of RS({k},{m}) x "

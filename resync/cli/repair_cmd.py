@@ -1,10 +1,10 @@
 import click
 
-from .options import output_file
+from .options import output_file, say
 
 
 @click.command("repair")
-@click.argument("bundle", type=click.Path(dir_okay=False, exists=True))
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, readable=False))
 @click.option("-o", "--output", "out", type=output_file, required=True, metavar="FIXED",
               help="Where to write the repaired bundle (may be BUNDLE itself).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -22,5 +22,5 @@ def command(bundle, out, quiet):
         with atomic_output(out) as ofd:
             rebuilt = rewrite(reader, ofd)
     if not quiet:
-        click.echo(f"repair: {rebuilt} shards rebuilt; {reader.layout.stripes} stripes written to {out}",
+        say(f"repair: {rebuilt} shards rebuilt; {reader.layout.stripes} stripes written to {out}",
                    err=True)

@@ -1,10 +1,10 @@
 import click
 
-from .options import human, output_file
+from .options import human, output_file, say
 
 
 @click.command("signature-tree")
-@click.argument("dst", type=click.Path(file_okay=False, exists=True))
+@click.argument("dst", type=click.Path(file_okay=False, exists=True, readable=False))
 @click.option("-o", "--output", "out", type=output_file, required=True, metavar="TREE.sig",
               help="Where to write the tree signature.")
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
@@ -20,9 +20,9 @@ def command(dst, out, verbose):
     from ..errors import PartialReadError
     entries, size, problems = signature_tree(dst, out)
     for message in problems:
-        click.echo(f"resync: error: {message}", err=True)
+        say(f"resync: error: {message}", err=True)
     if verbose:
-        click.echo(f"signature-tree: {entries} entries, {human(size)} written to {out}", err=True)
+        say(f"signature-tree: {entries} entries, {human(size)} written to {out}", err=True)
     if problems:
         raise PartialReadError(len(problems), entries, "they are marked so in the tree signature (pack sends "
                                                        "such files whole and leaves such directories alone)")

@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import history_options, human, json_option
+from .options import history_options, human, json_option, printable, say
 
 
 def _read_patterns(paths) -> list[str]:
@@ -22,7 +22,7 @@ def _read_patterns(paths) -> list[str]:
 
 
 @click.command("sync")
-@click.argument("src", type=click.Path(file_okay=False, exists=True))
+@click.argument("src", type=click.Path(file_okay=False, exists=True, readable=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("-c", "--checksum", is_flag=True, help="Compare files by BLAKE3, not by size and mtime.")
 @click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=True, show_default=True,
@@ -66,10 +66,10 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
 
     def on_item(line: str) -> None:
         if itemize and not quiet:
-            print(line, file=item_stream, flush=False)
+            print(printable(line), file=item_stream, flush=False)
 
     def on_error(message: str) -> None:
-        print(f"resync: error: {message}", file=sys.stderr, flush=True)
+        print(printable(f"resync: error: {message}"), file=sys.stderr, flush=True)
 
     progress = None
     if show_progress and not quiet and sys.stderr.isatty():
@@ -99,7 +99,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
     if verbose and not quiet:
         rate = stats.bytes_written / stats.duration if stats.duration else 0.0
-        click.echo(f"sync: {stats.files} files, {stats.dirs} dirs scanned ({human(stats.bytes_scanned)}); "
+        say(f"sync: {stats.files} files, {stats.dirs} dirs scanned ({human(stats.bytes_scanned)}); "
                    f"{stats.files_transferred} transferred ({human(stats.bytes_transferred)}, "
                    f"{human(stats.bytes_matched)} reused), {stats.created} created, {stats.updated} updated, "
                    f"{stats.deleted} deleted{' (dry run)' if dry_run else ''}; "

@@ -1,10 +1,10 @@
 import click
 
-from .options import history_options, human, json_option, recorded
+from .options import history_options, human, json_option, recorded, say
 
 
 @click.command("unpack")
-@click.argument("bundle", type=click.Path(dir_okay=False, exists=True))
+@click.argument("bundle", type=click.Path(dir_okay=False, exists=True, readable=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @json_option
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
@@ -26,11 +26,11 @@ def command(bundle, dst, as_json, verbose, history_path, no_history):
     stats = recorded(not no_history, history_path, "unpack", bundle, dst,
                      lambda on_entry, on_file: unpack(bundle, dst, on_entry=on_entry, on_file=on_file))
     for message in stats.messages:
-        click.echo(f"resync: error: {message}", err=True)
+        say(f"resync: error: {message}", err=True)
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
     if verbose:
-        click.echo(f"unpack: {stats.files} files, {stats.dirs} dirs; {stats.files_transferred} written "
+        say(f"unpack: {stats.files} files, {stats.dirs} dirs; {stats.files_transferred} written "
                    f"({human(stats.bytes_written)}, {human(stats.bytes_matched)} reused), {stats.created} "
                    f"created, {stats.updated} updated, {stats.deleted} deleted; {stats.repaired_shards} shards "
                    f"repaired in {stats.damaged_stripes} of {stats.stripes} stripes; {stats.duration:.2f} s",

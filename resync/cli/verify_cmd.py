@@ -1,10 +1,10 @@
 import click
 
-from .options import history_options, json_option
+from .options import history_options, json_option, say
 
 
 @click.command("verify")
-@click.argument("dst", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path(exists=True, readable=False))
 @json_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @history_options
@@ -37,8 +37,12 @@ def command(dst, as_json, quiet, history_path, no_history):
     history = History(history_path)
     history.merge(wait=5.0)
     dst = os.path.abspath(dst)
-    _, rows = history.query("SELECT id, manifest_run FROM runs WHERE destination = ? AND manifest_run IS NOT NULL "
-                            "ORDER BY started DESC LIMIT 1", [display_path(dst)])
+    # The run may have named the directory another way (through a symlink, or
+    # the real path where DST is a symlink): same directory, same manifest.
+    _, known = history.query("SELECT DISTINCT destination FROM runs WHERE manifest_run IS NOT NULL")
+    names = [display_path(dst)] + [d for (d,) in known if d != display_path(dst) and _same_dir(d, dst)]
+    _, rows = history.query("SELECT id, manifest_run FROM runs WHERE list_contains(?, destination) "
+                            "AND manifest_run IS NOT NULL ORDER BY started DESC LIMIT 1", [names])
     if not rows:
         raise VerificationError(dst, "no recorded sync into this directory in the history")
     run_id, manifest_run = rows[0]
@@ -49,12 +53,20 @@ def command(dst, as_json, quiet, history_path, no_history):
         sys.stdout.write(json.dumps({"run": run_id, **report.as_dict()}, sort_keys=True) + "\n")
     elif not quiet:
         for line in report.lines():
-            click.echo(line)
+            say(line)
     if report.problems:
         raise VerificationError(dst, f"{report.problems} differences from the manifest of run {run_id[:12]} "
                                      f"({report.summary()})")
     if not as_json:
-        click.echo(f"verify: {report.checked} entries match run {run_id[:12]}", err=True)
+        say(f"verify: {report.checked} entries match run {run_id[:12]}", err=True)
+
+
+def _same_dir(recorded: str, dst: str) -> bool:
+    import os
+    try:
+        return os.path.samefile(recorded, dst)
+    except (OSError, ValueError):
+        return False
 
 
 def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
@@ -74,7 +86,7 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
                 if not quiet and not as_json:
                     bad = ", ".join(f"{'data' if i < lay.k else 'parity'} {i}" for i in h.bad)
                     state = "repairable" if h.repairable else "NOT repairable"
-                    click.echo(f"stripe {h.stripe}: {len(h.bad)} of {h.stored} shards bad ({bad}): {state}")
+                    say(f"stripe {h.stripe}: {len(h.bad)} of {h.stored} shards bad ({bad}): {state}")
         fatal = [h for h in damaged if not h.repairable]
         if not fatal:                           # what unpack reads: trailer and every record
             stream, info = read_bundle(reader)
@@ -96,4 +108,4 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
         extra = f", {trailing} bytes of trailing junk" if trailing else ""
         raise VerificationError(path, f"damaged but repairable ({summary}{extra}); run resync repair")
     if not quiet and not as_json:
-        click.echo(f"verify: {path}: intact ({summary}; {len(info.trailer.entries)} entries)", err=True)
+        say(f"verify: {path}: intact ({summary}; {len(info.trailer.entries)} entries)", err=True)
