@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     f = sub.add_parser("file", help="a basis file and an edited new file")
     f.add_argument("--size", type=parse_size, default=parse_size("64MiB"))
-    f.add_argument("--pattern", choices=("random", "repeat", "mixed"), default="random")
+    f.add_argument("--pattern", choices=("random", "repeat", "mixed"), default="mixed")
     f.add_argument("--edits", type=int, default=40)
     f.add_argument("--edit-len", type=int, default=27000)
     f.add_argument("--seed", type=int, default=1)

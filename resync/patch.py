@@ -1,8 +1,9 @@
 """Patch stage: rebuild the new file from the basis and a delta, atomically.
 
-Before anything is renamed into place, the basis must hash to the BLAKE3 the
-delta was made against and the result must hash to the target's BLAKE3; on any
-mismatch the output path keeps its old contents and the error names the check.
+Before anything is renamed into place, the result must hash to the target's
+BLAKE3, which proves it is the target whatever the basis was; on a mismatch
+the basis is hashed too, so that the error can say whether the basis was not
+the one the delta was made against, and the output path keeps its old contents.
 Output is assembled in bounded windows, so memory does not grow with file size.
 """
 from __future__ import annotations
@@ -104,7 +105,6 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
             if basis_data.shape[0] != h.basis_len:
                 raise VerificationError(basis_path, f"basis is {basis_data.shape[0]} bytes, the delta "
                                         f"was made against {h.basis_len} bytes: wrong basis file")
-            basis_hash = HashInBackground(basis_data, max(1, threads - 1)) if h.basis_len else None
             kinds = parsed.instructions["kind"].copy()
             lengths = parsed.instructions["length"].astype(np.int64)
             sources = parsed.instructions["source"].astype(np.int64)
@@ -132,10 +132,12 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
                     writer.finish()
                 finally:
                     writer.close()
-                if basis_hash is not None and basis_hash.result() != h.basis_hash:
-                    raise VerificationError(basis_path, "basis does not match the signature the "
-                                            "delta was made against (BLAKE3 differs); nothing written")
+                # The result's BLAKE3 alone proves it is the target, whatever
+                # the basis was; the basis is hashed only to say which went wrong.
                 if hasher.digest() != h.target_hash:
+                    if h.basis_len and HashInBackground(basis_data, threads).result() != h.basis_hash:
+                        raise VerificationError(basis_path, "basis does not match the signature the "
+                                                "delta was made against (BLAKE3 differs); nothing written")
                     raise VerificationError(out_path, "result does not match the delta's target "
                                             "BLAKE3 (corrupt delta or basis changed); nothing written")
         finally:

@@ -15,6 +15,8 @@ from resync.store import History
 from resync.store.recorder import RunRecorder
 from resync.sync import SyncOptions, Syncer
 
+from . import mix
+
 PY = sys.executable
 
 
@@ -24,9 +26,10 @@ def cli(*args, history, env_extra=None):
 
 
 def tree(root: Path, n: int = 20) -> None:
+    """Files of every content kind of the test mix (one is empty), in two directories, and a link."""
     (root / "sub").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (root / ("sub" if i % 2 else "") / f"f{i}").write_bytes(os.urandom(100 + i * 37))
+        mix.write(root / ("sub" if i % 2 else "") / f"f{i}", i, 100 + i * 37, mix.KINDS[i % len(mix.KINDS)])
     os.symlink("f0", root / "link")
 
 
