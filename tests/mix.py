@@ -51,3 +51,24 @@ def mixed_bytes(max_size: int = 4096, min_size: int = 0):
     kinds = [k for k in KINDS if k != "empty" or min_size == 0]
     drawn = st.builds(data, st.integers(0, 2**32 - 1), st.integers(min_size, max_size), st.sampled_from(kinds))
     return st.one_of(drawn, st.binary(min_size=min_size, max_size=max_size))
+
+
+def edit_ops(max_pos: int, max_chunk: int, max_edits: int):
+    """Edits for ``apply_edits``: (0 insert / 1 delete / 2 replace, position, bytes of the mix)."""
+    return st.lists(st.tuples(st.integers(0, 2), st.integers(0, max_pos), mixed_bytes(max_chunk)),
+                    max_size=max_edits)
+
+
+def apply_edits(data: bytes, ops) -> bytes:
+    """``data`` with each (op, position, chunk) of ``edit_ops`` applied in turn
+    (positions past the end are the end)."""
+    out = bytearray(data)
+    for op, pos, chunk in ops:
+        pos = min(pos, len(out))
+        if op == 0:
+            out[pos:pos] = chunk
+        elif op == 1:
+            del out[pos:pos + len(chunk) + 1]
+        else:
+            out[pos:pos + len(chunk)] = chunk
+    return bytes(out)

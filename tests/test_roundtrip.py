@@ -120,18 +120,7 @@ def test_property_roundtrip(basis, data, block):
     if data is None:
         new = b"x"
     else:
-        ops = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3000), mix.mixed_bytes(100)),
-                                 max_size=6))
-        new = bytearray(basis)
-        for op, pos, chunk in ops:
-            pos = min(pos, len(new))
-            if op == 0:
-                new[pos:pos] = chunk
-            elif op == 1:
-                del new[pos:pos + len(chunk) + 1]
-            else:
-                new[pos:pos + len(chunk)] = chunk
-        new = bytes(new)
+        new = mix.apply_edits(basis, data.draw(mix.edit_ops(3000, 100, 6)))
     with tempfile.TemporaryDirectory() as d:
         out, _ = roundtrip(Path(d), basis, new, block, threads=1)
     assert out == new
@@ -157,24 +146,19 @@ def test_delta_does_not_depend_on_the_thread_count(basis, data, block, piece):
     """The matches (and so the delta) are those of one scan over the whole file
     whatever the number of threads and wherever the pieces fall: 1, 2 and 5
     threads, with pieces as small as one block."""
+    new = mix.apply_edits(basis, data.draw(mix.edit_ops(60_000, 300, 8)))
+    assert_same_matches_at_any_thread_count(basis, new + (basis if data.draw(st.booleans()) else b""), block,
+                                            piece)
+
+
+def assert_same_matches_at_any_thread_count(basis: bytes, new: bytes, block: int, piece: int) -> None:
+    """find_matches with 1, 2 and 5 threads and scan pieces of ``piece`` bytes agree exactly."""
     from resync import delta as delta_module
-    ops = data.draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 60_000), mix.mixed_bytes(300)),
-                             max_size=8))
-    new = bytearray(basis)
-    for op, pos, chunk in ops:
-        pos = min(pos, len(new))
-        if op == 0:
-            new[pos:pos] = chunk
-        elif op == 1:
-            del new[pos:pos + len(chunk) + 1]
-        else:
-            new[pos:pos + len(chunk)] = chunk
-    new = np.frombuffer(bytes(new) + (basis if data.draw(st.booleans()) else b""), np.uint8)
     sig = compute_signature(np.frombuffer(basis, np.uint8), block, salt=bytes(32), threads=1)
     saved = delta_module._PIECE_BYTES
     try:
         delta_module._PIECE_BYTES = piece
-        results = [find_matches(sig, new, threads=t) for t in (1, 2, 5)]
+        results = [find_matches(sig, np.frombuffer(new, np.uint8), threads=t) for t in (1, 2, 5)]
     finally:
         delta_module._PIECE_BYTES = saved
     for m in results[1:]:
@@ -201,7 +185,6 @@ def test_thread_count_on_repeated_blocks(data, block, piece):
     repeated (so a window matches several blocks and the preferred one
     matters), and a new file of those blocks in another order with short
     junk between them; pieces of a few bytes to a few blocks."""
-    from resync import delta as delta_module
     alphabet = [bytes(data.draw(st.binary(min_size=block, max_size=block))) for _ in range(data.draw(st.integers(1, 3)))]
     symbols = st.integers(0, len(alphabet) - 1)
     basis = b"".join(alphabet[i] for i in data.draw(st.lists(symbols, min_size=2, max_size=30)))
@@ -209,13 +192,4 @@ def test_thread_count_on_repeated_blocks(data, block, piece):
     for i in data.draw(st.lists(symbols, min_size=1, max_size=40)):
         parts.append(alphabet[i])
         parts.append(data.draw(st.binary(max_size=block - 1)))
-    new = np.frombuffer(b"".join(parts), np.uint8)
-    sig = compute_signature(np.frombuffer(basis, np.uint8), block, salt=bytes(32), threads=1)
-    saved = delta_module._PIECE_BYTES
-    try:
-        delta_module._PIECE_BYTES = piece
-        results = [find_matches(sig, new, threads=t) for t in (1, 2, 5)]
-    finally:
-        delta_module._PIECE_BYTES = saved
-    for m in results[1:]:
-        assert np.array_equal(m.pos, results[0].pos) and np.array_equal(m.src, results[0].src)
+    assert_same_matches_at_any_thread_count(basis, b"".join(parts), block, piece)

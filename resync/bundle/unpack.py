@@ -318,7 +318,6 @@ def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
     length shows here even where a reader would not notice); the only thing
     allowed between them is the well-formed record of a file that changed
     while pack read it (written, then left out of the manifest)."""
-    import lz4.block
     expected = P.HEADER.size
     for index, e in enumerate(info.trailer.entries):
         if e.record == NONE:
@@ -335,19 +334,27 @@ def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
         parsed = delta_header(stream, body, length, e, name)
         pos = body + parsed.data_offset
         for codec, raw, stored in parsed.chunks.tolist():
-            data = stream.read(pos, stored)
+            _decode_chunk(stream.read(pos, stored), codec, raw, name, f"{e.path}: delta's")
             pos += stored
-            if codec == P.CODEC_LZ4:
-                try:
-                    out = lz4.block.decompress(data, uncompressed_size=raw)
-                except lz4.block.LZ4BlockError:
-                    raise FormatError(name, P.WHAT, f"{e.path}: corrupt LZ4 chunk in its delta") from None
-                if len(out) != raw:
-                    raise FormatError(name, P.WHAT, f"{e.path}: delta chunk expands to the wrong size")
     expected = _skip_abandoned(stream, expected, info.trailer_offset, info.trailer_offset, name)
     if expected != info.trailer_offset:
         raise FormatError(name, P.WHAT, f"{info.trailer_offset - expected} bytes between the last record "
                                         "and the trailer")
+
+
+def _decode_chunk(data: bytes, codec: int, raw: int, name: str, where: str) -> bytes:
+    """A chunk's raw bytes (LZ4 blocks decompressed, and checked to expand to
+    exactly ``raw`` bytes)."""
+    import lz4.block
+    if codec != P.CODEC_LZ4:
+        return data
+    try:
+        out = lz4.block.decompress(data, uncompressed_size=raw)
+    except lz4.block.LZ4BlockError:
+        raise FormatError(name, P.WHAT, f"{where} corrupt LZ4 chunk") from None
+    if len(out) != raw:
+        raise FormatError(name, P.WHAT, f"{where} LZ4 chunk expands to the wrong size")
+    return out
 
 
 def _skip_abandoned(stream: PayloadStream, pos: int, target: int, end: int, name: str) -> int:
@@ -382,7 +389,6 @@ def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: 
     check it); returns the position after it. Checks every chunk header
     before decompressing, and the content against the entry's BLAKE3."""
     import blake3
-    import lz4.block
     h = blake3.blake3()
     done = 0
     while done < e.size:
@@ -392,15 +398,8 @@ def _stage_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: 
                 or raw_len > e.size - done or stored > end - pos \
                 or (codec == P.CODEC_RAW and stored != raw_len) or (codec == P.CODEC_LZ4 and stored > raw_len):
             raise FormatError(name, P.WHAT, f"{e.path}: bad chunk header")
-        data = stream.read(pos, stored)
+        data = _decode_chunk(stream.read(pos, stored), codec, raw_len, name, f"{e.path}:")
         pos += stored
-        if codec == P.CODEC_LZ4:
-            try:
-                data = lz4.block.decompress(data, uncompressed_size=raw_len)
-            except lz4.block.LZ4BlockError:
-                raise FormatError(name, P.WHAT, f"{e.path}: corrupt LZ4 chunk") from None
-            if len(data) != raw_len:
-                raise FormatError(name, P.WHAT, f"{e.path}: LZ4 chunk expands to the wrong size")
         h.update(data)
         if out_fd is not None:
             view = memoryview(data)
