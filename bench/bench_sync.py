@@ -85,6 +85,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--big", type=int, default=2)
+    ap.add_argument("--dense", metavar="DIRSxFILES", default=None,
+                    help="the dense shape instead: DIRS directories of FILES small files (e.g. 200x100)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
     ap.add_argument("--rounds", type=int, default=10,
@@ -96,23 +98,25 @@ def main():
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
-    d = args.dir / f"tree-{args.files}-{args.big}"
+    d = args.dir / (f"dense-{args.dense}" if args.dense else f"tree-{args.files}-{args.big}")
     out = args.dst_dir or d
     out.mkdir(parents=True, exist_ok=True)
     src, dr, ds, dn = d / "src", out / "rsync-dst", out / "resync-dst", out / "resync-nohist-dst"
     fresh(d)
     for p in (dr, ds, dn):
         fresh(p)
-    subprocess.run([sys.executable, str(HERE / "gen.py"), "tree", "--files", str(args.files),
-                    "--big", str(args.big), str(src)], check=True)
+    shape = ["--dense", args.dense] if args.dense else ["--files", str(args.files), "--big", str(args.big)]
+    subprocess.run([sys.executable, str(HERE / "gen.py"), "tree", *shape, str(src)], check=True)
     subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
     os.environ["RESYNC_HISTORY"] = str(d / "history.duckdb")     # resync records every run, as by default
     rsync = ["rsync", "-a", "--stats", f"{src}/", f"{dr}/"]
     rsync_durable = ["sh", "-c", f'rsync -a "{src}/" "{dr}/" && sync -f "{dr}"']
     resync = [*RESYNC, "--json", str(src), str(ds)]
     resync_nohist = [*RESYNC, "--no-history", str(src), str(dn)]
-    print(f"# resync sync vs rsync -a: {args.files} small files + {args.big} x 50 MB, "
-          f"best of {args.repeat}, {os.cpu_count()} CPUs", flush=True)
+    what = (f"{args.dense} (directories x small files)" if args.dense
+            else f"{args.files} small files + {args.big} x 50 MB")
+    print(f"# resync sync vs rsync -a: {what}, best of {args.repeat}, {os.cpu_count()} CPUs"
+          f"{f', destinations in {args.dst_dir}' if args.dst_dir else ''}", flush=True)
     rows = []
 
     best = {"rsync": (1e9, 0), "rsync+sync": (1e9, 0), "resync": (1e9, 0), "nohist": (1e9, 0)}

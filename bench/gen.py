@@ -4,6 +4,7 @@
     gen.py file --size 1GiB --edits 400 --edit-len 27000 --seed 1 BASIS NEW
     gen.py file --size 64MiB --pattern repeat --edits 50 --seed 2 BASIS NEW
     gen.py tree --files 20000 --big 2 --seed 1 DIR
+    gen.py tree --dense 200x100 DIR
     gen.py change --fraction 0.01 --seed 2 DIR
 
 ``random``: BASIS is random bytes. ``repeat``: BASIS is one random 8 KiB block
@@ -220,6 +221,23 @@ def make_tree(root: str, files: int, big: int, big_size: int, seed: int, mix: st
     return total
 
 
+def make_dense_tree(root: str, dirs: int, per_dir: int, seed: int, lo: int = 300, hi: int = 18_000,
+                    mix: str = "mixed") -> int:
+    """``dirs`` directories of ``per_dir`` small files each (sizes uniform in
+    [lo, hi]): the shape where per-entry costs dominate. Returns the bytes written."""
+    import os
+    rng = np.random.default_rng(seed)
+    total = 0
+    for d in range(dirs):
+        path = os.path.join(root, f"d{d:04d}")
+        os.makedirs(path, exist_ok=True)
+        for i, size in enumerate(rng.integers(lo, hi + 1, per_dir).tolist()):
+            kind = pick_kind(rng) if mix == "mixed" else "random"
+            write_file(os.path.join(path, f"f{i:04d}"), rng, 0 if kind == "empty" else size, kind)
+            total += 0 if kind == "empty" else size
+    return total
+
+
 def change_tree(root: str, fraction: float, seed: int) -> int:
     """Rewrite ``fraction`` of the small files (new random content) and edit
     every big file in place (a few 27 kB replacements). Returns files changed."""
@@ -263,6 +281,8 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--content", choices=("mixed", "random"), default="mixed",
                    help="mixed: the realistic mix (default); random: random bytes only")
+    t.add_argument("--dense", metavar="DIRSxFILES", default=None,
+                   help="instead: DIRS directories of FILES files of 300 B .. 18 kB each (e.g. 200x100)")
     t.add_argument("dir")
     c = sub.add_parser("change", help="change a fraction of a generated tree's files")
     c.add_argument("--fraction", type=float, default=0.01)
@@ -270,6 +290,11 @@ def main(argv=None) -> int:
     c.add_argument("dir")
     args = ap.parse_args(argv)
     if args.what == "tree":
+        if args.dense:
+            dirs, per_dir = (int(x) for x in args.dense.lower().split("x"))
+            total = make_dense_tree(args.dir, dirs, per_dir, args.seed, mix=args.content)
+            print(f"{dirs * per_dir} files in {dirs} directories, {total / 1e6:.1f} MB in {args.dir}")
+            return 0
         total = make_tree(args.dir, args.files, args.big, args.big_size, args.seed, args.content)
         print(f"{args.files + args.big} files, {total / 1e6:.1f} MB in {args.dir}")
         return 0
