@@ -172,7 +172,7 @@ def main():
 
     patch_times = [b for label, step, a, b, ratio, am, bm in rows if step == "patch"]
     durable = [(ratio, label) for label, step, a, b, ratio, am, bm in rows if step.startswith("patch (rdiff")]
-    print(f"\n## patch against the durable-output limits (issue 2's decision)")
+    print("\n## patch against the durable-output limits (issue 2's decision)")
     for (ratio, label), t in zip(durable, patch_times):
         print(f"- {label}: resync patch {t:.2f} s vs rdiff patch + fsync **{ratio:.2f}x** (target >= 1.5x); "
               f"vs `dd oflag=direct` of the same {args.size >> 20} MiB ({dd_time:.2f} s): "

@@ -90,58 +90,74 @@ def _check_space(path: str, need: int) -> None:
 
 def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
                 threads: int | None = None, durable: bool = True) -> PatchStats:
+    """Rebuild the delta's target from ``basis_path`` into ``out_path``,
+    replaced atomically (durably unless ``durable`` is False). BASIS may be
+    None or absent when the delta was made from an empty signature.
+    VerificationError (nothing written) when the result's BLAKE3 differs."""
+    with MappedFile(delta_path) as delta:
+        parsed = formats.unpack_delta(delta.buffer, delta_path)
+        _check_space(out_path, parsed.header.target_len)
+        with atomic_output(out_path, durable) as fd:
+            stats, _ = patch_into(basis_path, delta, parsed, fd, out_path, threads)
+    return stats
+
+
+def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.ParsedDelta, fd: int, out_name: str,
+               threads: int | None = None) -> tuple[PatchStats, str]:
+    """Write the target of the parsed delta (``delta`` holds its file) into
+    the empty file open at ``fd``, from the basis at ``basis_path`` (a path
+    the caller reached safely, e.g. /proc/self/fd/N/NAME). Returns the stats
+    and the result's BLAKE3 (hex), checked: VerificationError if it is not
+    the delta's target (the error then says whether the basis was the one
+    the delta was made against)."""
     from .kernels.native import get
     assemble = get("assemble")
 
     threads = threads or thread_count()
-    with MappedFile(delta_path) as delta:
-        parsed = formats.unpack_delta(delta.buffer, delta_path)
-        h = parsed.header
-        basis = None
-        if basis_path is not None and not (h.basis_len == 0 and not os.path.exists(basis_path)):
-            basis = MappedFile(basis_path, populate=True)
-        try:
-            basis_data = basis.array if basis is not None else np.empty(0, np.uint8)
-            if basis_data.shape[0] != h.basis_len:
-                raise VerificationError(basis_path, f"basis is {basis_data.shape[0]} bytes, the delta "
-                                        f"was made against {h.basis_len} bytes: wrong basis file")
-            kinds = parsed.instructions["kind"].copy()
-            lengths = parsed.instructions["length"].astype(np.int64)
-            sources = parsed.instructions["source"].astype(np.int64)
-            is_insert = kinds == formats.INSERT
-            literal_before = np.cumsum(np.where(is_insert, lengths, 0)) - np.where(is_insert, lengths, 0)
-            sources[is_insert] = literal_before[is_insert]
-            literals = LiteralStream(delta.buffer, parsed, delta_path)
-            _check_space(out_path, h.target_len)
+    h = parsed.header
+    basis = None
+    if basis_path is not None and not (h.basis_len == 0 and not os.path.exists(basis_path)):
+        basis = MappedFile(basis_path, populate=True)
+    try:
+        basis_data = basis.array if basis is not None else np.empty(0, np.uint8)
+        if basis_data.shape[0] != h.basis_len:
+            raise VerificationError(basis_path, f"basis is {basis_data.shape[0]} bytes, the delta "
+                                    f"was made against {h.basis_len} bytes: wrong basis file")
+        kinds = parsed.instructions["kind"].copy()
+        lengths = parsed.instructions["length"].astype(np.int64)
+        sources = parsed.instructions["source"].astype(np.int64)
+        is_insert = kinds == formats.INSERT
+        literal_before = np.cumsum(np.where(is_insert, lengths, 0)) - np.where(is_insert, lengths, 0)
+        sources[is_insert] = literal_before[is_insert]
+        literals = LiteralStream(delta.buffer, parsed, delta.name)
 
-            import blake3
-            hasher = blake3.blake3()
-            with atomic_output(out_path, durable) as fd:
-                writer = StreamWriter(fd, WINDOW, hasher=hasher)
-                try:
-                    index, skip, written = 0, 0, 0
-                    while written < h.target_len:
-                        window = writer.get()
-                        lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
-                        lit_hi = min(lit_lo + window.shape[0], h.literal_len)
-                        lit, lit_base = literals.window(lit_lo, lit_hi)
-                        index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
-                                                       lengths, index, skip, window)
-                        writer.put(window, filled)
-                        written += filled
-                    writer.finish()
-                finally:
-                    writer.close()
-                # The result's BLAKE3 alone proves it is the target, whatever
-                # the basis was; the basis is hashed only to say which went wrong.
-                if hasher.digest() != h.target_hash:
-                    if h.basis_len and HashInBackground(basis_data, threads).result() != h.basis_hash:
-                        raise VerificationError(basis_path, "basis does not match the signature the "
-                                                "delta was made against (BLAKE3 differs); nothing written")
-                    raise VerificationError(out_path, "result does not match the delta's target "
-                                            "BLAKE3 (corrupt delta or basis changed); nothing written")
+        import blake3
+        hasher = blake3.blake3()
+        writer = StreamWriter(fd, WINDOW, hasher=hasher)
+        try:
+            index, skip, written = 0, 0, 0
+            while written < h.target_len:
+                window = writer.get()
+                lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
+                lit_hi = min(lit_lo + window.shape[0], h.literal_len)
+                lit, lit_base = literals.window(lit_lo, lit_hi)
+                index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
+                                               lengths, index, skip, window)
+                writer.put(window, filled)
+                written += filled
+            writer.finish()
         finally:
-            if basis is not None:
-                basis.close()
+            writer.close()
+        # The result's BLAKE3 alone proves it is the target, whatever
+        # the basis was; the basis is hashed only to say which went wrong.
+        if hasher.digest() != h.target_hash:
+            if h.basis_len and HashInBackground(basis_data, threads).result() != h.basis_hash:
+                raise VerificationError(basis_path, "basis does not match the signature the "
+                                        "delta was made against (BLAKE3 differs); nothing written")
+            raise VerificationError(out_name, "result does not match the delta's target "
+                                    "BLAKE3 (corrupt delta or basis changed); nothing written")
+    finally:
+        if basis is not None:
+            basis.close()
     copied = int(lengths[~is_insert].sum()) if h.count else 0
-    return PatchStats(h.target_len, copied, h.literal_len, h.count)
+    return PatchStats(h.target_len, copied, h.literal_len, h.count), hasher.hexdigest()

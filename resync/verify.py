@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .tree import hash_at, join, list_dir, open_rel_dir
+from .scan import hash_at, join, list_dir, open_rel_dir
 
 
 @dataclass

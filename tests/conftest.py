@@ -44,7 +44,8 @@ def every_bundle_reads_back(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(pack_module, "_read_back", spy)
     yield
     from resync.bundle.shards import open_bundle
-    from resync.bundle.unpack import check_bundle, unpack
+    from resync.bundle.records import check_bundle
+    from resync.bundle.unpack import unpack
     for out, digest in written:
         try:
             with open(out, "rb") as f:

@@ -117,7 +117,7 @@ def test_names_that_are_not_utf8_are_recorded_exactly(tmp_path):
 def test_unknown_hashes_are_filled_in_later_without_holding_the_database(tmp_path, monkeypatch):
     import blake3
 
-    from resync import tree
+    from resync import scan as tree
     db, src, dst = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "dst"
     tree_files = 30
     (src / "a" / "b").mkdir(parents=True)

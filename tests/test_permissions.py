@@ -107,13 +107,13 @@ def test_unreadable_destination_directory_of_ours_is_listed(tmp_path, unlock):
 
 
 def test_a_run_that_stops_early_gives_directories_their_mode_back(tmp_path, monkeypatch, unlock):
-    from resync import sync as sync_module
+    from resync import apply as apply_module, sync as sync_module
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     read_only_tree(src)
     assert resync_as_user("sync", "--no-history", src, dst).returncode == 0
     edit_read_only_tree(src)
-    monkeypatch.setattr(sync_module, "overrides_permissions", lambda: False)   # as an ordinary user
+    monkeypatch.setattr(apply_module, "overrides_permissions", lambda: False)   # as an ordinary user
 
     def stop(line):
         raise KeyboardInterrupt          # a Ctrl-C right after the first change

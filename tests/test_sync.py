@@ -441,7 +441,7 @@ class _SilentLister:
     answers = 0
 
     def __init__(self, root, excludes=None, skip=None):
-        from resync.tree import TreeLister
+        from resync.scan import TreeLister
         self._real = TreeLister(root, excludes, skip)
         self._left = self.answers
 

@@ -8,12 +8,12 @@ import os
 import stat
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 from ..errors import FileError, ResyncError, UsageError
 from ..fs import TEMP_PREFIX, MappedFile, atomic_output, raise_os_error
-from ..tree import Entry as FsEntry
-from ..tree import walk
+from ..report import FileChange, Report, RunStats
+from ..scan import Entry as FsEntry
+from ..scan import join, walk, walk_dirs
 from . import payload as P
 from .manifest import NONE, TreeEntry, read_tree_signature, write_tree_signature
 from .shards import DEFAULT_K, DEFAULT_M, DEFAULT_SHARD, ShardWriter, check_parameters
@@ -77,44 +77,30 @@ def load_tree_signature(path: str) -> tuple[bytes, list[TreeEntry]]:
         raise FileError(path, "is a directory") from None
 
 
-@dataclass
-class BundleStats:
-    """Counters of a pack or unpack, named as SyncStats's (the history
-    records them the same way)."""
-    files: int = 0                  # regular files in the tree
-    dirs: int = 0
-    symlinks: int = 0
-    specials: int = 0
-    bytes_scanned: int = 0          # their total size
-    files_transferred: int = 0      # files whose content (whole or delta) travels / was written
-    bytes_literal: int = 0          # file bytes carried (whole files and delta literals)
-    bytes_matched: int = 0          # file bytes rebuilt from the destination's own copy
-    bytes_written: int = 0
-    created: int = 0
-    updated: int = 0
-    deleted: int = 0
-    errors: int = 0
-    vanished: int = 0
-    stripes: int = 0
-    duration: float = 0.0
-    messages: list[str] = field(default_factory=list)
+class BundleStats(RunStats):
+    """Counters of a pack or unpack, named as sync's (the history records
+    them the same way), the number of stripes, and the per-entry messages."""
 
-    def as_dict(self) -> dict:
-        d = dict(vars(self))
-        d.pop("messages")
-        return d
+    def __init__(self):
+        super().__init__()
+        self.stripes = 0
+        self._messages: list[str] = []
+
+    @property
+    def messages(self) -> list[str]:
+        return self._messages
 
 
-@dataclass
 class PackStats(BundleStats):
-    whole_files: int = 0
-    delta_files: int = 0
-    unchanged: int = 0              # files the destination already has (quick check)
-    payload_bytes: int = 0
-    bundle_bytes: int = 0           # size of the bundle file (payload + parity + headers)
-    k: int = 0
-    m: int = 0
-    shard_size: int = 0
+    def __init__(self, k: int = 0, m: int = 0):
+        super().__init__()
+        self.whole_files = 0
+        self.delta_files = 0
+        self.unchanged = 0              # files the destination already has (quick check)
+        self.payload_bytes = 0
+        self.bundle_bytes = 0           # size of the bundle file (payload + parity + headers)
+        self.k, self.m = k, m
+        self.shard_size = 0
 
 
 class _Payload:
@@ -172,7 +158,7 @@ def _read_back(fd: int, out: str, bundle_id: bytes, entries: int) -> None:
     accepts; anything else is refused here, before the rename."""
     from ..errors import ResyncError, VerificationError
     from .shards import ShardReader
-    from .unpack import check_bundle
+    from .records import check_bundle
     try:
         health, info = check_bundle(ShardReader(fd, out))
         bad = sum(len(h.bad) for h in health)
@@ -182,148 +168,105 @@ def _read_back(fd: int, out: str, bundle_id: bytes, entries: int) -> None:
         raise VerificationError(out, f"the bundle does not read back as written ({exc}); nothing written") from None
 
 
+class _Listed:
+    """A tree-signature entry as the planner reads an lstat result."""
+
+    __slots__ = ("st_mode", "st_size", "st_mtime_ns", "st_uid", "st_gid", "st_rdev")
+
+    def __init__(self, e: TreeEntry):
+        self.st_mode, self.st_size, self.st_mtime_ns = e.mode, e.size, e.mtime_ns
+        self.st_uid = self.st_gid = self.st_rdev = 0
+
+
 def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: int = DEFAULT_M,
          shard_size: int = DEFAULT_SHARD, on_entry=None, on_file=None) -> PackStats:
     """Write bundle ``out`` holding tree ``src`` as the destination described
-    by tree signature ``against`` lacks it (everything, without one)."""
-    from ..delta import make_delta
-    from ..signature import signature_from_bytes
-    from .. import formats
+    by tree signature ``against`` lacks it (everything, without one): the
+    source is compared with the signature's entries directory by directory
+    (``plan.Planner``, the same rules as sync), and a file the plan
+    transfers travels as a delta against the signature's blocks, or whole."""
+    from ..plan import ATTRS, DIRECTORY, LINK, SPECIAL, TRANSFER, PlanOptions, Planner
 
     t0 = time.monotonic()
     check_parameters(k, m, shard_size)
     _check_root(src, "the source")
     against_id, old_entries = load_tree_signature(against) if against else (bytes(32), [])
     old = {e.path: e for e in old_entries}
-    stats = PackStats(k=k, m=m)
+    listed: dict[str, dict] = {}
+    for e in old_entries:
+        parent, _, name = e.path.rpartition("/")
+        listed.setdefault(parent, {})[name] = _Listed(e)
+    stats = PackStats(k, m)
+    report = Report(stats, on_error=stats.messages.append, on_file=on_file, on_entry=on_entry)
     bundle_id = os.urandom(16)
     entries: list[P.Entry] = []
     out_dir = os.path.dirname(os.path.abspath(out))
+    # Paths whose source state is unknown (a directory that could not be
+    # listed, a file that could not be read): the bundle says nothing of
+    # them, and deletes nothing there.
+    unknown: list[str] = []
+
+    def failed(path: str, exc: BaseException, is_dir: bool = False) -> None:
+        stats.errors += 1
+        stats.messages.append(_problem(path, exc, is_dir))
+        unknown.append(path)
+
+    def add(path: str, e, digest: bytes = bytes(32), target: bytes = b"", record: int = NONE) -> None:
+        entries.append(P.Entry(path, e.kind, e.mode, e.mtime_ns, e.size if e.kind in "fL" else 0,
+                               e.uid, e.gid, e.rdev, digest, target, record))
+        report.entry(path, e, digest.hex() if e.kind == "f" else None)
+
+    def keep(path: str, e) -> None:
+        stats.unchanged += 1
+        add(path, e, old[path].file_hash)
+
+    planner = Planner(PlanOptions(delete=bool(against)), report, keep,
+                      link_target=lambda path: os.readlink(os.fsencode(os.path.join(src, path))))
     with atomic_output(out) as fd, tempfile.TemporaryDirectory(prefix=TEMP_PREFIX + "pack-", dir=out_dir) as tmp:
         writer = ShardWriter(fd, bundle_id, k, m, shard_size)
         body = _Payload(writer, out)
         body.put(P.HEADER.pack(P.MAGIC, P.VERSION, P.FLAG_AGAINST if against else 0, 0, bundle_id,
                                against_id, time.time_ns()))
-        # Paths whose source state is unknown (a directory that could not be
-        # listed, a file that could not be read): the bundle says nothing of
-        # them, and deletes nothing there.
-        unknown: list[str] = []
         errors: list = []
-
-        def failed(path: str, exc: BaseException, is_dir: bool = False) -> None:
-            stats.errors += 1
-            stats.messages.append(_problem(path, exc, is_dir))
-            unknown.append(path)
-
-        for path, e, unlisted in walk(src, errors):
-            for rel, exc in errors:
-                failed(rel, exc, True)
+        for rel, listing, unlisted in walk_dirs(src, errors):
+            for path, exc in errors:
+                failed(path, exc, True)
             errors.clear()
-            if unlisted:
-                unknown.append(path)
-            full = os.path.join(src, path)
-            digest, target, record = bytes(32), b"", NONE
-            if e.kind == "f":
-                stats.files += 1
-                stats.bytes_scanned += e.size
-                prev = old.get(path)
-                if prev is not None and (prev.kind != "f" or prev.unread):
-                    basis = None             # nothing to compare with or build from: the file travels whole
-                else:
-                    basis = prev
-                if basis is not None and basis.size == e.size and basis.mtime_ns == e.mtime_ns:
-                    digest = prev.file_hash
-                    stats.unchanged += 1
-                else:
-                    started = time.monotonic()
-                    try:
-                        fd_src = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-                    except OSError as exc:
-                        failed(path, exc)
-                        continue
-                    try:
-                        st = os.fstat(fd_src)
-                        if not stat.S_ISREG(st.st_mode):
-                            failed(path, OSError(0, "changed type while packing; skipped"))
-                            continue
-                        e = FsEntry.from_stat(e.name, st)
-                        record = body.pos
-                        if basis is not None:
-                            delta_path = os.path.join(tmp, "delta")
-                            sig = signature_from_bytes(prev.signature, path)
-                            with MappedFile(full, name=path) as f:
-                                if f.array.shape[0] != e.size:
-                                    digest = None
-                                else:
-                                    ds = make_delta(sig, f.array, delta_path, durable=False)
-                            if digest is not None:
-                                with MappedFile(delta_path) as d:
-                                    digest = formats.unpack_delta(d.buffer, path).header.target_hash
-                                    size = len(d.buffer)
-                                    body.put(P.RECORD.pack(P.DELTA, len(entries), size))
-                                    for lo in range(0, size, P.CHUNK_RAW):
-                                        body.put(d.buffer[lo:lo + P.CHUNK_RAW])
-                                os.unlink(delta_path)
-                                stats.delta_files += 1
-                                stats.bytes_literal += ds.literal_bytes
-                                stats.bytes_matched += ds.matched_bytes
-                                literal, matched = ds.literal_bytes, ds.matched_bytes
-                        else:
-                            body.put(P.RECORD.pack(P.WHOLE, len(entries), e.size))
-                            digest = _whole(body, fd_src, e.size)
-                            stats.whole_files += 1
-                            stats.bytes_literal += e.size
-                            literal, matched = e.size, 0
-                        after = os.fstat(fd_src)
-                        if digest is None or after.st_size != e.size or after.st_mtime_ns != e.mtime_ns:
-                            stats.vanished += 1         # its record stays in the payload, unreferenced
-                            stats.messages.append(f"{path}: changed while being packed; left out")
-                            unknown.append(path)
-                            continue
-                    except (OSError, FileError) as exc:     # reading the source (the bundle's errors name it)
-                        if isinstance(exc, FileError) and exc.args[0] != path:
-                            raise
-                        failed(path, exc)
-                        continue
-                    finally:
-                        os.close(fd_src)
-                    stats.files_transferred += 1
-                    if on_file is not None:
-                        on_file(path, "new" if prev is None else "update", e.size, literal, matched,
-                                time.monotonic() - started, digest.hex())
-            elif e.kind == "d":
-                stats.dirs += 1
-            elif e.kind == "L":
-                stats.symlinks += 1
-                try:
-                    target = os.readlink(os.fsencode(full))
-                except OSError as exc:
-                    failed(path, exc)
+            unknown.extend(join(rel, name) for name in unlisted)
+            for d in planner.directory(rel, listing, dict(listed.get(rel, ()))):
+                what, e, prev, path = d[0], d[1], d[2], d[3]
+                if what == TRANSFER:
+                    basis = old.get(path) if prev is not None and prev.kind == "f" else None
+                    if basis is not None and basis.unread:
+                        basis = None            # its content is unknown: the file travels whole
+                    _record(path, e, basis, src, tmp, body, len(entries), stats, report, failed, add, unknown)
                     continue
-            else:
-                stats.specials += 1
-            prev = old.get(path)
-            if prev is None:
-                stats.created += 1
-            elif prev.kind != e.kind or record != NONE or prev.mode != e.mode or prev.mtime_ns != e.mtime_ns:
-                stats.updated += 1
-            entries.append(P.Entry(path, e.kind, e.mode, e.mtime_ns, e.size if e.kind in "fL" else 0,
-                                   e.uid, e.gid, e.rdev, digest, target, record))
-            if on_entry is not None:
-                on_entry(path, e, digest.hex() if e.kind == "f" else None)
-        for rel, exc in errors:
-            failed(rel, exc, True)
-        present = {e.path for e in entries}
+                if prev is None:
+                    stats.created += 1
+                elif prev.kind != e.kind or prev.mode != e.mode or prev.mtime_ns != e.mtime_ns:
+                    stats.updated += 1
+                if what == ATTRS:
+                    stats.unchanged += 1
+                    add(path, e, old[path].file_hash)
+                elif what == LINK:
+                    add(path, e, target=d[4])
+                elif what in (DIRECTORY, SPECIAL):
+                    add(path, e)
+        for path, exc in errors:
+            failed(path, exc, True)
         unknown_dirs = tuple(p + "/" for p in unknown)
-        deletions = [e.path for e in old_entries
-                     if e.path not in present and e.path not in unknown and not e.path.startswith(unknown_dirs)]
+        gone = [join(rel, e.name) for rel, e in planner.deletions]
+        gone_dirs = tuple(p + "/" for p in gone)
+        deletions = [e.path for e in old_entries if (e.path in gone or e.path.startswith(gone_dirs))
+                     and e.path not in unknown and not e.path.startswith(unknown_dirs)]
         stats.deleted = len(deletions)
         try:
             rst = os.stat(src)
         except OSError as exc:
             raise_os_error(src, exc)
         trailer = P.pack_trailer(P.Trailer(
-            P.Root(rst.st_mode, rst.st_mtime_ns, rst.st_uid, rst.st_gid), entries, [P.Against(e.path, e.kind, e.size, e.mtime_ns, e.unlisted) for e in old_entries], deletions))
+            P.Root(rst.st_mode, rst.st_mtime_ns, rst.st_uid, rst.st_gid), entries,
+            [P.Against(e.path, e.kind, e.size, e.mtime_ns, e.unlisted) for e in old_entries], deletions))
         trailer_offset = body.pos
         stored = P.store_trailer(trailer)
         body.put(stored)
@@ -335,3 +278,76 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
     stats.shard_size, stats.stripes = layout.shard_size, layout.stripes
     stats.duration = time.monotonic() - t0
     return stats
+
+
+def _record(path: str, e, basis: TreeEntry | None, src: str, tmp: str, body: _Payload, index: int,
+            stats: PackStats, report: Report, failed, add, unknown: list[str]) -> None:
+    """Write the record of the file ``path`` (a delta against the signature's
+    ``basis``, or whole) and its manifest entry; a file that cannot be read is
+    left out (and named), one that changes while it is read is left out with
+    its record unreferenced in the payload (readers step over it)."""
+    from .. import formats
+    from ..delta import make_delta
+    from ..signature import signature_from_bytes
+    started = time.monotonic()
+    full = os.path.join(src, path)
+    try:
+        fd_src = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        failed(path, exc)
+        return
+    try:
+        st = os.fstat(fd_src)
+        if not stat.S_ISREG(st.st_mode):
+            failed(path, OSError(0, "changed type while packing; skipped"))
+            return
+        e = FsEntry.from_stat(e.name, st)
+        record = body.pos
+        digest: bytes | None = b""
+        if basis is not None:
+            delta_path = os.path.join(tmp, "delta")
+            sig = signature_from_bytes(basis.signature, path)
+            with MappedFile(full, name=path) as f:
+                if f.array.shape[0] != e.size:
+                    digest = None
+                else:
+                    ds = make_delta(sig, f.array, delta_path, durable=False)
+            if digest is not None:
+                with MappedFile(delta_path) as d:
+                    digest = formats.unpack_delta(d.buffer, path).header.target_hash
+                    size = len(d.buffer)
+                    body.put(P.RECORD.pack(P.DELTA, index, size))
+                    for lo in range(0, size, P.CHUNK_RAW):
+                        body.put(d.buffer[lo:lo + P.CHUNK_RAW])
+                os.unlink(delta_path)
+                stats.delta_files += 1
+                literal, matched = ds.literal_bytes, ds.matched_bytes
+        else:
+            body.put(P.RECORD.pack(P.WHOLE, index, e.size))
+            digest = _whole(body, fd_src, e.size)
+            stats.whole_files += 1
+            literal, matched = e.size, 0
+        after = os.fstat(fd_src)
+        if digest is None or after.st_size != e.size or after.st_mtime_ns != e.mtime_ns:
+            stats.vanished += 1         # its record stays in the payload, unreferenced
+            stats.messages.append(f"{path}: changed while being packed; left out")
+            unknown.append(path)
+            return
+    except (OSError, FileError) as exc:     # reading the source (the bundle's errors name it)
+        if isinstance(exc, FileError) and exc.args[0] != path:
+            raise
+        failed(path, exc)
+        return
+    finally:
+        os.close(fd_src)
+    stats.files_transferred += 1
+    stats.bytes_transferred += e.size
+    stats.bytes_literal += literal
+    stats.bytes_matched += matched
+    if basis is None:
+        stats.created += 1
+    else:
+        stats.updated += 1
+    add(path, e, digest, record=record)
+    report.file(FileChange(path, "new" if basis is None else "update", e.size, literal, matched,
+                           time.monotonic() - started, digest.hex(), e))

@@ -80,22 +80,18 @@ def history_options(f):
 
 
 def recorded(record: bool, history_path, command: str, source: str, destination: str, work):
-    """Run ``work(on_entry, on_file)`` (returns stats with the SyncStats
-    counters) and record it in the history unless ``record`` is false: the
-    run is marked failed if ``work`` raises."""
+    """Run ``work(on_entry, on_file)`` (returns stats with the RunStats
+    counters; the callbacks as resync.report.Report takes them) and record it
+    in the history unless ``record`` is false: the run is marked failed if
+    ``work`` raises."""
     if not record:
         return work(None, None)
     import os
 
     from ..store.recorder import RunRecorder
-    from ..sync import FileChange
     recorder = RunRecorder(history_path, command, os.path.abspath(source), os.path.abspath(destination))
-
-    def on_file(path, action, size, literal, matched, seconds, digest):
-        recorder.file(FileChange(path, action, size, literal, matched, seconds, digest))
-
     try:
-        stats = work(recorder.entry, on_file)
+        stats = work(recorder.entry, recorder.file)
     except BaseException:
         recorder.finish("failed", None)
         raise

@@ -74,7 +74,7 @@ def _verify_bundle(path: str, as_json: bool, quiet: bool) -> None:
     import sys
 
     from ..bundle.shards import open_bundle
-    from ..bundle.unpack import check_records, read_bundle
+    from ..bundle.records import check_records, read_bundle
     from ..errors import UnrecoverableError, VerificationError
 
     with open_bundle(path) as reader:

@@ -359,7 +359,7 @@ class History:
                 marker.unlink(missing_ok=True)
 
     def _hash_run(self, run_id: str, destination: str, wait: float) -> None:
-        from ..tree import hash_under
+        from ..scan import hash_under
         con = self._connect(read_only=True, wait=wait)
         if con is None:
             return

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from resync import tree
-from resync.tree import Excludes, TreeLister, join, list_dir
+from resync import scan as tree
+from resync.scan import Excludes, TreeLister, join, list_dir
 
 
 def build(root: Path, rnd: random.Random) -> None:

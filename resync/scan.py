@@ -1,5 +1,6 @@
-"""Directory trees as resync sees them: listings, excludes, and the one safe
-way to reach a path under the destination root.
+"""Scan: directory trees as resync sees them — listings of a source and of a
+destination, excludes, the source listed ahead by a forked process, and the
+one safe way to reach a path under a destination root.
 
 Destination paths are always reached from an open descriptor of the root, one
 component at a time with O_NOFOLLOW, and every change is made relative to the
@@ -230,17 +231,20 @@ class TreeLister:
         self.close()
 
 
-def walk(root: str, errors: list | None = None, open_up: dict | None = None):
-    """(relative path, Entry, unlisted) of everything under the directory
-    ``root``, parents first, names sorted, symlinks not followed, resync's
-    temp files left out.
+def walk_dirs(root: str, errors: list | None = None, open_up=None):
+    """(directory, its entries, names of its subdirectories that cannot be
+    listed) for every directory under ``root`` (itself first, as ""),
+    parents first, names sorted, symlinks not followed, resync's temp files
+    left out. The caller may prune: subdirectories are taken from the
+    entries when the caller asks for the next directory (after it has
+    handled this one), except the unlistable ones, which are not entered.
 
-    A directory whose contents cannot be read is yielded with ``unlisted``
-    True, and nothing below it; the error goes to ``errors`` as (path,
-    OSError), or is raised (naming that directory) when ``errors`` is None.
-    ``open_up`` (a dict): a directory this user owns but cannot read is given
-    u+rwx first and listed (its permission bits before go into the dict by
-    path; the caller sets them back)."""
+    A directory whose contents cannot be read is named in the third field of
+    its parent's row, and its error goes to ``errors`` as (path, OSError), or
+    is raised (naming that directory) when ``errors`` is None; the root itself
+    failing raises or yields nothing. ``open_up(parent_fd, name, rel)``:
+    called for a directory this process cannot read, before it is tried once
+    more (apply's way of giving a directory this user owns u+rwx for the run)."""
     def failed(rel: str, exc: OSError) -> None:
         if errors is None:
             raise OSError(exc.errno, exc.strerror, f"{root}/{rel}" if rel else root) from None
@@ -258,7 +262,7 @@ def walk(root: str, errors: list | None = None, open_up: dict | None = None):
                 parent, _, name = full.rpartition("/")
                 pfd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
-                    open_up.setdefault(rel, open_up_at(pfd, name))
+                    open_up(pfd, name, rel)
                 finally:
                     os.close(pfd)
                 fd = os.open(full, DIR_FLAGS)
@@ -281,14 +285,19 @@ def walk(root: str, errors: list | None = None, open_up: dict | None = None):
         except OSError as exc:           # changed since it was checked
             failed(rel, exc)
             continue
-        subdirs = []
+        unlisted = {e.name for e in entries if e.kind == "d" and not readable(join(rel, e.name))}
+        yield rel, entries, unlisted
+        stack.extend(reversed([join(rel, e.name) for e in entries if e.kind == "d" and e.name not in unlisted]))
+
+
+def walk(root: str, errors: list | None = None, open_up=None):
+    """(relative path, Entry, unlisted) of everything under the directory
+    ``root`` in walk_dirs' order (parents first, names sorted): a directory
+    whose contents cannot be read is yielded with ``unlisted`` True, and
+    nothing below it (see walk_dirs for ``errors`` and ``open_up``)."""
+    for rel, entries, unlisted in walk_dirs(root, errors, open_up):
         for e in entries:
-            path = join(rel, e.name)
-            listed = e.kind != "d" or readable(path)
-            yield path, e, not listed
-            if e.kind == "d" and listed:
-                subdirs.append(path)
-        stack.extend(reversed(subdirs))
+            yield join(rel, e.name), e, e.name in unlisted
 
 
 def skipped_dir(path: str, entries: list[Entry], skip: tuple[int, int] | None) -> str | None:
@@ -337,74 +346,6 @@ def _walk_frames(root: str, excludes: Excludes | None, skip: tuple[int, int] | N
 def open_dir_at(parent_fd: int, name: str) -> int:
     """Open the directory ``name`` under ``parent_fd`` without following a symlink."""
     return os.open(name, DIR_FLAGS, dir_fd=parent_fd)
-
-
-# -- permission bits as an ordinary user ------------------------------------------
-#
-# ``rsync -a`` copies a mode-0555 directory as 0555; a later run by a user
-# without CAP_DAC_OVERRIDE can then change nothing inside it. Like rsync, resync
-# gives such a directory (when it owns it) u+rwx for the run and sets its mode
-# back at the end, or when the run is interrupted.
-
-USER_RWX = 0o700
-
-
-def overrides_permissions() -> bool:
-    """Whether this process may read and write any directory whatever its
-    permission bits say (CAP_DAC_OVERRIDE in its effective set: root, unless
-    the capability was dropped, e.g. ``setpriv --bounding-set=-dac_override``)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) & (1 << 1))     # CAP_DAC_OVERRIDE
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.geteuid() == 0
-
-
-def open_up_at(parent_fd: int, name: str) -> int:
-    """Give the directory ``name`` under ``parent_fd`` u+rwx (never following a
-    symlink: reached with O_PATH, changed through its /proc/self/fd link, so
-    not even read permission is needed). Returns its permission bits before;
-    OSError (EPERM) if this user does not own it."""
-    fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    try:
-        perms = stat.S_IMODE(os.fstat(fd).st_mode)
-        if perms & USER_RWX != USER_RWX:
-            os.chmod(f"/proc/self/fd/{fd}", perms | USER_RWX)
-        return perms
-    finally:
-        os.close(fd)
-
-
-def remove_tree(parent_fd: int, name: str, open_up: bool = False) -> int:
-    """Remove the directory ``name`` under ``parent_fd`` and everything below
-    it, never following a symlink. ``open_up``: a directory below that lacks
-    u+rwx (and that this user owns) gets it first, since it is being removed
-    anyway. Returns the number of entries removed below ``name``."""
-    try:
-        fd = open_dir_at(parent_fd, name)
-    except PermissionError:
-        if not open_up:
-            raise
-        open_up_at(parent_fd, name)
-        fd = open_dir_at(parent_fd, name)
-    removed = 0
-    try:
-        if open_up and stat.S_IMODE(os.fstat(fd).st_mode) & USER_RWX != USER_RWX:
-            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | USER_RWX)
-        for child in os.listdir(fd):
-            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                removed += remove_tree(fd, child, open_up)
-            else:
-                os.unlink(child, dir_fd=fd)
-            removed += 1
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-    return removed
 
 
 def open_rel_dir(root_fd: int, rel: str) -> int:
