@@ -251,11 +251,12 @@ class Applier:
 
     ``workers``: how many forked processes write file content (0: inline, in
     this process; content specs then need not be picklable). ``owners``: set
-    owners (default: as root). Use ``open_root`` first; ``close`` (or
-    ``abort`` on failure) last."""
+    owners (default: as root). ``replace_trees``: an entry of another type
+    may replace a non-empty directory (sync: with --delete; unpack: always).
+    Use ``open_root`` first; ``close`` (or ``abort`` on failure) last."""
 
     def __init__(self, root: str, report: Report, options: Options | None = None, *, dry_run: bool = False,
-                 owners: bool | None = None, workers: int = 0):
+                 owners: bool | None = None, workers: int = 0, replace_trees: bool = False):
         self.root = root
         self.report = report
         self.stats = report.stats
@@ -264,6 +265,7 @@ class Applier:
         self.owners = os.geteuid() == 0 if owners is None else owners
         self.options.as_root = self.owners
         self.workers = workers
+        self.replace_trees = replace_trees
         # Without CAP_DAC_OVERRIDE, a destination directory without u+rwx
         # (a 0555 copy of a read-only source directory) gets it for the run.
         self.dac = overrides_permissions()
@@ -405,9 +407,9 @@ class Applier:
         self.report.item(f"cd+++++++++ {path}/")
         return True
 
-    def make_way(self, parent: Dir | None, name: str, prev: Entry, path: str, trees: bool) -> bool:
-        """Remove the destination entry ``prev`` that has the wrong type; a
-        non-empty directory only if ``trees`` (--delete)."""
+    def make_way(self, parent: Dir | None, name: str, prev: Entry, path: str) -> bool:
+        """Remove the destination entry ``prev`` that has the wrong type (a
+        non-empty directory only with ``replace_trees``)."""
         if self.dry_run or parent is None:
             return True
         self.touched.add(parent.rel)
@@ -417,7 +419,7 @@ class Applier:
                 try:
                     os.rmdir(name, dir_fd=parent.fd)
                 except OSError:
-                    if not trees:
+                    if not self.replace_trees:
                         self.report.error(path, "cannot replace a non-empty directory (use --delete)")
                         return False
                     remove_tree(parent.fd, name, open_up=not self.dac)
@@ -610,8 +612,7 @@ class Applier:
         for j in batch.jobs:
             try:
                 if j.result is not None:
-                    if j.old is not None and j.old.kind == "d" and not self.make_way(j.parent, j.name, j.old,
-                                                                                       j.rel, True):
+                    if j.old is not None and j.old.kind == "d" and not self.make_way(j.parent, j.name, j.old, j.rel):
                         os.unlink(j.tmp, dir_fd=j.parent.fd)
                         continue
                     os.rename(j.tmp, j.name, src_dir_fd=j.parent.fd, dst_dir_fd=j.parent.fd)
@@ -758,7 +759,7 @@ class Applier:
             pass
 
     # ------------------------------------------------ links and special files
-    def replace_with(self, parent: Dir, e: Entry, prev: Entry | None, path: str, create, trees: bool) -> bool:
+    def replace_with(self, parent: Dir, e: Entry, prev: Entry | None, path: str, create) -> bool:
         """Create the new entry under a temp name with ``create(tmp)``, set its
         owner, mode and times, then rename it over ``path``."""
         self._counter += 1
@@ -773,7 +774,7 @@ class Applier:
                 if e.kind != "L":
                     os.chmod(tmp, e.perms, dir_fd=parent.fd)
                 os.utime(tmp, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
-                if prev is not None and prev.kind == "d" and not self.make_way(parent, e.name, prev, path, trees):
+                if prev is not None and prev.kind == "d" and not self.make_way(parent, e.name, prev, path):
                     os.unlink(tmp, dir_fd=parent.fd)
                     return False
                 os.rename(tmp, e.name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
@@ -789,27 +790,25 @@ class Applier:
         self.mark_dirty(parent)
         return True
 
-    def symlink(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str, target, code: str,
-                trees: bool = False) -> None:
+    def symlink(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str, target, code: str) -> None:
         """Make ``path`` the symlink ``e`` to ``target``."""
         shown = os.fsdecode(target) if isinstance(target, bytes) else target
         if self.dry_run or parent is None:
             self.report.changed(prev, f"{code} {path} -> {shown}")
             return
-        if self.replace_with(parent, e, prev, path, lambda tmp: os.symlink(target, tmp, dir_fd=parent.fd), trees):
+        if self.replace_with(parent, e, prev, path, lambda tmp: os.symlink(target, tmp, dir_fd=parent.fd)):
             self.report.changed(prev, f"{code} {path} -> {shown}")
             self.report.entry(path, e, None)
         else:
             self._keep_old(path, prev)
 
-    def special(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str, code: str,
-                trees: bool = False) -> None:
+    def special(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str, code: str) -> None:
         """Make ``path`` the device, FIFO or socket ``e``."""
         if self.dry_run or parent is None:
             self.report.changed(prev, f"{code} {path}")
             return
         if self.replace_with(parent, e, prev, path,
-                             lambda tmp: os.mknod(tmp, stat.S_IFMT(e.mode) | 0o600, e.rdev, dir_fd=parent.fd), trees):
+                             lambda tmp: os.mknod(tmp, stat.S_IFMT(e.mode) | 0o600, e.rdev, dir_fd=parent.fd)):
             self.report.changed(prev, f"{code} {path}")
             self.report.entry(path, e, None)
         else:

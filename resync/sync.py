@@ -105,7 +105,8 @@ class Syncer:
         owners = os.geteuid() == 0
         self.apply = Applier(self.dst, self.report,
                              Options(self.opt.whole_file, self.opt.hash_files), dry_run=self.opt.dry_run,
-                             owners=owners, workers=max(1, self.opt.threads or thread_count()))
+                             owners=owners, workers=max(1, self.opt.threads or thread_count()),
+                             replace_trees=self.opt.delete)
         self.plan = Planner(PlanOptions(self.opt.checksum, self.opt.delete, self.opt.max_delete, self._excludes,
                                         owners),
                             self.report, lambda path, e: self.report.entry(path, e, None),
@@ -254,18 +255,18 @@ class Syncer:
                 if sub is not None:
                     subdirs.append(sub)
             elif what == LINK:
-                apply.symlink(parent, e, prev, path, d[4], d[5], trees=self.opt.delete)
+                apply.symlink(parent, e, prev, path, d[4], d[5])
             elif what == FIX:
                 apply.fix_in_place(parent, e, prev, path, d[4])
                 report.entry(path, e, None)
             elif what == SPECIAL:
-                apply.special(parent, e, prev, path, d[4], trees=self.opt.delete)
+                apply.special(parent, e, prev, path, d[4])
         return subdirs
 
     def _enter_dir(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str) -> _Pending | None:
         apply = self.apply
         if prev is not None and prev.kind != "d":
-            if not apply.make_way(parent, e.name, prev, path, self.opt.delete):
+            if not apply.make_way(parent, e.name, prev, path):
                 return None
             prev = None
         self._dirs.append((path, e, prev))

@@ -479,3 +479,25 @@ def test_source_listed_locally_when_the_lister_cannot(tmp_path, monkeypatch, ans
         stats, items, errors = sync(src, src / "backup")
         assert not errors
     assert items == [] and not (src / "backup" / "backup").exists()
+
+
+@pytest.mark.parametrize("new_kind", ["file", "link"])
+def test_a_non_empty_directory_is_replaced_only_with_delete(tmp_path, new_kind):
+    """rsync -a refuses to replace a non-empty directory by another kind of
+    entry unless --delete is given; so does resync, and it says why."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "x").mkdir(parents=True)
+    (src / "x" / "inner").write_text("inner")
+    sync(src, dst)
+    import shutil
+    shutil.rmtree(src / "x")
+    if new_kind == "file":
+        (src / "x").write_text("now a file")
+    else:
+        os.symlink("elsewhere", src / "x")
+    stats, items, errors = sync(src, dst)
+    assert stats.errors == 1 and errors == ["x: cannot replace a non-empty directory (use --delete)"]
+    assert (dst / "x" / "inner").read_text() == "inner"
+    stats, items, errors = sync(src, dst, delete=True)
+    assert not errors and snapshot(dst) == snapshot(src)
+    assert "*deleting   x/" in items

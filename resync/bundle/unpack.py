@@ -117,7 +117,7 @@ class _Unpacker:
         self.stream, self.info, self.name, self.dst, self.report = stream, info, name, dst, report
         self.trailer = info.trailer
         self.manifest = {e.path: (i, e) for i, e in enumerate(self.trailer.entries)}
-        self.apply = Applier(dst, report, Options(), owners=os.geteuid() == 0, workers=0)
+        self.apply = Applier(dst, report, Options(), owners=os.geteuid() == 0, workers=0, replace_trees=True)
 
     def run(self) -> None:
         apply, trailer, info = self.apply, self.trailer, self.info
@@ -238,19 +238,19 @@ class _Unpacker:
                         report.entry(path, e, self.manifest[path][1].blake3.hex())
                     elif what == DIRECTORY:
                         if prev is not None and prev.kind != "d":
-                            if not apply.make_way(parent, e.name, prev, path, True):
+                            if not apply.make_way(parent, e.name, prev, path):
                                 continue
                             prev = None
                         if prev is None and not apply.mkdir(parent, e, path):
                             continue
                         report.entry(path, e, None)
                     elif what == LINK:
-                        apply.symlink(parent, e, prev, path, d[4], d[5], trees=True)
+                        apply.symlink(parent, e, prev, path, d[4], d[5])
                     elif what == FIX:
                         apply.fix_in_place(parent, e, prev, path, d[4])
                         report.entry(path, e, None)
                     elif what == SPECIAL:
-                        apply.special(parent, e, prev, path, d[4], trees=True)
+                        apply.special(parent, e, prev, path, d[4])
             finally:
                 parent.release()
         apply.sync_dirs()
