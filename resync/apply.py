@@ -720,11 +720,52 @@ class Applier:
         self._staged.append(staged)
         return staged
 
+    def stage_open(self) -> tuple[int, str]:
+        """A new empty temp file in the staging directory for content that
+        arrives in pieces (the network): (descriptor, name). Finish it with
+        ``stage_finish``, or ``stage_drop`` it."""
+        self._counter += 1
+        tmp = f"{self._counter}"
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+                       dir_fd=self._stage.fd), tmp
+
+    def stage_finish(self, path: str, fd: int, tmp: str, expected: bytes | None, attrs: tuple, action: str,
+                     literal: int, matched: int, seconds: float) -> Staged:
+        """The content written into ``tmp`` (by ``stage_open``) is complete:
+        check its BLAKE3 against ``expected``, give it ``attrs`` (mode,
+        mtime_ns, uid, gid) and keep it to be placed. ContentError (the temp
+        file removed) if the BLAKE3 differs. Closes ``fd``."""
+        from .content import finish_temp
+        mode, mtime_ns, uid, gid = attrs
+        try:
+            digest = finish_temp(fd, None, expected, mode, mtime_ns, uid, gid, self.options)
+        except BaseException:
+            self.stage_drop(fd, tmp)
+            raise
+        os.close(fd)
+        size = os.stat(tmp, dir_fd=self._stage.fd).st_size
+        entry = Entry(path.rpartition("/")[2], mode, size, mtime_ns, uid, gid, 0, "f", mode & 0o7777)
+        staged = Staged(tmp, FileChange(path, action, size, literal, matched, seconds, digest, entry))
+        self._staged.append(staged)
+        return staged
+
+    def stage_drop(self, fd: int, tmp: str) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        try:
+            os.unlink(tmp, dir_fd=self._stage.fd)
+        except OSError:
+            pass
+
     def make_staged_durable(self) -> None:
-        """One syncfs for everything staged (or an fsync per file)."""
-        if not self._staged or syncfs(self._stage.fd):
+        """One syncfs for everything staged since the last call (or an fsync
+        per file)."""
+        staged, self._staged = self._staged, []
+        if not staged or syncfs(self._stage.fd):
             return
-        for s in self._staged:
+        for s in staged:
             fd = os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._stage.fd)
             try:
                 os.fsync(fd)

@@ -68,14 +68,7 @@ def write_job(dir_fd: int, name: str, tmp: str, spec: tuple, expected: bytes | N
     try:
         literal, matched, digest, mode, mtime_ns, uid, gid = WRITERS[spec[0]](fd, dir_fd, name, *spec[1:],
                                                                              options=options)
-        if digest is None and (expected is not None or options.hash_files):
-            digest = hash_fd(fd)
-        if expected is not None and digest != expected.hex():
-            raise ContentError(0, "content does not match its BLAKE3; not applied")
-        if options.as_root and (uid, gid) != (0, 0):          # created as root:root
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, stat.S_IMODE(mode))
-        os.utime(fd, ns=(time.time_ns(), mtime_ns))
+        digest = finish_temp(fd, digest, expected, mode, mtime_ns, uid, gid, options)
     except BaseException:
         os.close(fd)
         try:
@@ -85,6 +78,23 @@ def write_job(dir_fd: int, name: str, tmp: str, spec: tuple, expected: bytes | N
         raise
     os.close(fd)
     return ("ok", literal, matched, digest, mode, mtime_ns, uid, gid, time.monotonic() - started)
+
+
+def finish_temp(fd: int, digest: str | None, expected: bytes | None, mode: int, mtime_ns: int, uid: int,
+                gid: int, options: Options) -> str | None:
+    """What every written temp file gets before it may be renamed into place:
+    its BLAKE3 compared with ``expected`` (hashed from the file if the writer
+    did not), then its owner (as root), mode and mtime. Returns the BLAKE3
+    (hex) if known; ContentError if it differs."""
+    if digest is None and (expected is not None or options.hash_files):
+        digest = hash_fd(fd)
+    if expected is not None and digest != expected.hex():
+        raise ContentError(0, "content does not match its BLAKE3; not applied")
+    if options.as_root and (uid, gid) != (0, 0):          # created as root:root
+        os.fchown(fd, uid, gid)
+    os.fchmod(fd, stat.S_IMODE(mode))
+    os.utime(fd, ns=(time.time_ns(), mtime_ns))
+    return digest
 
 
 def write_jobs(root_fd: int, options: Options, items: list[tuple], open_dir) -> list[tuple]:
@@ -246,6 +256,34 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
                     m.close()
                 except BufferError:
                     pass
+
+
+@writer("delta-file")
+def write_delta_file(fd: int, dir_fd: int, name: str, delta_fd: int, root_fd: int, parent: str, basis: str,
+                     attrs: tuple, what: str, *, options: Options) -> tuple:
+    """The delta in the file open at ``delta_fd`` applied to the destination's
+    current file ``parent``/``basis`` (reached from ``root_fd`` without
+    following a symlink; it must be a regular file). ``attrs``: the (mode,
+    mtime_ns, uid, gid) the result gets."""
+    from . import formats
+    from .errors import VerificationError
+    from .fs import MappedFile
+    from .patch import patch_into
+    from .scan import open_rel_dir
+    pfd = open_rel_dir(root_fd, parent)
+    try:
+        bfd = os.open(basis, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+    try:
+        if not stat.S_ISREG(os.fstat(bfd).st_mode):
+            raise VerificationError(what, "the delta's basis is not a regular file")
+        with MappedFile(f"/proc/self/fd/{delta_fd}", name=what) as d:
+            parsed = formats.unpack_delta(d.buffer, d.name)
+            stats, digest = patch_into(f"/proc/self/fd/{bfd}", d, parsed, fd, what)
+    finally:
+        os.close(bfd)
+    return (stats.literal_bytes, stats.copied_bytes, digest, *attrs)
 
 
 def hash_fd(fd: int) -> str:

@@ -55,16 +55,18 @@ class PlanOptions:
 class Planner:
     """Decisions for one run. ``keep(path, entry)`` is called for every file
     kept as it is (the manifest needs it); ``link_target(path)`` gives a source
-    symlink's target (OSError if it cannot be read); ``source_path(path)`` the
-    source file's path, for --checksum."""
+    symlink's target (OSError if it cannot be read); ``same_content(path,
+    dst_fd, name)`` says whether the source file and the destination's have the
+    same BLAKE3, for --checksum (OSError if the source cannot be read)."""
 
     def __init__(self, options: PlanOptions, report: Report, keep: Callable[[str, Entry], None],
-                 link_target: Callable[[str], str | bytes], source_path: Callable[[str], str] | None = None):
+                 link_target: Callable[[str], str | bytes],
+                 same_content: Callable[[str, int, str], bool] | None = None):
         self.opt = options
         self.report = report
         self.keep = keep
         self.link_target = link_target
-        self.source_path = source_path
+        self.same_content = same_content
         self.deletions: list[tuple[str, Entry]] = []       # (directory, destination entry)
 
     def directory(self, rel: str, entries: list[Entry], dst: dict, dst_fd: int | None = None,
@@ -126,10 +128,9 @@ class Planner:
         owners = self.opt.owners
         if prev is not None and prev.kind == "f":
             same = prev.size == e.size and (prev.mtime_ns == e.mtime_ns or self.opt.checksum)
-            if same and self.opt.checksum and dst_fd is not None:
-                from .content import same_content
+            if same and self.opt.checksum and dst_fd is not None and self.same_content is not None:
                 try:
-                    same = same_content(self.source_path(path), dst_fd, e.name)
+                    same = self.same_content(path, dst_fd, e.name)
                 except OSError as exc:
                     self.report.source_failed(path, exc)
                     return

@@ -34,7 +34,7 @@ import time
 from typing import Callable
 
 from .apply import Applier, Dir
-from .content import Options
+from .content import Options, same_content
 from .errors import FileError, UsageError
 from .parallel import thread_count
 from .plan import ATTRS, DIRECTORY, FIX, LINK, SPECIAL, TRANSFER, PlanOptions, Planner, refuse_empty_source
@@ -110,7 +110,8 @@ class Syncer:
         self.plan = Planner(PlanOptions(self.opt.checksum, self.opt.delete, self.opt.max_delete, self._excludes,
                                         owners),
                             self.report, lambda path, e: self.report.entry(path, e, None),
-                            lambda path: os.readlink(f"{self.src}/{path}"), lambda path: f"{self.src}/{path}")
+                            lambda path: os.readlink(f"{self.src}/{path}"),
+                            lambda path, fd, name: same_content(f"{self.src}/{path}", fd, name))
         self._dirs: list[tuple[str, Entry, Entry | None]] = []   # (rel, source, old) in pre-order
         self._dst_id: tuple[int, int] | None = None     # (st_dev, st_ino) of DST's root
 

@@ -267,39 +267,21 @@ def write_delta(fd: int, dir_fd: int, name: str, stream: PayloadStream, body: in
     """A delta record applied to the destination's current file ``parent``/
     ``basis`` (reached from ``root_fd`` without following a symlink) into
     ``fd``; the record is copied to a scratch file in ``scratch_fd`` first."""
-    from ..fs import MappedFile
-    from ..patch import patch_into
-    from ..scan import open_rel_dir
+    from ..content import write_delta_file
     delta_header(stream, body, length, e, bundle)         # checked before anything is written
     scratch = f".delta-{body}"
     dfd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=scratch_fd)
     try:
-        try:
-            for lo in range(0, length, P.CHUNK_RAW):
-                data = stream.read(body + lo, min(P.CHUNK_RAW, length - lo))
-                view = memoryview(data)
-                while len(view):
-                    view = view[os.write(dfd, view):]
-        finally:
-            os.close(dfd)
-        pfd = open_rel_dir(root_fd, parent)
-        try:
-            bfd = os.open(basis, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        finally:
-            os.close(pfd)
-        try:
-            import stat
-            if not stat.S_ISREG(os.fstat(bfd).st_mode):
-                raise VerificationError(f"{bundle}: {e.path}", "the delta's basis is not a regular file")
-            from .. import formats
-            with MappedFile(f"/proc/self/fd/{scratch_fd}/{scratch}", name=f"{bundle}: {e.path}") as d:
-                parsed = formats.unpack_delta(d.buffer, d.name)
-                stats, digest = patch_into(f"/proc/self/fd/{bfd}", d, parsed, fd, e.path)
-        finally:
-            os.close(bfd)
+        for lo in range(0, length, P.CHUNK_RAW):
+            data = stream.read(body + lo, min(P.CHUNK_RAW, length - lo))
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(dfd, view):]
+        return write_delta_file(fd, dir_fd, name, dfd, root_fd, parent, basis,
+                                (e.mode, e.mtime_ns, e.uid, e.gid), f"{bundle}: {e.path}", options=options)
     finally:
+        os.close(dfd)
         try:
             os.unlink(scratch, dir_fd=scratch_fd)
         except OSError:
             pass
-    return stats.literal_bytes, stats.copied_bytes, digest, e.mode, e.mtime_ns, e.uid, e.gid
