@@ -5,6 +5,9 @@ Exit codes (documented in README.md):
   0 success · 1 internal error · 2 usage error · 3 file error ·
   4 invalid or corrupt resync file · 5 verification failed · 6 no space left ·
   7 damaged beyond repair (more lost shards than parity) ·
+  10 connection failed or lost · 12 protocol error · 13 refused (trust:
+  an unknown or changed server key, a client not allowed; no such module;
+  read-only; busy) · 30 timed out ·
   23 partial transfer · 24 source files vanished · 25 deletion refused ·
   129 hangup (SIGHUP) · 130 interrupted (SIGINT) · 143 terminated (SIGTERM)
 (23, 24 and 25 are rsync's codes for the same outcomes; 129, 130 and 143 are
@@ -59,6 +62,18 @@ class UnrecoverableError(ResyncError):
     """{}: cannot be recovered: {}"""
 
     exit_code = 7
+
+
+class ConnectionFailed(ResyncError):
+    """connection failed: {}"""
+
+    exit_code = 10
+
+
+class TimedOut(ResyncError):
+    """timed out: {}"""
+
+    exit_code = 30
 
 
 class PartialTransferError(ResyncError):

@@ -1,0 +1,1056 @@
+"""The two ends of a transfer as state machines, free of network I/O.
+
+A ``Session`` is fed what arrives (``receive_stream`` for the control stream,
+``receive_datagram`` for shards) and the time, and is asked what to send
+(``stream_to_send``, ``datagrams_to_send``) and when to be woken
+(``next_timer``, ``handle_timer``) — the shape of aioquic's QuicConnection.
+``resync.net`` pumps it over QUIC; the tests pump two of them into each other
+in memory, through a channel that loses, reorders and duplicates datagrams,
+with a clock moved by hand.
+
+The file system is not abstracted away: the sender lists and reads its tree
+(``scan``, the delta engine), the receiver plans against its own tree
+(``plan.Planner``) and changes it only through ``apply.Applier`` — the same
+steps as a local sync, with file content arriving as stripes.
+
+Handshake (client C, server S), before any file metadata::
+
+    C -> S  Hello      version, push or pull, C's public key, C's nonce, options,
+                       module, path
+    S -> C  Challenge  S's nonce
+    C -> S  Auth       Ed25519 signature by C's key of auth_message(...), which
+                       binds both nonces and the SHA-256 of the certificate S
+                       presented in this connection's TLS handshake (the client
+                       has already checked that certificate's key against the
+                       server's pinned device ID)
+    S -> C  Welcome    or Error: unknown module, client not allowed, bad proof
+
+Then the sender lists its tree (Dir ... ListEnd), the receiver plans each
+directory as it arrives and asks for what it lacks (Want: with its copy's
+block signature for a delta); the sender answers each Want with a File frame
+and the content as shards; the receiver acknowledges stripes (Ack), asks for
+more shards where a stripe stays short (Repair), places each file once it is
+complete and checked, and ends with its deletions, directory attributes and
+Done; the sender says Bye.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from collections import deque
+
+from ..errors import ResyncError
+from . import frames as F
+from .frames import ProtocolError
+from .shards import StripeAssembler, StripeEncoder, parse
+
+AUTH_CONTEXT = b"resync-auth-v1"
+DEFAULT_K = 32
+MIN_PARITY = 2
+WINDOW = 8 << 20                 # content bytes in flight before the receiver acknowledges
+STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
+REPAIR_DELAY = 0.25              # seconds a short stripe waits before a repair is asked for
+PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
+
+# Error frame codes and the exit codes they become (README: exit codes).
+E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL = 1, 2, 3, 4, 5, 6, 7
+
+
+class RefusedError(ResyncError):
+    """refused: {}"""
+
+    exit_code = 13
+
+
+def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: bytes, client_key: bytes,
+                 module: bytes, path: bytes) -> bytes:
+    """What the client signs: bound to this connection (both nonces, the
+    certificate the server presented) and to what it asks for."""
+    return b"\0".join([AUTH_CONTEXT, server_nonce, client_nonce, hashlib.sha256(server_cert_der).digest(),
+                       client_key, module, path])
+
+
+class Options:
+    """What the client asks for (Hello flags)."""
+
+    __slots__ = ("delete", "checksum", "dry_run", "whole_file", "itemize", "max_delete", "excludes")
+
+    def __init__(self, delete=False, checksum=False, dry_run=False, whole_file=False, itemize=False,
+                 max_delete=None, excludes=()):
+        self.delete, self.checksum, self.dry_run, self.whole_file = delete, checksum, dry_run, whole_file
+        self.itemize, self.max_delete, self.excludes = itemize, max_delete, list(excludes)
+
+    @property
+    def flags(self) -> int:
+        return ((F.FLAG_DELETE if self.delete else 0) | (F.FLAG_CHECKSUM if self.checksum else 0)
+                | (F.FLAG_DRY_RUN if self.dry_run else 0) | (F.FLAG_WHOLE_FILE if self.whole_file else 0)
+                | (F.FLAG_ITEMIZE if self.itemize else 0))
+
+    @classmethod
+    def from_hello(cls, h: F.Hello) -> "Options":
+        excludes = [os.fsdecode(p) for p in h.excludes.split(b"\n") if p]
+        return cls(bool(h.flags & F.FLAG_DELETE), bool(h.flags & F.FLAG_CHECKSUM), bool(h.flags & F.FLAG_DRY_RUN),
+                   bool(h.flags & F.FLAG_WHOLE_FILE), bool(h.flags & F.FLAG_ITEMIZE),
+                   None if h.max_delete < 0 else h.max_delete, excludes)
+
+
+class Session:
+    """One connection's protocol state. Subclasses: ClientSession, ServerSession."""
+
+    def __init__(self):
+        self._reader = F.FrameReader()
+        self._out = bytearray()
+        self.role = None                 # _Sender or _Receiver once authenticated
+        self.finished = False
+        self.error: ResyncError | None = None
+        self.result: dict = {}
+        self.rtt = 0.05                  # the transport's estimate (net sets it)
+        self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
+                      "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
+
+    # -- the transport's surface ----------------------------------------------------
+    def receive_stream(self, data: bytes, now: float) -> None:
+        self.stats["control_bytes_received"] += len(data)
+        self._reader.feed(data)
+        try:
+            for frame in self._reader.frames():
+                if self.finished:
+                    return
+                self._frame(frame, now)
+        except ResyncError as exc:
+            self.fail(exc)
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        self.stats["datagrams_received"] += 1
+        self.stats["datagram_bytes_received"] += len(data)
+        if self.finished or not isinstance(self.role, _Receiver):
+            return
+        shard = parse(data)
+        try:
+            self.role.shard(shard, now)
+        except ResyncError as exc:
+            self.fail(exc)
+
+    def stream_to_send(self) -> bytes:
+        if self.role is not None and not self.finished:
+            try:
+                self.role.pump()
+            except ResyncError as exc:
+                self.fail(exc)
+        out, self._out = bytes(self._out), bytearray()
+        self.stats["control_bytes_sent"] += len(out)
+        return out
+
+    def datagrams_to_send(self, now: float, limit: int) -> list[bytes]:
+        if self.finished or not isinstance(self.role, _Sender):
+            return []
+        try:
+            out = self.role.datagrams(now, limit)
+        except ResyncError as exc:
+            self.fail(exc)
+            return []
+        self.stats["datagrams_sent"] += len(out)
+        self.stats["datagram_bytes_sent"] += sum(len(d) for d in out)
+        return out
+
+    def next_timer(self) -> float | None:
+        if self.finished or self.role is None:
+            return None
+        return self.role.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        if self.role is not None and not self.finished:
+            try:
+                self.role.timer(now)
+            except ResyncError as exc:
+                self.fail(exc)
+
+    def connection_lost(self, why: str) -> None:
+        """The transport is gone (idle timeout, reset): a transfer not
+        finished fails; the receiver cleans up."""
+        if not self.finished:
+            from ..errors import ConnectionFailed
+            self.fail(ConnectionFailed(why), tell_peer=False)
+
+    # -- for subclasses -------------------------------------------------------------------
+    def send(self, frame) -> None:
+        self._out += F.encode(frame)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._out)
+
+    def fail(self, exc: ResyncError, tell_peer: bool = True) -> None:
+        if self.finished:
+            return
+        if tell_peer:
+            code = {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
+            try:
+                self.send(F.Error(code, os.fsencode(str(exc))))
+            except ResyncError:
+                pass
+        self.error = exc
+        self.finished = True
+        if self.role is not None:
+            self.role.abort()
+
+    def finish(self, result: dict) -> None:
+        self.result = result
+        self.finished = True
+
+    def _frame(self, frame, now: float) -> None:
+        if isinstance(frame, F.Error):
+            self._peer_error(frame)
+            return
+        if self.role is None:
+            self._handshake(frame, now)
+        else:
+            self.role.frame(frame, now)
+
+    def _peer_error(self, frame: F.Error) -> None:
+        message = os.fsdecode(frame.message)
+        if frame.code in (E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY):
+            exc = RefusedError(f"the peer says: {message}")
+        else:
+            exc = ProtocolError(f"the peer says: {message}")
+        self.fail(exc, tell_peer=False)
+
+    def _handshake(self, frame, now: float) -> None:
+        raise NotImplementedError
+
+
+class ClientSession(Session):
+    """The client's end. ``local`` is its tree (the source when pushing, the
+    destination when pulling); ``server_cert_der`` the certificate the server
+    presented (already checked against its pinned device ID by the caller)."""
+
+    def __init__(self, identity, server_cert_der: bytes, push: bool, module: str, path: str, local: str,
+                 options: Options, report=None):
+        super().__init__()
+        self.identity, self.server_cert_der, self.push = identity, server_cert_der, push
+        self.module, self.path, self.local, self.options = os.fsencode(module), os.fsencode(path), local, options
+        self.report = report
+        self.nonce = os.urandom(16)
+        self.send(F.Hello(F.VERSION, push, identity.public_key, self.nonce, options.flags,
+                          -1 if options.max_delete is None else options.max_delete, self.module, self.path,
+                          b"\n".join(os.fsencode(p) for p in options.excludes)))
+
+    def _handshake(self, frame, now: float) -> None:
+        if isinstance(frame, F.Challenge):
+            msg = auth_message(frame.nonce, self.nonce, self.server_cert_der, self.identity.public_key,
+                               self.module, self.path)
+            self.send(F.Auth(self.identity.sign(msg)))
+        elif isinstance(frame, F.Welcome):
+            if self.push:
+                self.role = _Sender(self, self.local, self.options, window=frame.window)
+            else:
+                self.role = _Receiver(self, self.local, self.options, self.report)
+        else:
+            raise ProtocolError(f"{type(frame).__name__} before the handshake ended")
+
+
+class Module:
+    """A directory the server offers: its name, path, whether clients may
+    write into it, and the device IDs allowed to use it."""
+
+    __slots__ = ("name", "path", "read_only", "allowed")
+
+    def __init__(self, name: str, path: str, read_only: bool = False, allowed=()):
+        self.name, self.path, self.read_only, self.allowed = name, path, read_only, set(allowed)
+
+
+class ServerSession(Session):
+    """The server's end: checks the client's proof and permissions, then
+    becomes the receiver (a push) or the sender (a pull) of ``module/path``.
+    ``lock(path)`` takes the destination for this transfer (False: busy)."""
+
+    def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None):
+        super().__init__()
+        self.identity, self.cert_der, self.modules = identity, cert_der, modules
+        self.report_factory = report_factory
+        self.lock = lock
+        self.hello: F.Hello | None = None
+        self.nonce = os.urandom(16)
+        self.client_id: str | None = None
+        self.module: Module | None = None
+        self.target: str | None = None
+
+    def _handshake(self, frame, now: float) -> None:
+        from ..identity import device_id, verify_signature
+        if isinstance(frame, F.Hello) and self.hello is None:
+            if frame.version != F.VERSION:
+                raise ProtocolError(f"version {frame.version} not supported (this server speaks {F.VERSION})")
+            self.hello = frame
+            self.send(F.Challenge(self.nonce))
+            return
+        if not isinstance(frame, F.Auth) or self.hello is None:
+            raise ProtocolError(f"{type(frame).__name__} out of order in the handshake")
+        h = self.hello
+        if not verify_signature(h.client_key, frame.signature, auth_message(self.nonce, h.nonce, self.cert_der,
+                                                                           h.client_key, h.module, h.path)):
+            self._refuse(E_AUTH, "the client did not prove its key")
+            return
+        self.client_id = device_id(h.client_key)
+        module = self.modules.get(os.fsdecode(h.module))
+        if module is None:
+            self._refuse(E_NO_MODULE, f"no module {os.fsdecode(h.module)!r}")
+            return
+        if self.client_id not in module.allowed:
+            self._refuse(E_DENIED, f"device {self.client_id} is not allowed to use module {module.name!r}")
+            return
+        if h.push and module.read_only:
+            self._refuse(E_READ_ONLY, f"module {module.name!r} is read-only")
+            return
+        try:
+            rel = os.fsdecode(F.check_rel(h.path.strip(b"/"), "path"))
+        except ProtocolError:
+            self._refuse(E_DENIED, "the path leaves the module")
+            return
+        self.module = module
+        self.target = os.path.join(module.path, rel) if rel else module.path
+        options = Options.from_hello(h)
+        if h.push and self.lock is not None and not self.lock(self.target):
+            self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running; try again later")
+            return
+        self.send(F.Welcome(WINDOW))
+        report = self.report_factory(self) if self.report_factory else None
+        if h.push:
+            self.role = _Receiver(self, self.target, options, report, remote_items=True)
+        else:
+            if not os.path.isdir(self.target):
+                self._refuse(E_NO_MODULE, f"{module.name}/{rel}: no such directory")
+                self.role = None
+                return
+            self.role = _Sender(self, self.target, options, window=WINDOW)
+
+    def _refuse(self, code: int, message: str) -> None:
+        self.send(F.Error(code, os.fsencode(message)))
+        self.error = RefusedError(message)
+        self.finished = True
+
+
+# -- the sender --------------------------------------------------------------------------
+
+class _Outgoing:
+    """One file being sent: its content's stripes, what was sent and acknowledged."""
+
+    __slots__ = ("frame", "encoder", "next_stripe", "m", "acked", "repairs", "next_row", "closer", "sent_rows",
+                 "in_flight")
+
+    def __init__(self, frame: F.File, encoder: StripeEncoder | None, m: int, closer):
+        self.frame, self.encoder, self.m, self.closer = frame, encoder, m, closer
+        self.next_stripe = 0
+        self.in_flight = 0                      # bytes of its stripes sent and not acknowledged
+        self.acked: set[int] = set()
+        self.repairs: deque = deque()           # (stripe, indexes) to send
+        self.next_row: dict[int, int] = {}      # stripe -> next parity row not yet sent
+        self.sent_rows: dict[int, int] = {}     # stripe -> shards sent
+
+    @property
+    def done(self) -> bool:
+        return self.encoder is None or len(self.acked) == self.encoder.stripes
+
+
+class _Sender:
+    """Lists ``root`` and sends what the receiver asks for."""
+
+    def __init__(self, session: Session, root: str, options: Options, window: int):
+        from ..erasure.policy import ParityPolicy
+        from ..scan import Excludes
+        self.s, self.root, self.options = session, root, options
+        self.window = max(1 << 20, window)
+        self.excludes = Excludes(options.excludes)
+        self.dirs: list[str] = []
+        self._walk = self._listing()
+        self.listed = False
+        self.wants: deque = deque()
+        self.active: dict[int, _Outgoing] = {}
+        self.order: deque = deque()             # file ids in the order their shards go out
+        self.in_flight = 0                      # bytes of stripes sent and not acknowledged
+        self.k = DEFAULT_K
+        self.policy = ParityPolicy(self.k)
+        self.shard_size = 1280
+        self.sent_files = 0
+        self.repair_shards = 0
+        self.tmp = None
+
+    # listing
+    def _listing(self):
+        from ..scan import list_dir
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            index = len(self.dirs)
+            self.dirs.append(rel)
+            path = os.path.join(self.root, rel) if rel else self.root
+            try:
+                entries, _, gone = list_dir(path, self.excludes, rel)
+            except OSError as exc:
+                yield F.DirFailed(index, os.fsencode(rel), exc.errno or 0, os.fsencode(exc.strerror or str(exc)))
+                continue
+            listed = []
+            for e in entries:
+                target = b""
+                if e.kind == "L":
+                    try:
+                        target = os.readlink(os.fsencode(os.path.join(path, e.name)))
+                    except OSError:
+                        gone.append(e.name)
+                        continue
+                digest = b""
+                if self.options.checksum and e.kind == "f":
+                    digest = self._hash(os.path.join(path, e.name))
+                    if digest is None:
+                        gone.append(e.name)
+                        continue
+                seconds, ns = divmod(e.mtime_ns, 10**9)
+                listed.append(F.Listed(os.fsencode(e.name), "fdLDS".index(e.kind) + 1, e.mode, seconds, ns,
+                                       e.size if e.kind in "fL" else 0, e.uid, e.gid, e.rdev, target, digest))
+            try:
+                st = os.lstat(path)
+                seconds, ns = divmod(st.st_mtime_ns, 10**9)
+                attrs = F.Listed(b"", 2, st.st_mode, seconds, ns, 0, st.st_uid, st.st_gid, 0, b"", b"")
+            except OSError as exc:
+                yield F.DirFailed(index, os.fsencode(rel), exc.errno or 0, os.fsencode(exc.strerror or str(exc)))
+                continue
+            yield F.Dir(index, os.fsencode(rel), attrs, tuple(listed), tuple(sorted(os.fsencode(n) for n in gone)))
+            stack.extend(reversed([os.path.join(rel, e.name) if rel else e.name for e in entries
+                                   if e.kind == "d"]))
+
+    @staticmethod
+    def _hash(path: str) -> bytes | None:
+        from ..content import hash_fd
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return bytes.fromhex(hash_fd(fd))
+        finally:
+            os.close(fd)
+
+    def pump(self) -> None:
+        """List ahead while the control stream is not backed up."""
+        while not self.listed and self.s.buffered < STREAM_HIGH:
+            frame = next(self._walk, None)
+            if frame is None:
+                self.listed = True
+                self.s.send(F.ListEnd())
+                break
+            self.s.send(frame)
+        while self.wants and len(self.active) < 4:
+            self._start(self.wants.popleft())
+
+    def frame(self, frame, now: float) -> None:
+        if isinstance(frame, F.Want):
+            if frame.dir_index >= len(self.dirs):
+                raise ProtocolError(f"Want for directory {frame.dir_index}, which was not listed")
+            self.wants.append(frame)
+        elif isinstance(frame, F.Ack):
+            out = self.active.get(frame.file_id)
+            if out is None:
+                return
+            for s in frame.stripes:
+                if out.encoder is None or s >= out.encoder.stripes:
+                    raise ProtocolError(f"Ack of stripe {s} of file {frame.file_id}: no such stripe")
+                if s not in out.acked and s < out.next_stripe:
+                    out.acked.add(s)
+                    out.in_flight -= self._stripe_bytes(out)
+                    self.in_flight -= self._stripe_bytes(out)
+                    sent = out.sent_rows.pop(s, out.encoder.k + out.m)
+                    self.policy.observe(max(0, sent - out.encoder.k - out.m), sent)
+                    out.encoder.forget(s)
+            self._retire(out)
+        elif isinstance(frame, F.Repair):
+            out = self.active.get(frame.file_id)
+            if out is None or out.encoder is None:
+                return
+            for s, need in frame.needs:
+                if s >= out.encoder.stripes or need > out.encoder.k:
+                    raise ProtocolError(f"Repair of stripe {s} of file {frame.file_id}: out of range")
+                if s in out.acked or s >= out.next_stripe:
+                    continue
+                first = out.next_row.get(s, out.encoder.k + out.m)
+                rows = list(range(first, min(first + need + 1, 256)))        # one spare
+                if len(rows) < need:
+                    rows = list(range(out.encoder.k))                         # parity exhausted: the data again
+                out.next_row[s] = first + len(rows)
+                out.repairs.append((s, rows))
+                self.repair_shards += len(rows)
+        elif isinstance(frame, F.FileDone):
+            out = self.active.get(frame.file_id)
+            if out is not None:
+                self._retire(out, force=True)
+        elif isinstance(frame, F.Done):
+            self.s.send(F.Bye())
+            try:
+                result = json.loads(frame.stats)
+            except ValueError:
+                raise ProtocolError("Done: statistics are not JSON") from None
+            result.update(files_sent=self.sent_files, repair_shards=self.repair_shards,
+                          parity=self.policy.m, loss_estimate=round(self.policy.loss, 4))
+            self.close()
+            self.s.finish(result)
+        elif isinstance(frame, F.Item) and self.s.__class__ is ClientSession and self.s.report is not None:
+            self.s.report.remote(frame)
+        else:
+            raise ProtocolError(f"{type(frame).__name__} is not for the sender")
+
+    def _stripe_bytes(self, out: _Outgoing) -> int:
+        return (out.encoder.k + out.m) * out.encoder.size
+
+    def _retire(self, out: _Outgoing, force: bool = False) -> None:
+        if (out.done or force) and self.active.pop(out.frame.file_id, None) is not None:
+            self.in_flight -= out.in_flight
+            out.in_flight = 0
+            if out.closer is not None:
+                out.closer()
+
+    def _start(self, want: F.Want) -> None:
+        """Open the wanted file and make its content (the file, or a delta
+        against the receiver's signature); send its File frame."""
+        import numpy as np
+
+        from ..fs import MappedFile
+        rel = self.dirs[want.dir_index]
+        path = os.path.join(self.root, os.fsdecode(os.path.join(os.fsencode(rel), want.name) if rel else want.name))
+        m = max(MIN_PARITY, self.policy.m)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            status = F.FILE_VANISHED if isinstance(exc, FileNotFoundError) else F.FILE_ERROR
+            self._send_file(F.File(want.file_id, status, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, self.k, m,
+                                   self.shard_size, os.fsencode(exc.strerror or str(exc))), None, None)
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(0, "changed type during the run")
+            mapped = MappedFile(f"/proc/self/fd/{fd}", name=path)
+        except (OSError, ResyncError) as exc:
+            os.close(fd)
+            msg = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self._send_file(F.File(want.file_id, F.FILE_ERROR, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, self.k, m,
+                                   self.shard_size, os.fsencode(msg or "cannot read")), None, None)
+            return
+        os.close(fd)
+        seconds, ns = divmod(st.st_mtime_ns, 10**9)
+        closers = [mapped.close]
+        try:
+            if want.signature and mapped.size:
+                content, target = self._delta(want, mapped, closers)
+                delta = True
+            else:
+                import blake3
+                content, delta = mapped.array, False
+                target = blake3.blake3(mapped.buffer, max_threads=blake3.blake3.AUTO if mapped.size > 1 << 24
+                                       else 1).digest()
+        except ResyncError:
+            for c in closers:
+                c()
+            raise
+        frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
+                       st.st_size, st.st_uid, st.st_gid, self.k, m, self.shard_size, b"")
+        encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), self.k,
+                                self.shard_size)
+
+        def close():
+            for c in closers:
+                c()
+        self._send_file(frame, encoder, close)
+
+    def _delta(self, want: F.Want, mapped, closers):
+        """The delta of the file against the receiver's signature, in a scratch file."""
+        import tempfile
+
+        from .. import formats
+        from ..delta import make_delta
+        from ..fs import MappedFile
+        from ..signature import signature_from_bytes
+        if self.tmp is None:
+            self.tmp = tempfile.mkdtemp(prefix=".resync-tmp-send-")
+        sig = signature_from_bytes(want.signature, "the receiver's signature")
+        out = os.path.join(self.tmp, f"{want.file_id}.delta")
+        make_delta(sig, mapped.array, out, durable=False)
+        d = MappedFile(out)
+        closers.append(d.close)
+        closers.append(lambda: os.unlink(out))
+        header = formats.unpack_delta(d.buffer, out).header
+        return d.array, header.target_hash
+
+    def _send_file(self, frame: F.File, encoder, closer) -> None:
+        self.s.send(frame)
+        self.sent_files += 1
+        out = _Outgoing(frame, encoder, frame.m, closer)
+        if encoder is None or encoder.stripes == 0:
+            if closer is not None:
+                closer()
+            return
+        self.active[frame.file_id] = out
+        self.order.append(frame.file_id)
+
+    def datagrams(self, now: float, limit: int) -> list[bytes]:
+        """Up to ``limit`` shard datagrams: repairs first, then new stripes
+        while fewer than ``window`` bytes of content are unacknowledged."""
+        out: list[bytes] = []
+        for fid in list(self.order):
+            o = self.active.get(fid)
+            if o is None:
+                self.order.remove(fid)
+                continue
+            while o.repairs and len(out) < limit:
+                s, rows = o.repairs.popleft()
+                if s in o.acked:
+                    continue
+                out += o.encoder.shards(s, rows)
+                o.sent_rows[s] = o.sent_rows.get(s, o.encoder.k + o.m) + len(rows)
+        for fid in list(self.order):
+            o = self.active.get(fid)
+            if o is None:
+                continue
+            while o.next_stripe < o.encoder.stripes and len(out) < limit and self.in_flight < self.window:
+                s = o.next_stripe
+                out += o.encoder.shards(s, range(o.encoder.k + o.m))
+                o.next_stripe += 1
+                o.in_flight += self._stripe_bytes(o)
+                self.in_flight += self._stripe_bytes(o)
+            if len(out) >= limit or self.in_flight >= self.window:
+                break
+        return out
+
+    def next_timer(self) -> float | None:
+        return None
+
+    def timer(self, now: float) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for o in list(self.active.values()):
+            if o.closer is not None:
+                o.closer()
+        self.active.clear()
+        if self.tmp is not None:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+# -- the receiver ------------------------------------------------------------------------
+
+class _Incoming:
+    """One wanted file: where it goes, and its content as it arrives."""
+
+    __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
+                 "last_shard", "asked")
+
+    def __init__(self, path: str, rel: str, entry, prev, code: str):
+        self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
+        self.frame: F.File | None = None
+        self.assembler: StripeAssembler | None = None
+        self.fd = -1
+        self.tmp = ""
+        self.started = time.monotonic()
+        self.last_shard = 0.0
+        self.asked: dict[int, float] = {}      # stripe -> when a repair was last asked for
+
+
+class _Receiver:
+    """Plans ``root`` against the sender's listing and applies what arrives."""
+
+    def __init__(self, session: Session, root: str, options: Options, report=None, remote_items: bool = False):
+        from ..apply import Applier
+        from ..content import Options as ContentOptions
+        from ..plan import PlanOptions, Planner
+        from ..report import Report, RunStats
+        from ..scan import Excludes
+        self.s, self.root, self.options = session, root, options
+        self.remote_items = remote_items
+        if report is None:
+            report = Report(RunStats(), dry_run=options.dry_run)
+        if remote_items:                       # the client (which pushes) prints what happens here
+            report = _relay(report, session, options.itemize)
+        self.report = report
+        self.stats = report.stats
+        self.owners = os.geteuid() == 0
+        self.apply = Applier(root, report, ContentOptions(hash_files=True), dry_run=options.dry_run,
+                             owners=self.owners, workers=0, replace_trees=options.delete)
+        self.apply.open_root()
+        self.links: dict[str, bytes] = {}
+        self.digests: dict[str, bytes] = {}
+        self.plan = Planner(PlanOptions(options.checksum, options.delete, options.max_delete,
+                                        Excludes(options.excludes), self.owners),
+                            report, lambda path, e: report.entry(path, e, None),
+                            lambda path: self.links[path], self._same_content)
+        if not options.dry_run:
+            self.apply.begin_staging(os.urandom(8).hex())
+        self.dirs: dict[int, str] = {}
+        self.dir_attrs: list = []              # (path, entry, prev) for the end
+        self.root_prev = None
+        self.wanted: dict[int, _Incoming] = {}
+        self.next_id = 0
+        self.listed = False
+        self.to_place: list = []
+        self.acks: dict[int, list[int]] = {}
+        self.repairs_asked = 0
+        self.corrupt_shards = 0
+        self.root_attrs = None
+        self.finished_here = False
+
+    def _same_content(self, path: str, dst_fd: int, name: str) -> bool:
+        from ..content import hash_fd
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst_fd)
+        try:
+            return bytes.fromhex(hash_fd(fd)) == self.digests.get(path)
+        finally:
+            os.close(fd)
+
+    # frames
+    def frame(self, frame, now: float) -> None:
+        if isinstance(frame, F.Dir):
+            self._dir(frame)
+        elif isinstance(frame, F.DirFailed):
+            rel = os.fsdecode(frame.rel)
+            self.dirs[frame.index] = rel
+            exc = OSError(frame.errno, os.fsdecode(frame.message))
+            self.report.source_failed(rel + "/", exc)
+        elif isinstance(frame, F.ListEnd):
+            self.listed = True
+        elif isinstance(frame, F.File):
+            self._file(frame, now)
+        elif isinstance(frame, F.Bye):
+            self.s.finished = True
+        else:
+            raise ProtocolError(f"{type(frame).__name__} is not for the receiver")
+
+    def _dir(self, frame: F.Dir) -> None:
+        from ..apply import Dir
+        from ..scan import Entry, open_rel_dir, stat_dir
+        if frame.index in self.dirs or (frame.index and frame.index != max(self.dirs, default=-1) + 1):
+            raise ProtocolError(f"Dir {frame.index} out of order")
+        rel = os.fsdecode(frame.rel)
+        self.dirs[frame.index] = rel
+        attrs, listed = frame.attrs, frame.entries
+        entries = []
+        for e in listed:
+            name = os.fsdecode(e.name)
+            kind = "fdLDS"[e.kind - 1]
+            mode = e.mode
+            if stat.S_IFMT(mode) == 0 or "fdLDS"[_kind_of(mode) - 1] != kind:
+                raise ProtocolError(f"{rel}/{name}: mode {mode:o} does not match its kind")
+            entries.append(Entry(name, mode, e.size, e.seconds * 10**9 + e.nanoseconds, e.uid, e.gid, e.rdev, kind,
+                                 mode & 0o7777))
+            path = f"{rel}/{name}" if rel else name
+            if kind == "L":
+                self.links[path] = e.target
+            if e.blake3:
+                self.digests[path] = e.blake3
+        for name in frame.gone:
+            self.report.vanished(os.path.join(rel, os.fsdecode(name)) if rel else os.fsdecode(name))
+        # this directory in the destination (made when its parent's listing was applied)
+        parent = None
+        dst = {}
+        if self.apply.root_fd >= 0:
+            try:
+                fd = open_rel_dir(self.apply.root_fd, rel)
+                parent = Dir(fd, rel, stat.S_IMODE(os.fstat(fd).st_mode))
+                dst, temps = stat_dir(fd, skip_temps=True)
+                self.apply.remove_temps(parent, temps)
+            except OSError as exc:
+                if parent is None and rel and not self.options.dry_run:
+                    self.report.error(rel + "/", f"cannot open destination directory: {exc.strerror or exc}")
+                    return
+        if rel == "":
+            self.root_prev = Entry.from_stat("", os.fstat(parent.fd)) if parent is not None else None
+            self.root_attrs = Entry("", attrs.mode, 0, attrs.seconds * 10**9 + attrs.nanoseconds, attrs.uid,
+                                    attrs.gid, 0, "d", attrs.mode & 0o7777)
+        try:
+            self._apply(frame.index, rel, entries, dst, parent)
+        finally:
+            if parent is not None:
+                parent.release()
+
+    def _apply(self, index: int, rel: str, entries, dst, parent) -> None:
+        from ..plan import ATTRS, DIRECTORY, FIX, LINK, SPECIAL, TRANSFER
+        apply, report = self.apply, self.report
+        for d in self.plan.directory(rel, entries, dst, parent.fd if parent is not None else None):
+            what, e, prev, path = d[0], d[1], d[2], d[3]
+            if what == TRANSFER:
+                if self.options.dry_run or parent is None:
+                    apply.transfer(None, e, prev, path, d[4], ())
+                    continue
+                self._want(index, rel, e, prev, path, d[4], parent)
+            elif what == ATTRS:
+                apply.attributes(parent, e, prev, path)
+                report.entry(path, e, None)
+            elif what == DIRECTORY:
+                if prev is not None and prev.kind != "d":
+                    if not apply.make_way(parent, e.name, prev, path):
+                        continue
+                    prev = None
+                if prev is None and not apply.mkdir(parent, e, path):
+                    continue
+                self.dir_attrs.append((path, e, prev))
+                if parent is not None:
+                    report.entry(path, e, None)
+            elif what == LINK:
+                apply.symlink(parent, e, prev, path, d[4], d[5])
+            elif what == FIX:
+                apply.fix_in_place(parent, e, prev, path, d[4])
+                report.entry(path, e, None)
+            elif what == SPECIAL:
+                apply.special(parent, e, prev, path, d[4])
+
+    def _want(self, index: int, rel: str, e, prev, path: str, code: str, parent) -> None:
+        """Ask for a file: with this destination's copy's block signature, so
+        that only what differs travels, unless it is new or --whole-file."""
+        signature = b""
+        if prev is not None and prev.kind == "f" and prev.size and not self.options.whole_file:
+            from ..fs import MappedFile
+            from ..signature import compute_signature, signature_bytes
+            try:
+                fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+                try:
+                    with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
+                        signature = signature_bytes(compute_signature(m.array, threads=1))
+                finally:
+                    os.close(fd)
+            except (OSError, ResyncError):
+                signature = b""                # unreadable here: the whole file instead
+        fid = self.next_id
+        self.next_id += 1
+        self.wanted[fid] = _Incoming(path, rel, e, prev, code)
+        self.s.send(F.Want(fid, index, os.fsencode(e.name), signature))
+
+    def _file(self, frame: F.File, now: float) -> None:
+        inc = self.wanted.get(frame.file_id)
+        if inc is None or inc.frame is not None:
+            raise ProtocolError(f"File {frame.file_id} was not asked for")
+        inc.frame = frame
+        if frame.status == F.FILE_VANISHED:
+            self.report.vanished(inc.path)
+            self._drop(frame.file_id, keep_old=True)
+            return
+        if frame.status == F.FILE_ERROR:
+            self.report.error(inc.path, os.fsdecode(frame.message))
+            self._drop(frame.file_id, keep_old=True)
+            return
+        if frame.delta and (inc.prev is None or inc.prev.kind != "f"):
+            raise ProtocolError(f"File {frame.file_id}: a delta for a file without a basis")
+        if stat.S_IFMT(frame.mode) != stat.S_IFREG:
+            raise ProtocolError(f"File {frame.file_id}: not a regular file's mode")
+        inc.fd, inc.tmp = self.apply.stage_open()
+        inc.last_shard = now
+        if frame.length:
+            os.ftruncate(inc.fd, frame.length)
+        fd = inc.fd
+        inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size,
+                                        lambda off, data: _pwrite_all(fd, data, off))
+        if inc.assembler.complete:
+            self._complete(frame.file_id, now)
+
+    def shard(self, shard, now: float) -> None:
+        if shard is None:
+            self.corrupt_shards += 1            # dropped: counted as lost, parity makes up for it
+            return
+        fid, stripe, index, payload = shard
+        inc = self.wanted.get(fid)
+        if inc is None or inc.assembler is None:
+            return                              # late or duplicate shards of a finished file
+        inc.last_shard = now
+        if inc.assembler.add(stripe, index, payload):
+            self.acks.setdefault(fid, []).append(stripe)
+            inc.asked.pop(stripe, None)
+            if inc.assembler.complete:
+                self._complete(fid, now)
+
+    def _complete(self, fid: int, now: float) -> None:
+        """All of a file's content is in: check it (a delta is applied to
+        the old copy first) and keep it for the next placing."""
+        from ..content import ContentError
+        inc = self.wanted.pop(fid)
+        f = inc.frame
+        attrs = (f.mode, f.seconds * 10**9 + f.nanoseconds, f.uid, f.gid)
+        action = "new" if inc.prev is None else "update"
+        try:
+            if f.delta:
+                spec = ("delta-file", inc.fd, self.apply.root_fd, inc.rel, inc.entry.name, attrs, inc.path)
+                try:
+                    staged = self.apply.stage(inc.path, spec, f.blake3, action)
+                finally:
+                    self.apply.stage_drop(inc.fd, inc.tmp)
+            else:
+                staged = self.apply.stage_finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
+                                                 time.monotonic() - inc.started)
+        except (ContentError, OSError, ResyncError) as exc:
+            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.report.error(inc.path, msg)
+            self.s.send(F.FileDone(fid, False, os.fsencode(msg)))
+            self._keep_old(inc)
+            return
+        self.s.send(F.FileDone(fid, True, b""))
+        if f.delta:
+            staged.result.literal = f.length
+            staged.result.matched = max(0, staged.result.size - f.length)
+        self.to_place.append((staged, inc))
+        if len(self.to_place) >= PLACE_BATCH:
+            self._place()
+
+    def _drop(self, fid: int, keep_old: bool) -> None:
+        inc = self.wanted.pop(fid, None)
+        if inc is None:
+            return
+        if inc.fd >= 0:
+            self.apply.stage_drop(inc.fd, inc.tmp)
+        if keep_old:
+            self._keep_old(inc)
+
+    def _keep_old(self, inc: _Incoming) -> None:
+        if inc.prev is not None and inc.prev.kind != "d":
+            self.report.entry(inc.path, inc.prev, None)
+
+    def _place(self) -> None:
+        """Make the completed files durable together, then rename them into place."""
+        from ..apply import Dir
+        from ..scan import open_rel_dir
+        if not self.to_place:
+            return
+        batch, self.to_place = self.to_place, []
+        self.apply.make_staged_durable()
+        handles: dict[str, Dir] = {}
+        try:
+            for staged, inc in batch:
+                parent = handles.get(inc.rel)
+                if parent is None:
+                    try:
+                        fd = open_rel_dir(self.apply.root_fd, inc.rel)
+                    except OSError as exc:
+                        self.report.error(inc.path, exc.strerror or str(exc))
+                        continue
+                    parent = handles[inc.rel] = Dir(fd, inc.rel, stat.S_IMODE(os.fstat(fd).st_mode))
+                try:
+                    self.apply.place(staged, parent, inc.entry, inc.prev, inc.path, inc.code)
+                except OSError as exc:
+                    self.report.error(inc.path, exc.strerror or str(exc))
+                    self._keep_old(inc)
+                    continue
+                self.report.entry(inc.path, staged.result.entry, staged.result.blake3)
+        finally:
+            for h in handles.values():
+                h.release()
+            self.apply.sync_dirs()
+
+    def pump(self) -> None:
+        for fid, stripes in self.acks.items():
+            for lo in range(0, len(stripes), 4096):
+                self.s.send(F.Ack(fid, tuple(stripes[lo:lo + 4096])))
+        self.acks.clear()
+        if self.listed and not self.wanted and not self.finished_here:
+            self._end()
+
+    def _end(self) -> None:
+        """Everything listed has been dealt with: place the last files,
+        delete (if allowed), set the directories' attributes, report."""
+        self.finished_here = True
+        self._place()
+        apply, plan = self.apply, self.plan
+        if plan.deletions:
+            count = 0
+            if not self.stats.errors:
+                for rel, e in plan.deletions:
+                    count += 1 + (apply.count_tree(rel, e.name) if e.kind == "d" and apply.root_fd >= 0 else 0)
+            refused = plan.deletion_refusal(count)
+            if refused:
+                self.stats.deletion_refused = refused
+                for rel, e in plan.deletions:
+                    self.report.entry(os.path.join(rel, e.name) if rel else e.name, e, None)
+            else:
+                apply.delete(plan.deletions, apply.count_tree)
+        apply.end_staging()
+        dirs = list(self.dir_attrs)
+        if self.root_attrs is not None:
+            dirs.insert(0, ("", self.root_attrs, self.root_prev))
+        apply.finish_dirs(dirs)
+        apply.close()
+        result = self.stats.as_dict()
+        result["repairs_asked"] = self.repairs_asked
+        result["corrupt_shards"] = self.corrupt_shards
+        self.result = result
+        self.s.send(F.Done(json.dumps(result).encode()))
+        if isinstance(self.s, ClientSession):
+            self.s.finish(result)            # a pulling client is done once the tree is
+        else:
+            self.s.result = result
+
+    def _delay(self) -> float:
+        return max(REPAIR_DELAY, 2 * self.s.rtt)
+
+    def next_timer(self) -> float | None:
+        """When a file's content may need a repair: a delay after its last
+        shard (or its last check)."""
+        busy = [inc.last_shard for inc in self.wanted.values() if inc.assembler is not None]
+        return min(busy) + self._delay() if busy else None
+
+    def timer(self, now: float) -> None:
+        """Ask again for what stays short: stripes below the highest one seen
+        that are incomplete, and everything once a file has been quiet; each
+        stripe at most once per delay."""
+        delay = self._delay()
+        for fid, inc in self.wanted.items():
+            a = inc.assembler
+            if a is None or inc.last_shard + delay > now:       # (as next_timer computes it)
+                continue
+            top = a.highest_seen()
+            needs = [(s, n) for s, n in a.short() if now - inc.asked.get(s, -1e9) >= delay]
+            del top
+            inc.last_shard = now                # checked: the next look is a delay away
+            if needs:
+                for s, _ in needs:
+                    inc.asked[s] = now
+                self.repairs_asked += len(needs)
+                for lo in range(0, len(needs), 4096):
+                    self.s.send(F.Repair(fid, tuple(needs[lo:lo + 4096])))
+
+    def abort(self) -> None:
+        for fid in list(self.wanted):
+            self._drop(fid, keep_old=False)
+        self.apply.abort()
+        self.apply.close()
+
+
+def _kind_of(mode: int) -> int:
+    fmt = stat.S_IFMT(mode)
+    return {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFLNK: 3, stat.S_IFCHR: 4, stat.S_IFBLK: 4}.get(fmt, 5)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _relay(report, session: Session, itemize: bool):
+    """``report``, its itemized lines (with ``itemize``) and errors also sent
+    to the client: in a push the client prints what happens at the
+    destination, as rsync does."""
+    original_item, original_error = report.item, report._error
+
+    def item(line: str) -> None:
+        original_item(line)
+        if itemize:
+            session.send(F.Item(F.ITEM_LINE, os.fsencode(line)))
+
+    def error(message: str) -> None:
+        original_error(message)
+        kind = F.ITEM_VANISHED if message.startswith("file has vanished: ") else F.ITEM_ERROR
+        session.send(F.Item(kind, os.fsencode(message)))
+    report.item = item
+    report._error = error
+    return report

@@ -1,0 +1,99 @@
+"""Two protocol sessions pumped into each other in memory, with a clock moved
+by hand and a datagram channel that loses, reorders and duplicates."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from resync.identity import load_identity
+from resync.protocol.session import ClientSession, Module, Options, ServerSession
+
+
+class Channel:
+    """Datagrams from one end to the other: each lost with probability
+    ``loss``, duplicated with ``dup``, delayed by ``delay`` plus up to
+    ``jitter`` (so later ones overtake earlier ones)."""
+
+    def __init__(self, rng: random.Random, loss=0.0, dup=0.0, delay=0.01, jitter=0.0, corrupt=0.0):
+        self.rng, self.loss, self.dup, self.delay, self.jitter, self.corrupt = rng, loss, dup, delay, jitter, corrupt
+        self.queue: list[tuple[float, int, bytes]] = []
+        self.sent = self.lost = 0
+        self._n = 0
+
+    def send(self, now: float, datagram: bytes) -> None:
+        self.sent += 1
+        if self.rng.random() < self.loss:
+            self.lost += 1
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        for _ in range(copies):
+            data = datagram
+            if self.corrupt and self.rng.random() < self.corrupt:
+                b = bytearray(data)
+                b[self.rng.randrange(len(b))] ^= 1 << self.rng.randrange(8)
+                data = bytes(b)
+            self._n += 1
+            self.queue.append((now + self.delay + self.rng.random() * self.jitter, self._n, data))
+
+    def due(self, now: float) -> list[bytes]:
+        ready = sorted(x for x in self.queue if x[0] <= now)
+        self.queue = [x for x in self.queue if x[0] > now]
+        return [x[2] for x in ready]
+
+    def next_time(self) -> float | None:
+        return min((x[0] for x in self.queue), default=None)
+
+
+def identities(tmp: Path):
+    return load_identity(tmp / "client-id", create=True), load_identity(tmp / "server-id", create=True)
+
+
+def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 600.0, rtt: float = 0.02):
+    """Run both sessions until both are finished; returns the final clock."""
+    now = 0.0
+    client.rtt = server.rtt = rtt
+    while not (client.finished and server.finished):
+        moved = False
+        for a, b in ((client, server), (server, client)):
+            data = a.stream_to_send()
+            if data:
+                b.receive_stream(data, now)
+                moved = True
+        for d in server.datagrams_to_send(now, budget) + client.datagrams_to_send(now, budget):
+            channel.send(now, d)
+            moved = True
+        for d in channel.due(now):
+            (server if server_is_receiver(server) else client).receive_datagram(d, now)
+            moved = True
+        for s in (client, server):
+            t = s.next_timer()
+            if t is not None and t <= now:
+                s.handle_timer(now)
+                moved = True
+        if client.finished and server.finished:
+            break
+        if (client.error is not None or server.error is not None) and not moved:
+            break
+        if not moved:
+            times = [t for t in (client.next_timer(), server.next_timer(), channel.next_time()) if t is not None]
+            if not times:
+                now += 0.001
+            else:
+                now = max(now + 1e-6, min(times))
+        if now > max_time:
+            raise AssertionError(f"not finished after {max_time} s of protocol time")
+    return now
+
+
+def server_is_receiver(server) -> bool:
+    from resync.protocol.session import _Receiver
+    return isinstance(server.role, _Receiver)
+
+
+def make_pair(tmp: Path, push: bool, local: Path, module_root: Path, path: str = "", options: Options | None = None,
+              allowed=None, read_only=False, client_report=None):
+    cid, sid = identities(tmp)
+    modules = {"m": Module("m", str(module_root), read_only, allowed if allowed is not None else {cid.device_id})}
+    server = ServerSession(sid, sid.cert_der, modules)
+    client = ClientSession(cid, sid.cert_der, push, "m", path, str(local), options or Options(), client_report)
+    return client, server

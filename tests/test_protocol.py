@@ -1,0 +1,293 @@
+"""The transfer protocol without a network: frames round-trip and refuse
+hostile input; stripes rebuild from any k shards; two sessions pumped into
+each other by hand, through a channel that loses, reorders, duplicates and
+corrupts datagrams, leave the destination equal to the source."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resync.protocol import frames as F
+from resync.protocol.frames import ProtocolError
+from resync.protocol.session import ClientSession, Module, Options, RefusedError, ServerSession
+from resync.protocol.shards import HEADER, StripeAssembler, StripeEncoder, parse
+
+from . import mix
+from .protopump import Channel, identities, make_pair, pump
+from .test_sync import _restamp, make_tree, mutate, seconds
+from .treeutil import rsync_a, snapshot
+
+LISTED = F.Listed(b"name", 1, 0o100644, 1_700_000_000, 123, 42, 1000, 1000, 0, b"", b"")
+SAMPLES = [
+    F.Hello(1, True, b"k" * 32, b"n" * 16, F.FLAG_DELETE | F.FLAG_ITEMIZE, -1, b"mod", b"a/b", b"*.tmp\n/x"),
+    F.Challenge(b"c" * 16), F.Auth(b"s" * 64), F.Welcome(8 << 20), F.Error(4, b"not allowed"),
+    F.Dir(3, b"a/b", F.Listed(b"", 2, 0o40755, 5, 6, 0, 0, 0, 0, b"", b""),
+          (LISTED, LISTED._replace(name=b"zlink", kind=3, mode=0o120777, target=b"../t", size=4)), (b"gone",)),
+    F.DirFailed(4, b"x", 13, b"Permission denied"), F.ListEnd(),
+    F.Want(7, 3, b"f", b"SIG" * 10), F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32,
+                                          4, 1280, b""),
+    F.Ack(7, (0, 1, 5)), F.Repair(7, ((2, 3), (9, 32))), F.FileDone(7, False, b"no space"),
+    F.Item(F.ITEM_LINE, b">f+++++++++ f"), F.Done(b'{"files": 1}'), F.Bye(),
+]
+
+
+@pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: type(f).__name__)
+def test_frames_round_trip(frame):
+    data = F.encode(frame)
+    r = F.FrameReader()
+    for i in range(0, len(data), 7):                    # arriving in pieces
+        r.feed(data[i:i + 7])
+    assert list(r.frames()) == [frame] and r.pending == 0
+
+
+@pytest.mark.parametrize("frame,why", [
+    (F.encode(SAMPLES[5]).replace(b"a/b", b"../"), "bad name"),
+    (F.encode(F.Want(1, 0, b"ok", b"")).replace(b"ok", b".."), "bad name"),
+])
+def test_frames_refuse_names_that_escape(frame, why):
+    r = F.FrameReader()
+    r.feed(frame)
+    with pytest.raises(ProtocolError, match=why):
+        list(r.frames())
+
+
+def test_frame_lengths_are_bounded():
+    r = F.FrameReader()
+    r.feed(b"\xff\xff\xff\x7f\x01")                        # claims 2 GiB
+    with pytest.raises(ProtocolError, match="out of range"):
+        list(r.frames())
+    r = F.FrameReader()
+    r.feed(F.encode(F.Ack(1, ())).replace(b"\x00\x00\x00\x00", b"\xff\xff\xff\x0f", 1)[:5] + b"\0" * 20)
+    with pytest.raises(ProtocolError):
+        list(r.frames())
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fuzzed_frames_give_only_protocol_errors(data):
+    """Valid frames with bytes flipped, cut or extended: a frame or a
+    ProtocolError, never another exception (and no huge allocation)."""
+    base = bytearray(F.encode(data.draw(st.sampled_from(SAMPLES))))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.integers(0, 2))
+        pos = data.draw(st.integers(0, len(base) - 1))
+        if op == 0:
+            base[pos] = data.draw(st.integers(0, 255))
+        elif op == 1:
+            del base[pos:]
+            if len(base) < 5:
+                base += b"\0" * 5
+        else:
+            base[pos:pos] = data.draw(st.binary(max_size=20))
+    r = F.FrameReader()
+    r.feed(bytes(base))
+    try:
+        list(r.frames())
+    except ProtocolError:
+        pass
+
+
+# -- stripes ----------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(content=mix.mixed_bytes(60_000), k=st.integers(1, 12), m=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_any_k_shards_of_a_stripe_rebuild_it(content, k, m, seed):
+    rnd = random.Random(seed)
+    size = 64 * rnd.randint(1, 4)
+    enc = StripeEncoder(9, np.frombuffer(content, np.uint8), k, size)
+    out = bytearray(len(content))
+    asm = StripeAssembler(9, len(content), k, size, lambda off, data: out.__setitem__(
+        slice(off, off + len(data)), bytes(data)))
+    for s in range(enc.stripes):
+        shards = enc.shards(s, range(k + m))
+        keep = rnd.sample(range(k + m), k)                # any k of them
+        if m and rnd.random() < 0.5:                      # or fewer, then repairs: new parity rows
+            keep = keep[:k - 1]
+            extra = enc.shards(s, [k + m + i for i in range(2)])
+            shards = shards + extra
+            keep += [k + m]
+        for i in keep:
+            got = parse(shards[i])
+            assert got is not None and got[:3] == (9, s, shards[i] and got[2])
+            asm.add(got[1], got[2], got[3])
+    assert asm.complete and bytes(out) == content
+
+
+def test_a_corrupt_shard_is_a_lost_shard():
+    enc = StripeEncoder(1, np.frombuffer(b"x" * 5000, np.uint8), 4, 256)
+    d = bytearray(enc.shards(0, [0])[0])
+    d[HEADER + 10] ^= 1
+    assert parse(bytes(d)) is None and parse(enc.shards(0, [0])[0]) is not None
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+def tree(root: Path, seed: int) -> None:
+    make_tree(root, random.Random(seed), files=50)
+    mix.write(root / "big-mixed", seed, 2_000_000, "mixed")
+    mix.write(root / "big-random", seed + 1, 700_000, "random")
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.05, 0.2, 0.33])
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_transfers_over_a_lossy_channel_equal_the_source(tmp_path, push, loss):
+    """Both directions, random loss with reordering and duplication: the
+    destination equals the source (and rsync -a's copy); a second round of
+    edits with --delete sends deltas, not whole files."""
+    src, dst, ref = tmp_path / "src", tmp_path / "dst", tmp_path / "ref"
+    tree(src, 4)
+    dst.mkdir()
+    server_root, local = (dst, src) if push else (src, dst)
+    rng = random.Random(int(loss * 100) + push)
+    for round_ in range(2):
+        options = Options(delete=True)
+        client, server = make_pair(tmp_path, push, local, server_root, options=options)
+        t = pump(client, server, Channel(rng, loss=loss, dup=0.02, jitter=0.01))
+        assert client.error is None and server.error is None, (client.error, server.error)
+        assert snapshot(dst) == snapshot(src)
+        assert rsync_a(src, ref, "--delete").returncode == 0
+        assert seconds(snapshot(dst)) == seconds(snapshot(ref))
+        result = client.result
+        if round_ == 1:
+            assert result["bytes_literal"] < 300_000 < result["bytes_matched"]   # deltas of the big files
+        assert not list(dst.rglob(".resync-tmp-*"))
+        assert t < 60
+        mutate(src, random.Random(round_))
+        with open(src / "big-mixed", "r+b") as f:
+            f.seek(1_000_000)
+            f.write(b"edited in the middle")
+        _restamp(src / "big-mixed", random.Random(round_))      # (rsync compares whole seconds)
+        if not any(src.iterdir()):
+            (src / "last").write_bytes(b"x")
+
+
+def test_a_no_change_transfer_sends_the_listing_and_nothing_else(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 5)
+    dst.mkdir()
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(1)))
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(1)))
+    assert client.stats["datagrams_sent"] == 0 and client.result["files_transferred"] == 0
+    assert server.stats["control_bytes_received"] < 20_000
+
+
+def test_corrupted_shards_are_caught_and_repaired(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 6)
+    dst.mkdir()
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(2), loss=0.02, corrupt=0.05, jitter=0.005))
+    assert client.error is None and server.error is None
+    assert snapshot(dst) == snapshot(src)
+    assert server.result["corrupt_shards"] > 0
+
+
+def test_itemized_lines_of_a_push_reach_the_client(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_text("a")
+    dst.mkdir()
+
+    class Lines:
+        def __init__(self):
+            self.items = []
+
+        def remote(self, frame):
+            self.items.append((frame.kind, frame.text))
+
+    lines = Lines()
+    client, server = make_pair(tmp_path, True, src, dst, options=Options(itemize=True), client_report=lines)
+    pump(client, server, Channel(random.Random(1)))
+    assert (F.ITEM_LINE, b">f+++++++++ a") in lines.items
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+def _refused(client, server):
+    pump(client, server, Channel(random.Random(1)), max_time=5)
+    assert isinstance(server.error, RefusedError) and isinstance(client.error, RefusedError)
+    return str(client.error)
+
+
+def test_unknown_client_unknown_module_and_read_only_are_refused_before_any_listing(tmp_path):
+    src, mod = tmp_path / "src", tmp_path / "mod"
+    tree(src, 7)
+    mod.mkdir()
+    client, server = make_pair(tmp_path, True, src, mod, allowed=set())
+    assert "is not allowed" in _refused(client, server)
+    assert server.stats["control_bytes_received"] < 1000 and not any(mod.iterdir())
+    client, server = make_pair(tmp_path, True, src, mod, read_only=True)
+    assert "read-only" in _refused(client, server)
+    cid, sid = identities(tmp_path)
+    server = ServerSession(sid, sid.cert_der, {"other": Module("other", str(mod), allowed={cid.device_id})})
+    client = ClientSession(cid, sid.cert_der, True, "m", "", str(src), Options())
+    assert "no module 'm'" in _refused(client, server)
+    assert not any(mod.iterdir())
+
+
+def test_a_client_that_cannot_prove_its_key_is_refused(tmp_path):
+    """It presents the allowed key but signs with another, or the server's
+    certificate differs from the one it signed for (a relay in between)."""
+    src, mod = tmp_path / "src", tmp_path / "mod"
+    tree(src, 8)
+    mod.mkdir()
+    cid, sid = identities(tmp_path)
+    from resync.identity import load_identity
+    other = load_identity(tmp_path / "other-id", create=True)
+
+    class Impostor:
+        public_key = cid.public_key
+        sign = other.sign
+
+    server = ServerSession(sid, sid.cert_der, {"m": Module("m", str(mod), allowed={cid.device_id})})
+    client = ClientSession(Impostor(), sid.cert_der, True, "m", "", str(src), Options())
+    assert "did not prove its key" in _refused(client, server)
+    server = ServerSession(sid, sid.cert_der, {"m": Module("m", str(mod), allowed={cid.device_id})})
+    client = ClientSession(cid, other.cert_der, True, "m", "", str(src), Options())     # another certificate
+    assert "did not prove its key" in _refused(client, server)
+    assert not any(mod.iterdir())
+
+
+def test_a_path_leaving_the_module_is_refused(tmp_path):
+    src, mod = tmp_path / "src", tmp_path / "mod"
+    src.mkdir()
+    mod.mkdir()
+    client, server = make_pair(tmp_path, True, src, mod, path="../escape")
+    assert "leaves the module" in _refused(client, server)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_hostile_sender_cannot_write_outside_the_destination(tmp_path):
+    """A sender whose listing names '..' or a file under a symlink: a
+    protocol error, nothing outside the root written."""
+    dst, outside = tmp_path / "dst", tmp_path / "outside"
+    dst.mkdir()
+    outside.mkdir()
+    os.symlink(outside, dst / "link")
+    from resync.protocol.session import _Receiver
+    from resync.report import Report
+    server = ServerSession(*_server_args(tmp_path, dst))
+    server.role = _Receiver(server, str(dst), Options(), Report())
+    attrs = F.Listed(b"", 2, 0o40755, 0, 0, 0, 0, 0, 0, b"", b"")
+    evil = F.encode(F.Dir(0, b"", attrs, (LISTED._replace(name=b"ok"),), ()))
+    server.receive_stream(evil, 0.0)
+    server.receive_stream(F.encode(F.Dir(1, b"link", attrs, (LISTED._replace(name=b"x"),), ())), 0.0)
+    assert not any(outside.iterdir())
+    bad = F.encode(F.Dir(2, b"ok", attrs, (), ())).replace(b"ok", b"..")
+    server.receive_stream(bad, 0.0)
+    assert isinstance(server.error, ProtocolError)
+    assert not any(outside.iterdir()) and not (tmp_path / "x").exists()
+
+
+def _server_args(tmp_path, root):
+    cid, sid = identities(tmp_path)
+    return sid, sid.cert_der, {"m": Module("m", str(root), allowed={cid.device_id})}
