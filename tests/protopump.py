@@ -59,9 +59,13 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
             if data:
                 b.receive_stream(data, now)
                 moved = True
+        sent, lost = channel.sent, channel.lost
         for d in server.datagrams_to_send(now, budget) + client.datagrams_to_send(now, budget):
             channel.send(now, d)
             moved = True
+        if channel.sent > sent:                   # the transport's loss report, as QUIC's would be
+            for s in (client, server):
+                s.observe_loss(channel.lost - lost, channel.sent - sent)
         for d in channel.due(now):
             (server if server_is_receiver(server) else client).receive_datagram(d, now)
             moved = True

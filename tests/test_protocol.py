@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,18 +105,42 @@ def test_any_k_shards_of_a_stripe_rebuild_it(content, k, m, seed):
     asm = StripeAssembler(9, len(content), k, size, lambda off, data: out.__setitem__(
         slice(off, off + len(data)), bytes(data)))
     for s in range(enc.stripes):
-        shards = enc.shards(s, range(k + m))
-        keep = rnd.sample(range(k + m), k)                # any k of them
+        d, _ = enc.geometry(s)
+        shards = enc.shards(s, range(d + m))
+        keep = rnd.sample(range(d + m), d)                # any d of them
         if m and rnd.random() < 0.5:                      # or fewer, then repairs: new parity rows
-            keep = keep[:k - 1]
-            extra = enc.shards(s, [k + m + i for i in range(2)])
-            shards = shards + extra
-            keep += [k + m]
+            keep = keep[:d - 1]
+            shards = shards + enc.shards(s, [d + m + i for i in range(2)])
+            keep += [d + m]
         for i in keep:
             got = parse(shards[i])
-            assert got is not None and got[:3] == (9, s, shards[i] and got[2])
+            assert got is not None and got[:3] == (9, s, i)
+            assert asm.need(s) > 0
             asm.add(got[1], got[2], got[3])
+        assert asm.need(s) == 0
     assert asm.complete and bytes(out) == content
+
+
+@pytest.mark.parametrize("length, k, size, expect", [
+    (100, 32, 1280, [(1, 100)]),                          # a small file: one shard of its own size
+    (1280, 32, 1280, [(1, 1280)]),
+    (1281, 32, 1280, [(2, 641)]),
+    (32 * 1280, 32, 1280, [(32, 1280)]),
+    (32 * 1280 + 5, 32, 1280, [(32, 1280), (1, 5)]),
+    (3 * 32 * 1280 - 1, 32, 1280, [(32, 1280), (32, 1280), (32, 1280)]),
+])
+def test_the_last_stripe_is_shortened_not_padded(length, k, size, expect):
+    from resync.protocol.shards import geometry, stripe_count
+    got = [geometry(length, k, size, s) for s in range(stripe_count(length, k, size))]
+    assert got == expect
+    # every byte has a place, and the padding of a stripe is less than its shard count
+    d, sz = got[-1]
+    left = length - (len(got) - 1) * k * size
+    assert 0 <= d * sz - left < d
+    content = np.frombuffer(bytes(range(256)) * (length // 256 + 1), np.uint8)[:length]
+    enc = StripeEncoder(3, content, k, size)
+    last = enc.shards(len(got) - 1, [0])[0]
+    assert len(last) == HEADER + sz
 
 
 def test_a_corrupt_shard_is_a_lost_shard():

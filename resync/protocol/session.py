@@ -45,14 +45,21 @@ from collections import deque
 from ..errors import ResyncError
 from . import frames as F
 from .frames import ProtocolError
+from .shards import MAX_INDEX as MAX_SHARDS
 from .shards import StripeAssembler, StripeEncoder, parse
 
 AUTH_CONTEXT = b"resync-auth-v1"
 DEFAULT_K = 32
-MIN_PARITY = 2
+MIN_PARITY = 1                   # parity shards per full stripe even on a link that loses nothing
+LOSSLESS = 1e-4                  # a loss estimate below this: the link loses nothing
+STRIPE_TARGET = 1e-4             # chance a stripe needs a repair that the parity is chosen for
+MAX_ACTIVE = 64                  # files being sent at once (open, with stripes in flight)
 WINDOW = 8 << 20                 # content bytes in flight before the receiver acknowledges
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
-REPAIR_DELAY = 0.25              # seconds a short stripe waits before a repair is asked for
+REPAIR_DELAY = 0.03              # seconds (at least; 3 RTT on slower links) a quiet file waits for a repair
+PROBE_DELAY = 0.1                # seconds (at least; 4 RTT on slower links) before an unacknowledged stripe is probed
+QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
+REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
 
 # Error frame codes and the exit codes they become (README: exit codes).
@@ -63,6 +70,13 @@ class RefusedError(ResyncError):
     """refused: {}"""
 
     exit_code = 13
+
+
+class BusyError(RefusedError):
+    """refused: {}"""
+
+    # Another device's transfer is writing the destination: the client
+    # retries (within --retry-for), then gives up with exit 13.
 
 
 def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: bytes, client_key: bytes,
@@ -156,6 +170,12 @@ class Session:
         self.stats["datagram_bytes_sent"] += sum(len(d) for d in out)
         return out
 
+    def observe_loss(self, lost: int, sent: int) -> None:
+        """The transport saw ``lost`` of ``sent`` datagrams lost (since its
+        last report): the sender sizes its parity by it."""
+        if isinstance(self.role, _Sender):
+            self.role.observe_loss(lost, sent)
+
     def next_timer(self) -> float | None:
         if self.finished or self.role is None:
             return None
@@ -212,7 +232,9 @@ class Session:
 
     def _peer_error(self, frame: F.Error) -> None:
         message = os.fsdecode(frame.message)
-        if frame.code in (E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY):
+        if frame.code == E_BUSY:
+            exc = BusyError(f"the peer says: {message}")
+        elif frame.code in (E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY):
             exc = RefusedError(f"the peer says: {message}")
         else:
             exc = ProtocolError(f"the peer says: {message}")
@@ -265,7 +287,8 @@ class Module:
 class ServerSession(Session):
     """The server's end: checks the client's proof and permissions, then
     becomes the receiver (a push) or the sender (a pull) of ``module/path``.
-    ``lock(path)`` takes the destination for this transfer (False: busy)."""
+    ``lock(path, session)`` takes the destination for this transfer
+    (False: another device's transfer holds it)."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None):
         super().__init__()
@@ -312,11 +335,11 @@ class ServerSession(Session):
         self.module = module
         self.target = os.path.join(module.path, rel) if rel else module.path
         options = Options.from_hello(h)
-        if h.push and self.lock is not None and not self.lock(self.target):
+        if h.push and self.lock is not None and not self.lock(self.target, self):
             self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running; try again later")
             return
         self.send(F.Welcome(WINDOW))
-        report = self.report_factory(self) if self.report_factory else None
+        report = self.report_factory(self) if self.report_factory and h.push else None
         if h.push:
             self.role = _Receiver(self, self.target, options, report, remote_items=True)
         else:
@@ -338,7 +361,7 @@ class _Outgoing:
     """One file being sent: its content's stripes, what was sent and acknowledged."""
 
     __slots__ = ("frame", "encoder", "next_stripe", "m", "acked", "repairs", "next_row", "closer", "sent_rows",
-                 "in_flight")
+                 "in_flight", "bytes_out", "sent_at")
 
     def __init__(self, frame: F.File, encoder: StripeEncoder | None, m: int, closer):
         self.frame, self.encoder, self.m, self.closer = frame, encoder, m, closer
@@ -346,8 +369,10 @@ class _Outgoing:
         self.in_flight = 0                      # bytes of its stripes sent and not acknowledged
         self.acked: set[int] = set()
         self.repairs: deque = deque()           # (stripe, indexes) to send
-        self.next_row: dict[int, int] = {}      # stripe -> next parity row not yet sent
+        self.next_row: dict[int, int] = {}      # stripe -> next shard index not yet sent
         self.sent_rows: dict[int, int] = {}     # stripe -> shards sent
+        self.bytes_out: dict[int, int] = {}     # stripe -> bytes counted in flight
+        self.sent_at: dict[int, float] = {}     # unacknowledged stripe -> when shards of it last went out
 
     @property
     def done(self) -> bool:
@@ -371,10 +396,13 @@ class _Sender:
         self.order: deque = deque()             # file ids in the order their shards go out
         self.in_flight = 0                      # bytes of stripes sent and not acknowledged
         self.k = DEFAULT_K
-        self.policy = ParityPolicy(self.k)
+        self.policy = ParityPolicy(self.k, mode="target", target=STRIPE_TARGET)
         self.shard_size = 1280
         self.sent_files = 0
         self.repair_shards = 0
+        self.probes = 0
+        self.spill: deque = deque()             # shards made but not yet handed out (over a call's limit)
+        self.last_ack = 0.0
         self.tmp = None
 
     # listing
@@ -441,7 +469,7 @@ class _Sender:
                 self.s.send(F.ListEnd())
                 break
             self.s.send(frame)
-        while self.wants and len(self.active) < 4:
+        while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window:
             self._start(self.wants.popleft())
 
     def frame(self, frame, now: float) -> None:
@@ -450,6 +478,7 @@ class _Sender:
                 raise ProtocolError(f"Want for directory {frame.dir_index}, which was not listed")
             self.wants.append(frame)
         elif isinstance(frame, F.Ack):
+            self.last_ack = now
             out = self.active.get(frame.file_id)
             if out is None:
                 return
@@ -458,10 +487,12 @@ class _Sender:
                     raise ProtocolError(f"Ack of stripe {s} of file {frame.file_id}: no such stripe")
                 if s not in out.acked and s < out.next_stripe:
                     out.acked.add(s)
-                    out.in_flight -= self._stripe_bytes(out)
-                    self.in_flight -= self._stripe_bytes(out)
-                    sent = out.sent_rows.pop(s, out.encoder.k + out.m)
-                    self.policy.observe(max(0, sent - out.encoder.k - out.m), sent)
+                    n = out.bytes_out.pop(s, 0)
+                    out.in_flight -= n
+                    self.in_flight -= n
+                    out.sent_rows.pop(s, None)
+                    out.next_row.pop(s, None)
+                    out.sent_at.pop(s, None)
                     out.encoder.forget(s)
             self._retire(out)
         elif isinstance(frame, F.Repair):
@@ -469,14 +500,15 @@ class _Sender:
             if out is None or out.encoder is None:
                 return
             for s, need in frame.needs:
-                if s >= out.encoder.stripes or need > out.encoder.k:
+                if s >= out.encoder.stripes or not 0 < need <= out.encoder.geometry(s)[0]:
                     raise ProtocolError(f"Repair of stripe {s} of file {frame.file_id}: out of range")
                 if s in out.acked or s >= out.next_stripe:
                     continue
-                first = out.next_row.get(s, out.encoder.k + out.m)
-                rows = list(range(first, min(first + need + 1, 256)))        # one spare
+                d = out.encoder.geometry(s)[0]
+                first = out.next_row.get(s, d + self._parity(out, s))
+                rows = list(range(first, min(first + need + 1, MAX_SHARDS)))  # one spare
                 if len(rows) < need:
-                    rows = list(range(out.encoder.k))                         # parity exhausted: the data again
+                    rows = list(range(d))                                     # parity exhausted: the data again
                 out.next_row[s] = first + len(rows)
                 out.repairs.append((s, rows))
                 self.repair_shards += len(rows)
@@ -490,7 +522,7 @@ class _Sender:
                 result = json.loads(frame.stats)
             except ValueError:
                 raise ProtocolError("Done: statistics are not JSON") from None
-            result.update(files_sent=self.sent_files, repair_shards=self.repair_shards,
+            result.update(files_sent=self.sent_files, repair_shards=self.repair_shards, probes=self.probes,
                           parity=self.policy.m, loss_estimate=round(self.policy.loss, 4))
             self.close()
             self.s.finish(result)
@@ -499,8 +531,25 @@ class _Sender:
         else:
             raise ProtocolError(f"{type(frame).__name__} is not for the sender")
 
-    def _stripe_bytes(self, out: _Outgoing) -> int:
-        return (out.encoder.k + out.m) * out.encoder.size
+    def _parity(self, out: _Outgoing, stripe: int) -> int:
+        """Parity shards sent with ``stripe`` of ``out``: the file's m for a
+        full stripe; for a shortened one (d < k data shards: a small file, a
+        file's tail) the fewest that keep its chance of needing a repair
+        below STRIPE_TARGET at the estimated loss — none on a link that has
+        lost nothing (a small file would double), at least one otherwise."""
+        d = out.encoder.geometry(stripe)[0]
+        if d == out.encoder.k:
+            return out.m
+        if self.policy.loss < LOSSLESS:
+            return 0
+        from ..erasure.policy import parity_for_target
+        return max(1, min(out.m, parity_for_target(d, self.policy.loss, STRIPE_TARGET)))
+
+    def observe_loss(self, lost: int, sent: int) -> None:
+        """The transport's count of datagrams lost among those sent since its
+        last report: the parity of the next files follows it."""
+        if sent > 0:
+            self.policy.observe(min(lost, sent), sent)
 
     def _retire(self, out: _Outgoing, force: bool = False) -> None:
         if (out.done or force) and self.active.pop(out.frame.file_id, None) is not None:
@@ -594,8 +643,11 @@ class _Sender:
 
     def datagrams(self, now: float, limit: int) -> list[bytes]:
         """Up to ``limit`` shard datagrams: repairs first, then new stripes
-        while fewer than ``window`` bytes of content are unacknowledged."""
+        while fewer than ``window`` bytes of content are unacknowledged
+        (shards of a stripe beyond ``limit`` wait for the next call)."""
         out: list[bytes] = []
+        while self.spill and len(out) < limit:
+            out.append(self.spill.popleft())
         for fid in list(self.order):
             o = self.active.get(fid)
             if o is None:
@@ -606,26 +658,62 @@ class _Sender:
                 if s in o.acked:
                     continue
                 out += o.encoder.shards(s, rows)
-                o.sent_rows[s] = o.sent_rows.get(s, o.encoder.k + o.m) + len(rows)
+                o.sent_rows[s] = o.sent_rows.get(s, 0) + len(rows)
+                o.sent_at[s] = now
         for fid in list(self.order):
             o = self.active.get(fid)
             if o is None:
                 continue
             while o.next_stripe < o.encoder.stripes and len(out) < limit and self.in_flight < self.window:
                 s = o.next_stripe
-                out += o.encoder.shards(s, range(o.encoder.k + o.m))
+                d, size = o.encoder.geometry(s)
+                n = d + self._parity(o, s)
+                out += o.encoder.shards(s, range(n))
+                o.sent_rows[s] = n
+                o.sent_at[s] = now
                 o.next_stripe += 1
-                o.in_flight += self._stripe_bytes(o)
-                self.in_flight += self._stripe_bytes(o)
+                o.bytes_out[s] = n * size
+                o.in_flight += n * size
+                self.in_flight += n * size
             if len(out) >= limit or self.in_flight >= self.window:
                 break
+        if len(out) > limit:
+            self.spill.extend(out[limit:])
+            del out[limit:]
         return out
 
+    def _probe_delay(self) -> float:
+        return max(PROBE_DELAY, 4 * self.s.rtt)
+
     def next_timer(self) -> float | None:
-        return None
+        """When an unacknowledged stripe is due for a probe."""
+        first = min((min(o.sent_at.values()) for o in self.active.values() if o.sent_at), default=None)
+        if first is None:
+            return None
+        delay = self._probe_delay()
+        return max(first + delay, min(self.last_ack + delay / 2, first + QUIET_FACTOR * delay))
 
     def timer(self, now: float) -> None:
-        pass
+        """Tail-loss probe: a stripe sent a probe delay ago and still not
+        acknowledged gets one more parity shard. The receiver asks for repairs
+        of stripes it has seen shards of; a stripe lost whole (a small file's
+        one or two datagrams, the last stripes of a file) it cannot know of —
+        the probe makes it known. While acknowledgements flow the receiver
+        is alive and asking for itself: then only a stripe unacknowledged for
+        QUIET_FACTOR probe delays is probed."""
+        delay = self._probe_delay()
+        acks_flow = self.last_ack + delay / 2 > now           # (the sums next_timer computes)
+        for o in self.active.values():
+            for s, t in list(o.sent_at.items()):
+                if t + (QUIET_FACTOR * delay if acks_flow else delay) > now or s in o.acked:
+                    continue
+                d = o.encoder.geometry(s)[0]
+                row = o.next_row.get(s, d + self._parity(o, s))
+                rows = [row] if row < MAX_SHARDS else list(range(d))
+                o.next_row[s] = row + 1 if row < MAX_SHARDS else row
+                o.repairs.append((s, rows))
+                o.sent_at[s] = now
+                self.probes += 1
 
     def abort(self) -> None:
         self.close()
@@ -647,7 +735,7 @@ class _Incoming:
     """One wanted file: where it goes, and its content as it arrives."""
 
     __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
-                 "last_shard", "asked")
+                 "last_shard", "next_look", "asked")
 
     def __init__(self, path: str, rel: str, entry, prev, code: str):
         self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
@@ -657,6 +745,7 @@ class _Incoming:
         self.tmp = ""
         self.started = time.monotonic()
         self.last_shard = 0.0
+        self.next_look = 0.0                   # when the repair timer next looks at it
         self.asked: dict[int, float] = {}      # stripe -> when a repair was last asked for
 
 
@@ -693,14 +782,17 @@ class _Receiver:
         self.dir_attrs: list = []              # (path, entry, prev) for the end
         self.root_prev = None
         self.wanted: dict[int, _Incoming] = {}
+        self.receiving: dict[int, _Incoming] = {}     # wanted files whose File frame came: content arriving
         self.next_id = 0
         self.listed = False
         self.to_place: list = []
         self.acks: dict[int, list[int]] = {}
         self.repairs_asked = 0
+        self.last_datagram = 0.0
         self.corrupt_shards = 0
         self.root_attrs = None
         self.finished_here = False
+        self.started = time.monotonic()
 
     def _same_content(self, path: str, dst_fd: int, name: str) -> bool:
         from ..content import hash_fd
@@ -846,11 +938,13 @@ class _Receiver:
             raise ProtocolError(f"File {frame.file_id}: not a regular file's mode")
         inc.fd, inc.tmp = self.apply.stage_open()
         inc.last_shard = now
+        inc.next_look = now + self._delay()
         if frame.length:
             os.ftruncate(inc.fd, frame.length)
         fd = inc.fd
         inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size,
                                         lambda off, data: _pwrite_all(fd, data, off))
+        self.receiving[frame.file_id] = inc
         if inc.assembler.complete:
             self._complete(frame.file_id, now)
 
@@ -862,18 +956,34 @@ class _Receiver:
         inc = self.wanted.get(fid)
         if inc is None or inc.assembler is None:
             return                              # late or duplicate shards of a finished file
-        inc.last_shard = now
+        inc.last_shard = self.last_datagram = now
+        inc.next_look = now + self._delay()
         if inc.assembler.add(stripe, index, payload):
             self.acks.setdefault(fid, []).append(stripe)
             inc.asked.pop(stripe, None)
             if inc.assembler.complete:
                 self._complete(fid, now)
+            elif stripe >= REPAIR_LAG:
+                self._ask(fid, inc, inc.assembler.lagging(stripe - REPAIR_LAG), now)
+
+    def _ask(self, fid: int, inc: _Incoming, short, now: float) -> None:
+        """Ask for the shards ``short`` stripes still need, each stripe at most
+        once per repair delay."""
+        delay = self._delay()
+        needs = [(s, n) for s, n in short if now - inc.asked.get(s, -1e9) >= delay]
+        if needs:
+            for s, _ in needs:
+                inc.asked[s] = now
+            self.repairs_asked += len(needs)
+            for lo in range(0, len(needs), 4096):
+                self.s.send(F.Repair(fid, tuple(needs[lo:lo + 4096])))
 
     def _complete(self, fid: int, now: float) -> None:
         """All of a file's content is in: check it (a delta is applied to
         the old copy first) and keep it for the next placing."""
         from ..content import ContentError
         inc = self.wanted.pop(fid)
+        self.receiving.pop(fid, None)
         f = inc.frame
         attrs = (f.mode, f.seconds * 10**9 + f.nanoseconds, f.uid, f.gid)
         action = "new" if inc.prev is None else "update"
@@ -903,6 +1013,7 @@ class _Receiver:
 
     def _drop(self, fid: int, keep_old: bool) -> None:
         inc = self.wanted.pop(fid, None)
+        self.receiving.pop(fid, None)
         if inc is None:
             return
         if inc.fd >= 0:
@@ -977,44 +1088,41 @@ class _Receiver:
             dirs.insert(0, ("", self.root_attrs, self.root_prev))
         apply.finish_dirs(dirs)
         apply.close()
+        self.stats.duration = time.monotonic() - self.started
         result = self.stats.as_dict()
         result["repairs_asked"] = self.repairs_asked
         result["corrupt_shards"] = self.corrupt_shards
         self.result = result
         self.s.send(F.Done(json.dumps(result).encode()))
-        if isinstance(self.s, ClientSession):
-            self.s.finish(result)            # a pulling client is done once the tree is
-        else:
-            self.s.result = result
+        self.s.result = result                # finished when the sender's Bye arrives
 
     def _delay(self) -> float:
-        return max(REPAIR_DELAY, 2 * self.s.rtt)
+        return max(REPAIR_DELAY, 3 * self.s.rtt)
 
     def next_timer(self) -> float | None:
         """When a file's content may need a repair: a delay after its last
         shard (or its last check)."""
-        busy = [inc.last_shard for inc in self.wanted.values() if inc.assembler is not None]
-        return min(busy) + self._delay() if busy else None
+        return min((inc.next_look for inc in self.receiving.values()), default=None)
 
     def timer(self, now: float) -> None:
-        """Ask again for what stays short: stripes below the highest one seen
-        that are incomplete, and everything once a file has been quiet; each
-        stripe at most once per delay."""
+        """Ask for what a quiet file still lacks (stripes overtaken by later
+        ones are asked for as soon as that happens, in ``shard``). A file is
+        quiet when no shard of it came for the repair delay and none of any
+        file for half of it — after a stall of this process, the timer fires
+        before the shards waiting in the socket are read — or when none of it
+        came for QUIET_FACTOR delays while others flow."""
         delay = self._delay()
-        for fid, inc in self.wanted.items():
+        link_quiet = self.last_datagram + delay / 2 <= now
+        for fid, inc in self.receiving.items():
             a = inc.assembler
-            if a is None or inc.last_shard + delay > now:       # (as next_timer computes it)
+            if inc.next_look > now:
                 continue
-            top = a.highest_seen()
-            needs = [(s, n) for s, n in a.short() if now - inc.asked.get(s, -1e9) >= delay]
-            del top
-            inc.last_shard = now                # checked: the next look is a delay away
-            if needs:
-                for s, _ in needs:
-                    inc.asked[s] = now
-                self.repairs_asked += len(needs)
-                for lo in range(0, len(needs), 4096):
-                    self.s.send(F.Repair(fid, tuple(needs[lo:lo + 4096])))
+            if not link_quiet and inc.last_shard + QUIET_FACTOR * delay > now:
+                inc.next_look = now + delay / 2
+                continue
+            inc.next_look = now + delay         # checked: the next look is a delay away
+            top = a.highest_seen()              # (beyond it: not sent yet, or lost whole: the sender probes)
+            self._ask(fid, inc, [(s, n) for s, n in a.short() if s <= top], now)
 
     def abort(self) -> None:
         for fid in list(self.wanted):

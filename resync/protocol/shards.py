@@ -1,14 +1,19 @@
 """A file's content as Reed-Solomon stripes, one shard per QUIC datagram.
 
 The content (a file, or a delta) is cut into stripes of ``k`` data shards of
-``size`` bytes (the last stripe zero-padded); parity shard ``k + j`` is row
-``j`` of resync's Cauchy matrix (``resync.erasure``; row j does not depend on
-how many rows are sent, so a repair simply sends the next rows). Any k shards
-of a stripe rebuild it.
+``size`` bytes. The last stripe is shortened rather than padded: with ``r``
+bytes left it has ``d = ceil(r / size)`` data shards of ``ceil(r / d)`` bytes
+each (only the last one zero-padded, by fewer than d bytes), so a 100-byte file
+is one 100-byte data shard, not k shards of ``size`` (``geometry``).
+
+Shard indexes ``0 .. d-1`` of a stripe are its data shards; index ``d + j`` is
+parity row ``j`` of resync's Cauchy matrix for ``d`` data shards
+(``resync.erasure``; row j does not depend on how many rows are sent, so a
+repair simply sends the next rows). Any ``d`` shards rebuild the stripe.
 
 Datagram layout (little-endian)::
 
-    u8 0xD5 | u32 file id | u32 stripe | u16 shard index | 8s check | size bytes
+    u8 0xD5 | u32 file id | u32 stripe | u16 shard index | 8s check | shard bytes
 
 ``check`` is the first 8 bytes of BLAKE3 over the 11 header bytes before it
 and the shard: QUIC already protects packets on the wire, this catches a shard
@@ -41,6 +46,16 @@ def stripe_count(length: int, k: int, size: int) -> int:
     return -(-length // (k * size))
 
 
+def geometry(length: int, k: int, size: int, stripe: int) -> tuple[int, int]:
+    """(data shards, shard bytes) of ``stripe`` of ``length`` bytes of content:
+    (k, size) for every stripe but a shortened last one (see the module)."""
+    left = length - stripe * k * size
+    if left >= k * size:
+        return k, size
+    d = -(-left // size)
+    return d, -(-left // d)
+
+
 def parse(datagram: bytes) -> tuple[int, int, int, memoryview] | None:
     """(file id, stripe, index, payload) of a shard datagram, or None if it
     is not one or its check fails (a corrupt shard is a lost shard)."""
@@ -64,29 +79,36 @@ class StripeEncoder:
         self.stripes = stripe_count(self.length, k, size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}      # stripe -> (data, parity rows so far)
 
+    def geometry(self, stripe: int) -> tuple[int, int]:
+        """(data shards, shard bytes) of ``stripe``."""
+        return geometry(self.length, self.k, self.size, stripe)
+
     def _data(self, stripe: int) -> np.ndarray:
+        d, size = self.geometry(stripe)
         lo = stripe * self.k * self.size
-        chunk = self.content[lo:lo + self.k * self.size]
-        if chunk.shape[0] < self.k * self.size:
-            chunk = np.concatenate([chunk, np.zeros(self.k * self.size - chunk.shape[0], np.uint8)])
-        return np.ascontiguousarray(chunk).reshape(self.k, self.size)
+        chunk = self.content[lo:lo + d * size]
+        if chunk.shape[0] < d * size:
+            chunk = np.concatenate([chunk, np.zeros(d * size - chunk.shape[0], np.uint8)])
+        return np.ascontiguousarray(chunk).reshape(d, size)
 
     def shards(self, stripe: int, indexes) -> list[bytes]:
-        """Datagrams for ``indexes`` of ``stripe`` (< k data, >= k parity rows)."""
+        """Datagrams for ``indexes`` of ``stripe`` (< d: data, >= d: parity rows)."""
         if stripe in self._cache:
             data, parity = self._cache[stripe]
         else:
-            data, parity = self._data(stripe), np.zeros((0, self.size), np.uint8)
-        top = max(indexes) - self.k + 1
+            data = self._data(stripe)
+            parity = np.zeros((0, data.shape[1]), np.uint8)
+        d = data.shape[0]
+        top = max(indexes, default=0) - d + 1
         if top > parity.shape[0]:
             from ..erasure import ReedSolomon
-            if self.k + top > MAX_INDEX:
+            if d + top > MAX_INDEX:
                 raise ProtocolError(f"stripe {stripe}: more parity than GF(2^8) allows")
-            parity = ReedSolomon(self.k, top).encode(data)
+            parity = ReedSolomon(d, top).encode(data)
         self._cache[stripe] = (data, parity)
         out = []
         for i in indexes:
-            payload = data[i] if i < self.k else parity[i - self.k]
+            payload = data[i] if i < d else parity[i - d]
             head = HEAD.pack(MAGIC, self.file_id, stripe, i)
             out.append(head + _check(head, payload) + payload.tobytes())
         return out
@@ -115,9 +137,14 @@ class StripeAssembler:
         return len(self.done) == self.stripes
 
     def add(self, stripe: int, index: int, payload) -> bool:
-        """Take one shard; True when it completed its stripe."""
-        if stripe >= self.stripes or index >= MAX_INDEX or len(payload) != self.size:
+        """Take one shard; True when it completed its stripe. ProtocolError
+        for a shard that cannot belong to this file."""
+        if stripe >= self.stripes or index >= MAX_INDEX:
             raise ProtocolError(f"file {self.file_id}: shard {stripe}/{index} does not fit its file")
+        d, size = geometry(self.length, self.k, self.size, stripe)
+        if len(payload) != size:
+            raise ProtocolError(f"file {self.file_id}: shard {stripe}/{index} has {len(payload)} bytes, "
+                                f"not {size}")
         if stripe in self.done:
             self.duplicates += 1
             return False
@@ -127,33 +154,38 @@ class StripeAssembler:
             return False
         parts[index] = bytes(payload)
         self.received += 1
-        if len(parts) < self.k:
+        if len(parts) < d:
             return False
-        data = self._decode(parts)
+        data = self._decode(parts, d)
         del self._parts[stripe]
         self.done.add(stripe)
         lo = stripe * self.k * self.size
-        n = min(self.k * self.size, self.length - lo)
-        self.sink(lo, data.reshape(-1)[:n])
+        self.sink(lo, data.reshape(-1)[:min(d * size, self.length - lo)])
         return True
 
-    def _decode(self, parts: dict[int, bytes]) -> np.ndarray:
-        if all(i in parts for i in range(self.k)):
-            return np.frombuffer(b"".join(parts[i] for i in range(self.k)), np.uint8)
+    def _decode(self, parts: dict[int, bytes], d: int) -> np.ndarray:
+        if all(i in parts for i in range(d)):
+            return np.frombuffer(b"".join(parts[i] for i in range(d)), np.uint8)
         from ..erasure import ReedSolomon
         self.repaired += 1
-        top = max(parts) - self.k + 1
-        rs = ReedSolomon(self.k, max(top, 1))
-        shards = [parts.get(i) for i in range(rs.n)]
-        return rs.decode(shards)
+        rs = ReedSolomon(d, max(max(parts) - d + 1, 1))
+        return rs.decode([parts.get(i) for i in range(rs.n)])
 
-    def have(self, stripe: int) -> int:
-        """Shards held for ``stripe`` (k when it is done)."""
-        return self.k if stripe in self.done else len(self._parts.get(stripe, ()))
+    def need(self, stripe: int) -> int:
+        """Shards still needed to rebuild ``stripe`` (0 when it is done)."""
+        if stripe in self.done:
+            return 0
+        return geometry(self.length, self.k, self.size, stripe)[0] - len(self._parts.get(stripe, ()))
 
     def short(self) -> list[tuple[int, int]]:
         """(stripe, shards still needed) of every incomplete stripe."""
-        return [(s, self.k - len(self._parts.get(s, ()))) for s in range(self.stripes) if s not in self.done]
+        return [(s, self.need(s)) for s in range(self.stripes) if s not in self.done]
+
+    def lagging(self, below: int) -> list[tuple[int, int]]:
+        """(stripe, shards still needed) of incomplete stripes that some
+        shards arrived for, numbered below ``below``: stripes later ones have
+        overtaken, whose missing shards are most likely lost."""
+        return [(s, self.need(s)) for s in self._parts if s < below]
 
     def highest_seen(self) -> int:
         """The highest stripe any shard arrived for (-1: none yet)."""
