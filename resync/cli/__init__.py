@@ -11,8 +11,8 @@ import click
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError, StopSignal
 from .options import say
-from . import (delta_cmd, history_cmd, pack_cmd, patch_cmd, repair_cmd, signature_cmd, signature_tree_cmd,
-               sync_cmd, unpack_cmd, verify_cmd)
+from . import (delta_cmd, history_cmd, id_cmd, pack_cmd, patch_cmd, repair_cmd, serve_cmd, signature_cmd,
+               signature_tree_cmd, sync_cmd, unpack_cmd, verify_cmd)
 
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
@@ -32,14 +32,16 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version and which kernels run, then exit.")
 def cli() -> None:
-    """resync: mirror directory trees (sync), rsync-style file deltas
-    (signature, delta, patch) and parity-protected offline bundles
-    (signature-tree, pack, unpack, verify, repair).
+    """resync: mirror directory trees (sync, also to and from resync://
+    servers: serve, id), rsync-style file deltas (signature, delta, patch)
+    and parity-protected offline bundles (signature-tree, pack, unpack,
+    verify, repair).
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 file error, 4 invalid resync
-    file, 5 verification failed, 6 no space, 7 damaged beyond repair, 23 partial
-    transfer, 24 source files vanished, 25 deletion refused, 129 hangup, 130
-    interrupted, 143 terminated.
+    file, 5 verification failed, 6 no space, 7 damaged beyond repair, 10
+    connection failed, 12 protocol error, 13 refused (trust, module, busy), 23
+    partial transfer, 24 source files vanished, 25 deletion refused, 30 timed
+    out, 129 hangup, 130 interrupted, 143 terminated.
     """
 
 
@@ -53,6 +55,8 @@ cli.add_command(signature_tree_cmd.command)
 cli.add_command(pack_cmd.command)
 cli.add_command(unpack_cmd.command)
 cli.add_command(repair_cmd.command)
+cli.add_command(id_cmd.command)
+cli.add_command(serve_cmd.command)
 
 
 def _fail(message: str, code: int) -> None:

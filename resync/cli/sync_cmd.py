@@ -21,9 +21,37 @@ def _read_patterns(paths) -> list[str]:
     return patterns
 
 
+def _check_dir(path: str, must_exist: bool) -> None:
+    """A local SRC or DST: a directory (SRC must exist). UsageError (exit 2)."""
+    import os
+
+    from ..errors import UsageError
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise UsageError(f"Directory {path!r} is a file.")
+    if must_exist:
+        raise UsageError(f"Directory {path!r} does not exist.")
+
+
+def _rate(ctx, param, value):
+    """--bwlimit: bytes per second, with an optional K, M or G (powers of 1024)."""
+    if value is None:
+        return None
+    text = value.strip().upper().rstrip("B").rstrip("/S")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        rate = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected bytes per second, e.g. 500K or 10M") from None
+    if rate <= 0:
+        raise click.BadParameter(f"{value!r}: must be more than 0")
+    return rate
+
+
 @click.command("sync")
-@click.argument("src", type=click.Path(file_okay=False, exists=True, readable=False))
-@click.argument("dst", type=click.Path(file_okay=False))
+@click.argument("src")
+@click.argument("dst")
 @click.option("-c", "--checksum", is_flag=True, help="Compare files by BLAKE3, not by size and mtime.")
 @click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=True, show_default=True,
               help="Copy changed files whole (default for local copies), or rebuild them from the "
@@ -44,19 +72,44 @@ def _read_patterns(paths) -> list[str]:
 @json_option
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--peer-id", default=None, metavar="DEVICE-ID",
+              help="resync:// only: the server's device ID (else the known_peers file's).")
+@click.option("--accept-new", is_flag=True,
+              help="resync:// only: trust a server not yet known and record it in known_peers.")
+@click.option("--bwlimit", callback=_rate, default=None, metavar="RATE",
+              help="resync:// only: send at most RATE bytes per second (K, M, G suffixes).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True, metavar="SECONDS",
+              help="resync:// only: give up when the server has sent nothing for this long.")
+@click.option("--retry-for", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
+              help="resync:// only: retry a lost connection (backoff 1 s to 60 s) for this long.")
 @history_options
 def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
-            itemize, show_progress, as_json, verbose, quiet, history_path, no_history):
-    """Mirror directory SRC into DST, like rsync -a SRC/ DST/.
+            itemize, show_progress, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for,
+            history_path, no_history):
+    """Mirror directory SRC into DST, like rsync -a SRC/ DST/. Either may be
+    a server's directory, resync://HOST[:PORT]/MODULE[/PATH] (resync serve):
+    a push or a pull over QUIC, deltas and parity-protected shards.
 
-    Example: resync sync --delete -i photos/ /backup/photos/
+    Examples: resync sync --delete -i photos/ /backup/photos/;
+    resync sync photos/ resync://siteb:8730/backup/photos --peer-id SERVER-ID
     """
     import json
+    import os
+
+    from ..net.url import parse_url
+    remote_src, remote_dst = parse_url(src), parse_url(dst)
+    if remote_src is None:
+        _check_dir(src, must_exist=True)
+    if remote_dst is None:
+        _check_dir(dst, must_exist=False)
+    if remote_src is not None or remote_dst is not None:
+        from .remote import remote_sync
+        return remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete,
+                           list(excludes) + _read_patterns(exclude_files), dry_run, itemize, as_json, verbose,
+                           quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history)
 
     from ..errors import DeletionRefusedError, PartialTransferError, VanishedError
     from ..sync import Syncer, SyncOptions
-
-    import os
 
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)

@@ -1,0 +1,105 @@
+"""``resync sync`` when SRC or DST is a resync:// URL: a push or a pull."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+from .options import human, printable, say
+
+
+class _Lines:
+    """Prints what happens at the other end (a push: the server applies)."""
+
+    def __init__(self, itemize: bool, quiet: bool, stream):
+        self.itemize, self.quiet, self.stream = itemize, quiet, stream
+
+    def remote(self, frame) -> None:
+        from ..protocol.frames import ITEM_LINE
+        text = os.fsdecode(frame.text)
+        if frame.kind == ITEM_LINE:
+            if self.itemize and not self.quiet:
+                print(printable(text), file=self.stream)
+        else:
+            print(printable(f"resync: error: {text}"), file=sys.stderr, flush=True)
+
+
+def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete, patterns, dry_run,
+                itemize, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path,
+                no_history):
+    from ..errors import DeletionRefusedError, PartialTransferError, UsageError, VanishedError
+    from ..identity import load_identity
+    from ..net.client import run
+    from ..protocol.session import Options
+    if remote_src is not None and remote_dst is not None:
+        raise UsageError("one of SRC and DST must be a local directory")
+    push = remote_dst is not None
+    remote, local = (remote_dst, src) if push else (remote_src, dst)
+    identity = load_identity(create=True)
+    options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=False, itemize=itemize,
+                      max_delete=max_delete, excludes=patterns)
+    del whole_file                      # over the network, changed files always travel as deltas
+    item_stream = sys.stderr if as_json else sys.stdout
+    record = not (dry_run or no_history)
+    recorder = None
+    if record:
+        from ..store.recorder import RunRecorder
+        recorder = RunRecorder(history_path, "sync", src if not push else os.path.abspath(src),
+                               dst if push else os.path.abspath(dst))
+    if push:
+        report = _Lines(itemize, quiet, item_stream)
+    else:
+        from ..report import Report, RunStats
+
+        def on_item(line: str) -> None:
+            if itemize and not quiet:
+                print(printable(line), file=item_stream)
+
+        def on_error(message: str) -> None:
+            print(printable(f"resync: error: {message}"), file=sys.stderr, flush=True)
+        report = Report(RunStats(), on_item, on_error, recorder.file if recorder else None,
+                        recorder.entry if recorder else None, dry_run=dry_run)
+    try:
+        session = run(remote, identity, push, local, options, report, peer_id=peer_id, accept_new=accept_new,
+                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for,
+                      on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
+                                                                       err=True))
+    except BaseException:
+        if recorder is not None:
+            recorder.finish("failed", None)
+        raise
+    result = dict(session.result)
+    result["peer"] = str(remote)
+    result.update(session.stats)                # the protocol's bytes: control stream and shards
+    wire = getattr(session, "transport", {})
+    result.update(wire)                         # UDP payload bytes and packets, QUIC's losses and RTT
+    result["bytes_on_wire_sent"] = wire.get("udp_bytes_sent", 0)
+    result["bytes_on_wire_received"] = wire.get("udp_bytes_received", 0)
+    if recorder is not None:
+        from ..report import RunStats
+        stats = RunStats()
+        for k, v in result.items():
+            if hasattr(stats, k):
+                setattr(stats, k, v)
+        status = ("partial" if stats.errors else "refused" if stats.deletion_refused
+                  else "vanished" if stats.vanished else "ok")
+        recorder.finish(status, stats)
+    item_stream.flush()
+    if as_json:
+        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    if verbose and not quiet:
+        say(f"sync: {result.get('files', 0)} files, {result.get('dirs', 0)} dirs scanned "
+            f"({human(result.get('bytes_scanned', 0))}); {result.get('files_transferred', 0)} transferred "
+            f"({human(result.get('bytes_transferred', 0))}, {human(result.get('bytes_matched', 0))} reused), "
+            f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
+            f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
+            f"over QUIC with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
+    total = sum(result.get(k, 0) for k in ("files", "dirs", "symlinks", "specials"))
+    if result.get("errors"):
+        extra = f"; {result['deletion_refused']}" if result.get("deletion_refused") else ""
+        raise PartialTransferError(result["errors"], total, extra)
+    if result.get("deletion_refused"):
+        raise DeletionRefusedError(result["deletion_refused"])
+    if result.get("vanished"):
+        raise VanishedError(result["vanished"])

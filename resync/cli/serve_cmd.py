@@ -1,0 +1,91 @@
+import click
+
+from .options import history_options
+
+
+def _load_config(path: str) -> dict:
+    import tomllib
+
+    from ..errors import FileError, UsageError
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise FileError.from_os(path, exc) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict:
+    """Modules from the config file and the flags; every client ID checked."""
+    import os
+
+    from ..errors import UsageError
+    from ..identity import parse_device_id
+    from ..protocol.session import Module
+    default_allow = [parse_device_id(i) for i in list(config.get("allow", [])) + list(allow)]
+    out = {}
+    for name, m in (config.get("modules") or {}).items():
+        if not isinstance(m, dict) or "path" not in m:
+            raise UsageError(f"module {name!r}: needs a path")
+        ids = [parse_device_id(i) for i in m.get("allow", [])] or default_allow
+        out[name] = Module(name, os.path.abspath(m["path"]), bool(m.get("read_only", False)), ids)
+    for spec in flags:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise UsageError(f"--module {spec!r}: expected NAME=PATH")
+        out[name] = Module(name, os.path.abspath(path), name in read_only, default_allow)
+    unknown = set(read_only) - set(out)
+    if unknown:
+        raise UsageError(f"--read-only {sorted(unknown)[0]!r}: no such module")
+    if not out:
+        raise UsageError("nothing to serve: give --module NAME=PATH or a --config file with [modules]")
+    for m in out.values():
+        if not os.path.isdir(m.path):
+            raise UsageError(f"module {m.name!r}: {m.path} is not a directory")
+        if not m.allowed:
+            raise UsageError(f"module {m.name!r}: no client allowed (--allow DEVICE-ID, or allow = [...])")
+    return out
+
+
+@click.command("serve")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Address to listen on (default 0.0.0.0:8730, or the config's listen).")
+@click.option("--module", "modules", multiple=True, metavar="NAME=PATH",
+              help="Offer directory PATH as module NAME; repeatable.")
+@click.option("--read-only", "read_only", multiple=True, metavar="NAME",
+              help="Clients may only pull from module NAME; repeatable.")
+@click.option("--allow", multiple=True, metavar="DEVICE-ID",
+              help="A client allowed on the modules given by --module (and on config modules without "
+                   "their own allow list); repeatable.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A TOML file: listen, history, allow, [modules.NAME] path / read_only / allow.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
+@history_options
+def command(listen, modules, read_only, allow, config_path, config_dir, history_path, no_history):
+    """Serve directories to resync clients over QUIC, in the foreground
+    (for systemd or cron): one line per connection on stderr; SIGTERM stops
+    it, removing what transfers in flight had staged.
+
+    Example: resync serve --listen 0.0.0.0:8730 --module backup=/srv/backup --allow CLIENT-ID
+    """
+    import asyncio
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..identity import load_identity
+    from ..net import DEFAULT_PORT
+    from ..net.server import serve
+    config = _load_config(config_path) if config_path else {}
+    mods = _modules(config, modules, read_only, allow)
+    listen = listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}"
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    identity = load_identity(Path(config_dir) if config_dir else None, create=True)
+    history = None
+    if not no_history:
+        from ..store import default_path
+        history = history_path or config.get("history") or str(default_path())
+    asyncio.run(serve(host.strip("[]") or "0.0.0.0", int(port), mods, identity, history))

@@ -1,0 +1,132 @@
+"""``resync sync`` to or from ``resync://HOST[:PORT]/MODULE[/PATH]``.
+
+The client connects (QUIC, TLS 1.3), checks the key in the server's
+certificate against the device ID it pins (``--peer-id``, or the
+``known_peers`` file; ``--accept-new`` records an unknown server on first
+use, as ssh's accept-new) before it sends anything, then runs one protocol
+session: a push (the client sends its tree) or a pull (it receives). A lost
+connection is retried with exponential backoff and jitter (1 s doubling to a
+60 s cap) until ``--timeout`` has passed without progress.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from ..errors import ConnectionFailed, TimedOut
+from ..protocol.session import BusyError, ClientSession, Options, RefusedError
+from .link import SessionLink, TokenBucket, configuration
+from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
+
+
+def pinned_certificate(link: SessionLink) -> bytes:
+    """The DER certificate the server presented in this connection's TLS
+    handshake (aioquic keeps it on its TLS context; there is no public
+    accessor)."""
+    from cryptography.hazmat.primitives import serialization
+    cert = getattr(getattr(link._quic, "tls", None), "_peer_certificate", None)
+    if cert is None:
+        raise ConnectionFailed("the server presented no certificate (or this aioquic hides it)")
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_new: bool,
+                 known_peers=None) -> str:
+    """The server's device ID, if it is the one pinned for it. RefusedError
+    (exit 13) showing both IDs if not, or if nothing is pinned and
+    ``accept_new`` is off."""
+    from ..identity import certificate_device_id, lookup_peer, parse_device_id, remember_peer
+    got = certificate_device_id(cert_der)
+    want = parse_device_id(peer_id) if peer_id else lookup_peer(remote.address, known_peers)
+    if want is None:
+        if not accept_new:
+            raise RefusedError(f"{remote.address} is not a known peer (its device ID is {got}); pass "
+                               f"--peer-id {got} after checking it with the server's owner, or --accept-new")
+        remember_peer(remote.address, got, known_peers)
+        return got
+    if want != got:
+        raise RefusedError(f"{remote.address} presented device ID {got}, but {want} is pinned for it "
+                           "(another server, or its key changed); nothing sent")
+    return got
+
+
+async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
+                timeout: float, bwlimit: float | None, known_peers, progress: dict) -> ClientSession:
+    from aioquic.asyncio import connect
+    config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
+    try:
+        async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
+                           wait_connected=False) as link:
+            link.transmit()                         # connect() left the ClientHello unsent
+            try:
+                await asyncio.wait_for(link.wait_connected(), timeout)
+            except asyncio.TimeoutError:
+                waiter = getattr(link, "_connected_waiter", None)       # fails later, as the link closes:
+                if waiter is not None:                                   # nobody else will look at it
+                    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise TimedOut(f"{remote.address} did not answer within {timeout:.0f} s") from None
+            except ConnectionError:
+                raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
+            cert = pinned_certificate(link)
+            progress["server_id"] = check_server(remote, cert, peer_id, accept_new, known_peers)
+            session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report)
+            if bwlimit:
+                link.bucket = TokenBucket(bwlimit)
+            done = asyncio.Event()
+            link.on_session_done = done.set
+            link.start(session, link._quic.get_next_available_stream_id())
+            while not done.is_set():
+                try:
+                    await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(done.wait())), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+                if link.closed_event.is_set() and not session.finished:
+                    session.connection_lost(link.close_reason)
+                    break
+                if time.monotonic() - link.last_progress > timeout:
+                    raise TimedOut(f"no data from {remote.address} for {timeout:.0f} s")
+                progress["moved"] = link.last_progress
+            link.drive()
+            session.transport = link.transport_stats()
+            # the receiver closes once it has the sender's Bye; a sender waits for that close
+            if not push or session.error is not None:
+                link.close()
+            else:
+                try:
+                    await asyncio.wait_for(link.closed_event.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    link.close()
+            return session
+    except OSError as exc:
+        raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
+
+
+def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
+        accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
+        known_peers=None, on_retry=None) -> ClientSession:
+    """One transfer, retried after a lost or silent connection, or while the
+    destination is busy with another device's transfer (backoff 1 s doubling
+    to 60 s, with jitter) for at most ``retry_for`` seconds; ``on_retry(why,
+    seconds)`` is told of each wait. Raises the last error (other refusals
+    and protocol errors are never retried)."""
+    delay, started = 1.0, time.monotonic()
+    while True:
+        progress: dict = {}
+        try:
+            session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
+                                        timeout, bwlimit, known_peers, progress))
+        except (ConnectionFailed, TimedOut) as exc:
+            error = exc
+        else:
+            if session.error is None:
+                return session
+            error = session.error
+            if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
+                raise error
+        wait = delay * random.uniform(0.5, 1.0)
+        if time.monotonic() - started + wait > retry_for:
+            raise error
+        if on_retry is not None:
+            on_retry(str(error), wait)
+        time.sleep(wait)
+        delay = min(delay * 2, 60.0)

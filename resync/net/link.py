@@ -1,0 +1,258 @@
+"""A protocol session carried by one QUIC connection (aioquic), both ends.
+
+The pump is thin (aioquic's asyncio layer is the model): what arrives on the
+control stream or as a datagram goes into the session with the loop's time;
+after every event the session's control bytes are written to the stream, its
+shard datagrams handed to QUIC while QUIC's own datagram queue is short (QUIC
+paces and congestion-controls them; resync's window and acknowledgements
+bound how far the sender runs ahead), and the session's timer is armed.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import socket
+import ssl
+import struct
+import termios
+import time
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+
+from . import ALPN
+from .congestion import NAME as RATE_CONTROLLER
+from .congestion import install_pacer
+
+MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
+DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
+LOSS_SAMPLE = 100                # packets per loss report to the session (a moving average's sample)
+TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
+SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
+FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
+
+
+def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> QuicConfiguration:
+    """QUIC settings for either end: TLS with this machine's self-signed
+    certificate; the client does not check the server's certificate against
+    any CA (it pins the server's key itself, see client.pinned_certificate)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: F401  (aioquic needs cryptography)
+    config = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
+                               max_datagram_frame_size=65536, max_datagram_size=MAX_DATAGRAM_SIZE,
+                               max_data=FLOW_WINDOW, max_stream_data=FLOW_WINDOW,
+                               congestion_control_algorithm=RATE_CONTROLLER)
+    config.certificate = identity.certificate
+    config.private_key = identity.private_key
+    if is_client:
+        config.verify_mode = ssl.CERT_NONE
+        config.server_name = "resync"
+    return config
+
+
+class TokenBucket:
+    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a second."""
+
+    def __init__(self, rate: float):
+        self.rate, self.tokens, self.last = float(rate), float(rate) / 10, time.monotonic()
+
+    def allow(self, want: int, size: int) -> int:
+        now = time.monotonic()
+        self.tokens = min(self.rate / 10, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        n = min(want, int(self.tokens // max(size, 1)))
+        self.tokens -= n * size
+        return max(n, 0)
+
+    def refund(self, size: int) -> None:
+        """Tokens taken by ``allow`` but not used."""
+        self.tokens += size
+
+
+def _grow_buffers(sock) -> None:
+    """Socket buffers of SOCKET_BUFFER bytes: a burst of shards waits in the
+    kernel while Python is busy instead of being dropped (root may exceed
+    net.core.rmem_max; others get what it allows)."""
+    if sock is None:
+        return
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
+
+
+class _CountingTransport:
+    """The UDP transport, counting what is sent through it."""
+
+    def __init__(self, transport, counts: dict):
+        self._t, self._counts = transport, counts
+
+    def sendto(self, data, addr=None) -> None:
+        self._counts["udp_bytes_sent"] += len(data)
+        self._counts["udp_packets_sent"] += 1
+        self._t.sendto(data, addr)
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
+class SessionLink(QuicConnectionProtocol):
+    """One connection's pump. ``session`` is set by whoever owns the link
+    (the server when the connection arrives, the client once the server's
+    key is checked); ``closed`` is set when the connection ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        install_pacer(self._quic)
+        self.session = None
+        self.stream_id: int | None = None
+        self.bucket: TokenBucket | None = None
+        self.closed_event = asyncio.Event()
+        self.close_reason = ""
+        self._session_timer = None
+        self._session_timer_at = None
+        self._timer_due = None
+        self.on_session_done = None
+        self.last_progress = time.monotonic()
+        self._sent_seen = self._lost_seen = 0
+        self._starved = False
+        self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
+                    "udp_packets_received": 0}
+
+    def connection_made(self, transport) -> None:
+        _grow_buffers(transport.get_extra_info("socket"))
+        super().connection_made(_CountingTransport(transport, self.udp))
+
+    def datagram_received(self, data, addr) -> None:
+        self.udp["udp_bytes_received"] += len(data)
+        self.udp["udp_packets_received"] += 1
+        super().datagram_received(data, addr)
+
+    def _socket_waiting(self) -> bool:
+        """Whether a packet waits in the UDP socket (FIONREAD)."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+        except OSError:
+            return False
+
+    def transport_stats(self) -> dict:
+        """What crossed the wire: UDP payload bytes and packets both ways,
+        QUIC's count of packets it declared lost, its smoothed RTT (ms)."""
+        out = dict(self.udp)
+        loss = getattr(self._quic, "_loss", None)
+        cc = getattr(loss, "_cc", None)
+        out["packets_lost"] = getattr(cc, "packets_lost", 0)
+        out["rtt_ms"] = round((getattr(loss, "_rtt_smoothed", 0) or 0) * 1000, 2)
+        return out
+
+    def start(self, session, stream_id: int) -> None:
+        self.session, self.stream_id = session, stream_id
+        self.drive()
+
+    def quic_event_received(self, event) -> None:
+        """Feed the session. aioquic calls ``transmit`` after the events of
+        each packet, which sends whatever the session has to say."""
+        now = self._loop.time()
+        if isinstance(event, events.StreamDataReceived):
+            if self.stream_id is None:
+                self.stream_id = event.stream_id
+            if self.session is not None and event.stream_id == self.stream_id and event.data:
+                self.last_progress = time.monotonic()
+                self.session.receive_stream(event.data, now)
+        elif isinstance(event, events.DatagramFrameReceived):
+            if self.session is not None:
+                self.last_progress = time.monotonic()
+                self.session.receive_datagram(event.data, now)
+        elif isinstance(event, events.ConnectionTerminated):
+            self.close_reason = event.reason_phrase or f"closed by the peer (error {event.error_code})"
+            if self.session is not None and not self.session.finished:
+                self.session.connection_lost(self.close_reason)
+            self.closed_event.set()
+
+    def drive(self) -> None:
+        """Send what the session has (outside aioquic's own calls: at the
+        start, from the session's timer, when the owner changed something)."""
+        self.transmit()
+
+    def transmit(self) -> None:
+        """Move the session's control bytes to the stream and top up QUIC's
+        datagram queue with its shards, let aioquic send, and arm the
+        session's timer. aioquic calls this after every packet received and
+        every timer of its own, pacing included, so the queue is refilled as
+        fast as QUIC drains it."""
+        s = self.session
+        if s is None:
+            super().transmit()
+            return
+        now = self._loop.time()
+        loss = getattr(self._quic, "_loss", None)
+        rtt = getattr(loss, "_rtt_smoothed", 0) or 0
+        if rtt:
+            s.rtt = rtt
+        cc = getattr(loss, "_cc", None)
+        if cc is not None and hasattr(cc, "packets_lost"):
+            sent, lost = cc.packets_sent, cc.packets_lost
+            if sent >= self._sent_seen + LOSS_SAMPLE:
+                s.observe_loss(lost - self._lost_seen, sent - self._sent_seen)
+                self._sent_seen, self._lost_seen = sent, lost
+        if not s.finished and self.stream_id is not None:
+            pending = getattr(self._quic, "_datagrams_pending", ())
+            room = DATAGRAM_QUEUE - len(pending)
+            self._starved = False
+            if room > 0 and self.bucket is not None:
+                allowed = self.bucket.allow(room, MAX_DATAGRAM_SIZE)
+                self._starved = allowed < room
+                room = allowed
+            if room > 0:
+                out = s.datagrams_to_send(now, room)
+                for d in out:
+                    self._quic.send_datagram_frame(d)
+                if self.bucket is not None:
+                    self.bucket.refund((room - len(out)) * MAX_DATAGRAM_SIZE)
+        if self.stream_id is not None:
+            data = s.stream_to_send()           # (after a session ends too: its last frames)
+            if data:
+                self._quic.send_stream_data(self.stream_id, data)
+        super().transmit()
+        if not s.finished:
+            t = s.next_timer()
+            if self._starved:                   # --bwlimit: look again when tokens are back
+                t = min(t, now + 0.005) if t is not None else now + 0.005
+            if t != self._session_timer_at:
+                if self._session_timer is not None:
+                    self._session_timer.cancel()
+                self._session_timer = self._loop.call_at(max(t, now), self._on_timer) if t is not None else None
+                self._session_timer_at = self._timer_due = t
+        else:
+            if self._session_timer is not None:
+                self._session_timer.cancel()
+                self._session_timer = self._session_timer_at = None
+            if self.on_session_done is not None:
+                done, self.on_session_done = self.on_session_done, None
+                done()
+
+    def _on_timer(self) -> None:
+        self._session_timer = self._session_timer_at = None
+        if self.session is None:
+            return
+        now = self._loop.time()
+        if self._socket_waiting() and now < self._timer_due + TIMER_DEFER:
+            # Packets wait in the socket (this process was busy): read them
+            # first, or the session takes a backlog for silence and asks for
+            # repairs of shards that have arrived.
+            self._session_timer = self._loop.call_soon(self._on_timer)
+            return
+        self._timer_due = None
+        t = self.session.next_timer()
+        if t is not None and t <= now:
+            self.session.handle_timer(now)
+        self.drive()

@@ -1,0 +1,178 @@
+"""``resync serve``: modules offered over QUIC, one protocol session per
+connection, several clients at once, one-line logs on stderr.
+
+Two transfers into the same destination directory never interleave: a push
+takes an exclusive flock on the destination directory for its duration, and a
+second one is refused as busy (exit 13 at the client, which may retry).
+SIGTERM and SIGINT stop the server: no new connection is accepted, transfers
+in flight are told to stop (their staged content is removed, nothing half
+applied), and it exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+
+from ..protocol.session import Module, ServerSession
+from .link import SessionLink, configuration
+
+
+def log(message: str) -> None:
+    from ..cli.options import printable
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.stderr.write(printable(f"{stamp} resync serve: {message}") + "\n")
+    sys.stderr.flush()
+
+
+class _Locks:
+    """Destination directories being written, each held by an flock (so
+    that two servers on one machine exclude each other too) and by the
+    session writing it.
+
+    A new push from the device that holds a destination supersedes the old
+    one: that connection is dead or dying (a client killed and run again —
+    Syncthing likewise replaces a device's old connection with its new one);
+    the old session is stopped, its staged content removed, before the new
+    one starts. Another device's push is refused as busy."""
+
+    def __init__(self):
+        self.held: dict[str, tuple[int, object, object]] = {}     # real path -> (fd, session, link)
+        self.links: dict[int, object] = {}                        # id(session) -> its link
+
+    def take(self, path: str, session) -> bool:
+        real = os.path.realpath(path)
+        if real in self.held:
+            fd, old, link = self.held[real]
+            if old.client_id != session.client_id or old.finished:
+                return old.finished and self._retake(real, session)
+            from ..errors import ConnectionFailed
+            log(f"{old.client_id}: a new connection from the same device supersedes the transfer into "
+                f"{os.path.relpath(real, old.module.path) if old.module else real}")
+            old.fail(ConnectionFailed("superseded by a new connection from the same device"))
+            if link is not None:
+                link.drive()
+                link.close()
+            self.release(path)
+        return self._retake(real, session)
+
+    def _retake(self, real: str, session) -> bool:
+        if real in self.held:
+            self.release(real)
+        try:
+            os.makedirs(real, exist_ok=True)
+            fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return True                     # the receiver reports why it cannot write there
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.held[real] = (fd, session, self.links.get(id(session)))
+        return True
+
+    def release(self, path: str | None, session=None) -> None:
+        if path is None:
+            return
+        real = os.path.realpath(path)
+        held = self.held.get(real)
+        if held is not None and (session is None or held[1] is session):
+            del self.held[real]
+            os.close(held[0])
+
+
+async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,
+                ready=None) -> None:
+    """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening."""
+    from aioquic.asyncio import serve as quic_serve
+    locks = _Locks()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    links: set[SessionLink] = set()
+
+    def create_protocol(*args, **kwargs):
+        link = SessionLink(*args, **kwargs)
+        session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
+                                lock=locks.take)
+        started = time.monotonic()
+
+        def done():
+            locks.release(session.target if session.hello is not None and session.hello.push else None, session)
+            locks.links.pop(id(session), None)
+            recorder = getattr(session, "recorder", None)
+            if recorder is not None:
+                status = "failed" if session.error is not None else "ok"
+                recorder.finish(status, _Stats(session.result) if session.error is None else None)
+            who = session.client_id or "unknown client"
+            what = (f"{'push into' if session.hello.push else 'pull from'} "
+                    f"{session.module.name}/{os.fsdecode(session.hello.path)}") if session.module else "handshake"
+            if session.error is not None:
+                log(f"{who}: {what}: {session.error}")
+            else:
+                r = session.result
+                log(f"{who}: {what}: ok, {r.get('files_transferred', 0)} files "
+                    f"({r.get('bytes_transferred', 0)} B), {time.monotonic() - started:.2f} s")
+            links.discard(link)
+            from ..protocol.session import _Receiver
+            if isinstance(session.role, _Receiver) or session.error is not None:
+                loop.call_soon(link.close)              # the receiver ends the connection
+            else:
+                loop.call_later(5.0, link.close)        # the client (the receiver) closes first
+
+        link.on_session_done = done
+        locks.links[id(session)] = link
+        link.session = session                  # driven by the connection's events from now on
+        links.add(link)
+        return link
+
+    server = await quic_serve(host, port, configuration=configuration(identity, is_client=False),
+                              create_protocol=create_protocol)
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    sockname = server._transport.get_extra_info("sockname")
+    log(f"listening on {host}:{sockname[1]} as {identity.device_id}; modules: "
+        + ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values()))
+    if ready is not None:
+        ready(sockname[1])
+    try:
+        await stop.wait()
+    finally:
+        log("stopping: transfers in flight are stopped, their staged content removed")
+        from ..errors import ConnectionFailed
+        for link in list(links):
+            if link.session is not None and not link.session.finished:
+                link.session.fail(ConnectionFailed("the server is stopping"))
+                link.drive()
+            link.close()
+        server.close()
+
+
+def _report_factory(history: str | None):
+    """Pushes are recorded in the server's history (the destination's manifest)."""
+    if history is None:
+        return None
+
+    def make(session):
+        from ..protocol.frames import FLAG_DRY_RUN
+        from ..report import Report, RunStats
+        from ..store.recorder import RunRecorder
+        if session.hello.flags & FLAG_DRY_RUN:
+            return None
+        session.recorder = RunRecorder(history, "serve", f"resync://{session.client_id}", session.target)
+        return Report(RunStats(), on_file=session.recorder.file, on_entry=session.recorder.entry)
+    return make
+
+
+class _Stats:
+    """A receiver's statistics (the Done frame's JSON) as the recorder reads them."""
+
+    def __init__(self, d: dict):
+        self.__dict__.update({k: d.get(k, 0) for k in (
+            "files", "files_transferred", "deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
+            "bytes_written", "errors", "duration", "created", "updated", "vanished")})

@@ -1,0 +1,417 @@
+"""End to end on loopback: ``resync serve`` and ``resync sync`` as separate
+processes, each with its own key and history, as two sites would run them."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from resync.apply import STAGE_PREFIX, TEMP_PREFIX
+
+from . import mix
+from .test_sync import make_tree, mutate, seconds
+from .treeutil import rsync_a, snapshot
+
+PY = sys.executable
+
+
+class Site:
+    """One machine's resync: its config directory (key, known_peers) and history."""
+
+    def __init__(self, root: Path, name: str):
+        self.home = root / f"site-{name}"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, XDG_CONFIG_HOME=str(self.home / "config"),
+                        XDG_DATA_HOME=str(self.home / "data"))
+        self.env.pop("RESYNC_HISTORY", None)
+        self._id = None
+
+    def run(self, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "resync", *map(str, args)], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, **kw)
+
+    def popen(self, *args, **kw) -> subprocess.Popen:
+        return subprocess.Popen([PY, "-m", "resync", *map(str, args)], env=self.env, **kw)
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            r = self.run("id")
+            assert r.returncode == 0, r.stderr
+            self._id = r.stdout.strip()
+        return self._id
+
+
+class Server:
+    """``resync serve`` in the background on a free loopback port."""
+
+    def __init__(self, site: Site, *args):
+        self.site = site
+        self.log = site.home / f"serve-{time.monotonic_ns()}.log"
+        self._f = open(self.log, "w")
+        self.proc = site.popen("serve", "--listen", "127.0.0.1:0", *args, stdout=subprocess.DEVNULL,
+                               stderr=self._f, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
+            if m:
+                self.port = int(m.group(1))
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve did not start: {self.log.read_text()}")
+            time.sleep(0.05)
+
+    def url(self, module: str, path: str = "") -> str:
+        return f"resync://127.0.0.1:{self.port}/{module}/{path}".rstrip("/")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(30)
+        self._f.close()
+        return rc
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._f.close()
+
+
+@pytest.fixture
+def sites(tmp_path):
+    return Site(tmp_path, "client"), Site(tmp_path, "server")
+
+
+def _tree(root: Path, seed: int, files: int = 40) -> None:
+    make_tree(root, random.Random(seed), files=files)
+    mix.write(root / "big-mixed", seed, 3_000_000 + seed, "mixed")
+
+
+def _json(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def _same(a: Path, b: Path) -> None:
+    assert snapshot(a) == snapshot(b)
+
+
+# -- identity ---------------------------------------------------------------------------
+
+def test_id_is_made_once_and_kept_private(sites):
+    client, _ = sites
+    first = client.id
+    assert re.fullmatch(r"([A-Z2-7]{7}-){7}[A-Z2-7]{7}", first)
+    r = client.run("id")
+    assert r.returncode == 0 and r.stdout.strip() == first and r.stdout.count("\n") == 1
+    for p in (client.home / "config" / "resync").iterdir():
+        if "key" in p.name:
+            assert p.stat().st_mode & 0o077 == 0, p
+
+
+# -- push and pull ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path):
+    """Rounds of edits with deletions, pushed and then pulled: each time the
+    far side equals the source and rsync -a's copy, attribute for attribute;
+    changed files travel as deltas; a round with no change sends only the
+    listing; verify passes on both sides."""
+    client, server_site = sites
+    src, module, pulled, ref = tmp_path / "src", tmp_path / "module", tmp_path / "pulled", tmp_path / "ref"
+    _tree(src, 1)
+    module.mkdir()
+    with Server(server_site, "--module", f"backup={module}", "--allow", client.id) as server:
+        common = ("--peer-id", server_site.id, "--json")
+        rnd = random.Random(2)
+        for round_ in range(3):
+            r = _json(client.run("sync", "--delete", src, server.url("backup", "photos"), *common))
+            assert rsync_a(src, ref, "--delete").returncode == 0
+            _same(src, module / "photos")
+            assert seconds(snapshot(ref)) == seconds(snapshot(module / "photos"))   # rsync: to the second
+            assert r["errors"] == 0 and r["bytes_on_wire_sent"] > 0
+            if round_:
+                assert r["bytes_matched"] > 0                     # deltas against the old copies
+            r = _json(client.run("sync", "--delete", server.url("backup", "photos"), pulled, *common))
+            _same(src, pulled)
+            mutate(src, rnd)
+        # no change: the listing crosses, no content
+        r = _json(client.run("sync", "--delete", src, server.url("backup", "photos"), *common))
+        r = _json(client.run("sync", "--delete", src, server.url("backup", "photos"), *common))
+        assert r["files_transferred"] == 0 and r["datagrams_sent"] == 0
+        assert r["bytes_on_wire_sent"] < 64 * 1024
+        # verify: the client's pulled copy against its history, the module against the server's
+        assert client.run("verify", pulled).returncode == 0
+        assert server_site.run("verify", module / "photos").returncode == 0
+        log = server.text()
+        assert server.stop() == 0
+    assert "push into backup/photos: ok" in log and "pull from backup/photos: ok" in log
+
+
+def test_push_options_dry_run_itemize_exclude_max_delete(sites, tmp_path):
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 3, files=15)
+    (module / "dst").mkdir(parents=True)
+    (module / "dst" / "extra.txt").write_text("not in the source\n")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        pin = ("--peer-id", server_site.id)
+        r = client.run("sync", "-n", "-i", "--delete", src, server.url("m", "dst"), *pin)
+        assert r.returncode == 0, r.stderr
+        assert "*deleting" in r.stdout and ">f+++++++++" in r.stdout
+        assert sorted(os.listdir(module / "dst")) == ["extra.txt"]               # a dry run changes nothing
+        r = client.run("sync", "--delete", "--max-delete", "0", src, server.url("m", "dst"), *pin)
+        assert r.returncode == 25 and (module / "dst" / "extra.txt").exists()    # as local sync: refused
+        r = client.run("sync", "--delete", "--exclude", "*.txt", src, server.url("m", "dst"), *pin)
+        assert r.returncode == 0, r.stderr
+        ref = tmp_path / "ref"
+        assert rsync_a(src, ref, "--exclude", "*.txt").returncode == 0
+        got = {k: v for k, v in snapshot(module / "dst").items() if k != "extra.txt"}
+        assert got == snapshot(ref)
+        assert (module / "dst" / "extra.txt").exists()                         # excluded: kept, as rsync
+
+
+# -- trust --------------------------------------------------------------------------------
+
+def test_trust_refusals_before_any_metadata(sites, tmp_path):
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 4, files=5)
+    module.mkdir()
+    stranger = Site(tmp_path, "stranger")
+    impostor = Site(tmp_path, "impostor")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        url = server.url("m", "x")
+        # an unknown server, nothing pinned: refused, its ID shown
+        r = client.run("sync", src, url)
+        assert r.returncode == 13 and server_site.id in r.stderr and r.stderr.count("\n") == 1
+        assert not (module / "x").exists()
+        # a mistyped ID is caught by its check characters
+        wrong = server_site.id[:-1] + ("A" if server_site.id[-1] != "A" else "B")
+        r = client.run("sync", src, url, "--peer-id", wrong)
+        assert r.returncode == 2 and "check" in r.stderr.lower()
+        # --accept-new records it; the next run needs no --peer-id
+        r = client.run("sync", src, url, "--accept-new")
+        assert r.returncode == 0, r.stderr
+        known = (client.home / "config" / "resync" / "known_peers").read_text()
+        assert server_site.id in known
+        assert client.run("sync", src, url).returncode == 0
+        # a client the module does not allow
+        r = stranger.run("sync", src, server.url("m", "y"), "--peer-id", server_site.id)
+        assert r.returncode == 13 and stranger.id in r.stderr and "not allowed" in r.stderr
+        assert not (module / "y").exists()
+        # a path that leaves the module, a module that does not exist
+        r = client.run("sync", src, server.url("m", "../escape"))
+        assert r.returncode == 13 and not (tmp_path / "escape").exists()
+        r = client.run("sync", src, server.url("nosuch", "x"))
+        assert r.returncode == 13 and "nosuch" in r.stderr
+        port = server.port
+        assert server.stop() == 0
+    # another server (another key) at the same address: refused, both IDs shown
+    module2 = tmp_path / "module2"
+    module2.mkdir()
+    other = None
+    for _ in range(20):                                    # the same port, once it is free again
+        try:
+            other = _server_on(impostor, port, module2, client.id)
+            break
+        except AssertionError:
+            time.sleep(0.2)
+    assert other is not None
+    with other:
+        r = client.run("sync", src, f"resync://127.0.0.1:{port}/m/x")
+        assert r.returncode == 13
+        assert impostor.id in r.stderr and server_site.id in r.stderr
+        assert os.listdir(module2) == []
+
+
+def _server_on(site: Site, port: int, module: Path, allow: str) -> Server:
+    s = Server.__new__(Server)
+    s.site = site
+    s.log = site.home / f"serve-{time.monotonic_ns()}.log"
+    s._f = open(s.log, "w")
+    s.proc = site.popen("serve", "--listen", f"127.0.0.1:{port}", "--module", f"m={module}", "--allow", allow,
+                        stdout=subprocess.DEVNULL, stderr=s._f, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while "listening on" not in s.log.read_text():
+        if s.proc.poll() is not None or time.monotonic() > deadline:
+            s._f.close()
+            raise AssertionError(s.log.read_text())
+        time.sleep(0.05)
+    s.port = port
+    return s
+
+
+def test_read_only_module_refuses_a_push_but_serves_a_pull(sites, tmp_path):
+    client, server_site = sites
+    src, module, out = tmp_path / "src", tmp_path / "module", tmp_path / "out"
+    _tree(module / "data", 5, files=10)
+    src.mkdir()
+    with Server(server_site, "--module", f"ro={module}", "--read-only", "ro", "--allow", client.id) as server:
+        pin = ("--peer-id", server_site.id)
+        r = client.run("sync", "--delete", src, server.url("ro", "data"), *pin)
+        assert r.returncode == 13 and "read-only" in r.stderr
+        assert client.run("sync", server.url("ro", "data"), out, *pin).returncode == 0
+    _same(module / "data", out)
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+def test_two_clients_at_once_and_one_destination_never_shared(sites, tmp_path):
+    """Two pushes into different paths run together; a push into a path
+    another push is writing is refused as busy (exit 13), never interleaved."""
+    client, server_site = sites
+    second = Site(tmp_path, "second")
+    src1, src2, module = tmp_path / "src1", tmp_path / "src2", tmp_path / "module"
+    _tree(src1, 6, files=10)
+    _tree(src2, 7, files=10)
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--allow", second.id) as server:
+        # the first push is held slow by --bwlimit, so the others overlap it
+        slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not ((module / "a").is_dir() and any(n.startswith(STAGE_PREFIX)
+                                                   for n in os.listdir(module / "a"))):
+            assert time.monotonic() < deadline and slow.poll() is None
+            time.sleep(0.05)
+        busy = second.run("sync", src2, server.url("m", "a"), "--peer-id", server_site.id, "--retry-for", "0")
+        other = second.run("sync", src2, server.url("m", "b"), "--peer-id", server_site.id)
+        assert slow.poll() is None                           # all of that while the first push ran
+        waiting = second.popen("sync", src2, server.url("m", "c"), "--peer-id", server_site.id,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = slow.communicate(timeout=120)
+        assert slow.returncode == 0, err
+        # a push that finds the destination busy waits (retries with backoff) and then runs
+        queued = second.popen("sync", "--delete", src2, server.url("m", "a"), "--peer-id", server_site.id,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert queued.wait(120) == 0 and waiting.wait(120) == 0
+    assert busy.returncode == 13 and "another transfer into m/a is running" in busy.stderr
+    assert busy.stderr.count("\n") == 1
+    assert other.returncode == 0, other.stderr
+    _same(src2, module / "a")
+    _same(src2, module / "b")
+    _same(src2, module / "c")
+
+
+def test_a_push_waits_while_another_device_writes_its_destination(sites, tmp_path):
+    client, server_site = sites
+    second = Site(tmp_path, "second")
+    src1, src2, module = tmp_path / "src1", tmp_path / "src2", tmp_path / "module"
+    _tree(src1, 6, files=5)
+    _tree(src2, 7, files=5)
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--allow", second.id) as server:
+        slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not ((module / "a").is_dir() and any(n.startswith(STAGE_PREFIX) for n in os.listdir(module / "a"))):
+            assert time.monotonic() < deadline and slow.poll() is None
+            time.sleep(0.05)
+        r = second.run("sync", "--delete", src2, server.url("m", "a"), "--peer-id", server_site.id)
+        assert slow.wait(60) == 0
+    assert r.returncode == 0, r.stderr
+    assert "retrying in" in r.stderr and "running" in r.stderr
+    _same(src2, module / "a")
+
+
+# -- kills ----------------------------------------------------------------------------------
+
+def _no_stage_left(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["client", "server"])
+def test_kill_mid_push_then_rerun_finishes_identical(sites, tmp_path, victim):
+    """SIGKILL either side in the middle of a push: every destination file is
+    the old or the new version (never torn), and the next run completes the
+    mirror, leaving nothing staged."""
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 8, files=30)
+    for i in range(3):
+        mix.write(src / f"large{i}", 10 + i, 4_000_000, "mixed")
+    module.mkdir()
+    old = tmp_path / "old"
+    server = Server(server_site, "--module", f"m={module}", "--allow", client.id)
+    try:
+        pin = ("--peer-id", server_site.id, "--retry-for", "0")
+        assert client.run("sync", src, server.url("m", "d"), *pin).returncode == 0
+        assert rsync_a(module / "d", old).returncode == 0
+        mutate(src, random.Random(9))
+        for i in range(3):
+            mix.write(src / f"large{i}", 20 + i, 4_000_000, "mixed")
+        proc = client.popen("sync", "--delete", src, server.url("m", "d"), *pin, "--bwlimit", "2M",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        time.sleep(2.0)
+        assert proc.poll() is None
+        if victim == "client":
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        else:
+            server.stop(signal.SIGKILL)
+            proc.wait(120)
+            assert proc.returncode in (10, 30)
+        # nothing torn: each file is as it was or as it is now
+        now_snap, old_snap, dst_snap = snapshot(src), snapshot(old), snapshot(module / "d", times=False)
+        for rel, v in dst_snap.items():
+            if rel == "." or v[0] != 0o100000 or TEMP_PREFIX in rel:
+                continue
+            digests = {s[rel][4] for s in (now_snap, old_snap) if rel in s}
+            assert v[4] in digests, rel
+        if victim == "server":
+            server = Server(server_site, "--module", f"m={module}", "--allow", client.id)
+            pin = ("--peer-id", server_site.id)
+        r = client.run("sync", "--delete", src, server.url("m", "d"), *pin)
+        assert r.returncode == 0, r.stderr
+        _same(src, module / "d")
+        assert _no_stage_left(module)
+    finally:
+        server.__exit__()
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, code, words", [
+    (("serve", "--listen", "nonsense", "--module", "m=/tmp", "--allow", "X"), 2, "device id"),
+    (("serve", "--listen", "127.0.0.1:99999"), 2, "nothing to serve"),
+    (("sync", "a", "resync://"), 2, "resync://host"),
+    (("sync", "resync://h/m", "resync://h/n"), 2, "local directory"),
+])
+def test_bad_arguments_are_one_line_errors(sites, args, code, words):
+    client, _ = sites
+    r = client.run(*args)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.count("\n") == 1 and words in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_no_server_is_a_connection_failure(sites, tmp_path):
+    client, server_site = sites
+    src = tmp_path / "src"
+    src.mkdir()
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    t = time.monotonic()
+    r = client.run("sync", src, f"resync://127.0.0.1:{port}/m", "--peer-id", server_site.id, "--timeout", "2",
+                   "--retry-for", "0")
+    assert r.returncode in (10, 30), r.stderr
+    assert r.stderr.count("\n") == 1 and time.monotonic() - t < 30
