@@ -67,6 +67,23 @@ run: install tools
 	$(VENV)/bin/resync verify $(RUN)/changes.bundle || echo "run: bundle damaged (exit $$?), repairable from parity"
 	RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync unpack $(RUN)/changes.bundle $(RUN)/mirror -v
 	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/mirror/ | grep . && exit 1 || echo "run: mirror equals the source (rsync -c finds nothing to do)"
+	# over the network: a second "site" serves a module on loopback (its own key), this one pushes
+	# the tree to it, changes it, pushes again, then pulls the module back into a restore directory
+	@set -e; A="env XDG_CONFIG_HOME=$(RUN)/site-a RESYNC_HISTORY=$(RUN)/history.duckdb $(VENV)/bin/resync"; \
+	B="env XDG_CONFIG_HOME=$(RUN)/site-b RESYNC_HISTORY=$(RUN)/site-b-history.duckdb $(VENV)/bin/resync"; \
+	CLIENT=$$($$A id); SERVER=$$($$B id); mkdir -p $(RUN)/site-b-backup; \
+	echo "run: this site is $$CLIENT, the server site is $$SERVER"; \
+	$$B serve --listen 127.0.0.1:0 --module backup=$(RUN)/site-b-backup --allow $$CLIENT 2>$(RUN)/serve.log & \
+	trap "kill $$! 2>/dev/null" EXIT; \
+	for i in $$(seq 100); do grep -q listening $(RUN)/serve.log && break; sleep 0.1; done; cat $(RUN)/serve.log; \
+	PORT=$$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' $(RUN)/serve.log); \
+	URL=resync://127.0.0.1:$$PORT/backup/photos; \
+	echo "+ resync sync -v $(RUN)/src $$URL --peer-id $$SERVER"; $$A sync -v $(RUN)/src $$URL --peer-id $$SERVER; \
+	$(PY) bench/gen.py change --fraction 0.05 --seed 4 $(RUN)/src; \
+	echo "+ resync sync -v --delete $(RUN)/src $$URL"; $$A sync -v --delete $(RUN)/src $$URL --peer-id $$SERVER; \
+	echo "+ resync sync -v $$URL $(RUN)/restore"; $$A sync -v $$URL $(RUN)/restore --peer-id $$SERVER; \
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/restore/ | grep . && exit 1 || echo "run: pushed and pulled back over QUIC, the restore equals the source (rsync -c)"; \
+	$$A verify $(RUN)/restore
 
 # The sync, unpack and bundle tests run once more as an ordinary user
 # (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs
