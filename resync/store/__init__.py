@@ -287,6 +287,7 @@ class History:
         con.execute("DELETE FROM runs WHERE id = ?", [r["id"]])
         con.execute("DELETE FROM run_files WHERE run_id = ?", [r["id"]])
         con.execute("DELETE FROM manifests WHERE run_id = ?", [r["id"]])
+        con.execute("DELETE FROM transfers WHERE run_id = ?", [r["id"]])
         complete = r["status"] not in ("incomplete", "failed")
         previous = con.execute(
             "SELECT manifest_run FROM runs WHERE destination = ? AND id <> ? AND manifest_run IS NOT NULL "
@@ -301,6 +302,11 @@ class History:
                   manifest_run]
         marks = ["?", "to_timestamp(?)::TIMESTAMP", "to_timestamp(?)::TIMESTAMP"] + ["?"] * (len(RUN_COLUMNS) - 3)
         con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join(marks)})", values)
+        transfer = r.get("transfer")
+        if isinstance(transfer, dict):
+            from .schema import TRANSFER_COLUMNS
+            con.execute(f"INSERT INTO transfers (run_id, {', '.join(TRANSFER_COLUMNS)}) VALUES "
+                        f"(?{', ?' * len(TRANSFER_COLUMNS)})", [r["id"], *(transfer.get(c) for c in TRANSFER_COLUMNS)])
         parts = [(spool.files, "run_files", FILE_COLUMNS)]
         if manifest_run == r["id"]:
             # A killed or failed run's manifest is partial (its last line may be

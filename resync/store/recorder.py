@@ -48,7 +48,10 @@ class RunRecorder:
                           f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
                           f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
 
-    def finish(self, status: str, stats, merge: bool = True) -> None:
+    def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None) -> None:
+        """End the run: ``stats`` (RunStats-like, None for a run that
+        failed), ``transfer`` (a network run's row of the transfers table,
+        schema.TRANSFER_COLUMNS)."""
         # The spool files are not fsynced (that cost ~10 ms a run): the final
         # record states their sizes, and the merge keeps a file only if it is
         # complete, so a crash can lose a manifest but never shorten one.
@@ -68,6 +71,8 @@ class RunRecorder:
                       # nothing created, updated or deleted: the tree is the previous manifest's
                       "unchanged": not (stats.created or stats.updated or stats.deleted or stats.errors
                                         or stats.vanished or stats.files_transferred)}
+        if transfer is not None:
+            fields["transfer"] = transfer
         self.history.finish_run(self.run, status, fields)
         if merge:
             if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":

@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS = [
     (1, [
@@ -74,7 +74,39 @@ MIGRATIONS = [
         "ALTER TABLE manifests ALTER mtime_ns TYPE HUGEINT",
         "CREATE INDEX manifests_run ON manifests (run_id)",
     ]),
+    # v5: what crossed the network in a run over QUIC (resync sync to or from
+    # resync://, and the pushes resync serve receives): one row per such run.
+    (5, [
+        """CREATE TABLE transfers (
+            run_id VARCHAR NOT NULL,
+            peer VARCHAR,                     -- the other side: resync://HOST:PORT/MODULE/PATH, or resync://CLIENT-ID
+            peer_id VARCHAR,                  -- its device ID
+            role VARCHAR,                     -- push | pull (the client's), receive (the server's)
+            udp_bytes_sent BIGINT,            -- UDP payload bytes: QUIC, TLS and acknowledgements included
+            udp_bytes_received BIGINT,
+            udp_packets_sent BIGINT,
+            udp_packets_received BIGINT,
+            packets_lost BIGINT,              -- QUIC's count of packets it declared lost
+            shards_sent BIGINT,               -- content shards (datagrams) this side sent
+            shards_received BIGINT,
+            repair_shards BIGINT,             -- shards the sender added on request
+            repairs_asked BIGINT,             -- stripes the receiver asked more shards for
+            probes BIGINT,                    -- shards the sender added for stripes unacknowledged too long
+            corrupt_shards BIGINT,            -- shards dropped by their check
+            parity INTEGER,                   -- parity shards per 32 data shards, last chosen
+            loss_estimate DOUBLE,             -- the sender's estimate of the loss rate, last
+            rtt_ms DOUBLE,                    -- QUIC's smoothed RTT at the end
+            resumed_bytes BIGINT              -- content a cut earlier run delivered: not sent again
+        )""",
+        "CREATE INDEX transfers_run ON transfers (run_id)",
+    ]),
 ]
+
+# transfers' columns after run_id, as the spool record's "transfer" object holds them
+TRANSFER_COLUMNS = ["peer", "peer_id", "role", "udp_bytes_sent", "udp_bytes_received", "udp_packets_sent",
+                    "udp_packets_received", "packets_lost", "shards_sent", "shards_received", "repair_shards",
+                    "repairs_asked", "probes", "corrupt_shards", "parity", "loss_estimate", "rtt_ms",
+                    "resumed_bytes"]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
                "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
