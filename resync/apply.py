@@ -683,23 +683,92 @@ class Applier:
             self._pool = None
 
     # ---------------------------------- files: stage all, then place
-    def begin_staging(self, bundle_id: str) -> None:
-        """Stage-all mode: a staging directory inside the root (stale ones of
-        killed runs are removed first)."""
+    def begin_staging(self, bundle_id: str, prefix: str | None = None, resume: bool = False) -> bytes | None:
+        """Stage-all mode: a staging directory inside the root, named
+        ``prefix + bundle_id``. Stale ones of killed runs (same prefix) are
+        removed first — except, with ``resume``, the newest one that holds a
+        checkpoint (``stage_checkpoint``): that one is taken over, and its
+        checkpoint returned (None: a fresh directory)."""
         from .fs import raise_os_error
-        for name in os.listdir(self.root_fd):
-            if name.startswith(STAGE_PREFIX):
+        prefix = prefix or STAGE_PREFIX
+        stale = [n for n in os.listdir(self.root_fd) if n.startswith(prefix)]
+        adopted, journal = None, None
+        if resume:
+            for n in sorted(stale, key=_stat_journal(self.root_fd), reverse=True):
+                data = _read_journal(self.root_fd, n)
+                if data is not None:
+                    adopted, journal = n, data
+                    break
+        for name in stale:
+            if name != adopted:
                 try:
                     clear(self.root_fd, name)
                 except OSError:
                     pass
-        name = STAGE_PREFIX + bundle_id
+        name = adopted or prefix + bundle_id
         try:
             self.open_up_fd(self.root_fd, "")
-            os.mkdir(name, USER_RWX, dir_fd=self.root_fd)
+            if adopted is None:
+                os.mkdir(name, USER_RWX, dir_fd=self.root_fd)
             self._stage = Dir(os.open(name, DIR_FLAGS, dir_fd=self.root_fd), name)
         except OSError as exc:
             raise_os_error(os.path.join(self.root, name), exc)
+        return journal
+
+    def stage_checkpoint(self, journal: bytes) -> None:
+        """Record ``journal`` (the caller's account of what the staging
+        directory holds) durably and atomically in the staging directory;
+        ``begin_staging(resume=True)`` of a later run returns it."""
+        tmp = JOURNAL + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self._stage.fd)
+        try:
+            view = memoryview(journal)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, JOURNAL, src_dir_fd=self._stage.fd, dst_dir_fd=self._stage.fd)
+        os.fsync(self._stage.fd)
+
+    def stage_reopen(self, tmp: str) -> int:
+        """A descriptor (read-write) of a file a checkpointed run staged.
+        OSError if it is gone or is not a regular file."""
+        fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._stage.fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(0, f"{tmp}: not a regular file")
+        return fd
+
+    def stage_write(self, name: str, data: bytes) -> None:
+        """A side file of the staging directory (e.g. a signature a resumed
+        transfer needs again), made durable by the next checkpoint's fsync."""
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self._stage.fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def stage_read(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._stage.fd)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
+    def keep_staging(self) -> None:
+        """Leave the staging directory as it is (a checkpoint in it, for the
+        next run to resume from) and let go of it."""
+        if self._stage is not None:
+            self._stage.release()
+            self._stage = None
 
     @property
     def staging_fd(self) -> int:
@@ -712,7 +781,7 @@ class Applier:
         BLAKE3 that differs) if it cannot be; nothing is left behind then."""
         from .content import write_job
         self._counter += 1
-        tmp = f"{self._counter}"
+        tmp = f"{self._run_tag}{self._counter}"
         _, literal, matched, digest, mode, mtime_ns, uid, gid, seconds = write_job(
             self._stage.fd, "", tmp, spec, expected, self.options)
         entry = Entry(path.rpartition("/")[2], mode, literal + matched, mtime_ns, uid, gid, 0, "f", mode & 0o7777)
@@ -725,7 +794,7 @@ class Applier:
         arrives in pieces (the network): (descriptor, name). Finish it with
         ``stage_finish``, or ``stage_drop`` it."""
         self._counter += 1
-        tmp = f"{self._counter}"
+        tmp = f"{self._run_tag}{self._counter}"
         return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
                        dir_fd=self._stage.fd), tmp
 
@@ -967,3 +1036,38 @@ class Applier:
 
 
 STAGE_PREFIX = TEMP_PREFIX + "unpack-"
+JOURNAL = "checkpoint.json"
+
+
+def _read_journal(root_fd: int, name: str) -> bytes | None:
+    try:
+        d = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return None
+    try:
+        fd = os.open(JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    except OSError:
+        return None
+    finally:
+        os.close(d)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read(64 << 20)
+    except OSError:
+        return None
+
+
+def _stat_journal(root_fd: int):
+    """Sort key: when a staging directory's checkpoint was written (-1: none)."""
+    def key(name: str) -> int:
+        try:
+            d = os.open(name, DIR_FLAGS, dir_fd=root_fd)
+        except OSError:
+            return -1
+        try:
+            return os.stat(JOURNAL, dir_fd=d, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return -1
+        finally:
+            os.close(d)
+    return key

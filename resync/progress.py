@@ -40,6 +40,20 @@ class Progress:
             self.bytes_done += nbytes
             self.files_done += 1
 
+    def partial(self, nbytes: int) -> None:
+        """Bytes of a file still in progress (content arriving in pieces);
+        its ``done`` then adds only the rest."""
+        with self._lock:
+            self.bytes_done += nbytes
+
+    def reset(self) -> None:
+        """Counting starts over (a retried transfer lists and queues again)."""
+        with self._lock:
+            self.bytes_queued = self.bytes_done = 0
+            self.files_queued = self.files_done = 0
+            self.scanning = True
+            self._start = time.monotonic()
+
     def scanned(self) -> None:
         self.scanning = False
 

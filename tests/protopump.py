@@ -48,8 +48,17 @@ def identities(tmp: Path):
     return load_identity(tmp / "client-id", create=True), load_identity(tmp / "server-id", create=True)
 
 
-def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 600.0, rtt: float = 0.02):
-    """Run both sessions until both are finished; returns the final clock."""
+def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 600.0, rtt: float = 0.02,
+         cut_at: float | None = None, cut_after: int | None = None, kill: bool = False,
+         rate: float | None = None):
+    """Run both sessions until both are finished; returns the final clock.
+    ``cut_at``: at that protocol time the connection is lost (both sessions
+    are told, as a transport would on a kill or a network outage);
+    ``cut_after``: the same once the receiver has taken that many datagrams;
+    ``kill``: at the cut the receiver is not told (a SIGKILL: only its last
+    periodic checkpoint survives), the sender is; ``rate``: the link's rate in
+    bytes per second — the clock moves on by each datagram's time on the wire
+    (without it, time stands still while datagrams flow)."""
     now = 0.0
     client.rtt = server.rtt = rtt
     while not (client.finished and server.finished):
@@ -63,6 +72,8 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
         for d in server.datagrams_to_send(now, budget) + client.datagrams_to_send(now, budget):
             channel.send(now, d)
             moved = True
+            if rate:
+                now += len(d) / rate
         if channel.sent > sent:                   # the transport's loss report, as QUIC's would be
             for s in (client, server):
                 s.observe_loss(channel.lost - lost, channel.sent - sent)
@@ -84,6 +95,13 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
                 now += 0.001
             else:
                 now = max(now + 1e-6, min(times))
+        taken = max(client.stats["datagrams_received"], server.stats["datagrams_received"])
+        if (cut_at is not None and now >= cut_at) or (cut_after is not None and taken >= cut_after):
+            receiver = server if server_is_receiver(server) else client
+            for s in (client, server):
+                if not (kill and s is receiver):
+                    s.connection_lost("cut by the test")
+            return now
         if now > max_time:
             raise AssertionError(f"not finished after {max_time} s of protocol time")
     return now
@@ -95,9 +113,9 @@ def server_is_receiver(server) -> bool:
 
 
 def make_pair(tmp: Path, push: bool, local: Path, module_root: Path, path: str = "", options: Options | None = None,
-              allowed=None, read_only=False, client_report=None):
+              allowed=None, read_only=False, client_report=None, **server_options):
     cid, sid = identities(tmp)
     modules = {"m": Module("m", str(module_root), read_only, allowed if allowed is not None else {cid.device_id})}
-    server = ServerSession(sid, sid.cert_der, modules)
+    server = ServerSession(sid, sid.cert_der, modules, **server_options)
     client = ClientSession(cid, sid.cert_der, push, "m", path, str(local), options or Options(), client_report)
     return client, server

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from resync.apply import STAGE_PREFIX, TEMP_PREFIX
+from resync.apply import TEMP_PREFIX
+from resync.protocol.session import RECV_PREFIX
 
 from . import mix
 from .test_sync import make_tree, mutate, seconds
@@ -161,6 +162,20 @@ def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path):
         log = server.text()
         assert server.stop() == 0
     assert "push into backup/photos: ok" in log and "pull from backup/photos: ok" in log
+    # the history: each network run has its transfers row, on both sides
+    from resync.store import History
+    _, rows = History(client.home / "data" / "resync" / "history.duckdb").query(
+        "SELECT t.role, t.peer, t.peer_id, t.udp_bytes_sent, t.udp_bytes_received, t.shards_sent, r.status "
+        "FROM transfers t JOIN runs r ON r.id = t.run_id ORDER BY r.started")
+    assert [row[0] for row in rows] == ["push", "pull"] * 3 + ["push", "push"]
+    assert all(row[1] == server.url("backup", "photos") and row[2] == server_site.id and row[3] > 0
+               and row[4] > 0 and row[6] == "ok" for row in rows)
+    assert rows[0][5] > 0 and rows[-1][5] == 0               # shards for the first push, none for no change
+    _, rows = History(server_site.home / "data" / "resync" / "history.duckdb").query(
+        "SELECT t.role, t.peer_id, t.udp_bytes_received, r.command, r.destination FROM transfers t "
+        "JOIN runs r ON r.id = t.run_id")
+    assert len(rows) == 5 and {r[0] for r in rows} == {"receive"} and {r[1] for r in rows} == {client.id}
+    assert all(r[2] > 0 and r[3] == "serve" and r[4] == str(module / "photos") for r in rows)
 
 
 def test_push_options_dry_run_itemize_exclude_max_delete(sites, tmp_path):
@@ -286,7 +301,7 @@ def test_two_clients_at_once_and_one_destination_never_shared(sites, tmp_path):
         slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not ((module / "a").is_dir() and any(n.startswith(STAGE_PREFIX)
+        while not ((module / "a").is_dir() and any(n.startswith(RECV_PREFIX)
                                                    for n in os.listdir(module / "a"))):
             assert time.monotonic() < deadline and slow.poll() is None
             time.sleep(0.05)
@@ -320,7 +335,7 @@ def test_a_push_waits_while_another_device_writes_its_destination(sites, tmp_pat
         slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not ((module / "a").is_dir() and any(n.startswith(STAGE_PREFIX) for n in os.listdir(module / "a"))):
+        while not ((module / "a").is_dir() and any(n.startswith(RECV_PREFIX) for n in os.listdir(module / "a"))):
             assert time.monotonic() < deadline and slow.poll() is None
             time.sleep(0.05)
         r = second.run("sync", "--delete", src2, server.url("m", "a"), "--peer-id", server_site.id)
@@ -330,6 +345,40 @@ def test_a_push_waits_while_another_device_writes_its_destination(sites, tmp_pat
     _same(src2, module / "a")
 
 
+def test_progress_on_a_terminal_push_and_pull(sites, tmp_path):
+    """-P over the network: the progress line on a terminal ends at 100 %
+    with every file; a pull's --bwlimit holds the server to that rate."""
+    import pty
+    client, server_site = sites
+    src, module, pulled = tmp_path / "src", tmp_path / "module", tmp_path / "pulled"
+    src.mkdir()
+    module.mkdir()
+    for i in range(3):
+        mix.write(src / f"large{i}", 30 + i, 3_000_000, "mixed")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        for ends in ((src, server.url("m", "d")), (server.url("m", "d"), pulled)):
+            master, slave = pty.openpty()
+            t = time.monotonic()
+            proc = client.popen("sync", "-P", "--bwlimit", "4M", *ends, "--peer-id", server_site.id,
+                                stdout=subprocess.DEVNULL, stderr=slave)
+            os.close(slave)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.close(master)
+            assert proc.wait(60) == 0
+            last = out.decode().replace("\r", "\n").strip().splitlines()[-1]
+            assert "100.0%" in last and "3/3 files" in last, last
+            assert time.monotonic() - t > 1.5          # 9 MB of mixed content at 4 MiB/s: not all at once
+    _same(src, pulled)
+
+
 # -- kills ----------------------------------------------------------------------------------
 
 def _no_stage_left(root: Path) -> bool:
@@ -337,51 +386,61 @@ def _no_stage_left(root: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", ["client", "server"])
-def test_kill_mid_push_then_rerun_finishes_identical(sites, tmp_path, victim):
-    """SIGKILL either side in the middle of a push: every destination file is
-    the old or the new version (never torn), and the next run completes the
-    mirror, leaving nothing staged."""
+@pytest.mark.parametrize("push, victim, sig", [
+    (True, "client", signal.SIGKILL), (True, "server", signal.SIGKILL), (True, "server", signal.SIGTERM),
+    (False, "client", signal.SIGKILL), (False, "server", signal.SIGKILL),
+], ids=["push-kill-client", "push-kill-server", "push-term-server", "pull-kill-client", "pull-kill-server"])
+def test_cut_transfer_then_rerun_finishes_identical(sites, tmp_path, push, victim, sig):
+    """Kill either side in the middle of a transfer (or stop the server with
+    SIGTERM): every destination file is the old or the new version (never
+    torn), and the next run completes the mirror from the receiver's
+    checkpoint (what had arrived is not sent again), leaving nothing staged."""
     client, server_site = sites
-    src, module = tmp_path / "src", tmp_path / "module"
+    local, module = tmp_path / "local", tmp_path / "module"
+    src, dst = (local, module / "d") if push else (module / "d", local)
     _tree(src, 8, files=30)
     for i in range(3):
         mix.write(src / f"large{i}", 10 + i, 4_000_000, "mixed")
-    module.mkdir()
+    module.mkdir(exist_ok=True)
     old = tmp_path / "old"
     server = Server(server_site, "--module", f"m={module}", "--allow", client.id)
+    ends = (local, server.url("m", "d")) if push else (server.url("m", "d"), local)
     try:
         pin = ("--peer-id", server_site.id, "--retry-for", "0")
-        assert client.run("sync", src, server.url("m", "d"), *pin).returncode == 0
-        assert rsync_a(module / "d", old).returncode == 0
+        assert client.run("sync", *ends, *pin).returncode == 0
+        assert rsync_a(dst, old).returncode == 0
         mutate(src, random.Random(9))
         for i in range(3):
             mix.write(src / f"large{i}", 20 + i, 4_000_000, "mixed")
-        proc = client.popen("sync", "--delete", src, server.url("m", "d"), *pin, "--bwlimit", "2M",
+        proc = client.popen("sync", "--delete", *ends, *pin, "--bwlimit", "2M",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        time.sleep(2.0)
+        time.sleep(4.0)                                      # past the receiver's first checkpoint (2 s)
         assert proc.poll() is None
         if victim == "client":
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
             proc.wait(30)
         else:
-            server.stop(signal.SIGKILL)
+            rc = server.stop(sig)
             proc.wait(120)
             assert proc.returncode in (10, 30)
+            if sig == signal.SIGTERM:
+                assert rc == 0 and "checkpointed" in server.text()
         # nothing torn: each file is as it was or as it is now
-        now_snap, old_snap, dst_snap = snapshot(src), snapshot(old), snapshot(module / "d", times=False)
+        now_snap, old_snap, dst_snap = snapshot(src), snapshot(old), snapshot(dst, times=False)
         for rel, v in dst_snap.items():
             if rel == "." or v[0] != 0o100000 or TEMP_PREFIX in rel:
                 continue
             digests = {s[rel][4] for s in (now_snap, old_snap) if rel in s}
             assert v[4] in digests, rel
+        assert list(dst.glob(RECV_PREFIX + "*/checkpoint.json")), "the receiver's checkpoint is kept"
         if victim == "server":
             server = Server(server_site, "--module", f"m={module}", "--allow", client.id)
-            pin = ("--peer-id", server_site.id)
-        r = client.run("sync", "--delete", src, server.url("m", "d"), *pin)
+            ends = (local, server.url("m", "d")) if push else (server.url("m", "d"), local)
+        r = client.run("sync", "--delete", "--json", *ends, *pin)
         assert r.returncode == 0, r.stderr
-        _same(src, module / "d")
-        assert _no_stage_left(module)
+        assert json.loads(r.stdout)["resumed_bytes"] > 0      # what arrived before the cut is not sent again
+        _same(src, dst)
+        assert _no_stage_left(dst)
     finally:
         server.__exit__()
 
@@ -391,6 +450,8 @@ def test_kill_mid_push_then_rerun_finishes_identical(sites, tmp_path, victim):
 @pytest.mark.parametrize("args, code, words", [
     (("serve", "--listen", "nonsense", "--module", "m=/tmp", "--allow", "X"), 2, "device id"),
     (("serve", "--listen", "127.0.0.1:99999"), 2, "nothing to serve"),
+    (("serve", "--module", "m=/tmp", "--allow", "X", "--bwlimit", "0"), 2, "more than 0"),
+    (("serve", "--module", "m=/tmp", "--min-parity", "0"), 2, "min-parity"),
     (("sync", "a", "resync://"), 2, "resync://host"),
     (("sync", "resync://h/m", "resync://h/n"), 2, "local directory"),
 ])

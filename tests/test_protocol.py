@@ -4,6 +4,7 @@ each other by hand, through a channel that loses, reorders, duplicates and
 corrupts datagrams, leave the destination equal to the source."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from resync.protocol import frames as F
 from resync.protocol.frames import ProtocolError
 from resync.protocol.session import ClientSession, Module, Options, RefusedError, ServerSession
+from resync.protocol import session as session_mod
 from resync.protocol.shards import HEADER, StripeAssembler, StripeEncoder, parse
 
 from . import mix
@@ -25,13 +27,13 @@ from .treeutil import rsync_a, snapshot
 
 LISTED = F.Listed(b"name", 1, 0o100644, 1_700_000_000, 123, 42, 1000, 1000, 0, b"", b"")
 SAMPLES = [
-    F.Hello(1, True, b"k" * 32, b"n" * 16, F.FLAG_DELETE | F.FLAG_ITEMIZE, -1, b"mod", b"a/b", b"*.tmp\n/x"),
+    F.Hello(1, True, b"k" * 32, b"n" * 16, F.FLAG_DELETE | F.FLAG_ITEMIZE, -1, b"mod", b"a/b", b"*.tmp\n/x", 5 << 20),
     F.Challenge(b"c" * 16), F.Auth(b"s" * 64), F.Welcome(8 << 20), F.Error(4, b"not allowed"),
     F.Dir(3, b"a/b", F.Listed(b"", 2, 0o40755, 5, 6, 0, 0, 0, 0, b"", b""),
           (LISTED, LISTED._replace(name=b"zlink", kind=3, mode=0o120777, target=b"../t", size=4)), (b"gone",)),
     F.DirFailed(4, b"x", 13, b"Permission denied"), F.ListEnd(),
-    F.Want(7, 3, b"f", b"SIG" * 10), F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32,
-                                          4, 1280, b""),
+    F.Want(7, 3, b"f", b"SIG" * 10), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100)))),
+    F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32, 4, 1280, b"", b"d" * 32),
     F.Ack(7, (0, 1, 5)), F.Repair(7, ((2, 3), (9, 32))), F.FileDone(7, False, b"no space"),
     F.Item(F.ITEM_LINE, b">f+++++++++ f"), F.Done(b'{"files": 1}'), F.Bye(),
 ]
@@ -191,6 +193,98 @@ def test_transfers_over_a_lossy_channel_equal_the_source(tmp_path, push, loss):
             (src / "last").write_bytes(b"x")
 
 
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+@pytest.mark.parametrize("delta", [False, True], ids=["whole", "delta"])
+def test_a_cut_transfer_resumes_without_sending_again_what_arrived(tmp_path, push, delta):
+    """The connection is lost halfway through a large file (a new file, or
+    a delta against an old copy): the receiver checkpoints what arrived; the
+    next run resends at most 1.1x what was missing and ends identical."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    rng = random.Random(7)
+    big = rng.randbytes(6_000_000)
+    if delta:
+        (dst / "big").write_bytes(big)
+        os.utime(dst / "big", ns=(10**18, 10**18))
+        big = big[:1_000_000] + rng.randbytes(4_000_000) + big[1_000_000:]
+    (src / "big").write_bytes(big)
+    (src / "small.txt").write_text("a small file\n" * 20)
+    server_root, local = (dst, src) if push else (src, dst)
+    client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(1), loss=0.05), cut_after=1800)
+    assert client.error is not None and server.error is not None
+    assert (dst / "big").exists() == delta and not (delta and (dst / "big").read_bytes() == big)   # old or absent
+    kept = list(dst.glob(".resync-tmp-recv-*"))
+    assert len(kept) == 1 and (kept[0] / "checkpoint.json").exists()
+    client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(2), loss=0.05))
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert snapshot(dst) == snapshot(src)
+    assert not list(dst.glob(".resync-tmp-*"))
+    receiver = server if push else client
+    sender = client if push else server
+    resumed = (client.result if push else client.result)["resumed_bytes"]
+    content = 4_200_000 if delta else 6_000_000          # about: a delta holds the new 4 MB and its instructions
+    assert resumed > content * 0.4                        # what arrived before the cut
+    missing = receiver_content(receiver) - resumed
+    assert 0 < missing and sender.stats["datagram_bytes_sent"] <= 1.1 * missing + 200_000
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_a_killed_receiver_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch, push):
+    """SIGKILL of the receiver: no final checkpoint, only the periodic one;
+    the next run resumes from it and ends identical."""
+    monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 0.02)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    rng = random.Random(5)
+    for i in range(3):
+        (src / f"large{i}").write_bytes(rng.randbytes(3_000_000) + bytes(1_000_000))
+    (src / "small.txt").write_text("a small file\n" * 20)
+    server_root, local = (dst, src) if push else (src, dst)
+    client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(1), loss=0.05), cut_after=6000, kill=True, rate=50e6)
+    kept = list(dst.glob(".resync-tmp-recv-*"))
+    assert len(kept) == 1 and (kept[0] / "checkpoint.json").exists()
+    entries = json.loads((kept[0] / "checkpoint.json").read_text())["files"]
+    assert len(entries) >= 2
+    (kept[0] / entries[0]["tmp"]).unlink()      # as when a file completed after the checkpoint
+    client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(2), loss=0.05))
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert snapshot(dst) == snapshot(src)
+    assert not list(dst.glob(".resync-tmp-*"))
+    assert client.result["resumed_bytes"] > 0
+
+
+def receiver_content(session) -> int:
+    """Bytes of content the transfer was about (files' or deltas' lengths)."""
+    return session.result["bytes_literal"] if session.result.get("bytes_matched") else \
+        session.result["bytes_transferred"]
+
+
+def test_a_cut_transfer_of_a_file_changed_since_starts_it_over(tmp_path):
+    """Old and new content are never spliced: a source file that changed
+    after the cut is sent whole again, and the result is the new one."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    rng = random.Random(8)
+    (src / "big").write_bytes(rng.randbytes(5_000_000))
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(1)), cut_after=1500)
+    assert list(dst.glob(".resync-tmp-recv-*"))
+    data = bytearray((src / "big").read_bytes())
+    data[100:200] = b"x" * 100                            # changed at the start: stripe 0 differs
+    (src / "big").write_bytes(bytes(data))
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(2)))
+    assert client.error is None and server.error is None
+    assert (dst / "big").read_bytes() == bytes(data) and client.result["resumed_bytes"] == 0
+
+
 def test_a_no_change_transfer_sends_the_listing_and_nothing_else(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     tree(src, 5)
@@ -212,6 +306,77 @@ def test_corrupted_shards_are_caught_and_repaired(tmp_path):
     assert client.error is None and server.error is None
     assert snapshot(dst) == snapshot(src)
     assert server.result["corrupt_shards"] > 0
+
+
+def test_a_pull_is_sent_at_the_lower_of_the_client_and_server_limits_with_the_servers_min_parity(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_bytes(random.Random(1).randbytes(41 * 32 * 1280))      # 41 full stripes
+    sent = {}
+    for min_parity in (1, 4):
+        for p in dst.iterdir():
+            p.unlink()
+        client, server = make_pair(tmp_path, False, dst, src, options=Options(bwlimit=3 << 20),
+                                   bwlimit=5 << 20, min_parity=min_parity)
+        pump(client, server, Channel(random.Random(1)))
+        assert client.error is None and server.error is None
+        assert (dst / "f").read_bytes() == (src / "f").read_bytes()
+        assert server.rate_limit == 3 << 20
+        sent[min_parity] = server.stats["datagrams_sent"]
+    assert sent[4] - sent[1] == 41 * 3
+    client, server = make_pair(tmp_path, True, src, dst, options=Options(bwlimit=3 << 20), bwlimit=5 << 20)
+    pump(client, server, Channel(random.Random(1)))
+    assert server.rate_limit == 0                   # a push: the client limits what it sends itself
+
+
+class Meter:
+    """Records what a session tells its progress display (resync.progress.Progress)."""
+
+    def __init__(self):
+        self.bytes_queued = self.bytes_done = self.partial_bytes = self.partials = 0
+        self.files_queued = self.files_done = 0
+        self.scanned_at: int | None = None
+
+    def queued(self, n):
+        self.bytes_queued += n
+        self.files_queued += 1
+
+    def done(self, n):
+        self.bytes_done += n
+        self.files_done += 1
+
+    def partial(self, n):
+        self.partial_bytes += n
+        self.partials += 1
+        self.bytes_done += n
+
+    def scanned(self):
+        self.scanned_at = self.bytes_done
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_progress_counts_every_byte_of_every_file_once(tmp_path, push):
+    """-P over the network: each transferred file queued once with its size,
+    its stripes shown as they go (a delta's scaled to the file), and done once."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 3)
+    mix.write(src / "big", 3, 3_000_000, "mixed")
+    dst.mkdir()
+    mix.write(dst / "big", 4, 3_000_000, "mixed")       # partly the same: a delta
+    os.utime(dst / "big", ns=(10**18, 10**18))
+    server_root, local = (dst, src) if push else (src, dst)
+    meter = Meter()
+    client, server = make_pair(tmp_path, push, local, server_root)
+    client.progress = meter
+    pump(client, server, Channel(random.Random(3), loss=0.1))
+    assert client.error is None and server.error is None
+    assert snapshot(dst) == snapshot(src)
+    result = client.result
+    assert meter.files_queued == meter.files_done == result["files_transferred"]
+    assert meter.bytes_queued == meter.bytes_done == result["bytes_transferred"]
+    assert meter.partials > 100 and 0 < meter.partial_bytes <= meter.bytes_done
+    assert meter.scanned_at is not None
 
 
 def test_itemized_lines_of_a_push_reach_the_client(tmp_path):

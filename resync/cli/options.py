@@ -97,3 +97,28 @@ def recorded(record: bool, history_path, command: str, source: str, destination:
         raise
     recorder.finish("partial" if stats.errors else "vanished" if stats.vanished else "ok", stats)
     return stats
+
+
+def parse_rate(value: str) -> float:
+    """Bytes per second from ``value``: a number with an optional K, M or G
+    (powers of 1024) and B/s. ValueError with a one-line message."""
+    text = str(value).strip().upper().rstrip("B").rstrip("/S").rstrip("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        rate = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise ValueError(f"{value!r}: expected bytes per second, e.g. 500K or 10M") from None
+    if not rate > 0:
+        raise ValueError(f"{value!r}: must be more than 0")
+    return rate
+
+
+def rate_option(ctx, param, value):
+    """click callback of --bwlimit."""
+    import click
+    if value is None:
+        return None
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -27,7 +27,7 @@ class _Lines:
 
 def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete, patterns, dry_run,
                 itemize, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path,
-                no_history):
+                no_history, show_progress=False):
     from ..errors import DeletionRefusedError, PartialTransferError, UsageError, VanishedError
     from ..identity import load_identity
     from ..net.client import run
@@ -38,7 +38,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     remote, local = (remote_dst, src) if push else (remote_src, dst)
     identity = load_identity(create=True)
     options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=False, itemize=itemize,
-                      max_delete=max_delete, excludes=patterns)
+                      max_delete=max_delete, excludes=patterns, bwlimit=bwlimit or 0)
     del whole_file                      # over the network, changed files always travel as deltas
     item_stream = sys.stderr if as_json else sys.stdout
     record = not (dry_run or no_history)
@@ -60,15 +60,22 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
             print(printable(f"resync: error: {message}"), file=sys.stderr, flush=True)
         report = Report(RunStats(), on_item, on_error, recorder.file if recorder else None,
                         recorder.entry if recorder else None, dry_run=dry_run)
+    meter = None
+    if show_progress and not quiet and sys.stderr.isatty():
+        from ..progress import Progress
+        meter = Progress(sys.stderr)
     try:
         session = run(remote, identity, push, local, options, report, peer_id=peer_id, accept_new=accept_new,
-                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for,
+                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for, meter=meter,
                       on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
                                                                        err=True))
     except BaseException:
         if recorder is not None:
             recorder.finish("failed", None)
         raise
+    finally:
+        if meter is not None:
+            meter.close()
     result = dict(session.result)
     result["peer"] = str(remote)
     result.update(session.stats)                # the protocol's bytes: control stream and shards
@@ -84,7 +91,10 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
                 setattr(stats, k, v)
         status = ("partial" if stats.errors else "refused" if stats.deletion_refused
                   else "vanished" if stats.vanished else "ok")
-        recorder.finish(status, stats)
+        from ..net import transfer_row
+        recorder.finish(status, stats, transfer=transfer_row(result, wire, str(remote),
+                                                             getattr(session, "server_id", None),
+                                                             "push" if push else "pull"))
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 import click
 
-from .options import history_options
+from .options import history_options, rate_option
 
 
 def _load_config(path: str) -> dict:
@@ -58,15 +58,21 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
 @click.option("--allow", multiple=True, metavar="DEVICE-ID",
               help="A client allowed on the modules given by --module (and on config modules without "
                    "their own allow list); repeatable.")
+@click.option("--bwlimit", callback=rate_option, default=None, metavar="RATE",
+              help="Bytes per second each pull may send (K/M/G suffixes); a client's --bwlimit may lower it.")
+@click.option("--min-parity", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="Parity shards per 32-shard stripe at least, whatever the measured loss (default 1).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A TOML file: listen, history, allow, [modules.NAME] path / read_only / allow.")
+              help="A TOML file: listen, history, allow, bwlimit, min_parity, [modules.NAME] path / read_only / "
+                   "allow.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
 @history_options
-def command(listen, modules, read_only, allow, config_path, config_dir, history_path, no_history):
+def command(listen, modules, read_only, allow, bwlimit, min_parity, config_path, config_dir, history_path,
+            no_history):
     """Serve directories to resync clients over QUIC, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
-    it, removing what transfers in flight had staged.
+    it, checkpointing transfers in flight (their clients resume them).
 
     Example: resync serve --listen 0.0.0.0:8730 --module backup=/srv/backup --allow CLIENT-ID
     """
@@ -83,9 +89,20 @@ def command(listen, modules, read_only, allow, config_path, config_dir, history_
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    if bwlimit is None and config.get("bwlimit") is not None:
+        from .options import parse_rate
+        try:
+            bwlimit = parse_rate(config["bwlimit"])
+        except ValueError as exc:
+            raise UsageError(f"{config_path}: bwlimit {exc}") from None
+    if min_parity is None:
+        min_parity = config.get("min_parity", 1)
+        if not isinstance(min_parity, int) or isinstance(min_parity, bool) or not 1 <= min_parity <= 64:
+            raise UsageError(f"{config_path}: min_parity must be a whole number from 1 to 64")
     identity = load_identity(Path(config_dir) if config_dir else None, create=True)
     history = None
     if not no_history:
         from ..store import default_path
         history = history_path or config.get("history") or str(default_path())
-    asyncio.run(serve(host.strip("[]") or "0.0.0.0", int(port), mods, identity, history))
+    asyncio.run(serve(host.strip("[]") or "0.0.0.0", int(port), mods, identity, history, bwlimit=bwlimit or 0,
+                      min_parity=min_parity))

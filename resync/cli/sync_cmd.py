@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import history_options, human, json_option, printable, say
+from .options import history_options, human, json_option, printable, rate_option, say
 
 
 def _read_patterns(paths) -> list[str]:
@@ -34,21 +34,6 @@ def _check_dir(path: str, must_exist: bool) -> None:
         raise UsageError(f"Directory {path!r} does not exist.")
 
 
-def _rate(ctx, param, value):
-    """--bwlimit: bytes per second, with an optional K, M or G (powers of 1024)."""
-    if value is None:
-        return None
-    text = value.strip().upper().rstrip("B").rstrip("/S")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    try:
-        rate = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected bytes per second, e.g. 500K or 10M") from None
-    if rate <= 0:
-        raise click.BadParameter(f"{value!r}: must be more than 0")
-    return rate
-
-
 @click.command("sync")
 @click.argument("src")
 @click.argument("dst")
@@ -76,7 +61,7 @@ def _rate(ctx, param, value):
               help="resync:// only: the server's device ID (else the known_peers file's).")
 @click.option("--accept-new", is_flag=True,
               help="resync:// only: trust a server not yet known and record it in known_peers.")
-@click.option("--bwlimit", callback=_rate, default=None, metavar="RATE",
+@click.option("--bwlimit", callback=rate_option, default=None, metavar="RATE",
               help="resync:// only: send at most RATE bytes per second (K, M, G suffixes).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True, metavar="SECONDS",
               help="resync:// only: give up when the server has sent nothing for this long.")
@@ -106,7 +91,8 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         from .remote import remote_sync
         return remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete,
                            list(excludes) + _read_patterns(exclude_files), dry_run, itemize, as_json, verbose,
-                           quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history)
+                           quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history,
+                           show_progress)
 
     from ..errors import DeletionRefusedError, PartialTransferError, VanishedError
     from ..sync import Syncer, SyncOptions

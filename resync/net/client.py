@@ -51,7 +51,7 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
 
 
 async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
-                timeout: float, bwlimit: float | None, known_peers, progress: dict) -> ClientSession:
+                timeout: float, bwlimit: float | None, known_peers, progress: dict, meter=None) -> ClientSession:
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
     try:
@@ -69,7 +69,8 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
             progress["server_id"] = check_server(remote, cert, peer_id, accept_new, known_peers)
-            session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report)
+            session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
+                                    meter)
             if bwlimit:
                 link.bucket = TokenBucket(bwlimit)
             done = asyncio.Event()
@@ -88,6 +89,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                 progress["moved"] = link.last_progress
             link.drive()
             session.transport = link.transport_stats()
+            session.server_id = progress["server_id"]
             # the receiver closes once it has the sender's Bye; a sender waits for that close
             if not push or session.error is not None:
                 link.close()
@@ -103,18 +105,21 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
 
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
         accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
-        known_peers=None, on_retry=None) -> ClientSession:
+        known_peers=None, on_retry=None, meter=None) -> ClientSession:
     """One transfer, retried after a lost or silent connection, or while the
     destination is busy with another device's transfer (backoff 1 s doubling
     to 60 s, with jitter) for at most ``retry_for`` seconds; ``on_retry(why,
-    seconds)`` is told of each wait. Raises the last error (other refusals
-    and protocol errors are never retried)."""
+    seconds)`` is told of each wait; ``meter`` (resync.progress.Progress, -P)
+    is shown each attempt's bytes. Raises the last error (other refusals and
+    protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
     while True:
         progress: dict = {}
+        if meter is not None:
+            meter.reset()
         try:
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
-                                        timeout, bwlimit, known_peers, progress))
+                                        timeout, bwlimit, known_peers, progress, meter))
         except (ConnectionFailed, TimedOut) as exc:
             error = exc
         else:

@@ -204,6 +204,8 @@ class SessionLink(QuicConnectionProtocol):
             if sent >= self._sent_seen + LOSS_SAMPLE:
                 s.observe_loss(lost - self._lost_seen, sent - self._sent_seen)
                 self._sent_seen, self._lost_seen = sent, lost
+        if self.bucket is None and getattr(s, "rate_limit", 0):
+            self.bucket = TokenBucket(s.rate_limit)     # a pull's --bwlimit, or the server's own
         if not s.finished and self.stream_id is not None:
             pending = getattr(self._quic, "_datagrams_pending", ())
             room = DATAGRAM_QUEUE - len(pending)

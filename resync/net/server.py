@@ -86,8 +86,10 @@ class _Locks:
 
 
 async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,
-                ready=None) -> None:
-    """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening."""
+                ready=None, bwlimit: float = 0, min_parity: int = 1) -> None:
+    """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening.
+    ``bwlimit``: bytes per second each pull may send (a client's --bwlimit
+    may lower it); ``min_parity``: parity shards per stripe at least."""
     from aioquic.asyncio import serve as quic_serve
     locks = _Locks()
     loop = asyncio.get_running_loop()
@@ -97,7 +99,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     def create_protocol(*args, **kwargs):
         link = SessionLink(*args, **kwargs)
         session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
-                                lock=locks.take)
+                                lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
         started = time.monotonic()
 
         def done():
@@ -106,7 +108,11 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
             recorder = getattr(session, "recorder", None)
             if recorder is not None:
                 status = "failed" if session.error is not None else "ok"
-                recorder.finish(status, _Stats(session.result) if session.error is None else None)
+                from . import transfer_row
+                result = dict(session.result, **session.stats)
+                recorder.finish(status, _Stats(session.result) if session.error is None else None,
+                                transfer=transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
+                                                      session.client_id, "receive"))
             who = session.client_id or "unknown client"
             what = (f"{'push into' if session.hello.push else 'pull from'} "
                     f"{session.module.name}/{os.fsdecode(session.hello.path)}") if session.module else "handshake"
@@ -143,7 +149,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     try:
         await stop.wait()
     finally:
-        log("stopping: transfers in flight are stopped, their staged content removed")
+        log("stopping: transfers in flight are stopped and checkpointed for resume")
         from ..errors import ConnectionFailed
         for link in list(links):
             if link.session is not None and not link.session.finished:

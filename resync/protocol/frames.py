@@ -43,6 +43,7 @@ class Hello(NamedTuple):           # client -> server, first
     module: bytes
     path: bytes                    # relative to the module, "" for its root
     excludes: bytes                # newline-separated patterns
+    bwlimit: int = 0               # bytes per second the sender may send (the client's --bwlimit); 0: no limit
 
 
 FLAG_DELETE, FLAG_CHECKSUM, FLAG_DRY_RUN, FLAG_WHOLE_FILE, FLAG_ITEMIZE = 1, 2, 4, 8, 16
@@ -103,6 +104,15 @@ class Want(NamedTuple):            # receiver -> sender: send this file
     dir_index: int
     name: bytes
     signature: bytes               # the receiver's copy's block signature (delta), or empty (whole)
+    resume: "Resume | None" = None  # content the receiver kept from a cut transfer
+
+
+class Resume(NamedTuple):          # in a Want: stripes of earlier content the receiver holds
+    content: bytes                 # 32: BLAKE3 of that content (File.content of the cut transfer)
+    length: int                    # its length in bytes
+    k: int                         # the stripe geometry it was cut into (File.k, File.shard_size)
+    shard_size: int
+    stripes: tuple                 # (first stripe, count) ranges held, checked and durable
 
 
 class File(NamedTuple):            # sender -> receiver: a file's content follows as shards
@@ -121,6 +131,7 @@ class File(NamedTuple):            # sender -> receiver: a file's content follow
     m: int                         # parity shards sent with every stripe
     shard_size: int
     message: bytes
+    content: bytes = bytes(32)     # 32: BLAKE3 of the content (the file itself, or the delta)
 
 
 FILE_OK, FILE_VANISHED, FILE_ERROR = 0, 1, 2
@@ -283,6 +294,7 @@ def encode(frame) -> bytes:
         w.s16(frame.module)
         w.s16(frame.path)
         w.s32(frame.excludes)
+        w.u64(frame.bwlimit)
     elif t is Challenge:
         w.raw(_fixed(frame.nonce, 16))
     elif t is Auth:
@@ -326,6 +338,18 @@ def encode(frame) -> bytes:
         w.u32(frame.dir_index)
         w.s16(frame.name)
         w.s32(frame.signature)
+        if frame.resume is None:
+            w.u8(0)
+        else:
+            w.u8(1)
+            w.raw(_fixed(frame.resume.content, 32))
+            w.u64(frame.resume.length)
+            w.u16(frame.resume.k)
+            w.u32(frame.resume.shard_size)
+            w.u32(len(frame.resume.stripes))
+            for first, count in frame.resume.stripes:
+                w.u32(first)
+                w.u32(count)
     elif t is File:
         w.u32(frame.file_id)
         w.u8(frame.status)
@@ -342,6 +366,7 @@ def encode(frame) -> bytes:
         w.u16(frame.m)
         w.u32(frame.shard_size)
         w.s16(frame.message[:4000])
+        w.raw(_fixed(frame.content, 32))
     elif t is Ack:
         w.u32(frame.file_id)
         w.u32(len(frame.stripes))
@@ -387,7 +412,8 @@ def decode(kind: int, body) -> object:
         direction = r.u8()
         if direction not in (1, 2):
             raise ProtocolError(f"Hello: bad direction {direction}")
-        f = Hello(version, direction == 1, r.raw(32), r.raw(16), r.u32(), r.i64(), r.s16(), r.s16(), r.s32())
+        f = Hello(version, direction == 1, r.raw(32), r.raw(16), r.u32(), r.i64(), r.s16(), r.s16(), r.s32(),
+                  r.u64())
         if len(f.excludes) > 1 << 20:
             raise ProtocolError("Hello: excludes too long")
     elif cls is Challenge:
@@ -434,10 +460,18 @@ def decode(kind: int, body) -> object:
     elif cls is ListEnd:
         f = ListEnd()
     elif cls is Want:
-        f = Want(r.u32(), r.u32(), check_name(r.s16(), "Want"), r.s32())
+        fid, index, name, signature = r.u32(), r.u32(), check_name(r.s16(), "Want"), r.s32()
+        resume = None
+        if r.u8():
+            content, length, k, shard_size, n = r.raw(32), r.u64(), r.u16(), r.u32(), r.u32()
+            if n * 8 > len(body) or length > 1 << 62:
+                raise ProtocolError("Want: resume ranges do not fit")
+            ranges = tuple((r.u32(), r.u32()) for _ in range(n))
+            resume = Resume(content, length, k, shard_size, ranges)
+        f = Want(fid, index, name, signature, resume)
     elif cls is File:
         f = File(r.u32(), r.u8(), bool(r.u8()), r.u64(), r.raw(32), r.u32(), r.i64(), r.u32(), r.u64(), r.u32(),
-                 r.u32(), r.u16(), r.u16(), r.u32(), r.s16())
+                 r.u32(), r.u16(), r.u16(), r.u32(), r.s16(), r.raw(32))
         if f.status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or f.nanoseconds >= 10**9 or f.size > 1 << 62 \
                 or f.length > 1 << 62 or (f.status == FILE_OK and not (1 <= f.k and f.k + f.m <= 256
                                                                        and 64 <= f.shard_size <= 65536)):

@@ -58,12 +58,13 @@ WINDOW = 8 << 20                 # content bytes in flight before the receiver a
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
 REPAIR_DELAY = 0.03              # seconds (at least; 3 RTT on slower links) a quiet file waits for a repair
 PROBE_DELAY = 0.1                # seconds (at least; 4 RTT on slower links) before an unacknowledged stripe is probed
+CHECKPOINT_INTERVAL = 2.0        # seconds between a receiver's checkpoints (resume after a cut)
 QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
 REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
 
 # Error frame codes and the exit codes they become (README: exit codes).
-E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL = 1, 2, 3, 4, 5, 6, 7
+E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 class RefusedError(ResyncError):
@@ -90,12 +91,13 @@ def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: byte
 class Options:
     """What the client asks for (Hello flags)."""
 
-    __slots__ = ("delete", "checksum", "dry_run", "whole_file", "itemize", "max_delete", "excludes")
+    __slots__ = ("delete", "checksum", "dry_run", "whole_file", "itemize", "max_delete", "excludes", "bwlimit")
 
     def __init__(self, delete=False, checksum=False, dry_run=False, whole_file=False, itemize=False,
-                 max_delete=None, excludes=()):
+                 max_delete=None, excludes=(), bwlimit=0):
         self.delete, self.checksum, self.dry_run, self.whole_file = delete, checksum, dry_run, whole_file
         self.itemize, self.max_delete, self.excludes = itemize, max_delete, list(excludes)
+        self.bwlimit = int(bwlimit or 0)        # bytes per second the sender may send; 0: no limit
 
     @property
     def flags(self) -> int:
@@ -108,7 +110,7 @@ class Options:
         excludes = [os.fsdecode(p) for p in h.excludes.split(b"\n") if p]
         return cls(bool(h.flags & F.FLAG_DELETE), bool(h.flags & F.FLAG_CHECKSUM), bool(h.flags & F.FLAG_DRY_RUN),
                    bool(h.flags & F.FLAG_WHOLE_FILE), bool(h.flags & F.FLAG_ITEMIZE),
-                   None if h.max_delete < 0 else h.max_delete, excludes)
+                   None if h.max_delete < 0 else h.max_delete, excludes, h.bwlimit)
 
 
 class Session:
@@ -122,6 +124,7 @@ class Session:
         self.error: ResyncError | None = None
         self.result: dict = {}
         self.rtt = 0.05                  # the transport's estimate (net sets it)
+        self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
                       "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
@@ -207,7 +210,9 @@ class Session:
         if self.finished:
             return
         if tell_peer:
-            code = {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
+            from ..errors import ConnectionFailed, TimedOut
+            code = E_CUT if isinstance(exc, (ConnectionFailed, TimedOut)) else \
+                {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
             try:
                 self.send(F.Error(code, os.fsencode(str(exc))))
             except ResyncError:
@@ -215,7 +220,7 @@ class Session:
         self.error = exc
         self.finished = True
         if self.role is not None:
-            self.role.abort()
+            self.role.abort(exc)
 
     def finish(self, result: dict) -> None:
         self.result = result
@@ -236,6 +241,9 @@ class Session:
             exc = BusyError(f"the peer says: {message}")
         elif frame.code in (E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY):
             exc = RefusedError(f"the peer says: {message}")
+        elif frame.code == E_CUT:
+            from ..errors import ConnectionFailed
+            exc = ConnectionFailed(f"the peer says: {message}")
         else:
             exc = ProtocolError(f"the peer says: {message}")
         self.fail(exc, tell_peer=False)
@@ -250,15 +258,16 @@ class ClientSession(Session):
     presented (already checked against its pinned device ID by the caller)."""
 
     def __init__(self, identity, server_cert_der: bytes, push: bool, module: str, path: str, local: str,
-                 options: Options, report=None):
+                 options: Options, report=None, progress=None):
         super().__init__()
+        self.progress = progress
         self.identity, self.server_cert_der, self.push = identity, server_cert_der, push
         self.module, self.path, self.local, self.options = os.fsencode(module), os.fsencode(path), local, options
         self.report = report
         self.nonce = os.urandom(16)
         self.send(F.Hello(F.VERSION, push, identity.public_key, self.nonce, options.flags,
                           -1 if options.max_delete is None else options.max_delete, self.module, self.path,
-                          b"\n".join(os.fsencode(p) for p in options.excludes)))
+                          b"\n".join(os.fsencode(p) for p in options.excludes), options.bwlimit))
 
     def _handshake(self, frame, now: float) -> None:
         if isinstance(frame, F.Challenge):
@@ -290,8 +299,11 @@ class ServerSession(Session):
     ``lock(path, session)`` takes the destination for this transfer
     (False: another device's transfer holds it)."""
 
-    def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None):
+    def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
+                 bwlimit: float = 0, min_parity: int = 1):
         super().__init__()
+        self.bwlimit, self.min_parity = bwlimit, min_parity
+        self.rate_limit = 0.0               # what this server may send per second in a pull (0: no limit)
         self.identity, self.cert_der, self.modules = identity, cert_der, modules
         self.report_factory = report_factory
         self.lock = lock
@@ -347,7 +359,9 @@ class ServerSession(Session):
                 self._refuse(E_NO_MODULE, f"{module.name}/{rel}: no such directory")
                 self.role = None
                 return
-            self.role = _Sender(self, self.target, options, window=WINDOW)
+            limits = [x for x in (self.bwlimit, options.bwlimit) if x]
+            self.rate_limit = min(limits) if limits else 0.0
+            self.role = _Sender(self, self.target, options, window=WINDOW, min_parity=self.min_parity)
 
     def _refuse(self, code: int, message: str) -> None:
         self.send(F.Error(code, os.fsencode(message)))
@@ -361,7 +375,7 @@ class _Outgoing:
     """One file being sent: its content's stripes, what was sent and acknowledged."""
 
     __slots__ = ("frame", "encoder", "next_stripe", "m", "acked", "repairs", "next_row", "closer", "sent_rows",
-                 "in_flight", "bytes_out", "sent_at")
+                 "in_flight", "bytes_out", "sent_at", "progressed")
 
     def __init__(self, frame: F.File, encoder: StripeEncoder | None, m: int, closer):
         self.frame, self.encoder, self.m, self.closer = frame, encoder, m, closer
@@ -373,6 +387,7 @@ class _Outgoing:
         self.sent_rows: dict[int, int] = {}     # stripe -> shards sent
         self.bytes_out: dict[int, int] = {}     # stripe -> bytes counted in flight
         self.sent_at: dict[int, float] = {}     # unacknowledged stripe -> when shards of it last went out
+        self.progressed = 0                     # bytes of the file shown as done (-P)
 
     @property
     def done(self) -> bool:
@@ -382,7 +397,7 @@ class _Outgoing:
 class _Sender:
     """Lists ``root`` and sends what the receiver asks for."""
 
-    def __init__(self, session: Session, root: str, options: Options, window: int):
+    def __init__(self, session: Session, root: str, options: Options, window: int, min_parity: int = 1):
         from ..erasure.policy import ParityPolicy
         from ..scan import Excludes
         self.s, self.root, self.options = session, root, options
@@ -396,11 +411,13 @@ class _Sender:
         self.order: deque = deque()             # file ids in the order their shards go out
         self.in_flight = 0                      # bytes of stripes sent and not acknowledged
         self.k = DEFAULT_K
+        self.min_parity = max(MIN_PARITY, min_parity)
         self.policy = ParityPolicy(self.k, mode="target", target=STRIPE_TARGET)
         self.shard_size = 1280
         self.sent_files = 0
         self.repair_shards = 0
         self.probes = 0
+        self.resumed_bytes = 0                  # content not sent: the receiver kept it from a cut transfer
         self.spill: deque = deque()             # shards made but not yet handed out (over a call's limit)
         self.last_ack = 0.0
         self.tmp = None
@@ -467,6 +484,8 @@ class _Sender:
             if frame is None:
                 self.listed = True
                 self.s.send(F.ListEnd())
+                if self.s.progress is not None:
+                    self.s.progress.scanned()
                 break
             self.s.send(frame)
         while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window:
@@ -487,6 +506,7 @@ class _Sender:
                     raise ProtocolError(f"Ack of stripe {s} of file {frame.file_id}: no such stripe")
                 if s not in out.acked and s < out.next_stripe:
                     out.acked.add(s)
+                    self._advance(out, s)
                     n = out.bytes_out.pop(s, 0)
                     out.in_flight -= n
                     self.in_flight -= n
@@ -523,6 +543,7 @@ class _Sender:
             except ValueError:
                 raise ProtocolError("Done: statistics are not JSON") from None
             result.update(files_sent=self.sent_files, repair_shards=self.repair_shards, probes=self.probes,
+                          resumed_bytes=self.resumed_bytes,
                           parity=self.policy.m, loss_estimate=round(self.policy.loss, 4))
             self.close()
             self.s.finish(result)
@@ -557,6 +578,15 @@ class _Sender:
             out.in_flight = 0
             if out.closer is not None:
                 out.closer()
+            if self.s.progress is not None:
+                self.s.progress.done(max(0, out.frame.size - out.progressed))
+
+    def _advance(self, out: _Outgoing, stripe: int) -> None:
+        """-P: a stripe of ``out`` is through; its share of the file's size."""
+        if self.s.progress is not None:
+            n = progress_share(out.frame, stripe)
+            out.progressed += n
+            self.s.progress.partial(n)
 
     def _start(self, want: F.Want) -> None:
         """Open the wanted file and make its content (the file, or a delta
@@ -566,7 +596,7 @@ class _Sender:
         from ..fs import MappedFile
         rel = self.dirs[want.dir_index]
         path = os.path.join(self.root, os.fsdecode(os.path.join(os.fsencode(rel), want.name) if rel else want.name))
-        m = max(MIN_PARITY, self.policy.m)
+        m = max(self.min_parity, self.policy.m)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -590,26 +620,36 @@ class _Sender:
         closers = [mapped.close]
         try:
             if want.signature and mapped.size:
-                content, target = self._delta(want, mapped, closers)
+                content, target, content_hash = self._delta(want, mapped, closers)
                 delta = True
             else:
-                import blake3
                 content, delta = mapped.array, False
-                target = blake3.blake3(mapped.buffer, max_threads=blake3.blake3.AUTO if mapped.size > 1 << 24
-                                       else 1).digest()
+                target = content_hash = _blake3(mapped.buffer)
         except ResyncError:
             for c in closers:
                 c()
             raise
         frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
-                       st.st_size, st.st_uid, st.st_gid, self.k, m, self.shard_size, b"")
+                       st.st_size, st.st_uid, st.st_gid, self.k, m, self.shard_size, b"", content_hash)
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), self.k,
                                 self.shard_size)
 
         def close():
             for c in closers:
                 c()
-        self._send_file(frame, encoder, close)
+        out = self._send_file(frame, encoder, close)
+        r = want.resume
+        if out is not None and r is not None and resumes(r, frame):
+            # the receiver kept these stripes of this very content from a cut transfer
+            for first, count in r.stripes:
+                for stripe in range(first, min(first + count, encoder.stripes)):
+                    if stripe not in out.acked:
+                        out.acked.add(stripe)
+                        self._advance(out, stripe)
+                        d, size = encoder.geometry(stripe)
+                        self.resumed_bytes += min(d * size, frame.length - stripe * encoder.k * encoder.size)
+            self._skip_acked(out)
+            self._retire(out)
 
     def _delta(self, want: F.Want, mapped, closers):
         """The delta of the file against the receiver's signature, in a scratch file."""
@@ -628,18 +668,29 @@ class _Sender:
         closers.append(d.close)
         closers.append(lambda: os.unlink(out))
         header = formats.unpack_delta(d.buffer, out).header
-        return d.array, header.target_hash
+        return d.array, header.target_hash, _blake3(d.buffer)
 
-    def _send_file(self, frame: F.File, encoder, closer) -> None:
+    def _send_file(self, frame: F.File, encoder, closer) -> _Outgoing | None:
         self.s.send(frame)
         self.sent_files += 1
         out = _Outgoing(frame, encoder, frame.m, closer)
+        if self.s.progress is not None and frame.status == F.FILE_OK:
+            self.s.progress.queued(frame.size)
         if encoder is None or encoder.stripes == 0:
             if closer is not None:
                 closer()
-            return
+            if self.s.progress is not None and frame.status == F.FILE_OK:
+                self.s.progress.done(frame.size)
+            return None
         self.active[frame.file_id] = out
         self.order.append(frame.file_id)
+        return out
+
+    @staticmethod
+    def _skip_acked(o: _Outgoing) -> None:
+        """Move past stripes acknowledged before they were sent (resumed)."""
+        while o.next_stripe < o.encoder.stripes and o.next_stripe in o.acked:
+            o.next_stripe += 1
 
     def datagrams(self, now: float, limit: int) -> list[bytes]:
         """Up to ``limit`` shard datagrams: repairs first, then new stripes
@@ -672,6 +723,7 @@ class _Sender:
                 o.sent_rows[s] = n
                 o.sent_at[s] = now
                 o.next_stripe += 1
+                self._skip_acked(o)
                 o.bytes_out[s] = n * size
                 o.in_flight += n * size
                 self.in_flight += n * size
@@ -715,7 +767,7 @@ class _Sender:
                 o.sent_at[s] = now
                 self.probes += 1
 
-    def abort(self) -> None:
+    def abort(self, exc: ResyncError | None = None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -735,7 +787,7 @@ class _Incoming:
     """One wanted file: where it goes, and its content as it arrives."""
 
     __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
-                 "last_shard", "next_look", "asked")
+                 "last_shard", "next_look", "asked", "signature", "kept", "progressed")
 
     def __init__(self, path: str, rel: str, entry, prev, code: str):
         self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
@@ -747,6 +799,9 @@ class _Incoming:
         self.last_shard = 0.0
         self.next_look = 0.0                   # when the repair timer next looks at it
         self.asked: dict[int, float] = {}      # stripe -> when a repair was last asked for
+        self.signature = b""                   # the Want's signature (saved with a checkpoint of a delta)
+        self.kept: dict | None = None          # the checkpoint entry this Want offered to resume
+        self.progressed = 0                    # bytes of the file shown as done (-P)
 
 
 class _Receiver:
@@ -776,8 +831,12 @@ class _Receiver:
                                         Excludes(options.excludes), self.owners),
                             report, lambda path, e: report.entry(path, e, None),
                             lambda path: self.links[path], self._same_content)
+        self.kept: dict[str, dict] = {}        # path -> checkpoint entry of a cut transfer's partial file
         if not options.dry_run:
-            self.apply.begin_staging(os.urandom(8).hex())
+            journal = self.apply.begin_staging(os.urandom(8).hex(), prefix=RECV_PREFIX, resume=True)
+            self.kept = _parse_checkpoint(journal)
+        self.resumed_bytes = 0
+        self.next_checkpoint: float | None = None        # set by the first shard
         self.dirs: dict[int, str] = {}
         self.dir_attrs: list = []              # (path, entry, prev) for the end
         self.root_prev = None
@@ -813,6 +872,8 @@ class _Receiver:
             self.report.source_failed(rel + "/", exc)
         elif isinstance(frame, F.ListEnd):
             self.listed = True
+            if self.s.progress is not None:
+                self.s.progress.scanned()
         elif isinstance(frame, F.File):
             self._file(frame, now)
         elif isinstance(frame, F.Bye):
@@ -901,6 +962,16 @@ class _Receiver:
     def _want(self, index: int, rel: str, e, prev, path: str, code: str, parent) -> None:
         """Ask for a file: with this destination's copy's block signature, so
         that only what differs travels, unless it is new or --whole-file."""
+        fid = self.next_id
+        inc = _Incoming(path, rel, e, prev, code)
+        if self.s.progress is not None:
+            self.s.progress.queued(e.size)
+        resume = self._resumable(path, prev, inc)
+        if resume is not None:
+            self.next_id += 1
+            self.wanted[fid] = inc
+            self.s.send(F.Want(fid, index, os.fsencode(e.name), inc.signature, resume))
+            return
         signature = b""
         if prev is not None and prev.kind == "f" and prev.size and not self.options.whole_file:
             from ..fs import MappedFile
@@ -914,10 +985,44 @@ class _Receiver:
                     os.close(fd)
             except (OSError, ResyncError):
                 signature = b""                # unreadable here: the whole file instead
-        fid = self.next_id
         self.next_id += 1
-        self.wanted[fid] = _Incoming(path, rel, e, prev, code)
+        inc.signature = signature
+        self.wanted[fid] = inc
         self.s.send(F.Want(fid, index, os.fsencode(e.name), signature))
+
+    def _resumable(self, path: str, prev, inc: _Incoming) -> F.Resume | None:
+        """The Resume to offer for ``path``: what a cut transfer kept of it,
+        if that content can still be what the sender will send (for a delta:
+        the same basis, asked for with the same signature). The sender
+        resumes only if its content has the same BLAKE3."""
+        k = self.kept.pop(path, None)
+        if k is None:
+            return None
+        if k["delta"]:
+            signature = self.apply.stage_read(k["tmp"] + ".sig")
+            if signature is None or prev is None or prev.kind != "f" or [prev.size, prev.mtime_ns] != k["basis"]:
+                self._forget(k)
+                return None
+            inc.signature = signature
+        try:                                    # held open from here: what is offered cannot go missing
+            fd = self.apply.stage_reopen(k["tmp"])
+            if os.fstat(fd).st_size != k["length"]:
+                os.close(fd)
+                raise OSError(0, "not the checkpointed length")
+        except OSError:
+            self._forget(k)
+            inc.signature = b""
+            return None
+        inc.kept, inc.fd, inc.tmp = k, fd, k["tmp"]
+        return F.Resume(bytes.fromhex(k["content"]), k["length"], k["k"], k["shard_size"],
+                        tuple(map(tuple, k["stripes"])))
+
+    def _forget(self, k: dict) -> None:
+        for name in (k["tmp"], k["tmp"] + ".sig"):
+            try:
+                os.unlink(name, dir_fd=self.apply.staging_fd)
+            except OSError:
+                pass
 
     def _file(self, frame: F.File, now: float) -> None:
         inc = self.wanted.get(frame.file_id)
@@ -936,7 +1041,14 @@ class _Receiver:
             raise ProtocolError(f"File {frame.file_id}: a delta for a file without a basis")
         if stat.S_IFMT(frame.mode) != stat.S_IFREG:
             raise ProtocolError(f"File {frame.file_id}: not a regular file's mode")
-        inc.fd, inc.tmp = self.apply.stage_open()
+        k, inc.kept = inc.kept, None
+        if k is not None and not resumes(_resume_of(k), frame):
+            os.close(inc.fd)                    # the content changed since: the sender starts over too
+            inc.fd = -1
+            self._forget(k)
+            k = None
+        if k is None:
+            inc.fd, inc.tmp = self.apply.stage_open()
         inc.last_shard = now
         inc.next_look = now + self._delay()
         if frame.length:
@@ -944,6 +1056,11 @@ class _Receiver:
         fd = inc.fd
         inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size,
                                         lambda off, data: _pwrite_all(fd, data, off))
+        if k is not None:
+            done = [s for first, count in k["stripes"] for s in range(first, first + count)]
+            self.resumed_bytes += inc.assembler.mark_done(done)
+            for s in done:
+                self._advance(inc, s)
         self.receiving[frame.file_id] = inc
         if inc.assembler.complete:
             self._complete(frame.file_id, now)
@@ -958,8 +1075,11 @@ class _Receiver:
             return                              # late or duplicate shards of a finished file
         inc.last_shard = self.last_datagram = now
         inc.next_look = now + self._delay()
+        if self.next_checkpoint is None:
+            self.next_checkpoint = now + CHECKPOINT_INTERVAL
         if inc.assembler.add(stripe, index, payload):
             self.acks.setdefault(fid, []).append(stripe)
+            self._advance(inc, stripe)
             inc.asked.pop(stripe, None)
             if inc.assembler.complete:
                 self._complete(fid, now)
@@ -978,12 +1098,24 @@ class _Receiver:
             for lo in range(0, len(needs), 4096):
                 self.s.send(F.Repair(fid, tuple(needs[lo:lo + 4096])))
 
+    def _advance(self, inc: _Incoming, stripe: int) -> None:
+        """-P: a stripe of ``inc`` is in; its share of the file's size."""
+        if self.s.progress is not None and inc.frame is not None:
+            n = progress_share(inc.frame, stripe)
+            inc.progressed += n
+            self.s.progress.partial(n)
+
+    def _finished(self, inc: _Incoming) -> None:
+        if self.s.progress is not None:
+            self.s.progress.done(max(0, inc.entry.size - inc.progressed))
+
     def _complete(self, fid: int, now: float) -> None:
         """All of a file's content is in: check it (a delta is applied to
         the old copy first) and keep it for the next placing."""
         from ..content import ContentError
         inc = self.wanted.pop(fid)
         self.receiving.pop(fid, None)
+        self._finished(inc)
         f = inc.frame
         attrs = (f.mode, f.seconds * 10**9 + f.nanoseconds, f.uid, f.gid)
         action = "new" if inc.prev is None else "update"
@@ -992,8 +1124,11 @@ class _Receiver:
                 spec = ("delta-file", inc.fd, self.apply.root_fd, inc.rel, inc.entry.name, attrs, inc.path)
                 try:
                     staged = self.apply.stage(inc.path, spec, f.blake3, action)
-                finally:
+                except BaseException:
                     self.apply.stage_drop(inc.fd, inc.tmp)
+                    raise
+                os.close(inc.fd)                # the delta stays until the file is placed: a kill
+                inc.fd = -1                     # before that resumes it from the last checkpoint
             else:
                 staged = self.apply.stage_finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
                                                  time.monotonic() - inc.started)
@@ -1016,6 +1151,7 @@ class _Receiver:
         self.receiving.pop(fid, None)
         if inc is None:
             return
+        self._finished(inc)
         if inc.fd >= 0:
             self.apply.stage_drop(inc.fd, inc.tmp)
         if keep_old:
@@ -1036,6 +1172,8 @@ class _Receiver:
         handles: dict[str, Dir] = {}
         try:
             for staged, inc in batch:
+                if inc.frame.delta:
+                    self.apply.stage_drop(-1, inc.tmp)
                 parent = handles.get(inc.rel)
                 if parent is None:
                     try:
@@ -1092,6 +1230,7 @@ class _Receiver:
         result = self.stats.as_dict()
         result["repairs_asked"] = self.repairs_asked
         result["corrupt_shards"] = self.corrupt_shards
+        result["resumed_bytes"] = self.resumed_bytes
         self.result = result
         self.s.send(F.Done(json.dumps(result).encode()))
         self.s.result = result                # finished when the sender's Bye arrives
@@ -1102,7 +1241,10 @@ class _Receiver:
     def next_timer(self) -> float | None:
         """When a file's content may need a repair: a delay after its last
         shard (or its last check)."""
-        return min((inc.next_look for inc in self.receiving.values()), default=None)
+        first = min((inc.next_look for inc in self.receiving.values()), default=None)
+        if first is not None and self.next_checkpoint is not None:
+            first = min(first, self.next_checkpoint)
+        return first
 
     def timer(self, now: float) -> None:
         """Ask for what a quiet file still lacks (stripes overtaken by later
@@ -1111,6 +1253,9 @@ class _Receiver:
         file for half of it — after a stall of this process, the timer fires
         before the shards waiting in the socket are read — or when none of it
         came for QUIET_FACTOR delays while others flow."""
+        if self.next_checkpoint is not None and now >= self.next_checkpoint:
+            self.next_checkpoint = now + CHECKPOINT_INTERVAL
+            self._checkpoint()
         delay = self._delay()
         link_quiet = self.last_datagram + delay / 2 <= now
         for fid, inc in self.receiving.items():
@@ -1124,11 +1269,114 @@ class _Receiver:
             top = a.highest_seen()              # (beyond it: not sent yet, or lost whole: the sender probes)
             self._ask(fid, inc, [(s, n) for s, n in a.short() if s <= top], now)
 
-    def abort(self) -> None:
+    def abort(self, exc: ResyncError | None = None) -> None:
+        """The transfer failed. Cut off (the connection lost or silent, the
+        server stopping): what arrived is checkpointed for the next run to
+        resume, the staging directory kept. Otherwise everything staged is
+        removed."""
+        from ..errors import ConnectionFailed, TimedOut
+        resumable = isinstance(exc, (ConnectionFailed, TimedOut)) and not self.options.dry_run
+        if resumable:
+            try:
+                self._checkpoint()
+            except (OSError, ResyncError):
+                resumable = False
         for fid in list(self.wanted):
-            self._drop(fid, keep_old=False)
-        self.apply.abort()
+            if resumable:
+                inc = self.wanted.pop(fid)
+                if inc.fd >= 0:
+                    os.close(inc.fd)
+            else:
+                self._drop(fid, keep_old=False)
+        self.receiving.clear()
+        if resumable:
+            self.apply.keep_staging()
+            self.apply.close_up()
+        else:
+            self.apply.abort()
         self.apply.close()
+
+    def _checkpoint(self) -> None:
+        """Place the files completed so far, make what has arrived of the
+        others durable, and record it (stripes held, the content's BLAKE3)
+        in the staging directory: a cut transfer resumes from here."""
+        if self.options.dry_run or self.apply.root_fd < 0:
+            return
+        self._place()
+        entries = [k for k in self.kept.values()]            # not reached again yet: still kept
+        for inc in self.receiving.values():
+            a, f = inc.assembler, inc.frame
+            if a is None or inc.fd < 0 or not a.done or a.complete:
+                continue
+            os.fdatasync(inc.fd)
+            if f.delta:
+                self.apply.stage_write(inc.tmp + ".sig", inc.signature)
+            entries.append({"path": os.fsencode(inc.path).hex(), "tmp": inc.tmp, "content": f.content.hex(),
+                            "length": f.length, "delta": f.delta, "k": f.k, "shard_size": f.shard_size,
+                            "basis": [inc.prev.size, inc.prev.mtime_ns] if f.delta else None,
+                            "stripes": _ranges(a.done)})
+        self.apply.stage_checkpoint(json.dumps({"version": 1, "files": entries}).encode())
+
+
+RECV_PREFIX = ".resync-tmp-recv-"       # the network receiver's staging directories (apply.TEMP_PREFIX)
+
+
+def _ranges(stripes) -> list[list[int]]:
+    """Sorted stripe numbers as [first, count] runs."""
+    out: list[list[int]] = []
+    for s in sorted(stripes):
+        if out and out[-1][0] + out[-1][1] == s:
+            out[-1][1] += 1
+        else:
+            out.append([s, 1])
+    return out
+
+
+def progress_share(frame: F.File, stripe: int) -> int:
+    """The bytes of the file ``frame`` describes that ``stripe`` of its
+    content stands for in a progress display (a delta's stripes scaled to the
+    file's size)."""
+    if not frame.length:
+        return 0
+    lo = stripe * frame.k * frame.shard_size
+    n = max(0, min(frame.k * frame.shard_size, frame.length - lo))
+    return n if not frame.delta else n * frame.size // frame.length
+
+
+def resumes(r: F.Resume, frame: F.File) -> bool:
+    """Whether the sender of ``frame`` skips the stripes ``r`` offers — the
+    one rule both ends apply: the very content, cut into the same stripes."""
+    return (r.content == frame.content and r.length == frame.length and r.k == frame.k
+            and r.shard_size == frame.shard_size)
+
+
+def _resume_of(k: dict) -> F.Resume:
+    return F.Resume(bytes.fromhex(k["content"]), k["length"], k["k"], k["shard_size"], ())
+
+
+def _parse_checkpoint(journal: bytes | None) -> dict[str, dict]:
+    """path -> entry of a receiver's checkpoint (see _Receiver._checkpoint);
+    an unreadable one is no checkpoint (the transfer starts over)."""
+    if not journal:
+        return {}
+    try:
+        doc = json.loads(journal)
+        out = {}
+        for k in doc["files"]:
+            path = os.fsdecode(bytes.fromhex(k["path"]))
+            if not (isinstance(k["tmp"], str) and "/" not in k["tmp"] and isinstance(k["length"], int)
+                    and isinstance(k["stripes"], list)):
+                continue
+            k["content"] = bytes.fromhex(k["content"]).hex()
+            out[path] = k
+        return out
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _blake3(buffer) -> bytes:
+    import blake3
+    return blake3.blake3(buffer, max_threads=blake3.blake3.AUTO if len(buffer) > 1 << 24 else 1).digest()
 
 
 def _kind_of(mode: int) -> int:

@@ -171,6 +171,18 @@ class StripeAssembler:
         rs = ReedSolomon(d, max(max(parts) - d + 1, 1))
         return rs.decode([parts.get(i) for i in range(rs.n)])
 
+    def mark_done(self, stripes) -> int:
+        """Stripes already in the sink (kept from a cut transfer): done
+        without shards. Returns their bytes of content."""
+        total = 0
+        for s in stripes:
+            if 0 <= s < self.stripes and s not in self.done:
+                self.done.add(s)
+                self._parts.pop(s, None)
+                lo = s * self.k * self.size
+                total += min(self.k * self.size, self.length - lo)
+        return total
+
     def need(self, stripe: int) -> int:
         """Shards still needed to rebuild ``stripe`` (0 when it is done)."""
         if stripe in self.done:
