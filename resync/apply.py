@@ -720,14 +720,7 @@ class Applier:
         directory holds) durably and atomically in the staging directory;
         ``begin_staging(resume=True)`` of a later run returns it."""
         tmp = JOURNAL + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self._stage.fd)
-        try:
-            view = memoryview(journal)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.stage_write(tmp, journal)
         os.rename(tmp, JOURNAL, src_dir_fd=self._stage.fd, dst_dir_fd=self._stage.fd)
         os.fsync(self._stage.fd)
 
@@ -742,12 +735,12 @@ class Applier:
 
     def stage_write(self, name: str, data: bytes) -> None:
         """A side file of the staging directory (e.g. a signature a resumed
-        transfer needs again), made durable by the next checkpoint's fsync."""
+        transfer needs again), written and fsynced (its name is made durable
+        by the next checkpoint's fsync of the directory)."""
+        from .fs import write_all
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self._stage.fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
