@@ -199,6 +199,15 @@ def test_push_options_dry_run_itemize_exclude_max_delete(sites, tmp_path):
         got = {k: v for k, v in snapshot(module / "dst").items() if k != "extra.txt"}
         assert got == snapshot(ref)
         assert (module / "dst" / "extra.txt").exists()                         # excluded: kept, as rsync
+        big = src / "big-mixed"
+        data = bytearray(big.read_bytes())
+        data[1000:1100] = b"z" * 100
+        big.write_bytes(bytes(data))
+        for flag, reused in (("-W", False), ("--no-whole-file", True)):
+            os.utime(big, ns=(big.stat().st_mtime_ns + 10**9,) * 2)
+            r = client.run("sync", "--json", flag, src, server.url("m", "dst"), *pin)
+            assert (_json(r)["bytes_matched"] > 2_000_000) == reused, flag         # -W: whole, else a delta
+        assert (module / "dst" / "big-mixed").read_bytes() == bytes(data)
 
 
 # -- trust --------------------------------------------------------------------------------

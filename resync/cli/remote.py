@@ -37,9 +37,8 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     push = remote_dst is not None
     remote, local = (remote_dst, src) if push else (remote_src, dst)
     identity = load_identity(create=True)
-    options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=False, itemize=itemize,
+    options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=bool(whole_file), itemize=itemize,
                       max_delete=max_delete, excludes=patterns, bwlimit=bwlimit or 0)
-    del whole_file                      # over the network, changed files always travel as deltas
     item_stream = sys.stderr if as_json else sys.stdout
     record = not (dry_run or no_history)
     recorder = None

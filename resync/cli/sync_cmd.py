@@ -38,9 +38,9 @@ def _check_dir(path: str, must_exist: bool) -> None:
 @click.argument("src")
 @click.argument("dst")
 @click.option("-c", "--checksum", is_flag=True, help="Compare files by BLAKE3, not by size and mtime.")
-@click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=True, show_default=True,
-              help="Copy changed files whole (default for local copies), or rebuild them from the "
-                   "destination's old copy with the delta engine.")
+@click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=None,
+              help="Copy changed files whole (the default for local copies), or rebuild them from the "
+                   "destination's old copy with the delta engine (the default over the network).")
 @click.option("--delete", is_flag=True, help="Delete destination entries that are not in SRC "
                                               "(after all transfers succeeded).")
 @click.option("--max-delete", type=click.IntRange(min=0), default=None, metavar="N",
@@ -99,8 +99,8 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
 
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)
-    options = SyncOptions(checksum=checksum, whole_file=whole_file, delete=delete, max_delete=max_delete,
-                          excludes=patterns, dry_run=dry_run, hash_files=record)
+    options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, delete=delete,
+                          max_delete=max_delete, excludes=patterns, dry_run=dry_run, hash_files=record)
     item_stream = sys.stderr if as_json else sys.stdout
 
     def on_item(line: str) -> None:
