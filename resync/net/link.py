@@ -13,7 +13,6 @@ import asyncio
 import fcntl
 import socket
 import ssl
-import struct
 import termios
 import time
 
@@ -29,6 +28,8 @@ MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 100                # packets per loss report to the session (a moving average's sample)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
+RX_BATCH = 32                    # packets received before a transmit while more wait in the socket
+RX_DEFER = 0.002                 # s a transmit may wait for them (what waits may be another connection's)
 SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
 
@@ -122,6 +123,10 @@ class SessionLink(QuicConnectionProtocol):
         self.last_progress = time.monotonic()
         self._sent_seen = self._lost_seen = 0
         self._starved = False
+        self._receiving = False
+        self._rx_batch = 0
+        self._rx_flush = None
+        self._fileno = -1
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
 
@@ -130,17 +135,32 @@ class SessionLink(QuicConnectionProtocol):
         super().connection_made(_CountingTransport(transport, self.udp))
 
     def datagram_received(self, data, addr) -> None:
+        """aioquic takes the packet and calls ``transmit``; that transmit is
+        put off while more packets wait in the socket (up to RX_BATCH of them,
+        RX_DEFER seconds): a receiver otherwise builds a QUIC packet (an ACK)
+        and tops up its session once per packet received, which costs as much
+        as receiving it."""
         self.udp["udp_bytes_received"] += len(data)
         self.udp["udp_packets_received"] += 1
-        super().datagram_received(data, addr)
+        self._receiving = True
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._receiving = False
+
+    def _flush(self) -> None:
+        self._rx_flush = None
+        self.transmit()
 
     def _socket_waiting(self) -> bool:
         """Whether a packet waits in the UDP socket (FIONREAD)."""
-        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
-        if sock is None:
-            return False
+        if self._fileno < 0:
+            sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+            if sock is None:
+                return False
+            self._fileno = sock.fileno()
         try:
-            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+            return fcntl.ioctl(self._fileno, termios.FIONREAD, b"\0\0\0\0") != b"\0\0\0\0"
         except OSError:
             return False
 
@@ -189,6 +209,15 @@ class SessionLink(QuicConnectionProtocol):
         session's timer. aioquic calls this after every packet received and
         every timer of its own, pacing included, so the queue is refilled as
         fast as QUIC drains it."""
+        if self._receiving and self._rx_batch < RX_BATCH and self._socket_waiting():
+            if self._rx_flush is None:
+                self._rx_flush = self._loop.call_later(RX_DEFER, self._flush)
+            self._rx_batch += 1
+            return
+        self._rx_batch = 0
+        if self._rx_flush is not None:
+            self._rx_flush.cancel()
+            self._rx_flush = None
         s = self.session
         if s is None:
             super().transmit()
