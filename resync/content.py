@@ -291,7 +291,7 @@ def hash_fd(fd: int) -> str:
     cache in 4 MiB pieces: no mapping, so memory stays flat)."""
     import blake3
     h = blake3.blake3(max_threads=1)
-    buf = bytearray(4 << 20)
+    buf = bytearray(min(4 << 20, max(1 << 16, os.fstat(fd).st_size + 1)))   # a small file: a small buffer
     view = memoryview(buf)
     offset = 0
     while n := os.preadv(fd, [buf], offset):
