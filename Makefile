@@ -100,6 +100,7 @@ bench: install bench-tools
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_erasure.py
 	$(PY) bench/bench_bundle.py
+	$(PY) bench/bench_net.py
 
 clean:
 	rm -rf $(VENV) $(RUN) bench/.data .pytest_cache .hypothesis
