@@ -726,11 +726,13 @@ class Applier:
 
     def stage_reopen(self, tmp: str) -> int:
         """A descriptor (read-write) of a file a checkpointed run staged.
-        OSError if it is gone or is not a regular file."""
-        fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._stage.fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        OSError if it is gone, is not a regular file or has other links."""
+        fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=self._stage.fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
-            raise OSError(0, f"{tmp}: not a regular file")
+            raise OSError(0, f"{tmp}: not a regular file of its own")
         return fd
 
     def stage_write(self, name: str, data: bytes) -> None:
@@ -745,16 +747,10 @@ class Applier:
         finally:
             os.close(fd)
 
-    def stage_read(self, name: str) -> bytes | None:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._stage.fd)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                return f.read()
-        finally:
-            os.close(fd)
+    def stage_read(self, name: str, limit: int = 64 << 20) -> bytes | None:
+        """A side file of the staging directory written by ``stage_write``
+        (None: missing, not a regular file, or over ``limit`` bytes)."""
+        return read_regular(self._stage.fd, name, limit)
 
     def keep_staging(self) -> None:
         """Leave the staging directory as it is (a checkpoint in it, for the
@@ -1038,16 +1034,30 @@ def _read_journal(root_fd: int, name: str) -> bytes | None:
     except OSError:
         return None
     try:
-        fd = os.open(JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+        return read_regular(d, JOURNAL, 64 << 20)
+    finally:
+        os.close(d)
+
+
+def read_regular(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """The content of ``name`` in ``dir_fd`` if it is a regular file of at
+    most ``limit`` bytes, else None (missing, a symlink, a FIFO or device —
+    opened without blocking, never read —, too large, unreadable)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
     except OSError:
         return None
     finally:
-        os.close(d)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            return f.read(64 << 20)
-    except OSError:
-        return None
+        os.close(fd)
 
 
 def _stat_journal(root_fd: int):

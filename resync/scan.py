@@ -331,7 +331,7 @@ def _walk_frames(root: str, excludes: Excludes | None, skip: tuple[int, int] | N
         vanished: list[str] = []
         error = None
         try:
-            entries, _, vanished = list_dir(path, excludes, rel)
+            entries, _, vanished = list_dir(path, excludes, rel, skip_temps=True)
         except OSError as exc:
             error = (exc.errno or 0, exc.strerror or str(exc))
         skipped = skipped_dir(path, entries, skip)

@@ -125,7 +125,7 @@ class Syncer:
         if not stat.S_ISDIR(src_st.st_mode):
             raise FileError(self.src, "source is not a directory")
         try:
-            top, _, _ = list_dir(self.src, self._excludes)
+            top, _, _ = list_dir(self.src, self._excludes, skip_temps=True)
         except OSError as exc:
             raise FileError.from_os(self.src, exc) from None
         refuse_empty_source(self.src, top, self.opt.delete)
@@ -214,7 +214,7 @@ class Syncer:
         else:
             src_dir = f"{self.src}/{p.rel}" if p.rel else self.src
             try:
-                out.src, _, out.gone = list_dir(src_dir, self._excludes, p.rel)
+                out.src, _, out.gone = list_dir(src_dir, self._excludes, p.rel, skip_temps=True)
             except OSError as exc:
                 out.src_error = exc
             out.skip = skipped_dir(src_dir, out.src, self._dst_id)

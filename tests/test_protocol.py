@@ -59,6 +59,17 @@ def test_frames_refuse_names_that_escape(frame, why):
         list(r.frames())
 
 
+@pytest.mark.parametrize("ranges", [((5, 2), (0, 1)), ((0, 5), (3, 2)), ((0, 0),)],
+                         ids=["unsorted", "overlapping", "empty"])
+def test_resume_ranges_must_be_sorted_and_disjoint(ranges):
+    """A Want's Resume costs the sender work per stripe it names: ranges
+    out of order, overlapping or empty are a protocol error."""
+    r = F.FrameReader()
+    r.feed(F.encode(F.Want(1, 0, b"f", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ranges))))
+    with pytest.raises(ProtocolError, match="resume ranges"):
+        list(r.frames())
+
+
 def test_frame_lengths_are_bounded():
     r = F.FrameReader()
     r.feed(b"\xff\xff\xff\x7f\x01")                        # claims 2 GiB
@@ -252,11 +263,47 @@ def test_a_killed_receiver_resumes_from_its_last_periodic_checkpoint(tmp_path, m
     assert len(entries) >= 2
     (kept[0] / entries[0]["tmp"]).unlink()      # as when a file completed after the checkpoint
     client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(3), loss=0.05), cut_after=3)    # cut again before much arrives
+    kept = list(dst.glob(".resync-tmp-recv-*/checkpoint.json"))
+    again = {e["tmp"] for e in json.loads(kept[0].read_text())["files"]} if len(kept) == 1 else set()
+    assert {e["tmp"] for e in entries[1:]} <= again, "files offered again but not begun stay in the checkpoint"
+    client, server = make_pair(tmp_path, push, local, server_root)
     pump(client, server, Channel(random.Random(2), loss=0.05))
     assert client.error is None and server.error is None, (client.error, server.error)
     assert snapshot(dst) == snapshot(src)
     assert not list(dst.glob(".resync-tmp-*"))
     assert client.result["resumed_bytes"] > 0
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_a_hostile_or_damaged_checkpoint_is_ignored(tmp_path, push):
+    """checkpoint.json lies on disk in the destination: a FIFO in its
+    place, or entries with missing, mistyped, out-of-range or unsafe fields,
+    are no checkpoint (never a hang, a traceback or a write elsewhere);
+    resync's temp names in a source are never sent."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 11)
+    (src / ".resync-tmp-recv-0123").mkdir()                 # another run's staging, left in a source
+    (src / ".resync-tmp-recv-0123" / "checkpoint.json").write_text("{}")
+    (src / ".resync-tmp-abc-1").write_bytes(b"half a file")
+    dst.mkdir()
+    (dst / ".resync-tmp-recv-fifo").mkdir()
+    os.mkfifo(dst / ".resync-tmp-recv-fifo" / "checkpoint.json")
+    good = {"path": b"f0".hex(), "tmp": ".resync-tmp-1-2-3", "content": "00" * 32, "length": 10, "delta": False,
+            "k": 32, "shard_size": 1280, "basis": None, "stripes": [[0, 1]]}
+    bad = [dict(good, delta=None), dict(good, content="00"), dict(good, k=1 << 20), dict(good, stripes=[5]),
+           dict(good, stripes=[[0, 10**12]]), dict(good, tmp="../../escape"), dict(good, tmp=".resync-tmp-\0"),
+           dict(good, path="zz"), dict(good, length=-1), "not an entry"]
+    (dst / ".resync-tmp-recv-bad").mkdir()
+    (dst / ".resync-tmp-recv-bad" / "checkpoint.json").write_text(json.dumps({"version": 1, "files": bad}))
+    os.utime(dst / ".resync-tmp-recv-bad" / "checkpoint.json", ns=(4 * 10**18, 4 * 10**18))      # the newest
+    server_root, local = (dst, src) if push else (src, dst)
+    client, server = make_pair(tmp_path, push, local, server_root)
+    pump(client, server, Channel(random.Random(4), loss=0.05))
+    assert client.error is None and server.error is None, (client.error, server.error)
+    expect = {k: v for k, v in snapshot(src).items() if ".resync-tmp-" not in k}
+    assert snapshot(dst) == expect
+    assert not list(dst.glob(".resync-tmp-*")) and not list(tmp_path.glob("escape*"))
 
 
 def receiver_content(session) -> int:

@@ -108,8 +108,8 @@ def parse_rate(value: str) -> float:
         rate = float(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         raise ValueError(f"{value!r}: expected bytes per second, e.g. 500K or 10M") from None
-    if not rate > 0:
-        raise ValueError(f"{value!r}: must be more than 0")
+    if not 0 < rate < 1 << 62:
+        raise ValueError(f"{value!r}: must be more than 0 and finite")
     return rate
 
 

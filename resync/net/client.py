@@ -71,7 +71,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
             progress["server_id"] = check_server(remote, cert, peer_id, accept_new, known_peers)
             session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
                                     meter)
-            if bwlimit:
+            if bwlimit and push:                # a pull's limit travels in Hello: the server sends slower
                 link.bucket = TokenBucket(bwlimit)
             done = asyncio.Event()
             link.on_session_done = done.set
@@ -85,7 +85,11 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                     session.connection_lost(link.close_reason)
                     break
                 if time.monotonic() - link.last_progress > timeout:
-                    raise TimedOut(f"no data from {remote.address} for {timeout:.0f} s")
+                    exc = TimedOut(f"no data from {remote.address} for {timeout:.0f} s")
+                    session.fail(exc)           # a receiver checkpoints; the server is told (E_CUT)
+                    link.drive()
+                    link.close()
+                    raise exc
                 progress["moved"] = link.last_progress
             link.drive()
             session.transport = link.transport_stats()

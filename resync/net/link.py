@@ -52,14 +52,17 @@ def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> Quic
 
 
 class TokenBucket:
-    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a second."""
+    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a
+    second (at least one packet: a rate under 13.5 KB/s still moves)."""
 
     def __init__(self, rate: float):
-        self.rate, self.tokens, self.last = float(rate), float(rate) / 10, time.monotonic()
+        self.rate, self.last = float(rate), time.monotonic()
+        self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE)
+        self.tokens = self.burst
 
     def allow(self, want: int, size: int) -> int:
         now = time.monotonic()
-        self.tokens = min(self.rate / 10, self.tokens + (now - self.last) * self.rate)
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
         n = min(want, int(self.tokens // max(size, 1)))
         self.tokens -= n * size

@@ -5,8 +5,8 @@ Two transfers into the same destination directory never interleave: a push
 takes an exclusive flock on the destination directory for its duration, and a
 second one is refused as busy (exit 13 at the client, which may retry).
 SIGTERM and SIGINT stop the server: no new connection is accepted, transfers
-in flight are told to stop (their staged content is removed, nothing half
-applied), and it exits 0.
+in flight are stopped and checkpointed (nothing half applied; their clients
+retry and resume what had arrived), and it exits 0.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ class _Locks:
     A new push from the device that holds a destination supersedes the old
     one: that connection is dead or dying (a client killed and run again —
     Syncthing likewise replaces a device's old connection with its new one);
-    the old session is stopped, its staged content removed, before the new
-    one starts. Another device's push is refused as busy."""
+    the old session is stopped and checkpointed before the new one starts
+    (which resumes from that checkpoint). Another device's push is refused as busy."""
 
     def __init__(self):
         self.held: dict[str, tuple[int, object, object]] = {}     # real path -> (fd, session, link)

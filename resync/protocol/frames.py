@@ -467,6 +467,11 @@ def decode(kind: int, body) -> object:
             if n * 8 > len(body) or length > 1 << 62:
                 raise ProtocolError("Want: resume ranges do not fit")
             ranges = tuple((r.u32(), r.u32()) for _ in range(n))
+            end = 0
+            for first, count in ranges:
+                if first < end or count == 0:
+                    raise ProtocolError("Want: resume ranges not sorted, overlapping or empty")
+                end = first + count
             resume = Resume(content, length, k, shard_size, ranges)
         f = Want(fid, index, name, signature, resume)
     elif cls is File:

@@ -432,7 +432,7 @@ class _Sender:
             self.dirs.append(rel)
             path = os.path.join(self.root, rel) if rel else self.root
             try:
-                entries, _, gone = list_dir(path, self.excludes, rel)
+                entries, _, gone = list_dir(path, self.excludes, rel, skip_temps=True)
             except OSError as exc:
                 yield F.DirFailed(index, os.fsencode(rel), exc.errno or 0, os.fsencode(exc.strerror or str(exc)))
                 continue
@@ -787,7 +787,7 @@ class _Incoming:
     """One wanted file: where it goes, and its content as it arrives."""
 
     __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
-                 "last_shard", "next_look", "asked", "signature", "kept", "progressed")
+                 "last_shard", "next_look", "asked", "signature", "kept", "progressed", "sig_saved")
 
     def __init__(self, path: str, rel: str, entry, prev, code: str):
         self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
@@ -802,6 +802,7 @@ class _Incoming:
         self.signature = b""                   # the Want's signature (saved with a checkpoint of a delta)
         self.kept: dict | None = None          # the checkpoint entry this Want offered to resume
         self.progressed = 0                    # bytes of the file shown as done (-P)
+        self.sig_saved = False                 # its signature is in the staging directory (a delta's resume)
 
 
 class _Receiver:
@@ -888,10 +889,13 @@ class _Receiver:
             raise ProtocolError(f"Dir {frame.index} out of order")
         rel = os.fsdecode(frame.rel)
         self.dirs[frame.index] = rel
+        from ..apply import TEMP_PREFIX
         attrs, listed = frame.attrs, frame.entries
         entries = []
         for e in listed:
             name = os.fsdecode(e.name)
+            if name.startswith(TEMP_PREFIX):
+                continue                        # resync's own temp names are never taken from a peer
             kind = "fdLDS"[e.kind - 1]
             mode = e.mode
             if stat.S_IFMT(mode) == 0 or "fdLDS"[_kind_of(mode) - 1] != kind:
@@ -1000,10 +1004,11 @@ class _Receiver:
             return None
         if k["delta"]:
             signature = self.apply.stage_read(k["tmp"] + ".sig")
-            if signature is None or prev is None or prev.kind != "f" or [prev.size, prev.mtime_ns] != k["basis"]:
+            if signature is None or prev is None or prev.kind != "f" or [prev.size, prev.mtime_ns] != k["basis"] \
+                    or self.options.whole_file or not _signature_parses(signature):
                 self._forget(k)
                 return None
-            inc.signature = signature
+            inc.signature, inc.sig_saved = signature, True
         try:                                    # held open from here: what is offered cannot go missing
             fd = self.apply.stage_reopen(k["tmp"])
             if os.fstat(fd).st_size != k["length"]:
@@ -1255,7 +1260,10 @@ class _Receiver:
         came for QUIET_FACTOR delays while others flow."""
         if self.next_checkpoint is not None and now >= self.next_checkpoint:
             self.next_checkpoint = now + CHECKPOINT_INTERVAL
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except OSError:                     # a full disk or I/O error: the transfer goes on without
+                self.next_checkpoint = float("inf")     # checkpoints (placing will report what fails)
         delay = self._delay()
         link_quiet = self.last_datagram + delay / 2 <= now
         for fid, inc in self.receiving.items():
@@ -1304,13 +1312,18 @@ class _Receiver:
             return
         self._place()
         entries = [k for k in self.kept.values()]            # not reached again yet: still kept
+        entries += [inc.kept for inc in self.wanted.values()   # offered again, its File not here yet
+                    if inc.kept is not None and inc.frame is None]
         for inc in self.receiving.values():
             a, f = inc.assembler, inc.frame
             if a is None or inc.fd < 0 or not a.done or a.complete:
                 continue
             os.fdatasync(inc.fd)
-            if f.delta:
-                self.apply.stage_write(inc.tmp + ".sig", inc.signature)
+            if f.delta and not inc.sig_saved:              # once, whole: the checkpoint names it
+                self.apply.stage_write(inc.tmp + ".sig.tmp", inc.signature)
+                os.rename(inc.tmp + ".sig.tmp", inc.tmp + ".sig", src_dir_fd=self.apply.staging_fd,
+                          dst_dir_fd=self.apply.staging_fd)
+                inc.sig_saved = True
             entries.append({"path": os.fsencode(inc.path).hex(), "tmp": inc.tmp, "content": f.content.hex(),
                             "length": f.length, "delta": f.delta, "k": f.k, "shard_size": f.shard_size,
                             "basis": [inc.prev.size, inc.prev.mtime_ns] if f.delta else None,
@@ -1361,17 +1374,61 @@ def _parse_checkpoint(journal: bytes | None) -> dict[str, dict]:
         return {}
     try:
         doc = json.loads(journal)
-        out = {}
-        for k in doc["files"]:
-            path = os.fsdecode(bytes.fromhex(k["path"]))
-            if not (isinstance(k["tmp"], str) and "/" not in k["tmp"] and isinstance(k["length"], int)
-                    and isinstance(k["stripes"], list)):
-                continue
-            k["content"] = bytes.fromhex(k["content"]).hex()
-            out[path] = k
-        return out
+        files = doc["files"] if isinstance(doc, dict) and doc.get("version") == 1 else []
     except (ValueError, KeyError, TypeError):
         return {}
+    out, tmps = {}, set()
+    for k in files if isinstance(files, list) else []:
+        entry = _checkpoint_entry(k)
+        if entry is not None and entry["tmp"] not in tmps:
+            tmps.add(entry["tmp"])
+            out[os.fsdecode(bytes.fromhex(entry["path"]))] = entry
+    return out
+
+
+def _signature_parses(data: bytes) -> bool:
+    from ..signature import signature_from_bytes
+    try:
+        signature_from_bytes(data, "a kept signature")
+        return True
+    except Exception:                           # anything unreadable: no resume, the delta starts over
+        return False
+
+
+def _whole(x, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _checkpoint_entry(k) -> dict | None:
+    """One checkpoint entry checked field by field (the file is on disk in
+    the destination: anything malformed is ignored, never trusted)."""
+    from ..apply import TEMP_PREFIX
+    try:
+        path = os.fsdecode(bytes.fromhex(k["path"]))
+        content = bytes.fromhex(k["content"])
+        tmp, stripes, basis = k["tmp"], k["stripes"], k.get("basis")
+        if not (isinstance(tmp, str) and tmp.startswith(TEMP_PREFIX) and "/" not in tmp and "\0" not in tmp
+                and len(tmp) < 128 and "\0" not in path and len(content) == 32
+                and _whole(k["length"], 0, 1 << 62) and isinstance(k["delta"], bool)
+                and _whole(k["k"], 1, 255) and _whole(k["shard_size"], 64, 65536)
+                and isinstance(stripes, list) and len(stripes) <= 1 << 20):
+            return None
+        if k["delta"] and not (isinstance(basis, list) and len(basis) == 2 and all(_whole(x, 0, 1 << 126)
+                                                                                 for x in basis)):
+            return None
+        total = -(-k["length"] // (k["k"] * k["shard_size"]))
+        ranges, end = [], 0
+        for r in stripes:
+            if not (isinstance(r, list) and len(r) == 2 and _whole(r[0], end, total) and _whole(r[1], 1, total)
+                    and r[0] + r[1] <= total):
+                return None                     # sorted, disjoint, within the content
+            ranges.append([r[0], r[1]])
+            end = r[0] + r[1]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"path": k["path"], "tmp": tmp, "content": content.hex(), "length": k["length"], "delta": k["delta"],
+            "k": k["k"], "shard_size": k["shard_size"], "basis": basis if k["delta"] else None,
+            "stripes": ranges}
 
 
 def _blake3(buffer) -> bytes:

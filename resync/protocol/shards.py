@@ -157,10 +157,10 @@ class StripeAssembler:
         if len(parts) < d:
             return False
         data = self._decode(parts, d)
-        del self._parts[stripe]
-        self.done.add(stripe)
         lo = stripe * self.k * self.size
         self.sink(lo, data.reshape(-1)[:min(d * size, self.length - lo)])
+        del self._parts[stripe]
+        self.done.add(stripe)                   # only once it is written: a checkpoint lists done stripes
         return True
 
     def _decode(self, parts: dict[int, bytes], d: int) -> np.ndarray:
