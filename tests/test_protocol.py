@@ -27,7 +27,7 @@ from .treeutil import rsync_a, snapshot
 
 LISTED = F.Listed(b"name", 1, 0o100644, 1_700_000_000, 123, 42, 1000, 1000, 0, b"", b"")
 SAMPLES = [
-    F.Hello(1, True, b"k" * 32, b"n" * 16, F.FLAG_DELETE | F.FLAG_ITEMIZE, -1, b"mod", b"a/b", b"*.tmp\n/x", 5 << 20),
+    F.Hello(F.VERSION, True, b"k" * 32, b"n" * 16, F.FLAG_DELETE | F.FLAG_ITEMIZE, -1, b"mod", b"a/b", b"*.tmp\n/x", 5 << 20),
     F.Challenge(b"c" * 16), F.Auth(b"s" * 64), F.Welcome(8 << 20), F.Error(4, b"not allowed"),
     F.Dir(3, b"a/b", F.Listed(b"", 2, 0o40755, 5, 6, 0, 0, 0, 0, b"", b""),
           (LISTED, LISTED._replace(name=b"zlink", kind=3, mode=0o120777, target=b"../t", size=4)), (b"gone",)),
@@ -67,6 +67,15 @@ def test_resume_ranges_must_be_sorted_and_disjoint(ranges):
     r = F.FrameReader()
     r.feed(F.encode(F.Want(1, 0, b"f", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ranges))))
     with pytest.raises(ProtocolError, match="resume ranges"):
+        list(r.frames())
+
+
+def test_another_protocol_version_is_refused_by_name():
+    data = F.encode(SAMPLES[0])
+    body = (F.VERSION - 1).to_bytes(2, "little") + data[7:-8]      # an older Hello: laid out otherwise (shorter)
+    r = F.FrameReader()
+    r.feed((len(body) + 1).to_bytes(4, "little") + data[4:5] + body)
+    with pytest.raises(ProtocolError, match=f"version {F.VERSION - 1} not supported"):
         list(r.frames())
 
 

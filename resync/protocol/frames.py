@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from ..errors import ResyncError
 
-VERSION = 1
+VERSION = 2                        # 2: Want.resume, File.content, Hello.bwlimit (session 6)
 MAX_FRAME = 16 << 20
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
 NAME_MAX = 255
@@ -409,6 +409,8 @@ def decode(kind: int, body) -> object:
     r = _R(body, cls.__name__)
     if cls is Hello:
         version = r.u16()
+        if version != VERSION:                 # before the rest: another version lays it out otherwise
+            raise ProtocolError(f"version {version} not supported (this end speaks {VERSION})")
         direction = r.u8()
         if direction not in (1, 2):
             raise ProtocolError(f"Hello: bad direction {direction}")

@@ -411,6 +411,7 @@ class _Sender:
         self.order: deque = deque()             # file ids in the order their shards go out
         self.in_flight = 0                      # bytes of stripes sent and not acknowledged
         self.k = DEFAULT_K
+        self.queued: dict[int, int] = {}        # -P: file id -> the size it was shown with
         self.min_parity = max(MIN_PARITY, min_parity)
         self.policy = ParityPolicy(self.k, mode="target", target=STRIPE_TARGET)
         self.shard_size = 1280
@@ -496,6 +497,13 @@ class _Sender:
             if frame.dir_index >= len(self.dirs):
                 raise ProtocolError(f"Want for directory {frame.dir_index}, which was not listed")
             self.wants.append(frame)
+            if self.s.progress is not None:     # -P: the total is known as the receiver asks
+                try:
+                    size = os.lstat(self._path(frame)).st_size
+                except OSError:
+                    size = 0
+                self.queued[frame.file_id] = size
+                self.s.progress.queued(size)
         elif isinstance(frame, F.Ack):
             self.last_ack = now
             out = self.active.get(frame.file_id)
@@ -578,8 +586,17 @@ class _Sender:
             out.in_flight = 0
             if out.closer is not None:
                 out.closer()
-            if self.s.progress is not None:
-                self.s.progress.done(max(0, out.frame.size - out.progressed))
+            self._shown_done(out.frame.file_id, out.progressed)
+
+    def _shown_done(self, fid: int, progressed: int) -> None:
+        """-P: the file is through (sent, vanished or failed): the rest of the
+        size it was queued with."""
+        if self.s.progress is not None:
+            self.s.progress.done(max(0, self.queued.pop(fid, 0) - progressed))
+
+    def _path(self, want: F.Want) -> str:
+        rel = self.dirs[want.dir_index]
+        return os.path.join(self.root, os.fsdecode(os.path.join(os.fsencode(rel), want.name) if rel else want.name))
 
     def _advance(self, out: _Outgoing, stripe: int) -> None:
         """-P: a stripe of ``out`` is through; its share of the file's size."""
@@ -594,8 +611,7 @@ class _Sender:
         import numpy as np
 
         from ..fs import MappedFile
-        rel = self.dirs[want.dir_index]
-        path = os.path.join(self.root, os.fsdecode(os.path.join(os.fsencode(rel), want.name) if rel else want.name))
+        path = self._path(want)
         m = max(self.min_parity, self.policy.m)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -674,13 +690,10 @@ class _Sender:
         self.s.send(frame)
         self.sent_files += 1
         out = _Outgoing(frame, encoder, frame.m, closer)
-        if self.s.progress is not None and frame.status == F.FILE_OK:
-            self.s.progress.queued(frame.size)
         if encoder is None or encoder.stripes == 0:
             if closer is not None:
                 closer()
-            if self.s.progress is not None and frame.status == F.FILE_OK:
-                self.s.progress.done(frame.size)
+            self._shown_done(frame.file_id, 0)
             return None
         self.active[frame.file_id] = out
         self.order.append(frame.file_id)
