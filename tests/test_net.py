@@ -388,6 +388,37 @@ def test_progress_on_a_terminal_push_and_pull(sites, tmp_path):
     _same(src, pulled)
 
 
+def test_a_pull_waits_while_another_transfer_writes_its_destination(sites, tmp_path):
+    """A pull holds its destination as the server holds a push's: while
+    another resync transfer (here: the test, holding the flock) writes it,
+    the pull retries within --retry-for, else exits 13 naming it."""
+    import fcntl
+    import threading
+    client, server_site = sites
+    src, module, dst = tmp_path / "module" / "d", tmp_path / "module", tmp_path / "dst"
+    _tree(src, 12, files=5)
+    dst.mkdir()
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    held = [fd]
+
+    def release():
+        if held:
+            os.close(held.pop())
+    try:
+        with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+            pin = ("--peer-id", server_site.id)
+            r = client.run("sync", server.url("m", "d"), dst, *pin, "--retry-for", "0")
+            assert r.returncode == 13 and "another resync transfer is writing" in r.stderr, r.stderr
+            assert not list(dst.iterdir())
+            threading.Timer(2.0, release).start()
+            r = client.run("sync", server.url("m", "d"), dst, *pin, "--retry-for", "30")
+            assert r.returncode == 0 and "retrying in" in r.stderr, r.stderr
+            _same(src, dst)
+    finally:
+        release()
+
+
 # -- kills ----------------------------------------------------------------------------------
 
 def _no_stage_left(root: Path) -> bool:
