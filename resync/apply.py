@@ -706,6 +706,7 @@ class Applier:
                 except OSError:
                     pass
         name = adopted or prefix + bundle_id
+        self.touched.add("")                    # the root gains (or loses) a name: its mtime is restored
         try:
             self.open_up_fd(self.root_fd, "")
             if adopted is None:
@@ -852,6 +853,7 @@ class Applier:
         name = self._stage.rel
         self._stage.release()
         self._stage = None
+        self.touched.add("")
         try:
             clear(self.root_fd, name)
         except OSError:

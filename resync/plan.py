@@ -151,11 +151,11 @@ class Planner:
         owners = self.opt.owners
         if prev is not None and prev.kind == "L" and dst_fd is not None:
             try:
-                same = os.readlink(e.name, dir_fd=dst_fd) == target
-            except OSError:
+                same = os.fsencode(os.readlink(e.name, dir_fd=dst_fd)) == os.fsencode(target)
+            except OSError:                     # (a peer's target is bytes, a local one str)
                 same = False
             if same:
-                out.append((FIX, e, prev, path, f" -> {target}"))
+                out.append((FIX, e, prev, path, f" -> {os.fsdecode(target)}"))
                 return
             code = itemize("c", e, prev, "c", owners=owners)
         else:

@@ -347,10 +347,34 @@ def test_a_no_change_transfer_sends_the_listing_and_nothing_else(tmp_path):
     dst.mkdir()
     client, server = make_pair(tmp_path, True, src, dst)
     pump(client, server, Channel(random.Random(1)))
+    os.symlink("a/b/../target", src / "link")
+    root_mtime = os.stat(src).st_mtime_ns
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(1)))
+    os.utime(src, ns=(root_mtime, root_mtime))
     client, server = make_pair(tmp_path, True, src, dst)
     pump(client, server, Channel(random.Random(1)))
     assert client.stats["datagrams_sent"] == 0 and client.result["files_transferred"] == 0
     assert server.stats["control_bytes_received"] < 20_000
+    # nothing to do is nothing done: no symlink made again, the root's time untouched (as local sync)
+    assert client.result["updated"] == 0 and client.result["created"] == 0, client.result
+    assert snapshot(dst) == snapshot(src)
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_delete_from_an_empty_source_is_refused(tmp_path, push):
+    """--delete with an empty source (or all of it excluded) deletes
+    nothing and says why, as local sync does (exit 25 at the client)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    tree(dst, 13)
+    before = snapshot(dst)
+    server_root, local = (dst, src) if push else (src, dst)
+    client, server = make_pair(tmp_path, push, local, server_root, options=Options(delete=True))
+    pump(client, server, Channel(random.Random(1)))
+    assert client.error is None and server.error is None
+    assert "source is empty" in client.result["deletion_refused"]
+    assert {k: v for k, v in snapshot(dst).items() if k != "."} == {k: v for k, v in before.items() if k != "."}
 
 
 def test_corrupted_shards_are_caught_and_repaired(tmp_path):

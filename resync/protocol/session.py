@@ -846,6 +846,8 @@ class _Receiver:
                             report, lambda path, e: report.entry(path, e, None),
                             lambda path: self.links[path], self._same_content)
         self.kept: dict[str, dict] = {}        # path -> checkpoint entry of a cut transfer's partial file
+        # the root as it was: making the staging directory in it changes its mtime
+        self.root_before = os.fstat(self.apply.root_fd) if self.apply.root_fd >= 0 else None
         if not options.dry_run:
             journal = self.apply.begin_staging(os.urandom(8).hex(), prefix=RECV_PREFIX, resume=True)
             self.kept = _parse_checkpoint(journal)
@@ -858,6 +860,7 @@ class _Receiver:
         self.receiving: dict[int, _Incoming] = {}     # wanted files whose File frame came: content arriving
         self.next_id = 0
         self.listed = False
+        self.empty_source = ""                  # why --delete may delete nothing: the source root is empty
         self.to_place: list = []
         self.acks: dict[int, list[int]] = {}
         self.repairs_asked = 0
@@ -936,7 +939,11 @@ class _Receiver:
                     self.report.error(rel + "/", f"cannot open destination directory: {exc.strerror or exc}")
                     return
         if rel == "":
-            self.root_prev = Entry.from_stat("", os.fstat(parent.fd)) if parent is not None else None
+            if self.options.delete and not entries:    # as local sync (plan.refuse_empty_source)
+                self.empty_source = ("the source is empty (or everything in it is excluded); refusing to "
+                                     "delete the destination's contents")
+            if parent is not None:
+                self.root_prev = Entry.from_stat("", self.root_before or os.fstat(parent.fd))
             self.root_attrs = Entry("", attrs.mode, 0, attrs.seconds * 10**9 + attrs.nanoseconds, attrs.uid,
                                     attrs.gid, 0, "d", attrs.mode & 0o7777)
         try:
@@ -1231,7 +1238,7 @@ class _Receiver:
             if not self.stats.errors:
                 for rel, e in plan.deletions:
                     count += 1 + (apply.count_tree(rel, e.name) if e.kind == "d" and apply.root_fd >= 0 else 0)
-            refused = plan.deletion_refusal(count)
+            refused = self.empty_source or plan.deletion_refusal(count)
             if refused:
                 self.stats.deletion_refused = refused
                 for rel, e in plan.deletions:
