@@ -493,6 +493,8 @@ def test_cut_transfer_then_rerun_finishes_identical(sites, tmp_path, push, victi
     (("serve", "--module", "m=/tmp", "--allow", "X", "--bwlimit", "0"), 2, "more than 0"),
     (("serve", "--module", "m=/tmp", "--min-parity", "0"), 2, "min-parity"),
     (("sync", "a", "resync://"), 2, "resync://host"),
+    (("sync", "/tmp", "rsync://h/m"), 2, "not resync's"),
+    (("sync", "/tmp", "resync://127.0.0.1:9/m", "--peer-id", "garbage"), 2, "not a device id"),
     (("sync", "resync://h/m", "resync://h/n"), 2, "local directory"),
 ])
 def test_bad_arguments_are_one_line_errors(sites, args, code, words):
@@ -500,6 +502,35 @@ def test_bad_arguments_are_one_line_errors(sites, args, code, words):
     r = client.run(*args)
     assert r.returncode == code, r.stderr
     assert r.stderr.count("\n") == 1 and words in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[modules.m]\npath = "{d}"\nreadonly = true\nallow = ["{id}"]\n', "unknown key 'readonly'"),
+    ('allow = "{id}"\n[modules.m]\npath = "{d}"\n', "must be a list"),
+    ('listn = "0.0.0.0:1"\n[modules.m]\npath = "{d}"\nallow = ["{id}"]\n', "unknown key 'listn'"),
+    ('listen = "localhost"\n[modules.m]\npath = "{d}"\nallow = ["{id}"]\n', "listen 'localhost'"),
+])
+def test_a_config_with_a_mistake_is_refused_whole(sites, tmp_path, text, words):
+    """A misspelt key (readonly for read_only) must not leave a module
+    writable without a word: every key is known and of its type."""
+    client, server_site = sites
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(text.format(d=tmp_path, id=client.id))
+    r = server_site.run("serve", "--config", cfg, timeout=30)
+    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_port_in_use_is_a_one_line_error(sites, tmp_path):
+    import socket
+    client, server_site = sites
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        r = server_site.run("serve", "--listen", f"127.0.0.1:{s.getsockname()[1]}", "--module", f"m={tmp_path}",
+                            "--allow", client.id, timeout=30)
+    finally:
+        s.close()
+    assert r.returncode == 10 and "cannot listen" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_no_server_is_a_connection_failure(sites, tmp_path):

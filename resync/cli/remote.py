@@ -36,6 +36,9 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
         raise UsageError("one of SRC and DST must be a local directory")
     push = remote_dst is not None
     remote, local = (remote_dst, src) if push else (remote_src, dst)
+    if peer_id:
+        from ..identity import parse_device_id
+        parse_device_id(peer_id)                # a mistyped ID is a usage error before any connection
     identity = load_identity(create=True)
     options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=bool(whole_file), itemize=itemize,
                       max_delete=max_delete, excludes=patterns, bwlimit=bwlimit or 0)

@@ -16,6 +16,42 @@ def _load_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
+CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "modules"}
+MODULE_KEYS = {"path", "read_only", "allow"}
+
+
+def _check_config(config: dict, path: str) -> None:
+    """Every key known and of its type: a misspelt ``readonly`` must not
+    leave a module writable without a word."""
+    from ..errors import UsageError
+
+    def ids(value, where):
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise UsageError(f"{path}: {where} must be a list of device IDs, e.g. allow = [\"ID\"]")
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise UsageError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    if "allow" in config:
+        ids(config["allow"], "allow")
+    for key in ("listen", "history"):
+        if key in config and not isinstance(config[key], str):
+            raise UsageError(f"{path}: {key} must be a string")
+    modules = config.get("modules", {})
+    if not isinstance(modules, dict):
+        raise UsageError(f"{path}: modules must be tables: [modules.NAME]")
+    for name, m in modules.items():
+        if not isinstance(m, dict):
+            raise UsageError(f"{path}: modules.{name} must be a table: [modules.{name}]")
+        unknown = sorted(set(m) - MODULE_KEYS)
+        if unknown:
+            raise UsageError(f"{path}: unknown key {unknown[0]!r} in [modules.{name}] "
+                             f"(known: {', '.join(sorted(MODULE_KEYS))})")
+        if "allow" in m:
+            ids(m["allow"], f"modules.{name}.allow")
+        if not isinstance(m.get("path", ""), str) or not isinstance(m.get("read_only", False), bool):
+            raise UsageError(f"{path}: modules.{name}: path must be a string, read_only true or false")
+
+
 def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict:
     """Modules from the config file and the flags; every client ID checked."""
     import os
@@ -84,11 +120,14 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, config_path,
     from ..net import DEFAULT_PORT
     from ..net.server import serve
     config = _load_config(config_path) if config_path else {}
+    if config_path:
+        _check_config(config, config_path)
     mods = _modules(config, modules, read_only, allow)
+    where = "--listen" if listen else f"{config_path}: listen"
     listen = listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}"
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+        raise UsageError(f"{where} {listen!r}: expected HOST:PORT")
     if bwlimit is None and config.get("bwlimit") is not None:
         from .options import parse_rate
         try:

@@ -135,8 +135,12 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         links.add(link)
         return link
 
-    server = await quic_serve(host, port, configuration=configuration(identity, is_client=False),
-                              create_protocol=create_protocol)
+    from ..errors import ConnectionFailed
+    try:
+        server = await quic_serve(host, port, configuration=configuration(identity, is_client=False),
+                                  create_protocol=create_protocol)
+    except OSError as exc:                      # in use, not an address of this machine, not allowed
+        raise ConnectionFailed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     import threading
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

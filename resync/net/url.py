@@ -27,6 +27,10 @@ def parse_url(url: str) -> Remote | None:
     """A ``resync://HOST[:PORT]/MODULE[/PATH]`` URL, or None if ``url`` is a
     local path. UsageError for a malformed one."""
     if not url.startswith("resync://"):
+        scheme = url.partition("://")[0]
+        if "://" in url and scheme.isalnum() and "/" not in scheme:
+            raise UsageError(f"{url}: {scheme}:// is not resync's; use resync://HOST[:PORT]/MODULE[/PATH] "
+                             f"(./{url} for a local path)")
         return None
     u = urlsplit(url)
     parts = [unquote(p) for p in u.path.split("/") if p]
