@@ -232,12 +232,16 @@ def test_trust_refusals_before_any_metadata(sites, tmp_path):
         # --accept-new records it; the next run needs no --peer-id
         r = client.run("sync", src, url, "--accept-new")
         assert r.returncode == 0, r.stderr
+        assert f"added to known_peers as {server_site.id}" in r.stderr        # said, as ssh says it
         known = (client.home / "config" / "resync" / "known_peers").read_text()
         assert server_site.id in known
         assert client.run("sync", src, url).returncode == 0
         # a client the module does not allow
         r = stranger.run("sync", src, server.url("m", "y"), "--peer-id", server_site.id)
         assert r.returncode == 13 and stranger.id in r.stderr and "not allowed" in r.stderr
+        # a pull of a directory the module lacks: refused before the client makes anything
+        r = client.run("sync", server.url("m", "no-such-dir"), tmp_path / "np", "--peer-id", server_site.id)
+        assert r.returncode == 13 and "no such directory" in r.stderr and not (tmp_path / "np").exists()
         assert not (module / "y").exists()
         # a path that leaves the module, a module that does not exist
         r = client.run("sync", src, server.url("m", "../escape"))

@@ -69,6 +69,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     try:
         session = run(remote, identity, push, local, options, report, peer_id=peer_id, accept_new=accept_new,
                       timeout=timeout, bwlimit=bwlimit, retry_for=retry_for, meter=meter,
+                      on_note=None if quiet else lambda text: say(f"resync: {text}", err=True),
                       on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
                                                                        err=True))
     except BaseException:
@@ -103,7 +104,8 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     if verbose and not quiet:
         say(f"sync: {result.get('files', 0)} files, {result.get('dirs', 0)} dirs scanned "
             f"({human(result.get('bytes_scanned', 0))}); {result.get('files_transferred', 0)} transferred "
-            f"({human(result.get('bytes_transferred', 0))}, {human(result.get('bytes_matched', 0))} reused), "
+            f"({human(result.get('bytes_transferred', 0))}, {human(result.get('bytes_matched', 0))} reused"
+            f"{', ' + human(result['resumed_bytes']) + ' resumed' if result.get('resumed_bytes') else ''}), "
             f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
             f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
             f"over QUIC with {remote.address}; {result.get('duration', 0):.2f} s", err=True)

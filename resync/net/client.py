@@ -35,10 +35,10 @@ def pinned_certificate(link: SessionLink) -> bytes:
 
 
 def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_new: bool,
-                 known_peers=None) -> str:
-    """The server's device ID, if it is the one pinned for it. RefusedError
-    (exit 13) showing both IDs if not, or if nothing is pinned and
-    ``accept_new`` is off."""
+                 known_peers=None) -> tuple[str, bool]:
+    """The server's device ID, if it is the one pinned for it, and whether
+    it was recorded now (--accept-new). RefusedError (exit 13) showing both
+    IDs if not, or if nothing is pinned and ``accept_new`` is off."""
     from ..identity import certificate_device_id, lookup_peer, parse_device_id, remember_peer
     got = certificate_device_id(cert_der)
     want = parse_device_id(peer_id) if peer_id else lookup_peer(remote.address, known_peers)
@@ -47,15 +47,16 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
             raise RefusedError(f"{remote.address} is not a known peer (its device ID is {got}); pass "
                                f"--peer-id {got} after checking it with the server's owner, or --accept-new")
         remember_peer(remote.address, got, known_peers)
-        return got
+        return got, True
     if want != got:
         raise RefusedError(f"{remote.address} presented device ID {got}, but {want} is pinned for it "
                            "(another server, or its key changed); nothing sent")
-    return got
+    return got, False
 
 
 async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
-                timeout: float, bwlimit: float | None, known_peers, progress: dict, meter=None) -> ClientSession:
+                timeout: float, bwlimit: float | None, known_peers, progress: dict, meter=None,
+                on_note=None) -> ClientSession:
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
     try:
@@ -72,7 +73,9 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
             except ConnectionError:
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
-            progress["server_id"] = check_server(remote, cert, peer_id, accept_new, known_peers)
+            progress["server_id"], added = check_server(remote, cert, peer_id, accept_new, known_peers)
+            if added and on_note is not None:
+                on_note(f"{remote.address} added to known_peers as {progress['server_id']}")
             session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
                                     meter)
             if bwlimit and push:                # a pull's limit travels in Hello: the server sends slower
@@ -129,11 +132,12 @@ def _hold(local: str) -> int | None:
 
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
         accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
-        known_peers=None, on_retry=None, meter=None) -> ClientSession:
+        known_peers=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
     """One transfer, retried after a lost or silent connection, or while the
     destination is busy with another device's transfer (backoff 1 s doubling
     to 60 s, with jitter) for at most ``retry_for`` seconds; ``on_retry(why,
-    seconds)`` is told of each wait; ``meter`` (resync.progress.Progress, -P)
+    seconds)`` is told of each wait, ``on_note(text)`` of a server recorded
+    in known_peers; ``meter`` (resync.progress.Progress, -P)
     is shown each attempt's bytes. Raises the last error (other refusals and
     protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
@@ -146,7 +150,7 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             if held is None:
                 raise BusyError(f"another resync transfer is writing {local}")
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
-                                        timeout, bwlimit, known_peers, progress, meter))
+                                        timeout, bwlimit, known_peers, progress, meter, on_note))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
             error = exc
         else:

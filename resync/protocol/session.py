@@ -350,15 +350,14 @@ class ServerSession(Session):
         if h.push and self.lock is not None and not self.lock(self.target, self):
             self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running; try again later")
             return
+        if not h.push and not os.path.isdir(self.target):
+            self._refuse(E_NO_MODULE, f"{module.name}/{rel}: no such directory")      # before Welcome: the
+            return                                                                      # client makes nothing
         self.send(F.Welcome(WINDOW))
         report = self.report_factory(self) if self.report_factory and h.push else None
         if h.push:
             self.role = _Receiver(self, self.target, options, report, remote_items=True)
         else:
-            if not os.path.isdir(self.target):
-                self._refuse(E_NO_MODULE, f"{module.name}/{rel}: no such directory")
-                self.role = None
-                return
             limits = [x for x in (self.bwlimit, options.bwlimit) if x]
             self.rate_limit = min(limits) if limits else 0.0
             self.role = _Sender(self, self.target, options, window=WINDOW, min_parity=self.min_parity)
