@@ -225,6 +225,10 @@ def test_trust_refusals_before_any_metadata(sites, tmp_path):
         r = client.run("sync", src, url)
         assert r.returncode == 13 and server_site.id in r.stderr and r.stderr.count("\n") == 1
         assert not (module / "x").exists()
+        deadline = time.monotonic() + 10
+        while "does not trust this server's key" not in server.text() and time.monotonic() < deadline:
+            time.sleep(0.1)                     # the server's log says why the client left
+        assert "does not trust this server's key" in server.text(), server.text()
         # a mistyped ID is caught by its check characters
         wrong = server_site.id[:-1] + ("A" if server_site.id[-1] != "A" else "B")
         r = client.run("sync", src, url, "--peer-id", wrong)

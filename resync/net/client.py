@@ -73,7 +73,11 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
             except ConnectionError:
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
-            progress["server_id"], added = check_server(remote, cert, peer_id, accept_new, known_peers)
+            try:
+                progress["server_id"], added = check_server(remote, cert, peer_id, accept_new, known_peers)
+            except RefusedError:                # the server's log says why the client left
+                link.close(reason_phrase="the client does not trust this server's key (device ID not pinned)")
+                raise
             if added and on_note is not None:
                 on_note(f"{remote.address} added to known_peers as {progress['server_id']}")
             session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
