@@ -101,10 +101,24 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
             for s in (client, server):
                 if not (kill and s is receiver):
                     s.connection_lost("cut by the test")
+            if kill:
+                _die(receiver.role)
             return now
         if now > max_time:
             raise AssertionError(f"not finished after {max_time} s of protocol time")
     return now
+
+
+def _die(receiver) -> None:
+    """What the kernel does for a killed receiver: its descriptors closed
+    (its flock on the destination gone), nothing else — the staging
+    directory stays as the last periodic checkpoint left it."""
+    import os
+    for inc in receiver.wanted.values():
+        if inc.fd >= 0:
+            os.close(inc.fd)
+    receiver.apply.keep_staging()
+    receiver.apply.close()
 
 
 def server_is_receiver(server) -> bool:

@@ -419,6 +419,8 @@ def test_a_pull_waits_while_another_transfer_writes_its_destination(sites, tmp_p
             r = client.run("sync", server.url("m", "d"), dst, *pin, "--retry-for", "0")
             assert r.returncode == 13 and "another resync transfer is writing" in r.stderr, r.stderr
             assert not list(dst.iterdir())
+            r = client.run("sync", "-n", server.url("m", "d"), dst, *pin, "--retry-for", "0")
+            assert r.returncode == 0, r.stderr                  # a dry run writes nothing: it holds nothing
             threading.Timer(2.0, release).start()
             r = client.run("sync", server.url("m", "d"), dst, *pin, "--retry-for", "30")
             assert r.returncode == 0 and "retrying in" in r.stderr, r.stderr

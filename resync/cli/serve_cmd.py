@@ -42,6 +42,8 @@ def _check_config(config: dict, path: str) -> None:
     for name, m in modules.items():
         if not isinstance(m, dict):
             raise UsageError(f"{path}: modules.{name} must be a table: [modules.{name}]")
+        if not name or "/" in name:
+            raise UsageError(f"{path}: module name {name!r} must be non-empty, without '/'")
         unknown = sorted(set(m) - MODULE_KEYS)
         if unknown:
             raise UsageError(f"{path}: unknown key {unknown[0]!r} in [modules.{name}] "

@@ -8,13 +8,12 @@ session: a push (the client sends its tree) or a pull (it receives). A lost
 or silent connection, or a busy destination, is retried with exponential
 backoff and jitter (1 s doubling to a 60 s cap) within ``--retry-for``.
 A pull holds its local destination as the server holds a push's (an
-exclusive flock on the directory), so two transfers never write it at once.
+exclusive flock on the directory, taken by the receiver before it stages),
+so two network transfers never write it at once.
 """
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import random
 import time
 from ..errors import ConnectionFailed, TimedOut
@@ -118,22 +117,6 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
 
 
-def _hold(local: str) -> int | None:
-    """An exclusive flock on a pull's destination directory: its descriptor,
-    -1 when there is nothing to hold (not made yet: the receiver makes it and
-    reports what fails), None when another transfer holds it."""
-    try:
-        fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
         accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
         known_peers=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
@@ -149,10 +132,7 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
         progress: dict = {}
         if meter is not None:
             meter.reset()
-        held = -1 if push else _hold(local)
         try:
-            if held is None:
-                raise BusyError(f"another resync transfer is writing {local}")
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
                                         timeout, bwlimit, known_peers, progress, meter, on_note))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
@@ -163,9 +143,6 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             error = session.error
             if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
                 raise error
-        finally:
-            if held is not None and held >= 0:
-                os.close(held)
         wait = delay * random.uniform(0.5, 1.0)
         if time.monotonic() - started + wait > retry_for:
             raise error

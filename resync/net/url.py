@@ -26,6 +26,8 @@ class Remote(NamedTuple):
 def parse_url(url: str) -> Remote | None:
     """A ``resync://HOST[:PORT]/MODULE[/PATH]`` URL, or None if ``url`` is a
     local path. UsageError for a malformed one."""
+    if url[:9].lower() == "resync://":
+        url = "resync://" + url[9:]
     if not url.startswith("resync://"):
         scheme = url.partition("://")[0]
         if "://" in url and scheme.isalnum() and "/" not in scheme:

@@ -211,8 +211,8 @@ class Session:
             return
         if tell_peer:
             from ..errors import ConnectionFailed, TimedOut
-            code = E_CUT if isinstance(exc, (ConnectionFailed, TimedOut)) else \
-                {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
+            code = E_CUT if isinstance(exc, (ConnectionFailed, TimedOut)) else E_BUSY if isinstance(exc, BusyError) \
+                else {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
             try:
                 self.send(F.Error(code, os.fsencode(str(exc))))
             except ResyncError:
@@ -278,7 +278,7 @@ class ClientSession(Session):
             if self.push:
                 self.role = _Sender(self, self.local, self.options, window=frame.window)
             else:
-                self.role = _Receiver(self, self.local, self.options, self.report)
+                self.role = _Receiver(self, self.local, self.options, self.report, hold=True)
         else:
             raise ProtocolError(f"{type(frame).__name__} before the handshake ended")
 
@@ -820,7 +820,8 @@ class _Incoming:
 class _Receiver:
     """Plans ``root`` against the sender's listing and applies what arrives."""
 
-    def __init__(self, session: Session, root: str, options: Options, report=None, remote_items: bool = False):
+    def __init__(self, session: Session, root: str, options: Options, report=None, remote_items: bool = False,
+                 hold: bool = False):
         from ..apply import Applier
         from ..content import Options as ContentOptions
         from ..plan import PlanOptions, Planner
@@ -838,6 +839,8 @@ class _Receiver:
         self.apply = Applier(root, report, ContentOptions(hash_files=True), dry_run=options.dry_run,
                              owners=self.owners, workers=0, replace_trees=options.delete)
         self.apply.open_root()
+        if hold and not options.dry_run and self.apply.root_fd >= 0:
+            self._hold(root)                    # before staging: two runs never take each other's
         self.links: dict[str, bytes] = {}
         self.digests: dict[str, bytes] = {}
         self.plan = Planner(PlanOptions(options.checksum, options.delete, options.max_delete,
@@ -868,6 +871,19 @@ class _Receiver:
         self.root_attrs = None
         self.finished_here = False
         self.started = time.monotonic()
+
+    def _hold(self, root: str) -> None:
+        """An exclusive flock on the destination root for this run (a pull:
+        the server holds a push's destination the same way). BusyError if
+        another transfer holds it; a file system without locks is not held."""
+        import fcntl
+        try:
+            fcntl.flock(self.apply.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.apply.close()
+            raise BusyError(f"another resync transfer is writing {root}") from None
+        except OSError:
+            pass
 
     def _same_content(self, path: str, dst_fd: int, name: str) -> bool:
         from ..content import hash_fd
@@ -1232,12 +1248,17 @@ class _Receiver:
         self.finished_here = True
         self._place()
         apply, plan = self.apply, self.plan
-        if plan.deletions:
+        if self.empty_source:                   # as local sync: nothing deleted, the root left as it was
+            self.stats.deletion_refused = self.empty_source
+            for rel, e in plan.deletions:
+                self.report.entry(os.path.join(rel, e.name) if rel else e.name, e, None)
+            self.root_attrs = self.root_prev
+        elif plan.deletions:
             count = 0
             if not self.stats.errors:
                 for rel, e in plan.deletions:
                     count += 1 + (apply.count_tree(rel, e.name) if e.kind == "d" and apply.root_fd >= 0 else 0)
-            refused = self.empty_source or plan.deletion_refusal(count)
+            refused = plan.deletion_refusal(count)
             if refused:
                 self.stats.deletion_refused = refused
                 for rel, e in plan.deletions:
