@@ -85,10 +85,10 @@ run: install tools
 	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/restore/ | grep . && exit 1 || echo "run: pushed and pulled back over QUIC, the restore equals the source (rsync -c)"; \
 	$$A verify $(RUN)/restore
 
-# The sync, unpack and bundle tests run once more as an ordinary user
+# The sync, unpack, bundle and network tests run once more as an ordinary user
 # (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs
 # them as nobody.
-USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py
+USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py tests/test_net.py
 
 test: install tools
 	$(PY) -m pytest -q
