@@ -252,11 +252,17 @@ def test_a_cut_transfer_resumes_without_sending_again_what_arrived(tmp_path, pus
     assert 0 < missing and sender.stats["datagram_bytes_sent"] <= 1.1 * missing + 200_000
 
 
-@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
-def test_a_killed_receiver_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch, push):
-    """SIGKILL of the receiver: no final checkpoint, only the periodic one;
-    the next run resumes from it and ends identical."""
-    monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 0.02)
+@pytest.mark.parametrize("push, trigger", [(True, "time"), (False, "time"), (True, "bytes")],
+                         ids=["push", "pull", "push-by-bytes"])
+def test_a_killed_receiver_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch, push, trigger):
+    """SIGKILL of the receiver: no final checkpoint, only the periodic one
+    (every CHECKPOINT_INTERVAL, or every CHECKPOINT_BYTES of content on a
+    fast link); the next run resumes from it and ends identical."""
+    if trigger == "time":
+        monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 0.02)
+    else:
+        monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 1000.0)
+        monkeypatch.setattr(session_mod, "CHECKPOINT_BYTES", 2 << 20)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()

@@ -59,6 +59,7 @@ STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stop
 REPAIR_DELAY = 0.03              # seconds (at least; 3 RTT on slower links) a quiet file waits for a repair
 PROBE_DELAY = 0.1                # seconds (at least; 4 RTT on slower links) before an unacknowledged stripe is probed
 CHECKPOINT_INTERVAL = 2.0        # seconds between a receiver's checkpoints (resume after a cut)
+CHECKPOINT_BYTES = 64 << 20      # or sooner, once this much content has arrived since the last
 QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
 REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
@@ -855,6 +856,7 @@ class _Receiver:
             self.kept = _parse_checkpoint(journal)
         self.resumed_bytes = 0
         self.next_checkpoint: float | None = None        # set by the first shard
+        self.since_checkpoint = 0                         # shard bytes taken since the last checkpoint
         self.dirs: dict[int, str] = {}
         self.dir_attrs: list = []              # (path, entry, prev) for the end
         self.root_prev = None
@@ -1117,6 +1119,9 @@ class _Receiver:
         inc.next_look = now + self._delay()
         if self.next_checkpoint is None:
             self.next_checkpoint = now + CHECKPOINT_INTERVAL
+        self.since_checkpoint += len(payload)
+        if self.since_checkpoint >= CHECKPOINT_BYTES and self.next_checkpoint > now:
+            self.next_checkpoint = now          # a fast link: what a kill loses stays bounded
         if inc.assembler.add(stripe, index, payload):
             self.acks.setdefault(fid, []).append(stripe)
             self._advance(inc, stripe)
@@ -1348,6 +1353,7 @@ class _Receiver:
         """Place the files completed so far, make what has arrived of the
         others durable, and record it (stripes held, the content's BLAKE3)
         in the staging directory: a cut transfer resumes from here."""
+        self.since_checkpoint = 0
         if self.options.dry_run or self.apply.root_fd < 0:
             return
         self._place()
