@@ -903,6 +903,20 @@ class Applier:
         else:
             self._keep_old(path, prev)
 
+    def carry_out(self, parent: Dir | None, d: tuple) -> None:
+        """A planner decision that needs no content and nothing of the
+        caller's (plan.LINK, plan.FIX, plan.SPECIAL): the symlink made, the
+        entry's times, mode and owner fixed in place, the special file made."""
+        from .plan import FIX, LINK
+        what, e, prev, path = d[0], d[1], d[2], d[3]
+        if what == LINK:
+            self.symlink(parent, e, prev, path, d[4], d[5])
+        elif what == FIX:
+            self.fix_in_place(parent, e, prev, path, d[4])
+            self.report.entry(path, e, None)
+        else:
+            self.special(parent, e, prev, path, d[4])
+
     def special(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str, code: str) -> None:
         """Make ``path`` the device, FIFO or socket ``e``."""
         if self.dry_run or parent is None:

@@ -37,7 +37,7 @@ from .apply import Applier, Dir
 from .content import Options, same_content
 from .errors import FileError, UsageError
 from .parallel import thread_count
-from .plan import ATTRS, DIRECTORY, FIX, LINK, SPECIAL, TRANSFER, PlanOptions, Planner, refuse_empty_source
+from .plan import ATTRS, DIRECTORY, TRANSFER, PlanOptions, Planner, refuse_empty_source
 from .report import FileChange, Report, RunStats
 from .scan import Entry, Excludes, TreeLister, join, list_dir, skipped_dir, stat_dir
 
@@ -255,13 +255,8 @@ class Syncer:
                 sub = self._enter_dir(parent, e, prev, path)
                 if sub is not None:
                     subdirs.append(sub)
-            elif what == LINK:
-                apply.symlink(parent, e, prev, path, d[4], d[5])
-            elif what == FIX:
-                apply.fix_in_place(parent, e, prev, path, d[4])
-                report.entry(path, e, None)
-            elif what == SPECIAL:
-                apply.special(parent, e, prev, path, d[4])
+            else:
+                apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
         return subdirs
 
     def _enter_dir(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str) -> _Pending | None:

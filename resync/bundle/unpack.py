@@ -25,7 +25,7 @@ from ..apply import Applier, Dir, open_up_at
 from ..content import ContentError, Options
 from ..errors import UsageError, VerificationError
 from ..fs import raise_os_error
-from ..plan import ATTRS, DIRECTORY, FIX, LINK, SPECIAL, TRANSFER, PlanOptions, Planner
+from ..plan import ATTRS, DIRECTORY, TRANSFER, PlanOptions, Planner
 from ..report import Report
 from ..scan import Entry, open_rel_dir, walk
 from . import payload as P
@@ -244,13 +244,8 @@ class _Unpacker:
                         if prev is None and not apply.mkdir(parent, e, path):
                             continue
                         report.entry(path, e, None)
-                    elif what == LINK:
-                        apply.symlink(parent, e, prev, path, d[4], d[5])
-                    elif what == FIX:
-                        apply.fix_in_place(parent, e, prev, path, d[4])
-                        report.entry(path, e, None)
-                    elif what == SPECIAL:
-                        apply.special(parent, e, prev, path, d[4])
+                    else:
+                        apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
             finally:
                 parent.release()
         apply.sync_dirs()

@@ -970,7 +970,7 @@ class _Receiver:
                 parent.release()
 
     def _apply(self, index: int, rel: str, entries, dst, parent) -> None:
-        from ..plan import ATTRS, DIRECTORY, FIX, LINK, SPECIAL, TRANSFER
+        from ..plan import ATTRS, DIRECTORY, TRANSFER
         apply, report = self.apply, self.report
         for d in self.plan.directory(rel, entries, dst, parent.fd if parent is not None else None):
             what, e, prev, path = d[0], d[1], d[2], d[3]
@@ -992,13 +992,8 @@ class _Receiver:
                 self.dir_attrs.append((path, e, prev))
                 if parent is not None:
                     report.entry(path, e, None)
-            elif what == LINK:
-                apply.symlink(parent, e, prev, path, d[4], d[5])
-            elif what == FIX:
-                apply.fix_in_place(parent, e, prev, path, d[4])
-                report.entry(path, e, None)
-            elif what == SPECIAL:
-                apply.special(parent, e, prev, path, d[4])
+            else:
+                apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
 
     def _want(self, index: int, rel: str, e, prev, path: str, code: str, parent) -> None:
         """Ask for a file: with this destination's copy's block signature, so
