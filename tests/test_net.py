@@ -304,6 +304,18 @@ def test_read_only_module_refuses_a_push_but_serves_a_pull(sites, tmp_path):
 
 # -- concurrency ----------------------------------------------------------------------------
 
+def _slow_push(client: Site, server: Server, server_id: str, src: Path, module: Path, path: str):
+    """A push into module ``m``/``path`` held slow by --bwlimit, returned once
+    the server is staging it (so other transfers overlap it)."""
+    slow = client.popen("sync", src, server.url("m", path), "--peer-id", server_id, "--bwlimit", "1M",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not ((module / path).is_dir() and any(n.startswith(RECV_PREFIX) for n in os.listdir(module / path))):
+        assert time.monotonic() < deadline and slow.poll() is None
+        time.sleep(0.05)
+    return slow
+
+
 def test_two_clients_at_once_and_one_destination_never_shared(sites, tmp_path):
     """Two pushes into different paths run together; a push into a path
     another push is writing is refused as busy (exit 13), never interleaved."""
@@ -314,14 +326,7 @@ def test_two_clients_at_once_and_one_destination_never_shared(sites, tmp_path):
     _tree(src2, 7, files=10)
     module.mkdir()
     with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--allow", second.id) as server:
-        # the first push is held slow by --bwlimit, so the others overlap it
-        slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while not ((module / "a").is_dir() and any(n.startswith(RECV_PREFIX)
-                                                   for n in os.listdir(module / "a"))):
-            assert time.monotonic() < deadline and slow.poll() is None
-            time.sleep(0.05)
+        slow = _slow_push(client, server, server_site.id, src1, module, "a")     # the others overlap it
         busy = second.run("sync", src2, server.url("m", "a"), "--peer-id", server_site.id, "--retry-for", "0")
         other = second.run("sync", src2, server.url("m", "b"), "--peer-id", server_site.id)
         assert slow.poll() is None                           # all of that while the first push ran
@@ -349,12 +354,7 @@ def test_a_push_waits_while_another_device_writes_its_destination(sites, tmp_pat
     _tree(src2, 7, files=5)
     module.mkdir()
     with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--allow", second.id) as server:
-        slow = client.popen("sync", src1, server.url("m", "a"), "--peer-id", server_site.id, "--bwlimit", "1M",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while not ((module / "a").is_dir() and any(n.startswith(RECV_PREFIX) for n in os.listdir(module / "a"))):
-            assert time.monotonic() < deadline and slow.poll() is None
-            time.sleep(0.05)
+        slow = _slow_push(client, server, server_site.id, src1, module, "a")
         r = second.run("sync", "--delete", src2, server.url("m", "a"), "--peer-id", server_site.id)
         assert slow.wait(60) == 0
     assert r.returncode == 0, r.stderr
