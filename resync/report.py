@@ -41,6 +41,34 @@ class RunStats:
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunStats":
+        """The counters named in ``d`` (a network run's statistics: other keys
+        are left out)."""
+        stats = cls()
+        for k, v in d.items():
+            if hasattr(stats, k):
+                setattr(stats, k, v)
+        return stats
+
+    @property
+    def status(self) -> str:
+        """A sync's status in the history: partial, refused, vanished or ok."""
+        return ("partial" if self.errors else "refused" if self.deletion_refused
+                else "vanished" if self.vanished else "ok")
+
+    def outcome_error(self):
+        """The error a sync ends with (exit 23, 25 or 24, as rsync's), or None."""
+        from .errors import DeletionRefusedError, PartialTransferError, VanishedError
+        if self.errors:
+            extra = f"; {self.deletion_refused}" if self.deletion_refused else ""
+            return PartialTransferError(self.errors, self.files + self.dirs + self.symlinks + self.specials, extra)
+        if self.deletion_refused:
+            return DeletionRefusedError(self.deletion_refused)
+        if self.vanished:
+            return VanishedError(self.vanished)
+        return None
+
 
 class FileChange:
     """One file whose content was written, for itemize output and the history."""

@@ -28,10 +28,11 @@ class _Lines:
 def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete, patterns, dry_run,
                 itemize, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path,
                 no_history, show_progress=False):
-    from ..errors import DeletionRefusedError, PartialTransferError, UsageError, VanishedError
+    from ..errors import UsageError
     from ..identity import load_identity
     from ..net.client import run
     from ..protocol.session import Options
+    from ..report import Report, RunStats
     if remote_src is not None and remote_dst is not None:
         raise UsageError("one of SRC and DST must be a local directory")
     push = remote_dst is not None
@@ -52,8 +53,6 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     if push:
         report = _Lines(itemize, quiet, item_stream)
     else:
-        from ..report import Report, RunStats
-
         def on_item(line: str) -> None:
             if itemize and not quiet:
                 print(printable(line), file=item_stream)
@@ -86,16 +85,10 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     result.update(wire)                         # UDP payload bytes and packets, QUIC's losses and RTT
     result["bytes_on_wire_sent"] = wire.get("udp_bytes_sent", 0)
     result["bytes_on_wire_received"] = wire.get("udp_bytes_received", 0)
+    stats = RunStats.from_dict(result)
     if recorder is not None:
-        from ..report import RunStats
-        stats = RunStats()
-        for k, v in result.items():
-            if hasattr(stats, k):
-                setattr(stats, k, v)
-        status = ("partial" if stats.errors else "refused" if stats.deletion_refused
-                  else "vanished" if stats.vanished else "ok")
         from ..net import transfer_row
-        recorder.finish(status, stats, transfer=transfer_row(result, wire, str(remote),
+        recorder.finish(stats.status, stats, transfer=transfer_row(result, wire, str(remote),
                                                              getattr(session, "server_id", None),
                                                              "push" if push else "pull"))
     item_stream.flush()
@@ -109,11 +102,6 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
             f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
             f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
             f"over QUIC with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
-    total = sum(result.get(k, 0) for k in ("files", "dirs", "symlinks", "specials"))
-    if result.get("errors"):
-        extra = f"; {result['deletion_refused']}" if result.get("deletion_refused") else ""
-        raise PartialTransferError(result["errors"], total, extra)
-    if result.get("deletion_refused"):
-        raise DeletionRefusedError(result["deletion_refused"])
-    if result.get("vanished"):
-        raise VanishedError(result["vanished"])
+    error = stats.outcome_error()
+    if error is not None:
+        raise error

@@ -94,7 +94,6 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
                            quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history,
                            show_progress)
 
-    from ..errors import DeletionRefusedError, PartialTransferError, VanishedError
     from ..sync import Syncer, SyncOptions
 
     patterns = list(excludes) + _read_patterns(exclude_files)
@@ -130,9 +129,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         if progress is not None:
             progress.close()
     if recorder is not None:
-        status = ("partial" if stats.errors else "refused" if stats.deletion_refused
-                  else "vanished" if stats.vanished else "ok")
-        recorder.finish(status, stats)
+        recorder.finish(stats.status, stats)
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")
@@ -143,11 +140,6 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
                    f"{human(stats.bytes_matched)} reused), {stats.created} created, {stats.updated} updated, "
                    f"{stats.deleted} deleted{' (dry run)' if dry_run else ''}; "
                    f"{stats.duration:.2f} s, {human(rate)}/s", err=True)
-    total = stats.files + stats.dirs + stats.symlinks + stats.specials
-    if stats.errors:
-        extra = f"; {stats.deletion_refused}" if stats.deletion_refused else ""
-        raise PartialTransferError(stats.errors, total, extra)
-    if stats.deletion_refused:
-        raise DeletionRefusedError(stats.deletion_refused)
-    if stats.vanished:
-        raise VanishedError(stats.vanished)
+    error = stats.outcome_error()
+    if error is not None:
+        raise error
