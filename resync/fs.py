@@ -87,6 +87,15 @@ def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int
         raise_os_error(directory, exc)
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite at ``offset`` until every byte of ``data`` is written."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 def write_all(fd: int, data) -> None:
     """os.write until every byte of ``data`` (bytes-like) is written."""
     view = memoryview(data)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FileError, FormatError, UnrecoverableError, UsageError
+from ..fs import pwrite_all
 from ..erasure import MAX_SHARDS, ReedSolomon, multiply
 
 SHARD_MAGIC = b"RSYNCSHD"
@@ -175,7 +176,7 @@ class ShardWriter:
             header = layout.header(stripe, index)
             rows[pos, :HEADER_SIZE] = np.frombuffer(header + _check(header, digest), np.uint8)
             digests.append(digest)
-        _write_all(self.fd, out, layout.stripe_offset(stripe))
+        pwrite_all(self.fd, out, layout.stripe_offset(stripe))
         self._stripes += 1
         self._fill = 0
         return digests
@@ -194,18 +195,10 @@ class ShardWriter:
             base = layout.stripe_offset(stripe)
             for pos, (index, digest) in enumerate(zip(layout.stored(stripe), digests)):
                 header = layout.header(stripe, index)
-                _write_all(self.fd, header + _check(header, digest), base + pos * layout.slot)
+                pwrite_all(self.fd, header + _check(header, digest), base + pos * layout.slot)
         self._provisional = []
         self.layout = layout
         return layout
-
-
-def _write_all(fd: int, buf, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _read_exact(fd: int, offset: int, size: int) -> bytes:
@@ -381,7 +374,7 @@ def rewrite(reader: ShardReader, fd: int) -> int:
                 out += header + _check(header, _digest(full[index])) + full[index].tobytes()
             block = bytes(out)
             rebuilt += len(bad)
-        _write_all(fd, block, lay.stripe_offset(stripe))
+        pwrite_all(fd, block, lay.stripe_offset(stripe))
     return rebuilt
 
 

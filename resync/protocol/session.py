@@ -1090,9 +1090,10 @@ class _Receiver:
         inc.next_look = now + self._delay()
         if frame.length:
             os.ftruncate(inc.fd, frame.length)
+        from ..fs import pwrite_all
         fd = inc.fd
         inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size,
-                                        lambda off, data: _pwrite_all(fd, data, off))
+                                        lambda off, data: pwrite_all(fd, data, off))
         if k is not None:
             done = [s for first, count in k["stripes"] for s in range(first, first + count)]
             self.resumed_bytes += inc.assembler.mark_done(done)
@@ -1480,14 +1481,6 @@ def _blake3(buffer) -> bytes:
 def _kind_of(mode: int) -> int:
     fmt = stat.S_IFMT(mode)
     return {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFLNK: 3, stat.S_IFCHR: 4, stat.S_IFBLK: 4}.get(fmt, 5)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _relay(report, session: Session, itemize: bool):
