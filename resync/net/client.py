@@ -54,7 +54,7 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
 
 
 async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
-                timeout: float, bwlimit: float | None, known_peers, progress: dict, meter=None,
+                timeout: float, bwlimit: float | None, known_peers, meter=None,
                 on_note=None) -> ClientSession:
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
@@ -73,12 +73,12 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
             try:
-                progress["server_id"], added = check_server(remote, cert, peer_id, accept_new, known_peers)
+                server_id, added = check_server(remote, cert, peer_id, accept_new, known_peers)
             except RefusedError:                # the server's log says why the client left
                 link.close(reason_phrase="the client does not trust this server's key (device ID not pinned)")
                 raise
             if added and on_note is not None:
-                on_note(f"{remote.address} added to known_peers as {progress['server_id']}")
+                on_note(f"{remote.address} added to known_peers as {server_id}")
             session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
                                     meter)
             if bwlimit and push:                # a pull's limit travels in Hello: the server sends slower
@@ -100,10 +100,9 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                     link.drive()
                     link.close()
                     raise exc
-                progress["moved"] = link.last_progress
             link.drive()
             session.transport = link.transport_stats()
-            session.server_id = progress["server_id"]
+            session.server_id = server_id
             # the receiver closes once it has the sender's Bye; a sender waits for that close
             if not push or session.error is not None:
                 link.close()
@@ -129,12 +128,11 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
     protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
     while True:
-        progress: dict = {}
         if meter is not None:
             meter.reset()
         try:
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
-                                        timeout, bwlimit, known_peers, progress, meter, on_note))
+                                        timeout, bwlimit, known_peers, meter, on_note))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
             error = exc
         else:
