@@ -50,7 +50,7 @@ def identities(tmp: Path):
 
 def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 600.0, rtt: float = 0.02,
          cut_at: float | None = None, cut_after: int | None = None, kill: bool = False,
-         rate: float | None = None):
+         rate: float | None = None, stream_delay: float = 0.0):
     """Run both sessions until both are finished; returns the final clock.
     ``cut_at``: at that protocol time the connection is lost (both sessions
     are told, as a transport would on a kill or a network outage);
@@ -58,16 +58,24 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
     ``kill``: at the cut the receiver is not told (a SIGKILL: only its last
     periodic checkpoint survives), the sender is; ``rate``: the link's rate in
     bytes per second — the clock moves on by each datagram's time on the wire
-    (without it, time stands still while datagrams flow)."""
+    (without it, time stands still while datagrams flow); ``stream_delay``:
+    control bytes take this long (s) to arrive, so shards sent after a frame
+    can overtake it (QUIC writes queued datagrams ahead of stream data, and
+    resends a lost stream packet later)."""
     now = 0.0
     client.rtt = server.rtt = rtt
+    in_transit: list[tuple[float, int, object, bytes]] = []     # control bytes on their way
     while not (client.finished and server.finished):
         moved = False
-        for a, b in ((client, server), (server, client)):
+        for n, (a, b) in enumerate(((client, server), (server, client))):
             data = a.stream_to_send()
             if data:
-                b.receive_stream(data, now)
+                in_transit.append((now + stream_delay, n, b, data))
                 moved = True
+        for item in [x for x in in_transit if x[0] <= now]:
+            in_transit.remove(item)
+            item[2].receive_stream(item[3], now)
+            moved = True
         sent, lost = channel.sent, channel.lost
         for d in server.datagrams_to_send(now, budget) + client.datagrams_to_send(now, budget):
             channel.send(now, d)
@@ -90,7 +98,8 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
         if (client.error is not None or server.error is not None) and not moved:
             break
         if not moved:
-            times = [t for t in (client.next_timer(), server.next_timer(), channel.next_time()) if t is not None]
+            times = [t for t in (client.next_timer(), server.next_timer(), channel.next_time(),
+                                 min((x[0] for x in in_transit), default=None)) if t is not None]
             if not times:
                 now += 0.001
             else:

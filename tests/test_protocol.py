@@ -399,6 +399,30 @@ def test_corrupted_shards_are_caught_and_repaired(tmp_path):
     assert server.result["corrupt_shards"] > 0
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["held", "over-the-limit"])
+def test_shards_that_overtake_their_file_frame_are_held_not_lost(tmp_path, monkeypatch, held):
+    """The control stream arrives late (QUIC sends queued datagrams first and
+    resends a lost stream packet later): on a link that loses nothing no
+    shard is asked for again. Beyond the receiver's limit for such shards
+    they are dropped, and the transfer still ends equal through repairs."""
+    if not held:
+        monkeypatch.setattr(session_mod, "EARLY_BYTES", 3000)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tree(src, 8)
+    dst.mkdir()
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(3), delay=0.005), stream_delay=0.05)
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert snapshot(dst) == snapshot(src)
+    receiver = server.role
+    assert receiver.early == {} and receiver.early_bytes == 0
+    if held:
+        assert server.result["repairs_asked"] == 0 and client.result["probes"] == 0
+        assert client.result["repair_shards"] == 0
+    else:
+        assert client.result["repair_shards"] > 0
+
+
 def test_a_pull_is_sent_at_the_lower_of_the_client_and_server_limits_with_the_servers_min_parity(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()

@@ -63,6 +63,7 @@ CHECKPOINT_BYTES = 64 << 20      # or sooner, once this much content has arrived
 QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
 REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
+EARLY_BYTES = 8 << 20            # shard bytes a receiver holds for wanted files whose File frame is late
 
 # Error frame codes and the exit codes they become (README: exit codes).
 E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -867,6 +868,8 @@ class _Receiver:
         self.empty_source = ""                  # why --delete may delete nothing: the source root is empty
         self.to_place: list = []
         self.acks: dict[int, list[int]] = {}
+        self.early: dict[int, list] = {}       # wanted file -> shards that came before its File frame
+        self.early_bytes = 0
         self.repairs_asked = 0
         self.last_datagram = 0.0
         self.corrupt_shards = 0
@@ -1066,6 +1069,17 @@ class _Receiver:
         if inc is None or inc.frame is not None:
             raise ProtocolError(f"File {frame.file_id} was not asked for")
         inc.frame = frame
+        early = self.early.pop(frame.file_id, ())
+        self.early_bytes -= sum(len(sh[3]) for sh in early)
+        self._open(inc, frame, now)
+        for sh in early:
+            if frame.file_id not in self.receiving:
+                break                           # complete, or dropped
+            self.shard(sh, now)
+
+    def _open(self, inc: _Incoming, frame: F.File, now: float) -> None:
+        """Make ready for ``frame``'s content: a temp file (or the kept one of
+        a cut transfer) and its stripe assembler."""
         if frame.status == F.FILE_VANISHED:
             self.report.vanished(inc.path)
             self._drop(frame.file_id, keep_old=True)
@@ -1109,8 +1123,15 @@ class _Receiver:
             return
         fid, stripe, index, payload = shard
         inc = self.wanted.get(fid)
-        if inc is None or inc.assembler is None:
+        if inc is None:
             return                              # late or duplicate shards of a finished file
+        if inc.assembler is None:
+            # Before its File frame: QUIC sends queued datagrams ahead of stream data,
+            # and a lost stream packet is resent later. Held (up to EARLY_BYTES in all).
+            if inc.frame is None and self.early_bytes + len(payload) <= EARLY_BYTES:
+                self.early.setdefault(fid, []).append(shard)
+                self.early_bytes += len(payload)
+            return
         inc.last_shard = self.last_datagram = now
         inc.next_look = now + self._delay()
         if self.next_checkpoint is None:
