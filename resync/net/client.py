@@ -18,7 +18,7 @@ import random
 import time
 from ..errors import ConnectionFailed, TimedOut
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
-from .link import SessionLink, TokenBucket, configuration
+from .link import PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
 
@@ -61,6 +61,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
     try:
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                            wait_connected=False) as link:
+            link.batch = PacketBatch(link, link._transport)
             link.transmit()                         # connect() left the ClientHello unsent
             try:
                 await asyncio.wait_for(link.wait_connected(), timeout)

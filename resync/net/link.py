@@ -28,8 +28,7 @@ MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 100                # packets per loss report to the session (a moving average's sample)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
-RX_BATCH = 32                    # packets received before a transmit while more wait in the socket
-RX_DEFER = 0.002                 # s a transmit may wait for them (what waits may be another connection's)
+RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
 SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
 
@@ -106,6 +105,56 @@ class _CountingTransport:
         return getattr(self._t, name)
 
 
+class PacketBatch:
+    """Reads the packets waiting in an endpoint's UDP socket in one go.
+
+    asyncio's datagram transport reads one packet per turn of the event loop,
+    and aioquic answers each with a transmit (an ACK, a top-up of the
+    session): per packet, as much work again as receiving it. Installed on
+    the endpoint protocol (the client's link, the server's ``QuicServer``),
+    a packet from asyncio is followed by up to RX_BATCH - 1 more read
+    directly from the socket (a non-blocking duplicate of its descriptor,
+    closed with the transport); the links' transmits wait for the end of the
+    batch (``SessionLink.flush``)."""
+
+    def __init__(self, endpoint, transport):
+        sock = transport.get_extra_info("socket")
+        self._sock = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        self._sock.setblocking(False)
+        self._handle, self._error = endpoint.datagram_received, endpoint.error_received
+        endpoint.datagram_received = self.received
+        lost = endpoint.connection_lost
+
+        def connection_lost(exc) -> None:
+            self._sock.close()
+            lost(exc)
+        endpoint.connection_lost = connection_lost
+        self.active = False
+        self.deferred: list[SessionLink] = []
+
+    def received(self, data, addr) -> None:
+        if self.active:
+            self._handle(data, addr)
+            return
+        self.active = True
+        try:
+            self._handle(data, addr)
+            for _ in range(RX_BATCH - 1):
+                try:
+                    data, addr = self._sock.recvfrom(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:          # (an ICMP error): as the transport would
+                    self._error(exc)
+                    break
+                self._handle(data, addr)
+        finally:
+            self.active = False
+            links, self.deferred = self.deferred, []
+            for link in links:
+                link.flush()
+
+
 class SessionLink(QuicConnectionProtocol):
     """One connection's pump. ``session`` is set by whoever owns the link
     (the server when the connection arrives, the client once the server's
@@ -127,8 +176,8 @@ class SessionLink(QuicConnectionProtocol):
         self._sent_seen = self._lost_seen = 0
         self._starved = False
         self._receiving = False
-        self._rx_batch = 0
-        self._rx_flush = None
+        self.batch: PacketBatch | None = None   # set by whoever owns the UDP socket
+        self._deferred = False
         self._fileno = -1
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
@@ -138,11 +187,10 @@ class SessionLink(QuicConnectionProtocol):
         super().connection_made(_CountingTransport(transport, self.udp))
 
     def datagram_received(self, data, addr) -> None:
-        """aioquic takes the packet and calls ``transmit``; that transmit is
-        put off while more packets wait in the socket (up to RX_BATCH of them,
-        RX_DEFER seconds): a receiver otherwise builds a QUIC packet (an ACK)
-        and tops up its session once per packet received, which costs as much
-        as receiving it."""
+        """aioquic takes the packet and calls ``transmit``; within a batch
+        (``PacketBatch``) that transmit waits for the batch's end: a receiver
+        otherwise builds a QUIC packet (an ACK) and tops up its session once
+        per packet received, which costs as much as receiving it."""
         self.udp["udp_bytes_received"] += len(data)
         self.udp["udp_packets_received"] += 1
         self._receiving = True
@@ -151,8 +199,9 @@ class SessionLink(QuicConnectionProtocol):
         finally:
             self._receiving = False
 
-    def _flush(self) -> None:
-        self._rx_flush = None
+    def flush(self) -> None:
+        """The batch this link's transmit waited for is over."""
+        self._deferred = False
         self.transmit()
 
     def _socket_waiting(self) -> bool:
@@ -212,15 +261,11 @@ class SessionLink(QuicConnectionProtocol):
         session's timer. aioquic calls this after every packet received and
         every timer of its own, pacing included, so the queue is refilled as
         fast as QUIC drains it."""
-        if self._receiving and self._rx_batch < RX_BATCH and self._socket_waiting():
-            if self._rx_flush is None:
-                self._rx_flush = self._loop.call_later(RX_DEFER, self._flush)
-            self._rx_batch += 1
+        if self._receiving and self.batch is not None and self.batch.active:
+            if not self._deferred:
+                self._deferred = True
+                self.batch.deferred.append(self)
             return
-        self._rx_batch = 0
-        if self._rx_flush is not None:
-            self._rx_flush.cancel()
-            self._rx_flush = None
         s = self.session
         if s is None:
             super().transmit()

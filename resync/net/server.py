@@ -18,7 +18,7 @@ import sys
 import time
 
 from ..protocol.session import Module, ServerSession
-from .link import SessionLink, configuration
+from .link import PacketBatch, SessionLink, configuration
 
 
 def log(message: str) -> None:
@@ -95,9 +95,11 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     links: set[SessionLink] = set()
+    batch: list[PacketBatch] = []               # the listening socket's, once it exists
 
     def create_protocol(*args, **kwargs):
         link = SessionLink(*args, **kwargs)
+        link.batch = batch[0] if batch else None
         session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
                                 lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
         started = time.monotonic()
@@ -141,6 +143,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                                   create_protocol=create_protocol)
     except OSError as exc:                      # in use, not an address of this machine, not allowed
         raise ConnectionFailed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    batch.append(PacketBatch(server, server._transport))
     import threading
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
