@@ -23,6 +23,10 @@ NAME_MAX = 255
 
 _U8, _U16, _U32, _U64, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q", "<q"))
 _HEAD = struct.Struct("<IB")
+# fixed runs of fields, packed in one call (the same bytes as field by field)
+_LISTED_FIXED = struct.Struct("<BIqIQIIQ")        # kind, mode, seconds, nanoseconds, size, uid, gid, rdev
+_FILE_FIXED = struct.Struct("<IBBQ32sIqIQIIHHI")  # file id, status, delta, length, blake3, mode, seconds,
+#                                                   nanoseconds, size, uid, gid, k, m, shard size
 
 
 class ProtocolError(ResyncError):
@@ -183,6 +187,7 @@ class _W:
     def u64(self, v): self.b += _U64.pack(v)
     def i64(self, v): self.b += _I64.pack(v)
     def raw(self, v): self.b += v
+    def fixed(self, st, *v): self.b += st.pack(*v)
 
     def s16(self, v: bytes):
         if len(v) > 0xFFFF:
@@ -205,6 +210,14 @@ class _R:
         if self.p + st.size > len(self.b):
             raise ProtocolError(f"{self.what}: truncated")
         (v,) = st.unpack_from(self.b, self.p)
+        self.p += st.size
+        return v
+
+    def fixed(self, st) -> tuple:
+        """The fields of the struct ``st``."""
+        if self.p + st.size > len(self.b):
+            raise ProtocolError(f"{self.what}: truncated")
+        v = st.unpack_from(self.b, self.p)
         self.p += st.size
         return v
 
@@ -251,14 +264,7 @@ def check_rel(rel: bytes, what: str) -> bytes:
 
 def _listed(w: _W, e: Listed) -> None:
     w.s16(e.name)
-    w.u8(e.kind)
-    w.u32(e.mode)
-    w.i64(e.seconds)
-    w.u32(e.nanoseconds)
-    w.u64(e.size)
-    w.u32(e.uid)
-    w.u32(e.gid)
-    w.u64(e.rdev)
+    w.fixed(_LISTED_FIXED, e.kind, e.mode, e.seconds, e.nanoseconds, e.size, e.uid, e.gid, e.rdev)
     w.s16(e.target)
     w.s16(e.blake3)
 
@@ -270,10 +276,11 @@ def _read_listed(r: _R, own: bool = False) -> Listed:
             raise ProtocolError("Dir: the directory's own entry has a name")
     else:
         check_name(name, "directory entry")
-    kind = r.u8()
-    if not 1 <= kind <= 5:
-        raise ProtocolError(f"directory entry {name[:64]!r}: bad kind {kind}")
-    e = Listed(name, kind, r.u32(), r.i64(), r.u32(), r.u64(), r.u32(), r.u32(), r.u64(), r.s16(), r.s16())
+    fixed = r.fixed(_LISTED_FIXED)
+    if not 1 <= fixed[0] <= 5:
+        raise ProtocolError(f"directory entry {name[:64]!r}: bad kind {fixed[0]}")
+    kind = fixed[0]
+    e = Listed(name, *fixed, r.s16(), r.s16())
     if e.nanoseconds >= 10**9 or e.size > 1 << 62 or len(e.blake3) not in (0, 32) \
             or (kind == 3) != bool(e.target) or b"\0" in e.target:
         raise ProtocolError(f"directory entry {name[:64]!r}: bad field")
@@ -351,20 +358,9 @@ def encode(frame) -> bytes:
                 w.u32(first)
                 w.u32(count)
     elif t is File:
-        w.u32(frame.file_id)
-        w.u8(frame.status)
-        w.u8(1 if frame.delta else 0)
-        w.u64(frame.length)
-        w.raw(_fixed(frame.blake3, 32))
-        w.u32(frame.mode)
-        w.i64(frame.seconds)
-        w.u32(frame.nanoseconds)
-        w.u64(frame.size)
-        w.u32(frame.uid)
-        w.u32(frame.gid)
-        w.u16(frame.k)
-        w.u16(frame.m)
-        w.u32(frame.shard_size)
+        w.fixed(_FILE_FIXED, frame.file_id, frame.status, 1 if frame.delta else 0, frame.length,
+                _fixed(frame.blake3, 32), frame.mode, frame.seconds, frame.nanoseconds, frame.size, frame.uid,
+                frame.gid, frame.k, frame.m, frame.shard_size)
         w.s16(frame.message[:4000])
         w.raw(_fixed(frame.content, 32))
     elif t is Ack:
@@ -477,8 +473,8 @@ def decode(kind: int, body) -> object:
             resume = Resume(content, length, k, shard_size, ranges)
         f = Want(fid, index, name, signature, resume)
     elif cls is File:
-        f = File(r.u32(), r.u8(), bool(r.u8()), r.u64(), r.raw(32), r.u32(), r.i64(), r.u32(), r.u64(), r.u32(),
-                 r.u32(), r.u16(), r.u16(), r.u32(), r.s16(), r.raw(32))
+        fid, status, delta, *rest = r.fixed(_FILE_FIXED)
+        f = File(fid, status, bool(delta), *rest, r.s16(), r.raw(32))
         if f.status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or f.nanoseconds >= 10**9 or f.size > 1 << 62 \
                 or f.length > 1 << 62 or (f.status == FILE_OK and not (1 <= f.k and f.k + f.m <= 256
                                                                        and 64 <= f.shard_size <= 65536)):

@@ -541,7 +541,8 @@ class _Sender:
                 out.next_row[s] = first + len(rows)
                 out.repairs.append((s, rows))
                 self.repair_shards += len(rows)
-        elif isinstance(frame, F.FileDone):
+        elif isinstance(frame, F.FileDone):       # (its last stripes' Ack is left out: this says it)
+            self.last_ack = now
             out = self.active.get(frame.file_id)
             if out is not None:
                 self._retire(out, force=True)
@@ -1177,6 +1178,7 @@ class _Receiver:
         from ..content import ContentError
         inc = self.wanted.pop(fid)
         self.receiving.pop(fid, None)
+        self.acks.pop(fid, None)                # its FileDone acknowledges the stripes not yet acknowledged
         self._finished(inc)
         f = inc.frame
         attrs = (f.mode, f.seconds * 10**9 + f.nanoseconds, f.uid, f.gid)
