@@ -789,15 +789,16 @@ class Applier:
                        dir_fd=self._stage.fd), tmp
 
     def stage_finish(self, path: str, fd: int, tmp: str, expected: bytes | None, attrs: tuple, action: str,
-                     literal: int, matched: int, seconds: float) -> Staged:
+                     literal: int, matched: int, seconds: float, digest: str | None = None) -> Staged:
         """The content written into ``tmp`` (by ``stage_open``) is complete:
-        check its BLAKE3 against ``expected``, give it ``attrs`` (mode,
+        check its BLAKE3 (``digest``, hex, if the writer hashed what it wrote;
+        else read back) against ``expected``, give it ``attrs`` (mode,
         mtime_ns, uid, gid) and keep it to be placed. ContentError (the temp
         file removed) if the BLAKE3 differs. Closes ``fd``."""
         from .content import finish_temp
         mode, mtime_ns, uid, gid = attrs
         try:
-            digest = finish_temp(fd, None, expected, mode, mtime_ns, uid, gid, self.options)
+            digest = finish_temp(fd, digest, expected, mode, mtime_ns, uid, gid, self.options)
         except BaseException:
             self.stage_drop(fd, tmp)
             raise

@@ -96,6 +96,23 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+def pread_all(fd: int, size: int, offset: int = 0) -> bytes:
+    """Up to ``size`` bytes from ``offset`` (fewer only at end of file: a
+    file that shrank while read)."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def write_all(fd: int, data) -> None:
     """os.write until every byte of ``data`` (bytes-like) is written."""
     view = memoryview(data)

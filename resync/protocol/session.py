@@ -46,7 +46,7 @@ from ..errors import ResyncError
 from . import frames as F
 from .frames import ProtocolError
 from .shards import MAX_INDEX as MAX_SHARDS
-from .shards import StripeAssembler, StripeEncoder, parse
+from .shards import StripeAssembler, StripeEncoder, parse, stripe_count
 
 AUTH_CONTEXT = b"resync-auth-v1"
 DEFAULT_K = 32
@@ -63,6 +63,7 @@ CHECKPOINT_BYTES = 64 << 20      # or sooner, once this much content has arrived
 QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
 REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
+SMALL_FILE = 1 << 20             # files up to this size are read, not mapped, by the sender
 EARLY_BYTES = 8 << 20            # shard bytes a receiver holds for wanted files whose File frame is late
 
 # Error frame codes and the exit codes they become (README: exit codes).
@@ -612,7 +613,7 @@ class _Sender:
         against the receiver's signature); send its File frame."""
         import numpy as np
 
-        from ..fs import MappedFile
+        from ..fs import MappedFile, pread_all
         path = self._path(want)
         m = max(self.min_parity, self.policy.m)
         try:
@@ -626,7 +627,13 @@ class _Sender:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(0, "changed type during the run")
-            mapped = MappedFile(f"/proc/self/fd/{fd}", name=path)
+            size = st.st_size
+            if size <= SMALL_FILE:              # read: a map costs more than it saves for a small file
+                data = pread_all(fd, size)
+                size, array, closers = len(data), np.frombuffer(data, np.uint8), []
+            else:
+                mapped = MappedFile(f"/proc/self/fd/{fd}", name=path)
+                data, array, closers = mapped.buffer, mapped.array, [mapped.close]
         except (OSError, ResyncError) as exc:
             os.close(fd)
             msg = exc.strerror if isinstance(exc, OSError) else str(exc)
@@ -635,20 +642,19 @@ class _Sender:
             return
         os.close(fd)
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
-        closers = [mapped.close]
         try:
-            if want.signature and mapped.size:
-                content, target, content_hash = self._delta(want, mapped, closers)
+            if want.signature and size:
+                content, target, content_hash = self._delta(want, array, closers)
                 delta = True
             else:
-                content, delta = mapped.array, False
-                target = content_hash = _blake3(mapped.buffer)
+                content, delta = array, False
+                target = content_hash = _blake3(data)
         except ResyncError:
             for c in closers:
                 c()
             raise
         frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
-                       st.st_size, st.st_uid, st.st_gid, self.k, m, self.shard_size, b"", content_hash)
+                       size, st.st_uid, st.st_gid, self.k, m, self.shard_size, b"", content_hash)
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), self.k,
                                 self.shard_size)
 
@@ -669,7 +675,7 @@ class _Sender:
             self._skip_acked(out)
             self._retire(out)
 
-    def _delta(self, want: F.Want, mapped, closers):
+    def _delta(self, want: F.Want, array, closers):
         """The delta of the file against the receiver's signature, in a scratch file."""
         import tempfile
 
@@ -681,7 +687,7 @@ class _Sender:
             self.tmp = tempfile.mkdtemp(prefix=".resync-tmp-send-")
         sig = signature_from_bytes(want.signature, "the receiver's signature")
         out = os.path.join(self.tmp, f"{want.file_id}.delta")
-        make_delta(sig, mapped.array, out, durable=False)
+        make_delta(sig, array, out, durable=False)
         d = MappedFile(out)
         closers.append(d.close)
         closers.append(lambda: os.unlink(out))
@@ -802,7 +808,7 @@ class _Incoming:
     """One wanted file: where it goes, and its content as it arrives."""
 
     __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
-                 "last_shard", "next_look", "asked", "signature", "kept", "progressed", "sig_saved")
+                 "last_shard", "next_look", "asked", "signature", "kept", "progressed", "sig_saved", "digest")
 
     def __init__(self, path: str, rel: str, entry, prev, code: str):
         self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
@@ -818,6 +824,7 @@ class _Incoming:
         self.kept: dict | None = None          # the checkpoint entry this Want offered to resume
         self.progressed = 0                    # bytes of the file shown as done (-P)
         self.sig_saved = False                 # its signature is in the staging directory (a delta's resume)
+        self.digest: str | None = None         # BLAKE3 (hex) of content written in one piece, as written
 
 
 class _Receiver:
@@ -1103,12 +1110,19 @@ class _Receiver:
             inc.fd, inc.tmp = self.apply.stage_open()
         inc.last_shard = now
         inc.next_look = now + self._delay()
-        if frame.length:
-            os.ftruncate(inc.fd, frame.length)
         from ..fs import pwrite_all
         fd = inc.fd
-        inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size,
-                                        lambda off, data: pwrite_all(fd, data, off))
+        if stripe_count(frame.length, frame.k, frame.shard_size) == 1 and not frame.delta and k is None:
+            def sink(off, data):                # a small file: one write, hashed as written
+                pwrite_all(fd, data, off)
+                inc.digest = _blake3(data).hex()
+        else:
+            if frame.length:                    # (stripes land in any order; a checkpoint keeps the length)
+                os.ftruncate(fd, frame.length)
+
+            def sink(off, data):
+                pwrite_all(fd, data, off)
+        inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size, sink)
         if k is not None:
             done = [s for first, count in k["stripes"] for s in range(first, first + count)]
             self.resumed_bytes += inc.assembler.mark_done(done)
@@ -1195,7 +1209,7 @@ class _Receiver:
                 inc.fd = -1                     # before that resumes it from the last checkpoint
             else:
                 staged = self.apply.stage_finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
-                                                 time.monotonic() - inc.started)
+                                                 time.monotonic() - inc.started, inc.digest)
         except (ContentError, OSError, ResyncError) as exc:
             msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.report.error(inc.path, msg)
