@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN    := .run
 
-.PHONY: install run test bench tools bench-tools clean
+.PHONY: install run test bench tools bench-tools linkemu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ tools:
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# The link emulator of the WAN tests and benchmarks (tests/linkemu: C, built with the
+# machine's compiler; the tests that need it say why they skip where it cannot run).
+linkemu:
+	@$(PY) -c "import tests.linkemu as l; l.build()" 2>/dev/null || echo "linkemu: not built (no C compiler?)"
 
 # What bench/ compares against besides rdiff and rsync: zfec and pyeclib from
 # PyPI; Debian's ISA-L and liberasurecode (pyeclib's wheel also ships its own).
@@ -90,7 +95,7 @@ run: install tools
 # them as nobody.
 USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py tests/test_net.py
 
-test: install tools
+test: install tools linkemu
 	$(PY) -m pytest -q
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py tests/test_erasure.py
 	bash tests/as-user.sh $(abspath $(PY)) $(USER_TESTS)

@@ -27,7 +27,8 @@ PY = sys.executable
 class Site:
     """One machine's resync: its config directory (key, known_peers) and history."""
 
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, prefix=()):
+        self.prefix = list(prefix)          # e.g. ["ip", "netns", "exec", NS]: the site is another host
         self.home = root / f"site-{name}"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, XDG_CONFIG_HOME=str(self.home / "config"),
@@ -36,11 +37,11 @@ class Site:
         self._id = None
 
     def run(self, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "resync", *map(str, args)], capture_output=True, text=True,
+        return subprocess.run([*self.prefix, PY, "-m", "resync", *map(str, args)], capture_output=True, text=True,
                               env=self.env, timeout=timeout, **kw)
 
     def popen(self, *args, **kw) -> subprocess.Popen:
-        return subprocess.Popen([PY, "-m", "resync", *map(str, args)], env=self.env, **kw)
+        return subprocess.Popen([*self.prefix, PY, "-m", "resync", *map(str, args)], env=self.env, **kw)
 
     @property
     def id(self) -> str:
@@ -52,17 +53,17 @@ class Site:
 
 
 class Server:
-    """``resync serve`` in the background on a free loopback port."""
+    """``resync serve`` in the background on a free port of ``host`` (loopback)."""
 
-    def __init__(self, site: Site, *args):
-        self.site = site
+    def __init__(self, site: Site, *args, host: str = "127.0.0.1", port: int = 0):
+        self.site, self.host = site, host
         self.log = site.home / f"serve-{time.monotonic_ns()}.log"
         self._f = open(self.log, "w")
-        self.proc = site.popen("serve", "--listen", "127.0.0.1:0", *args, stdout=subprocess.DEVNULL,
+        self.proc = site.popen("serve", "--listen", f"{host}:{port}", *args, stdout=subprocess.DEVNULL,
                                stderr=self._f, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
+            m = re.search(rf"listening on {re.escape(host)}:(\d+)", self.log.read_text())
             if m:
                 self.port = int(m.group(1))
                 break
@@ -71,7 +72,7 @@ class Server:
             time.sleep(0.05)
 
     def url(self, module: str, path: str = "") -> str:
-        return f"resync://127.0.0.1:{self.port}/{module}/{path}".rstrip("/")
+        return f"resync://{self.host}:{self.port}/{module}/{path}".rstrip("/")
 
     def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
