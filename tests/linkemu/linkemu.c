@@ -11,12 +11,15 @@
  * order a frame meets them:
  *
  *   blackout   everything is dropped until the blackout ends;
- *   loss       independent random loss (probability), then bursty loss from a
- *              Gilbert-Elliott chain (p_gb: good to bad, p_bg: bad to good, and
- *              the loss probability in each state: ge_good, ge_bad);
  *   queue      a drop-tail queue of at most `queue` seconds at the link rate in
  *              front of a serialiser of `rate` bit/s (0: no rate cap); a frame
  *              leaves it at max(now, link free) + 8 * length / rate;
+ *   loss       on the wire (a lost frame has used its time on the link, as on
+ *              a lossy radio link: payload goodput at loss p is at most
+ *              (1 - p) x rate): independent random loss (probability), then
+ *              bursty loss from a Gilbert-Elliott chain (p_gb: good to bad,
+ *              p_bg: bad to good, and the loss probability in each state:
+ *              ge_good, ge_bad);
  *   delay      then `delay` seconds plus a uniform jitter in [0, `jitter`),
  *              in order (a frame never overtakes the one before it), except
  *              that with probability `reorder` a frame is held `reorder_gap`
@@ -165,18 +168,18 @@ static void enqueue(int d, const unsigned char *frame, int len, int64_t now) {
     x->c.received++;
     x->c.received_bytes += len;
     if (now < blackout_until) { x->c.lost_blackout++; return; }
-    if (p->loss > 0 && uniform() < p->loss) { x->c.lost_random++; return; }
-    if (p->p_gb > 0 || x->bad) {
-        if (x->bad) { if (uniform() < p->p_bg) x->bad = 0; }
-        else if (uniform() < p->p_gb) x->bad = 1;
-        if (uniform() < (x->bad ? p->ge_bad : p->ge_good)) { x->c.lost_burst++; return; }
-    }
     int64_t leave = now;
     if (p->rate > 0) {
         int64_t start = x->link_free > now ? x->link_free : now;
         if ((double)(start - now) > p->queue * 1e9) { x->c.lost_queue++; return; }
         leave = start + (int64_t)(8.0 * len / p->rate * 1e9);
         x->link_free = leave;
+    }
+    if (p->loss > 0 && uniform() < p->loss) { x->c.lost_random++; return; }
+    if (p->p_gb > 0 || x->bad) {
+        if (x->bad) { if (uniform() < p->p_bg) x->bad = 0; }
+        else if (uniform() < p->p_gb) x->bad = 1;
+        if (uniform() < (x->bad ? p->ge_bad : p->ge_good)) { x->c.lost_burst++; return; }
     }
     int copies = (p->dup > 0 && uniform() < p->dup) ? 2 : 1;
     if (copies == 2) x->c.duplicated++;
