@@ -128,6 +128,36 @@ def gf_mul_rows(coef: list[list[int]], rows: list[bytes]) -> list[bytes]:
     return out
 
 
+def gf_invert(a: list[list[int]]) -> list[list[int]] | None:
+    """The inverse of a square matrix over GF(2^8) by Gauss-Jordan, one
+    element at a time; None if it is singular."""
+    n = len(a)
+    w = [list(row) + [int(i == j) for j in range(n)] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if w[r][col]), None)
+        if pivot is None:
+            return None
+        w[col], w[pivot] = w[pivot], w[col]
+        inv = gf_inv(w[col][col])
+        w[col] = [gf_mul(inv, x) for x in w[col]]
+        for r in range(n):
+            f = w[r][col]
+            if r != col and f:
+                w[r] = [x ^ gf_mul(f, y) for x, y in zip(w[r], w[col])]
+    return [row[n:] for row in w]
+
+
+def gf_matmul(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    out = []
+    for row in a:
+        acc = [0] * len(b[0])
+        for x, brow in zip(row, b):
+            for j, y in enumerate(brow):
+                acc[j] ^= gf_mul(x, y)
+        out.append(acc)
+    return out
+
+
 def cauchy_parity(k: int, m: int) -> list[list[int]]:
     """resync's documented parity matrix: 1 / ((k + i) xor j)."""
     return [[gf_inv((k + i) ^ j) for j in range(k)] for i in range(m)]

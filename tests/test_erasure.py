@@ -127,6 +127,57 @@ def test_golden_parity_bytes():
     assert rs.encode(data).tobytes().hex() == "f575080f0076802b" "13d88b01422dd0c7"
 
 
+def test_small_matrices_agree_with_galois():
+    """galois (an independent GF(2^8) implementation) as the second reference:
+    the parity matrix and inverses of the e x e systems a decode solves."""
+    galois = pytest.importorskip("galois")
+    field = galois.GF(2 ** 8, irreducible_poly=gf.POLY, primitive_element=2, verify=False)
+    for k, m in [(3, 2), (64, 30), (200, 56)]:
+        x, y = field(np.arange(k, k + m)), field(np.arange(k))
+        want = np.asarray(np.reciprocal(x[:, None] + y[None, :]).view(np.ndarray), np.uint8)
+        assert np.array_equal(ReedSolomon(k, m).parity_matrix, want)
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 21):
+        a = ReedSolomon(64, 40).parity_matrix[np.ix_(rng.choice(40, n, replace=False), rng.choice(64, n, replace=False))]
+        want = np.asarray(np.linalg.inv(field(a)).view(np.ndarray), np.uint8)
+        assert np.array_equal(gf.invert(np.ascontiguousarray(a)), want)
+
+
+@pytest.mark.nojit
+def test_invert_matches_naive_including_singular_matrices():
+    rng = random.Random(5)
+    for n in [1, 2, 3, 5, 8, 13, 24]:
+        for trial in range(6):
+            a = [[rng.randrange(256) for _ in range(n)] for _ in range(n)]
+            if trial == 0 and n > 1:
+                a[-1] = list(a[0])                          # singular: two equal rows
+            if trial == 1 and n > 1:
+                a[1] = [naive.gf_mul(7, x) for x in a[0]]     # singular: one row a multiple of another
+            want = naive.gf_invert(a)
+            got = gf.invert(np.array(a, np.uint8))
+            assert (got is None) == (want is None), (n, trial)
+            if want is not None:
+                assert got.tolist() == want
+
+
+@pytest.mark.nojit
+@pytest.mark.parametrize("k,m", [(4, 3), (9, 5), (64, 22)])
+def test_recovery_rows_are_rows_of_the_generator_over_the_chosen_inverse(k, m):
+    """plan(present, rows): the definition, G x inverse(G[chosen]) row by row
+    (the code inverts only the lost data shards' e x e system)."""
+    rng = random.Random(k)
+    g = [[int(i == j) for j in range(k)] for i in range(k)] + naive.cauchy_parity(k, m)
+    rs = ReedSolomon(k, m)
+    for _ in range(4):
+        present = sorted(rng.sample(range(k + m), k + rng.randrange(m + 1)))
+        rows = sorted(rng.sample(range(k + m), rng.randrange(1, 6)))
+        chosen, coef = rs.plan(present, rows)
+        assert chosen == tuple(present[:k])
+        inverse = naive.gf_invert([g[i] for i in chosen])
+        want = naive.gf_matmul([g[r] for r in rows], inverse)
+        assert coef.tolist() == want
+
+
 def _damage(shards, lost):
     return [None if i in lost else s for i, s in enumerate(shards)]
 

@@ -338,10 +338,10 @@ class ShardReader:
                 raise UnrecoverableError(
                     f"{self.name}: stripe {stripe}",
                     f"{len(bad)} of {len(stored)} shards damaged or missing, parity repairs {m}")
-            chosen, recover = self.rs.plan(present)
+            chosen, recover = self.rs.plan(present, bad)
             flat = full.reshape(-1)
             # the rows rebuilt are not among the rows read: one buffer is safe
-            multiply(recover[bad], flat, np.array(chosen, np.int64) * s, flat,
+            multiply(recover, flat, np.array(chosen, np.int64) * s, flat,
                      np.array(bad, np.int64) * s, s)
         return full
 

@@ -5,9 +5,14 @@ k + m shards give back the data. The generator is ``[I; C]`` with C the m x k
 Cauchy matrix ``C[i, j] = 1 / (x_i + y_j)``, ``x_i = k + i``, ``y_j = j``
 (all distinct because k + m <= 256): every square submatrix of a Cauchy
 matrix is invertible, so every k rows of the generator are, and the code is
-MDS. galois builds the matrices and inverts them (once per erasure pattern,
-cached); the bytes go through the GF(2^8) kernels (``resync.kernels.gf256``),
-split across threads for large shards.
+MDS. The small matrices are computed from GF(2^8) log and exp tables
+(``gf``): the parity matrix directly, and for a decode only the e x e system
+of the e lost data shards is inverted (``_recovery_rows``) — microseconds,
+where galois needed about a second to set up in each process and 2.4 ms per
+13 x 13 inverse, which stalled a network receiver mid-transfer (the tests
+check both against galois and against tests/naive.py). The bytes go through
+the GF(2^8) kernels (``resync.kernels.gf256``), split across threads for
+large shards.
 
 The kernel path is chosen at run time: ``gfni`` where the CPU has GFNI and
 AVX2, else ``portable``; ``RESYNC_GF_KERNEL=portable`` forces the latter.
@@ -28,17 +33,6 @@ from . import gf
 MAX_SHARDS = 256
 _PARALLEL_BYTES = 1 << 20        # below this much input, one thread
 _SPLIT_ALIGN = 4096
-
-
-@lru_cache(maxsize=None)
-def _field(size: int = 0):
-    """galois' GF(2^8) for matrices of ``size`` rows. Up to 64 rows its
-    pure-Python arithmetic is quick enough and skips compiling its ufuncs
-    (1.2 s instead of 2.1 s to set up in a new process); larger ones use the
-    compiled lookup tables."""
-    import galois
-    mode = "python-calculate" if size <= 64 else "jit-lookup"
-    return galois.GF(2 ** 8, irreducible_poly=gf.POLY, primitive_element=2, verify=False, compile=mode)
 
 
 def kernel_path() -> str:
@@ -156,12 +150,14 @@ class ReedSolomon:
         multiply(self.parity_matrix, src, np.asarray(src_offsets, np.int64), dst,
                  np.asarray(dst_offsets, np.int64), length)
 
-    def plan(self, present) -> tuple[tuple[int, ...], np.ndarray]:
+    def plan(self, present, rows=None) -> tuple[tuple[int, ...], np.ndarray]:
         """For the shard indexes in ``present``: the k to read (data shards
-        first) and the n x k matrix that turns those k into every shard.
-        UnrecoverableError when fewer than k are present."""
+        first) and the matrix (len(rows) x k; all n rows by default) that
+        turns those k into the shards ``rows``. UnrecoverableError when fewer
+        than k are present."""
         chosen = _choose(tuple(sorted(set(present))), self.k, self.n)
-        return chosen, _recovery_matrix(self.k, self.m, chosen)
+        rows = tuple(range(self.n)) if rows is None else tuple(rows)
+        return chosen, _recovery_rows(self.k, self.m, chosen, rows)
 
     def decode(self, shards) -> np.ndarray:
         """The (k, L) data from k + m entries, each a length-L uint8 array (or
@@ -174,8 +170,8 @@ class ReedSolomon:
         if len(lengths) > 1:
             raise UsageError(f"shards differ in length: {sorted(lengths)}")
         length = lengths.pop() if lengths else 0
-        chosen, recover = self.plan(rows)
         missing = [i for i in range(self.k) if i not in rows]
+        chosen, recover = self.plan(rows, missing)
         parity_used = [i for i in chosen if i >= self.k]
         # One work buffer: the data rows (the result) and, below them, the
         # parity rows the rebuild reads. Present data rows are copied once
@@ -189,7 +185,7 @@ class ReedSolomon:
         if missing:
             place = {i: (i if i < self.k else self.k + parity_used.index(i)) for i in chosen}
             flat = work.reshape(-1)
-            multiply(recover[missing], flat, np.array([place[i] for i in chosen], np.int64) * length,
+            multiply(recover, flat, np.array([place[i] for i in chosen], np.int64) * length,
                      flat, np.array(missing, np.int64) * length, length)
         out = work[:self.k]
         return out
@@ -203,60 +199,17 @@ def _choose(present: tuple[int, ...], k: int, n: int) -> tuple[int, ...]:
     return present[:k]          # sorted: data shards (identity rows) first
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=1024)
 def _parity_matrix(k: int, m: int) -> np.ndarray:
-    if m == 0:
-        return np.zeros((0, k), np.uint8)
-    out = _cached_matrix(k, m)
-    if out is None:
-        field = _field(max(k, m))
-        x = field(np.arange(k, k + m))
-        y = field(np.arange(k))
-        out = np.asarray(np.reciprocal(x[:, None] + y[None, :]).view(np.ndarray), np.uint8)
-        _store_matrix(k, m, out)
-    out.flags.writeable = False
-    return out
-
-
-# galois needs ~2 s in a new process to set up GF(2^8) (it compiles its
-# ufuncs), which a one-shot `resync pack` of a few files should not pay each
-# time: the parity matrices it builds are kept in the cache directory. A cached
-# matrix is used only if every entry checks out as 1 / (x_i + y_j).
-
-def _matrix_path(k: int, m: int):
-    from ..kernels.native import cache_dir
-    return cache_dir() / f"rs-cauchy-{k}-{m}.npy"
-
-
-def _is_cauchy(k: int, m: int, c: np.ndarray) -> bool:
-    if c.shape != (m, k) or c.dtype != np.uint8:
-        return False
+    """C[i, j] = 1 / ((k + i) xor j) from the log and exp tables (x + y is
+    XOR in GF(2^8), never 0 here: k + i and j differ)."""
+    exp, log = gf.exp_log()
     x = np.arange(k, k + m)[:, None]
     y = np.arange(k)[None, :]
-    return bool((gf.mul_table()[(c.astype(np.intp) << 8) | (x ^ y)] == 1).all())
-
-
-def _cached_matrix(k: int, m: int) -> np.ndarray | None:
-    try:
-        c = np.load(_matrix_path(k, m), allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return np.ascontiguousarray(c) if _is_cauchy(k, m, c) else None
-
-
-def _store_matrix(k: int, m: int, c: np.ndarray) -> None:
-    path = _matrix_path(k, m)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.save(f, c, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    out = exp[255 - log[x ^ y]].astype(np.uint8) if m else np.zeros((0, k), np.uint8)
+    out = np.ascontiguousarray(out)
+    out.flags.writeable = False
+    return out
 
 
 def generator_matrix(k: int, m: int) -> np.ndarray:
@@ -264,18 +217,46 @@ def generator_matrix(k: int, m: int) -> np.ndarray:
     return np.vstack([np.eye(k, dtype=np.uint8), _parity_matrix(k, m)])
 
 
-@lru_cache(maxsize=1024)
-def _recovery_matrix(k: int, m: int, chosen: tuple[int, ...]) -> np.ndarray:
-    """G @ inverse(G[chosen]): row r gives shard r from the chosen k shards."""
-    g = generator_matrix(k, m)
-    if chosen == tuple(range(k)):
-        out = g
-    else:
-        # galois inverts; the product is a table lookup (galois' own matmul
-        # compiles for ~1 s in every new process).
-        field = _field(k)
-        inverse = np.asarray(np.linalg.inv(field(g[list(chosen)])).view(np.ndarray), np.uint8)
-        out = gf.matmul(g, inverse)
-    out = np.ascontiguousarray(out)
+@lru_cache(maxsize=256)
+def _recovery_rows(k: int, m: int, chosen: tuple[int, ...], rows: tuple[int, ...]) -> np.ndarray:
+    """Rows ``rows`` of G @ inverse(G[chosen]) (G = [I; C]): row r gives
+    shard r from the chosen k shards (data shards first, then parity).
+
+    Only e x e is inverted, e the number of data shards not chosen: with D
+    the chosen data shards, P the chosen parity rows and M the missing data
+    shards, C[P, M] x data[M] = parity[P] + C[P, D] x data[D] (+ is XOR), so
+    data[M] = A^-1 parity[P] + A^-1 C[P, D] data[D] with A = C[P, M]; every
+    square submatrix of a Cauchy matrix is invertible. A parity row r is
+    C[r] times those data rows."""
+    pos = {i: j for j, i in enumerate(chosen)}
+    data = [i for i in chosen if i < k]
+    parity = [i - k for i in chosen if i >= k]
+    missing = [i for i in range(k) if i not in pos]
+    rebuilt = {}
+    if missing:
+        c = _parity_matrix(k, m)
+        a_inv = gf.invert(np.ascontiguousarray(c[np.ix_(parity, missing)]))
+        if a_inv is None:                       # (not for a Cauchy matrix)
+            raise UnrecoverableError("stripe", "the chosen shards do not determine the data")
+        from_data = gf.matmul(a_inv, np.ascontiguousarray(c[np.ix_(parity, data)])) if data else \
+            np.zeros((len(missing), 0), np.uint8)
+        for t, i in enumerate(missing):         # over chosen positions: data first, then parity
+            rebuilt[i] = np.concatenate([from_data[t], a_inv[t]])
+
+    def data_row(i: int) -> np.ndarray:
+        if i in rebuilt:
+            return rebuilt[i]
+        row = np.zeros(k, np.uint8)
+        row[pos[i]] = 1
+        return row
+    out = np.zeros((len(rows), k), np.uint8)
+    inverse = None
+    for n, r in enumerate(rows):
+        if r < k:
+            out[n] = data_row(r)
+        else:
+            if inverse is None:
+                inverse = np.stack([data_row(i) for i in range(k)])
+            out[n] = gf.matmul(_parity_matrix(k, m)[r - k:r - k + 1], inverse)[0]
     out.flags.writeable = False
     return out

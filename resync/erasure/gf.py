@@ -50,6 +50,36 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_xor.reduce(products, axis=1).astype(np.uint8)
 
 
+def invert(a: np.ndarray) -> np.ndarray | None:
+    """The inverse of a square uint8 matrix over GF(2^8), or None if it is
+    singular: Gauss-Jordan elimination, each step one vectorised row update
+    through the product table. For the e x e systems of a stripe decode (e
+    lost data shards), where galois' inverse costs milliseconds per call
+    (2.4 ms at e = 13 here) and about a second to set up in a new process."""
+    n = a.shape[0]
+    if a.shape != (n, n):
+        raise ValueError(f"invert needs a square matrix, got {a.shape}")
+    t = mul_table().reshape(256, 256)
+    exp, log = exp_log()
+    w = np.zeros((n, 2 * n), np.uint8)
+    w[:, :n] = a
+    w[np.arange(n), n + np.arange(n)] = 1
+    for col in range(n):
+        nz = np.flatnonzero(w[col:, col])
+        if nz.size == 0:
+            return None
+        p = col + int(nz[0])
+        if p != col:
+            w[[col, p]] = w[[p, col]]
+        w[col] = t[exp[255 - log[w[col, col]]], w[col]]          # pivot to 1
+        f = w[:, col].copy()
+        f[col] = 0
+        rows = np.flatnonzero(f)
+        if rows.size:
+            w[rows] ^= t[f[rows][:, None], w[col][None, :]]
+    return np.ascontiguousarray(w[:, n:])
+
+
 @lru_cache(maxsize=None)
 def _bit_matrix_table() -> np.ndarray:
     """For each c, the 8x8 bit matrix of x -> c*x as vgf2p8affineqb wants it:
