@@ -21,6 +21,9 @@ from ..protocol.session import BusyError, ClientSession, Options, RefusedError
 from .link import PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
+HANDSHAKE_COPIES = 3             # each of the client's handshake packets is sent this many times
+CLOSE_WAIT_RTTS = 4              # a push waits this many RTTs (+ 0.2 s) for the server to close
+
 
 def pinned_certificate(link: SessionLink) -> bytes:
     """The DER certificate the server presented in this connection's TLS
@@ -62,6 +65,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                            wait_connected=False) as link:
             link.batch = PacketBatch(link, link._transport)
+            link.handshake_copies(HANDSHAKE_COPIES)
             link.transmit()                         # connect() left the ClientHello unsent
             try:
                 await asyncio.wait_for(link.wait_connected(), timeout)
@@ -104,12 +108,14 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
             link.drive()
             session.transport = link.transport_stats()
             session.server_id = server_id
-            # the receiver closes once it has the sender's Bye; a sender waits for that close
+            # The receiver closes once it has the sender's Bye; a sender waits a little for that
+            # close (QUIC does not resend a lost CONNECTION_CLOSE), then closes itself: a receiver
+            # that sent Done has finished either way.
             if not push or session.error is not None:
                 link.close()
             else:
                 try:
-                    await asyncio.wait_for(link.closed_event.wait(), 5.0)
+                    await asyncio.wait_for(link.closed_event.wait(), CLOSE_WAIT_RTTS * link.rtt() + 0.2)
                 except asyncio.TimeoutError:
                     link.close()
             return session

@@ -1,36 +1,64 @@
 """A rate-based congestion controller for aioquic (registered as
 ``resync-rate``), after BBR (Cardwell et al., "BBR: Congestion-Based
-Congestion Control", ACM Queue 14(5), 2016).
+Congestion Control", ACM Queue 14(5), 2016), made to treat random loss as a
+measurement.
 
 aioquic's Reno halves its window on every loss, and QUIC counts datagram
 loss as congestion: at 20 % random loss it crawls (0.3 Mbit/s measured here).
-resync's content carries its own parity, so random loss is a measurement to
-send parity for, not a signal to slow down. This controller estimates the
-path's delivery rate and sends at it:
+resync's content carries its own parity, so random loss is something to send
+parity for, not a signal to slow down. The controller models the path by two
+figures and sends at them:
 
-- rate: bytes acknowledged per round (a round lasts one smoothed RTT), the
-  best of the last ten rounds;
-- pacing: ``gain x rate``. aioquic paces at window / smoothed RTT; ``RatePacer``
-  replaces its pacer so that pacing and window are set apart, as BBR does;
-- window: ``2 x rate x smoothed RTT`` (twice the bandwidth-delay product: the
-  acknowledgements of one round arrive while the next is sent), at least
-  MIN_WINDOW_PACKETS;
-- startup: the window grows by what was delivered (doubling per round trip),
-  paced at window / RTT, until the rate stops growing by a quarter for three
-  rounds or a round loses far more than the ones before; then one round at
-  gain 0.5 drains the queue startup built;
-- then the gain cycles over eight rounds (1.25, 0.75, then 1 six times:
-  BBR's ProbeBW), probing for more and giving back what the probe queued;
-- congestion — the smoothed RTT well above its minimum (a queue), or a round
-  losing LOSS_MARGIN more than the least loss of recent rounds (a receiver
-  or a bottleneck overrun drops in bursts; a lossy radio link drops
-  steadily) — lowers the gain to 0.75 and forgets the best rate;
-- steady random loss leaves the rate alone: parity pays for it.
+- **capacity**: per round (one smoothed RTT of acknowledgements), the bytes
+  acknowledged plus the bytes declared lost, over the round's length — what
+  the path carried — the best of the last RATE_ROUNDS rounds. A link that
+  loses p of what it carries delivers (1 - p) C at capacity C; counting only
+  what was delivered (as BBR does) would shrink the rate by (1 - p) each
+  round at 20 % or 33 % loss. A queue overflowing (lost before the
+  bottleneck) inflates the sample, but shows as congestion (below);
+- **usual loss**: the median loss share of the last LOSS_ROUNDS rounds: a
+  lossy link's steady loss, not a burst;
+- **min RTT**: the least RTT sample of the last MIN_RTT_WINDOW seconds.
 
-Issue 13 tunes it on an emulated WAN; the figures live in docs/protocol.md.
+It paces at ``gain x capacity`` (``RatePacer`` replaces aioquic's pacer, which
+paces at window / RTT) and keeps a window of ``WINDOW_GAIN x capacity x min
+RTT`` (twice the bandwidth-delay product: the acknowledgements of one round
+arrive while the next is sent; loss that QUIC has not yet declared counts
+in flight too). Phases:
+
+- **startup**: the window grows by what is delivered (doubling per round),
+  paced at window / RTT, until the capacity stops growing by a quarter for
+  three rounds, a queue shows (the round's least RTT above min RTT by
+  STARTUP_QUEUE) or a round loses more than STARTUP_LOSS (random loss of a
+  third must not end it: the queue shows an overshoot first); then
+  one round at DRAIN_GAIN empties the queue startup built;
+- **cruise**: the gain cycles over eight rounds (1.25, 0.75, then 1 six
+  times: BBR's ProbeBW), probing for more and giving back what the probe
+  queued.
+
+Congestion lowers the gain to BACKOFF_GAIN for a round and the capacity to
+BACKOFF_KEEP of the best (or to the last round's sample if higher: the best
+was not sustainable), then ignores further signals for HOLD_RTTS smoothed
+RTTs (they are about packets sent before it reacted; the same hold follows
+the end of startup), when:
+
+- a queue stands: even the round's least RTT sample is above QUEUE_FACTOR x
+  min RTT + QUEUE_SLACK (the least sample, so jitter alone is not a queue);
+- a round loses clearly more than the usual loss: more than its expectation
+  plus LOSS_SIGMAS standard deviations (binomial) plus LOSS_SLACK packets —
+  a bottleneck's queue overflowing drops in bursts, a lossy link steadily.
+
+A round that lasted more than STALL_ROUNDS smoothed RTTs (an outage: nothing
+was acknowledged) is no sample: the model is kept, and the window opens
+again at once when acknowledgements return. Persistent congestion (RFC 9002
+7.6: everything lost for a while) shrinks the window but keeps the model.
+
+The figures it reaches through the emulated links of tests/linkemu are in
+docs/protocol.md.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from aioquic.quic.congestion.base import QuicCongestionControl, register_congestion_control
@@ -42,45 +70,77 @@ WINDOW_GAIN = 2.0
 GAIN_CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 DRAIN_GAIN = 0.5
 BACKOFF_GAIN = 0.75
-LOSS_MARGIN = 0.08               # a round losing this much more than the usual loss is congestion
-QUEUE_FACTOR = 1.5               # a smoothed RTT this much above the minimum ...
-QUEUE_SLACK = 0.010              # ... plus this (s: the peers' own processing jitter) means a queue
+BACKOFF_KEEP = 0.85              # congestion: the capacity drops to this much of the best (or the last sample)
+HOLD_RTTS = 2                    # after a change, signals for this many RTTs are about what was sent before it
+RATE_ROUNDS = 10                 # capacity samples kept (one per round): the max filter
+LOSS_ROUNDS = 16                 # loss samples kept: their median is the usual loss
+LOSS_SIGMAS = 3.0                # a round losing this many standard deviations more than usual ...
+LOSS_SLACK = 3                   # ... plus this many packets is congestion
+LOSS_SAMPLE_PACKETS = 20         # a round that sent fewer packets is no loss sample
+STARTUP_LOSS = 0.5               # startup ends on a round losing more than this (or a queue forming)
+QUEUE_FACTOR = 1.5               # the round's least RTT this much above the minimum ...
+QUEUE_SLACK = 0.010              # ... plus this (s: the peers' own processing) means a standing queue
+STARTUP_QUEUE = 0.005            # s above the minimum RTT that ends startup (a queue is forming)
+MIN_RTT_WINDOW = 10.0            # s over which the minimum RTT is taken
+STALL_ROUNDS = 4                 # a round longer than this many smoothed RTTs was an outage
 RTT_FLOOR = 0.001                # s: aioquic's smoothed RTT is never below 1 ms
-RATE_ROUNDS = 10                 # rate samples kept (one per round)
 
 
 class RateController(QuicCongestionControl):
     """The controller aioquic creates per connection (``max_datagram_size``
     in bytes). ``pacing_rate`` (bytes/s, None: window / RTT) is read by
     ``RatePacer``; ``packets_sent`` / ``packets_lost`` are totals for the
-    session's loss estimate."""
+    session's loss estimate; ``capacity`` (bytes/s), ``usual_loss`` and
+    ``min_rtt`` (s) are the model."""
 
     def __init__(self, *, max_datagram_size: int) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
         self.mds = max_datagram_size
         self.congestion_window = START_WINDOW_PACKETS * max_datagram_size
         self.pacing_rate: float | None = None
-        self.min_rtt: float | None = None
         self.srtt: float | None = None
         self.startup = True
         self.packets_sent = 0
         self.packets_lost = 0
+        self.backoffs = 0                        # rounds that saw congestion (for the figures)
         self._full_rounds = 0
-        self._best_startup_rate = 0.0
+        self._best_startup = 0.0
         self._rates: deque = deque(maxlen=RATE_ROUNDS)
-        self._losses: deque = deque(maxlen=RATE_ROUNDS)
+        self._losses: deque = deque(maxlen=LOSS_ROUNDS)
         self._cycle = 0
         self._round_start: float | None = None
         self._round_delivered = self._round_lost = self._round_sent = 0
+        self._round_lost_packets = self._round_sent_packets = 0
+        self._round_min_rtt = math.inf
+        self._hold_until = 0.0
+        self._min_rtt = math.inf                 # this window's least RTT, and the last window's
+        self._min_rtt_last = math.inf
+        self._min_rtt_since = 0.0
 
+    # -- the model ------------------------------------------------------------------------
     @property
-    def rate(self) -> float:
-        """The best delivery rate of the last rounds (bytes/s)."""
+    def capacity(self) -> float:
+        """The path's rate (bytes/s) as modelled: the best recent sample."""
         return max(self._rates, default=0.0)
 
+    @property
+    def usual_loss(self) -> float:
+        """The median loss share of recent rounds (0 before any)."""
+        if not self._losses:
+            return 0.0
+        ordered = sorted(self._losses)
+        return ordered[len(ordered) // 2]
+
+    @property
+    def min_rtt(self) -> float | None:
+        best = min(self._min_rtt, self._min_rtt_last)
+        return None if best == math.inf else best
+
+    # -- aioquic's calls -----------------------------------------------------------------
     def on_packet_sent(self, *, packet) -> None:
         self.bytes_in_flight += packet.sent_bytes
         self._round_sent += packet.sent_bytes
+        self._round_sent_packets += 1
         self.packets_sent += 1
 
     def on_packet_acked(self, *, now: float, packet) -> None:
@@ -93,41 +153,6 @@ class RateController(QuicCongestionControl):
         if now - self._round_start >= (self.srtt or 0.05):
             self._end_round(now)
 
-    def _end_round(self, now: float) -> None:
-        rate = self._round_delivered / max(now - self._round_start, 1e-6)
-        self._rates.append(rate)
-        lost_share = self._round_lost / max(self._round_sent, 1)
-        usual_loss = min(self._losses, default=lost_share)
-        if self._round_sent:
-            self._losses.append(lost_share)
-        overrun = len(self._losses) > 1 and lost_share > usual_loss + LOSS_MARGIN
-        gain = None
-        if self.startup:
-            if overrun:
-                self.startup = False
-            elif rate > self._best_startup_rate * 1.25:
-                self._best_startup_rate = rate
-                self._full_rounds = 0
-            else:
-                self._full_rounds += 1
-                self.startup = self._full_rounds < 3
-            if not self.startup:
-                gain, self._cycle = DRAIN_GAIN, 0
-        else:
-            gain = GAIN_CYCLE[self._cycle]
-            self._cycle = (self._cycle + 1) % len(GAIN_CYCLE)
-            queue = self.min_rtt is not None and (self.srtt or 0) > QUEUE_FACTOR * self.min_rtt + QUEUE_SLACK
-            if queue or overrun or lost_share > 0.5:
-                gain = BACKOFF_GAIN
-                self._rates.clear()                # the best rate was not sustainable
-                self._rates.append(rate)
-        if gain is not None:
-            self.pacing_rate = max(gain * self.rate, MIN_WINDOW_PACKETS * self.mds / (self.srtt or 0.05))
-            self.congestion_window = int(max(WINDOW_GAIN * self.rate * (self.srtt or 0.05),
-                                             MIN_WINDOW_PACKETS * self.mds))
-        self._round_start = now
-        self._round_delivered = self._round_lost = self._round_sent = 0
-
     def on_packets_expired(self, *, packets) -> None:
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
@@ -136,18 +161,79 @@ class RateController(QuicCongestionControl):
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
             self._round_lost += packet.sent_bytes
+            self._round_lost_packets += 1
             self.packets_lost += 1
 
     def on_persistent_congestion(self) -> None:
-        self.congestion_window = max(self.congestion_window // 2, MIN_WINDOW_PACKETS * self.mds)
-        if self.pacing_rate is not None:
-            self.pacing_rate /= 2
+        self.congestion_window = MIN_WINDOW_PACKETS * self.mds     # the model stays (see _end_round)
 
     def on_rtt_measurement(self, *, now: float, rtt: float) -> None:
         sample = max(rtt, RTT_FLOOR)              # as aioquic's smoothed RTT
         self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
-        if self.min_rtt is None or rtt < self.min_rtt:
-            self.min_rtt = rtt
+        self._round_min_rtt = min(self._round_min_rtt, rtt)
+        if now - self._min_rtt_since >= MIN_RTT_WINDOW:
+            self._min_rtt_last, self._min_rtt, self._min_rtt_since = self._min_rtt, math.inf, now
+        self._min_rtt = min(self._min_rtt, rtt)
+
+    # -- per round ------------------------------------------------------------------------
+    def _end_round(self, now: float) -> None:
+        length = max(now - self._round_start, 1e-6)
+        srtt = self.srtt or 0.05
+        sent, lost = self._round_sent_packets, self._round_lost_packets
+        round_min_rtt = self._round_min_rtt
+        self._round_start = now
+        delivered, lost_bytes = self._round_delivered, self._round_lost
+        self._round_delivered = self._round_lost = self._round_sent = 0
+        self._round_lost_packets = self._round_sent_packets = 0
+        self._round_min_rtt = math.inf
+        if length > STALL_ROUNDS * srtt and self._rates:
+            # an outage: no sample; open the window to the model again at once
+            self.congestion_window = self._window(self.capacity)
+            return
+        usual = self.usual_loss
+        share = lost / sent if sent else 0.0
+        overrun = len(self._losses) >= 3 and lost > usual * sent + LOSS_SIGMAS * math.sqrt(
+            max(sent * usual * (1 - usual), 1.0)) + LOSS_SLACK
+        if sent >= LOSS_SAMPLE_PACKETS:        # (a round of a few packets says little about loss)
+            self._losses.append(min(share, 1.0))
+        rate = (delivered + lost_bytes) / length         # what the path carried, lost or not
+        self._rates.append(rate)
+        min_rtt = self.min_rtt
+        queue = min_rtt is not None and round_min_rtt != math.inf and \
+            round_min_rtt > QUEUE_FACTOR * min_rtt + QUEUE_SLACK
+        gain = None
+        held = now < self._hold_until            # signals about packets sent before the last change
+        if self.startup:
+            forming = min_rtt is not None and round_min_rtt != math.inf and round_min_rtt > min_rtt + STARTUP_QUEUE
+            if forming or (sent >= LOSS_SAMPLE_PACKETS and share > STARTUP_LOSS):
+                self.startup = False
+            elif rate > self._best_startup * 1.25:
+                self._best_startup = rate
+                self._full_rounds = 0
+            else:
+                self._full_rounds += 1
+                self.startup = self._full_rounds < 3
+            if not self.startup:
+                gain, self._cycle = DRAIN_GAIN, 0
+                self._hold_until = now + HOLD_RTTS * srtt
+        else:
+            gain = GAIN_CYCLE[self._cycle]
+            self._cycle = (self._cycle + 1) % len(GAIN_CYCLE)
+            if (queue or overrun) and not held:
+                gain = BACKOFF_GAIN
+                self.backoffs += 1
+                keep = max(rate, BACKOFF_KEEP * self.capacity)     # the best capacity was not sustainable
+                self._rates.clear()
+                self._rates.append(keep)
+                self._hold_until = now + HOLD_RTTS * srtt
+        if gain is not None:
+            floor = MIN_WINDOW_PACKETS * self.mds / srtt
+            self.pacing_rate = max(gain * self.capacity, floor)
+            self.congestion_window = self._window(self.capacity)
+
+    def _window(self, capacity: float) -> int:
+        rtt = self.min_rtt if self.min_rtt is not None else (self.srtt or 0.05)
+        return int(max(WINDOW_GAIN * capacity * max(rtt, RTT_FLOOR), MIN_WINDOW_PACKETS * self.mds))
 
 
 register_congestion_control(NAME, RateController)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
+import random
 import socket
 import ssl
 import termios
@@ -26,11 +28,26 @@ from .congestion import install_pacer
 
 MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
-LOSS_SAMPLE = 100                # packets per loss report to the session (a moving average's sample)
+LOSS_SAMPLE = 250                # packets per loss report to the session (a moving average's sample)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
 RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
+PROBE_MIN = 0.02                  # s: the shortest interval between PINGs for a tail loss
 SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
+
+
+# A test hook, not a setting: RESYNC_TEST_CORRUPT_SHARDS=P flips one bit in a
+# fraction P of the shards this process receives, above the transport (QUIC's
+# packet protection has passed them), to show that the stripe check catches
+# them and the stripe is repaired (tests/test_wan.py).
+_CORRUPT_SHARDS = float(os.environ.get("RESYNC_TEST_CORRUPT_SHARDS", "0") or 0)
+
+
+def _flip_bit(data: bytes) -> bytes:
+    b = bytearray(data)
+    i = random.randrange(len(b) * 8)
+    b[i // 8] ^= 1 << (i % 8)
+    return bytes(b)
 
 
 def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> QuicConfiguration:
@@ -91,15 +108,20 @@ def _grow_buffers(sock) -> None:
 
 
 class _CountingTransport:
-    """The UDP transport, counting what is sent through it."""
+    """The UDP transport, counting what is sent through it (and when last)."""
 
     def __init__(self, transport, counts: dict):
         self._t, self._counts = transport, counts
+        self.last_send = 0.0                    # time.monotonic()
+        self.copies = 1                         # times each datagram is sent (see SessionLink.handshake_copies)
 
     def sendto(self, data, addr=None) -> None:
-        self._counts["udp_bytes_sent"] += len(data)
-        self._counts["udp_packets_sent"] += 1
-        self._t.sendto(data, addr)
+        copies = self.copies
+        self._counts["udp_bytes_sent"] += len(data) * copies
+        self._counts["udp_packets_sent"] += copies
+        self.last_send = time.monotonic()
+        for _ in range(copies):
+            self._t.sendto(data, addr)
 
     def __getattr__(self, name):
         return getattr(self._t, name)
@@ -178,13 +200,16 @@ class SessionLink(QuicConnectionProtocol):
         self._receiving = False
         self.batch: PacketBatch | None = None   # set by whoever owns the UDP socket
         self._deferred = False
+        self._counting: _CountingTransport | None = None
+        self._probe = None
         self._fileno = -1
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
 
     def connection_made(self, transport) -> None:
         _grow_buffers(transport.get_extra_info("socket"))
-        super().connection_made(_CountingTransport(transport, self.udp))
+        self._counting = _CountingTransport(transport, self.udp)
+        super().connection_made(self._counting)
 
     def datagram_received(self, data, addr) -> None:
         """aioquic takes the packet and calls ``transmit``; within a batch
@@ -216,6 +241,21 @@ class SessionLink(QuicConnectionProtocol):
         except OSError:
             return False
 
+    def handshake_copies(self, n: int) -> None:
+        """Send each packet ``n`` times until the handshake completes (the
+        client: its Initial and Handshake packets are a few, and each lost
+        one costs a probe timeout that doubles — at 33 % loss the handshake
+        took 1.5–4.5 s). QUIC drops the copies it has seen. Only the client
+        does this: a server sending more than it received before the
+        client's address is validated would be an amplifier (RFC 9000 8.1)."""
+        if self._counting is not None:
+            self._counting.copies = max(1, n)
+
+    def rtt(self) -> float:
+        """QUIC's smoothed RTT (s; 0.1 before any sample)."""
+        loss = getattr(self._quic, "_loss", None)
+        return getattr(loss, "_rtt_smoothed", 0) or 0.1
+
     def transport_stats(self) -> dict:
         """What crossed the wire: UDP payload bytes and packets both ways,
         QUIC's count of packets it declared lost, its smoothed RTT (ms)."""
@@ -243,7 +283,13 @@ class SessionLink(QuicConnectionProtocol):
         elif isinstance(event, events.DatagramFrameReceived):
             if self.session is not None:
                 self.last_progress = time.monotonic()
-                self.session.receive_datagram(event.data, now)
+                data = event.data
+                if _CORRUPT_SHARDS and random.random() < _CORRUPT_SHARDS:
+                    data = _flip_bit(data)
+                self.session.receive_datagram(data, now)
+        elif isinstance(event, events.HandshakeCompleted):
+            if self._counting is not None:
+                self._counting.copies = 1
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = event.reason_phrase or f"closed by the peer (error {event.error_code})"
             if self.session is not None and not self.session.finished:
@@ -303,6 +349,8 @@ class SessionLink(QuicConnectionProtocol):
                 self._quic.send_stream_data(self.stream_id, data)
         super().transmit()
         if not s.finished:
+            if self._probe is None:
+                self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
             t = s.next_timer()
             if self._starved:                   # --bwlimit: look again when tokens are back
                 t = min(t, now + 0.005) if t is not None else now + 0.005
@@ -318,6 +366,25 @@ class SessionLink(QuicConnectionProtocol):
             if self.on_session_done is not None:
                 done, self.on_session_done = self.on_session_done, None
                 done()
+
+    def _on_probe(self) -> None:
+        """While anything is unacknowledged, a PING once no packet has gone
+        out for an RTT. aioquic finds a lost packet only from later packets
+        being acknowledged, or after a probe timeout that doubles with each
+        one in a row: a lost control frame (Hello, Challenge, the last File
+        or Done) took 7 s to come through at 33 % loss. A PING acknowledged
+        lets it declare the packet lost and send it again within ~1 RTT."""
+        self._probe = None
+        s = self.session
+        if s is None or s.finished or self.closed_event.is_set():
+            return
+        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
+        if getattr(cc, "bytes_in_flight", 0) > 0 and self._counting is not None \
+                and time.monotonic() - self._counting.last_send >= self.rtt():
+            self._quic.send_ping(0)
+            self.transmit()
+        if self._probe is None:
+            self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
 
     def _on_timer(self) -> None:
         self._session_timer = self._session_timer_at = None

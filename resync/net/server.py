@@ -105,6 +105,14 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         started = time.monotonic()
 
         def done():
+            from ..protocol.session import _Receiver
+            if isinstance(session.role, _Receiver) or session.error is not None:
+                loop.call_soon(link.close)              # the receiver ends the connection (before the
+            else:                                       # history is written: the client waits for it)
+                loop.call_later(5.0, link.close)        # the client (the receiver) closes first
+            loop.call_soon(finish)
+
+        def finish():
             locks.release(session.target if session.hello is not None and session.hello.push else None, session)
             locks.links.pop(id(session), None)
             recorder = getattr(session, "recorder", None)
@@ -125,11 +133,6 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                 log(f"{who}: {what}: ok, {r.get('files_transferred', 0)} files "
                     f"({r.get('bytes_transferred', 0)} B), {time.monotonic() - started:.2f} s")
             links.discard(link)
-            from ..protocol.session import _Receiver
-            if isinstance(session.role, _Receiver) or session.error is not None:
-                loop.call_soon(link.close)              # the receiver ends the connection
-            else:
-                loop.call_later(5.0, link.close)        # the client (the receiver) closes first
 
         link.on_session_done = done
         locks.links[id(session)] = link

@@ -35,8 +35,10 @@ Done; the sender says Bye.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import stat
 import time
@@ -49,10 +51,10 @@ from .shards import MAX_INDEX as MAX_SHARDS
 from .shards import StripeAssembler, StripeEncoder, parse, stripe_count
 
 AUTH_CONTEXT = b"resync-auth-v1"
-DEFAULT_K = 32
+DEFAULT_K = 128                  # data shards per full stripe (128 x 1,280 B = 160 KiB of content)
 MIN_PARITY = 1                   # parity shards per full stripe even on a link that loses nothing
 LOSSLESS = 1e-4                  # a loss estimate below this: the link loses nothing
-STRIPE_TARGET = 1e-4             # chance a stripe needs a repair that the parity is chosen for
+STRIPE_TARGET = 0.005            # chance a stripe needs a repair round that the parity is chosen for
 MAX_ACTIVE = 64                  # files being sent at once (open, with stripes in flight)
 WINDOW = 8 << 20                 # content bytes in flight before the receiver acknowledges
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
@@ -196,8 +198,14 @@ class Session:
 
     def connection_lost(self, why: str) -> None:
         """The transport is gone (idle timeout, reset): a transfer not
-        finished fails; the receiver cleans up."""
+        finished fails; the receiver cleans up. A receiver that has applied
+        everything and sent Done has finished: only the sender's Bye is
+        missing (the sender closes soon after it, and on a lossy link its
+        CONNECTION_CLOSE may be all that arrives)."""
         if not self.finished:
+            if isinstance(self.role, _Receiver) and self.role.finished_here and self.error is None:
+                self.finished = True
+                return
             from ..errors import ConnectionFailed
             self.fail(ConnectionFailed(why), tell_peer=False)
 
@@ -535,7 +543,7 @@ class _Sender:
                 if s in out.acked or s >= out.next_stripe:
                     continue
                 d = out.encoder.geometry(s)[0]
-                first = out.next_row.get(s, d + self._parity(out, s))
+                first = out.next_row[s]
                 rows = list(range(first, min(first + need + 1, MAX_SHARDS)))  # one spare
                 if len(rows) < need:
                     rows = list(range(d))                                     # parity exhausted: the data again
@@ -555,7 +563,8 @@ class _Sender:
                 raise ProtocolError("Done: statistics are not JSON") from None
             result.update(files_sent=self.sent_files, repair_shards=self.repair_shards, probes=self.probes,
                           resumed_bytes=self.resumed_bytes,
-                          parity=self.policy.m, loss_estimate=round(self.policy.loss, 4))
+                          parity=max(self.min_parity, _parity_for(self.k, self.policy.loss)),
+                          loss_estimate=round(self.policy.loss, 4))
             self.close()
             self.s.finish(result)
         elif isinstance(frame, F.Item) and self.s.__class__ is ClientSession and self.s.report is not None:
@@ -564,18 +573,21 @@ class _Sender:
             raise ProtocolError(f"{type(frame).__name__} is not for the sender")
 
     def _parity(self, out: _Outgoing, stripe: int) -> int:
-        """Parity shards sent with ``stripe`` of ``out``: the file's m for a
-        full stripe; for a shortened one (d < k data shards: a small file, a
-        file's tail) the fewest that keep its chance of needing a repair
-        below STRIPE_TARGET at the estimated loss — none on a link that has
-        lost nothing (a small file would double), at least one otherwise."""
+        """Parity shards sent with ``stripe`` of ``out``, from the loss
+        estimate as it is when the stripe goes out (the receiver needs no m:
+        a shard's index says whether it is data or which parity row): for a
+        full stripe the fewest that keep its chance of needing a repair
+        round below STRIPE_TARGET, at least MIN_PARITY (or --min-parity);
+        for a shortened one (d < k data shards: a small file, a file's tail)
+        the same for its d — none on a link that has lost nothing (a small
+        file would double), at least one otherwise."""
         d = out.encoder.geometry(stripe)[0]
+        loss = self.policy.loss
         if d == out.encoder.k:
-            return out.m
-        if self.policy.loss < LOSSLESS:
+            return max(self.min_parity, _parity_for(d, loss))
+        if loss < LOSSLESS:
             return 0
-        from ..erasure.policy import parity_for_target
-        return max(1, min(out.m, parity_for_target(d, self.policy.loss, STRIPE_TARGET)))
+        return max(1, min(max(self.min_parity, _parity_for(out.encoder.k, loss)), _parity_for(d, loss)))
 
     def observe_loss(self, lost: int, sent: int) -> None:
         """The transport's count of datagrams lost among those sent since its
@@ -615,7 +627,7 @@ class _Sender:
 
         from ..fs import MappedFile, pread_all
         path = self._path(want)
-        m = max(self.min_parity, self.policy.m)
+        m = max(self.min_parity, _parity_for(self.k, self.policy.loss))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -741,7 +753,7 @@ class _Sender:
                 d, size = o.encoder.geometry(s)
                 n = d + self._parity(o, s)
                 out += o.encoder.shards(s, range(n))
-                o.sent_rows[s] = n
+                o.sent_rows[s] = o.next_row[s] = n
                 o.sent_at[s] = now
                 o.next_stripe += 1
                 self._skip_acked(o)
@@ -781,7 +793,7 @@ class _Sender:
                 if t + (QUIET_FACTOR * delay if acks_flow else delay) > now or s in o.acked:
                     continue
                 d = o.encoder.geometry(s)[0]
-                row = o.next_row.get(s, d + self._parity(o, s))
+                row = o.next_row[s]
                 rows = [row] if row < MAX_SHARDS else list(range(d))
                 o.next_row[s] = row + 1 if row < MAX_SHARDS else row
                 o.repairs.append((s, rows))
@@ -1508,6 +1520,19 @@ def _checkpoint_entry(k) -> dict | None:
     return {"path": k["path"], "tmp": tmp, "content": content.hex(), "length": k["length"], "delta": k["delta"],
             "k": k["k"], "shard_size": k["shard_size"], "basis": basis if k["delta"] else None,
             "stripes": ranges}
+
+
+def _parity_for(d: int, loss: float) -> int:
+    """parity_for_target(d, loss, STRIPE_TARGET), the loss rounded up to the
+    next 0.1 % so that the answer can be kept (working it out takes about a
+    millisecond at d = 64)."""
+    return _parity_cached(d, math.ceil(loss * 1000 - 1e-9), STRIPE_TARGET)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parity_cached(d: int, permille: int, target: float) -> int:
+    from ..erasure.policy import parity_for_target
+    return parity_for_target(d, permille / 1000, target) if permille > 0 else 0
 
 
 def _blake3(buffer) -> bytes:
