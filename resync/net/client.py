@@ -58,7 +58,10 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
 
 async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
                 timeout: float, bwlimit: float | None, known_peers, meter=None,
-                on_note=None) -> ClientSession:
+                on_note=None, path: dict | None = None) -> ClientSession:
+    """One connection. ``path``: the rate controller's model carried from
+    one attempt to the next ("model" in it, read and written here)."""
+    path = {} if path is None else path
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
     try:
@@ -90,37 +93,48 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                 link.bucket = TokenBucket(bwlimit)
             done = asyncio.Event()
             link.on_session_done = done.set
+            link.resume_path_model(path.get("model"))
             link.start(session, link._quic.get_next_available_stream_id())
-            while not done.is_set():
-                try:
-                    await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(done.wait())), 1.0)
-                except asyncio.TimeoutError:
-                    pass
-                if link.closed_event.is_set() and not session.finished:
-                    session.connection_lost(link.close_reason)
-                    break
-                if time.monotonic() - link.last_progress > timeout:
-                    exc = TimedOut(f"no data from {remote.address} for {timeout:.0f} s")
-                    session.fail(exc)           # a receiver checkpoints; the server is told (E_CUT)
-                    link.drive()
-                    link.close()
-                    raise exc
-            link.drive()
-            session.transport = link.transport_stats()
+            try:
+                await _run_session(link, session, done, remote, push, timeout)
+            finally:
+                path["model"] = link.path_model() or path.get("model")
             session.server_id = server_id
-            # The receiver closes once it has the sender's Bye; a sender waits a little for that
-            # close (QUIC does not resend a lost CONNECTION_CLOSE), then closes itself: a receiver
-            # that sent Done has finished either way.
-            if not push or session.error is not None:
-                link.close()
-            else:
-                try:
-                    await asyncio.wait_for(link.closed_event.wait(), CLOSE_WAIT_RTTS * link.rtt() + 0.2)
-                except asyncio.TimeoutError:
-                    link.close()
             return session
     except OSError as exc:
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
+
+
+async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.Event, remote: Remote,
+                       push: bool, timeout: float) -> None:
+    """Drive ``session`` to its end (or a lost or silent connection: TimedOut
+    after ``timeout`` s without data), then close the connection."""
+    while not done.is_set():
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(done.wait())), 1.0)
+        except asyncio.TimeoutError:
+            pass
+        if link.closed_event.is_set() and not session.finished:
+            session.connection_lost(link.close_reason)
+            break
+        if time.monotonic() - link.last_progress > timeout:
+            exc = TimedOut(f"no data from {remote.address} for {timeout:.0f} s")
+            session.fail(exc)           # a receiver checkpoints; the server is told (E_CUT)
+            link.drive()
+            link.close()
+            raise exc
+    link.drive()
+    session.transport = link.transport_stats()
+    # The receiver closes once it has the sender's Bye; a sender waits a little for that
+    # close (QUIC does not resend a lost CONNECTION_CLOSE), then closes itself: a receiver
+    # that sent Done has finished either way.
+    if not push or session.error is not None:
+        link.close()
+    else:
+        try:
+            await asyncio.wait_for(link.closed_event.wait(), CLOSE_WAIT_RTTS * link.rtt() + 0.2)
+        except asyncio.TimeoutError:
+            link.close()
 
 
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
@@ -134,12 +148,13 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
     is shown each attempt's bytes. Raises the last error (other refusals and
     protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
+    path: dict = {}                             # the path's model, from one attempt to the next
     while True:
         if meter is not None:
             meter.reset()
         try:
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
-                                        timeout, bwlimit, known_peers, meter, on_note))
+                                        timeout, bwlimit, known_peers, meter, on_note, path))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
             error = exc
         else:
@@ -148,6 +163,8 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             error = session.error
             if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
                 raise error
+            if session.stats["datagrams_sent"] + session.stats["datagrams_received"]:
+                delay = 1.0                     # it moved content: a new outage, not the same one
         wait = delay * random.uniform(0.5, 1.0)
         if time.monotonic() - started + wait > retry_for:
             raise error

@@ -28,8 +28,9 @@ in flight too). Phases:
 
 - **startup**: the window grows by what is delivered (doubling per round),
   paced at window / RTT, until the capacity stops growing by a quarter for
-  three rounds, a queue shows (the round's least RTT above min RTT by
-  STARTUP_QUEUE) or a round loses more than STARTUP_LOSS (random loss of a
+  three rounds, a queue forms (the round's largest RTT above min RTT by
+  STARTUP_QUEUE_FACTOR of it plus STARTUP_QUEUE) or a round loses more than
+  STARTUP_LOSS (random loss of a
   third must not end it: the queue shows an overshoot first); then
   one round at DRAIN_GAIN empties the queue startup built;
 - **cruise**: the gain cycles over eight rounds (1.25, 0.75, then 1 six
@@ -80,7 +81,8 @@ LOSS_SAMPLE_PACKETS = 20         # a round that sent fewer packets is no loss sa
 STARTUP_LOSS = 0.5               # startup ends on a round losing more than this (or a queue forming)
 QUEUE_FACTOR = 1.5               # the round's least RTT this much above the minimum ...
 QUEUE_SLACK = 0.010              # ... plus this (s: the peers' own processing) means a standing queue
-STARTUP_QUEUE = 0.005            # s above the minimum RTT that ends startup (a queue is forming)
+STARTUP_QUEUE = 0.005            # s above the minimum RTT ...
+STARTUP_QUEUE_FACTOR = 0.25      # ... plus this share of it, in a round's largest RTT, ends startup (a queue)
 MIN_RTT_WINDOW = 10.0            # s over which the minimum RTT is taken
 STALL_ROUNDS = 4                 # a round longer than this many smoothed RTTs was an outage
 RTT_FLOOR = 0.001                # s: aioquic's smoothed RTT is never below 1 ms
@@ -111,7 +113,7 @@ class RateController(QuicCongestionControl):
         self._round_start: float | None = None
         self._round_delivered = self._round_lost = self._round_sent = 0
         self._round_lost_packets = self._round_sent_packets = 0
-        self._round_min_rtt = math.inf
+        self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         self._hold_until = 0.0
         self._min_rtt = math.inf                 # this window's least RTT, and the last window's
         self._min_rtt_last = math.inf
@@ -135,6 +137,26 @@ class RateController(QuicCongestionControl):
     def min_rtt(self) -> float | None:
         best = min(self._min_rtt, self._min_rtt_last)
         return None if best == math.inf else best
+
+    def model(self) -> dict | None:
+        """The path as modelled (for the next connection to the same peer)."""
+        if self.startup or not self._rates or self.min_rtt is None:
+            return None
+        return {"capacity": self.capacity, "min_rtt": self.min_rtt}
+
+    def resume_model(self, model: dict) -> None:
+        """Start from what the last connection to this peer learnt (a retry
+        in the same run): no startup, pacing at its capacity — a new startup
+        would overshoot into the bottleneck's queue again. A wrong model is
+        corrected as any other: a queue or losses back it off."""
+        capacity, rtt = float(model["capacity"]), float(model["min_rtt"])
+        if capacity <= 0 or rtt <= 0:
+            return
+        self.startup = False
+        self._rates.append(capacity)
+        self._cycle = 2                          # cruising at gain 1
+        self.pacing_rate = capacity
+        self.congestion_window = int(max(WINDOW_GAIN * capacity * rtt, MIN_WINDOW_PACKETS * self.mds))
 
     # -- aioquic's calls -----------------------------------------------------------------
     def on_packet_sent(self, *, packet) -> None:
@@ -171,6 +193,7 @@ class RateController(QuicCongestionControl):
         sample = max(rtt, RTT_FLOOR)              # as aioquic's smoothed RTT
         self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
         self._round_min_rtt = min(self._round_min_rtt, rtt)
+        self._round_max_rtt = max(self._round_max_rtt, rtt)
         if now - self._min_rtt_since >= MIN_RTT_WINDOW:
             self._min_rtt_last, self._min_rtt, self._min_rtt_since = self._min_rtt, math.inf, now
         self._min_rtt = min(self._min_rtt, rtt)
@@ -180,12 +203,12 @@ class RateController(QuicCongestionControl):
         length = max(now - self._round_start, 1e-6)
         srtt = self.srtt or 0.05
         sent, lost = self._round_sent_packets, self._round_lost_packets
-        round_min_rtt = self._round_min_rtt
+        round_min_rtt, round_max_rtt = self._round_min_rtt, self._round_max_rtt
         self._round_start = now
         delivered, lost_bytes = self._round_delivered, self._round_lost
         self._round_delivered = self._round_lost = self._round_sent = 0
         self._round_lost_packets = self._round_sent_packets = 0
-        self._round_min_rtt = math.inf
+        self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         if length > STALL_ROUNDS * srtt and self._rates:
             # an outage: no sample; open the window to the model again at once
             self.congestion_window = self._window(self.capacity)
@@ -204,7 +227,9 @@ class RateController(QuicCongestionControl):
         gain = None
         held = now < self._hold_until            # signals about packets sent before the last change
         if self.startup:
-            forming = min_rtt is not None and round_min_rtt != math.inf and round_min_rtt > min_rtt + STARTUP_QUEUE
+            # the round's largest RTT: by the time its least one shows a queue, startup has
+            # doubled once more and overflowed a 100 ms queue
+            forming = min_rtt is not None and round_max_rtt > min_rtt * (1 + STARTUP_QUEUE_FACTOR) + STARTUP_QUEUE
             if forming or (sent >= LOSS_SAMPLE_PACKETS and share > STARTUP_LOSS):
                 self.startup = False
             elif rate > self._best_startup * 1.25:

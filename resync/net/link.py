@@ -251,6 +251,16 @@ class SessionLink(QuicConnectionProtocol):
         if self._counting is not None:
             self._counting.copies = max(1, n)
 
+    def path_model(self) -> dict | None:
+        """The rate controller's model of the path (None before it has one)."""
+        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
+        return cc.model() if hasattr(cc, "model") else None
+
+    def resume_path_model(self, model: dict | None) -> None:
+        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
+        if model and hasattr(cc, "resume_model"):
+            cc.resume_model(model)
+
     def rtt(self) -> float:
         """QUIC's smoothed RTT (s; 0.1 before any sample)."""
         loss = getattr(self._quic, "_loss", None)
