@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The baseline for bench_net.py: the same bytes over one raw aioquic stream.
 
-    python bench/quic_raw.py serve PORTFILE          # prints nothing; writes its port to PORTFILE
-    python bench/quic_raw.py send PORT FILE...       # one stream, the files' bytes back to back
-    python bench/quic_raw.py send PORT @LIST         # the files named in LIST, each path ended by a NUL
+    python bench/quic_raw.py serve PORTFILE [HOST]   # prints nothing; writes its port to PORTFILE
+    python bench/quic_raw.py send [HOST:]PORT FILE...  # one stream, the files' bytes back to back
+    python bench/quic_raw.py send [HOST:]PORT @LIST  # the files named in LIST, each path ended by a NUL
+
+HOST is 127.0.0.1 unless given (bench_wan.py runs the two ends in network
+namespaces joined by an emulated link).
 
 The server reads the stream to its end (discarding the bytes), answers one
 byte, and the sender prints a JSON line: bytes, seconds, goodput (Mbit/s),
@@ -94,11 +97,11 @@ def config(is_client: bool) -> QuicConfiguration:
     return c
 
 
-async def run_server(portfile: str) -> None:
+async def run_server(portfile: str, host: str = "127.0.0.1") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         c = config(False)
         c.load_cert_chain(*_certificate(tmp))
-        server = await serve("127.0.0.1", 0, configuration=c, create_protocol=Counting)
+        server = await serve(host, 0, configuration=c, create_protocol=Counting)
         port = server._transport.get_extra_info("sockname")[1]
         with open(portfile + ".tmp", "w") as f:
             f.write(str(port))
@@ -106,8 +109,8 @@ async def run_server(portfile: str) -> None:
         await asyncio.Event().wait()
 
 
-async def run_sender(port: int, files: list[str]) -> dict:
-    async with connect("127.0.0.1", port, configuration=config(True), create_protocol=Counting) as link:
+async def run_sender(port: int, files: list[str], host: str = "127.0.0.1") -> dict:
+    async with connect(host, port, configuration=config(True), create_protocol=Counting) as link:
         quic = link._quic
         sid = quic.get_next_available_stream_id()
         total = 0
@@ -133,13 +136,14 @@ async def run_sender(port: int, files: list[str]) -> dict:
 
 def main() -> None:
     if sys.argv[1] == "serve":
-        asyncio.run(run_server(sys.argv[2]))
+        asyncio.run(run_server(sys.argv[2], *sys.argv[3:4]))
     else:
+        host, _, port = sys.argv[2].rpartition(":")
         files = sys.argv[3:]
         if len(files) == 1 and files[0].startswith("@"):          # @LIST: paths, each ended by a NUL
             with open(files[0][1:], "rb") as f:
                 files = [os.fsdecode(p) for p in f.read().split(b"\0") if p]
-        print(json.dumps(asyncio.run(run_sender(int(sys.argv[2]), files))))
+        print(json.dumps(asyncio.run(run_sender(int(port), files, host or "127.0.0.1"))))
 
 
 if __name__ == "__main__":

@@ -432,6 +432,17 @@ def test_a_pull_waits_while_another_transfer_writes_its_destination(sites, tmp_p
 
 # -- kills ----------------------------------------------------------------------------------
 
+def _checkpointed(dst: Path) -> bool:
+    """Whether the receiver's checkpoint in ``dst`` records stripes of some file."""
+    for cp in dst.glob(RECV_PREFIX + "*/checkpoint.json"):
+        try:
+            if any(e.get("stripes") for e in json.loads(cp.read_text()).get("files", ())):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
 def _no_stage_left(root: Path) -> bool:
     return not [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
@@ -463,9 +474,11 @@ def test_cut_transfer_then_rerun_finishes_identical(sites, tmp_path, push, victi
         mutate(src, random.Random(9))
         for i in range(3):
             mix.write(src / f"large{i}", 20 + i, 4_000_000, "mixed")
-        proc = client.popen("sync", "--delete", *ends, *pin, "--bwlimit", "2M",
+        proc = client.popen("sync", "--delete", *ends, *pin, "--bwlimit", "1M",
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        time.sleep(4.0)                                      # past the receiver's first checkpoint (2 s)
+        deadline = time.monotonic() + 60                     # past a checkpoint that holds content
+        while not _checkpointed(dst) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         assert proc.poll() is None
         if victim == "client":
             os.killpg(proc.pid, sig)

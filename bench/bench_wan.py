@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""resync vs rsync (daemon, TCP BBR and CUBIC) vs a raw aioquic stream over an
+emulated WAN (tests/linkemu: 100 Mbit/s, 50 ms RTT), side by side in one run.
+
+    python bench/bench_wan.py [--mib 256] [--losses 0,5,20,33] [--repeat 3]
+                              [--files 20000] [--only bulk|tree|disaster|lan] [--dir /dev/shm/bw]
+
+Needs root (network namespaces). Steps, each at every loss in --losses
+(random, both directions, on the wire after the rate cap):
+
+- **bulk**: a --mib MiB file of mixed content (text, zeros, random, repeated
+  blocks) pushed into an empty destination;
+- **tree**: the nightly run: a --files tree (bench/gen.py tree) whose
+  destination holds yesterday's copy, after 1 % of the files changed;
+- **disaster**: the `disaster` profile (1 Mbit/s, RTT 150-250 ms, 20 % loss),
+  a --disaster-mib file;
+- **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss.
+
+Tools: resync (`resync serve` in namespace B, `resync sync` in A), the rsync
+daemon (`rsync --daemon` in B, `rsync -a --stats SRC/ rsync://B/bench/` in A)
+with BBR (this machine's default) and with CUBIC, and bench/quic_raw.py (one
+aioquic stream, its stock Reno controller). resync runs first at each step;
+another tool gets at most 10x resync's time there and is reported as not
+finished otherwise. At 20 % loss every tool runs --repeat times (TCP at that
+loss is not repeatable): the median and the range are printed.
+
+Printed per run: wall time (the client command, start-up and handshake
+included), payload goodput (payload bytes / wall time), bytes on the wire
+(both directions, as the link counted them: frames), resync's repair rounds,
+and ratios. The limit for payload goodput at independent loss p is
+(1 - p) x link rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+PY = sys.executable
+
+from tests.linkemu import Link, unavailable  # noqa: E402
+
+RATE = 100e6
+CC_SYSCTL = "net.ipv4.tcp_congestion_control"
+ALLOWED_SYSCTL = "net.ipv4.tcp_allowed_congestion_control"
+
+
+def sh(*argv, check=True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(map(str, argv)), check=check, capture_output=True, text=True, **kw)
+
+
+class Tools:
+    """The servers of every tool in namespace B, their clients in A."""
+
+    def __init__(self, link: Link, work: Path):
+        self.link, self.work = link, work
+        self.dst = {name: work / f"dst-{name}" for name in ("resync", "rsync")}
+        for d in self.dst.values():
+            d.mkdir(parents=True, exist_ok=True)
+        cfg_c, cfg_s = work / "client-config", work / "server-config"
+        self.env_c = dict(os.environ, XDG_CONFIG_HOME=str(cfg_c), RESYNC_HISTORY=str(work / "client.duckdb"))
+        self.env_s = dict(os.environ, XDG_CONFIG_HOME=str(cfg_s), RESYNC_HISTORY=str(work / "server.duckdb"))
+        self.client_id = sh(PY, "-m", "resync", "id", env=self.env_c).stdout.strip()
+        self.server_id = sh(PY, "-m", "resync", "id", env=self.env_s).stdout.strip()
+        self.procs: list[subprocess.Popen] = []
+        log = work / "serve.log"
+        self.procs.append(link.popen("b", [PY, "-m", "resync", "serve", "--listen", f"{link.addr_b}:7000",
+                                           "--module", f"bench={self.dst['resync']}", "--allow", self.client_id],
+                                     env=self.env_s, stderr=open(log, "w"), stdout=subprocess.DEVNULL))
+        conf = work / "rsyncd.conf"
+        conf.write_text(f"use chroot = no\nuid = 0\ngid = 0\npid file = {work}/rsyncd.pid\n"
+                        f"[bench]\npath = {self.dst['rsync']}\nread only = no\n")
+        (work / "rsyncd.pid").unlink(missing_ok=True)
+        self.procs.append(link.popen("b", ["rsync", "--daemon", "--no-detach", f"--config={conf}", "--port=873",
+                                           f"--address={link.addr_b}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL))
+        portfile = work / "quic-raw.port"
+        portfile.unlink(missing_ok=True)
+        self.procs.append(link.popen("b", [PY, HERE / "quic_raw.py", "serve", portfile, link.addr_b]))
+        deadline = time.monotonic() + 60
+        while not ("listening" in log.read_text() and portfile.exists()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"servers did not start: {log.read_text()}")
+            time.sleep(0.1)
+        self.raw_port = int(portfile.read_text())
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def _stats(self) -> dict:
+        if self.link.forwarder is None:          # the lan profile: a plain veth pair, nothing counts
+            zero = {"received_bytes": 0}
+            return {"ab": zero, "ba": zero}
+        return self.link.stats()
+
+    def _timed(self, argv, limit: float | None, env=None) -> tuple[float | None, str, dict]:
+        before = self._stats()
+        t = time.monotonic()
+        p = self.link.popen("a", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            out, err = p.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            return None, "", self._wire(before)
+        dt = time.monotonic() - t
+        if p.returncode != 0:
+            raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, argv))}\n{err[-2000:]}")
+        return dt, out, self._wire(before)
+
+    def _wire(self, before: dict) -> dict:
+        after = self._stats()
+        return {d: after[d]["received_bytes"] - before[d]["received_bytes"] for d in ("ab", "ba")}
+
+    def resync(self, src: Path, limit=None) -> dict:
+        dt, out, wire = self._timed([PY, "-m", "resync", "sync", "--delete", "--json", "--retry-for", "0", src,
+                                     f"resync://{self.link.addr_b}:7000/bench", "--peer-id", self.server_id],
+                                    limit, env=self.env_c)
+        r = json.loads(out.splitlines()[-1]) if out else {}
+        return {"seconds": dt, "wire": wire, "repairs": r.get("repairs_asked"), "json": r}
+
+    def rsync(self, src: Path, cc: str, limit=None) -> dict:
+        for ns in ("a", "b"):
+            sh("ip", "netns", "exec", self.link.ns[ns], "sysctl", "-qw", f"{CC_SYSCTL}={cc}")
+        dt, _, wire = self._timed(["rsync", "-a", "--delete", "--stats", f"{src}/",
+                                   f"rsync://{self.link.addr_b}/bench/"], limit)
+        return {"seconds": dt, "wire": wire}
+
+    def raw(self, files: list[Path], limit=None) -> dict:
+        listing = self.work / "quic-raw.files"
+        listing.write_bytes(b"".join(os.fsencode(p) + b"\0" for p in files))
+        dt, _, wire = self._timed([PY, HERE / "quic_raw.py", "send", f"{self.link.addr_b}:{self.raw_port}",
+                                   f"@{listing}"], limit)
+        return {"seconds": dt, "wire": wire}
+
+
+def reset(dst: Path, like: Path | None) -> None:
+    """``dst`` empty, or a copy of ``like`` (yesterday's tree)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    if like is None:
+        dst.mkdir(parents=True)
+    else:
+        sh("cp", "-a", like, dst)
+
+
+def goodput(payload: int, r: dict) -> float | None:
+    return payload * 8 / r["seconds"] / 1e6 if r.get("seconds") else None
+
+
+def fmt_runs(runs: list[dict], payload: int) -> tuple[str, str, str, float | None]:
+    """(time, goodput, wire) cells and the median time (None: the median run
+    did not finish within its limit)."""
+    times = [r["seconds"] if r["seconds"] is not None else float("inf") for r in runs]
+    wire = statistics.median([r["wire"]["ab"] + r["wire"]["ba"] for r in runs])
+    med = statistics.median(times)
+    if len(runs) > 1:
+        spread = " (" + "–".join("∞" if t == float("inf") else f"{t:.1f}" for t in (min(times), max(times))) + ")"
+    else:
+        spread = ""
+    wire_cell = f"{wire / 1e6:,.1f} MB" if wire else ""
+    if med == float("inf"):
+        return f"not finished in {max(r.get('limit', 0) for r in runs):.0f} s{spread}", "", wire_cell, None
+    return f"{med:.1f} s{spread}", f"{payload * 8 / med / 1e6:.1f} Mbit/s", wire_cell, med
+
+
+def step(name: str, tools: Tools, link: Link, loss: float, src: Path, payload: int, like: Path | None,
+         repeat: int, which: list[str], rows: list) -> None:
+    link.reset()
+    link.set("both", loss=loss)
+    runs: dict[str, list[dict]] = {t: [] for t in which}
+    times = repeat if abs(loss - 0.2) < 1e-9 else 1
+    for n in range(times):
+        reset(tools.dst["resync"], like)
+        r = tools.resync(src)
+        runs["resync"].append(r)
+        limit = 10 * r["seconds"]
+        for tool in which[1:]:
+            if tool == "quic-raw" and like is not None:
+                continue                        # the raw stream has no delta: bulk only
+            print(f"    {name} {loss:.0%} run {n + 1}: {tool} (limit {limit:.0f} s)", flush=True)
+            if tool.startswith("rsync"):
+                reset(tools.dst["rsync"], like)
+                x = tools.rsync(src, tool.split("-")[1], limit)
+            else:
+                x = tools.raw(sorted(p for p in src.rglob("*") if p.is_file()), limit)
+            x["limit"] = limit
+            runs[tool].append(x)
+        print(f"  {name} {loss:.0%} run {n + 1}: " + ", ".join(
+            f"{t} {runs[t][-1]['seconds'] or float('inf'):.1f} s" for t in which if runs[t]), flush=True)
+    rows.append((name, loss, payload, runs))
+
+
+def report(rows: list) -> None:
+    print("\n| data | loss | tool | wall time (median, range) | payload goodput | wire (both ways) "
+          "| repair rounds | resync's time / tool's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, loss, payload, runs in rows:
+        res_t = fmt_runs(runs["resync"], payload)[3]
+        for tool, rs in runs.items():
+            if not rs:
+                continue
+            t, g, w, med = fmt_runs(rs, payload)
+            repairs = statistics.median([r["repairs"] for r in rs if r.get("repairs") is not None]) \
+                if tool == "resync" else ""
+            ratio = "" if tool == "resync" else (f"{res_t / med:.2f}x" if med else "> 10x faster")
+            print(f"| {name} | {loss:.0%} | {tool} | {t} | {g} | {w} | {repairs} | {ratio} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--disaster-mib", type=int, default=4)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--losses", default="0,5,20,33")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", choices=["bulk", "tree", "disaster", "lan"], action="append")
+    ap.add_argument("--tools", default="resync,rsync-bbr,rsync-cubic,quic-raw")
+    ap.add_argument("--dir", type=Path, default=Path("/dev/shm/resync-bench-wan"))
+    args = ap.parse_args()
+    why = unavailable()
+    if why:
+        raise SystemExit(f"bench_wan: {why}")
+    if not shutil.which("rsync"):
+        raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
+    which = args.tools.split(",")
+    if which[0] != "resync":
+        raise SystemExit("--tools: resync first (the others are timed against it)")
+    losses = [float(x) / 100 for x in args.losses.split(",")]
+    parts = args.only or ["bulk", "tree", "disaster", "lan"]
+    work = args.dir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    allowed = sh("sysctl", "-n", ALLOWED_SYSCTL).stdout.strip()
+    if "cubic" not in allowed.split():
+        sh("sysctl", "-qw", f"{ALLOWED_SYSCTL}={allowed} cubic")
+    print(f"# resync vs rsync (BBR, CUBIC) vs raw aioquic over tests/linkemu, {os.cpu_count()} CPUs; "
+          f"kernel {os.uname().release}", flush=True)
+    rows: list = []
+    try:
+        bulk = work / "bulk-src"
+        bulk.mkdir()
+        sh(PY, HERE / "gen.py", "file", "--size", f"{args.mib}MiB", "--pattern", "mixed", "--seed", "7",
+           bulk / "bulk.bin", work / "unused")
+        (work / "unused").unlink(missing_ok=True)
+        size = (bulk / "bulk.bin").stat().st_size
+        if "bulk" in parts or "tree" in parts:
+            with Link("clean") as link:
+                print(f"link: clean profile + loss; forwarder real-time: {link.realtime}", flush=True)
+                tools = Tools(link, work / "clean")
+                try:
+                    if "bulk" in parts:
+                        for loss in losses:
+                            step("bulk", tools, link, loss, bulk, size, None, args.repeat, which, rows)
+                    if "tree" in parts:
+                        tree, old = work / "tree-src", work / "tree-old"
+                        sh(PY, HERE / "gen.py", "tree", "--files", args.files, "--big", "0", "--seed", "3", tree)
+                        sh("cp", "-a", tree, old)
+                        sh(PY, HERE / "gen.py", "change", "--fraction", "0.01", "--seed", "4", tree)
+                        changed = int(sh("rsync", "-a", "-n", "-i", "--delete", f"{tree}/", f"{old}/").stdout
+                                      .count("\n"))
+                        print(f"tree: {args.files} files, {changed} entries differ after the change", flush=True)
+                        tree_bytes = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+                        for loss in losses:
+                            step("tree 1 %", tools, link, loss, tree, tree_bytes, old, args.repeat,
+                                 [t for t in which if t != "quic-raw"], rows)
+                finally:
+                    tools.close()
+        if "disaster" in parts:
+            small = work / "disaster-src"
+            small.mkdir()
+            sh(PY, HERE / "gen.py", "file", "--size", f"{args.disaster_mib}MiB", "--pattern", "mixed", "--seed",
+               "8", small / "small.bin", work / "unused")
+            with Link("disaster") as link:
+                tools = Tools(link, work / "disaster")
+                try:
+                    step("disaster", tools, link, 0.2, small, (small / "small.bin").stat().st_size, None, 1,
+                         which, rows)
+                finally:
+                    tools.close()
+        if "lan" in parts:
+            with Link("lan") as link:
+                tools = Tools(link, work / "lan")
+                try:
+                    rows_lan: list = []
+                    reset(tools.dst["resync"], None)
+                    r = tools.resync(bulk)
+                    reset(tools.dst["rsync"], None)
+                    a = tools.rsync(bulk, "bbr")
+                    x = tools.raw([bulk / "bulk.bin"])
+                    rows_lan.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "rsync-bbr": [a], "quic-raw": [x]}))
+                    rows += rows_lan
+                finally:
+                    tools.close()
+    finally:
+        sh("sysctl", "-qw", f"{ALLOWED_SYSCTL}={allowed}", check=False)
+    report(rows)
+    print(f"\nlimit at loss p: (1 - p) x {RATE / 1e6:.0f} Mbit/s of frames; payload goodput is payload / wall time.")
+
+
+if __name__ == "__main__":
+    main()
