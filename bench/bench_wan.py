@@ -14,7 +14,11 @@ Needs root (network namespaces). Steps, each at every loss in --losses
   destination holds yesterday's copy, after 1 % of the files changed;
 - **disaster**: the `disaster` profile (1 Mbit/s, RTT 150-250 ms, 20 % loss),
   a --disaster-mib file;
-- **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss.
+- **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss;
+- **share**: no loss, two resync pushes of the bulk file started together
+  (the first to finish had share T_last / (2 T_first) of the link while
+  both ran), then a resync push beside a TCP stream (tests/linkemu/probe.py,
+  BBR and CUBIC) that runs 10 s from the same moment: their average rates.
 
 Tools: resync (`resync serve` in namespace B, `resync sync` in A), the rsync
 daemon (`rsync --daemon` in B, `rsync -a --stats SRC/ rsync://B/bench/` in A)
@@ -221,6 +225,48 @@ def report(rows: list) -> None:
             print(f"| {name} | {loss:.0%} | {tool} | {t} | {g} | {w} | {repairs} | {ratio} |")
 
 
+def share(tools: Tools, link: Link, bulk: Path, size: int) -> None:
+    """Two resync pushes at once; then resync beside a TCP stream."""
+    src2 = bulk.parent / "bulk-src-2"
+    if not src2.exists():
+        src2.mkdir()
+        sh("cp", bulk / "bulk.bin", src2 / "bulk.bin")
+    url = f"resync://{link.addr_b}:7000/bench"
+    reset(tools.dst["resync"], None)
+    argv = [PY, "-m", "resync", "sync", "--json", "--retry-for", "0"]
+    t0 = time.monotonic()
+    procs = [link.popen("a", argv + [src, f"{url}/{n}", "--peer-id", tools.server_id], env=tools.env_c,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, src in
+             enumerate((bulk, src2))]
+    ends = []
+    for p in procs:
+        p.communicate(timeout=600)
+        ends.append(time.monotonic() - t0)
+        if p.returncode:
+            raise SystemExit("share: a push failed")
+    first, last = min(ends), max(ends)
+    print(f"\nshare: two resync pushes of {size >> 20} MiB started together finished at {ends[0]:.1f} s and "
+          f"{ends[1]:.1f} s: the first to finish had {last / (2 * first):.0%} of the link while both ran "
+          f"(target 35-65 %)", flush=True)
+    for cc in ("bbr", "cubic"):
+        for ns in ("a", "b"):
+            sh("ip", "netns", "exec", link.ns[ns], "sysctl", "-qw", f"{CC_SYSCTL}={cc}")
+        sink = link.popen("b", [PY, HERE.parent / "tests" / "linkemu" / "probe.py", "tcp-sink", "7400"],
+                          stdout=subprocess.PIPE, text=True)
+        sink.stdout.readline()
+        reset(tools.dst["resync"], None)
+        tcp = link.popen("a", [PY, HERE.parent / "tests" / "linkemu" / "probe.py", "tcp-send-for",
+                               link.addr_b, "7400", "10"], stdout=subprocess.PIPE, text=True)
+        r = tools.resync(bulk)
+        t = json.loads(tcp.stdout.read())
+        sink.kill()
+        sink.wait()
+        mbit = size * 8 / r["seconds"] / 1e6
+        print(f"share: resync beside TCP {cc.upper()} (10 s): TCP {t['mbit']:.1f} Mbit/s, resync "
+              f"{mbit:.1f} Mbit/s over its {r['seconds']:.1f} s: TCP had "
+              f"{t['mbit'] / (t['mbit'] + mbit):.0%} (target at least a third)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=256)
@@ -228,7 +274,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--losses", default="0,5,20,33")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["bulk", "tree", "disaster", "lan"], action="append")
+    ap.add_argument("--only", choices=["bulk", "tree", "disaster", "lan", "share"], action="append")
     ap.add_argument("--tools", default="resync,rsync-bbr,rsync-cubic,quic-raw")
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/resync-bench-wan"))
     args = ap.parse_args()
@@ -241,7 +287,7 @@ def main() -> None:
     if which[0] != "resync":
         raise SystemExit("--tools: resync first (the others are timed against it)")
     losses = [float(x) / 100 for x in args.losses.split(",")]
-    parts = args.only or ["bulk", "tree", "disaster", "lan"]
+    parts = args.only or ["bulk", "tree", "disaster", "lan", "share"]
     work = args.dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -304,6 +350,13 @@ def main() -> None:
                     x = tools.raw([bulk / "bulk.bin"])
                     rows_lan.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "rsync-bbr": [a], "quic-raw": [x]}))
                     rows += rows_lan
+                finally:
+                    tools.close()
+        if "share" in parts:
+            with Link("clean") as link:
+                tools = Tools(link, work / "share")
+                try:
+                    share(tools, link, bulk, size)
                 finally:
                     tools.close()
     finally:

@@ -438,7 +438,7 @@ def test_a_pull_is_sent_at_the_lower_of_the_client_and_server_limits_with_the_se
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    (src / "f").write_bytes(random.Random(1).randbytes(41 * session_mod.DEFAULT_K * 1280))    # 41 full stripes
+    (src / "f").write_bytes(random.Random(1).randbytes(41 * session_mod.DEFAULT_K * session_mod.SHARD_SIZE))    # 41 full stripes
     sent = {}
     for min_parity in (1, 4):
         for p in dst.iterdir():

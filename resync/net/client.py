@@ -22,7 +22,6 @@ from .link import PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
 HANDSHAKE_COPIES = 3             # each of the client's handshake packets is sent this many times
-CLOSE_WAIT_RTTS = 4              # a push waits this many RTTs (+ 0.2 s) for the server to close
 
 
 def pinned_certificate(link: SessionLink) -> bytes:
@@ -125,16 +124,9 @@ async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.
             raise exc
     link.drive()
     session.transport = link.transport_stats()
-    # The receiver closes once it has the sender's Bye; a sender waits a little for that
-    # close (QUIC does not resend a lost CONNECTION_CLOSE), then closes itself: a receiver
-    # that sent Done has finished either way.
-    if not push or session.error is not None:
-        link.close()
-    else:
-        try:
-            await asyncio.wait_for(link.closed_event.wait(), CLOSE_WAIT_RTTS * link.rtt() + 0.2)
-        except asyncio.TimeoutError:
-            link.close()
+    # The client closes: a pull once it has the sender's Bye, a push once its Bye is sent
+    # (a receiver that has sent Done has finished, whether the Bye or only the close arrives).
+    link.close()
 
 
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,

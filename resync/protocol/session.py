@@ -51,7 +51,11 @@ from .shards import MAX_INDEX as MAX_SHARDS
 from .shards import StripeAssembler, StripeEncoder, parse, stripe_count
 
 AUTH_CONTEXT = b"resync-auth-v1"
-DEFAULT_K = 128                  # data shards per full stripe (128 x 1,280 B = 160 KiB of content)
+# One shard per DATAGRAM frame in a 1,350-byte QUIC packet: short header (1 + 8-byte connection
+# ID + packet number, at most 4), AEAD tag 16, frame type and length 3: at most 1,318 bytes of
+# datagram, of which the shard header takes 19 (shards.HEADER).
+SHARD_SIZE = 1296
+DEFAULT_K = 128                  # data shards per full stripe (128 x 1,296 B = 162 KiB of content)
 MIN_PARITY = 1                   # parity shards per full stripe even on a link that loses nothing
 LOSSLESS = 1e-4                  # a loss estimate below this: the link loses nothing
 STRIPE_TARGET = 0.005            # chance a stripe needs a repair round that the parity is chosen for
@@ -424,7 +428,7 @@ class _Sender:
         self.queued: dict[int, int] = {}        # -P: file id -> the size it was shown with
         self.min_parity = max(MIN_PARITY, min_parity)
         self.policy = ParityPolicy(self.k, mode="target", target=STRIPE_TARGET)
-        self.shard_size = 1280
+        self.shard_size = SHARD_SIZE
         self.sent_files = 0
         self.repair_shards = 0
         self.probes = 0

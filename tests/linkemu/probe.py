@@ -6,6 +6,7 @@
     probe.py ping HOST PORT COUNT INTERVAL     UDP: round-trip times (s) of COUNT probes
     probe.py tcp-sink PORT                     TCP: read one connection to its end
     probe.py tcp-send HOST PORT BYTES          TCP: send BYTES, report the rate
+    probe.py tcp-send-for HOST PORT SECONDS    TCP: send for SECONDS, report bytes and rate
 """
 from __future__ import annotations
 
@@ -166,6 +167,20 @@ def tcp_send(host: str, port: int, nbytes: int) -> dict:
     return {"bytes": nbytes, "seconds": seconds, "digest": h.hexdigest(), "mbit": nbytes * 8 / seconds / 1e6}
 
 
+def tcp_send_for(host: str, port: int, seconds: float) -> dict:
+    block = hashlib.blake2b(b"tcp").digest() * (65536 // 64)
+    c = socket.create_connection((host, port), timeout=30)
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        c.sendall(block)
+        n += len(block)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    dt = time.monotonic() - start
+    return {"bytes": n, "seconds": dt, "mbit": n * 8 / dt / 1e6}
+
+
 def main(argv: list[str]) -> None:
     what, args = argv[0], argv[1:]
     if what == "sink":
@@ -178,6 +193,8 @@ def main(argv: list[str]) -> None:
         out = ping(args[0], int(args[1]), int(args[2]), float(args[3]))
     elif what == "tcp-sink":
         out = tcp_sink(int(args[0]))
+    elif what == "tcp-send-for":
+        out = tcp_send_for(args[0], int(args[1]), float(args[2]))
     elif what == "tcp-send":
         out = tcp_send(args[0], int(args[1]), int(args[2]))
     else:
