@@ -100,12 +100,14 @@ test: install tools linkemu
 	NUMBA_DISABLE_JIT=1 $(PY) -m pytest -q -m nojit -W "ignore:overflow encountered:RuntimeWarning" tests/test_kernels.py tests/test_erasure.py
 	bash tests/as-user.sh $(abspath $(PY)) $(USER_TESTS)
 
-bench: install bench-tools
+bench: install bench-tools linkemu
 	$(PY) bench/bench_delta.py
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_erasure.py
 	$(PY) bench/bench_bundle.py
 	$(PY) bench/bench_net.py
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/bench_wan.py; \
+	else echo "bench_wan.py: needs root (network namespaces for the emulated link): skipped"; fi
 
 clean:
 	rm -rf $(VENV) $(RUN) bench/.data .pytest_cache .hypothesis
