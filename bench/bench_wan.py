@@ -86,7 +86,7 @@ class Tools:
         (work / "rsyncd.pid").unlink(missing_ok=True)
         self.procs.append(link.popen("b", ["rsync", "--daemon", "--no-detach", f"--config={conf}", "--port=873",
                                            f"--address={link.addr_b}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL))
+                                     stderr=subprocess.DEVNULL, start_new_session=True))
         portfile = work / "quic-raw.port"
         portfile.unlink(missing_ok=True)
         self.procs.append(link.popen("b", [PY, HERE / "quic_raw.py", "serve", portfile, link.addr_b]))
@@ -99,7 +99,10 @@ class Tools:
 
     def close(self) -> None:
         for p in self.procs:
-            p.send_signal(signal.SIGTERM)
+            try:                                # the rsync daemon's children too (a capped run's receiver)
+                os.killpg(p.pid, signal.SIGTERM) if os.getpgid(p.pid) == p.pid else p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for p in self.procs:
             try:
                 p.wait(10)
