@@ -30,7 +30,8 @@ loss is not repeatable): the median and the range are printed.
 
 Printed per run: wall time (the client command, start-up and handshake
 included), payload goodput (payload bytes / wall time), bytes on the wire
-(both directions, as the link counted them: frames), resync's repair rounds,
+(both directions, as the link counted them: frames), resync's repair asks
+(`repairs_asked`: a stripe still short after a repair delay is asked for again),
 and ratios. The limit for payload goodput at independent loss p is
 (1 - p) x link rate.
 """
@@ -53,7 +54,6 @@ PY = sys.executable
 
 from tests.linkemu import Link, unavailable  # noqa: E402
 
-RATE = 100e6
 CC_SYSCTL = "net.ipv4.tcp_congestion_control"
 ALLOWED_SYSCTL = "net.ipv4.tcp_allowed_congestion_control"
 
@@ -77,19 +77,17 @@ class Tools:
         self.server_id = sh(PY, "-m", "resync", "id", env=self.env_s).stdout.strip()
         self.procs: list[subprocess.Popen] = []
         log = work / "serve.log"
-        self.procs.append(link.popen("b", [PY, "-m", "resync", "serve", "--listen", f"{link.addr_b}:7000",
-                                           "--module", f"bench={self.dst['resync']}", "--allow", self.client_id],
-                                     env=self.env_s, stderr=open(log, "w"), stdout=subprocess.DEVNULL))
+        self._start([PY, "-m", "resync", "serve", "--listen", f"{link.addr_b}:7000", "--module",
+                     f"bench={self.dst['resync']}", "--allow", self.client_id], env=self.env_s, stderr=open(log, "w"))
         conf = work / "rsyncd.conf"
         conf.write_text(f"use chroot = no\nuid = 0\ngid = 0\npid file = {work}/rsyncd.pid\n"
                         f"[bench]\npath = {self.dst['rsync']}\nread only = no\n")
         (work / "rsyncd.pid").unlink(missing_ok=True)
-        self.procs.append(link.popen("b", ["rsync", "--daemon", "--no-detach", f"--config={conf}", "--port=873",
-                                           f"--address={link.addr_b}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True))
+        self._start(["rsync", "--daemon", "--no-detach", f"--config={conf}", "--port=873", f"--address={link.addr_b}"],
+                    stderr=subprocess.DEVNULL)
         portfile = work / "quic-raw.port"
         portfile.unlink(missing_ok=True)
-        self.procs.append(link.popen("b", [PY, HERE / "quic_raw.py", "serve", portfile, link.addr_b]))
+        self._start([PY, HERE / "quic_raw.py", "serve", portfile, link.addr_b])
         deadline = time.monotonic() + 60
         while not ("listening" in log.read_text() and portfile.exists()):
             if time.monotonic() > deadline:
@@ -97,17 +95,30 @@ class Tools:
             time.sleep(0.1)
         self.raw_port = int(portfile.read_text())
 
+    def _start(self, argv, **kw) -> None:
+        """A server in namespace B, in a process group of its own."""
+        self.procs.append(self.link.popen("b", argv, stdout=subprocess.DEVNULL, start_new_session=True, **kw))
+
     def close(self) -> None:
-        for p in self.procs:
-            try:                                # the rsync daemon's children too (a capped run's receiver)
-                os.killpg(p.pid, signal.SIGTERM) if os.getpgid(p.pid) == p.pid else p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
+        """Stop the servers with their children (the rsync daemon's receiver of a capped run)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
             try:
-                p.wait(10)
+                for p in self.procs:
+                    p.wait(10)
+                return
             except subprocess.TimeoutExpired:
-                p.kill()
+                continue
+
+    def __enter__(self) -> "Tools":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _stats(self) -> dict:
         if self.link.forwarder is None:          # the lan profile: a plain veth pair, nothing counts
@@ -154,6 +165,15 @@ class Tools:
         dt, _, wire = self._timed([PY, HERE / "quic_raw.py", "send", f"{self.link.addr_b}:{self.raw_port}",
                                    f"@{listing}"], limit)
         return {"seconds": dt, "wire": wire}
+
+
+def make_file(path: Path, mib: int, seed: int) -> int:
+    """A ``mib`` MiB file of mixed content (bench/gen.py); its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unused = path.parent / "unused"                 # (gen.py also writes an edited copy)
+    sh(PY, HERE / "gen.py", "file", "--size", f"{mib}MiB", "--pattern", "mixed", "--seed", seed, path, unused)
+    unused.unlink(missing_ok=True)
+    return path.stat().st_size
 
 
 def reset(dst: Path, like: Path | None) -> None:
@@ -214,7 +234,7 @@ def step(name: str, tools: Tools, link: Link, loss: float, src: Path, payload: i
 
 def report(rows: list) -> None:
     print("\n| data | loss | tool | wall time (median, range) | payload goodput | wire (both ways) "
-          "| repair rounds | resync's time / tool's |")
+          "| repair asks | resync's time / tool's |")
     print("|---|---|---|---|---|---|---|---|")
     for name, loss, payload, runs in rows:
         res_t = fmt_runs(runs["resync"], payload)[3]
@@ -302,70 +322,45 @@ def main() -> None:
     rows: list = []
     try:
         bulk = work / "bulk-src"
-        bulk.mkdir()
-        sh(PY, HERE / "gen.py", "file", "--size", f"{args.mib}MiB", "--pattern", "mixed", "--seed", "7",
-           bulk / "bulk.bin", work / "unused")
-        (work / "unused").unlink(missing_ok=True)
-        size = (bulk / "bulk.bin").stat().st_size
+        size = make_file(bulk / "bulk.bin", args.mib, 7)
         if "bulk" in parts or "tree" in parts:
-            with Link("clean") as link:
+            with Link("clean") as link, Tools(link, work / "clean") as tools:
                 print(f"link: clean profile + loss; forwarder real-time: {link.realtime}", flush=True)
-                tools = Tools(link, work / "clean")
-                try:
-                    if "bulk" in parts:
-                        for loss in losses:
-                            step("bulk", tools, link, loss, bulk, size, None, args.repeat, which, rows)
-                    if "tree" in parts:
-                        tree, old = work / "tree-src", work / "tree-old"
-                        sh(PY, HERE / "gen.py", "tree", "--files", args.files, "--big", "0", "--seed", "3", tree)
-                        sh("cp", "-a", tree, old)
-                        sh(PY, HERE / "gen.py", "change", "--fraction", "0.01", "--seed", "4", tree)
-                        changed = int(sh("rsync", "-a", "-n", "-i", "--delete", f"{tree}/", f"{old}/").stdout
-                                      .count("\n"))
-                        print(f"tree: {args.files} files, {changed} entries differ after the change", flush=True)
-                        tree_bytes = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
-                        for loss in losses:
-                            step("tree 1 %", tools, link, loss, tree, tree_bytes, old, args.repeat,
-                                 [t for t in which if t != "quic-raw"], rows)
-                finally:
-                    tools.close()
+                if "bulk" in parts:
+                    for loss in losses:
+                        step("bulk", tools, link, loss, bulk, size, None, args.repeat, which, rows)
+                if "tree" in parts:
+                    tree, old = work / "tree-src", work / "tree-old"
+                    sh(PY, HERE / "gen.py", "tree", "--files", args.files, "--big", "0", "--seed", "3", tree)
+                    sh("cp", "-a", tree, old)
+                    sh(PY, HERE / "gen.py", "change", "--fraction", "0.01", "--seed", "4", tree)
+                    changed = sh("rsync", "-a", "-n", "-i", "--delete", f"{tree}/", f"{old}/").stdout.count("\n")
+                    print(f"tree: {args.files} files, {changed} entries differ after the change", flush=True)
+                    tree_bytes = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+                    for loss in losses:
+                        step("tree 1 %", tools, link, loss, tree, tree_bytes, old, args.repeat,
+                             [t for t in which if t != "quic-raw"], rows)
         if "disaster" in parts:
             small = work / "disaster-src"
-            small.mkdir()
-            sh(PY, HERE / "gen.py", "file", "--size", f"{args.disaster_mib}MiB", "--pattern", "mixed", "--seed",
-               "8", small / "small.bin", work / "unused")
-            with Link("disaster") as link:
-                tools = Tools(link, work / "disaster")
-                try:
-                    step("disaster", tools, link, 0.2, small, (small / "small.bin").stat().st_size, None, 1,
-                         which, rows)
-                finally:
-                    tools.close()
+            small_size = make_file(small / "small.bin", args.disaster_mib, 8)
+            with Link("disaster") as link, Tools(link, work / "disaster") as tools:
+                step("disaster", tools, link, 0.2, small, small_size, None, 1, which, rows)
         if "lan" in parts:
-            with Link("lan") as link:
-                tools = Tools(link, work / "lan")
-                try:
-                    rows_lan: list = []
-                    reset(tools.dst["resync"], None)
-                    r = tools.resync(bulk)
-                    reset(tools.dst["rsync"], None)
-                    a = tools.rsync(bulk, "bbr")
-                    x = tools.raw([bulk / "bulk.bin"])
-                    rows_lan.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "rsync-bbr": [a], "quic-raw": [x]}))
-                    rows += rows_lan
-                finally:
-                    tools.close()
+            with Link("lan") as link, Tools(link, work / "lan") as tools:
+                reset(tools.dst["resync"], None)
+                r = tools.resync(bulk)
+                reset(tools.dst["rsync"], None)
+                a = tools.rsync(bulk, "bbr")
+                x = tools.raw([bulk / "bulk.bin"])
+                rows.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "rsync-bbr": [a], "quic-raw": [x]}))
         if "share" in parts:
-            with Link("clean") as link:
-                tools = Tools(link, work / "share")
-                try:
-                    share(tools, link, bulk, size)
-                finally:
-                    tools.close()
+            with Link("clean") as link, Tools(link, work / "share") as tools:
+                share(tools, link, bulk, size)
     finally:
         sh("sysctl", "-qw", f"{ALLOWED_SYSCTL}={allowed}", check=False)
     report(rows)
-    print(f"\nlimit at loss p: (1 - p) x {RATE / 1e6:.0f} Mbit/s of frames; payload goodput is payload / wall time.")
+    print("\nlimit at loss p: (1 - p) x the link rate of frames (100 Mbit/s; disaster 1 Mbit/s); "
+          "payload goodput is payload / wall time.")
 
 
 if __name__ == "__main__":

@@ -212,11 +212,6 @@ def _parity_matrix(k: int, m: int) -> np.ndarray:
     return out
 
 
-def generator_matrix(k: int, m: int) -> np.ndarray:
-    """The (k + m) x k systematic generator [I; C] as uint8."""
-    return np.vstack([np.eye(k, dtype=np.uint8), _parity_matrix(k, m)])
-
-
 @lru_cache(maxsize=256)
 def _recovery_rows(k: int, m: int, chosen: tuple[int, ...], rows: tuple[int, ...]) -> np.ndarray:
     """Rows ``rows`` of G @ inverse(G[chosen]) (G = [I; C]): row r gives
@@ -228,35 +223,25 @@ def _recovery_rows(k: int, m: int, chosen: tuple[int, ...], rows: tuple[int, ...
     data[M] = A^-1 parity[P] + A^-1 C[P, D] data[D] with A = C[P, M]; every
     square submatrix of a Cauchy matrix is invertible. A parity row r is
     C[r] times those data rows."""
+    c = _parity_matrix(k, m)
     pos = {i: j for j, i in enumerate(chosen)}
     data = [i for i in chosen if i < k]
     parity = [i - k for i in chosen if i >= k]
     missing = [i for i in range(k) if i not in pos]
-    rebuilt = {}
+    inverse = np.zeros((k, k), np.uint8)       # inverse(G[chosen]): data shard i from the chosen k
+    inverse[data, [pos[i] for i in data]] = 1
     if missing:
-        c = _parity_matrix(k, m)
         a_inv = gf.invert(np.ascontiguousarray(c[np.ix_(parity, missing)]))
         if a_inv is None:                       # (not for a Cauchy matrix)
             raise UnrecoverableError("stripe", "the chosen shards do not determine the data")
-        from_data = gf.matmul(a_inv, np.ascontiguousarray(c[np.ix_(parity, data)])) if data else \
-            np.zeros((len(missing), 0), np.uint8)
-        for t, i in enumerate(missing):         # over chosen positions: data first, then parity
-            rebuilt[i] = np.concatenate([from_data[t], a_inv[t]])
-
-    def data_row(i: int) -> np.ndarray:
-        if i in rebuilt:
-            return rebuilt[i]
-        row = np.zeros(k, np.uint8)
-        row[pos[i]] = 1
-        return row
-    out = np.zeros((len(rows), k), np.uint8)
-    inverse = None
-    for n, r in enumerate(rows):
-        if r < k:
-            out[n] = data_row(r)
-        else:
-            if inverse is None:
-                inverse = np.stack([data_row(i) for i in range(k)])
-            out[n] = gf.matmul(_parity_matrix(k, m)[r - k:r - k + 1], inverse)[0]
+        # over chosen positions: the chosen data shards first, then the chosen parity rows
+        inverse[missing, :len(data)] = gf.matmul(a_inv, np.ascontiguousarray(c[np.ix_(parity, data)]))
+        inverse[missing, len(data):] = a_inv
+    rows = np.asarray(rows, np.intp)
+    out = np.empty((len(rows), k), np.uint8)
+    low = rows < k
+    out[low] = inverse[rows[low]]
+    if not low.all():
+        out[~low] = gf.matmul(np.ascontiguousarray(c[rows[~low] - k]), inverse)
     out.flags.writeable = False
     return out

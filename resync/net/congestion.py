@@ -104,14 +104,13 @@ class RateController(QuicCongestionControl):
         self.startup = True
         self.packets_sent = 0
         self.packets_lost = 0
-        self.backoffs = 0                        # rounds that saw congestion (for the figures)
         self._full_rounds = 0
         self._best_startup = 0.0
         self._rates: deque = deque(maxlen=RATE_ROUNDS)
         self._losses: deque = deque(maxlen=LOSS_ROUNDS)
         self._cycle = 0
         self._round_start: float | None = None
-        self._round_delivered = self._round_lost = self._round_sent = 0
+        self._round_delivered = self._round_lost = 0
         self._round_lost_packets = self._round_sent_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         self._hold_until = 0.0
@@ -156,12 +155,11 @@ class RateController(QuicCongestionControl):
         self._rates.append(capacity)
         self._cycle = 2                          # cruising at gain 1
         self.pacing_rate = capacity
-        self.congestion_window = int(max(WINDOW_GAIN * capacity * rtt, MIN_WINDOW_PACKETS * self.mds))
+        self.congestion_window = self._window(capacity, rtt)
 
     # -- aioquic's calls -----------------------------------------------------------------
     def on_packet_sent(self, *, packet) -> None:
         self.bytes_in_flight += packet.sent_bytes
-        self._round_sent += packet.sent_bytes
         self._round_sent_packets += 1
         self.packets_sent += 1
 
@@ -206,7 +204,7 @@ class RateController(QuicCongestionControl):
         round_min_rtt, round_max_rtt = self._round_min_rtt, self._round_max_rtt
         self._round_start = now
         delivered, lost_bytes = self._round_delivered, self._round_lost
-        self._round_delivered = self._round_lost = self._round_sent = 0
+        self._round_delivered = self._round_lost = 0
         self._round_lost_packets = self._round_sent_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         if length > STALL_ROUNDS * srtt and self._rates:
@@ -246,7 +244,6 @@ class RateController(QuicCongestionControl):
             self._cycle = (self._cycle + 1) % len(GAIN_CYCLE)
             if (queue or overrun) and not held:
                 gain = BACKOFF_GAIN
-                self.backoffs += 1
                 keep = max(rate, BACKOFF_KEEP * self.capacity)     # the best capacity was not sustainable
                 self._rates.clear()
                 self._rates.append(keep)
@@ -256,21 +253,29 @@ class RateController(QuicCongestionControl):
             self.pacing_rate = max(gain * self.capacity, floor)
             self.congestion_window = self._window(self.capacity)
 
-    def _window(self, capacity: float) -> int:
-        rtt = self.min_rtt if self.min_rtt is not None else (self.srtt or 0.05)
+    def _window(self, capacity: float, rtt: float | None = None) -> int:
+        """WINDOW_GAIN x capacity x RTT (the min RTT unless given), at least MIN_WINDOW_PACKETS."""
+        if rtt is None:
+            rtt = self.min_rtt if self.min_rtt is not None else (self.srtt or 0.05)
         return int(max(WINDOW_GAIN * capacity * max(rtt, RTT_FLOOR), MIN_WINDOW_PACKETS * self.mds))
 
 
 register_congestion_control(NAME, RateController)
 
 
+def controller_of(quic) -> RateController | None:
+    """The RateController of a QuicConnection (aioquic keeps it in its
+    private loss recovery), or None if it uses another."""
+    cc = getattr(getattr(quic, "_loss", None), "_cc", None)
+    return cc if isinstance(cc, RateController) else None
+
+
 def install_pacer(quic) -> None:
     """Give a QuicConnection using RateController a RatePacer (aioquic has no
     public way to pace at a rate apart from the window)."""
-    loss = getattr(quic, "_loss", None)
-    cc = getattr(loss, "_cc", None)
-    if isinstance(cc, RateController) and not isinstance(loss._pacer, RatePacer):
-        loss._pacer = RatePacer(cc, loss._pacer)
+    cc = controller_of(quic)
+    if cc is not None and not isinstance(quic._loss._pacer, RatePacer):
+        quic._loss._pacer = RatePacer(cc, quic._loss._pacer)
 
 
 class RatePacer:

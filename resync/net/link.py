@@ -24,7 +24,7 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from . import ALPN
 from .congestion import NAME as RATE_CONTROLLER
-from .congestion import install_pacer
+from .congestion import controller_of, install_pacer
 
 MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
@@ -253,27 +253,29 @@ class SessionLink(QuicConnectionProtocol):
 
     def path_model(self) -> dict | None:
         """The rate controller's model of the path (None before it has one)."""
-        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
-        return cc.model() if hasattr(cc, "model") else None
+        cc = controller_of(self._quic)
+        return cc.model() if cc is not None else None
 
     def resume_path_model(self, model: dict | None) -> None:
-        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
-        if model and hasattr(cc, "resume_model"):
+        cc = controller_of(self._quic)
+        if model and cc is not None:
             cc.resume_model(model)
+
+    def _smoothed_rtt(self) -> float:
+        """QUIC's smoothed RTT (s; 0 before any sample)."""
+        return getattr(getattr(self._quic, "_loss", None), "_rtt_smoothed", 0) or 0
 
     def rtt(self) -> float:
         """QUIC's smoothed RTT (s; 0.1 before any sample)."""
-        loss = getattr(self._quic, "_loss", None)
-        return getattr(loss, "_rtt_smoothed", 0) or 0.1
+        return self._smoothed_rtt() or 0.1
 
     def transport_stats(self) -> dict:
         """What crossed the wire: UDP payload bytes and packets both ways,
         QUIC's count of packets it declared lost, its smoothed RTT (ms)."""
         out = dict(self.udp)
-        loss = getattr(self._quic, "_loss", None)
-        cc = getattr(loss, "_cc", None)
-        out["packets_lost"] = getattr(cc, "packets_lost", 0)
-        out["rtt_ms"] = round((getattr(loss, "_rtt_smoothed", 0) or 0) * 1000, 2)
+        cc = controller_of(self._quic)
+        out["packets_lost"] = cc.packets_lost if cc is not None else 0
+        out["rtt_ms"] = round(self._smoothed_rtt() * 1000, 2)
         return out
 
     def start(self, session, stream_id: int) -> None:
@@ -327,12 +329,11 @@ class SessionLink(QuicConnectionProtocol):
             super().transmit()
             return
         now = self._loop.time()
-        loss = getattr(self._quic, "_loss", None)
-        rtt = getattr(loss, "_rtt_smoothed", 0) or 0
+        rtt = self._smoothed_rtt()
         if rtt:
             s.rtt = rtt
-        cc = getattr(loss, "_cc", None)
-        if cc is not None and hasattr(cc, "packets_lost"):
+        cc = controller_of(self._quic)
+        if cc is not None:
             sent, lost = cc.packets_sent, cc.packets_lost
             if sent >= self._sent_seen + LOSS_SAMPLE:
                 s.observe_loss(lost - self._lost_seen, sent - self._sent_seen)
@@ -388,8 +389,8 @@ class SessionLink(QuicConnectionProtocol):
         s = self.session
         if s is None or s.finished or self.closed_event.is_set():
             return
-        cc = getattr(getattr(self._quic, "_loss", None), "_cc", None)
-        if getattr(cc, "bytes_in_flight", 0) > 0 and self._counting is not None \
+        cc = controller_of(self._quic)
+        if cc is not None and cc.bytes_in_flight > 0 and self._counting is not None \
                 and time.monotonic() - self._counting.last_send >= self.rtt():
             self._quic.send_ping(0)
             self.transmit()

@@ -277,9 +277,9 @@ def _read_listed(r: _R, own: bool = False) -> Listed:
     else:
         check_name(name, "directory entry")
     fixed = r.fixed(_LISTED_FIXED)
-    if not 1 <= fixed[0] <= 5:
-        raise ProtocolError(f"directory entry {name[:64]!r}: bad kind {fixed[0]}")
     kind = fixed[0]
+    if not 1 <= kind <= 5:
+        raise ProtocolError(f"directory entry {name[:64]!r}: bad kind {kind}")
     e = Listed(name, *fixed, r.s16(), r.s16())
     if e.nanoseconds >= 10**9 or e.size > 1 << 62 or len(e.blake3) not in (0, 32) \
             or (kind == 3) != bool(e.target) or b"\0" in e.target:

@@ -567,7 +567,7 @@ class _Sender:
                 raise ProtocolError("Done: statistics are not JSON") from None
             result.update(files_sent=self.sent_files, repair_shards=self.repair_shards, probes=self.probes,
                           resumed_bytes=self.resumed_bytes,
-                          parity=max(self.min_parity, _parity_for(self.k, self.policy.loss)),
+                          parity=self._full_parity(),
                           loss_estimate=round(self.policy.loss, 4))
             self.close()
             self.s.finish(result)
@@ -586,12 +586,15 @@ class _Sender:
         the same for its d — none on a link that has lost nothing (a small
         file would double), at least one otherwise."""
         d = out.encoder.geometry(stripe)[0]
-        loss = self.policy.loss
         if d == out.encoder.k:
-            return max(self.min_parity, _parity_for(d, loss))
-        if loss < LOSSLESS:
+            return self._full_parity()
+        if self.policy.loss < LOSSLESS:
             return 0
-        return max(1, min(max(self.min_parity, _parity_for(out.encoder.k, loss)), _parity_for(d, loss)))
+        return max(1, min(self._full_parity(), _parity_for(d, self.policy.loss)))
+
+    def _full_parity(self) -> int:
+        """Parity shards for a full stripe of k at the loss estimated now."""
+        return max(self.min_parity, _parity_for(self.k, self.policy.loss))
 
     def observe_loss(self, lost: int, sent: int) -> None:
         """The transport's count of datagrams lost among those sent since its
@@ -631,7 +634,7 @@ class _Sender:
 
         from ..fs import MappedFile, pread_all
         path = self._path(want)
-        m = max(self.min_parity, _parity_for(self.k, self.policy.loss))
+        m = self._full_parity()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -1528,8 +1531,8 @@ def _checkpoint_entry(k) -> dict | None:
 
 def _parity_for(d: int, loss: float) -> int:
     """parity_for_target(d, loss, STRIPE_TARGET), the loss rounded up to the
-    next 0.1 % so that the answer can be kept (working it out takes about a
-    millisecond at d = 64)."""
+    next 0.1 % so that the answer can be kept (working it out takes
+    milliseconds at d = 128)."""
     return _parity_cached(d, math.ceil(loss * 1000 - 1e-9), STRIPE_TARGET)
 
 
