@@ -217,12 +217,12 @@ def test_the_link_rate_holds_at_20_percent_loss_and_a_transfer_completes_at_33(w
     _same(src, wan.module / "d")
 
 
-def test_the_rate_recovers_within_1_5_s_after_an_outage(wan):
+def test_the_rate_recovers_within_a_second_after_an_outage(wan):
     """A 2 s blackout (shorter than any timeout) in a transfer at full rate:
-    1 to 1.5 s after the link comes back the client sends at >= 70 % of the
-    rate it had before. (Measured: full rate again 0.5 s after in most runs,
-    only 1 s after in about one in three — why those wait is not found yet:
-    issue 13's "a few RTTs" is not reached.)"""
+    0.5 to 1 s after the link comes back the client sends at >= 70 % of the
+    rate it had before. (Measured: full rate again 0.2-0.5 s after, 4-10
+    RTTs; before the tail-loss PING was let past the full window it waited
+    for aioquic's doubling probe timeout, ~1 s in one run of three.)"""
     src = wan.root / "src"
     src.mkdir()
     _big(src / "large", 96, 28)
@@ -256,5 +256,5 @@ def test_the_rate_recovers_within_1_5_s_after_an_outage(wan):
         return (pts[-1][1] - pts[0][1]) * 8 / (pts[-1][0] - pts[0][0])
     before = rate(outage_start - 1.0, outage_start)
     back = outage_start + 2.0
-    after = rate(back + 1.0, back + 1.5)
-    assert after >= 0.7 * before, f"{before / 1e6:.0f} Mbit/s before, {after / 1e6:.0f} 1-1.5 s after"
+    after = rate(back + 0.5, back + 1.0)
+    assert after >= 0.7 * before, f"{before / 1e6:.0f} Mbit/s before, {after / 1e6:.0f} 0.5-1 s after"

@@ -125,8 +125,9 @@ async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.
     link.drive()
     session.transport = link.transport_stats()
     # The client closes: a pull once it has the sender's Bye, a push once its Bye is sent
-    # (a receiver that has sent Done has finished, whether the Bye or only the close arrives).
-    link.close()
+    # (a receiver that has sent Done has finished, whether the Bye or only the close arrives),
+    # and does not wait out QUIC's closing period.
+    link.leave()
 
 
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,

@@ -10,14 +10,17 @@ parity for, not a signal to slow down. The controller models the path by two
 figures and sends at them:
 
 - **capacity**: per round (one smoothed RTT of acknowledgements), the bytes
-  acknowledged plus the bytes declared lost, over the round's length — what
-  the path carried — the best of the last RATE_ROUNDS rounds. A link that
-  loses p of what it carries delivers (1 - p) C at capacity C; counting only
-  what was delivered (as BBR does) would shrink the rate by (1 - p) each
-  round at 20 % or 33 % loss. A queue overflowing (lost before the
-  bottleneck) inflates the sample, but shows as congestion (below);
-- **usual loss**: the median loss share of the last LOSS_ROUNDS rounds: a
-  lossy link's steady loss, not a burst;
+  acknowledged plus the bytes declared lost up to the usual loss share, over
+  the round's length — what the path carried — the best of the last
+  RATE_ROUNDS rounds. A link that loses p of what it carries delivers
+  (1 - p) C at capacity C; counting only what was delivered (as BBR does)
+  would shrink the rate by (1 - p) each round at 20 % or 33 % loss. Losses
+  beyond the usual share are a queue overflowing before the bottleneck:
+  counted, the flow losing most would measure the most capacity and starve
+  the others;
+- **usual loss**: the median loss share (lost over the packets whose fate
+  the round learnt) of the last LOSS_ROUNDS rounds without a standing queue:
+  a lossy link's steady loss, not a burst nor an overflowing queue;
 - **min RTT**: the least RTT sample of the last MIN_RTT_WINDOW seconds.
 
 It paces at ``gain x capacity`` (``RatePacer`` replaces aioquic's pacer, which
@@ -36,6 +39,14 @@ in flight too). Phases:
 - **cruise**: the gain cycles over eight rounds (1.25, 0.75, then 1 six
   times: BBR's ProbeBW), probing for more and giving back what the probe
   queued.
+
+A round in which the sender ran out of data with room left in the window
+(``on_app_limited``: the handshake, a listing, a small file's tail, a
+``--bwlimit``) measured the application, not the path (BBR's app-limited
+samples): it does not end startup (nor does its RTT count as a queue
+forming), and its rate enters the model only if it
+is higher than the model (a start-up that ended during the handshake then
+crawled up at 25 % per eight rounds: 1 MiB took 0.8 s at 100 Mbit/s).
 
 Congestion lowers the gain to BACKOFF_GAIN for a round and the capacity to
 BACKOFF_KEEP of the best (or to the last round's sample if higher: the best
@@ -72,15 +83,15 @@ GAIN_CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 DRAIN_GAIN = 0.5
 BACKOFF_GAIN = 0.75
 BACKOFF_KEEP = 0.85              # congestion: the capacity drops to this much of the best (or the last sample)
-HOLD_RTTS = 2                    # after a change, signals for this many RTTs are about what was sent before it
+HOLD_RTTS = 1.5                  # after a change, signals for this many RTTs are about what was sent before it
 RATE_ROUNDS = 10                 # capacity samples kept (one per round): the max filter
 LOSS_ROUNDS = 16                 # loss samples kept: their median is the usual loss
 LOSS_SIGMAS = 3.0                # a round losing this many standard deviations more than usual ...
 LOSS_SLACK = 3                   # ... plus this many packets is congestion
 LOSS_SAMPLE_PACKETS = 20         # a round that sent fewer packets is no loss sample
 STARTUP_LOSS = 0.5               # startup ends on a round losing more than this (or a queue forming)
-QUEUE_FACTOR = 1.5               # the round's least RTT this much above the minimum ...
-QUEUE_SLACK = 0.010              # ... plus this (s: the peers' own processing) means a standing queue
+QUEUE_FACTOR = 1.25              # the round's least RTT this much above the minimum ...
+QUEUE_SLACK = 0.005              # ... plus this (s: the peers' own processing) means a standing queue
 STARTUP_QUEUE = 0.005            # s above the minimum RTT ...
 STARTUP_QUEUE_FACTOR = 0.25      # ... plus this share of it, in a round's largest RTT, ends startup (a queue)
 MIN_RTT_WINDOW = 10.0            # s over which the minimum RTT is taken
@@ -111,8 +122,9 @@ class RateController(QuicCongestionControl):
         self._cycle = 0
         self._round_start: float | None = None
         self._round_delivered = self._round_lost = 0
-        self._round_lost_packets = self._round_sent_packets = 0
+        self._round_lost_packets = self._round_sent_packets = self._round_acked_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
+        self._round_app_limited = False
         self._hold_until = 0.0
         self._min_rtt = math.inf                 # this window's least RTT, and the last window's
         self._min_rtt_last = math.inf
@@ -166,12 +178,18 @@ class RateController(QuicCongestionControl):
     def on_packet_acked(self, *, now: float, packet) -> None:
         self.bytes_in_flight -= packet.sent_bytes
         self._round_delivered += packet.sent_bytes
+        self._round_acked_packets += 1
         if self.startup:
             self.congestion_window += packet.sent_bytes
         if self._round_start is None:
             self._round_start = now
         if now - self._round_start >= (self.srtt or 0.05):
             self._end_round(now)
+
+    def on_app_limited(self) -> None:
+        """Told by the sender that it had nothing more to send while the
+        window had room: this round's rate is the application's."""
+        self._round_app_limited = True
 
     def on_packets_expired(self, *, packets) -> None:
         for packet in packets:
@@ -200,40 +218,55 @@ class RateController(QuicCongestionControl):
     def _end_round(self, now: float) -> None:
         length = max(now - self._round_start, 1e-6)
         srtt = self.srtt or 0.05
-        sent, lost = self._round_sent_packets, self._round_lost_packets
+        # the round's loss: of the packets whose fate it learnt (sent about an RTT before;
+        # lost over sent-this-round read p/2 while startup doubled)
+        sent, lost = self._round_acked_packets + self._round_lost_packets, self._round_lost_packets
         round_min_rtt, round_max_rtt = self._round_min_rtt, self._round_max_rtt
         self._round_start = now
         delivered, lost_bytes = self._round_delivered, self._round_lost
         self._round_delivered = self._round_lost = 0
-        self._round_lost_packets = self._round_sent_packets = 0
+        self._round_lost_packets = self._round_sent_packets = self._round_acked_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
+        app_limited, self._round_app_limited = self._round_app_limited, False
         if length > STALL_ROUNDS * srtt and self._rates:
-            # an outage: no sample; open the window to the model again at once
-            self.congestion_window = self._window(self.capacity)
+            # an outage (or, in startup, a pause with nothing to send): no sample; the window
+            # opens to the model again at once (startup keeps its window: it has no model yet,
+            # and the handshake's few packets would have shrunk it to the minimum)
+            if not self.startup:
+                self.congestion_window = self._window(self.capacity)
             return
         usual = self.usual_loss
         share = lost / sent if sent else 0.0
         overrun = len(self._losses) >= 3 and lost > usual * sent + LOSS_SIGMAS * math.sqrt(
             max(sent * usual * (1 - usual), 1.0)) + LOSS_SLACK
-        if sent >= LOSS_SAMPLE_PACKETS:        # (a round of a few packets says little about loss)
-            self._losses.append(min(share, 1.0))
-        rate = (delivered + lost_bytes) / length         # what the path carried, lost or not
-        self._rates.append(rate)
         min_rtt = self.min_rtt
         queue = min_rtt is not None and round_min_rtt != math.inf and \
             round_min_rtt > QUEUE_FACTOR * min_rtt + QUEUE_SLACK
+        if sent >= LOSS_SAMPLE_PACKETS and not queue:
+            # (a round of a few packets says little; one with a queue standing measured the
+            # queue overflowing, not the path)
+            self._losses.append(min(share, 1.0))
+        # what the path carried: the delivered, and the lost up to the usual loss (more than
+        # that was lost to a queue before the bottleneck: counted, the flow losing most to an
+        # overflowing queue would measure the most capacity and starve the others)
+        counted = lost_bytes if usual >= 1 else min(lost_bytes, delivered * usual / (1 - usual))
+        rate = (delivered + counted) / length
+        if not app_limited or rate > self.capacity:
+            self._rates.append(rate)
         gain = None
         held = now < self._hold_until            # signals about packets sent before the last change
         if self.startup:
             # the round's largest RTT: by the time its least one shows a queue, startup has
             # doubled once more and overflowed a 100 ms queue
-            forming = min_rtt is not None and round_max_rtt > min_rtt * (1 + STARTUP_QUEUE_FACTOR) + STARTUP_QUEUE
+            # (in an app-limited round a long RTT is the peer's processing: the handshake's)
+            forming = not app_limited and min_rtt is not None and \
+                round_max_rtt > min_rtt * (1 + STARTUP_QUEUE_FACTOR) + STARTUP_QUEUE
             if forming or (sent >= LOSS_SAMPLE_PACKETS and share > STARTUP_LOSS):
                 self.startup = False
             elif rate > self._best_startup * 1.25:
                 self._best_startup = rate
                 self._full_rounds = 0
-            else:
+            elif not app_limited:
                 self._full_rounds += 1
                 self.startup = self._full_rounds < 3
             if not self.startup:
