@@ -212,6 +212,10 @@ def test_transfers_over_a_lossy_channel_equal_the_source(tmp_path, push, loss):
         result = client.result
         if round_ == 1:
             assert result["bytes_literal"] < 300_000 < result["bytes_matched"]   # deltas of the big files
+        # each stripe counted once; a stripe asked for is counted once however often it is asked
+        assert result["stripes"] > 0
+        assert result["stripes_repaired"] <= min(result["repairs_asked"], result["stripes"])
+        assert (result["stripes_repaired"] > 0) == (result["repairs_asked"] > 0)
         assert not list(dst.rglob(".resync-tmp-*"))
         assert t < 60
         mutate(src, random.Random(round_))
@@ -605,3 +609,34 @@ def test_a_hostile_sender_cannot_write_outside_the_destination(tmp_path):
 def _server_args(tmp_path, root):
     cid, sid = identities(tmp_path)
     return sid, sid.cert_der, {"m": Module("m", str(root), allowed={cid.device_id})}
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.001, 0.01, 0.05, 0.1, 0.2, 0.25, 0.33, 0.4, 0.5])
+def test_the_stripe_size_follows_the_loss_within_256_shards(loss):
+    """stripe_k picks, for the loss estimate plus its margin, a k whose
+    parity meets the repair-round target within k + m <= 256 and costs no
+    more parity per data shard than k = 128 would; no loss: 128."""
+    from resync.erasure.policy import failure_probability, parity_for_target
+    from resync.protocol.session import DEFAULT_K, K_MARGIN, STRIPE_TARGET, stripe_k
+    k = stripe_k(loss)
+    if loss == 0:
+        assert k == DEFAULT_K
+        return
+    planned = min(loss + K_MARGIN, 0.5)
+    m = parity_for_target(k, planned, STRIPE_TARGET)
+    assert k + m <= 256 and failure_probability(k, m, planned) < STRIPE_TARGET or k == DEFAULT_K
+    assert m / k <= parity_for_target(DEFAULT_K, planned, STRIPE_TARGET) / DEFAULT_K + 1e-9
+
+
+def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
+    """A cut transfer resumed at another loss estimate is cut into the same
+    stripes as before (its kept stripes are skipped only then); a fresh one
+    takes the k of the loss now."""
+    from types import SimpleNamespace
+    from resync.protocol.session import _Sender, stripe_k
+    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), shard_size=1296)
+    resume = F.Resume(bytes(32), 10_000_000, 224, 1296, ((0, 3),))
+    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", resume)) == 224
+    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", None)) == stripe_k(0.2) == 176
+    other = F.Resume(bytes(32), 10_000_000, 224, 1000, ((0, 3),))          # another shard size: not kept
+    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", other)) == 176

@@ -16,4 +16,4 @@ def transfer_row(result: dict, transport: dict, peer: str, peer_id: str | None, 
                                              "udp_packets_received", "packets_lost", "rtt_ms")},
             "shards_sent": result.get("datagrams_sent"), "shards_received": result.get("datagrams_received"),
             **{k: result.get(k) for k in ("repair_shards", "repairs_asked", "probes", "corrupt_shards", "parity",
-                                          "loss_estimate", "resumed_bytes")}}
+                                          "loss_estimate", "resumed_bytes", "stripes", "stripes_repaired")}}

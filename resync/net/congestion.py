@@ -82,7 +82,7 @@ WINDOW_GAIN = 2.0
 GAIN_CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 DRAIN_GAIN = 0.5
 BACKOFF_GAIN = 0.75
-BACKOFF_KEEP = 0.85              # congestion: the capacity drops to this much of the best (or the last sample)
+BACKOFF_KEEP = 0.92              # congestion: the capacity drops to this much of the best (or the last sample)
 HOLD_RTTS = 1.5                  # after a change, signals for this many RTTs are about what was sent before it
 RATE_ROUNDS = 10                 # capacity samples kept (one per round): the max filter
 LOSS_ROUNDS = 16                 # loss samples kept: their median is the usual loss
@@ -102,8 +102,8 @@ RTT_FLOOR = 0.001                # s: aioquic's smoothed RTT is never below 1 ms
 class RateController(QuicCongestionControl):
     """The controller aioquic creates per connection (``max_datagram_size``
     in bytes). ``pacing_rate`` (bytes/s, None: window / RTT) is read by
-    ``RatePacer``; ``packets_sent`` / ``packets_lost`` are totals for the
-    session's loss estimate; ``capacity`` (bytes/s), ``usual_loss`` and
+    ``RatePacer``; ``packets_sent`` / ``packets_acked`` / ``packets_lost`` are totals
+    (the session's loss estimate is lost / (acked + lost)); ``capacity`` (bytes/s), ``usual_loss`` and
     ``min_rtt`` (s) are the model."""
 
     def __init__(self, *, max_datagram_size: int) -> None:
@@ -115,6 +115,7 @@ class RateController(QuicCongestionControl):
         self.startup = True
         self.packets_sent = 0
         self.packets_lost = 0
+        self.packets_acked = 0
         self._full_rounds = 0
         self._best_startup = 0.0
         self._rates: deque = deque(maxlen=RATE_ROUNDS)
@@ -179,6 +180,7 @@ class RateController(QuicCongestionControl):
         self.bytes_in_flight -= packet.sent_bytes
         self._round_delivered += packet.sent_bytes
         self._round_acked_packets += 1
+        self.packets_acked += 1
         if self.startup:
             self.congestion_window += packet.sent_bytes
         if self._round_start is None:

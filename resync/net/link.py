@@ -29,10 +29,13 @@ from .congestion import controller_of, install_pacer
 MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 250                # packets per loss report to the session (a moving average's sample)
+LOSS_FIRST_SAMPLE = 100          # ... and for its first report (taken as it is: +-4 % at 20 % loss)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
 RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
 PROBE_MIN = 0.02                  # s: the shortest interval between PINGs for a tail loss
 SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
+REDUNDANT_LOSS = 0.02            # on a path losing more than this share of packets ...
+REDUNDANT_FLIGHT = 8              # ... packets sent with fewer than this many in flight go out twice
 CLOSE_COPIES = 3                  # times a leaving client sends its CONNECTION_CLOSE
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
 
@@ -196,7 +199,7 @@ class SessionLink(QuicConnectionProtocol):
         self._timer_due = None
         self.on_session_done = None
         self.last_progress = time.monotonic()
-        self._sent_seen = self._lost_seen = 0
+        self._decided_seen = self._lost_seen = 0
         self._starved = False
         self._receiving = False
         self.batch: PacketBatch | None = None   # set by whoever owns the UDP socket
@@ -245,7 +248,8 @@ class SessionLink(QuicConnectionProtocol):
             return False
 
     def handshake_copies(self, n: int) -> None:
-        """Send each packet ``n`` times until the handshake completes (the
+        """Send each packet ``n`` times until the handshake completes and the
+        session's first packets (its Hello) are out (the
         client: its Initial and Handshake packets are a few, and each lost
         one costs a probe timeout that doubles — at 33 % loss the handshake
         took 1.5–4.5 s). QUIC drops the copies it has seen. Only the client
@@ -321,8 +325,6 @@ class SessionLink(QuicConnectionProtocol):
                 self.session.receive_datagram(data, now)
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_done = True
-            if self._counting is not None:
-                self._counting.copies = 1
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = event.reason_phrase or f"closed by the peer (error {event.error_code})"
             if self.session is not None and not self.session.finished:
@@ -356,10 +358,12 @@ class SessionLink(QuicConnectionProtocol):
             s.rtt = rtt
         cc = controller_of(self._quic)
         if cc is not None:
-            sent, lost = cc.packets_sent, cc.packets_lost
-            if sent >= self._sent_seen + LOSS_SAMPLE:
-                s.observe_loss(lost - self._lost_seen, sent - self._sent_seen)
-                self._sent_seen, self._lost_seen = sent, lost
+            # over the packets whose fate is known (acknowledged or declared lost): counted
+            # over those sent, the losses lag an RTT and startup's first reports read ~0
+            decided, lost = cc.packets_acked + cc.packets_lost, cc.packets_lost
+            if decided >= self._decided_seen + (LOSS_SAMPLE if self._decided_seen else LOSS_FIRST_SAMPLE):
+                s.observe_loss(lost - self._lost_seen, decided - self._decided_seen)
+                self._decided_seen, self._lost_seen = decided, lost
         if self.bucket is None and getattr(s, "rate_limit", 0):
             self.bucket = TokenBucket(s.rate_limit)     # a pull's --bwlimit, or the server's own
         dry = True                              # the session gave less than QUIC had room for
@@ -383,7 +387,17 @@ class SessionLink(QuicConnectionProtocol):
             data = s.stream_to_send()           # (after a session ends too: its last frames)
             if data:
                 self._quic.send_stream_data(self.stream_id, data)
+        doubled = self._counting is not None and self._counting.copies == 1 and self._lossy_and_idle(cc)
+        if doubled:
+            self._counting.copies = 2
         super().transmit()
+        if doubled:
+            self._counting.copies = 1
+        if self._counting is not None and self._counting.copies > 1 and self._handshake_done:
+            # the handshake's copies end with the first packets of the session (the client's
+            # Finished went out before it, with the copies: sent once, lost at 33 % loss in one
+            # run in three, the server ignored the Hello until a probe timeout sent it again)
+            self._counting.copies = 1
         self._tell_app_limited(dry)
         if not s.finished:
             if self._probe is None:
@@ -403,6 +417,18 @@ class SessionLink(QuicConnectionProtocol):
             if self.on_session_done is not None:
                 done, self.on_session_done = self.on_session_done, None
                 done()
+
+    def _lossy_and_idle(self, cc) -> bool:
+        """Whether this transmit's packets go out twice: on a path that has
+        lost more than REDUNDANT_LOSS of the packets so far, while fewer
+        than REDUNDANT_FLIGHT are in flight — the control exchanges before
+        content flows and after it (Welcome, listing, Want, the last File,
+        Done, Bye), where each lost packet costs a round trip or more (at
+        33 % loss the exchange before the first shard took ~0.5 s). QUIC
+        drops the copy it has seen; at most a few packets per round trip."""
+        return cc is not None and cc.packets_sent >= 4 and \
+            cc.packets_lost > REDUNDANT_LOSS * cc.packets_sent and \
+            cc.bytes_in_flight < REDUNDANT_FLIGHT * MAX_DATAGRAM_SIZE
 
     def _tell_app_limited(self, dry: bool) -> None:
         """Tell the rate controller that the sender ran out of data (``dry``

@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 MIGRATIONS = [
     (1, [
@@ -90,15 +90,21 @@ MIGRATIONS = [
             shards_sent BIGINT,               -- content shards (datagrams) this side sent
             shards_received BIGINT,
             repair_shards BIGINT,             -- shards the sender added on request
-            repairs_asked BIGINT,             -- stripes the receiver asked more shards for
+            repairs_asked BIGINT,             -- repair asks (a stripe still short is asked again each repair delay)
             probes BIGINT,                    -- shards the sender added for stripes unacknowledged too long
             corrupt_shards BIGINT,            -- shards dropped by their check
-            parity INTEGER,                   -- parity shards per 32 data shards, last chosen
+            parity INTEGER,                   -- parity shards per 128 data shards, last chosen
             loss_estimate DOUBLE,             -- the sender's estimate of the loss rate, last
             rtt_ms DOUBLE,                    -- QUIC's smoothed RTT at the end
             resumed_bytes BIGINT              -- content a cut earlier run delivered: not sent again
         )""",
         "CREATE INDEX transfers_run ON transfers (run_id)",
+    ]),
+    # v6: how many stripes came, and how many of them needed a repair round
+    # (repairs_asked counts asks: a stripe still short is asked again).
+    (6, [
+        "ALTER TABLE transfers ADD COLUMN stripes BIGINT",
+        "ALTER TABLE transfers ADD COLUMN stripes_repaired BIGINT",
     ]),
 ]
 
@@ -106,7 +112,7 @@ MIGRATIONS = [
 TRANSFER_COLUMNS = ["peer", "peer_id", "role", "udp_bytes_sent", "udp_bytes_received", "udp_packets_sent",
                     "udp_packets_received", "packets_lost", "shards_sent", "shards_received", "repair_shards",
                     "repairs_asked", "probes", "corrupt_shards", "parity", "loss_estimate", "rtt_ms",
-                    "resumed_bytes"]
+                    "resumed_bytes", "stripes", "stripes_repaired"]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
                "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
