@@ -442,7 +442,7 @@ def test_a_pull_is_sent_at_the_lower_of_the_client_and_server_limits_with_the_se
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    (src / "f").write_bytes(random.Random(1).randbytes(41 * session_mod.DEFAULT_K * session_mod.SHARD_SIZE))    # 41 full stripes
+    (src / "f").write_bytes(random.Random(1).randbytes(41 * session_mod.K_UNKNOWN * session_mod.SHARD_SIZE))    # 41 full stripes (the first file: loss not yet measured)
     sent = {}
     for min_parity in (1, 4):
         for p in dst.iterdir():
@@ -634,9 +634,15 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     takes the k of the loss now."""
     from types import SimpleNamespace
     from resync.protocol.session import _Sender, stripe_k
-    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), shard_size=1296)
+    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), shard_size=1296, loss_reports=3)
     resume = F.Resume(bytes(32), 10_000_000, 224, 1296, ((0, 3),))
     assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", resume)) == 224
     assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", None)) == stripe_k(0.2) == 176
     other = F.Resume(bytes(32), 10_000_000, 224, 1000, ((0, 3),))          # another shard size: not kept
     assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", other)) == 176
+    sender.loss_reports = 0                     # nothing measured yet: a k whose parity reaches 35 % loss
+    k = _Sender._file_k(sender, F.Want(1, 0, b"f", b"", None))
+    from resync.erasure.policy import failure_probability, parity_for_target
+    from resync.protocol.session import STRIPE_TARGET
+    m = parity_for_target(k, 0.35, STRIPE_TARGET)
+    assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET

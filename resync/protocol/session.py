@@ -61,6 +61,7 @@ LOSSLESS = 1e-4                  # a loss estimate below this: the link loses no
 STRIPE_TARGET = 0.005            # chance a stripe needs a repair round that the parity is chosen for
 K_CHOICES = tuple(range(DEFAULT_K, 249, 16))     # data shards per stripe a file may be cut into (stripe_k)
 K_MARGIN = 0.02                  # stripe_k plans for the loss estimate plus this
+K_UNKNOWN = 144                  # k before the loss is measured: its parity meets the target up to 35 % loss
 MAX_ACTIVE = 64                  # files being sent at once (open, with stripes in flight)
 WINDOW = 8 << 20                 # content bytes in flight before the receiver acknowledges
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
@@ -604,10 +605,13 @@ class _Sender:
         """Data shards per stripe for the file ``want`` asks for: a cut
         transfer's (so that the stripes the receiver kept are skipped),
         else the k with the least parity per data shard at the loss
-        estimated now (``stripe_k``)."""
+        estimated now (``stripe_k``), or K_UNKNOWN before any estimate (a
+        single large file starts before the first loss sample)."""
         r = want.resume
         if r is not None and 1 <= r.k < MAX_SHARDS and r.shard_size == self.shard_size:
             return r.k
+        if self.loss_reports == 0:              # (the first files: nothing measured yet)
+            return K_UNKNOWN
         return stripe_k(self.policy.loss)
 
     def observe_loss(self, lost: int, sent: int) -> None:
