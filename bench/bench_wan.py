@@ -30,8 +30,8 @@ loss is not repeatable): the median and the range are printed.
 
 Printed per run: wall time (the client command, start-up and handshake
 included), payload goodput (payload bytes / wall time), bytes on the wire
-(both directions, as the link counted them: frames), resync's repair asks
-(`repairs_asked`: a stripe still short after a repair delay is asked for again),
+(both directions, as the link counted them: frames), the stripes resync
+needed a repair round for (`stripes_repaired` of `stripes`, the median run),
 and ratios. The limit for payload goodput at independent loss p is
 (1 - p) x link rate.
 """
@@ -150,7 +150,7 @@ class Tools:
                                      f"resync://{self.link.addr_b}:7000/bench", "--peer-id", self.server_id],
                                     limit, env=self.env_c)
         r = json.loads(out.splitlines()[-1]) if out else {}
-        return {"seconds": dt, "wire": wire, "repairs": r.get("repairs_asked"), "json": r}
+        return {"seconds": dt, "wire": wire, "repairs": (r.get("stripes_repaired"), r.get("stripes")), "json": r}
 
     def rsync(self, src: Path, cc: str, limit=None) -> dict:
         for ns in ("a", "b"):
@@ -234,7 +234,7 @@ def step(name: str, tools: Tools, link: Link, loss: float, src: Path, payload: i
 
 def report(rows: list) -> None:
     print("\n| data | loss | tool | wall time (median, range) | payload goodput | wire (both ways) "
-          "| repair asks | resync's time / tool's |")
+          "| stripes repaired | resync's time / tool's |")
     print("|---|---|---|---|---|---|---|---|")
     for name, loss, payload, runs in rows:
         res_t = fmt_runs(runs["resync"], payload)[3]
@@ -242,8 +242,13 @@ def report(rows: list) -> None:
             if not rs:
                 continue
             t, g, w, med = fmt_runs(rs, payload)
-            repairs = statistics.median([r["repairs"] for r in rs if r.get("repairs") is not None]) \
-                if tool == "resync" else ""
+            repairs = ""
+            if tool == "resync":
+                counts = sorted((r["repairs"] for r in rs if r.get("repairs") and r["repairs"][1]),
+                                key=lambda c: c[0] / c[1])
+                if counts:
+                    a, b = counts[len(counts) // 2]
+                    repairs = f"{a} of {b} ({a / b:.1%})"
             ratio = "" if tool == "resync" else (f"{res_t / med:.2f}x" if med else "> 10x faster")
             print(f"| {name} | {loss:.0%} | {tool} | {t} | {g} | {w} | {repairs} | {ratio} |")
 

@@ -29,9 +29,9 @@ RTT`` (twice the bandwidth-delay product: the acknowledgements of one round
 arrive while the next is sent; loss that QUIC has not yet declared counts
 in flight too). Phases:
 
-- **startup**: the window grows by what is acknowledged or declared lost
-  (doubling per round whatever the random loss: by what was delivered, at
-  33 % loss it grew by 1.67 per round),
+- **startup**: the window grows by what is delivered (doubling per round;
+  by 1.67 at 33 % loss: growing by what was lost too overshot into the
+  bottleneck's queue, and six stripes lost half their shards),
   paced at window / RTT, until the capacity stops growing by a quarter for
   three rounds, a queue forms (the round's largest RTT above min RTT by
   STARTUP_QUEUE_FACTOR of it plus STARTUP_QUEUE) or a round loses more than
@@ -205,8 +205,6 @@ class RateController(QuicCongestionControl):
             self._round_lost += packet.sent_bytes
             self._round_lost_packets += 1
             self.packets_lost += 1
-            if self.startup:                   # (grows by what the path carried: random loss is no signal)
-                self.congestion_window += packet.sent_bytes
 
     def on_persistent_congestion(self) -> None:
         self.congestion_window = MIN_WINDOW_PACKETS * self.mds     # the model stays (see _end_round)

@@ -29,7 +29,7 @@ from .congestion import controller_of, install_pacer
 MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 250                # packets per loss report to the session (a moving average's sample)
-LOSS_FIRST_SAMPLE = 100          # ... and for its first report (taken as it is: +-4 % at 20 % loss)
+LOSS_FIRST_SAMPLE = 100          # ... and for its first report (taken as it is; at 50 it read low: losses are declared after the acknowledgements that reveal them)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
 RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
 PROBE_MIN = 0.02                  # s: the shortest interval between PINGs for a tail loss

@@ -552,7 +552,10 @@ class _Sender:
                     continue
                 d = out.encoder.geometry(s)[0]
                 first = out.next_row[s]
-                rows = list(range(first, min(first + need + 1, MAX_SHARDS)))  # one spare
+                # with parity for their own loss (a stripe sent before the loss was measured,
+                # 44 shards short at 33 %, took four rounds with one spare each time)
+                spare = max(1, _parity_for(need, self.policy.loss))
+                rows = list(range(first, min(first + need + spare, MAX_SHARDS)))
                 if len(rows) < need:
                     rows = list(range(d))                                     # parity exhausted: the data again
                 out.next_row[s] = first + len(rows)
