@@ -253,6 +253,58 @@ def report(rows: list) -> None:
             print(f"| {name} | {loss:.0%} | {tool} | {t} | {g} | {w} | {repairs} | {ratio} |")
 
 
+def _held(root: Path) -> int:
+    """Bytes the files under ``root`` occupy (a receiver's staged content
+    as it arrives: allocated blocks, not the length it was cut to)."""
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def staggered(tools: Tools, link: Link, bulk: Path, src2: Path, size: int, argv: list, url: str,
+              delay: float = 3.0) -> None:
+    """The second push starts ``delay`` s after the first: each one's share
+    of what arrived while both ran, from the bytes their destinations held
+    (sampled every 0.1 s)."""
+    reset(tools.dst["resync"], None)
+    dests = [tools.dst["resync"] / "0", tools.dst["resync"] / "1"]
+    procs, samples = [], []
+    t0 = time.monotonic()
+    for n, src in enumerate((bulk, src2)):
+        if n:
+            while time.monotonic() - t0 < delay:
+                samples.append((time.monotonic(), _held(dests[0]), 0))
+                time.sleep(0.1)
+        procs.append(link.popen("a", argv + [src, f"{url}/{n}", "--peer-id", tools.server_id], env=tools.env_c,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    both_end = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        samples.append((now, _held(dests[0]), _held(dests[1])))
+        if both_end is None and any(p.poll() is not None for p in procs):
+            both_end = now
+        time.sleep(0.1)
+    for p in procs:
+        p.communicate()
+        if p.returncode:
+            raise SystemExit("share: a push failed")
+    lo, hi = t0 + delay + 2.0, (both_end or time.monotonic()) - 0.5     # (the second's handshake and startup)
+    inside = [x for x in samples if lo <= x[0] <= hi]
+    if len(inside) < 5:
+        print("share (staggered): the pushes overlapped too briefly to measure", flush=True)
+        return
+    a = inside[-1][1] - inside[0][1]
+    b = inside[-1][2] - inside[0][2]
+    print(f"share: the second push of {size >> 20} MiB started {delay:.0f} s after the first: from 2 s after "
+          f"its start until the first ended ({hi - lo:.1f} s) the first had {a / (a + b):.0%}, the second "
+          f"{b / (a + b):.0%} (target 35-65 % each)", flush=True)
+
+
 def share(tools: Tools, link: Link, bulk: Path, size: int) -> None:
     """Two resync pushes at once; then resync beside a TCP stream."""
     src2 = bulk.parent / "bulk-src-2"
@@ -276,6 +328,7 @@ def share(tools: Tools, link: Link, bulk: Path, size: int) -> None:
     print(f"\nshare: two resync pushes of {size >> 20} MiB started together finished at {ends[0]:.1f} s and "
           f"{ends[1]:.1f} s: the first to finish had {last / (2 * first):.0%} of the link while both ran "
           f"(target 35-65 %)", flush=True)
+    staggered(tools, link, bulk, src2, size, argv, url)
     for cc in ("bbr", "cubic"):
         for ns in ("a", "b"):
             sh("ip", "netns", "exec", link.ns[ns], "sysctl", "-qw", f"{CC_SYSCTL}={cc}")
