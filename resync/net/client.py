@@ -18,10 +18,9 @@ import random
 import time
 from ..errors import ConnectionFailed, TimedOut
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
-from .link import PacketBatch, SessionLink, TokenBucket, configuration
+from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
-HANDSHAKE_COPIES = 3             # each of the client's handshake packets is sent this many times
 
 
 def pinned_certificate(link: SessionLink) -> bytes:

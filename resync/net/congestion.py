@@ -6,7 +6,7 @@ measurement.
 aioquic's Reno halves its window on every loss, and QUIC counts datagram
 loss as congestion: at 20 % random loss it crawls (0.3 Mbit/s measured here).
 resync's content carries its own parity, so random loss is something to send
-parity for, not a signal to slow down. The controller models the path by two
+parity for, not a signal to slow down. The controller models the path by three
 figures and sends at them:
 
 - **capacity**: per round (one smoothed RTT of acknowledgements), the bytes
