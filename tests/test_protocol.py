@@ -246,7 +246,7 @@ def test_a_cut_transfer_resumes_without_sending_again_what_arrived(tmp_path, pus
     (src / "small.txt").write_text("a small file\n" * 20)
     server_root, local = (dst, src) if push else (src, dst)
     client, server = make_pair(tmp_path, push, local, server_root)
-    pump(client, server, Channel(random.Random(1), loss=0.05), cut_after=1800)
+    pump(client, server, Channel(random.Random(1), loss=0.05), cut_after=3000, rate=50e6)   # (the clock moves: cut at ~3000 of ~5000)
     assert client.error is not None and server.error is not None
     assert (dst / "big").exists() == delta and not (delta and (dst / "big").read_bytes() == big)   # old or absent
     kept = list(dst.glob(".resync-tmp-recv-*"))
@@ -499,7 +499,7 @@ def test_progress_counts_every_byte_of_every_file_once(tmp_path, push):
     meter = Meter()
     client, server = make_pair(tmp_path, push, local, server_root)
     client.progress = meter
-    pump(client, server, Channel(random.Random(3), loss=0.1))
+    pump(client, server, Channel(random.Random(3), loss=0.1), rate=20e6)    # (time moves: Acks come while it flows)
     assert client.error is None and server.error is None
     assert snapshot(dst) == snapshot(src)
     result = client.result
@@ -646,3 +646,39 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     from resync.protocol.session import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)
     assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET
+
+
+def _push_with_late_first_loss_report(tmp_path, monkeypatch, owe: bool) -> dict:
+    """A 4 MB push at 30 % loss whose transport reports no loss for its first
+    six sends (as QUIC's first sample needs 100 decided packets)."""
+    src, dst = tmp_path / f"src{owe}", tmp_path / f"dst{owe}"
+    src.mkdir()
+    dst.mkdir()
+    mix.write(src / "big", 5, 4_000_000, "mixed")
+    client, server = make_pair(tmp_path, True, src, dst)
+    calls = {"n": 0}
+    observe = client.observe_loss
+
+    def late(lost, sent):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            observe(lost, sent)
+    client.observe_loss = late
+    if not owe:
+        monkeypatch.setattr(session_mod._Sender, "_owe_parity", lambda self: None)
+    pump(client, server, Channel(random.Random(5), loss=0.3), rate=20e6)
+    assert client.error is None and server.error is None
+    assert (dst / "big").read_bytes() == (src / "big").read_bytes()
+    return client.result
+
+
+def test_stripes_sent_before_the_loss_is_measured_get_their_parity_when_it_is(tmp_path, monkeypatch):
+    """The first stripes leave before any loss sample, with no parity; when
+    the first sample comes, their parity follows at once, before the
+    receiver sees them short: no repair round for them (without it, the
+    first stripes of each transfer at 30 % loss need one)."""
+    owed = _push_with_late_first_loss_report(tmp_path, monkeypatch, True)
+    plain = _push_with_late_first_loss_report(tmp_path, monkeypatch, False)
+    assert plain["stripes_repaired"] >= 3                # the scenario: the first stripes short
+    assert owed["stripes_repaired"] < plain["stripes_repaired"]
+    assert owed["stripes_repaired"] <= 1

@@ -28,7 +28,7 @@ from .congestion import controller_of, install_pacer
 
 MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
-LOSS_SAMPLE = 250                # packets per loss report to the session (a moving average's sample)
+LOSS_SAMPLE = 500                # packets per loss report to the session (a moving average's sample)
 LOSS_FIRST_SAMPLE = 100          # ... and for its first, taken as it is (at 50 it read low: losses are declared late)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
 RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
