@@ -99,7 +99,7 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
 @click.option("--bwlimit", callback=rate_option, default=None, metavar="RATE",
               help="Bytes per second each pull may send (K/M/G suffixes); a client's --bwlimit may lower it.")
 @click.option("--min-parity", type=click.IntRange(1, 64), default=None, metavar="N",
-              help="Parity shards per 32-shard stripe at least, whatever the measured loss (default 1).")
+              help="Parity shards per full stripe (128-240 data shards) at least, whatever the measured loss (default 1).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A TOML file: listen, history, allow, bwlimit, min_parity, [modules.NAME] path / read_only / "
                    "allow.")
