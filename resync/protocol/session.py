@@ -1609,7 +1609,7 @@ def stripe_k(loss: float) -> int:
     data shard, within k + m <= 256. Larger stripes need relatively less
     parity (the binomial tail narrows): at 20 % loss k = 128 needs m = 50
     (28 % of what is sent is parity), k = 176 needs 64 (27 %); at 33 %,
-    128 + 90 against 144 + 98. Without loss, DEFAULT_K."""
+    128 + 90 against 144 + 99. Without loss, DEFAULT_K."""
     return _stripe_k_cached(math.ceil(loss * 100 - 1e-9))
 
 
