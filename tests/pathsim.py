@@ -33,7 +33,6 @@ class Flow:
         self.trickle = trickle
         self.next_send = start
         self.delivered = []                    # (time, bytes) delivered to the receiver
-        self.sent = 0
         self._trickle_at = start
 
     def pacing_rate(self) -> float:
@@ -79,7 +78,7 @@ class Path:
             # the next thing to happen: an event, or a flow's next paced send
             t_send, sender = math.inf, None
             for f in flows:
-                if f.start <= until and f.cc.bytes_in_flight + MDS <= f.cc.congestion_window:
+                if f.cc.bytes_in_flight + MDS <= f.cc.congestion_window:
                     t = max(f.next_send, f.start)
                     if f.app_limited(t):
                         t = max(t, f._trickle_at)
@@ -102,7 +101,6 @@ class Path:
             f = sender
             packet = SimpleNamespace(sent_bytes=MDS, sent_time=now)
             f.cc.on_packet_sent(packet=packet)
-            f.sent += 1
             if f.app_limited(now):
                 f.cc.on_app_limited()
                 f._trickle_at = now + self.rtt / f.trickle

@@ -22,7 +22,6 @@ from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, confi
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
 
-
 def pinned_certificate(link: SessionLink) -> bytes:
     """The DER certificate the server presented in this connection's TLS
     handshake (aioquic keeps it on its TLS context; there is no public

@@ -125,7 +125,7 @@ class RateController(QuicCongestionControl):
         self._cycle = 0
         self._round_start: float | None = None
         self._round_delivered = self._round_lost = 0
-        self._round_lost_packets = self._round_sent_packets = self._round_acked_packets = 0
+        self._round_lost_packets = self._round_acked_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         self._round_app_limited = False
         self._hold_until = 0.0
@@ -175,7 +175,6 @@ class RateController(QuicCongestionControl):
     # -- aioquic's calls -----------------------------------------------------------------
     def on_packet_sent(self, *, packet) -> None:
         self.bytes_in_flight += packet.sent_bytes
-        self._round_sent_packets += 1
         self.packets_sent += 1
 
     def on_packet_acked(self, *, now: float, packet) -> None:
@@ -229,7 +228,7 @@ class RateController(QuicCongestionControl):
         self._round_start = now
         delivered, lost_bytes = self._round_delivered, self._round_lost
         self._round_delivered = self._round_lost = 0
-        self._round_lost_packets = self._round_sent_packets = self._round_acked_packets = 0
+        self._round_lost_packets = self._round_acked_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         app_limited, self._round_app_limited = self._round_app_limited, False
         if length > STALL_ROUNDS * srtt and self._rates:

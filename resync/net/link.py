@@ -367,7 +367,7 @@ class SessionLink(QuicConnectionProtocol):
         s = self.session
         if s is None:
             super().transmit()
-            self._tell_app_limited(True)
+            self._tell_app_limited(controller_of(self._quic), True)
             return
         now = self._loop.time()
         rtt = self._smoothed_rtt()
@@ -415,7 +415,7 @@ class SessionLink(QuicConnectionProtocol):
             # Finished went out before it, with the copies: sent once, lost at 33 % loss in one
             # run in three, the server ignored the Hello until a probe timeout sent it again)
             self._counting.copies = 1
-        self._tell_app_limited(dry)
+        self._tell_app_limited(cc, dry)
         if not s.finished:
             if self._probe is None:
                 self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
@@ -448,14 +448,12 @@ class SessionLink(QuicConnectionProtocol):
             cc.bytes_in_flight < REDUNDANT_FLIGHT * MAX_DATAGRAM_SIZE and \
             time.monotonic() - self._last_shard_at > self.rtt()    # (not a receiver's Acks mid-transfer)
 
-    def _tell_app_limited(self, dry: bool) -> None:
-        """Tell the rate controller that the sender ran out of data (``dry``
-        and QUIC sent every datagram queued): the round measures resync, not
-        the path (see RateController.on_app_limited)."""
-        if dry and not getattr(self._quic, "_datagrams_pending", None):
-            cc = controller_of(self._quic)
-            if cc is not None:
-                cc.on_app_limited()
+    def _tell_app_limited(self, cc, dry: bool) -> None:
+        """Tell the rate controller ``cc`` that the sender ran out of data
+        (``dry`` and QUIC sent every datagram queued): the round measures
+        resync, not the path (see RateController.on_app_limited)."""
+        if cc is not None and dry and not getattr(self._quic, "_datagrams_pending", None):
+            cc.on_app_limited()
 
     def _on_probe(self) -> None:
         """While anything is unacknowledged, a PING once no packet has gone
