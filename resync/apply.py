@@ -23,8 +23,12 @@ What it guarantees, whoever calls it:
   before anything in the tree changes — unpack, which must refuse a bad
   bundle with nothing applied.
 - Deletions run when the caller says (after every transfer succeeded: the
-  plan's rule) and remove trees without following symlinks. Directory
-  attributes are set last, deepest first.
+  plan's rule) and remove trees without following symlinks. Inside a tree
+  being removed, entries the excludes protect stay, with the directories
+  that hold them (rsync: "cannot delete non-empty directory"). A name that
+  this destination takes for one the source spells otherwise (a case- or
+  normalization-insensitive file system) is not deleted: it is the file just
+  placed. Directory attributes are set last, deepest first.
 - Without CAP_DAC_OVERRIDE, a directory this user owns that lacks u+rwx (the
   copy of a read-only source directory) gets them while something in it must
   change, and its mode back at the end, or when the run stops early.
@@ -37,13 +41,14 @@ import os
 import stat
 import threading
 import time
+import unicodedata
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .content import Options, write_jobs
 from .fs import TEMP_PREFIX
 from .report import FileChange, Report
-from .scan import DIR_FLAGS, Entry, join, open_dir_at, open_rel_dir
+from .scan import DIR_FLAGS, Entry, Excludes, join, open_dir_at, open_rel_dir
 
 if TYPE_CHECKING:                 # concurrent.futures costs 4 ms to import; a run with nothing to copy needs none
     pass
@@ -144,6 +149,83 @@ def remove_tree(parent_fd: int, name: str, open_up: bool = False) -> int:
     return removed
 
 
+def prune_tree(parent_fd: int, name: str, path: str, excludes: Excludes, open_up: bool = False,
+               dry_run: bool = False) -> tuple[int, list[tuple[str, Entry | None]]]:
+    """Remove the directory ``name`` under ``parent_fd`` (``path`` from the
+    transfer root) and everything below it but what ``excludes`` protects,
+    never following a symlink. As in rsync, an entry the excludes match (by
+    its path from the root, as the planner matches the entries it lists)
+    stays -- a directory excluded as such with all it holds -- and so does
+    every directory on the way to it: removing them would delete what the
+    excludes keep out of the run. ``open_up``: as for remove_tree; a
+    directory that stays gets its mode back. ``dry_run``: change nothing,
+    only count (a directory that cannot be listed counts as one entry).
+
+    Returns (entries removed, ``name`` itself included when it goes; the
+    steps, children before parents: (path, None) for a file or a whole tree
+    removed, a directory's path ending in "/"; (path, the directory as it
+    is now) for one that stays)."""
+    removed, steps, gone = _prune(parent_fd, name, path, excludes, open_up, dry_run)
+    return removed, [(path + "/", None)] if gone else steps
+
+
+def _prune(parent_fd: int, name: str, path: str, excludes: Excludes, open_up: bool,
+           dry_run: bool) -> tuple[int, list[tuple[str, Entry | None]], bool]:
+    """prune_tree's walk; also says whether ``name`` itself went (its steps
+    are then left for the caller to say as one)."""
+    before = None                       # permission bits to give back to a directory that stays
+    try:
+        fd = open_dir_at(parent_fd, name)
+    except PermissionError:
+        if not open_up or dry_run:
+            raise
+        before = open_up_at(parent_fd, name)
+        fd = open_dir_at(parent_fd, name)
+    removed, steps, kept = 0, [], False
+    try:
+        if open_up and not dry_run:
+            perms = stat.S_IMODE(os.fstat(fd).st_mode)
+            if perms & USER_RWX != USER_RWX:
+                os.fchmod(fd, perms | USER_RWX)
+                before = perms
+        for child in sorted(os.listdir(fd)):
+            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            sub = f"{path}/{child}"
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if excludes.excluded(sub, is_dir):
+                kept = True
+                continue
+            if not is_dir:
+                if not dry_run:
+                    os.unlink(child, dir_fd=fd)
+                removed += 1
+                steps.append((sub, None))
+                continue
+            try:
+                n, below, gone = _prune(fd, child, sub, excludes, open_up, dry_run)
+            except OSError:
+                if not dry_run:
+                    raise
+                n, below, gone = 1, [], True
+            removed += n
+            if gone:
+                steps.append((sub + "/", None))
+            else:
+                kept = True
+                steps += below
+        if kept:
+            if before is not None:
+                os.fchmod(fd, before)
+            steps.append((path, Entry.from_stat(name, os.fstat(fd))))
+    finally:
+        os.close(fd)
+    if kept:
+        return removed, steps, False
+    if not dry_run:
+        os.rmdir(name, dir_fd=parent_fd)
+    return removed + 1, steps, True
+
+
 def clear(parent_fd: int, name: str, open_up: bool = True) -> int:
     """Remove whatever is at ``name`` (file, link, special or directory tree);
     returns the entries removed below it."""
@@ -155,6 +237,38 @@ def clear(parent_fd: int, name: str, open_up: bool = True) -> int:
         return remove_tree(parent_fd, name, open_up)
     os.unlink(name, dir_fd=parent_fd)
     return 0
+
+
+def name_key(name: str) -> str:
+    """The name as a case-insensitive or normalization-insensitive file
+    system compares it (vfat, exFAT, ext4 or tmpfs with casefold, macOS):
+    two names with the same key may be one directory entry there."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+class Deletions(list):
+    """Deletion candidates as ``Applier.delete`` takes them: (directory,
+    destination entry), children before parents. ``aliases``: for a
+    candidate's path, the names of source entries of the same directory
+    with the same ``name_key`` -- on a destination that takes both names
+    for one entry, the candidate is the file just placed under the source's
+    spelling, and deleting it would delete that."""
+
+    def __init__(self, items: Iterable[tuple[str, Entry]] = ()):
+        super().__init__(items)
+        self.aliases: dict[str, list[str]] = {}
+
+    def note_aliases(self, rel: str, names: Iterable[str], source_names: Iterable[str]) -> None:
+        """Record the aliases of the candidates ``names`` of directory
+        ``rel`` among ``source_names`` (that directory's source entries).
+        Only source names whose key is a candidate's are kept."""
+        keys: dict[str, list[str]] = {}
+        for name in names:
+            keys.setdefault(name_key(name), []).append(name)
+        for other in source_names:
+            for name in keys.get(name_key(other), ()):
+                if other != name:
+                    self.aliases.setdefault(join(rel, name), []).append(other)
 
 
 # -- the pieces of pending work -------------------------------------------------------
@@ -253,11 +367,15 @@ class Applier:
     this process; content specs then need not be picklable). ``owners``: set
     owners (default: as root). ``replace_trees``: an entry of another type
     may replace a non-empty directory (sync: with --delete; unpack: always).
-    Use ``open_root`` first; ``close`` (or ``abort`` on failure) last."""
+    ``excludes``: the run's, which protect what they match inside a
+    directory tree being removed, as the planner protects a directory's own
+    entries. Use ``open_root`` first; ``close`` (or ``abort`` on failure) last."""
 
     def __init__(self, root: str, report: Report, options: Options | None = None, *, dry_run: bool = False,
-                 owners: bool | None = None, workers: int = 0, replace_trees: bool = False):
+                 owners: bool | None = None, workers: int = 0, replace_trees: bool = False,
+                 excludes: Excludes | None = None):
         self.root = root
+        self.excludes = excludes if excludes else None
         self.report = report
         self.stats = report.stats
         self.options = options or Options()
@@ -306,6 +424,13 @@ class Applier:
         except OSError as exc:
             raise FileError.from_os(self.root, exc) from None
         return True
+
+    def adopt_root(self, fd: int) -> None:
+        """Use ``fd``, a directory already opened by the caller, as the root
+        (the server opens a module path beneath the module without following
+        symlinks: the root is never reached by name again). The Applier owns
+        ``fd`` from now on; -1: a dry run into a root that does not exist."""
+        self.root_fd = fd
 
     def root_dir(self) -> Dir | None:
         """A handle on the root for the walk (None in a dry run into nothing)."""
@@ -422,7 +547,15 @@ class Applier:
                     if not self.replace_trees:
                         self.report.error(path, "cannot replace a non-empty directory (use --delete)")
                         return False
-                    remove_tree(parent.fd, name, open_up=not self.dac)
+                    if self.excludes is not None:
+                        removed, steps = prune_tree(parent.fd, name, path, self.excludes, open_up=not self.dac)
+                        if steps[-1][1] is not None:        # something in it is protected: it stays
+                            self.stats.deleted += removed
+                            self._say_deleted(steps)
+                            self.report.error(path, "cannot replace a directory that holds excluded entries")
+                            return False
+                    else:
+                        remove_tree(parent.fd, name, open_up=not self.dac)
             else:
                 os.unlink(name, dir_fd=parent.fd)
             self.stats.deleted += 1
@@ -980,38 +1113,126 @@ class Applier:
     # ------------------------------------------------------------- deletions
     def delete(self, deletions: list[tuple[str, Entry]], count_tree) -> None:
         """Remove each (directory, entry) of ``deletions`` (whole trees for
-        directories), children before parents as listed; reported once done."""
+        directories, but what the excludes protect inside them: see
+        prune_tree), children before parents as listed; reported once done.
+        A candidate this destination takes for the same entry as a source
+        name it aliases (``Deletions.aliases``) is kept. ``count_tree``
+        counts a tree in a dry run without excludes."""
+        aliases = deletions.aliases if isinstance(deletions, Deletions) else {}
         for rel, e in deletions:
             path = join(rel, e.name)
-            item = f"*deleting   {path}/" if e.kind == "d" else f"*deleting   {path}"
-            if self.dry_run or self.root_fd < 0:
-                self.stats.deleted += 1 + (count_tree(rel, e.name) if e.kind == "d" and self.root_fd >= 0 else 0)
-                self.report.item(item)
+            if self.root_fd < 0:                        # a dry run into nothing
+                self.stats.deleted += 1
+                self._say_deleted([(path + "/" if e.kind == "d" else path, None)])
                 continue
-            self.touched.add(rel)
             try:
                 fd = open_rel_dir(self.root_fd, rel)
-                try:
-                    self.open_up_fd(fd, rel)
-                    if e.kind == "d":
-                        self.stats.deleted += 1 + remove_tree(fd, e.name, open_up=not self.dac)
-                    else:
-                        os.unlink(e.name, dir_fd=fd)
-                        self.stats.deleted += 1
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
             except OSError as exc:
-                if isinstance(exc, FileNotFoundError) and exc.filename is None:
-                    continue                            # already gone (a re-run)
-                self.report.error(path, exc.strerror or str(exc))
-                if e.kind != "d":
-                    self.report.entry(path, e, None)       # still there
+                self._delete_failed(path, e, exc)
                 continue
-            self.report.item(item)                         # reported only once done
+            try:
+                other = aliases.get(path) and self._same_entry(fd, e.name, aliases[path])
+                if other:
+                    self.report.item(f"not deleting {path}: this destination takes it for "
+                                     f"{join(rel, other)} (the names differ only in case or Unicode normalization)")
+                    continue
+                removed, steps = self._delete_one(fd, rel, e, path, count_tree)
+            except OSError as exc:
+                self._delete_failed(path, e, exc)
+                continue
+            finally:
+                os.close(fd)
+            self.stats.deleted += removed
+            self._say_deleted(steps)                    # reported only once done
+
+    def _delete_one(self, fd: int, rel: str, e: Entry, path: str, count_tree) -> tuple[int, list]:
+        """Delete ``e`` from the directory ``fd`` (``rel``), or in a dry run
+        count it: (entries removed, prune_tree's steps)."""
+        if e.kind != "d":
+            if not self.dry_run:
+                self.touched.add(rel)
+                self.open_up_fd(fd, rel)
+                os.unlink(e.name, dir_fd=fd)
+                os.fsync(fd)
+            return 1, [(path, None)]
+        if self.dry_run:
+            if self.excludes is not None:
+                return prune_tree(fd, e.name, path, self.excludes, dry_run=True)
+            return 1 + count_tree(rel, e.name), [(path + "/", None)]
+        self.touched.add(rel)
+        self.open_up_fd(fd, rel)
+        if self.excludes is not None:
+            removed, steps = prune_tree(fd, e.name, path, self.excludes, open_up=not self.dac)
+        else:
+            removed, steps = 1 + remove_tree(fd, e.name, open_up=not self.dac), [(path + "/", None)]
+        os.fsync(fd)
+        return removed, steps
+
+    def _delete_failed(self, path: str, e: Entry, exc: OSError) -> None:
+        if self.dry_run:                                # what cannot be looked at is counted as itself
+            self.stats.deleted += 1
+            self._say_deleted([(path + "/" if e.kind == "d" else path, None)])
+            return
+        if isinstance(exc, FileNotFoundError) and exc.filename is None:
+            return                                      # already gone (a re-run)
+        self.report.error(path, exc.strerror or str(exc))
+        if e.kind != "d":
+            self.report.entry(path, e, None)            # still there
+
+    def _say_deleted(self, steps: list[tuple[str, Entry | None]]) -> None:
+        """Itemize prune_tree's steps: what went, and the directories that
+        stay because of what they hold (rsync's words; they stay in the
+        manifest)."""
+        for path, kept in steps:
+            if kept is None:
+                self.report.item(f"*deleting   {path}")
+            else:
+                self.report.item(f"cannot delete non-empty directory: {path}")
+                self.report.entry(path, kept, None)
+
+    @staticmethod
+    def _same_entry(fd: int, name: str, spellings: list[str]) -> str | None:
+        """The name among ``spellings`` that the directory ``fd`` takes for
+        the same entry as ``name`` (lstat, never following a link), or None.
+        The same inode settles it for a directory or a file of one link. A
+        FUSE file system (exFAT, vfat) gives each spelling an inode number
+        of its own, and a file of several links has more than one name:
+        there the listing decides -- one entry is listed once, under one of
+        the two names."""
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        listing = None
+        for other in spellings:
+            try:
+                ost = os.stat(other, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino) and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+                return other
+            if listing is None:
+                listing = set(os.listdir(fd))
+            if name not in listing or other not in listing:
+                return other
+        return None
 
     def count_tree(self, rel: str, name: str) -> int:
-        """Entries below the destination directory rel/name."""
+        """What deleting the destination directory rel/name removes besides
+        the directory itself (callers count it as one): every entry below
+        it -- with excludes, those they do not protect, less one when what
+        they protect keeps the directory itself (then -1 if nothing goes)."""
+        if self.excludes is not None:
+            try:
+                fd = open_rel_dir(self.root_fd, rel)
+            except OSError:
+                return 0
+            try:
+                return prune_tree(fd, name, join(rel, name), self.excludes, dry_run=True)[0] - 1
+            except OSError:
+                return 0
+            finally:
+                os.close(fd)
         try:
             fd = open_rel_dir(self.root_fd, join(rel, name))
         except OSError:

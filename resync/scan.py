@@ -362,6 +362,38 @@ def open_rel_dir(root_fd: int, rel: str) -> int:
     return fd
 
 
+def open_beneath(root_fd: int, rel: str, create: bool = False, mode: int = 0o777) -> int:
+    """Open the directory root/rel (``rel``: "/"-separated, already checked
+    to hold no "..", "." or empty component) one component at a time
+    without following a symlink, as openat2's RESOLVE_NO_SYMLINKS would;
+    missing components are made (``mode``, less the umask) when ``create``.
+
+    Raises OSError: ELOOP when a component is a symlink (the path would
+    leave the tree below ``root_fd``: the caller refuses it), ENOTDIR when
+    one is another kind of file, ENOENT when one is missing and ``create``
+    is off. Each component is opened with O_NOFOLLOW, so a component
+    swapped for a symlink while this runs is refused, never followed."""
+    fd = os.dup(root_fd)
+    try:
+        for part in (rel.split("/") if rel else []):
+            try:
+                nxt = open_dir_at(fd, part)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass                        # made meanwhile: opened (without following) below
+                nxt = open_dir_at(fd, part)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def hash_under(root: str, files: list[tuple[str, int, int]]) -> dict[str, str]:
     """BLAKE3 (hex) of root/path for each (path, size, mtime_ns) that still has
     that size and mtime; reached without following symlinks. Files are taken

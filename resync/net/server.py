@@ -33,55 +33,63 @@ class _Locks:
     that two servers on one machine exclude each other too) and by the
     session writing it.
 
-    A new push from the device that holds a destination supersedes the old
-    one: that connection is dead or dying (a client killed and run again —
-    Syncthing likewise replaces a device's old connection with its new one);
-    the old session is stopped and checkpointed before the new one starts
-    (which resumes from that checkpoint). Another device's push is refused as busy."""
+    A push excludes every other push into the same directory and into any
+    directory above or below it (a ``push --delete`` into m/x would delete
+    m/x/sub with the staging of a push into it). Directories are keyed by
+    the module's real path joined with the path the client named, which the
+    server opened beneath the module without following a symlink: two keys
+    name nested directories exactly when one is a prefix of the other.
+
+    A new push from the device that holds the very same destination
+    supersedes the old one: that connection is dead or dying (a client
+    killed and run again — Syncthing likewise replaces a device's old
+    connection with its new one); the old session is stopped and
+    checkpointed before the new one starts (which resumes from that
+    checkpoint). Any other overlapping push is refused as busy."""
 
     def __init__(self):
-        self.held: dict[str, tuple[int, object, object]] = {}     # real path -> (fd, session, link)
+        self.held: dict[str, tuple[int, object, object]] = {}     # key -> (fd, session, link)
         self.links: dict[int, object] = {}                        # id(session) -> its link
 
-    def take(self, path: str, session) -> bool:
-        real = os.path.realpath(path)
-        if real in self.held:
-            fd, old, link = self.held[real]
-            if old.client_id != session.client_id or old.finished:
-                return old.finished and self._retake(real, session)
+    @staticmethod
+    def _nested(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+    def take(self, key: str, fd: int, session) -> bool:
+        """Hold the directory open as ``fd`` (keyed ``key``) for ``session``;
+        False if an overlapping push holds it."""
+        for other in [k for k in self.held if self._nested(k, key)]:
+            _, old, link = self.held[other]
+            if old.finished:
+                self.release(other)
+                continue
+            if other != key or old.client_id != session.client_id:
+                return False
             from ..errors import ConnectionFailed
             log(f"{old.client_id}: a new connection from the same device supersedes the transfer into "
-                f"{os.path.relpath(real, old.module.path) if old.module else real}")
+                f"{old.target or key}")
             old.fail(ConnectionFailed("superseded by a new connection from the same device"))
             if link is not None:
                 link.drive()
                 link.close()
-            self.release(path)
-        return self._retake(real, session)
-
-    def _retake(self, real: str, session) -> bool:
-        if real in self.held:
-            self.release(real)
+            self.release(other)
+        lock_fd = os.dup(fd)
         try:
-            os.makedirs(real, exist_ok=True)
-            fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return True                     # the receiver reports why it cannot write there
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            os.close(lock_fd)
             return False
-        self.held[real] = (fd, session, self.links.get(id(session)))
+        except OSError:
+            pass                                # a file system without locks: held in this process only
+        self.held[key] = (lock_fd, session, self.links.get(id(session)))
         return True
 
-    def release(self, path: str | None, session=None) -> None:
-        if path is None:
+    def release(self, key: str | None, session=None) -> None:
+        if key is None:
             return
-        real = os.path.realpath(path)
-        held = self.held.get(real)
+        held = self.held.get(key)
         if held is not None and (session is None or held[1] is session):
-            del self.held[real]
+            del self.held[key]
             os.close(held[0])
 
 
@@ -113,7 +121,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
             loop.call_soon(finish)
 
         def finish():
-            locks.release(session.target if session.hello is not None and session.hello.push else None, session)
+            locks.release(session.target_key if session.hello is not None and session.hello.push else None, session)
             locks.links.pop(id(session), None)
             recorder = getattr(session, "recorder", None)
             if recorder is not None:

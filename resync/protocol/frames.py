@@ -512,8 +512,10 @@ class FrameReader:
     """Cuts a byte stream into frames: ``feed(data)``, then ``frames()``.
     Holds at most one frame's bytes beyond what it was given."""
 
-    def __init__(self):
+    def __init__(self, limit: int = MAX_FRAME):
         self._buf = bytearray()
+        self.limit = limit                     # the longest frame taken now (a server lowers it
+                                               # until the client has proved its key)
 
     def feed(self, data) -> None:
         self._buf += data
@@ -521,8 +523,8 @@ class FrameReader:
     def frames(self):
         while len(self._buf) >= _HEAD.size:
             length, kind = _HEAD.unpack_from(self._buf, 0)
-            if not 1 <= length <= MAX_FRAME:
-                raise ProtocolError(f"frame length {length} out of range")
+            if not 1 <= length <= self.limit:
+                raise ProtocolError(f"frame length {length} out of range (at most {self.limit} here)")
             if len(self._buf) < 4 + length:
                 return
             body = bytes(self._buf[_HEAD.size:4 + length])

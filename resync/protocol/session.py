@@ -35,6 +35,7 @@ Done; the sender says Bye.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -75,6 +76,8 @@ REPAIR_LAG = 4                   # a short stripe this many stripes behind a com
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
 SMALL_FILE = 1 << 20             # files up to this size are read, not mapped, by the sender
 EARLY_BYTES = 8 << 20            # shard bytes a receiver holds for wanted files whose File frame is late
+HELLO_LIMIT = (1 << 20) + (1 << 18)   # longest frame a server takes before Hello: a Hello at most
+AUTH_LIMIT = 256                 # ... and after it, before Auth (an Auth is 69 bytes)
 
 # Error frame codes and the exit codes they become (README: exit codes).
 E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -315,12 +318,14 @@ class Module:
 class ServerSession(Session):
     """The server's end: checks the client's proof and permissions, then
     becomes the receiver (a push) or the sender (a pull) of ``module/path``.
-    ``lock(path, session)`` takes the destination for this transfer
+    ``lock(key, fd, session)`` takes the destination (open as fd) for this transfer
     (False: another device's transfer holds it)."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
                  bwlimit: float = 0, min_parity: int = 1):
         super().__init__()
+        self._reader.limit = HELLO_LIMIT       # until the client has proved its key: no frame
+                                               # longer than a Hello can be (nothing held for more)
         self.bwlimit, self.min_parity = bwlimit, min_parity
         self.rate_limit = 0.0               # what this server may send per second in a pull (0: no limit)
         self.identity, self.cert_der, self.modules = identity, cert_der, modules
@@ -330,7 +335,13 @@ class ServerSession(Session):
         self.nonce = os.urandom(16)
         self.client_id: str | None = None
         self.module: Module | None = None
-        self.target: str | None = None
+        self.target: str | None = None          # module/path as a path (for logs and history)
+        self.target_key: str | None = None      # the module's real path joined with the checked path
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether the client has proved its key (a refused client has too, or not)."""
+        return self.client_id is not None
 
     def _handshake(self, frame, now: float) -> None:
         from ..identity import device_id, verify_signature
@@ -338,6 +349,7 @@ class ServerSession(Session):
             if frame.version != F.VERSION:
                 raise ProtocolError(f"version {frame.version} not supported (this server speaks {F.VERSION})")
             self.hello = frame
+            self._reader.limit = AUTH_LIMIT
             self.send(F.Challenge(self.nonce))
             return
         if not isinstance(frame, F.Auth) or self.hello is None:
@@ -348,6 +360,7 @@ class ServerSession(Session):
             self._refuse(E_AUTH, "the client did not prove its key")
             return
         self.client_id = device_id(h.client_key)
+        self._reader.limit = F.MAX_FRAME
         module = self.modules.get(os.fsdecode(h.module))
         if module is None:
             self._refuse(E_NO_MODULE, f"no module {os.fsdecode(h.module)!r}")
@@ -363,23 +376,68 @@ class ServerSession(Session):
         except ProtocolError:
             self._refuse(E_DENIED, "the path leaves the module")
             return
+        options = Options.from_hello(h)
+        fd = self._open_target(module, rel, create=h.push and not options.dry_run)
+        if fd is None:
+            return                              # refused, and said why
         self.module = module
         self.target = os.path.join(module.path, rel) if rel else module.path
-        options = Options.from_hello(h)
-        if h.push and self.lock is not None and not self.lock(self.target, self):
-            self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running; try again later")
+        self.target_key = os.path.join(os.path.realpath(module.path), rel) if rel else \
+            os.path.realpath(module.path)
+        if h.push and fd >= 0 and self.lock is not None and not self.lock(self.target_key, fd, self):
+            os.close(fd)
+            self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running (or into a directory "
+                                 "above or below it); try again later")
             return
-        if not h.push and not os.path.isdir(self.target):
-            self._refuse(E_NO_MODULE, f"{module.name}/{rel}: no such directory")      # before Welcome: the
-            return                                                                      # client makes nothing
         self.send(F.Welcome(WINDOW))
         report = self.report_factory(self) if self.report_factory and h.push else None
-        if h.push:
-            self.role = _Receiver(self, self.target, options, report, remote_items=True)
-        else:
-            limits = [x for x in (self.bwlimit, options.bwlimit) if x]
-            self.rate_limit = min(limits) if limits else 0.0
-            self.role = _Sender(self, self.target, options, window=WINDOW, min_parity=self.min_parity)
+        try:
+            if h.push:
+                self.role = _Receiver(self, self.target, options, report, remote_items=True, root_fd=fd)
+            else:
+                limits = [x for x in (self.bwlimit, options.bwlimit) if x]
+                self.rate_limit = min(limits) if limits else 0.0
+                self.role = _Sender(self, self.target, options, window=WINDOW, min_parity=self.min_parity,
+                                    root_fd=fd)
+        except BaseException:
+            if self.role is None and fd >= 0:
+                os.close(fd)
+            raise
+
+    def _open_target(self, module: Module, rel: str, create: bool) -> int | None:
+        """The directory module/rel, opened beneath the module's own path
+        without following a symlink at any component (scan.open_beneath),
+        made if ``create`` (a push). The module's path is the operator's and
+        is followed; nothing a client or a file in the module names is: a
+        symlink on the way is refused as leaving the module, whether it
+        points out or not (rsync's daemon refuses the same since 3.4).
+        None (refused, the client told why); -1 for a dry-run push into a
+        directory that does not exist yet."""
+        from ..scan import open_beneath
+        shown = f"{module.name}/{rel}" if rel else module.name
+        try:
+            if create and not os.path.lexists(module.path):
+                os.makedirs(module.path, exist_ok=True)     # (the operator's path: made as configured)
+            base = os.open(module.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._refuse(E_NO_MODULE, f"module {module.name!r} is not available: {exc.strerror or exc}")
+            return None
+        try:
+            return open_beneath(base, rel, create=create, mode=0o777)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and self.hello.push and not create:
+                return -1                       # a dry run: nothing is made
+            if exc.errno == errno.ELOOP:
+                self._refuse(E_DENIED, f"{shown}: the path leaves the module (a symlink on the way)")
+            elif exc.errno == errno.ENOTDIR:
+                self._refuse(E_NO_MODULE, f"{shown}: not a directory")
+            elif exc.errno == errno.ENOENT:     # before Welcome: the client makes nothing
+                self._refuse(E_NO_MODULE, f"{shown}: no such directory")
+            else:
+                self._refuse(E_DENIED, f"{shown}: {exc.strerror or exc}")
+            return None
+        finally:
+            os.close(base)
 
     def _refuse(self, code: int, message: str) -> None:
         self.send(F.Error(code, os.fsencode(message)))
@@ -413,9 +471,19 @@ class _Outgoing:
 
 
 class _Sender:
-    """Lists ``root`` and sends what the receiver asks for."""
+    """Lists ``root`` and sends what the receiver asks for.
 
-    def __init__(self, session: Session, root: str, options: Options, window: int, min_parity: int = 1):
+    Everything below the root is reached from the root's descriptor one
+    component at a time without following a symlink (scan.open_rel_dir),
+    files are opened with O_NOFOLLOW in their directory's descriptor: a
+    directory swapped for a symlink while the tree is listed or sent is
+    refused, never followed out of the tree (rsync CVE-2024-12747's kind).
+    ``root_fd``: the root already opened (the server opens a module path
+    beneath the module); else ``root`` is opened, following a symlink there
+    only (the user named it)."""
+
+    def __init__(self, session: Session, root: str, options: Options, window: int, min_parity: int = 1,
+                 root_fd: int | None = None):
         from ..erasure.policy import ParityPolicy
         from ..scan import Excludes
         self.s, self.root, self.options = session, root, options
@@ -442,8 +510,32 @@ class _Sender:
         self.spill: deque = deque()             # shards made but not yet handed out (over a call's limit)
         self.last_ack = 0.0
         self.tmp = None
+        self.root_fd = root_fd
+        self._dir_fd: tuple[int, int] | None = None     # (directory index, its descriptor): the last opened
 
     # listing
+    def _open_dir(self, rel: str) -> int:
+        """A new descriptor of root/rel, reached without following symlinks."""
+        from ..scan import open_rel_dir
+        if self.root_fd is None:
+            self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return open_rel_dir(self.root_fd, rel)
+
+    def _dir_of(self, index: int) -> int:
+        """The descriptor of listed directory ``index`` (kept while the
+        receiver's Wants stay in one directory, as they mostly do)."""
+        if self._dir_fd is not None and self._dir_fd[0] == index:
+            return self._dir_fd[1]
+        self._close_dir()
+        fd = self._open_dir(self.dirs[index])
+        self._dir_fd = (index, fd)
+        return fd
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd[1])
+            self._dir_fd = None
+
     def _listing(self):
         from ..scan import list_dir
         stack = [""]
@@ -451,46 +543,54 @@ class _Sender:
             rel = stack.pop()
             index = len(self.dirs)
             self.dirs.append(rel)
-            path = os.path.join(self.root, rel) if rel else self.root
             try:
-                entries, _, gone = list_dir(path, self.excludes, rel, skip_temps=True)
-            except OSError as exc:
+                fd = self._open_dir(rel)
+            except OSError as exc:              # (ELOOP: swapped for a symlink since its parent was listed)
                 yield F.DirFailed(index, os.fsencode(rel), exc.errno or 0, os.fsencode(exc.strerror or str(exc)))
                 continue
-            listed = []
-            for e in entries:
-                target = b""
-                if e.kind == "L":
-                    try:
-                        target = os.readlink(os.fsencode(os.path.join(path, e.name)))
-                    except OSError:
-                        gone.append(e.name)
-                        continue
-                digest = b""
-                if self.options.checksum and e.kind == "f":
-                    digest = self._hash(os.path.join(path, e.name))
-                    if digest is None:
-                        gone.append(e.name)
-                        continue
-                seconds, ns = divmod(e.mtime_ns, 10**9)
-                listed.append(F.Listed(os.fsencode(e.name), "fdLDS".index(e.kind) + 1, e.mode, seconds, ns,
-                                       e.size if e.kind in "fL" else 0, e.uid, e.gid, e.rdev, target, digest))
             try:
-                st = os.lstat(path)
-                seconds, ns = divmod(st.st_mtime_ns, 10**9)
-                attrs = F.Listed(b"", 2, st.st_mode, seconds, ns, 0, st.st_uid, st.st_gid, 0, b"", b"")
+                frame, entries = self._list(fd, index, rel, list_dir)
             except OSError as exc:
-                yield F.DirFailed(index, os.fsencode(rel), exc.errno or 0, os.fsencode(exc.strerror or str(exc)))
-                continue
-            yield F.Dir(index, os.fsencode(rel), attrs, tuple(listed), tuple(sorted(os.fsencode(n) for n in gone)))
+                frame, entries = F.DirFailed(index, os.fsencode(rel), exc.errno or 0,
+                                             os.fsencode(exc.strerror or str(exc))), ()
+            finally:
+                os.close(fd)
+            yield frame
             stack.extend(reversed([os.path.join(rel, e.name) if rel else e.name for e in entries
                                    if e.kind == "d"]))
 
+    def _list(self, fd: int, index: int, rel: str, list_dir):
+        """The Dir frame of the directory open as ``fd``, and its entries."""
+        entries, _, gone = list_dir(fd, self.excludes, rel, skip_temps=True)
+        listed = []
+        for e in entries:
+            target = b""
+            if e.kind == "L":
+                try:
+                    target = os.readlink(os.fsencode(e.name), dir_fd=fd)
+                except OSError:
+                    gone.append(e.name)
+                    continue
+            digest = b""
+            if self.options.checksum and e.kind == "f":
+                digest = self._hash(fd, e.name)
+                if digest is None:
+                    gone.append(e.name)
+                    continue
+            seconds, ns = divmod(e.mtime_ns, 10**9)
+            listed.append(F.Listed(os.fsencode(e.name), "fdLDS".index(e.kind) + 1, e.mode, seconds, ns,
+                                   e.size if e.kind in "fL" else 0, e.uid, e.gid, e.rdev, target, digest))
+        st = os.fstat(fd)
+        seconds, ns = divmod(st.st_mtime_ns, 10**9)
+        attrs = F.Listed(b"", 2, st.st_mode, seconds, ns, 0, st.st_uid, st.st_gid, 0, b"", b"")
+        frame = F.Dir(index, os.fsencode(rel), attrs, tuple(listed), tuple(sorted(os.fsencode(n) for n in gone)))
+        return frame, entries
+
     @staticmethod
-    def _hash(path: str) -> bytes | None:
+    def _hash(dir_fd: int, name: str) -> bytes | None:
         from ..content import hash_fd
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError:
             return None
         try:
@@ -519,7 +619,7 @@ class _Sender:
             self.wants.append(frame)
             if self.s.progress is not None:     # -P: the total is known as the receiver asks
                 try:
-                    size = os.lstat(self._path(frame)).st_size
+                    size = os.stat(frame.name, dir_fd=self._dir_of(frame.dir_index), follow_symlinks=False).st_size
                 except OSError:
                     size = 0
                 self.queued[frame.file_id] = size
@@ -702,7 +802,7 @@ class _Sender:
         k = self._file_k(want)
         m = self._full_parity(k)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(want.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_of(want.dir_index))
         except OSError as exc:
             status = F.FILE_VANISHED if isinstance(exc, FileNotFoundError) else F.FILE_ERROR
             self._send_file(F.File(want.file_id, status, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, k, m,
@@ -881,6 +981,10 @@ class _Sender:
             if o.closer is not None:
                 o.closer()
         self.active.clear()
+        self._close_dir()
+        if self.root_fd is not None and self.root_fd >= 0:
+            os.close(self.root_fd)
+        self.root_fd = -1
         if self.tmp is not None:
             import shutil
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -916,7 +1020,7 @@ class _Receiver:
     """Plans ``root`` against the sender's listing and applies what arrives."""
 
     def __init__(self, session: Session, root: str, options: Options, report=None, remote_items: bool = False,
-                 hold: bool = False):
+                 hold: bool = False, root_fd: int | None = None):
         from ..apply import Applier
         from ..content import Options as ContentOptions
         from ..plan import PlanOptions, Planner
@@ -933,7 +1037,10 @@ class _Receiver:
         self.owners = os.geteuid() == 0
         self.apply = Applier(root, report, ContentOptions(hash_files=True), dry_run=options.dry_run,
                              owners=self.owners, workers=0, replace_trees=options.delete)
-        self.apply.open_root()
+        if root_fd is None:
+            self.apply.open_root()
+        else:
+            self.apply.adopt_root(root_fd)      # opened beneath the module (the server)
         if hold and not options.dry_run and self.apply.root_fd >= 0:
             self._hold(root)                    # before staging: two runs never take each other's
         self.links: dict[str, bytes] = {}
