@@ -17,7 +17,11 @@ it with the receiver's listing. The same rules decide for all of them:
   are created, replaced, or fixed in place when only their times, mode or
   owner differ; an entry of another type is removed first.
 - With ``delete``, destination entries missing from the source are deletion
-  candidates (excluded ones are protected, as in rsync). They are deleted only
+  candidates (excluded ones are protected, as in rsync; inside a candidate
+  directory the apply layer protects them). A candidate whose name equals a
+  source name but for case or Unicode normalization is noted with it
+  (``Deletions.aliases``): a destination that takes the two for one entry
+  holds the source's file there. They are deleted only
   if every transfer succeeded, never when the source root is empty, and not at
   all when there are more than ``max_delete``: ``deletion_refusal`` says why not.
 
@@ -29,7 +33,7 @@ import os
 import stat
 from typing import Callable
 
-from .apply import itemize
+from .apply import Deletions, itemize
 from .report import Report
 from .scan import Entry, Excludes, join
 
@@ -67,7 +71,7 @@ class Planner:
         self.keep = keep
         self.link_target = link_target
         self.same_content = same_content
-        self.deletions: list[tuple[str, Entry]] = []       # (directory, destination entry)
+        self.deletions = Deletions()                    # (directory, destination entry)
 
     def directory(self, rel: str, entries: list[Entry], dst: dict, dst_fd: int | None = None,
                   skip: str | None = None) -> list[tuple]:
@@ -116,11 +120,15 @@ class Planner:
                                         owners=owners)))
         if self.opt.delete and dst:
             excludes = self.opt.excludes
+            names = []
             for name in sorted(dst):
                 e = Entry.from_stat(name, dst[name])
                 if excludes and excludes.excluded(join(rel, name), e.kind == "d"):
                     continue    # excluded files are protected, as in rsync
                 self.deletions.append((rel, e))
+                names.append(name)
+            if names:
+                self.deletions.note_aliases(rel, names, (e.name for e in entries))
         return out
 
     def _file(self, out: list, rel: str, e: Entry, prev: Entry | None, dst_fd: int | None) -> None:

@@ -106,7 +106,7 @@ class Syncer:
         self.apply = Applier(self.dst, self.report,
                              Options(self.opt.whole_file, self.opt.hash_files), dry_run=self.opt.dry_run,
                              owners=owners, workers=max(1, self.opt.threads or thread_count()),
-                             replace_trees=self.opt.delete)
+                             replace_trees=self.opt.delete, excludes=self._excludes)
         self.plan = Planner(PlanOptions(self.opt.checksum, self.opt.delete, self.opt.max_delete, self._excludes,
                                         owners),
                             self.report, lambda path, e: self.report.entry(path, e, None),

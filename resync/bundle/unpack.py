@@ -21,7 +21,7 @@ import os
 import stat
 import time
 
-from ..apply import Applier, Dir, open_up_at
+from ..apply import Applier, Deletions, Dir, open_up_at
 from ..content import ContentError, Options
 from ..errors import UsageError, VerificationError
 from ..fs import raise_os_error
@@ -136,8 +136,7 @@ class _Unpacker:
             staged = self._stage(decisions, current)
             apply.make_staged_durable()
             self._place(decisions, current, staged)
-            apply.delete([(p.rpartition("/")[0], current[p]) for p in reversed(trailer.deletions) if p in current],
-                         apply.count_tree)
+            apply.delete(self._deletions(current), apply.count_tree)
             apply.end_staging()                 # before the root's attributes: it changed the root's mtime
             self._finish_dirs(current)
         except BaseException:
@@ -145,6 +144,26 @@ class _Unpacker:
             raise
         finally:
             apply.close()
+
+    def _deletions(self, current: dict) -> Deletions:
+        """The bundle's deletions still in the destination, children first,
+        each noted with the manifest's names it may be on a case-insensitive
+        destination (there the file placed under the manifest's spelling is
+        the entry the bundle's tree signature listed under the old one)."""
+        gone = Deletions((p.rpartition("/")[0], current[p]) for p in reversed(self.trailer.deletions)
+                         if p in current)
+        by_dir: dict[str, list[str]] = {}
+        for rel, e in gone:
+            by_dir.setdefault(rel, []).append(e.name)
+        if by_dir:
+            names: dict[str, list[str]] = {}
+            for path in self.manifest:
+                rel, _, name = path.rpartition("/")
+                if rel in by_dir:
+                    names.setdefault(rel, []).append(name)
+            for rel, candidates in by_dir.items():
+                gone.note_aliases(rel, candidates, names.get(rel, ()))
+        return gone
 
     def _list_destination(self) -> dict:
         """path -> Entry of everything in the destination. A directory that
