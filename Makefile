@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 	@$(PY) -m resync.kernels.build || true
 
-# Debian tools the tests and benchmarks compare against; installed only when missing.
+# Debian tools the tests and benchmarks compare against (rdiff, rsync), and exFAT over FUSE (a
+# case-insensitive destination for the deletion tests); installed only when missing.
 tools:
 	@missing=""; \
 	command -v rdiff >/dev/null 2>&1 || missing="$$missing rdiff"; \
 	command -v rsync >/dev/null 2>&1 || missing="$$missing rsync"; \
+	command -v mount.exfat-fuse >/dev/null 2>&1 || missing="$$missing exfat-fuse"; \
+	command -v mkfs.exfat >/dev/null 2>&1 || missing="$$missing exfatprogs"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

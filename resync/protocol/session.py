@@ -45,17 +45,18 @@ import stat
 import time
 from collections import deque
 
-from ..errors import ResyncError
+from ..errors import FileError, NoSpaceError, ResyncError
 from . import frames as F
 from .frames import ProtocolError
 from .shards import MAX_INDEX as MAX_SHARDS
-from .shards import StripeAssembler, StripeEncoder, parse, stripe_count
+from .shards import PROBE, StripeAssembler, StripeEncoder, parse, stripe_count
 
 AUTH_CONTEXT = b"resync-auth-v1"
 # One shard per DATAGRAM frame in a 1,350-byte QUIC packet: short header (1 + 8-byte connection
 # ID + packet number, at most 4), AEAD tag 16, frame type and length 3: at most 1,318 bytes of
 # datagram, of which the shard header takes 19 (shards.HEADER).
-SHARD_SIZE = 1296
+SHARD_SIZE = 1296                # (at QUIC's 1,200-byte minimum: 1,136; see shard_size_for)
+MIN_SHARD_SIZE = 64              # the smallest shard a peer may ask to resume with
 DEFAULT_K = 128                  # data shards per full stripe (128 x 1,296 B = 162 KiB of content)
 MIN_PARITY = 1                   # parity shards per full stripe even on a link that loses nothing
 LOSSLESS = 1e-4                  # a loss estimate below this: the link loses nothing
@@ -81,6 +82,15 @@ AUTH_LIMIT = 256                 # ... and after it, before Auth (an Auth is 69 
 
 # Error frame codes and the exit codes they become (README: exit codes).
 E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
+E_NO_SPACE, E_FILE = 9, 10        # the peer's disk is full (exit 6), or failed to read or write (exit 3)
+
+
+class PeerNoSpaceError(NoSpaceError):
+    """the peer ran out of space: {}"""
+
+
+class PeerFileError(FileError):
+    """the peer could not read or write: {}"""
 
 
 class RefusedError(ResyncError):
@@ -129,8 +139,26 @@ class Options:
                    None if h.max_delete < 0 else h.max_delete, excludes, h.bwlimit)
 
 
+def shard_size_for(datagram_size: int) -> int:
+    """Shard bytes per datagram in a QUIC packet of ``datagram_size`` bytes
+    of UDP payload (a multiple of 16): the packet's short header (1 + an
+    8-byte connection ID + a packet number of at most 4), its AEAD tag (16)
+    and the DATAGRAM frame's type and length (3) leave datagram_size - 32,
+    of which the shard header takes 19 (shards.HEADER). 1,350 -> 1,296;
+    1,200 (QUIC's minimum) -> 1,136."""
+    from .shards import HEADER
+    return (datagram_size - 32 - HEADER) // 16 * 16
+
+
 class Session:
-    """One connection's protocol state. Subclasses: ClientSession, ServerSession."""
+    """One connection's protocol state. Subclasses: ClientSession, ServerSession.
+
+    The transport sets ``shard_size`` (what a datagram holds on the path as
+    confirmed so far: files started later are cut to it) and
+    ``path_settled`` (False while it still searches the path's MTU: a
+    sender starts no file before, so that a large file is not cut into the
+    smaller shards of the minimum; the transport settles it within a few
+    RTTs whatever the search finds)."""
 
     def __init__(self):
         self._reader = F.FrameReader()
@@ -138,41 +166,56 @@ class Session:
         self.role = None                 # _Sender or _Receiver once authenticated
         self.finished = False
         self.error: ResyncError | None = None
+        self.cleanup_error = ""           # what failed while a failed session cleaned up (for the log)
         self.result: dict = {}
         self.rtt = 0.05                  # the transport's estimate (net sets it)
+        self.shard_size = SHARD_SIZE     # shard bytes a datagram holds on this path (net sets it)
+        self.path_settled = True         # False while the transport searches the path's MTU
         self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
                       "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
     # -- the transport's surface ----------------------------------------------------
-    def receive_stream(self, data: bytes, now: float) -> None:
-        self.stats["control_bytes_received"] += len(data)
-        self._reader.feed(data)
+    # Whatever goes wrong inside a call from the transport ends the session
+    # with one error (its peer told, its receiver cleaned up) and never
+    # escapes into the transport's event loop: an OSError (a full disk, an
+    # I/O error) becomes the resync error it is, anything else an internal
+    # error. A session that has failed is finished: no call does more work.
+    def _guarded(self, call, *args):
         try:
-            for frame in self._reader.frames():
-                if self.finished:
-                    return
-                self._frame(frame, now)
+            return call(*args)
         except ResyncError as exc:
             self.fail(exc)
+        except OSError as exc:
+            from ..fs import os_error
+            self.fail(os_error(exc.filename or "the transfer", exc))
+        except Exception as exc:                # a bug: one line, not a traceback per packet
+            from ..errors import InternalError
+            self.fail(InternalError(f"{type(exc).__name__}: {exc}"))
+        return None
+
+    def receive_stream(self, data: bytes, now: float) -> None:
+        self.stats["control_bytes_received"] += len(data)
+        if not self.finished:
+            self._guarded(self._take_stream, data, now)
+
+    def _take_stream(self, data: bytes, now: float) -> None:
+        self._reader.feed(data)
+        for frame in self._reader.frames():
+            if self.finished:
+                return
+            self._frame(frame, now)
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         self.stats["datagrams_received"] += 1
         self.stats["datagram_bytes_received"] += len(data)
-        if self.finished or not isinstance(self.role, _Receiver):
-            return
-        shard = parse(data)
-        try:
-            self.role.shard(shard, now)
-        except ResyncError as exc:
-            self.fail(exc)
+        if self.finished or not isinstance(self.role, _Receiver) or data[:1] == PROBE:
+            return                              # (a path MTU probe's padding: nothing to take)
+        self._guarded(self.role.shard, parse(data), now)
 
     def stream_to_send(self) -> bytes:
         if self.role is not None and not self.finished:
-            try:
-                self.role.pump()
-            except ResyncError as exc:
-                self.fail(exc)
+            self._guarded(self.role.pump)
         out, self._out = bytes(self._out), bytearray()
         self.stats["control_bytes_sent"] += len(out)
         return out
@@ -180,11 +223,7 @@ class Session:
     def datagrams_to_send(self, now: float, limit: int) -> list[bytes]:
         if self.finished or not isinstance(self.role, _Sender):
             return []
-        try:
-            out = self.role.datagrams(now, limit)
-        except ResyncError as exc:
-            self.fail(exc)
-            return []
+        out = self._guarded(self.role.datagrams, now, limit) or []
         self.stats["datagrams_sent"] += len(out)
         self.stats["datagram_bytes_sent"] += sum(len(d) for d in out)
         return out
@@ -202,10 +241,7 @@ class Session:
 
     def handle_timer(self, now: float) -> None:
         if self.role is not None and not self.finished:
-            try:
-                self.role.timer(now)
-            except ResyncError as exc:
-                self.fail(exc)
+            self._guarded(self.role.timer, now)
 
     def connection_lost(self, why: str) -> None:
         """The transport is gone (idle timeout, reset): a transfer not
@@ -234,7 +270,8 @@ class Session:
         if tell_peer:
             from ..errors import ConnectionFailed, TimedOut
             code = E_CUT if isinstance(exc, (ConnectionFailed, TimedOut)) else E_BUSY if isinstance(exc, BusyError) \
-                else {12: E_PROTOCOL, 13: E_AUTH}.get(getattr(exc, "exit_code", 0), E_INTERNAL)
+                else {12: E_PROTOCOL, 13: E_AUTH, 6: E_NO_SPACE, 3: E_FILE}.get(getattr(exc, "exit_code", 0),
+                                                                              E_INTERNAL)
             try:
                 self.send(F.Error(code, os.fsencode(str(exc))))
             except ResyncError:
@@ -242,7 +279,10 @@ class Session:
         self.error = exc
         self.finished = True
         if self.role is not None:
-            self.role.abort(exc)
+            try:
+                self.role.abort(exc)
+            except Exception as cleanup:        # (the disk that failed the run may fail its cleanup too)
+                self.cleanup_error = f"{type(cleanup).__name__}: {cleanup}"
 
     def finish(self, result: dict) -> None:
         self.result = result
@@ -266,6 +306,10 @@ class Session:
         elif frame.code == E_CUT:
             from ..errors import ConnectionFailed
             exc = ConnectionFailed(f"the peer says: {message}")
+        elif frame.code == E_NO_SPACE:
+            exc = PeerNoSpaceError(message)
+        elif frame.code == E_FILE:
+            exc = PeerFileError(message)
         else:
             exc = ProtocolError(f"the peer says: {message}")
         self.fail(exc, tell_peer=False)
@@ -502,7 +546,6 @@ class _Sender:
         self.policy = ParityPolicy(self.k, mode="target", target=STRIPE_TARGET)
         self.loss_reports = 0
         self.loss_packets = 0                   # packets the loss estimate rests on
-        self.shard_size = SHARD_SIZE
         self.sent_files = 0
         self.repair_shards = 0
         self.probes = 0
@@ -609,7 +652,7 @@ class _Sender:
                     self.s.progress.scanned()
                 break
             self.s.send(frame)
-        while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window:
+        while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window and self.s.path_settled:
             self._start(self.wants.popleft())
 
     def frame(self, frame, now: float) -> None:
@@ -717,18 +760,20 @@ class _Sender:
             return p
         return min(0.5, p + 2 * math.sqrt(p * (1 - p) / n))
 
-    def _file_k(self, want: F.Want) -> int:
-        """Data shards per stripe for the file ``want`` asks for: a cut
-        transfer's (so that the stripes the receiver kept are skipped),
-        else the k with the least parity per data shard at the loss
-        estimated now (``stripe_k``), or K_UNKNOWN before any estimate (a
-        single large file starts before the first loss sample)."""
+    def _file_geometry(self, want: F.Want) -> tuple[int, int]:
+        """(data shards per stripe, shard bytes) for the file ``want`` asks
+        for: a cut transfer's (so that the stripes the receiver kept are
+        skipped) if its shards still fit the path's datagrams; else the k
+        with the least parity per data shard at the loss estimated now
+        (``stripe_k``), or K_UNKNOWN before any estimate (a single large
+        file starts before the first loss sample), and the largest shard
+        the path carries now (``Session.shard_size``)."""
         r = want.resume
-        if r is not None and 1 <= r.k < MAX_SHARDS and r.shard_size == self.shard_size:
-            return r.k
+        if r is not None and 1 <= r.k < MAX_SHARDS and MIN_SHARD_SIZE <= r.shard_size <= self.s.shard_size:
+            return r.k, r.shard_size
         if self.loss_reports == 0:              # (the first files: nothing measured yet)
-            return K_UNKNOWN
-        return stripe_k(self.policy.loss)
+            return K_UNKNOWN, self.s.shard_size
+        return stripe_k(self.policy.loss), self.s.shard_size
 
     def observe_loss(self, lost: int, sent: int) -> None:
         """The transport's count of datagrams lost among those whose fate it
@@ -799,14 +844,14 @@ class _Sender:
 
         from ..fs import MappedFile, pread_all
         path = self._path(want)
-        k = self._file_k(want)
+        k, shard_size = self._file_geometry(want)
         m = self._full_parity(k)
         try:
             fd = os.open(want.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_of(want.dir_index))
         except OSError as exc:
             status = F.FILE_VANISHED if isinstance(exc, FileNotFoundError) else F.FILE_ERROR
             self._send_file(F.File(want.file_id, status, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, k, m,
-                                   self.shard_size, os.fsencode(exc.strerror or str(exc))), None, None)
+                                   shard_size, os.fsencode(exc.strerror or str(exc))), None, None)
             return
         try:
             st = os.fstat(fd)
@@ -823,7 +868,7 @@ class _Sender:
             os.close(fd)
             msg = exc.strerror if isinstance(exc, OSError) else str(exc)
             self._send_file(F.File(want.file_id, F.FILE_ERROR, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, k, m,
-                                   self.shard_size, os.fsencode(msg or "cannot read")), None, None)
+                                   shard_size, os.fsencode(msg or "cannot read")), None, None)
             return
         os.close(fd)
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
@@ -839,9 +884,9 @@ class _Sender:
                 c()
             raise
         frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
-                       size, st.st_uid, st.st_gid, k, m, self.shard_size, b"", content_hash)
+                       size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash)
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
-                                self.shard_size)
+                                shard_size)
 
         def close():
             for c in closers:
@@ -1036,7 +1081,8 @@ class _Receiver:
         self.stats = report.stats
         self.owners = os.geteuid() == 0
         self.apply = Applier(root, report, ContentOptions(hash_files=True), dry_run=options.dry_run,
-                             owners=self.owners, workers=0, replace_trees=options.delete)
+                             owners=self.owners, workers=0, replace_trees=options.delete,
+                             excludes=Excludes(options.excludes))
         if root_fd is None:
             self.apply.open_root()
         else:
@@ -1348,7 +1394,12 @@ class _Receiver:
         self.since_checkpoint += len(payload)
         if self.since_checkpoint >= CHECKPOINT_BYTES and self.next_checkpoint > now:
             self.next_checkpoint = now          # a fast link: what a kill loses stays bounded
-        if inc.assembler.add(stripe, index, payload):
+        try:
+            stripe_done = inc.assembler.add(stripe, index, payload)
+        except OSError as exc:                  # writing the stripe failed: the run ends (a full disk:
+            from ..fs import os_error            # exit 6), nothing of it placed, staging removed
+            raise os_error(inc.path, exc) from None
+        if stripe_done:
             self.stripes_received += 1
             self.acks.setdefault(fid, []).append(stripe)
             self._advance(inc, stripe)
@@ -1408,6 +1459,11 @@ class _Receiver:
                 staged = self.apply.stage_finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
                                                  time.monotonic() - inc.started, inc.digest)
         except (ContentError, OSError, ResyncError) as exc:
+            from ..fs import NO_SPACE, os_error
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                raise os_error(inc.path, exc) from None     # a full disk ends the run, not one file
+            if isinstance(exc, NoSpaceError):
+                raise
             msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.report.error(inc.path, msg)
             self.s.send(F.FileDone(fid, False, os.fsencode(msg)))
