@@ -24,6 +24,12 @@ class ResyncError(Exception):
         return (self.__doc__ or "{}").format(*self.args)
 
 
+class InternalError(ResyncError):
+    """internal error: {}"""
+
+    exit_code = 1
+
+
 class UsageError(ResyncError):
     """{}"""
 

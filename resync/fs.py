@@ -27,10 +27,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error(path, exc: OSError):
+    """The ResyncError an OSError on ``path`` is: NoSpaceError (exit 6) for a
+    full file system or quota, else FileError (exit 3)."""
+    if exc.errno in NO_SPACE:
+        return NoSpaceError(path, exc.strerror or str(exc))
+    return FileError.from_os(path, exc)
+
+
 def raise_os_error(path, exc: OSError):
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise NoSpaceError(path, exc.strerror) from None
-    raise FileError.from_os(path, exc) from None
+    raise os_error(path, exc) from None
 
 
 @contextmanager

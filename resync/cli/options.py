@@ -95,8 +95,16 @@ def recorded(record: bool, history_path, command: str, source: str, destination:
     except BaseException:
         recorder.finish("failed", None)
         raise
-    recorder.finish("partial" if stats.errors else "vanished" if stats.vanished else "ok", stats)
+    warn_unrecorded(recorder.finish("partial" if stats.errors else "vanished" if stats.vanished else "ok", stats))
     return stats
+
+
+def warn_unrecorded(why: str) -> None:
+    """One line on stderr when a run that went well could not be recorded
+    (RunRecorder.finish's answer): the run's own exit code stands."""
+    if why:
+        import sys
+        print(printable(f"resync: warning: the run is not recorded in the history: {why}"), file=sys.stderr)
 
 
 def parse_rate(value: str) -> float:

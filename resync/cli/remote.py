@@ -6,7 +6,7 @@ import os
 import sys
 
 
-from .options import human, printable, say
+from .options import human, printable, say, warn_unrecorded
 
 
 class _Lines:
@@ -88,9 +88,8 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     stats = RunStats.from_dict(result)
     if recorder is not None:
         from ..net import transfer_row
-        recorder.finish(stats.status, stats, transfer=transfer_row(result, wire, str(remote),
-                                                             getattr(session, "server_id", None),
-                                                             "push" if push else "pull"))
+        warn_unrecorded(recorder.finish(stats.status, stats, transfer=transfer_row(
+            result, wire, str(remote), getattr(session, "server_id", None), "push" if push else "pull")))
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")

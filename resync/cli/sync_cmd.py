@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import history_options, human, json_option, printable, rate_option, say
+from .options import history_options, human, json_option, printable, rate_option, say, warn_unrecorded
 
 
 def _read_patterns(paths) -> list[str]:
@@ -129,7 +129,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         if progress is not None:
             progress.close()
     if recorder is not None:
-        recorder.finish(stats.status, stats)
+        warn_unrecorded(recorder.finish(stats.status, stats))
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), sort_keys=True) + "\n")

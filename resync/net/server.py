@@ -21,6 +21,14 @@ from ..protocol.session import Module, ServerSession
 from .link import PacketBatch, SessionLink, configuration
 
 
+# What a peer can make the server hold before it has proved its key (docs/protocol.md, "Security"):
+MAX_CONNECTIONS = 512             # connections at once; more are refused at once (CONNECTION_REFUSED)
+MAX_UNPROVEN = 32                 # ... of which still without the client's proof
+PROOF_DEADLINE = 20.0             # s from a connection's first packet to the client's proof (Auth)
+PREAUTH_BYTES = (1 << 20) + (1 << 19)   # UDP bytes taken from a connection before its proof (a Hello fits)
+REFUSAL_LOG_INTERVAL = 10.0       # s between log lines about connections refused at the caps
+
+
 def log(message: str) -> None:
     from ..cli.options import printable
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -105,12 +113,39 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     links: set[SessionLink] = set()
     batch: list[PacketBatch] = []               # the listening socket's, once it exists
 
+    refusals = {"count": 0, "logged": 0.0}
+
+    def admit(link) -> str:
+        """Why a new connection is refused at once, or "" (the caps above)."""
+        if len(links) >= MAX_CONNECTIONS:
+            return f"{MAX_CONNECTIONS} connections already"
+        unproven = sum(1 for x in links if x.session is not None and not x.session.finished
+                       and not x.session.authenticated)
+        if unproven >= MAX_UNPROVEN:
+            return f"{MAX_UNPROVEN} connections already wait for their client's proof"
+        return ""
+
+    def refused_at_cap(link, why: str) -> None:
+        link.refuse(why)
+        refusals["count"] += 1
+        now = time.monotonic()
+        if now - refusals["logged"] >= REFUSAL_LOG_INTERVAL:   # (a flood must not flood the log)
+            log(f"refused {refusals['count']} new connection(s) (the last from {peer_of(link)}): {why}")
+            refusals["count"], refusals["logged"] = 0, now
+
+    def deadline(link) -> None:
+        s = link.session
+        if s is not None and not s.finished and not s.authenticated:
+            link.refuse(f"no proof of the client's key within {PROOF_DEADLINE:.0f} s")
+
     def create_protocol(*args, **kwargs):
         link = SessionLink(*args, **kwargs)
         link.batch = batch[0] if batch else None
+        link.preauth_limit = PREAUTH_BYTES
         session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
                                 lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
         started = time.monotonic()
+        why = admit(link)
 
         def done():
             from ..protocol.session import _Receiver
@@ -123,28 +158,41 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         def finish():
             locks.release(session.target_key if session.hello is not None and session.hello.push else None, session)
             locks.links.pop(id(session), None)
+            from ..report import RunStats
+            status = "failed" if session.error is not None else RunStats.from_dict(session.result).status
             recorder = getattr(session, "recorder", None)
             if recorder is not None:
-                status = "failed" if session.error is not None else "ok"
                 from . import transfer_row
                 result = dict(session.result, **session.stats)
                 recorder.finish(status, _Stats(session.result) if session.error is None else None,
                                 transfer=transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
                                                       session.client_id, "receive"))
-            who = session.client_id or "unknown client"
+            who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
             what = (f"{'push into' if session.hello.push else 'pull from'} "
                     f"{session.module.name}/{os.fsdecode(session.hello.path)}") if session.module else "handshake"
             if session.error is not None:
-                log(f"{who}: {what}: {session.error}")
+                log(f"{who}: {what}: {session.error}"
+                    + (f" (and cleaning up: {session.cleanup_error})" if session.cleanup_error else ""))
             else:
                 r = session.result
-                log(f"{who}: {what}: ok, {r.get('files_transferred', 0)} files "
-                    f"({r.get('bytes_transferred', 0)} B), {time.monotonic() - started:.2f} s")
+                detail = {"partial": f"{r.get('errors', 0)} errors",
+                          "refused": f"deletion refused: {r.get('deletion_refused', '')}",
+                          "vanished": f"{r.get('vanished', 0)} vanished"}.get(status)
+                log(f"{who}: {what}: {status}{' (' + detail + ')' if detail else ''}, "
+                    f"{r.get('files_transferred', 0)} files ({r.get('bytes_transferred', 0)} B), "
+                    f"{time.monotonic() - started:.2f} s")
+            if recorder is not None and recorder.failed:
+                log(f"{who}: {what}: not recorded in the history: {recorder.failed}")
             links.discard(link)
 
         link.on_session_done = done
         locks.links[id(session)] = link
         link.session = session                  # driven by the connection's events from now on
+        if why:                                 # (once aioquic has taken the Initial: the close can be sent)
+            loop.call_soon(refused_at_cap, link, why)
+            link.on_session_done = lambda: links.discard(link)
+        else:
+            loop.call_later(PROOF_DEADLINE, deadline, link)
         links.add(link)
         return link
 
@@ -186,11 +234,25 @@ def _report_factory(history: str | None):
         from ..protocol.frames import FLAG_DRY_RUN
         from ..report import Report, RunStats
         from ..store.recorder import RunRecorder
+        from ..store import HistoryError
         if session.hello.flags & FLAG_DRY_RUN:
             return None
-        session.recorder = RunRecorder(history, "serve", f"resync://{session.client_id}", session.target)
+        try:
+            session.recorder = RunRecorder(history, "serve", f"resync://{session.client_id}", session.target)
+        except HistoryError as exc:             # the history's disk full: the push goes on, unrecorded
+            log(f"{session.client_id}: push into {session.target}: not recorded in the history: {exc}")
+            return None
         return Report(RunStats(), on_file=session.recorder.file, on_entry=session.recorder.entry)
     return make
+
+
+def peer_of(link) -> str:
+    """The peer's address as HOST:PORT (as far as the connection knows it)."""
+    addr = link._quic.get_peer_address()
+    if not addr:
+        return "an unknown address"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Stats:

@@ -15,6 +15,9 @@ Datagram layout (little-endian)::
 
     u8 0xD5 | u32 file id | u32 stripe | u16 shard index | 8s check | shard bytes
 
+A datagram whose first byte is 0x50 (``PROBE``) is the padding that fills a
+path MTU probe to its size (resync.net.pmtu): the receiver drops it.
+
 ``check`` is the first 8 bytes of BLAKE3 over the 11 header bytes before it
 and the shard: QUIC already protects packets on the wire, this catches a shard
 corrupted above the transport (a bad relay, a test hook) — it is dropped and
@@ -29,6 +32,7 @@ import numpy as np
 from .frames import ProtocolError
 
 MAGIC = 0xD5
+PROBE = b"\x50"                          # the first byte of a path MTU probe's padding datagram
 HEAD = struct.Struct("<BIIH")
 CHECK = 8
 HEADER = HEAD.size + CHECK               # 19 bytes
@@ -187,17 +191,18 @@ class StripeAssembler:
         """Shards still needed to rebuild ``stripe`` (0 when it is done)."""
         if stripe in self.done:
             return 0
-        return geometry(self.length, self.k, self.size, stripe)[0] - len(self._parts.get(stripe, ()))
+        # (0, not less, for a stripe with all its shards whose write failed: the next shard retries it)
+        return max(0, geometry(self.length, self.k, self.size, stripe)[0] - len(self._parts.get(stripe, ())))
 
     def short(self) -> list[tuple[int, int]]:
-        """(stripe, shards still needed) of every incomplete stripe."""
-        return [(s, self.need(s)) for s in range(self.stripes) if s not in self.done]
+        """(stripe, shards still needed) of every incomplete stripe that lacks shards."""
+        return [(s, n) for s in range(self.stripes) if s not in self.done and (n := self.need(s)) > 0]
 
     def lagging(self, below: int) -> list[tuple[int, int]]:
         """(stripe, shards still needed) of incomplete stripes that some
         shards arrived for, numbered below ``below``: stripes later ones have
         overtaken, whose missing shards are most likely lost."""
-        return [(s, self.need(s)) for s in self._parts if s < below]
+        return [(s, n) for s in self._parts if s < below and (n := self.need(s)) > 0]
 
     def highest_seen(self) -> int:
         """The highest stripe any shard arrived for (-1: none yet)."""

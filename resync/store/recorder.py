@@ -25,42 +25,82 @@ def _path_fields(path: str) -> str:
 
 
 class RunRecorder:
+    """Records one run. HistoryError (from History) if the run cannot even
+    be started in the history. Once started, a history that fails (its disk
+    full, an I/O error) never fails the run it records: recording stops,
+    ``failed`` says why, and the caller reports it (a daemon logs it, the
+    CLI prints a warning); the run's record stays "running" with the pid of
+    a process that is gone, which the next merge takes for an abandoned run."""
+
     def __init__(self, history_path: str | None, command: str, source: str, destination: str):
         self.history = History(history_path)
         self.run = self.history.start_run(command, source, destination)
-        self._manifest = open(self.run.manifest, "w", encoding="utf-8", buffering=1 << 20)
-        self._files = open(self.run.files, "w", encoding="utf-8", buffering=1 << 20)
+        self.failed = ""
+        try:
+            self._manifest = open(self.run.manifest, "w", encoding="utf-8", buffering=1 << 20)
+            self._files = open(self.run.files, "w", encoding="utf-8", buffering=1 << 20)
+        except OSError as exc:
+            from . import HistoryError
+            raise HistoryError(self.history.path, f"cannot record the run ({exc.strerror or exc}); "
+                                                  "use --history PATH or --no-history") from None
 
     @property
     def run_id(self) -> str:
         return self.run.run_id
 
+    def _fail(self, exc: OSError) -> None:
+        if not self.failed:
+            self.failed = f"{self.history.path}: {exc.strerror or exc}"
+        for f in (self._manifest, self._files):
+            try:
+                f.close()
+            except OSError:
+                pass
+
     def entry(self, path: str, e, blake3: str | None) -> None:
         # Formatted by hand: this runs once per file of the tree (json.dumps
         # of the whole row costs several times more).
+        if self.failed:
+            return
         digest = "null" if blake3 is None else f'"{blake3}"'
-        self._manifest.write(f'{{{_path_fields(path)},"kind":"{e.kind}","size":{e.size if e.kind != "d" else 0},'
-                             f'"mtime_ns":{e.mtime_ns},"mode":{e.perms},"blake3":{digest}}}\n')
+        try:
+            self._manifest.write(f'{{{_path_fields(path)},"kind":"{e.kind}","size":'
+                                 f'{e.size if e.kind != "d" else 0},"mtime_ns":{e.mtime_ns},"mode":{e.perms},'
+                                 f'"blake3":{digest}}}\n')
+        except OSError as exc:
+            self._fail(exc)
 
     def file(self, change) -> None:
+        if self.failed:
+            return
         digest = "null" if change.blake3 is None else f'"{change.blake3}"'
-        self._files.write(f'{{{_path_fields(change.path)},"action":"{change.action}","size":{change.size},'
-                          f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
-                          f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
+        try:
+            self._files.write(f'{{{_path_fields(change.path)},"action":"{change.action}","size":{change.size},'
+                              f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
+                              f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
+        except OSError as exc:
+            self._fail(exc)
 
-    def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None) -> None:
+    def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None) -> str:
         """End the run: ``stats`` (RunStats-like, None for a run that
         failed), ``transfer`` (a network run's row of the transfers table,
-        schema.TRANSFER_COLUMNS)."""
+        schema.TRANSFER_COLUMNS). Returns ``failed``: "" when the run is
+        recorded, else why it is not."""
         # The spool files are not fsynced (that cost ~10 ms a run): the final
         # record states their sizes, and the merge keeps a file only if it is
         # complete, so a crash can lose a manifest but never shorten one.
+        if self.failed:
+            return self.failed
         sizes = {}
-        for key, f in (("manifest_bytes", self._manifest), ("files_bytes", self._files)):
-            if not f.closed:
-                f.flush()
-                sizes[key] = f.tell()
-                f.close()
+        try:
+            for key, f in (("manifest_bytes", self._manifest), ("files_bytes", self._files)):
+                if not f.closed:
+                    f.flush()
+                    sizes[key] = f.tell()
+                    f.close()
+        except OSError as exc:
+            self._fail(exc)
+            return self.failed
         fields = dict(sizes)
         if stats is not None:
             fields |= {"files_scanned": stats.files, "files_changed": stats.files_transferred,
@@ -73,9 +113,14 @@ class RunRecorder:
                                         or stats.vanished or stats.files_transferred)}
         if transfer is not None:
             fields["transfer"] = transfer
-        self.history.finish_run(self.run, status, fields)
+        try:
+            self.history.finish_run(self.run, status, fields)
+        except OSError as exc:
+            self._fail(exc)
+            return self.failed
         if merge:
             if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":
                 self.history.merge(hash_files=True)
             else:
                 self.history.merge_in_background()
+        return ""
