@@ -630,18 +630,22 @@ def test_the_stripe_size_follows_the_loss_within_256_shards(loss):
 
 def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     """A cut transfer resumed at another loss estimate is cut into the same
-    stripes as before (its kept stripes are skipped only then); a fresh one
-    takes the k of the loss now."""
+    stripes as before (its kept stripes are skipped only then), and into
+    shards of the same size as long as the path's datagrams hold them; a
+    fresh one takes the k of the loss now and the path's shard size."""
     from types import SimpleNamespace
-    from resync.protocol.session import _Sender, stripe_k
-    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), shard_size=1296, loss_reports=3)
+    from resync.protocol.session import _Sender, shard_size_for, stripe_k
+    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), s=SimpleNamespace(shard_size=1296), loss_reports=3)
     resume = F.Resume(bytes(32), 10_000_000, 224, 1296, ((0, 3),))
-    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", resume)) == 224
-    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", None)) == stripe_k(0.2) == 176
-    other = F.Resume(bytes(32), 10_000_000, 224, 1000, ((0, 3),))          # another shard size: not kept
-    assert _Sender._file_k(sender, F.Want(1, 0, b"f", b"", other)) == 176
+    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", resume)) == (224, 1296)
+    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", None)) == (stripe_k(0.2), 1296) == (176, 1296)
+    smaller = F.Resume(bytes(32), 10_000_000, 224, 1136, ((0, 3),))      # cut while packets were smaller
+    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", smaller)) == (224, 1136)
+    sender.s.shard_size = shard_size_for(1200)                           # a path that carries no more than
+    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", resume)) == (176, 1136)   # the minimum
+    sender.s.shard_size = 1296
     sender.loss_reports = 0                     # nothing measured yet: a k whose parity reaches 35 % loss
-    k = _Sender._file_k(sender, F.Want(1, 0, b"f", b"", None))
+    k, _ = _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", None))
     from resync.erasure.policy import failure_probability, parity_for_target
     from resync.protocol.session import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)

@@ -118,6 +118,8 @@ class RateController(QuicCongestionControl):
         self.packets_sent = 0
         self.packets_lost = 0
         self.packets_acked = 0
+        self.probe_above = max_datagram_size    # larger packets are path MTU probes ...
+        self.probes: list[tuple[bool, int]] = []     # ... whose fate (acked, bytes) the link takes from here
         self._full_rounds = 0
         self._best_startup = 0.0
         self._rates: deque = deque(maxlen=RATE_ROUNDS)
@@ -173,11 +175,22 @@ class RateController(QuicCongestionControl):
         self.congestion_window = self._window(capacity, rtt)
 
     # -- aioquic's calls -----------------------------------------------------------------
+    def set_datagram_size(self, size: int) -> None:
+        """Packets may now be ``size`` bytes (a path MTU probe of it was
+        acknowledged): the window floor follows, and so does the start
+        window while nothing has been acknowledged yet."""
+        if self.startup and not self.packets_acked and \
+                self.congestion_window == START_WINDOW_PACKETS * self.mds:
+            self.congestion_window = START_WINDOW_PACKETS * size
+        self.mds = self.probe_above = size
+
     def on_packet_sent(self, *, packet) -> None:
         self.bytes_in_flight += packet.sent_bytes
         self.packets_sent += 1
 
     def on_packet_acked(self, *, now: float, packet) -> None:
+        if packet.sent_bytes > self.probe_above:
+            self.probes.append((True, packet.sent_bytes))
         self.bytes_in_flight -= packet.sent_bytes
         self._round_delivered += packet.sent_bytes
         self._round_acked_packets += 1
@@ -201,6 +214,11 @@ class RateController(QuicCongestionControl):
     def on_packets_lost(self, *, now: float, packets) -> None:
         for packet in packets:
             self.bytes_in_flight -= packet.sent_bytes
+            if packet.sent_bytes > self.probe_above:
+                # a path MTU probe: its loss says nothing of congestion (RFC 9000 14.4) nor of the
+                # random loss parity is sized for
+                self.probes.append((False, packet.sent_bytes))
+                continue
             self._round_lost += packet.sent_bytes
             self._round_lost_packets += 1
             self.packets_lost += 1

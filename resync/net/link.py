@@ -22,11 +22,17 @@ from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 
-from . import ALPN
+from ..protocol.session import shard_size_for
+from ..protocol.shards import PROBE
+from . import ALPN, pmtu
 from .congestion import NAME as RATE_CONTROLLER
 from .congestion import controller_of, install_pacer
 
-MAX_DATAGRAM_SIZE = 1350          # about 1,320 B of datagram payload per packet
+MAX_DATAGRAM_SIZE = 1350          # bytes of UDP payload per packet once the path is known to carry them
+PROBE_OVERHEAD = 30               # a probe packet's bytes besides its padding datagram's: short header
+                                  # (1 + 8-byte connection ID + 2-byte packet number), AEAD tag 16, frame 3
+SETTLE_WAIT = 0.25                # s (or SETTLE_RTTS RTTs) after the handshake a sender waits at most ...
+SETTLE_RTTS = 4                   # ... for the path MTU search before it cuts files to the minimum's shards
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 500                # packets per loss report to the session (a moving average's sample)
 LOSS_FIRST_SAMPLE = 100          # ... and for its first, taken as it is (at 50 it read low: losses are declared late)
@@ -61,8 +67,10 @@ def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> Quic
     certificate; the client does not check the server's certificate against
     any CA (it pins the server's key itself, see client.pinned_certificate)."""
     from cryptography.hazmat.primitives import serialization  # noqa: F401  (aioquic needs cryptography)
+    # packets start at QUIC's minimum (RFC 9000 14: every path carries it) and grow once a probe of
+    # MAX_DATAGRAM_SIZE is acknowledged (SessionLink: resync.net.pmtu)
     config = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
-                               max_datagram_frame_size=65536, max_datagram_size=MAX_DATAGRAM_SIZE,
+                               max_datagram_frame_size=65536, max_datagram_size=pmtu.BASE,
                                max_data=FLOW_WINDOW, max_stream_data=FLOW_WINDOW,
                                congestion_control_algorithm=RATE_CONTROLLER)
     config.certificate = identity.certificate
@@ -220,6 +228,10 @@ class SessionLink(QuicConnectionProtocol):
         self._last_shard_at = 0.0               # time.monotonic() of the last shard received
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
+        self.preauth_limit = 0                  # bytes a server takes before the client's proof (0: any)
+        self.pmtu = pmtu.PathMTU((MAX_DATAGRAM_SIZE,))
+        self.datagram_size = pmtu.BASE          # bytes of UDP payload per packet now
+        self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
 
     def connection_made(self, transport) -> None:
         _grow_buffers(transport.get_extra_info("socket"))
@@ -239,6 +251,12 @@ class SessionLink(QuicConnectionProtocol):
         per packet received, which costs as much as receiving it."""
         self.udp["udp_bytes_received"] += len(data)
         self.udp["udp_packets_received"] += 1
+        if self.preauth_limit and self.udp["udp_bytes_received"] > self.preauth_limit:
+            s = self.session
+            if s is not None and not s.finished and not s.authenticated:
+                self.refuse(f"sent over {self.preauth_limit} bytes before proving its key")
+                return
+            self.preauth_limit = 0              # proved (or over): no more counting
         self._receiving = True
         try:
             super().datagram_received(data, addr)
@@ -274,6 +292,17 @@ class SessionLink(QuicConnectionProtocol):
         validated)."""
         if self._counting is not None:
             self._counting.copies = max(1, n)
+
+    def refuse(self, why: str) -> None:
+        """End a connection whose peer has not proved its key: the session
+        fails with ``why`` (the log's line), the peer is told no more than a
+        CONNECTION_CLOSE with CONNECTION_REFUSED."""
+        from aioquic.quic.packet import QuicErrorCode
+
+        from ..protocol.session import RefusedError
+        if self.session is not None and not self.session.finished:
+            self.session.fail(RefusedError(why), tell_peer=False)
+        self.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="refused")
 
     def leave(self) -> None:
         """Close, sending CONNECTION_CLOSE ``CLOSE_COPIES`` times, and let
@@ -317,6 +346,8 @@ class SessionLink(QuicConnectionProtocol):
         cc = controller_of(self._quic)
         out["packets_lost"] = cc.packets_lost if cc is not None else 0
         out["rtt_ms"] = round(self._smoothed_rtt() * 1000, 2)
+        out["path_mtu"] = self.datagram_size    # bytes of UDP payload per packet at the end (pmtu)
+        out["pmtu_probes"] = self.pmtu.probes
         return out
 
     def start(self, session, stream_id: int) -> None:
@@ -381,6 +412,7 @@ class SessionLink(QuicConnectionProtocol):
             if decided >= self._decided_seen + (LOSS_SAMPLE if self._decided_seen else LOSS_FIRST_SAMPLE):
                 s.observe_loss(lost - self._lost_seen, decided - self._decided_seen)
                 self._decided_seen, self._lost_seen = decided, lost
+        self._search_path(now, cc, s)
         if self.bucket is None and getattr(s, "rate_limit", 0):
             self.bucket = TokenBucket(s.rate_limit)     # a pull's --bwlimit, or the server's own
         dry = True                              # the session gave less than QUIC had room for
@@ -389,7 +421,7 @@ class SessionLink(QuicConnectionProtocol):
             room = DATAGRAM_QUEUE - len(pending)
             self._starved = False
             if room > 0 and self.bucket is not None:
-                allowed = self.bucket.allow(room, MAX_DATAGRAM_SIZE)
+                allowed = self.bucket.allow(room, self.datagram_size)
                 self._starved = allowed < room
                 room = allowed
             dry = self._starved
@@ -399,7 +431,7 @@ class SessionLink(QuicConnectionProtocol):
                 for d in out:
                     self._quic.send_datagram_frame(d)
                 if self.bucket is not None:
-                    self.bucket.refund((room - len(out)) * MAX_DATAGRAM_SIZE)
+                    self.bucket.refund((room - len(out)) * self.datagram_size)
         if self.stream_id is not None:
             data = s.stream_to_send()           # (after a session ends too: its last frames)
             if data:
@@ -435,6 +467,68 @@ class SessionLink(QuicConnectionProtocol):
                 done, self.on_session_done = self.on_session_done, None
                 done()
 
+    def _search_path(self, now: float, cc, s) -> None:
+        """The path MTU search (resync.net.pmtu): the fate of the probes QUIC
+        learnt since the last call, the next probe once the handshake is
+        done, and the session told the shard size and whether the search is
+        settled (or SETTLE_WAIT passed: a sender waits no longer)."""
+        if cc is None:                          # (another controller: no probes, the minimum)
+            s.shard_size, s.path_settled = shard_size_for(self.datagram_size), True
+            return
+        for acked, size in cc.probes:
+            if acked:
+                if self.pmtu.acked(size):
+                    self._set_datagram_size(self.pmtu.size, cc)
+            else:
+                self.pmtu.lost_probe(size, now)
+        cc.probes.clear()
+        if self._handshake_done:
+            if self._settle_by is None:
+                self._settle_by = now + max(SETTLE_WAIT, SETTLE_RTTS * self.rtt())
+                self._loop.call_at(self._settle_by, self.drive)
+            decided = cc.packets_acked + cc.packets_lost
+            size = self.pmtu.probe(now, self.rtt(), cc.packets_lost / decided if decided else 0.0)
+            if size is not None and not self._send_probe(size, cc):
+                self.pmtu.unsent()
+        s.shard_size = shard_size_for(self.datagram_size)
+        s.path_settled = self.pmtu.settled or (self._settle_by is not None and now >= self._settle_by)
+
+    def _send_probe(self, size: int, cc) -> bool:
+        """Send one packet of ``size`` bytes: a padding datagram that fills it
+        (shards.PROBE), built alone — QUIC's datagram queue empty, the
+        window opened for this one packet only, the connection's packet size
+        raised for this call only. False if it could not leave now (the
+        queue was not empty, the pacer or an ACK took the room): asked for
+        again later."""
+        quic = self._quic
+        pending = getattr(quic, "_datagrams_pending", None)
+        if pending is None or pending:
+            return False
+        probe = PROBE + bytes(size - PROBE_OVERHEAD - len(PROBE))
+        quic.send_datagram_frame(probe)
+        saved = quic._max_datagram_size, cc.congestion_window
+        quic._max_datagram_size, cc.congestion_window = size, cc.bytes_in_flight + size
+        try:
+            QuicConnectionProtocol.transmit(self)
+        finally:
+            quic._max_datagram_size, cc.congestion_window = saved
+            sent = not (pending and pending[0] is probe)
+            if not sent:
+                pending.popleft()
+        return sent
+
+    def _set_datagram_size(self, size: int, cc) -> None:
+        """Packets of ``size`` bytes from now on (a probe of it was
+        acknowledged): QUIC's packet builder, its pacer and the rate
+        controller (their per-packet figures), the session's shards."""
+        self.datagram_size = size
+        self._quic._max_datagram_size = size
+        pacer = getattr(getattr(self._quic, "_loss", None), "_pacer", None)
+        inner = getattr(pacer, "_pacer", pacer)             # (RatePacer wraps aioquic's)
+        if inner is not None and hasattr(inner, "_max_datagram_size"):
+            inner._max_datagram_size = size
+        cc.set_datagram_size(size)
+
     def _lossy_and_idle(self, cc) -> bool:
         """Whether this transmit's packets go out twice: on a path that has
         lost more than REDUNDANT_LOSS of the packets so far, while fewer
@@ -445,7 +539,7 @@ class SessionLink(QuicConnectionProtocol):
         drops the copy it has seen; at most a few packets per round trip."""
         return cc is not None and cc.packets_sent >= 4 and \
             cc.packets_lost > REDUNDANT_LOSS * cc.packets_sent and \
-            cc.bytes_in_flight < REDUNDANT_FLIGHT * MAX_DATAGRAM_SIZE and \
+            cc.bytes_in_flight < REDUNDANT_FLIGHT * self.datagram_size and \
             time.monotonic() - self._last_shard_at > self.rtt()    # (not a receiver's Acks mid-transfer)
 
     def _tell_app_limited(self, cc, dry: bool) -> None:
