@@ -11,6 +11,7 @@ fail; it is never followed out of the root.
 from __future__ import annotations
 
 import marshal
+import errno
 import os
 import stat
 from typing import NamedTuple
@@ -377,15 +378,20 @@ def open_beneath(root_fd: int, rel: str, create: bool = False, mode: int = 0o777
     try:
         for part in (rel.split("/") if rel else []):
             try:
-                nxt = open_dir_at(fd, part)
-            except FileNotFoundError:
-                if not create:
-                    raise
                 try:
-                    os.mkdir(part, mode, dir_fd=fd)
-                except FileExistsError:
-                    pass                        # made meanwhile: opened (without following) below
-                nxt = open_dir_at(fd, part)
+                    nxt = open_dir_at(fd, part)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    try:
+                        os.mkdir(part, mode, dir_fd=fd)
+                    except FileExistsError:
+                        pass                    # made meanwhile: opened (without following) below
+                    nxt = open_dir_at(fd, part)
+            except NotADirectoryError:          # (O_DIRECTORY | O_NOFOLLOW on a symlink: ENOTDIR)
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), part) from None
+                raise
             os.close(fd)
             fd = nxt
     except BaseException:
