@@ -397,3 +397,26 @@ def test_a_sender_cuts_no_file_before_the_path_is_settled(tmp_path):
     pump(client, server, Channel(random.Random(9)))
     assert client.error is None and server.error is None
     assert snapshot(dst) == snapshot(src)
+
+
+# -- stateless reset ------------------------------------------------------------------------------
+
+def test_reset_tokens_survive_a_restart_and_resets_are_small(tmp_path):
+    """The tokens come from the device key (the same after a restart, not
+    known to anyone else); a reset is smaller than the packet it answers,
+    looks like a short header and ends in the token (RFC 9000 10.3)."""
+    from resync.identity import load_identity
+    from resync.net.reset import MAX_RESET, MIN_RESET, StatelessReset, is_reset
+    key = load_identity(tmp_path / "a", create=True)
+    again = load_identity(tmp_path / "a")
+    other = load_identity(tmp_path / "b", create=True)
+    cid = bytes(range(8))
+    a, b = StatelessReset(key), StatelessReset(again)
+    assert a.token(cid) == b.token(cid) != StatelessReset(other).token(cid) and len(a.token(cid)) == 16
+    assert a.token(cid) != a.token(bytes(8))
+    packet = bytes([0x41]) + cid + bytes(1200)
+    reset = b.packet(packet)
+    assert MIN_RESET <= len(reset) <= MAX_RESET < len(packet) and reset[0] & 0xC0 == 0x40
+    assert is_reset(reset, {a.token(cid)}) and not is_reset(reset, {a.token(bytes(8))})
+    assert b.packet(bytes([0x41]) + cid + bytes(10)) is None           # too small to answer smaller
+    assert b.packet(bytes([0xC1]) + cid + bytes(1200)) is None         # a long header: not ours to reset

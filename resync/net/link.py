@@ -21,12 +21,14 @@ import time
 from aioquic.asyncio import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnectionState
 
 from ..protocol.session import shard_size_for
 from ..protocol.shards import PROBE
 from . import ALPN, pmtu
 from .congestion import NAME as RATE_CONTROLLER
 from .congestion import controller_of, install_pacer
+from .reset import is_reset, peer_tokens
 
 MAX_DATAGRAM_SIZE = 1350          # bytes of UDP payload per packet once the path is known to carry them
 PROBE_OVERHEAD = 30               # a probe packet's bytes besides its padding datagram's: short header
@@ -46,6 +48,7 @@ HANDSHAKE_COPIES = 3              # times the client sends each of its handshake
 SERVER_HANDSHAKE_COPIES = 2       # times the server sends its handshake packets, if the client's came short
 CLOSE_COPIES = 3                  # times a leaving client sends its CONNECTION_CLOSE
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
+KEEPALIVE = 5.0                   # s without a packet sent after which an idle connection PINGs
 
 
 # A test hook, not a setting: RESYNC_TEST_CORRUPT_SHARDS=P flips one bit in a
@@ -229,6 +232,7 @@ class SessionLink(QuicConnectionProtocol):
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
         self.preauth_limit = 0                  # bytes a server takes before the client's proof (0: any)
+        self.reset_tokens: set[bytes] = set()   # a client's: the server's stateless reset tokens
         self.pmtu = pmtu.PathMTU((MAX_DATAGRAM_SIZE,))
         self.datagram_size = pmtu.BASE          # bytes of UDP payload per packet now
         self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
@@ -251,6 +255,9 @@ class SessionLink(QuicConnectionProtocol):
         per packet received, which costs as much as receiving it."""
         self.udp["udp_bytes_received"] += len(data)
         self.udp["udp_packets_received"] += 1
+        if self.reset_tokens and is_reset(data, self.reset_tokens):
+            self._was_reset()
+            return
         if self.preauth_limit and self.udp["udp_bytes_received"] > self.preauth_limit:
             s = self.session
             if s is not None and not s.finished and not s.authenticated:
@@ -292,6 +299,24 @@ class SessionLink(QuicConnectionProtocol):
         validated)."""
         if self._counting is not None:
             self._counting.copies = max(1, n)
+
+    def _was_reset(self) -> None:
+        """A stateless reset from the server (resync.net.reset): it has
+        restarted, or lost this connection otherwise. The session fails as
+        cut (the client retries at once and resumes) instead of waiting out
+        the idle timeout; nothing more is sent on this connection (RFC 9000
+        10.3.1: the connection is over)."""
+        self.reset_tokens = set()
+        self.close_reason = "the server reset the connection (it restarted, or lost the connection)"
+        if self.session is not None and not self.session.finished:
+            self.session.connection_lost(self.close_reason)
+        self._leaving = True
+        self.closed_event.set()
+        if self._transport is not None:
+            self._quic._close_event = events.ConnectionTerminated(error_code=0, frame_type=None,
+                                                                  reason_phrase=self.close_reason)
+            self._quic._set_state(QuicConnectionState.TERMINATED)
+        self.transmit()                         # (the session's end: its owner's callback)
 
     def refuse(self, why: str) -> None:
         """End a connection whose peer has not proved its key: the session
@@ -373,6 +398,8 @@ class SessionLink(QuicConnectionProtocol):
                 self.session.receive_datagram(data, now)
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_done = True
+            if self._quic.configuration.is_client:
+                self.reset_tokens = peer_tokens(self._quic)
         elif isinstance(event, events.ConnectionTerminated):
             self.close_reason = event.reason_phrase or f"closed by the peer (error {event.error_code})"
             if self.session is not None and not self.session.finished:
@@ -570,9 +597,15 @@ class SessionLink(QuicConnectionProtocol):
             self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
             return
         cc = controller_of(self._quic)
-        if cc is not None and cc.bytes_in_flight > 0 and self._counting is not None \
-                and time.monotonic() - self._counting.last_send >= self.rtt():
+        quiet = time.monotonic() - self._counting.last_send if self._counting is not None else 0.0
+        if cc is not None and cc.bytes_in_flight > 0 and quiet >= self.rtt():
             self._quic._send_probe()            # (aioquic's PTO probe: a PING let past the window)
+            self.transmit()
+        elif quiet >= KEEPALIVE:
+            # nothing to send for a while (one end waits for the other): a PING keeps a NAT's
+            # mapping, moves the connection to a rebound address at once, and makes a server
+            # that restarted answer with a stateless reset
+            self._quic.send_ping(0)
             self.transmit()
         if self._probe is None:
             self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)

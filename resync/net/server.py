@@ -19,6 +19,7 @@ import time
 
 from ..protocol.session import Module, ServerSession
 from .link import PacketBatch, SessionLink, configuration
+from .reset import CID_LENGTH, StatelessReset
 
 
 # What a peer can make the server hold before it has proved its key (docs/protocol.md, "Security"):
@@ -114,6 +115,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     batch: list[PacketBatch] = []               # the listening socket's, once it exists
 
     refusals = {"count": 0, "logged": 0.0}
+    resets = StatelessReset(identity)
 
     def admit(link) -> str:
         """Why a new connection is refused at once, or "" (the caps above)."""
@@ -140,6 +142,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
 
     def create_protocol(*args, **kwargs):
         link = SessionLink(*args, **kwargs)
+        resets.adopt(link._quic)                # reset tokens that survive a restart of this server
         link.batch = batch[0] if batch else None
         link.preauth_limit = PREAUTH_BYTES
         session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
@@ -202,6 +205,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                                   create_protocol=create_protocol)
     except OSError as exc:                      # in use, not an address of this machine, not allowed
         raise ConnectionFailed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    answer_unknown_connections(server, resets)
     batch.append(PacketBatch(server, server._transport))
     import threading
     if threading.current_thread() is threading.main_thread():
@@ -244,6 +248,22 @@ def _report_factory(history: str | None):
             return None
         return Report(RunStats(), on_file=session.recorder.file, on_entry=session.recorder.entry)
     return make
+
+
+def answer_unknown_connections(server, resets: StatelessReset) -> None:
+    """A short-header packet of a connection this server does not know (it
+    restarted since, or forgot it) is answered with a stateless reset
+    (resync.net.reset); aioquic drops such packets without a word."""
+    handle = server.datagram_received
+
+    def datagram_received(data, addr) -> None:
+        if data and not data[0] & 0x80 and bytes(data[1:1 + CID_LENGTH]) not in server._protocols:
+            reset = resets.packet(data)
+            if reset is not None:
+                server._transport.sendto(reset, addr)
+            return
+        handle(data, addr)
+    server.datagram_received = datagram_received
 
 
 def peer_of(link) -> str:
