@@ -350,17 +350,9 @@ def open_dir_at(parent_fd: int, name: str) -> int:
 
 
 def open_rel_dir(root_fd: int, rel: str) -> int:
-    """Open root/rel one component at a time, refusing symlinks on the way."""
-    fd = os.dup(root_fd)
-    try:
-        for part in (rel.split("/") if rel else []):
-            nxt = open_dir_at(fd, part)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    """Open root/rel one component at a time, refusing symlinks on the way
+    (OSError ELOOP: see open_beneath)."""
+    return open_beneath(root_fd, rel)
 
 
 def open_beneath(root_fd: int, rel: str, create: bool = False, mode: int = 0o777) -> int:

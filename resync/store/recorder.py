@@ -57,29 +57,26 @@ class RunRecorder:
             except OSError:
                 pass
 
+    def _write(self, f, line: str) -> None:
+        if not self.failed:
+            try:
+                f.write(line)
+            except OSError as exc:
+                self._fail(exc)
+
     def entry(self, path: str, e, blake3: str | None) -> None:
         # Formatted by hand: this runs once per file of the tree (json.dumps
         # of the whole row costs several times more).
-        if self.failed:
-            return
         digest = "null" if blake3 is None else f'"{blake3}"'
-        try:
-            self._manifest.write(f'{{{_path_fields(path)},"kind":"{e.kind}","size":'
-                                 f'{e.size if e.kind != "d" else 0},"mtime_ns":{e.mtime_ns},"mode":{e.perms},'
-                                 f'"blake3":{digest}}}\n')
-        except OSError as exc:
-            self._fail(exc)
+        self._write(self._manifest, f'{{{_path_fields(path)},"kind":"{e.kind}","size":'
+                                    f'{e.size if e.kind != "d" else 0},"mtime_ns":{e.mtime_ns},"mode":{e.perms},'
+                                    f'"blake3":{digest}}}\n')
 
     def file(self, change) -> None:
-        if self.failed:
-            return
         digest = "null" if change.blake3 is None else f'"{change.blake3}"'
-        try:
-            self._files.write(f'{{{_path_fields(change.path)},"action":"{change.action}","size":{change.size},'
-                              f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
-                              f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
-        except OSError as exc:
-            self._fail(exc)
+        self._write(self._files, f'{{{_path_fields(change.path)},"action":"{change.action}","size":{change.size},'
+                                 f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
+                                 f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
 
     def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None) -> str:
         """End the run: ``stats`` (RunStats-like, None for a run that
