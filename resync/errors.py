@@ -9,8 +9,9 @@ Exit codes (documented in README.md):
   an unknown or changed server key, a client not allowed; no such module;
   read-only; busy) · 30 timed out ·
   23 partial transfer · 24 source files vanished · 25 deletion refused ·
-  129 hangup (SIGHUP) · 130 interrupted (SIGINT) · 143 terminated (SIGTERM)
-(23, 24 and 25 are rsync's codes for the same outcomes; 129, 130 and 143 are
+  129 hangup (SIGHUP) · 130 interrupted (SIGINT) · 141 output closed (broken
+  pipe) · 143 terminated (SIGTERM)
+(23, 24 and 25 are rsync's codes for the same outcomes; 129, 130, 141 and 143 are
 128 + the signal's number, as a shell reports a process the signal killed.)
 """
 
@@ -104,6 +105,14 @@ class DeletionRefusedError(ResyncError):
     """deletion refused: {}"""
 
     exit_code = 25
+
+
+class OutputClosedError(ResyncError):
+    """output closed (broken pipe): stopped"""
+
+    # stdout went away (``resync sync -i ... | head``): the run stops at once,
+    # as a tool that SIGPIPE kills would, with 128 + SIGPIPE's number
+    exit_code = 141
 
 
 EXIT_OK = 0

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, ResyncError, StopSignal
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputClosedError, ResyncError, StopSignal
 from .options import say
 from . import (delta_cmd, history_cmd, id_cmd, pack_cmd, patch_cmd, repair_cmd, serve_cmd, signature_cmd,
                signature_tree_cmd, sync_cmd, unpack_cmd, verify_cmd)
@@ -41,7 +41,7 @@ def cli() -> None:
     file, 5 verification failed, 6 no space, 7 damaged beyond repair, 10
     connection failed, 12 protocol error, 13 refused (trust, module, busy), 23
     partial transfer, 24 source files vanished, 25 deletion refused, 30 timed
-    out, 129 hangup, 130 interrupted, 143 terminated.
+    out, 129 hangup, 130 interrupted, 141 output closed, 143 terminated.
     """
 
 
@@ -64,6 +64,18 @@ def _fail(message: str, code: int) -> None:
         say(f"resync: error: {message}", err=True)
     finally:
         sys.exit(code)
+
+
+def _output_closed() -> None:
+    """Stdout went away: exit 141 (128 + SIGPIPE, as a shell shows a tool the
+    signal killed) with one line on stderr when it can still be written."""
+    error = OutputClosedError()
+    try:
+        sys.stdout = open(os.devnull, "w")        # (the interpreter's final flush of stdout must not fail)
+        say(f"resync: error: {error}", err=True)
+    except OSError:
+        pass
+    sys.exit(error.exit_code)
 
 
 def _stop(signum: int, _frame) -> None:
@@ -102,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail("interrupted", EXIT_INTERRUPTED)
     except StopSignal as exc:
         _fail(str(exc), exc.exit_code)
+    except OutputClosedError:
+        _output_closed()
     except ResyncError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(EXIT_INTERNAL)
+    except BrokenPipeError:                   # stdout closed (`... | head`): one line if stderr is still there
+        _output_closed()
     except Exception as exc:  # the last line of defence: one line, not a traceback
         if os.environ.get("RESYNC_DEBUG"):
             raise

@@ -16,10 +16,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from ..errors import ConnectionFailed, TimedOut
+from contextlib import contextmanager
+
+from ..errors import ConnectionFailed, OutputClosedError, StopSignal, TimedOut
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
 from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
+
+STOP_GRACE = 2.0                  # s a stopped client waits at most for its session to end cleanly
+HANDSHAKE_TIMEOUT = 10.0          # s for the server to answer the handshake (--timeout, if shorter, is for a
+                                  # live connection going silent: a lossy link's handshake takes 1-3 s)
 
 
 def pinned_certificate(link: SessionLink) -> bytes:
@@ -61,19 +67,89 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
     path = {} if path is None else path
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
+    stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
+    with stop.signals():
+        try:
+            session = await _connected(remote, identity, push, local, options, report, peer_id, accept_new,
+                                       timeout, bwlimit, known_peers, meter, on_note, path, config, connect, stop)
+        except asyncio.CancelledError:
+            if stop.signum is None:
+                raise
+            session = None
+    if stop.signum is not None:                 # (the session, if any, is checkpointed and the server told)
+        raise StopSignal(stop.signum)
+    if session.output_closed:
+        raise OutputClosedError()
+    return session
+
+
+class _Stop:
+    """SIGTERM and SIGHUP while a connection runs, taken by the event loop.
+
+    The CLI's handler raises StopSignal wherever Python happens to be; inside
+    an aioquic callback asyncio logs such an exception and goes on (a push
+    ignored SIGTERM three times in ten, hung once). Here the loop calls
+    ``stopped``: a running session fails as cut — a receiver checkpoints what
+    arrived, the server is told (E_CUT) —, the connection is left at once,
+    and the attempt ends with StopSignal (exit 128 + the signal) within
+    STOP_GRACE seconds at most, whatever the peer does."""
+
+    def __init__(self, loop, task):
+        self.loop, self.task = loop, task
+        self.signum: int | None = None
+        self.session: ClientSession | None = None
+        self.link: SessionLink | None = None
+
+    @contextmanager
+    def signals(self):
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        for sig in previous:
+            self.loop.add_signal_handler(sig, self.stopped, sig)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                self.loop.remove_signal_handler(sig)        # (which leaves SIG_DFL behind)
+                signal.signal(sig, handler)
+
+    def stopped(self, signum: int) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        name = {1: "SIGHUP", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+        if self.session is not None and not self.session.finished:
+            self.session.fail(ConnectionFailed(f"the client was stopped ({name})"))
+            if self.link is not None:
+                self.link.drive()               # the Error frame out; the session's end ends the wait
+            self.loop.call_later(STOP_GRACE, self.task.cancel)
+        else:
+            self.task.cancel()
+        if self.link is not None:
+            self.link.leave()
+
+
+async def _connected(remote, identity, push, local, options, report, peer_id, accept_new, timeout, bwlimit,
+                     known_peers, meter, on_note, path, config, connect, stop: _Stop) -> ClientSession:
     try:
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                            wait_connected=False) as link:
+            stop.link = link
             link.batch = PacketBatch(link, link._transport)
             link.handshake_copies(HANDSHAKE_COPIES)
             link.transmit()                         # connect() left the ClientHello unsent
+            wait = min(timeout, HANDSHAKE_TIMEOUT)
             try:
-                await asyncio.wait_for(link.wait_connected(), timeout)
+                await asyncio.wait_for(link.wait_connected(), wait)
             except asyncio.TimeoutError:
                 waiter = getattr(link, "_connected_waiter", None)       # fails later, as the link closes:
                 if waiter is not None:                                   # nobody else will look at it
                     waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-                raise TimedOut(f"{remote.address} did not answer within {timeout:.0f} s") from None
+                raise TimedOut(f"{remote.address} did not answer the handshake within {wait:.0f} s") from None
             except ConnectionError:
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
@@ -86,6 +162,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
                 on_note(f"{remote.address} added to known_peers as {server_id}")
             session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
                                     meter)
+            stop.session = session
             if bwlimit and push:                # a pull's limit travels in Hello: the server sends slower
                 link.bucket = TokenBucket(bwlimit)
             done = asyncio.Event()

@@ -233,6 +233,9 @@ class SessionLink(QuicConnectionProtocol):
                     "udp_packets_received": 0}
         self.preauth_limit = 0                  # bytes a server takes before the client's proof (0: any)
         self.reset_tokens: set[bytes] = set()   # a client's: the server's stateless reset tokens
+        self.last_received = time.monotonic()   # when the peer last sent a packet
+        self._pings = 0
+        self.pings_acked: set[int] = set()      # numbers of ping()s the peer acknowledged
         self.pmtu = pmtu.PathMTU((MAX_DATAGRAM_SIZE,))
         self.datagram_size = pmtu.BASE          # bytes of UDP payload per packet now
         self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
@@ -255,6 +258,7 @@ class SessionLink(QuicConnectionProtocol):
         per packet received, which costs as much as receiving it."""
         self.udp["udp_bytes_received"] += len(data)
         self.udp["udp_packets_received"] += 1
+        self.last_received = time.monotonic()
         if self.reset_tokens and is_reset(data, self.reset_tokens):
             self._was_reset()
             return
@@ -300,6 +304,18 @@ class SessionLink(QuicConnectionProtocol):
         if self._counting is not None:
             self._counting.copies = max(1, n)
 
+    def error_received(self, exc) -> None:
+        """An ICMP error for a packet this end sent. Port unreachable before
+        the handshake is done: nothing listens there (a server that is down
+        or not started): the handshake fails at once, not after its
+        timeout (the client retries within --retry-for)."""
+        if isinstance(exc, ConnectionRefusedError) and not self._handshake_done \
+                and self._quic.configuration.is_client:
+            self.close_reason = "nothing listens there (port unreachable)"
+            waiter, self._connected_waiter = self._connected_waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionError(self.close_reason))
+
     def _was_reset(self) -> None:
         """A stateless reset from the server (resync.net.reset): it has
         restarted, or lost this connection otherwise. The session fails as
@@ -317,6 +333,15 @@ class SessionLink(QuicConnectionProtocol):
                                                                   reason_phrase=self.close_reason)
             self._quic._set_state(QuicConnectionState.TERMINATED)
         self.transmit()                         # (the session's end: its owner's callback)
+
+    def ping(self) -> int:
+        """An ack-eliciting PING now (a live peer acknowledges it within an
+        RTT); returns its number, found in ``pings_acked`` once it is."""
+        self._pings += 1
+        if not self.closed_event.is_set():
+            self._quic.send_ping(self._pings)
+            self.transmit()
+        return self._pings
 
     def refuse(self, why: str) -> None:
         """End a connection whose peer has not proved its key: the session
@@ -396,6 +421,9 @@ class SessionLink(QuicConnectionProtocol):
                 if _CORRUPT_SHARDS and random.random() < _CORRUPT_SHARDS:
                     data = _flip_bit(data)
                 self.session.receive_datagram(data, now)
+        elif isinstance(event, events.PingAcknowledged):
+            if event.uid:
+                self.pings_acked.add(event.uid)
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_done = True
             if self._quic.configuration.is_client:

@@ -18,6 +18,7 @@ import sys
 import time
 
 from ..protocol.session import Module, ServerSession
+from ..protocol.frames import FLAG_DRY_RUN
 from .link import PacketBatch, SessionLink, configuration
 from .reset import CID_LENGTH, StatelessReset
 
@@ -28,6 +29,7 @@ MAX_UNPROVEN = 32                 # ... of which still without the client's proo
 PROOF_DEADLINE = 20.0             # s from a connection's first packet to the client's proof (Auth)
 PREAUTH_BYTES = (1 << 20) + (1 << 19)   # UDP bytes taken from a connection before its proof (a Hello fits)
 REFUSAL_LOG_INTERVAL = 10.0       # s between log lines about connections refused at the caps
+PROBE_WAIT = 1.0                  # s (or 4 RTT) a PING may take to be acknowledged by a live connection
 
 
 def log(message: str) -> None:
@@ -49,39 +51,38 @@ class _Locks:
     server opened beneath the module without following a symlink: two keys
     name nested directories exactly when one is a prefix of the other.
 
-    A new push from the device that holds the very same destination
-    supersedes the old one: that connection is dead or dying (a client
-    killed and run again — Syncthing likewise replaces a device's old
-    connection with its new one); the old session is stopped and
-    checkpointed before the new one starts (which resumes from that
-    checkpoint). Any other overlapping push is refused as busy."""
+    A new push from the device that holds the very same destination is
+    refused as busy while the old one's connection is alive (two runs of a
+    cron job overlapping: the newer waits, retrying, for the older to end).
+    To find out, the old connection is PINGed while the newcomer waits; one
+    that does not acknowledge within PROBE_WAIT (a client killed and run
+    again, its connection not timed out yet) is superseded — stopped and
+    checkpointed, so that the newcomer's next try resumes from it
+    (Syncthing likewise replaces a device's dead connection with its new
+    one). Any other overlapping push is refused as busy."""
 
     def __init__(self):
         self.held: dict[str, tuple[int, object, object]] = {}     # key -> (fd, session, link)
         self.links: dict[int, object] = {}                        # id(session) -> its link
+        self.probing: set[int] = set()                            # id(session)s being asked if alive
+        self.alive: set[int] = set()                              # ... and found alive
 
     @staticmethod
     def _nested(a: str, b: str) -> bool:
         return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
-    def take(self, key: str, fd: int, session) -> bool:
+    def take(self, key: str, fd: int, session) -> bool | None:
         """Hold the directory open as ``fd`` (keyed ``key``) for ``session``;
-        False if an overlapping push holds it."""
+        False if an overlapping push holds it, None while the server asks
+        whether the same device's earlier push holding it is alive."""
         for other in [k for k in self.held if self._nested(k, key)]:
             _, old, link = self.held[other]
             if old.finished:
                 self.release(other)
                 continue
-            if other != key or old.client_id != session.client_id:
+            if other != key or old.client_id != session.client_id or link is None:
                 return False
-            from ..errors import ConnectionFailed
-            log(f"{old.client_id}: a new connection from the same device supersedes the transfer into "
-                f"{old.target or key}")
-            old.fail(ConnectionFailed("superseded by a new connection from the same device"))
-            if link is not None:
-                link.drive()
-                link.close()
-            self.release(other)
+            return self._probe(other, old, link)
         lock_fd = os.dup(fd)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,6 +93,36 @@ class _Locks:
             pass                                # a file system without locks: held in this process only
         self.held[key] = (lock_fd, session, self.links.get(id(session)))
         return True
+
+    def _probe(self, key: str, old, link) -> bool | None:
+        """Whether ``old``'s connection is alive (see the class): False (it
+        is: busy), or None while it is being asked (it is superseded if it
+        does not answer: the caller asks again)."""
+        if id(old) in self.probing:
+            return None
+        if id(old) in self.alive:
+            self.alive.discard(id(old))         # (told once; the newcomer's next try asks again)
+            return False
+        self.probing.add(id(old))
+        ping = link.ping()
+
+        def check() -> None:
+            self.probing.discard(id(old))
+            held = self.held.get(key)
+            if held is None or held[1] is not old or old.finished:
+                return                          # it ended meanwhile: the newcomer takes the lock
+            if ping in link.pings_acked:
+                self.alive.add(id(old))         # alive: the newcomer is busy, and retries
+                return
+            from ..errors import ConnectionFailed
+            log(f"{old.client_id}: its earlier push into {_shown(old)} did not answer for "
+                f"{time.monotonic() - link.last_received:.1f} s: superseded by its new connection")
+            old.fail(ConnectionFailed("superseded by a new connection from the same device"))
+            link.drive()
+            link.close()
+            self.release(key)
+        asyncio.get_running_loop().call_later(max(PROBE_WAIT, 4 * link.rtt()), check)
+        return None
 
     def release(self, key: str | None, session=None) -> None:
         if key is None:
@@ -171,8 +202,10 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                                 transfer=transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
                                                       session.client_id, "receive"))
             who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
-            what = (f"{'push into' if session.hello.push else 'pull from'} "
-                    f"{session.module.name}/{os.fsdecode(session.hello.path)}") if session.module else "handshake"
+            what = (f"{'push into' if session.hello.push else 'pull from'} {_shown(session)}"
+                    if session.module else "handshake")
+            if session.module and session.hello.flags & FLAG_DRY_RUN:
+                what = f"dry-run {what}"
             if session.error is not None:
                 log(f"{who}: {what}: {session.error}"
                     + (f" (and cleaning up: {session.cleanup_error})" if session.cleanup_error else ""))
@@ -264,6 +297,13 @@ def answer_unknown_connections(server, resets: StatelessReset) -> None:
             return
         handle(data, addr)
     server.datagram_received = datagram_received
+
+
+def _shown(session) -> str:
+    """module/path a session's client named (for the log)."""
+    if session.module is None or session.hello is None:
+        return "?"
+    return f"{session.module.name}/{os.fsdecode(session.hello.path).strip('/')}".rstrip("/")
 
 
 def peer_of(link) -> str:

@@ -79,6 +79,8 @@ SMALL_FILE = 1 << 20             # files up to this size are read, not mapped, b
 EARLY_BYTES = 8 << 20            # shard bytes a receiver holds for wanted files whose File frame is late
 HELLO_LIMIT = (1 << 20) + (1 << 18)   # longest frame a server takes before Hello: a Hello at most
 AUTH_LIMIT = 256                 # ... and after it, before Auth (an Auth is 69 bytes)
+LOCK_WAIT = 3.0                  # s a push waits for the server to learn whether the run holding its
+LOCK_POLL = 0.1                  # destination is alive (asked again this often), before "busy"
 
 # Error frame codes and the exit codes they become (README: exit codes).
 E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -167,6 +169,7 @@ class Session:
         self.finished = False
         self.error: ResyncError | None = None
         self.cleanup_error = ""           # what failed while a failed session cleaned up (for the log)
+        self.output_closed = False        # stopped because this end's stdout was closed (EPIPE)
         self.result: dict = {}
         self.rtt = 0.05                  # the transport's estimate (net sets it)
         self.shard_size = SHARD_SIZE     # shard bytes a datagram holds on this path (net sets it)
@@ -186,6 +189,10 @@ class Session:
             return call(*args)
         except ResyncError as exc:
             self.fail(exc)
+        except BrokenPipeError:                 # this end's output was closed (`... | head`): it
+            from ..errors import ConnectionFailed  # stops; the peer sees a cut, resumable
+            self.output_closed = True
+            self.fail(ConnectionFailed("the client stopped: its output was closed"))
         except OSError as exc:
             from ..fs import os_error
             self.fail(os_error(exc.filename or "the transfer", exc))
@@ -207,10 +214,12 @@ class Session:
             self._frame(frame, now)
 
     def receive_datagram(self, data: bytes, now: float) -> None:
+        if data[:1] == PROBE:
+            return                              # (a path MTU probe's padding: nothing to take)
         self.stats["datagrams_received"] += 1
         self.stats["datagram_bytes_received"] += len(data)
-        if self.finished or not isinstance(self.role, _Receiver) or data[:1] == PROBE:
-            return                              # (a path MTU probe's padding: nothing to take)
+        if self.finished or not isinstance(self.role, _Receiver):
+            return
         self._guarded(self.role.shard, parse(data), now)
 
     def stream_to_send(self) -> bytes:
@@ -362,8 +371,10 @@ class Module:
 class ServerSession(Session):
     """The server's end: checks the client's proof and permissions, then
     becomes the receiver (a push) or the sender (a pull) of ``module/path``.
-    ``lock(key, fd, session)`` takes the destination (open as fd) for this transfer
-    (False: another device's transfer holds it)."""
+    ``lock(key, fd, session)`` takes the destination (open as fd) for this
+    transfer: True, False (another transfer holds it: busy), or None (ask
+    again: the server is finding out whether the transfer holding it is
+    alive)."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
                  bwlimit: float = 0, min_parity: int = 1):
@@ -381,6 +392,8 @@ class ServerSession(Session):
         self.module: Module | None = None
         self.target: str | None = None          # module/path as a path (for logs and history)
         self.target_key: str | None = None      # the module's real path joined with the checked path
+        self._lock_wait = None                  # (give up at, fd, options, rel) while lock() said "ask again"
+        self._lock_asked = 0.0
 
     @property
     def authenticated(self) -> bool:
@@ -428,11 +441,26 @@ class ServerSession(Session):
         self.target = os.path.join(module.path, rel) if rel else module.path
         self.target_key = os.path.join(os.path.realpath(module.path), rel) if rel else \
             os.path.realpath(module.path)
-        if h.push and fd >= 0 and self.lock is not None and not self.lock(self.target_key, fd, self):
-            os.close(fd)
-            self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running (or into a directory "
-                                 "above or below it); try again later")
-            return
+        self._admit(fd, options, rel, now)
+
+    def _admit(self, fd: int, options: Options, rel: str, now: float) -> None:
+        """Take the destination of a push (``lock``: True, False for busy,
+        None while it finds out whether the transfer holding it is still
+        alive: asked again from the timer, at most LOCK_WAIT), then Welcome
+        and become the receiver or the sender."""
+        h, module = self.hello, self.module
+        if h.push and fd >= 0 and self.lock is not None:
+            got = self.lock(self.target_key, fd, self)
+            if got is None and (self._lock_wait is None or now < self._lock_wait[0]):
+                if self._lock_wait is None:
+                    self._lock_wait, self._lock_asked = (now + LOCK_WAIT, fd, options, rel), now
+                return
+            self._lock_wait = None
+            if not got:
+                os.close(fd)
+                self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running (or into a "
+                                     "directory above or below it); try again later")
+                return
         self.send(F.Welcome(WINDOW))
         report = self.report_factory(self) if self.report_factory and h.push else None
         try:
@@ -447,6 +475,25 @@ class ServerSession(Session):
             if self.role is None and fd >= 0:
                 os.close(fd)
             raise
+
+    def fail(self, exc: ResyncError, tell_peer: bool = True) -> None:
+        if self._lock_wait is not None:         # (the connection went while it waited for the lock)
+            fd, self._lock_wait = self._lock_wait[1], None
+            os.close(fd)
+        super().fail(exc, tell_peer)
+
+    def next_timer(self) -> float | None:
+        if self._lock_wait is not None and not self.finished:
+            return self._lock_asked + LOCK_POLL
+        return super().next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        if self._lock_wait is not None and not self.finished:
+            self._lock_asked = now
+            _, fd, options, rel = self._lock_wait
+            self._guarded(self._admit, fd, options, rel, now)
+            return
+        super().handle_timer(now)
 
     def _open_target(self, module: Module, rel: str, create: bool) -> int | None:
         """The directory module/rel, opened beneath the module's own path
