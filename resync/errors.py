@@ -107,12 +107,18 @@ class DeletionRefusedError(ResyncError):
     exit_code = 25
 
 
-class OutputClosedError(ResyncError):
-    """output closed (broken pipe): stopped"""
+class OutputClosed(BaseException):
+    """Stdout went away (``resync sync -i ... | head``): the run stops at
+    once, as a tool that SIGPIPE kills would, unwound like a Ctrl-C, and the
+    CLI exits 128 + SIGPIPE's number with one line on stderr. Raised by the
+    CLI's printers in place of BrokenPipeError: a BaseException, so no
+    handler of a file's OSError (nor ``except Exception``) takes the closed
+    output for that file's error."""
 
-    # stdout went away (``resync sync -i ... | head``): the run stops at once,
-    # as a tool that SIGPIPE kills would, with 128 + SIGPIPE's number
     exit_code = 141
+
+    def __str__(self) -> str:
+        return "output closed (broken pipe): stopped"
 
 
 EXIT_OK = 0

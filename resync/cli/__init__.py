@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputClosedError, ResyncError, StopSignal
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputClosed, ResyncError, StopSignal
 from .options import say
 from . import (delta_cmd, history_cmd, id_cmd, pack_cmd, patch_cmd, repair_cmd, serve_cmd, signature_cmd,
                signature_tree_cmd, sync_cmd, unpack_cmd, verify_cmd)
@@ -69,7 +69,7 @@ def _fail(message: str, code: int) -> None:
 def _output_closed() -> None:
     """Stdout went away: exit 141 (128 + SIGPIPE, as a shell shows a tool the
     signal killed) with one line on stderr when it can still be written."""
-    error = OutputClosedError()
+    error = OutputClosed()
     try:
         sys.stdout = open(os.devnull, "w")        # (the interpreter's final flush of stdout must not fail)
         say(f"resync: error: {error}", err=True)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail("interrupted", EXIT_INTERRUPTED)
     except StopSignal as exc:
         _fail(str(exc), exc.exit_code)
-    except OutputClosedError:
+    except OutputClosed:
         _output_closed()
     except ResyncError as exc:
         _fail(str(exc), exc.exit_code)

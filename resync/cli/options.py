@@ -50,6 +50,17 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def emit(line: str, stream) -> None:
+    """Print one output line (``printable``) to ``stream`` (itemized lines:
+    stdout, or stderr under --json); OutputClosed if the stream's reader is
+    gone (``| head``): the run stops, rather than each file failing."""
+    try:
+        print(printable(line), file=stream)
+    except BrokenPipeError:
+        from ..errors import OutputClosed
+        raise OutputClosed() from None
+
+
 def say(text: str, err: bool = False) -> None:
     """One line for a person or a script (``printable``): stdout, or stderr."""
     click.echo(printable(text), err=err)

@@ -6,7 +6,7 @@ import os
 import sys
 
 
-from .options import human, printable, say, warn_unrecorded
+from .options import emit, human, printable, say, warn_unrecorded
 
 
 class _Lines:
@@ -20,7 +20,7 @@ class _Lines:
         text = os.fsdecode(frame.text)
         if frame.kind == ITEM_LINE:
             if self.itemize and not self.quiet:
-                print(printable(text), file=self.stream)
+                emit(text, self.stream)
         else:
             print(printable(f"resync: error: {text}"), file=sys.stderr, flush=True)
 
@@ -55,7 +55,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     else:
         def on_item(line: str) -> None:
             if itemize and not quiet:
-                print(printable(line), file=item_stream)
+                emit(line, item_stream)
 
         def on_error(message: str) -> None:
             print(printable(f"resync: error: {message}"), file=sys.stderr, flush=True)

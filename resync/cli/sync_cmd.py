@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from .options import history_options, human, json_option, printable, rate_option, say, warn_unrecorded
+from .options import emit, history_options, human, json_option, printable, rate_option, say, warn_unrecorded
 
 
 def _read_patterns(paths) -> list[str]:
@@ -104,7 +104,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
 
     def on_item(line: str) -> None:
         if itemize and not quiet:
-            print(printable(line), file=item_stream, flush=False)
+            emit(line, item_stream)
 
     def on_error(message: str) -> None:
         print(printable(f"resync: error: {message}"), file=sys.stderr, flush=True)

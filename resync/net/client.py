@@ -18,7 +18,7 @@ import random
 import time
 from contextlib import contextmanager
 
-from ..errors import ConnectionFailed, OutputClosedError, StopSignal, TimedOut
+from ..errors import ConnectionFailed, OutputClosed, StopSignal, TimedOut
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
 from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
@@ -79,7 +79,7 @@ async def _once(remote: Remote, identity, push: bool, local: str, options: Optio
     if stop.signum is not None:                 # (the session, if any, is checkpointed and the server told)
         raise StopSignal(stop.signum)
     if session.output_closed:
-        raise OutputClosedError()
+        raise OutputClosed()
     return session
 
 

@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import ssl
+import sys
 import termios
 import time
 
@@ -49,6 +50,8 @@ SERVER_HANDSHAKE_COPIES = 2       # times the server sends its handshake packets
 CLOSE_COPIES = 3                  # times a leaving client sends its CONNECTION_CLOSE
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
 KEEPALIVE = 5.0                   # s without a packet sent after which an idle connection PINGs
+# Linux's IP_RECVERR and IPV6_RECVERR (<linux/in.h>, <linux/in6.h>; Python's socket module lacks them)
+_RECVERR = ((socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25)) if sys.platform.startswith("linux") else ()
 
 
 # A test hook, not a setting: RESYNC_TEST_CORRUPT_SHARDS=P flips one bit in a
@@ -241,7 +244,16 @@ class SessionLink(QuicConnectionProtocol):
         self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
 
     def connection_made(self, transport) -> None:
-        _grow_buffers(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        _grow_buffers(sock)
+        if self._quic.configuration.is_client and sock is not None:
+            # an unconnected UDP socket hears of ICMP errors only with IP_RECVERR (a server that
+            # is down: port unreachable, error_received)
+            for level, opt in _RECVERR:
+                try:
+                    sock.setsockopt(level, opt, 1)
+                except OSError:
+                    pass
         self._counting = _CountingTransport(transport, self.udp)
         if not self._quic.configuration.is_client:
             # the server's handshake flight twice when fewer than the client's three copies of

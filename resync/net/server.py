@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 
 from ..protocol.session import Module, ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
@@ -64,8 +65,8 @@ class _Locks:
     def __init__(self):
         self.held: dict[str, tuple[int, object, object]] = {}     # key -> (fd, session, link)
         self.links: dict[int, object] = {}                        # id(session) -> its link
-        self.probing: set[int] = set()                            # id(session)s being asked if alive
-        self.alive: set[int] = set()                              # ... and found alive
+        self.probing = weakref.WeakSet()                          # sessions being asked if alive ...
+        self.alive = weakref.WeakSet()                            # ... and found alive
 
     @staticmethod
     def _nested(a: str, b: str) -> bool:
@@ -83,7 +84,9 @@ class _Locks:
             if other != key or old.client_id != session.client_id or link is None:
                 return False
             return self._probe(other, old, link)
-        lock_fd = os.dup(fd)
+        # its own open file description (an flock belongs to one): held until release, whatever
+        # becomes of the receiver's descriptors
+        lock_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,21 +101,21 @@ class _Locks:
         """Whether ``old``'s connection is alive (see the class): False (it
         is: busy), or None while it is being asked (it is superseded if it
         does not answer: the caller asks again)."""
-        if id(old) in self.probing:
+        if old in self.probing:
             return None
-        if id(old) in self.alive:
-            self.alive.discard(id(old))         # (told once; the newcomer's next try asks again)
+        if old in self.alive:
+            self.alive.discard(old)         # (told once; the newcomer's next try asks again)
             return False
-        self.probing.add(id(old))
+        self.probing.add(old)
         ping = link.ping()
 
         def check() -> None:
-            self.probing.discard(id(old))
+            self.probing.discard(old)
             held = self.held.get(key)
             if held is None or held[1] is not old or old.finished:
                 return                          # it ended meanwhile: the newcomer takes the lock
             if ping in link.pings_acked:
-                self.alive.add(id(old))         # alive: the newcomer is busy, and retries
+                self.alive.add(old)         # alive: the newcomer is busy, and retries
                 return
             from ..errors import ConnectionFailed
             log(f"{old.client_id}: its earlier push into {_shown(old)} did not answer for "

@@ -45,7 +45,7 @@ import stat
 import time
 from collections import deque
 
-from ..errors import FileError, NoSpaceError, ResyncError
+from ..errors import FileError, NoSpaceError, OutputClosed, ResyncError
 from . import frames as F
 from .frames import ProtocolError
 from .shards import MAX_INDEX as MAX_SHARDS
@@ -189,7 +189,7 @@ class Session:
             return call(*args)
         except ResyncError as exc:
             self.fail(exc)
-        except BrokenPipeError:                 # this end's output was closed (`... | head`): it
+        except OutputClosed:                    # this end's output was closed (`... | head`): it
             from ..errors import ConnectionFailed  # stops; the peer sees a cut, resumable
             self.output_closed = True
             self.fail(ConnectionFailed("the client stopped: its output was closed"))

@@ -1,0 +1,172 @@
+"""Network runs as cron or a systemd timer runs them, with nobody watching:
+stopped by SIGTERM at any moment, their output piped into ``head``, two runs
+of one job overlapping, a server that is not there. Each ends the same way
+every time, with one line and a documented exit code, and nothing lost."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from . import mix
+from .test_net import Server, Site, _same
+from .test_sync import make_tree
+from .treeutil import snapshot
+
+
+@pytest.fixture
+def pair(tmp_path):
+    client, server_site = Site(tmp_path, "client"), Site(tmp_path, "server")
+    src, module = tmp_path / "src", tmp_path / "module"
+    import random
+    make_tree(src, random.Random(20), files=60)
+    mix.write(src / "image.bin", 21, 5_000_000, "mixed")
+    module.mkdir()
+    server = Server(server_site, "--module", f"m={module}", "--allow", client.id)
+    try:
+        yield client, server, server_site.id, src, module
+    finally:
+        server.stop()
+
+
+def _no_temps(root: Path) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.name.startswith(".resync-tmp") and not p.is_dir()]
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["push", "pull"])
+def test_sigterm_at_any_moment_exits_143_promptly_and_loses_nothing(pair, tmp_path, push):
+    """Stopped at eight moments from the handshake to the last files: exit
+    143 within 3 s every time (or 0 if it had finished), one line; every
+    destination file old or new; the server says the client stopped; the
+    next run finishes identical."""
+    client, server, sid, src, module = pair
+    local = tmp_path / "pulled"
+    url = server.url("m", "x")
+    if not push:
+        assert client.run("sync", src, url, "--peer-id", sid).returncode == 0
+    args = (src, url) if push else (url, local)
+    dst = module / "x" if push else local
+    outcomes = []
+    for delay in (0.1, 0.3, 0.5, 0.8, 1.1, 1.5, 2.0, 2.6):
+        if dst.exists() and not push:
+            import shutil
+            shutil.rmtree(dst)
+        p = client.popen("sync", *args, "--peer-id", sid, "--bwlimit", "3M", "--no-history",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        out, err = p.communicate(timeout=30)
+        took = time.monotonic() - stopped
+        if p.returncode == -signal.SIGTERM:     # (killed before Python ran resync: the shell's 143 too)
+            assert not err and delay < 0.2
+            continue
+        outcomes.append(p.returncode)
+        assert p.returncode in (143, 0), (delay, p.returncode, err)
+        assert took < 3.0, f"{took:.1f} s after SIGTERM at {delay} s"
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, (err, server.log.read_text())
+        if p.returncode == 143:
+            assert err.strip() in ("", "resync: error: terminated (SIGTERM)"), err
+        for f in (dst.rglob("*") if dst.exists() else ()):
+            if f.is_file() and not f.name.startswith(".resync-tmp") \
+                    and ".resync-tmp" not in str(f.relative_to(dst)):
+                rel = f.relative_to(dst)
+                assert f.read_bytes() == (src / rel).read_bytes(), rel    # new, never torn
+    assert outcomes.count(143) >= 4, outcomes
+    log = server.log.read_text()
+    assert "the client was stopped (SIGTERM)" in log
+    r = client.run("sync", *args, "--peer-id", sid)
+    assert r.returncode == 0, r.stderr
+    _same(src, dst)
+    assert not _no_temps(dst)
+
+
+@pytest.mark.parametrize("how", ["push", "dry-run push", "pull", "local"])
+def test_a_closed_stdout_stops_the_run_at_once_with_141(pair, tmp_path, how):
+    """``resync sync -i ... | head``: stop at once, one line, exit 141 (128
+    + SIGPIPE, as a shell shows a tool the signal killed); no traceback, no
+    retry; the server sees the client stop (not a push that went well)."""
+    client, server, sid, src, module = pair
+    url = server.url("m", "y")
+    if how == "pull":
+        assert client.run("sync", src, url, "--peer-id", sid).returncode == 0
+    args = {"push": ("-i", src, url), "dry-run push": ("-n", "-i", src, url),
+            "pull": ("-i", url, tmp_path / "pulled"), "local": ("-i", src, tmp_path / "copy")}[how]
+    extra = () if how == "local" else ("--peer-id", sid)
+    p = client.popen("sync", *args, *extra, "--no-history", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()                            # what `| head -1` does
+    started = time.monotonic()
+    rc = p.wait(timeout=30)
+    err = p.stderr.read().decode()
+    assert first and rc == 141, (rc, err)
+    assert time.monotonic() - started < 5
+    assert err.strip() == "resync: error: output closed (broken pipe): stopped"
+    if how != "local":
+        time.sleep(0.3)
+        last = server.log.read_text().strip().splitlines()[-1]
+        assert "its output was closed" in last and ("dry-run" in last) == (how == "dry-run push")
+
+
+def test_overlapping_runs_of_one_job_wait_for_each_other(pair, tmp_path):
+    """Two runs of the same device into the same destination (a cron
+    overlap): the newer is told busy while the older is alive, and waits
+    with the documented backoff (1 s doubling) instead of kicking it off;
+    both end 0 and the tree is whole."""
+    client, server, sid, src, module = pair
+    url = server.url("m", "z")
+    first = client.popen("sync", src, url, "--peer-id", sid, "--bwlimit", "1M",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    second = client.run("sync", src, url, "--peer-id", sid, timeout=120)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0 and "superseded" not in err, err
+    assert second.returncode == 0, second.stderr
+    waits = [int(w) for w in re.findall(r"retrying in (\d+) s", second.stderr)]
+    assert waits and "another transfer into m/z is running" in second.stderr
+    assert waits == sorted(waits) and (len(waits) < 3 or waits[-1] > waits[0]), waits   # it backs off
+    assert "superseded" not in server.log.read_text()
+    _same(src, module / "z")
+
+
+def test_a_killed_client_run_again_supersedes_its_dead_transfer(pair, tmp_path):
+    """The old connection does not answer the server's PING: the new run
+    supersedes it within a few seconds (even with --retry-for 0) and
+    resumes what had arrived."""
+    client, server, sid, src, module = pair
+    url = server.url("m", "k")
+    p = client.popen("sync", src, url, "--peer-id", sid, "--bwlimit", "1M", "--no-history",
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.5)
+    p.kill()
+    p.wait()
+    started = time.monotonic()
+    r = client.run("sync", src, url, "--peer-id", sid, "--retry-for", "0", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 10
+    assert "superseded by its new connection" in server.log.read_text()
+    _same(src, module / "k")
+
+
+def test_a_server_that_is_not_there_is_noticed_in_seconds(tmp_path):
+    """Nothing listens on the port: the ICMP port unreachable fails the
+    handshake at once; --timeout is for a live connection going silent."""
+    client = Site(tmp_path, "client")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    r = client.run("sync", src, f"resync://127.0.0.1:{port}/m", "--peer-id",
+                   "P5HFHLZ-Q6OKJMM-XTPEKY5-T6FARJY-TNHBMAG-CAEV2SQ-BC3PPOT-GPLLRAF", "--retry-for", "0",
+                   "--timeout", "60", timeout=60)
+    assert r.returncode == 10 and "nothing listens there" in r.stderr, r.stderr
+    assert time.monotonic() - started < 5
