@@ -1217,6 +1217,36 @@ class Applier:
                 return other
         return None
 
+    def keep(self, deletions) -> None:
+        """Deletion candidates that stay (the deletion was refused: errors,
+        --max-delete, an empty source): each reported as an entry of the
+        tree, a directory with everything below it, so that the run's
+        manifest is the tree as it is (a ``verify`` after a refused deletion
+        found its whole subtrees "extra"). Entries are read without
+        following symlinks; resync's temp names are left out."""
+        report = self.report
+        for rel, e in deletions:
+            path = join(rel, e.name)
+            report.entry(path, e, None)
+            if e.kind != "d" or self.root_fd < 0:
+                continue
+            try:
+                fd = open_rel_dir(self.root_fd, path)
+            except OSError:
+                continue
+            try:
+                for top, dirs, files, dir_fd in os.fwalk(".", dir_fd=fd):
+                    base = path if top == "." else join(path, top[2:])
+                    dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
+                    for name in dirs + [f for f in files if not f.startswith(TEMP_PREFIX)]:
+                        try:
+                            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        report.entry(join(base, name), Entry.from_stat(name, st), None)
+            finally:
+                os.close(fd)
+
     def count_tree(self, rel: str, name: str) -> int:
         """What deleting the destination directory rel/name removes besides
         the directory itself (callers count it as one): every entry below

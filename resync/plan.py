@@ -72,6 +72,8 @@ class Planner:
         self.link_target = link_target
         self.same_content = same_content
         self.deletions = Deletions()                    # (directory, destination entry)
+        self.extras: list[tuple[str, Entry]] = []       # destination entries the source lacks that stay
+                                                        # (no --delete, or excluded): for the manifest
 
     def directory(self, rel: str, entries: list[Entry], dst: dict, dst_fd: int | None = None,
                   skip: str | None = None) -> list[tuple]:
@@ -118,13 +120,14 @@ class Planner:
                     out.append((SPECIAL, e, prev, path,
                                 itemize("c", e, None if prev is None or prev.kind != e.kind else prev,
                                         owners=owners)))
-        if self.opt.delete and dst:
+        if dst:
             excludes = self.opt.excludes
             names = []
             for name in sorted(dst):
                 e = Entry.from_stat(name, dst[name])
-                if excludes and excludes.excluded(join(rel, name), e.kind == "d"):
-                    continue    # excluded files are protected, as in rsync
+                if not self.opt.delete or (excludes and excludes.excluded(join(rel, name), e.kind == "d")):
+                    self.extras.append((rel, e))   # stays (excluded ones are protected, as in rsync)
+                    continue
                 self.deletions.append((rel, e))
                 names.append(name)
             if names:

@@ -279,6 +279,7 @@ class Syncer:
     # ------------------------------------------------------------- deletions
     def _delete(self) -> None:
         plan, apply = self.plan, self.apply
+        apply.keep(plan.extras)                     # what stays though the source lacks it: in the manifest
         if not plan.deletions:
             return
         count = 0
@@ -290,8 +291,7 @@ class Syncer:
         refused = plan.deletion_refusal(count)
         if refused:
             self.stats.deletion_refused = refused
-            for rel, e in plan.deletions:          # they stay: the manifest says so
-                self.report.entry(join(rel, e.name), e, None)
+            apply.keep(plan.deletions)             # they stay: the manifest says so
             return
         apply.delete(plan.deletions, apply.count_tree)
 

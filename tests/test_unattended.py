@@ -170,3 +170,36 @@ def test_a_server_that_is_not_there_is_noticed_in_seconds(tmp_path):
                    "--timeout", "60", timeout=60)
     assert r.returncode == 10 and "nothing listens there" in r.stderr, r.stderr
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("where", ["local", "push", "pull"])
+def test_verify_after_a_refused_deletion_finds_the_tree_as_it_is(pair, tmp_path, where):
+    """A --max-delete refusal leaves the destination as it was: the run's
+    manifest says so, whole subtrees included, and so does a sync without
+    --delete that leaves extra entries; ``verify`` finds nothing."""
+    client, server, sid, src, module = pair
+    if where == "local":
+        dst, url = tmp_path / "mirror", None
+    else:
+        dst = module / "v" if where == "push" else tmp_path / "pulled"
+        url = server.url("m", "v")
+    if where == "pull":                         # the module holds the source; the local side has extras
+        assert client.run("sync", src, url, "--peer-id", sid).returncode == 0
+    for d in ("old-a", "old-b/deeper"):
+        (dst / d).mkdir(parents=True)
+        for i in range(20):
+            (dst / d / f"f{i}.txt").write_text(f"{d} {i}\n")
+    history = tmp_path / "verify.duckdb"
+    args = (src, dst) if where == "local" else (src, url) if where == "push" else (url, dst)
+    extra = ("--history", history) if where != "push" else ()
+    peer = () if where == "local" else ("--peer-id", sid)
+    r = client.run("sync", *args, *peer, *extra)                 # no --delete: the extras stay
+    assert r.returncode == 0, r.stderr
+    r = client.run("sync", "--delete", "--max-delete", "3", *args, *peer, *extra)
+    assert r.returncode == 25 and "exceed --max-delete 3" in r.stderr, r.stderr
+    verifier = client if where != "push" else server.site
+    hist = ("--history", history) if where != "push" else ()
+    if where == "push":
+        time.sleep(0.5)                          # (the server's run is recorded as its push ends)
+    v = verifier.run("verify", dst, *hist)
+    assert v.returncode == 0, v.stdout + v.stderr

@@ -80,6 +80,8 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
             meter.close()
     result = dict(session.result)
     result["peer"] = str(remote)
+    # the whole run, retries and their waits included (the wire figures below are the last attempt's)
+    result["duration"], result["attempts"] = round(session.wall, 6), session.attempts
     result.update(session.stats)                # the protocol's bytes: control stream and shards
     wire = getattr(session, "transport", {})
     result.update(wire)                         # UDP payload bytes and packets, QUIC's losses and RTT

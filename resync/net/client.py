@@ -205,6 +205,14 @@ async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.
     link.leave()
 
 
+def _new_listing(stats) -> None:
+    """A retry lists the source again: what describes the tree (files,
+    directories, bytes scanned) is the last attempt's, not the sum of them
+    all (a retried pull counted every file twice). What was written stays
+    counted: the next attempt finds it done and does not count it again."""
+    stats.files = stats.dirs = stats.symlinks = stats.specials = stats.bytes_scanned = 0
+
+
 def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
         accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
         known_peers=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
@@ -213,13 +221,18 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
     to 60 s, with jitter) for at most ``retry_for`` seconds; ``on_retry(why,
     seconds)`` is told of each wait, ``on_note(text)`` of a server recorded
     in known_peers; ``meter`` (resync.progress.Progress, -P)
-    is shown each attempt's bytes. Raises the last error (other refusals and
-    protocol errors are never retried)."""
+    is shown each attempt's bytes. The session returned carries
+    ``attempts`` and ``wall`` (seconds since the first attempt began). Raises
+    the last error (other refusals and protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
     path: dict = {}                             # the path's model, from one attempt to the next
+    attempts = 0
     while True:
         if meter is not None:
             meter.reset()
+        if attempts and report is not None:
+            _new_listing(report.stats)
+        attempts += 1
         try:
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
                                         timeout, bwlimit, known_peers, meter, on_note, path))
@@ -227,6 +240,7 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             error = exc
         else:
             if session.error is None:
+                session.attempts, session.wall = attempts, time.monotonic() - started
                 return session
             error = session.error
             if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):

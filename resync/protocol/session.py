@@ -1586,10 +1586,10 @@ class _Receiver:
         self.finished_here = True
         self._place()
         apply, plan = self.apply, self.plan
+        apply.keep(plan.extras)                 # what stays though the source lacks it: in the manifest
         if self.empty_source:                   # as local sync: nothing deleted, the root left as it was
             self.stats.deletion_refused = self.empty_source
-            for rel, e in plan.deletions:
-                self.report.entry(os.path.join(rel, e.name) if rel else e.name, e, None)
+            apply.keep(plan.deletions)
             self.root_attrs = self.root_prev
         elif plan.deletions:
             count = 0
@@ -1599,8 +1599,7 @@ class _Receiver:
             refused = plan.deletion_refusal(count)
             if refused:
                 self.stats.deletion_refused = refused
-                for rel, e in plan.deletions:
-                    self.report.entry(os.path.join(rel, e.name) if rel else e.name, e, None)
+                apply.keep(plan.deletions)
             else:
                 apply.delete(plan.deletions, apply.count_tree)
         apply.end_staging()
