@@ -1287,6 +1287,9 @@ class Applier:
     def close(self) -> None:
         self.shutdown_workers()
         self.end_staging()
+        dirty, self._dirty = self._dirty, {}      # (a run that stopped early: not synced, only let go of;
+        for d in dirty.values():                  # a daemon kept them open for its lifetime)
+            d.release()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1

@@ -28,7 +28,7 @@ from aioquic.quic.packet import QuicErrorCode
 from resync.fs import TEMP_PREFIX
 from resync.identity import load_identity
 from resync.net.link import configuration
-from resync.net.server import MAX_UNPROVEN, PROOF_DEADLINE
+from resync.net.server import MAX_UNPROVEN, MAX_UNPROVEN_PER_HOST, PROOF_DEADLINE
 
 from . import mix
 from .test_net import Server, Site, _json, _same, _slow_push, _tree
@@ -218,10 +218,6 @@ def test_a_push_into_a_full_module_is_exit_6_at_the_client(sites, tmp_path):
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="product bug: a push that fails with ENOSPC leaves the server holding "
-                   "descriptors of m/x and m/x/d0 for good: the Dir handles _Receiver._dir makes wait in "
-                   "Applier._dirty for sync_dirs, which abort never releases (until c43fc1c the one of m/x also "
-                   "kept the push lock's flock, so every later push into m/x was refused as busy)")
 def test_after_a_full_module_the_next_push_succeeds_and_nothing_stays_open(sites, tmp_path):
     """With room again (the filler deleted), the same push completes
     identical, nothing is left staged, and the server holds nothing of the
@@ -491,8 +487,8 @@ def _pull_ok(client: Site, server_site: Site, server: Server, module: Path, dst:
 def test_a_hello_claiming_16_mib_is_refused_at_once_and_costs_no_memory(served, tmp_path):
     """case-net-06: 24 connections from a stranger each start a Hello whose
     header claims 16 MiB and go on sending it: each is closed by the server
-    within 2 s of the header, the server grows by less than 30 MB, and it
-    serves an allowed client afterwards."""
+    within 2 s of the header, the server grows by less than 30 MB, logs it
+    in a line or two, and serves an allowed client afterwards."""
     client, server_site, server, module, stranger = served
     _pull_ok(client, server_site, server, module, tmp_path / "warm")     # the server's code paths loaded
     pid = server.proc.pid
@@ -510,21 +506,28 @@ def test_a_hello_claiming_16_mib_is_refused_at_once_and_costs_no_memory(served, 
     late = [round(c.closed_at - c.sent_at, 2) if c.closed_at else None for c in conns
             if c.closed_at is None or c.closed_at - c.sent_at > 2.0]
     assert not late, late
-    refused = _log_lines(server, "frame length 16777215 out of range", want=24)
-    assert len(refused) == 24 and all("unknown client from 127.0.0.1:" in line for line in refused), server.text()
+    # one log line for the lot (refused for the frame's length, or let go as the oldest of 8 from one
+    # address): a flood does not flood the log
+    refused = _log_lines(server, "ended without the client's proof")
+    assert 1 <= len(refused) <= 2 and all("from 127.0.0.1:" in line for line in refused), server.text()
     assert (peak - base) < 30 * 1024, f"grew {(peak - base) / 1024:.1f} MB"
     assert server.proc.poll() is None and "Traceback" not in server.text()
     _pull_ok(client, server_site, server, module, tmp_path / "after")
 
 
 @pytest.mark.slow
-def test_strangers_past_32_are_refused_at_once_and_the_rest_cut_at_the_proof_deadline(served, tmp_path):
-    """40 strangers complete the TLS handshake, one after the other, and
-    then send nothing but PINGs (which keep QUIC's idle timeout away): the 8
-    past MAX_UNPROVEN are closed at once, the 32 others PROOF_DEADLINE after
-    they came (not before); then an allowed client gets in at once."""
+def test_strangers_are_let_go_oldest_first_and_the_rest_cut_at_the_proof_deadline(served, tmp_path):
+    """40 strangers from one address complete the TLS handshake, one after
+    the other, and then send nothing but PINGs (which keep QUIC's idle
+    timeout away): past MAX_UNPROVEN_PER_HOST the one waiting longest is let
+    go as each newcomer arrives (never the newcomer: an honest client proves
+    its key in a few round trips, so idle strangers are the oldest), with
+    CONNECTION_REFUSED; the last ones are cut PROOF_DEADLINE after they
+    came (not before); the log has a line per REFUSAL_LOG_INTERVAL at most;
+    then an allowed client gets in at once."""
     client, server_site, server, module, stranger = served
-    assert MAX_UNPROVEN == 32
+    from resync.net.server import MAX_UNPROVEN_PER_HOST, REFUSAL_LOG_INTERVAL
+    keep = MAX_UNPROVEN_PER_HOST
 
     async def run():
         stop = asyncio.Event()
@@ -536,25 +539,18 @@ def test_strangers_past_32_are_refused_at_once_and_the_rest_cut_at_the_proof_dea
         finally:
             stop.set()
     conns, open_after_2s = asyncio.run(run())
-    assert open_after_2s == 32
-    first, rest = conns[:32], conns[32:]
-    lasted = [round(c.closed_at - c.started_at, 2) if c.closed_at else None for c in rest]
-    assert all(x is not None and x < 2.0 for x in lasted), lasted                  # refused at once
-    lasted = [round(c.closed_at - c.connected_at, 2) if c.closed_at else None for c in first]
-    assert all(c.connected_at is not None for c in first)
+    assert open_after_2s == keep
+    let_go, last = conns[:-keep], conns[-keep:]
+    assert all(c.closed_at is not None and c.closed_at < last[0].started_at + 2.0 for c in let_go)
+    assert {c.error_code for c in conns} == {QuicErrorCode.CONNECTION_REFUSED}
+    lasted = [round(c.closed_at - c.connected_at, 2) if c.closed_at else None for c in last]
     assert all(x is not None and PROOF_DEADLINE - 1 <= x <= PROOF_DEADLINE + 3 for x in lasted), lasted
-    assert {c.error_code for c in first} == {QuicErrorCode.CONNECTION_REFUSED}
-    assert _log_lines(server, f"{MAX_UNPROVEN} connections already wait for their client's proof"), server.text()
-    cut = _log_lines(server, f"no proof of the client's key within {PROOF_DEADLINE:.0f} s", want=32)
-    assert len(cut) == 32 and all("unknown client from 127.0.0.1:" in line for line in cut), server.text()
+    lines = _log_lines(server, "ended without the client's proof")
+    assert 1 <= len(lines) <= 2 + (PROOF_DEADLINE + 10) / REFUSAL_LOG_INTERVAL, server.text()
     _pull_ok(client, server_site, server, module, tmp_path / "after", "--retry-for", "0")
     assert server.proc.poll() is None and "Traceback" not in server.text()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (a slowloris): the 32 slots for connections without a proof "
-                   "are shared by every address, so 32 idle strangers from one host lock allowed clients out "
-                   "(refused at the cap, 'closed by the peer (error 12)', exit 10) until the strangers' 20 s "
-                   "deadline, and for ever if they reconnect")
 def test_an_allowed_client_gets_in_while_strangers_hold_the_unproven_slots(served, tmp_path):
     """While 32 idle strangers from 127.0.0.1 wait without a proof, an
     allowed client's pull (no retry) succeeds."""
@@ -565,7 +561,7 @@ def test_an_allowed_client_gets_in_while_strangers_hold_the_unproven_slots(serve
         tasks = await _idle_strangers(server.port, stranger, MAX_UNPROVEN + 8, stop)
         try:
             await asyncio.sleep(1.0)
-            assert sum(1 for t in tasks if not t.done()) == MAX_UNPROVEN      # the cap holds
+            assert sum(1 for t in tasks if not t.done()) == MAX_UNPROVEN_PER_HOST   # the oldest let go
             return await asyncio.get_running_loop().run_in_executor(None, lambda: client.run(
                 "sync", server.url("m", "x"), tmp_path / "got", "--peer-id", server_site.id, "--no-history",
                 "--retry-for", "0", timeout=60))
@@ -637,9 +633,6 @@ def test_pushes_into_nested_directories_exclude_each_other(sites, tmp_path):
         assert not _staged(module)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: ServerSession opens the push's path with create=True "
-                   "(open_beneath makes the missing components) before _admit takes the lock, so a push refused "
-                   "as busy leaves m/y/sub/deeper made inside the directory another push is writing")
 def test_a_push_refused_as_busy_makes_nothing(sites, tmp_path):
     client, server_site = sites
     second = Site(tmp_path, "second")

@@ -271,22 +271,27 @@ def test_a_full_history_disk_leaves_the_run_unrecorded_not_failed(tmp_path, monk
 def test_pushes_into_nested_destinations_exclude_each_other(tmp_path):
     from resync.net.server import _Locks
     locks = _Locks()
-    (tmp_path / "x" / "sub").mkdir(parents=True)
-    (tmp_path / "xy").mkdir()
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fds = {}
+    for rel in ("x/sub/deeper", "xy"):
+        (tmp_path / rel).mkdir(parents=True)
+    for rel in ("x", "x/sub", "x/sub/deeper", "xy"):
+        fds[rel] = os.open(tmp_path / rel, os.O_RDONLY | os.O_DIRECTORY)
     try:
         a = SimpleNamespace(client_id="A", finished=False, target="m/x/sub")
         b = SimpleNamespace(client_id="B", finished=False, target="m/x")
-        assert locks.take(f"{tmp_path}/x/sub", fd, a)
-        assert not locks.take(f"{tmp_path}/x", fd, b)              # above it
-        assert not locks.take(f"{tmp_path}/x/sub/deeper", fd, b)   # below it
-        assert locks.take(f"{tmp_path}/xy", fd, b)                  # a sibling whose name begins alike
+        assert locks.take(f"{tmp_path}/x/sub", fds["x/sub"], a)
+        assert not locks.take(f"{tmp_path}/x", None, b)                      # above it (asked first)
+        assert not locks.take(f"{tmp_path}/x", fds["x"], b)
+        assert not locks.take(f"{tmp_path}/x/sub/deeper", fds["x/sub/deeper"], b)   # below it
+        assert locks.take(f"{tmp_path}/xy", None, b)                          # a sibling whose name begins
+        assert locks.take(f"{tmp_path}/xy", fds["xy"], b)                     # alike
         a.finished = True
-        assert locks.take(f"{tmp_path}/x", fd, SimpleNamespace(client_id="C", finished=False, target="m/x"))
+        assert locks.take(f"{tmp_path}/x", fds["x"], SimpleNamespace(client_id="C", finished=False, target="m/x"))
     finally:
         for key in list(locks.held):
             locks.release(key)
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
 
 
 # -- --delete next to excludes, over the protocol ----------------------------------------------------

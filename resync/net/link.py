@@ -359,12 +359,16 @@ class SessionLink(QuicConnectionProtocol):
         """End a connection whose peer has not proved its key: the session
         fails with ``why`` (the log's line), the peer is told no more than a
         CONNECTION_CLOSE with CONNECTION_REFUSED."""
-        from aioquic.quic.packet import QuicErrorCode
+        from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 
         from ..protocol.session import RefusedError
         if self.session is not None and not self.session.finished:
             self.session.fail(RefusedError(why), tell_peer=False)
-        self.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="refused")
+        # a transport-level close (frame type given): aioquic would turn an application close sent
+        # during the handshake into APPLICATION_ERROR
+        self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, frame_type=QuicFrameType.PADDING,
+                         reason_phrase="refused")
+        self.transmit()
 
     def leave(self) -> None:
         """Close, sending CONNECTION_CLOSE ``CLOSE_COPIES`` times, and let

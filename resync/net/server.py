@@ -26,7 +26,8 @@ from .reset import CID_LENGTH, StatelessReset
 
 # What a peer can make the server hold before it has proved its key (docs/protocol.md, "Security"):
 MAX_CONNECTIONS = 512             # connections at once; more are refused at once (CONNECTION_REFUSED)
-MAX_UNPROVEN = 32                 # ... of which still without the client's proof
+MAX_UNPROVEN = 32                 # ... of which still without the client's proof (then the oldest is let go)
+MAX_UNPROVEN_PER_HOST = 8         # ... and from one address
 PROOF_DEADLINE = 20.0             # s from a connection's first packet to the client's proof (Auth)
 PREAUTH_BYTES = (1 << 20) + (1 << 19)   # UDP bytes taken from a connection before its proof (a Hello fits)
 REFUSAL_LOG_INTERVAL = 10.0       # s between log lines about connections refused at the caps
@@ -72,10 +73,12 @@ class _Locks:
     def _nested(a: str, b: str) -> bool:
         return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
-    def take(self, key: str, fd: int, session) -> bool | None:
+    def take(self, key: str, fd: int | None, session) -> bool | None:
         """Hold the directory open as ``fd`` (keyed ``key``) for ``session``;
         False if an overlapping push holds it, None while the server asks
-        whether the same device's earlier push holding it is alive."""
+        whether the same device's earlier push holding it is alive. With
+        ``fd`` None: whether it would be taken, taking nothing (the push
+        makes its directory only then)."""
         for other in [k for k in self.held if self._nested(k, key)]:
             _, old, link = self.held[other]
             if old.finished:
@@ -84,6 +87,8 @@ class _Locks:
             if other != key or old.client_id != session.client_id or link is None:
                 return False
             return self._probe(other, old, link)
+        if fd is None:
+            return True
         # its own open file description (an flock belongs to one): held until release, whatever
         # becomes of the receiver's descriptors
         lock_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
@@ -151,22 +156,42 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     refusals = {"count": 0, "logged": 0.0}
     resets = StatelessReset(identity)
 
-    def admit(link) -> str:
-        """Why a new connection is refused at once, or "" (the caps above)."""
-        if len(links) >= MAX_CONNECTIONS:
-            return f"{MAX_CONNECTIONS} connections already"
-        unproven = sum(1 for x in links if x.session is not None and not x.session.finished
-                       and not x.session.authenticated)
-        if unproven >= MAX_UNPROVEN:
-            return f"{MAX_UNPROVEN} connections already wait for their client's proof"
-        return ""
+    def unproven(link) -> bool:
+        s = link.session
+        return s is not None and not s.finished and not s.authenticated
 
-    def refused_at_cap(link, why: str) -> None:
-        link.refuse(why)
+    def admit(link) -> None:
+        """The caps above, once aioquic has taken the connection's first
+        packet (its address is known, a close can be sent). Over
+        MAX_CONNECTIONS the newcomer is refused. Among connections without
+        a proof, the one waiting longest is let go when its address has
+        MAX_UNPROVEN_PER_HOST of them, or when MAX_UNPROVEN wait in all —
+        not the newcomer: an honest client proves its key within a few
+        round trips, so idle strangers are always the oldest, and a stranger
+        holding every slot cannot keep allowed clients out."""
+        if not unproven(link):
+            return
+        if len(links) > MAX_CONNECTIONS:
+            link.refuse(f"{MAX_CONNECTIONS} connections already")
+            return
+        host = peer_host(link)
+        waiting = sorted((x for x in links if x is not link and unproven(x)), key=lambda x: x.created)
+        same = [x for x in waiting if peer_host(x) == host]
+        if len(same) >= MAX_UNPROVEN_PER_HOST:
+            same[0].refuse(f"let go: {MAX_UNPROVEN_PER_HOST} connections from {host} wait for their proof, "
+                           "this one the longest")
+        elif len(waiting) >= MAX_UNPROVEN:
+            waiting[0].refuse(f"let go: {MAX_UNPROVEN} connections wait for their client's proof, "
+                              "this one the longest")
+
+    def note_unproven(link, why: str) -> None:
+        """A connection that ended without a proof: one log line per
+        REFUSAL_LOG_INTERVAL at most (a flood must not flood the log)."""
         refusals["count"] += 1
         now = time.monotonic()
-        if now - refusals["logged"] >= REFUSAL_LOG_INTERVAL:   # (a flood must not flood the log)
-            log(f"refused {refusals['count']} new connection(s) (the last from {peer_of(link)}): {why}")
+        if now - refusals["logged"] >= REFUSAL_LOG_INTERVAL:
+            log(f"{refusals['count']} connection(s) ended without the client's proof (the last from "
+                f"{peer_of(link)}: {why})")
             refusals["count"], refusals["logged"] = 0, now
 
     def deadline(link) -> None:
@@ -181,8 +206,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         link.preauth_limit = PREAUTH_BYTES
         session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
                                 lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
-        started = time.monotonic()
-        why = admit(link)
+        started = link.created = time.monotonic()
 
         def done():
             from ..protocol.session import _Receiver
@@ -195,6 +219,10 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         def finish():
             locks.release(session.target_key if session.hello is not None and session.hello.push else None, session)
             locks.links.pop(id(session), None)
+            if not session.authenticated:
+                note_unproven(link, str(session.error or link.close_reason or "closed"))
+                links.discard(link)
+                return
             from ..report import RunStats
             status = "failed" if session.error is not None else RunStats.from_dict(session.result).status
             recorder = getattr(session, "recorder", None)
@@ -227,11 +255,8 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         link.on_session_done = done
         locks.links[id(session)] = link
         link.session = session                  # driven by the connection's events from now on
-        if why:                                 # (once aioquic has taken the Initial: the close can be sent)
-            loop.call_soon(refused_at_cap, link, why)
-            link.on_session_done = lambda: links.discard(link)
-        else:
-            loop.call_later(PROOF_DEADLINE, deadline, link)
+        loop.call_soon(admit, link)
+        loop.call_later(PROOF_DEADLINE, deadline, link)
         links.add(link)
         return link
 
@@ -307,6 +332,11 @@ def _shown(session) -> str:
     if session.module is None or session.hello is None:
         return "?"
     return f"{session.module.name}/{os.fsdecode(session.hello.path).strip('/')}".rstrip("/")
+
+
+def peer_host(link) -> str:
+    addr = link._quic.get_peer_address()
+    return addr[0] if addr else ""
 
 
 def peer_of(link) -> str:

@@ -374,7 +374,7 @@ class ServerSession(Session):
     ``lock(key, fd, session)`` takes the destination (open as fd) for this
     transfer: True, False (another transfer holds it: busy), or None (ask
     again: the server is finding out whether the transfer holding it is
-    alive)."""
+    alive); with fd None it only answers whether it would."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
                  bwlimit: float = 0, min_parity: int = 1):
@@ -392,7 +392,7 @@ class ServerSession(Session):
         self.module: Module | None = None
         self.target: str | None = None          # module/path as a path (for logs and history)
         self.target_key: str | None = None      # the module's real path joined with the checked path
-        self._lock_wait = None                  # (give up at, fd, options, rel) while lock() said "ask again"
+        self._lock_wait = None                  # (give up at, options, rel) while lock() said "ask again"
         self._lock_asked = 0.0
 
     @property
@@ -434,33 +434,38 @@ class ServerSession(Session):
             self._refuse(E_DENIED, "the path leaves the module")
             return
         options = Options.from_hello(h)
-        fd = self._open_target(module, rel, create=h.push and not options.dry_run)
-        if fd is None:
-            return                              # refused, and said why
         self.module = module
         self.target = os.path.join(module.path, rel) if rel else module.path
         self.target_key = os.path.join(os.path.realpath(module.path), rel) if rel else \
             os.path.realpath(module.path)
-        self._admit(fd, options, rel, now)
+        self._admit(options, rel, now)
 
-    def _admit(self, fd: int, options: Options, rel: str, now: float) -> None:
-        """Take the destination of a push (``lock``: True, False for busy,
+    def _admit(self, options: Options, rel: str, now: float) -> None:
+        """Take the destination of a push — ``lock``: True, False for busy,
         None while it finds out whether the transfer holding it is still
-        alive: asked again from the timer, at most LOCK_WAIT), then Welcome
-        and become the receiver or the sender."""
+        alive (asked again from the timer, at most LOCK_WAIT) —, asked first
+        without a descriptor, so that a push refused as busy has made
+        nothing; then open (or make) the destination, Welcome, and become
+        the receiver or the sender."""
         h, module = self.hello, self.module
-        if h.push and fd >= 0 and self.lock is not None:
-            got = self.lock(self.target_key, fd, self)
+        locked = h.push and not options.dry_run and self.lock is not None
+        if locked:
+            got = self.lock(self.target_key, None, self)
             if got is None and (self._lock_wait is None or now < self._lock_wait[0]):
                 if self._lock_wait is None:
-                    self._lock_wait, self._lock_asked = (now + LOCK_WAIT, fd, options, rel), now
+                    self._lock_wait, self._lock_asked = (now + LOCK_WAIT, options, rel), now
                 return
             self._lock_wait = None
             if not got:
-                os.close(fd)
-                self._refuse(E_BUSY, f"another transfer into {module.name}/{rel} is running (or into a "
-                                     "directory above or below it); try again later")
+                self._busy(rel)
                 return
+        fd = self._open_target(module, rel, create=h.push and not options.dry_run)
+        if fd is None:
+            return                              # refused, and said why
+        if locked and fd >= 0 and not self.lock(self.target_key, fd, self):
+            os.close(fd)                        # (another server process on this machine holds it)
+            self._busy(rel)
+            return
         self.send(F.Welcome(WINDOW))
         report = self.report_factory(self) if self.report_factory and h.push else None
         try:
@@ -476,11 +481,9 @@ class ServerSession(Session):
                 os.close(fd)
             raise
 
-    def fail(self, exc: ResyncError, tell_peer: bool = True) -> None:
-        if self._lock_wait is not None:         # (the connection went while it waited for the lock)
-            fd, self._lock_wait = self._lock_wait[1], None
-            os.close(fd)
-        super().fail(exc, tell_peer)
+    def _busy(self, rel: str) -> None:
+        self._refuse(E_BUSY, f"another transfer into {self.module.name}/{rel} is running (or into a "
+                             "directory above or below it); try again later")
 
     def next_timer(self) -> float | None:
         if self._lock_wait is not None and not self.finished:
@@ -490,8 +493,8 @@ class ServerSession(Session):
     def handle_timer(self, now: float) -> None:
         if self._lock_wait is not None and not self.finished:
             self._lock_asked = now
-            _, fd, options, rel = self._lock_wait
-            self._guarded(self._admit, fd, options, rel, now)
+            _, options, rel = self._lock_wait
+            self._guarded(self._admit, options, rel, now)
             return
         super().handle_timer(now)
 
