@@ -553,7 +553,7 @@ class SessionLink(QuicConnectionProtocol):
             else:
                 self.pmtu.lost_probe(size, now)
         cc.probes.clear()
-        if self._handshake_done:
+        if self._handshake_done and s.sends_content:       # (only the sender's packets carry content)
             if self._settle_by is None:
                 self._settle_by = now + max(SETTLE_WAIT, SETTLE_RTTS * self.rtt())
                 self._loop.call_at(self._settle_by, self.drive)

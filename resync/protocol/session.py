@@ -326,6 +326,12 @@ class Session:
     def _handshake(self, frame, now: float) -> None:
         raise NotImplementedError
 
+    @property
+    def sends_content(self) -> bool:
+        """Whether this end is (or will be, once the handshake ends) the
+        sender of content: the one whose packets the path MTU matters for."""
+        return isinstance(self.role, _Sender)
+
 
 class ClientSession(Session):
     """The client's end. ``local`` is its tree (the source when pushing, the
@@ -343,6 +349,10 @@ class ClientSession(Session):
         self.send(F.Hello(F.VERSION, push, identity.public_key, self.nonce, options.flags,
                           -1 if options.max_delete is None else options.max_delete, self.module, self.path,
                           b"\n".join(os.fsencode(p) for p in options.excludes), options.bwlimit))
+
+    @property
+    def sends_content(self) -> bool:
+        return self.push
 
     def _handshake(self, frame, now: float) -> None:
         if isinstance(frame, F.Challenge):
@@ -394,6 +404,10 @@ class ServerSession(Session):
         self.target_key: str | None = None      # the module's real path joined with the checked path
         self._lock_wait = None                  # (give up at, options, rel) while lock() said "ask again"
         self._lock_asked = 0.0
+
+    @property
+    def sends_content(self) -> bool:
+        return self.hello is not None and not self.hello.push and not self.finished
 
     @property
     def authenticated(self) -> bool:
