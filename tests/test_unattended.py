@@ -4,7 +4,6 @@ of one job overlapping, a server that is not there. Each ends the same way
 every time, with one line and a documented exit code, and nothing lost."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -17,7 +16,6 @@ import pytest
 from . import mix
 from .test_net import Server, Site, _same
 from .test_sync import make_tree
-from .treeutil import snapshot
 
 
 @pytest.fixture
@@ -203,3 +201,68 @@ def test_verify_after_a_refused_deletion_finds_the_tree_as_it_is(pair, tmp_path,
         time.sleep(0.5)                          # (the server's run is recorded as its push ends)
     v = verifier.run("verify", dst, *hist)
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_both_ends_record_the_same_transfer_and_pulls_are_in_the_servers_history(tmp_path):
+    """The client's --json and history and the server's log and history
+    carry one transfer id; the server logs when a transfer starts; a pull
+    is a run of the server's history too (role send); a server pinned with
+    --peer-id is recorded in known_peers, so the next run needs no pin."""
+    import json
+    from resync.store import History
+    client, server_site = Site(tmp_path, "client"), Site(tmp_path, "server")
+    src, module = tmp_path / "src", tmp_path / "module"
+    import random
+    make_tree(src, random.Random(22), files=20)
+    module.mkdir()
+    history = tmp_path / "server.duckdb"
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--history", history) as server:
+        push = client.run("sync", "--json", src, server.url("m", "t"), "--peer-id", server_site.id)
+        assert push.returncode == 0, push.stderr
+        pushed = json.loads(push.stdout)
+        assert re.fullmatch(r"[0-9a-f]{16}", pushed["transfer_id"]) and pushed["attempts"] == 1
+        known = (client.home / "config" / "resync" / "known_peers").read_text()
+        assert server_site.id in known                        # pinned once, recorded
+        pull = client.run("sync", "--json", server.url("m", "t"), tmp_path / "back")     # no --peer-id
+        assert pull.returncode == 0, pull.stderr
+        pulled = json.loads(pull.stdout)
+        assert pulled["transfer_id"] != pushed["transfer_id"]
+    log = server.log.read_text()
+    for tid, what in ((pushed["transfer_id"], "push into m/t"), (pulled["transfer_id"], "pull from m/t")):
+        lines = [line for line in log.splitlines() if tid in line]
+        assert len(lines) == 2 and f"{what}: started" in lines[0] and "ok," in lines[1], log
+        assert all(client.id in line and "127.0.0.1:" in line for line in lines)
+    _same(src, tmp_path / "back")
+    server_history = History(str(history))
+    server_history.merge(wait=10)
+    _, rows = server_history.query("SELECT t.transfer_id, t.role, r.status FROM transfers t JOIN runs r "
+                                   "ON r.id = t.run_id ORDER BY r.started")
+    assert [tuple(r) for r in rows] == [(pushed["transfer_id"], "receive", "ok"),
+                                        (pulled["transfer_id"], "send", "ok")]
+
+
+def test_a_retried_pull_counts_its_tree_once_and_its_whole_duration(pair, tmp_path):
+    """A pull cut by a server restart and retried: files and bytes scanned
+    are the tree's (not twice), attempts 2, the duration the whole run's."""
+    import json
+    client, server, sid, src, module = pair
+    assert client.run("sync", src, server.url("m", "r"), "--peer-id", sid).returncode == 0
+    started = time.monotonic()
+    p = client.popen("sync", "--json", server.url("m", "r"), tmp_path / "back", "--peer-id", sid,
+                     "--bwlimit", "2M", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    server.stop()
+    restarted = Server(server.site, "--module", f"m={module}", "--allow", client.id, port=server.port)
+    try:
+        out, err = p.communicate(timeout=120)
+        wall = time.monotonic() - started
+    finally:
+        restarted.stop()
+    assert p.returncode == 0, err
+    result = json.loads(out)
+    files = sum(1 for f in src.rglob("*") if f.is_file() and not f.is_symlink())
+    assert result["attempts"] == 2 and result["files"] == files, (result["attempts"], result["files"], files)
+    assert result["bytes_scanned"] == sum(f.stat().st_size for f in src.rglob("*")
+                                          if f.is_file() and not f.is_symlink())
+    assert wall - 1.5 <= result["duration"] <= wall + 0.5
+    _same(src, tmp_path / "back")

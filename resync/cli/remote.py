@@ -27,7 +27,7 @@ class _Lines:
 
 def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete, patterns, dry_run,
                 itemize, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path,
-                no_history, show_progress=False):
+                no_history, show_progress=False, config_dir=None):
     from ..errors import UsageError
     from ..identity import load_identity
     from ..net.client import run
@@ -40,7 +40,9 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     if peer_id:
         from ..identity import parse_device_id
         parse_device_id(peer_id)                # a mistyped ID is a usage error before any connection
-    identity = load_identity(create=True)
+    from pathlib import Path
+    identity = load_identity(Path(config_dir) if config_dir else None, create=True)
+    known_peers = Path(config_dir) / "known_peers" if config_dir else None
     options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=bool(whole_file), itemize=itemize,
                       max_delete=max_delete, excludes=patterns, bwlimit=bwlimit or 0)
     item_stream = sys.stderr if as_json else sys.stdout
@@ -67,7 +69,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
         meter = Progress(sys.stderr)
     try:
         session = run(remote, identity, push, local, options, report, peer_id=peer_id, accept_new=accept_new,
-                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for, meter=meter,
+                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for, meter=meter, known_peers=known_peers,
                       on_note=None if quiet else lambda text: say(f"resync: {text}", err=True),
                       on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
                                                                        err=True))
@@ -82,6 +84,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     result["peer"] = str(remote)
     # the whole run, retries and their waits included (the wire figures below are the last attempt's)
     result["duration"], result["attempts"] = round(session.wall, 6), session.attempts
+    result["transfer_id"] = session.transfer_id         # the server's log and history have it too
     result.update(session.stats)                # the protocol's bytes: control stream and shards
     wire = getattr(session, "transport", {})
     result.update(wire)                         # UDP payload bytes and packets, QUIC's losses and RTT

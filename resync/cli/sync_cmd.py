@@ -67,10 +67,12 @@ def _check_dir(path: str, must_exist: bool) -> None:
               help="resync:// only: give up when the server has sent nothing for this long.")
 @click.option("--retry-for", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
               help="resync:// only: retry a lost connection (backoff 1 s to 60 s) for this long.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="resync:// only: this machine's key and known_peers (default ~/.config/resync).")
 @history_options
 def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
             itemize, show_progress, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for,
-            history_path, no_history):
+            config_dir, history_path, no_history):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/. Either may be
     a server's directory, resync://HOST[:PORT]/MODULE[/PATH] (resync serve):
     a push or a pull over QUIC, deltas and parity-protected shards.
@@ -92,10 +94,13 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         return remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete,
                            list(excludes) + _read_patterns(exclude_files), dry_run, itemize, as_json, verbose,
                            quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history,
-                           show_progress)
+                           show_progress, config_dir=config_dir)
 
     from ..sync import Syncer, SyncOptions
 
+    if config_dir is not None:
+        from ..errors import UsageError
+        raise UsageError("--config-dir is for resync:// transfers (a local sync uses no key)")
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)
     options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, delete=delete,

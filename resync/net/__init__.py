@@ -15,5 +15,7 @@ def transfer_row(result: dict, transport: dict, peer: str, peer_id: str | None, 
             **{k: transport.get(k) for k in ("udp_bytes_sent", "udp_bytes_received", "udp_packets_sent",
                                              "udp_packets_received", "packets_lost", "rtt_ms")},
             "shards_sent": result.get("datagrams_sent"), "shards_received": result.get("datagrams_received"),
+            "path_mtu": transport.get("path_mtu"),
             **{k: result.get(k) for k in ("repair_shards", "repairs_asked", "probes", "corrupt_shards", "parity",
-                                          "loss_estimate", "resumed_bytes", "stripes", "stripes_repaired")}}
+                                          "loss_estimate", "resumed_bytes", "stripes", "stripes_repaired",
+                                          "transfer_id", "attempts")}}

@@ -42,11 +42,15 @@ def pinned_certificate(link: SessionLink) -> bytes:
 def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_new: bool,
                  known_peers=None) -> tuple[str, bool]:
     """The server's device ID, if it is the one pinned for it, and whether
-    it was recorded now (--accept-new). RefusedError (exit 13) showing both
-    IDs if not, or if nothing is pinned and ``accept_new`` is off."""
+    it was recorded in known_peers now (--accept-new, or a --peer-id the
+    file did not hold yet: as ssh records a key it has checked). A
+    known_peers entry is never replaced by --peer-id (a changed key is the
+    owner's to re-pin). RefusedError (exit 13) showing both IDs if not, or
+    if nothing is pinned and ``accept_new`` is off."""
     from ..identity import certificate_device_id, lookup_peer, parse_device_id, remember_peer
     got = certificate_device_id(cert_der)
-    want = parse_device_id(peer_id) if peer_id else lookup_peer(remote.address, known_peers)
+    known = lookup_peer(remote.address, known_peers)
+    want = parse_device_id(peer_id) if peer_id else known
     if want is None:
         if not accept_new:
             raise RefusedError(f"{remote.address} is not a known peer (its device ID is {got}); pass "
@@ -56,6 +60,9 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
     if want != got:
         raise RefusedError(f"{remote.address} presented device ID {got}, but {want} is pinned for it "
                            "(another server, or its key changed); nothing sent")
+    if known is None:                           # pinned by --peer-id and proved: the next run needs no pin
+        remember_peer(remote.address, got, known_peers)
+        return got, True
     return got, False
 
 

@@ -242,6 +242,7 @@ class SessionLink(QuicConnectionProtocol):
         self.pmtu = pmtu.PathMTU((MAX_DATAGRAM_SIZE,))
         self.datagram_size = pmtu.BASE          # bytes of UDP payload per packet now
         self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
+        self._path_done = False                 # the search is over for good (every size confirmed)
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -543,8 +544,11 @@ class SessionLink(QuicConnectionProtocol):
         learnt since the last call, the next probe once the handshake is
         done, and the session told the shard size and whether the search is
         settled (or SETTLE_WAIT passed: a sender waits no longer)."""
+        if self._path_done:
+            return                              # (the common case, once per transmit: nothing to do)
         if cc is None:                          # (another controller: no probes, the minimum)
             s.shard_size, s.path_settled = shard_size_for(self.datagram_size), True
+            self._path_done = True
             return
         for acked, size in cc.probes:
             if acked:
@@ -563,6 +567,8 @@ class SessionLink(QuicConnectionProtocol):
                 self.pmtu.unsent()
         s.shard_size = shard_size_for(self.datagram_size)
         s.path_settled = self.pmtu.settled or (self._settle_by is not None and now >= self._settle_by)
+        # every size confirmed: nothing will change (a search that failed is tried again later)
+        self._path_done = self.pmtu.settled and self.pmtu.target is None
 
     def _send_probe(self, size: int, cc) -> bool:
         """Send one packet of ``size`` bytes: a padding datagram that fills it

@@ -204,7 +204,8 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         resets.adopt(link._quic)                # reset tokens that survive a restart of this server
         link.batch = batch[0] if batch else None
         link.preauth_limit = PREAUTH_BYTES
-        session = ServerSession(identity, identity.cert_der, modules, report_factory=_report_factory(history),
+        session = ServerSession(identity, identity.cert_der, modules,
+                                report_factory=_report_factory(history, lambda s: locks.links[id(s)]),
                                 lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
         started = link.created = time.monotonic()
 
@@ -229,10 +230,13 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
             if recorder is not None:
                 from . import transfer_row
                 result = dict(session.result, **session.stats)
+                result["transfer_id"] = session.transfer_id
                 recorder.finish(status, _Stats(session.result) if session.error is None else None,
                                 transfer=transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
-                                                      session.client_id, "receive"))
+                                                      session.client_id, "receive" if session.hello.push else "send"))
             who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
+            if session.transfer_id and session.module:
+                who += f" (transfer {session.transfer_id})"
             what = (f"{'push into' if session.hello.push else 'pull from'} {_shown(session)}"
                     if session.module else "handshake")
             if session.module and session.hello.flags & FLAG_DRY_RUN:
@@ -290,22 +294,30 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         server.close()
 
 
-def _report_factory(history: str | None):
-    """Pushes are recorded in the server's history (the destination's manifest)."""
-    if history is None:
-        return None
-
+def _report_factory(history: str | None, link_of):
+    """Called as a transfer starts (Welcome sent): its start line in the
+    log, and its record in the server's history — a push's with the
+    destination's manifest (the Report returned), a pull's with no manifest
+    (the module is its source: the run row and its transfers row say what
+    was sent, to whom)."""
     def make(session):
-        from ..protocol.frames import FLAG_DRY_RUN
         from ..report import Report, RunStats
-        from ..store.recorder import RunRecorder
         from ..store import HistoryError
-        if session.hello.flags & FLAG_DRY_RUN:
+        from ..store.recorder import RunRecorder
+        push, dry = session.hello.push, bool(session.hello.flags & FLAG_DRY_RUN)
+        what = f"{'dry-run ' if dry else ''}{'push into' if push else 'pull from'} {_shown(session)}"
+        log(f"{session.client_id} from {peer_of(link_of(session))}: {what}: started "
+            f"(transfer {session.transfer_id})")
+        if history is None or dry:
             return None
+        source, destination = (f"resync://{session.client_id}", session.target) if push else \
+            (session.target, f"resync://{session.client_id}")
         try:
-            session.recorder = RunRecorder(history, "serve", f"resync://{session.client_id}", session.target)
-        except HistoryError as exc:             # the history's disk full: the push goes on, unrecorded
-            log(f"{session.client_id}: push into {session.target}: not recorded in the history: {exc}")
+            session.recorder = RunRecorder(history, "serve", source, destination)
+        except HistoryError as exc:             # the history's disk full: the transfer goes on, unrecorded
+            log(f"{session.client_id}: {what}: not recorded in the history: {exc}")
+            return None
+        if not push:
             return None
         return Report(RunStats(), on_file=session.recorder.file, on_entry=session.recorder.entry)
     return make

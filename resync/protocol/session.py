@@ -108,6 +108,14 @@ class BusyError(RefusedError):
     # retries (within --retry-for), then gives up with exit 13.
 
 
+def transfer_id(server_nonce: bytes, client_nonce: bytes) -> str:
+    """The id both ends record for one connection's transfer (the client's
+    --json and history, the server's log and history): 16 hex digits of
+    SHA-256 over the handshake's two nonces, which both hold once the
+    Challenge has crossed, so nothing more is sent."""
+    return hashlib.sha256(b"resync-transfer-id\0" + server_nonce + client_nonce).hexdigest()[:16]
+
+
 def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: bytes, client_key: bytes,
                  module: bytes, path: bytes) -> bytes:
     """What the client signs: bound to this connection (both nonces, the
@@ -170,6 +178,7 @@ class Session:
         self.error: ResyncError | None = None
         self.cleanup_error = ""           # what failed while a failed session cleaned up (for the log)
         self.output_closed = False        # stopped because this end's stdout was closed (EPIPE)
+        self.transfer_id = ""             # both ends' id of this transfer, once the Challenge has crossed
         self.result: dict = {}
         self.rtt = 0.05                  # the transport's estimate (net sets it)
         self.shard_size = SHARD_SIZE     # shard bytes a datagram holds on this path (net sets it)
@@ -356,6 +365,7 @@ class ClientSession(Session):
 
     def _handshake(self, frame, now: float) -> None:
         if isinstance(frame, F.Challenge):
+            self.transfer_id = transfer_id(frame.nonce, self.nonce)
             msg = auth_message(frame.nonce, self.nonce, self.server_cert_der, self.identity.public_key,
                                self.module, self.path)
             self.send(F.Auth(self.identity.sign(msg)))
@@ -420,6 +430,7 @@ class ServerSession(Session):
             if frame.version != F.VERSION:
                 raise ProtocolError(f"version {frame.version} not supported (this server speaks {F.VERSION})")
             self.hello = frame
+            self.transfer_id = transfer_id(self.nonce, frame.nonce)
             self._reader.limit = AUTH_LIMIT
             self.send(F.Challenge(self.nonce))
             return
@@ -433,11 +444,11 @@ class ServerSession(Session):
         self.client_id = device_id(h.client_key)
         self._reader.limit = F.MAX_FRAME
         module = self.modules.get(os.fsdecode(h.module))
-        if module is None:
-            self._refuse(E_NO_MODULE, f"no module {os.fsdecode(h.module)!r}")
-            return
-        if self.client_id not in module.allowed:
-            self._refuse(E_DENIED, f"device {self.client_id} is not allowed to use module {module.name!r}")
+        if module is None or self.client_id not in module.allowed:
+            # the same answer whether the module exists or not: a device that may not use it
+            # learns nothing of which names exist
+            self._refuse(E_DENIED, f"no module {os.fsdecode(h.module)!r} for device {self.client_id} "
+                                   "(none by that name, or this device is not allowed to use it)")
             return
         if h.push and module.read_only:
             self._refuse(E_READ_ONLY, f"module {module.name!r} is read-only")
@@ -481,7 +492,7 @@ class ServerSession(Session):
             self._busy(rel)
             return
         self.send(F.Welcome(WINDOW))
-        report = self.report_factory(self) if self.report_factory and h.push else None
+        report = self.report_factory(self) if self.report_factory else None     # (a pull: None back)
         try:
             if h.push:
                 self.role = _Receiver(self, self.target, options, report, remote_items=True, root_fd=fd)

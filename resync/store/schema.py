@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 MIGRATIONS = [
     (1, [
@@ -106,13 +106,20 @@ MIGRATIONS = [
         "ALTER TABLE transfers ADD COLUMN stripes BIGINT",
         "ALTER TABLE transfers ADD COLUMN stripes_repaired BIGINT",
     ]),
+    # v7: the id both ends of a transfer record (from the handshake's two nonces), how many
+    # connections a client run took, the packet size the path carried (path MTU search)
+    (7, [
+        "ALTER TABLE transfers ADD COLUMN transfer_id VARCHAR",
+        "ALTER TABLE transfers ADD COLUMN attempts INTEGER",
+        "ALTER TABLE transfers ADD COLUMN path_mtu INTEGER",
+    ]),
 ]
 
 # transfers' columns after run_id, as the spool record's "transfer" object holds them
 TRANSFER_COLUMNS = ["peer", "peer_id", "role", "udp_bytes_sent", "udp_bytes_received", "udp_packets_sent",
                     "udp_packets_received", "packets_lost", "shards_sent", "shards_received", "repair_shards",
                     "repairs_asked", "probes", "corrupt_shards", "parity", "loss_estimate", "rtt_ms",
-                    "resumed_bytes", "stripes", "stripes_repaired"]
+                    "resumed_bytes", "stripes", "stripes_repaired", "transfer_id", "attempts", "path_mtu"]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
                "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",
