@@ -173,10 +173,12 @@ def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path):
                and row[4] > 0 and row[6] == "ok" for row in rows)
     assert rows[0][5] > 0 and rows[-1][5] == 0               # shards for the first push, none for no change
     _, rows = History(server_site.home / "data" / "resync" / "history.duckdb").query(
-        "SELECT t.role, t.peer_id, t.udp_bytes_received, r.command, r.destination FROM transfers t "
-        "JOIN runs r ON r.id = t.run_id")
-    assert len(rows) == 5 and {r[0] for r in rows} == {"receive"} and {r[1] for r in rows} == {client.id}
-    assert all(r[2] > 0 and r[3] == "serve" and r[4] == str(module / "photos") for r in rows)
+        "SELECT t.role, t.peer_id, t.udp_bytes_received, r.command, r.destination, r.source FROM transfers t "
+        "JOIN runs r ON r.id = t.run_id ORDER BY r.started")
+    assert [r[0] for r in rows] == ["receive", "send"] * 3 + ["receive", "receive"]   # the pulls too
+    assert {r[1] for r in rows} == {client.id}
+    assert all(r[2] > 0 and r[3] == "serve" for r in rows)
+    assert all((r[4] if r[0] == "receive" else r[5]) == str(module / "photos") for r in rows)
 
 
 def test_push_options_dry_run_itemize_exclude_max_delete(sites, tmp_path):

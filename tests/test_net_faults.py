@@ -119,10 +119,11 @@ def _open_files(pid: int, wait_for: set | None = None, wait: float = 10.0) -> se
 
 
 def _log_lines(server: Server, words: str, want: int = 1, wait: float = 10.0) -> list[str]:
-    """The server's log lines holding ``words``, once there are ``want`` (or ``wait`` s have passed)."""
+    """The server's log lines holding ``words``, once there are ``want`` (or ``wait`` s have passed);
+    a transfer's start line is left out (its end line says how it went)."""
     deadline = time.monotonic() + wait
     while True:
-        lines = [line for line in server.text().splitlines() if words in line]
+        lines = [line for line in server.text().splitlines() if words in line and ": started (transfer" not in line]
         if len(lines) >= want or time.monotonic() > deadline:
             return lines
         time.sleep(0.1)

@@ -62,8 +62,8 @@ def test_sigterm_at_any_moment_exits_143_promptly_and_loses_nothing(pair, tmp_pa
         stopped = time.monotonic()
         out, err = p.communicate(timeout=30)
         took = time.monotonic() - stopped
-        if p.returncode == -signal.SIGTERM:     # (killed before Python ran resync: the shell's 143 too)
-            assert not err and delay < 0.2
+        if p.returncode == -signal.SIGTERM:     # (killed before the interpreter ran resync's entry point,
+            assert not err and delay < 1.0      # slow to start on a loaded machine: the shell's 143 too)
             continue
         outcomes.append(p.returncode)
         assert p.returncode in (143, 0), (delay, p.returncode, err)

@@ -42,8 +42,9 @@ def pinned_certificate(link: SessionLink) -> bytes:
 def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_new: bool,
                  known_peers=None) -> tuple[str, bool]:
     """The server's device ID, if it is the one pinned for it, and whether
-    it was recorded in known_peers now (--accept-new, or a --peer-id the
-    file did not hold yet: as ssh records a key it has checked). A
+    it was recorded in known_peers now on --accept-new (a --peer-id the
+    file did not hold yet is recorded too, silently: as ssh records a key it
+    has checked). A
     known_peers entry is never replaced by --peer-id (a changed key is the
     owner's to re-pin). RefusedError (exit 13) showing both IDs if not, or
     if nothing is pinned and ``accept_new`` is off."""
@@ -61,9 +62,8 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
         raise RefusedError(f"{remote.address} presented device ID {got}, but {want} is pinned for it "
                            "(another server, or its key changed); nothing sent")
     if known is None:                           # pinned by --peer-id and proved: the next run needs no pin
-        remember_peer(remote.address, got, known_peers)
-        return got, True
-    return got, False
+        remember_peer(remote.address, got, known_peers)     # (said of --accept-new only: here the user
+    return got, False                                       # named the ID)
 
 
 async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
@@ -237,8 +237,8 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
     while True:
         if meter is not None:
             meter.reset()
-        if attempts and report is not None:
-            _new_listing(report.stats)
+        if attempts and getattr(report, "stats", None) is not None:     # (a pull's: this end lists nothing
+            _new_listing(report.stats)                                   # in a push)
         attempts += 1
         try:
             session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
