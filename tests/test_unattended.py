@@ -62,8 +62,12 @@ def test_sigterm_at_any_moment_exits_143_promptly_and_loses_nothing(pair, tmp_pa
         stopped = time.monotonic()
         out, err = p.communicate(timeout=30)
         took = time.monotonic() - stopped
-        if p.returncode == -signal.SIGTERM:     # (killed before the interpreter ran resync's entry point,
-            assert not err and delay < 1.0      # slow to start on a loaded machine: the shell's 143 too)
+        if p.returncode == -signal.SIGTERM:
+            # killed by the signal's default action: before the interpreter ran resync's entry point
+            # (slow to start on a loaded machine), or as it tore itself down after the run had
+            # ended (CPython puts the default handlers back then): the shell's 143 either way, and
+            # nothing was half done (the files are checked below)
+            assert not err, err
             continue
         outcomes.append(p.returncode)
         assert p.returncode in (143, 0), (delay, p.returncode, err)
@@ -91,6 +95,10 @@ def test_a_closed_stdout_stops_the_run_at_once_with_141(pair, tmp_path, how):
     + SIGPIPE, as a shell shows a tool the signal killed); no traceback, no
     retry; the server sees the client stop (not a push that went well)."""
     client, server, sid, src, module = pair
+    many = src / "many"                         # more itemized lines than a pipe holds (64 KiB): the
+    many.mkdir()                                # writer must meet the closed end, not finish first
+    for i in range(4000):
+        (many / f"entry-{i:05d}.txt").write_text(f"{i}\n" if i % 3 else "")
     url = server.url("m", "y")
     if how == "pull":
         assert client.run("sync", src, url, "--peer-id", sid).returncode == 0
