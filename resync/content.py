@@ -170,8 +170,42 @@ def write_local(fd: int, dir_fd: int, name: str, src_path: str, old_size: int, *
             st.st_uid, st.st_gid)
 
 
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The (offset, length) runs of ``fd`` that hold data, found with
+    SEEK_DATA / SEEK_HOLE (lseek(2)), when the file has holes (it occupies
+    fewer blocks than its size); None when it has none, or the file system
+    cannot say (then it is copied whole)."""
+    st = os.fstat(fd)
+    if not hasattr(os, "SEEK_DATA") or st.st_blocks * 512 >= size:
+        return None
+    extents, pos = [], 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == 6:              # ENXIO: nothing but a hole from pos to the end
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end > start:
+                extents.append((start, end - start))
+            pos = end
+    except OSError:
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    return extents
+
+
 def _copy_data(src_fd: int, dst_fd: int) -> int:
-    """Copy src to dst (both at offset 0) until EOF; returns the bytes copied."""
+    """Copy src to dst (both at offset 0) until EOF; returns the bytes copied.
+    A source with holes keeps them: only its data runs are copied and the
+    copy is cut to the source's size (cp's --sparse=auto; rsync needs -S)."""
+    size = os.fstat(src_fd).st_size
+    extents = _data_extents(src_fd, size)
+    if extents is not None:
+        return _copy_extents(src_fd, dst_fd, extents, size)
     total = 0
     try:
         while True:
@@ -190,6 +224,31 @@ def _copy_data(src_fd: int, dst_fd: int) -> int:
         while view:
             view = view[os.write(dst_fd, view):]
         total += len(chunk)
+
+
+def _copy_extents(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size: int) -> int:
+    """Copy the data runs ``extents`` of src to the same offsets of dst and
+    give dst ``size`` bytes: what lies between stays a hole. Returns the
+    bytes of data copied."""
+    from .fs import pwrite_all
+    total = 0
+    for offset, length in extents:
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+            except OSError as exc:
+                if exc.errno not in (18, 22, 38, 95):          # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                    raise
+                chunk = os.pread(src_fd, min(length - done, 1 << 20), offset + done)
+                n = len(chunk)
+                pwrite_all(dst_fd, chunk, offset + done)
+            if n == 0:
+                break                                          # (the source shrank meanwhile)
+            done += n
+        total += done
+    os.ftruncate(dst_fd, size)
+    return total
 
 
 def _copy_small(src_fd: int, dst_fd: int, size: int, want_hash: bool) -> tuple[int, str | None]:
