@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """resync over QUIC vs an rsync daemon vs raw aioquic, on loopback, side by side.
 
-    python bench/bench_net.py [--big-mib 256] [--files 20000] [--dir bench/.data] [--only big|tree]
+    python bench/bench_net.py [--big-mib 256] [--files 20000] [--dir bench/.data] [--only big|tree|release]
 
-Two data sets, each pushed by both tools into their own destination:
+Three kinds of data, each pushed by both tools into their own destination:
 a single file of --big-mib MiB (mixed content: text, zeros, random, repeated
-blocks), and a tree of --files small files (bench/gen.py tree). Steps: first
-copy, no change, and after 1 % changed (the big file: 1 % of its bytes
-rewritten in 40 places; the tree: 1 % of the files). Tools:
+blocks), a tree of --files small files (bench/gen.py tree), and real software
+releases (bench/releases.py: pairs of consecutive wheels from PyPI, unpacked,
+downloaded once and cached). Steps: first copy, no change, and after a change
+(the big file: 1 % of its bytes rewritten in 40 places; the tree: 1 % of the
+files; a release: the next release unpacked in its place, every file with a
+new mtime, as an upgrade leaves them — so every file goes through the delta
+path). Tools:
 
 - rsync daemon: ``rsync --daemon`` with a writable module, client
   ``rsync -a --delete --stats SRC/ rsync://127.0.0.1:PORT/bench/`` (rsync's own
@@ -142,7 +146,8 @@ def same_tree(a: Path, b: Path) -> bool:
     return r.returncode == 0 and not r.stdout.strip()
 
 
-def bench_set(name: str, src: Path, change, work: Path, rows: list, raw_rows: list) -> None:
+def bench_set(name: str, src: Path, change, work: Path, rows: list, raw_rows: list,
+              steps=("first copy", "no change", "after 1 % changed")) -> None:
     d_rsync, d_resync = work / f"{name}-rsync-dst", work / f"{name}-resync-dst"
     fresh(d_rsync)
     fresh(d_resync)
@@ -152,8 +157,8 @@ def bench_set(name: str, src: Path, change, work: Path, rows: list, raw_rows: li
         total = sum(p.stat().st_size for p in files)
         subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
         raw = raw_quic(files, work)
-        for step in ("first copy", "no change", "after 1 % changed"):
-            if step == "after 1 % changed":
+        for step in steps:
+            if step == steps[-1]:
                 change()
             a = daemon.push(src)
             b = server.push(src)
@@ -173,7 +178,9 @@ def main():
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
-    ap.add_argument("--only", choices=["big", "tree"], default=None)
+    ap.add_argument("--only", choices=["big", "tree", "release"], default=None)
+    ap.add_argument("--releases", default=None,
+                    help="comma-separated release pairs of bench/releases.py (default: all)")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
@@ -197,6 +204,18 @@ def main():
         run([PY, str(HERE / "gen.py"), "tree", "--files", str(args.files), "--big", "0", "--seed", "3", str(tree)])
         bench_set("tree", tree, lambda: run([PY, str(HERE / "gen.py"), "change", "--fraction", "0.01",
                                              "--seed", "4", str(tree)]), work, rows, raw_rows)
+    if args.only in (None, "release"):
+        from releases import PAIRS, release_tree
+        names = args.releases.split(",") if args.releases else list(PAIRS)
+        for pair in names:
+            old, new = release_tree(pair, 0, args.dir / "releases"), release_tree(pair, 1, args.dir / "releases")
+            src = work / f"{pair}-src"
+            shutil.copytree(old, src, symlinks=True)
+
+            def upgrade(src=src, new=new):   # the next release in its place, every mtime new
+                shutil.rmtree(src)
+                shutil.copytree(new, src, symlinks=True, copy_function=shutil.copyfile)
+            bench_set(pair, src, upgrade, work, rows, raw_rows, steps=("first copy", "no change", "update"))
 
     print("\n| data | step | rsync daemon | resync | time ratio | wire rsync (sent + received) "
           "| wire resync (UDP, sent + received) | wire ratio |")

@@ -3,7 +3,8 @@
 emulated WAN (tests/linkemu: 100 Mbit/s, 50 ms RTT), side by side in one run.
 
     python bench/bench_wan.py [--mib 256] [--losses 0,5,20,33] [--repeat 3]
-                              [--files 20000] [--only bulk|tree|disaster|lan] [--dir /dev/shm/bw]
+                              [--files 20000] [--only bulk|tree|release|disaster|lan|share]
+                              [--releases sympy,django,pandas] [--release-losses 0,5,20] [--dir /dev/shm/bw]
 
 Needs root (network namespaces). Steps, each at every loss in --losses
 (random, both directions, on the wire after the rate cap):
@@ -12,6 +13,11 @@ Needs root (network namespaces). Steps, each at every loss in --losses
   blocks) pushed into an empty destination;
 - **tree**: the nightly run: a --files tree (bench/gen.py tree) whose
   destination holds yesterday's copy, after 1 % of the files changed;
+- **release**: real software updates (bench/releases.py: consecutive wheels
+  from PyPI, unpacked, cached in bench/.data/releases): per pair the first
+  copy and a no-change run at 0 % loss, and the update (the destination holds
+  the older release, the source the newer one with every mtime new, so every
+  file goes through the delta path) at each of --release-losses;
 - **disaster**: the `disaster` profile (1 Mbit/s, RTT 150-250 ms, 20 % loss),
   a --disaster-mib file;
 - **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss;
@@ -356,7 +362,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--losses", default="0,5,20,33")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["bulk", "tree", "disaster", "lan", "share"], action="append")
+    ap.add_argument("--only", choices=["bulk", "tree", "release", "disaster", "lan", "share"], action="append")
+    ap.add_argument("--releases", default="sympy,django,pandas")
+    ap.add_argument("--release-losses", default="0,5,20")
     ap.add_argument("--tools", default="resync,rsync-bbr,rsync-cubic,quic-raw")
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm/resync-bench-wan"))
     args = ap.parse_args()
@@ -369,7 +377,7 @@ def main() -> None:
     if which[0] != "resync":
         raise SystemExit("--tools: resync first (the others are timed against it)")
     losses = [float(x) / 100 for x in args.losses.split(",")]
-    parts = args.only or ["bulk", "tree", "disaster", "lan", "share"]
+    parts = args.only or ["bulk", "tree", "release", "disaster", "lan", "share"]
     work = args.dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -398,6 +406,24 @@ def main() -> None:
                     for loss in losses:     # (no payload goodput: a nightly run's figure is its time)
                         step("tree 1 %", tools, link, loss, tree, 0, old, args.repeat,
                              [t for t in which if t != "quic-raw"], rows)
+        if "release" in parts:
+            sys.path.insert(0, str(HERE))
+            from releases import release_tree
+            cache = HERE / ".data" / "releases"
+            tools_no_raw = [t for t in which if t != "quic-raw"]
+            with Link("clean") as link, Tools(link, work / "release") as tools:
+                for pair in args.releases.split(","):
+                    old, new = work / f"{pair}-old", work / f"{pair}-new"
+                    shutil.copytree(release_tree(pair, 0, cache), old, symlinks=True)
+                    shutil.copytree(release_tree(pair, 1, cache), new, symlinks=True,
+                                    copy_function=shutil.copyfile)      # (every mtime new, as an upgrade's)
+                    changed = sh("rsync", "-a", "-n", "-i", "-c", "--delete", f"{new}/", f"{old}/").stdout.count("\n")
+                    print(f"release {pair}: {sum(1 for p in new.rglob('*') if p.is_file())} files, "
+                          f"{changed} entries differ in content or presence", flush=True)
+                    step(f"{pair} first copy", tools, link, 0.0, new, 0, None, 1, tools_no_raw, rows)
+                    for loss in [float(x) / 100 for x in args.release_losses.split(",")]:
+                        step(f"{pair} update", tools, link, loss, new, 0, old, args.repeat, tools_no_raw, rows)
+                    step(f"{pair} no change", tools, link, 0.0, new, 0, new, 1, tools_no_raw, rows)
         if "disaster" in parts:
             small = work / "disaster-src"
             small_size = make_file(small / "small.bin", args.disaster_mib, 8)

@@ -372,6 +372,23 @@ def make_delta(sig: Signature, data: np.ndarray, out: str | os.PathLike,
         insert_instructions=int(is_insert.sum()), delta_bytes=size)
 
 
+def instructions_in_memory(sig: Signature, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+    """(kinds, sources, lengths, literal bytes) of the delta of ``data``
+    against ``sig``, on this thread (no pool, no scratch file: for the small
+    files of a network transfer, where starting threads and writing a delta
+    file cost more than the scan). COPY sources are basis offsets; the
+    literal bytes are the INSERTs' in order."""
+    matches = find_matches(sig, data, threads=1)
+    kinds, sources, lengths, literal_positions = build_instructions(matches, int(data.shape[0]))
+    inserts = kinds == formats.INSERT
+    starts, counts = literal_positions, lengths[inserts]
+    if starts.shape[0] == 1:
+        literal = data[int(starts[0]):int(starts[0] + counts[0])].tobytes()
+    else:
+        literal = b"".join(data[s:s + n].tobytes() for s, n in zip(starts.tolist(), counts.tolist()))
+    return kinds, sources, lengths, literal
+
+
 def delta_file(sig_path: str, new_path: str, out: str) -> DeltaStats:
     sig = read_signature(sig_path) if os.path.getsize(sig_path) else None
     with MappedFile(new_path) as f:

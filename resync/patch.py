@@ -102,6 +102,21 @@ def apply_delta(basis_path: str | None, delta_path: str, out_path: str,
     return stats
 
 
+def assemble_in_memory(basis: np.ndarray, kinds: np.ndarray, sources: np.ndarray, lengths: np.ndarray,
+                       literals: np.ndarray, target_len: int) -> np.ndarray:
+    """The target of checked instructions (``protocol.encodings.delta_from_wire``:
+    COPY sources within ``basis``, INSERT sources offsets in ``literals``,
+    lengths adding up to ``target_len``) as a new uint8 array: the small files
+    of a network transfer, rebuilt without a delta file or writer threads."""
+    from .kernels.native import get
+    out = np.empty(target_len, np.uint8)
+    if target_len:
+        _, _, filled = get("assemble")(basis, literals, 0, kinds, sources, lengths, 0, 0, out)
+        if filled != target_len:
+            raise ValueError("instructions do not fill their target")
+    return out
+
+
 def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.ParsedDelta, fd: int, out_name: str,
                threads: int | None = None) -> tuple[PatchStats, str]:
     """Write the target of the parsed delta (``delta`` holds its file) into

@@ -125,8 +125,8 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
     block_len = block_len or default_block_len(file_len)
     if not formats.MIN_BLOCK_LEN <= block_len <= formats.MAX_BLOCK_LEN:
         raise ValueError(f"block length must be {formats.MIN_BLOCK_LEN}..{formats.MAX_BLOCK_LEN}")
-    if not formats.MIN_STRONG_LEN <= strong_len <= formats.MAX_STRONG_LEN:
-        raise ValueError(f"strong hash length must be {formats.MIN_STRONG_LEN}..{formats.MAX_STRONG_LEN}")
+    if not 2 <= strong_len <= formats.MAX_STRONG_LEN:     # (the file format takes 16 and up; the
+        raise ValueError(f"strong hash length must be 2..{formats.MAX_STRONG_LEN}")   # network, 2 and up)
     threads = threads or thread_count()
     salt = os.urandom(32) if salt is None else salt
     count = formats.block_count(file_len, block_len)

@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 from ..errors import ResyncError
 
-VERSION = 2                        # 2: Want.resume, File.content, Hello.bwlimit (session 6)
+VERSION = 3                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
+#                                    3: packs, wire signatures and deltas (protocol.encodings; session 10)
 MAX_FRAME = 16 << 20
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
 NAME_MAX = 255
@@ -155,6 +156,20 @@ class FileDone(NamedTuple):        # receiver -> sender: the file is in place (o
     file_id: int
     ok: bool
     message: bytes
+
+
+class Pack(NamedTuple):            # sender -> receiver: small files' contents follow as one content's shards
+    pack_id: int                   # PACK_BASE and up (file ids are below it)
+    codec: int                     # 0 raw, 1 LZ4 block
+    raw_length: int                # bytes of members (encodings.decode_members) once decoded
+    length: int                    # bytes of content as sent (the shards')
+    k: int
+    m: int
+    shard_size: int
+
+
+PACK_BASE = 0x80000000             # pack ids start here; a receiver's file ids stay below
+PACK_MAX = 16 << 20                # the most member bytes a pack may hold
 
 
 class Item(NamedTuple):            # receiver -> client: an itemized line or an error (push)
@@ -363,6 +378,14 @@ def encode(frame) -> bytes:
                 frame.gid, frame.k, frame.m, frame.shard_size)
         w.s16(frame.message[:4000])
         w.raw(_fixed(frame.content, 32))
+    elif t is Pack:
+        w.u32(frame.pack_id)
+        w.u8(frame.codec)
+        w.u32(frame.raw_length)
+        w.u32(frame.length)
+        w.u16(frame.k)
+        w.u16(frame.m)
+        w.u32(frame.shard_size)
     elif t is Ack:
         w.u32(frame.file_id)
         w.u32(len(frame.stripes))
@@ -459,6 +482,8 @@ def decode(kind: int, body) -> object:
         f = ListEnd()
     elif cls is Want:
         fid, index, name, signature = r.u32(), r.u32(), check_name(r.s16(), "Want"), r.s32()
+        if fid >= PACK_BASE:
+            raise ProtocolError(f"Want: file id {fid} is in the packs' range")
         resume = None
         if r.u8():
             content, length, k, shard_size, n = r.raw(32), r.u64(), r.u16(), r.u32(), r.u32()
@@ -479,6 +504,13 @@ def decode(kind: int, body) -> object:
                 or f.length > 1 << 62 or (f.status == FILE_OK and not (1 <= f.k and f.k + f.m <= 256
                                                                        and 64 <= f.shard_size <= 65536)):
             raise ProtocolError("File: field out of range")
+    elif cls is Pack:
+        f = Pack(r.u32(), r.u8(), r.u32(), r.u32(), r.u16(), r.u16(), r.u32())
+        if f.pack_id < PACK_BASE or f.codec not in (0, 1) or not 0 < f.raw_length <= PACK_MAX \
+                or not 0 < f.length <= f.raw_length + f.raw_length // 255 + 16 \
+                or (f.codec == 0 and f.length != f.raw_length) \
+                or not (1 <= f.k and f.k + f.m <= 256 and 64 <= f.shard_size <= 65536):
+            raise ProtocolError("Pack: field out of range")
     elif cls is Ack:
         fid, n = r.u32(), r.u32()
         if n * 4 > len(body):
@@ -503,7 +535,7 @@ def decode(kind: int, body) -> object:
 
 _TYPES = {Hello: 0x01, Challenge: 0x02, Auth: 0x03, Welcome: 0x04, Error: 0x05,
           Dir: 0x10, DirFailed: 0x11, ListEnd: 0x12,
-          Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24,
+          Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24, Pack: 0x25,
           Item: 0x30, Done: 0x31, Bye: 0x32}
 _CLASSES = {v: k for k, v in _TYPES.items()}
 

@@ -75,11 +75,16 @@ CHECKPOINT_BYTES = 64 << 20      # or sooner, once this much content has arrived
 QUIET_FACTOR = 8                 # a file is quiet after this many repair delays, even while others flow
 REPAIR_LAG = 4                   # a short stripe this many stripes behind a completed one is asked for at once
 PLACE_BATCH = 256                # files made durable (one syncfs) and placed together
+PACK_FILE = 64 << 10             # files up to this size travel in packs (their contents share stripes)
+PACK_BYTES = 256 << 10           # a pack is sealed once its members hold this much (or no Want waits)
+MAX_PACKS = 16                   # packs sealed and not yet acknowledged, at most
 SMALL_FILE = 1 << 20             # files up to this size are read, not mapped, by the sender
 EARLY_BYTES = 8 << 20            # shard bytes a receiver holds for wanted files whose File frame is late
 HELLO_LIMIT = (1 << 20) + (1 << 18)   # longest frame a server takes before Hello: a Hello at most
 AUTH_LIMIT = 256                 # ... and after it, before Auth (an Auth is 69 bytes)
 LOCK_WAIT = 3.0                  # s a push waits for the server to learn whether the run holding its
+WORK_SLICE = 0.02                # s of work (frames taken, files started) before the transport may send
+#                                  and read again: the two ends work at once instead of in turns
 LOCK_POLL = 0.1                  # destination is alive (asked again this often), before "busy"
 
 # Error frame codes and the exit codes they become (README: exit codes).
@@ -114,6 +119,15 @@ def transfer_id(server_nonce: bytes, client_nonce: bytes) -> str:
     SHA-256 over the handshake's two nonces, which both hold once the
     Challenge has crossed, so nothing more is sent."""
     return hashlib.sha256(b"resync-transfer-id\0" + server_nonce + client_nonce).hexdigest()[:16]
+
+
+def signature_salt(server_nonce: bytes, client_nonce: bytes) -> bytes:
+    """The key of this transfer's block signatures (32 bytes: the check sums'
+    weights and the keyed BLAKE3 of every block): SHA-256 over the
+    handshake's two nonces, fresh for each connection and unknown before it,
+    so nobody can prepare blocks that collide with a destination's (rsync's
+    checksum seed, made unpredictable); a Want need not carry it."""
+    return hashlib.sha256(b"resync-signature-salt\0" + server_nonce + client_nonce).digest()
 
 
 def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: bytes, client_key: bytes,
@@ -179,11 +193,13 @@ class Session:
         self.cleanup_error = ""           # what failed while a failed session cleaned up (for the log)
         self.output_closed = False        # stopped because this end's stdout was closed (EPIPE)
         self.transfer_id = ""             # both ends' id of this transfer, once the Challenge has crossed
+        self.salt = b""                   # the key of its block signatures (signature_salt), from then too
         self.result: dict = {}
         self.rtt = 0.05                  # the transport's estimate (net sets it)
         self.shard_size = SHARD_SIZE     # shard bytes a datagram holds on this path (net sets it)
         self.path_settled = True         # False while the transport searches the path's MTU
         self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
+        self._backlog = False            # frames received and not yet taken (WORK_SLICE ran out)
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
                       "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
@@ -217,10 +233,24 @@ class Session:
 
     def _take_stream(self, data: bytes, now: float) -> None:
         self._reader.feed(data)
+        self._take_frames(now)
+
+    def _take_frames(self, now: float) -> None:
+        """Take the frames received, for at most WORK_SLICE once the
+        transfer runs (a receiver plans directories and signs its copies as
+        their listings come; a sender's listing of a thousand directories
+        arrives in one read): what is left waits in the reader for the
+        session's timer (``next_timer`` says now), so that the Wants made so
+        far leave at once and the peer starts on them."""
+        deadline = time.monotonic() + WORK_SLICE
+        self._backlog = False
         for frame in self._reader.frames():
             if self.finished:
                 return
             self._frame(frame, now)
+            if self.role is not None and time.monotonic() > deadline:
+                self._backlog = self._reader.pending > 0
+                return
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         if data[:1] == PROBE:
@@ -255,9 +285,13 @@ class Session:
     def next_timer(self) -> float | None:
         if self.finished or self.role is None:
             return None
+        if self._backlog:
+            return 0.0                          # at once: frames wait to be taken
         return self.role.next_timer()
 
     def handle_timer(self, now: float) -> None:
+        if self._backlog and not self.finished:
+            self._guarded(self._take_frames, now)
         if self.role is not None and not self.finished:
             self._guarded(self.role.timer, now)
 
@@ -366,6 +400,7 @@ class ClientSession(Session):
     def _handshake(self, frame, now: float) -> None:
         if isinstance(frame, F.Challenge):
             self.transfer_id = transfer_id(frame.nonce, self.nonce)
+            self.salt = signature_salt(frame.nonce, self.nonce)
             msg = auth_message(frame.nonce, self.nonce, self.server_cert_der, self.identity.public_key,
                                self.module, self.path)
             self.send(F.Auth(self.identity.sign(msg)))
@@ -431,6 +466,7 @@ class ServerSession(Session):
                 raise ProtocolError(f"version {frame.version} not supported (this server speaks {F.VERSION})")
             self.hello = frame
             self.transfer_id = transfer_id(self.nonce, frame.nonce)
+            self.salt = signature_salt(self.nonce, frame.nonce)
             self._reader.limit = AUTH_LIMIT
             self.send(F.Challenge(self.nonce))
             return
@@ -570,10 +606,12 @@ class _Outgoing:
     """One file being sent: its content's stripes, what was sent and acknowledged."""
 
     __slots__ = ("frame", "encoder", "next_stripe", "m", "acked", "repairs", "next_row", "closer", "sent_rows",
-                 "in_flight", "bytes_out", "sent_at", "progressed")
+                 "in_flight", "bytes_out", "sent_at", "progressed", "fid", "members")
 
-    def __init__(self, frame: F.File, encoder: StripeEncoder | None, m: int, closer):
+    def __init__(self, frame, encoder: StripeEncoder | None, m: int, closer, members=()):
         self.frame, self.encoder, self.m, self.closer = frame, encoder, m, closer
+        self.fid = frame.pack_id if isinstance(frame, F.Pack) else frame.file_id
+        self.members = members                  # a pack: its members' file ids
         self.next_stripe = 0
         self.in_flight = 0                      # bytes of its stripes sent and not acknowledged
         self.acked: set[int] = set()
@@ -630,6 +668,11 @@ class _Sender:
         self.tmp = None
         self.root_fd = root_fd
         self._dir_fd: tuple[int, int] | None = None     # (directory index, its descriptor): the last opened
+        self.more = False                       # Wants left for the next turn (WORK_SLICE ran out)
+        self.pack_buf = bytearray()             # members of the pack being filled (encodings.encode_member)
+        self.pack_members: list[int] = []
+        self.packs = 0                          # packs sealed so far (the next one's id: PACK_BASE + packs)
+        self.packs_active = 0
 
     # listing
     def _open_dir(self, rel: str) -> int:
@@ -727,8 +770,16 @@ class _Sender:
                     self.s.progress.scanned()
                 break
             self.s.send(frame)
-        while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window and self.s.path_settled:
+        deadline = time.monotonic() + WORK_SLICE
+        self.more = False
+        while self.wants and len(self.active) < MAX_ACTIVE and self.in_flight < self.window and self.s.path_settled \
+                and self.packs_active < MAX_PACKS:
             self._start(self.wants.popleft())
+            if time.monotonic() > deadline:     # (the transport sends what is ready; the timer goes on)
+                self.more = bool(self.wants)
+                break
+        if self.pack_members:
+            self._seal()                        # what this turn packed goes now (the receiver starts on it)
 
     def frame(self, frame, now: float) -> None:
         if isinstance(frame, F.Want):
@@ -888,12 +939,17 @@ class _Sender:
                     o.next_row[s] = end
 
     def _retire(self, out: _Outgoing, force: bool = False) -> None:
-        if (out.done or force) and self.active.pop(out.frame.file_id, None) is not None:
+        if (out.done or force) and self.active.pop(out.fid, None) is not None:
             self.in_flight -= out.in_flight
             out.in_flight = 0
             if out.closer is not None:
                 out.closer()
-            self._shown_done(out.frame.file_id, out.progressed)
+            if out.members:
+                self.packs_active -= 1
+                for fid in out.members:
+                    self._shown_done(fid, 0)
+            else:
+                self._shown_done(out.fid, out.progressed)
 
     def _shown_done(self, fid: int, progressed: int) -> None:
         """-P: the file is through (sent, vanished or failed): the rest of the
@@ -907,7 +963,7 @@ class _Sender:
 
     def _advance(self, out: _Outgoing, stripe: int) -> None:
         """-P: a stripe of ``out`` is through; its share of the file's size."""
-        if self.s.progress is not None:
+        if self.s.progress is not None and not out.members:
             n = progress_share(out.frame, stripe)
             out.progressed += n
             self.s.progress.partial(n)
@@ -933,6 +989,11 @@ class _Sender:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(0, "changed type during the run")
             size = st.st_size
+            if size <= PACK_FILE:               # a small file: its content joins a pack
+                data = pread_all(fd, size)
+                os.close(fd)
+                self._pack_member(want, st, data)
+                return
             if size <= SMALL_FILE:              # read: a map costs more than it saves for a small file
                 data = pread_all(fd, size)
                 size, array, closers = len(data), np.frombuffer(data, np.uint8), []
@@ -980,6 +1041,53 @@ class _Sender:
             self._skip_acked(out)
             self._retire(out)
 
+    def _pack_member(self, want: F.Want, st: os.stat_result, data: bytes) -> None:
+        """Add a small file's content to the pack being filled: a wire delta
+        against the receiver's signature (made here, on this thread) if that
+        is smaller than the file, else the file itself."""
+        import numpy as np
+
+        from .encodings import MEMBER_DELTA, Member, delta_to_wire, encode_member, signature_from_wire
+        flags, content = 0, data
+        if want.signature and data:
+            from ..delta import instructions_in_memory
+            sig = signature_from_wire(want.signature, self.s.salt)
+            wire = delta_to_wire(*instructions_in_memory(sig, np.frombuffer(data, np.uint8)))
+            if len(wire) < len(data):
+                flags, content = MEMBER_DELTA, wire
+        seconds, ns = divmod(st.st_mtime_ns, 10**9)
+        encode_member(self.pack_buf, Member(want.file_id, F.FILE_OK, flags, _blake3(data), st.st_mode, seconds, ns,
+                                            len(data), st.st_uid, st.st_gid, content))
+        self.pack_members.append(want.file_id)
+        self.sent_files += 1
+        if len(self.pack_buf) >= PACK_BYTES:
+            self._seal()
+
+    def _seal(self) -> None:
+        """Send the pack being filled: its Pack frame, then its content (the
+        members, LZ4-compressed when that is smaller) as one content's
+        stripes, acknowledged and repaired like a file's."""
+        import lz4.block
+        import numpy as np
+
+        from .encodings import put_varint
+        raw = bytearray()
+        put_varint(raw, len(self.pack_members))
+        raw += self.pack_buf
+        packed = lz4.block.compress(bytes(raw), store_size=False)
+        codec, stored = (1, packed) if len(packed) < len(raw) else (0, bytes(raw))
+        pid = F.PACK_BASE + self.packs
+        k = K_UNKNOWN if self.loss_reports == 0 else stripe_k(self.policy.loss)
+        frame = F.Pack(pid, codec, len(raw), len(stored), k, self._full_parity(k), self.s.shard_size)
+        self.s.send(frame)
+        out = _Outgoing(frame, StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, frame.shard_size), frame.m,
+                        None, self.pack_members)
+        self.active[pid] = out
+        self.order.append(pid)
+        self.packs += 1
+        self.packs_active += 1
+        self.pack_buf, self.pack_members = bytearray(), []
+
     def _delta(self, want: F.Want, array, closers):
         """The delta of the file against the receiver's signature, in a scratch file."""
         import tempfile
@@ -987,10 +1095,10 @@ class _Sender:
         from .. import formats
         from ..delta import make_delta
         from ..fs import MappedFile
-        from ..signature import signature_from_bytes
+        from .encodings import signature_from_wire
         if self.tmp is None:
             self.tmp = tempfile.mkdtemp(prefix=".resync-tmp-send-")
-        sig = signature_from_bytes(want.signature, "the receiver's signature")
+        sig = signature_from_wire(want.signature, self.s.salt)
         out = os.path.join(self.tmp, f"{want.file_id}.delta")
         make_delta(sig, array, out, durable=False)
         d = MappedFile(out)
@@ -1064,7 +1172,10 @@ class _Sender:
         return max(PROBE_DELAY, 4 * self.s.rtt)
 
     def next_timer(self) -> float | None:
-        """When an unacknowledged stripe is due for a probe."""
+        """When an unacknowledged stripe is due for a probe (at once if Wants
+        wait that the last pump had no time for)."""
+        if self.more:
+            return 0.0
         first = min((min(o.sent_at.values()) for o in self.active.values() if o.sent_at), default=None)
         if first is None:
             return None
@@ -1117,10 +1228,12 @@ class _Incoming:
     """One wanted file: where it goes, and its content as it arrives."""
 
     __slots__ = ("path", "rel", "entry", "prev", "code", "frame", "assembler", "fd", "tmp", "started",
-                 "last_shard", "next_look", "asked", "signature", "kept", "progressed", "sig_saved", "digest")
+                 "last_shard", "next_look", "asked", "signature", "kept", "progressed", "sig_saved", "digest",
+                 "index", "retried")
 
-    def __init__(self, path: str, rel: str, entry, prev, code: str):
-        self.path, self.rel, self.entry, self.prev, self.code = path, rel, entry, prev, code
+    def __init__(self, path: str, rel: str, entry, prev, code: str, index: int = 0):
+        self.path, self.rel, self.entry, self.prev, self.code, self.index = path, rel, entry, prev, code, index
+        self.retried = False                   # asked for again whole (its delta did not make the file)
         self.frame: F.File | None = None
         self.assembler: StripeAssembler | None = None
         self.fd = -1
@@ -1134,6 +1247,26 @@ class _Incoming:
         self.progressed = 0                    # bytes of the file shown as done (-P)
         self.sig_saved = False                 # its signature is in the staging directory (a delta's resume)
         self.digest: str | None = None         # BLAKE3 (hex) of content written in one piece, as written
+
+
+class _IncomingPack:
+    """One pack (small files' contents sharing stripes) as its shards arrive."""
+
+    __slots__ = ("frame", "assembler", "buf", "fd", "kept", "started", "last_shard", "next_look", "asked",
+                 "progressed")
+
+    def __init__(self, frame: F.Pack, now: float):
+        import numpy as np
+        self.frame = frame
+        self.buf = np.empty(frame.length, np.uint8)
+        self.fd, self.kept, self.progressed = -1, None, 0
+        self.started = self.last_shard = now
+        self.next_look = now
+        self.asked: dict[int, float] = {}
+
+        def sink(off, data):
+            self.buf[off:off + len(data)] = data
+        self.assembler = StripeAssembler(frame.pack_id, frame.length, frame.k, frame.shard_size, sink)
 
 
 class _Receiver:
@@ -1196,6 +1329,8 @@ class _Receiver:
         self.stripes_received = 0               # stripes completed in this run
         self.last_datagram = 0.0
         self.corrupt_shards = 0
+        self.last_pack = F.PACK_BASE - 1        # the highest pack id announced (a Pack frame) so far
+        self.redone = 0                         # files asked for again whole: their delta did not make them
         self.root_attrs = None
         self.finished_here = False
         self.started = time.monotonic()
@@ -1236,6 +1371,8 @@ class _Receiver:
                 self.s.progress.scanned()
         elif isinstance(frame, F.File):
             self._file(frame, now)
+        elif isinstance(frame, F.Pack):
+            self._pack(frame, now)
         elif isinstance(frame, F.Bye):
             self.s.finished = True
         else:
@@ -1325,7 +1462,7 @@ class _Receiver:
         """Ask for a file: with this destination's copy's block signature, so
         that only what differs travels, unless it is new or --whole-file."""
         fid = self.next_id
-        inc = _Incoming(path, rel, e, prev, code)
+        inc = _Incoming(path, rel, e, prev, code, index)
         if self.s.progress is not None:
             self.s.progress.queued(e.size)
         resume = self._resumable(path, prev, inc)
@@ -1336,21 +1473,50 @@ class _Receiver:
             return
         signature = b""
         if prev is not None and prev.kind == "f" and prev.size and not self.options.whole_file:
-            from ..fs import MappedFile
-            from ..signature import compute_signature, signature_bytes
             try:
-                fd = os.open(e.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
-                try:
-                    with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
-                        signature = signature_bytes(compute_signature(m.array, threads=1))
-                finally:
-                    os.close(fd)
+                signature = self._signature(parent.fd, e.name, path)
             except (OSError, ResyncError):
                 signature = b""                # unreadable here: the whole file instead
         self.next_id += 1
         inc.signature = signature
         self.wanted[fid] = inc
         self.s.send(F.Want(fid, index, os.fsencode(e.name), signature))
+
+    def _signature(self, dir_fd: int, name: str, path: str) -> bytes:
+        """The wire signature (protocol.encodings) of this destination's copy
+        of ``name``, keyed with this transfer's salt, its strong hashes as
+        long as the file's size needs (encodings.strong_len_for)."""
+        import numpy as np
+
+        from ..fs import MappedFile, pread_all
+        from ..signature import compute_signature, default_block_len
+        from .encodings import signature_to_wire, strong_len_for
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= SMALL_FILE:              # read: a map costs more than it saves
+                data = np.frombuffer(pread_all(fd, size), np.uint8)
+                block = default_block_len(data.shape[0])
+                return signature_to_wire(compute_signature(data, block, strong_len_for(data.shape[0], block),
+                                                           salt=self.s.salt, threads=1))
+            with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
+                block = default_block_len(m.array.shape[0])
+                return signature_to_wire(compute_signature(m.array, block, strong_len_for(m.array.shape[0], block),
+                                                           salt=self.s.salt, threads=1))
+        finally:
+            os.close(fd)
+
+    def _rewant(self, inc: _Incoming) -> None:
+        """Ask for a file again, whole: the delta made from its signature did
+        not make the file (a false block match the strong hash let through,
+        or the copy changed meanwhile) — rsync's redo pass. Once per file."""
+        fid = self.next_id
+        self.next_id += 1
+        inc.retried, inc.signature, inc.frame, inc.assembler, inc.kept = True, b"", None, None, None
+        inc.fd, inc.tmp, inc.digest = -1, "", None
+        self.redone += 1
+        self.wanted[fid] = inc
+        self.s.send(F.Want(fid, inc.index, os.fsencode(inc.entry.name), b""))
 
     def _resumable(self, path: str, prev, inc: _Incoming) -> F.Resume | None:
         """The Resume to offer for ``path``: what a cut transfer kept of it,
@@ -1454,6 +1620,9 @@ class _Receiver:
         fid, stripe, index, payload = shard
         inc = self.wanted.get(fid)
         if inc is None:
+            if fid > self.last_pack and self.early_bytes + len(payload) <= EARLY_BYTES:
+                self.early.setdefault(fid, []).append(shard)    # a pack announced later (its Pack frame
+                self.early_bytes += len(payload)                # comes on the stream, behind datagrams)
             return                              # late or duplicate shards of a finished file
         if inc.assembler is None:
             # Before its File frame: QUIC sends queued datagrams ahead of stream data,
@@ -1498,21 +1667,162 @@ class _Receiver:
             for lo in range(0, len(needs), 4096):
                 self.s.send(F.Repair(fid, tuple(needs[lo:lo + 4096])))
 
+    def _pack(self, frame: F.Pack, now: float) -> None:
+        """A pack is announced: its content's shards follow (or came early)."""
+        if frame.pack_id != self.last_pack + 1:
+            raise ProtocolError(f"Pack {frame.pack_id} out of order")
+        self.last_pack = frame.pack_id
+        p = _IncomingPack(frame, now)
+        p.next_look = now + self._delay()
+        self.wanted[frame.pack_id] = p
+        self.receiving[frame.pack_id] = p
+        early = self.early.pop(frame.pack_id, ())
+        self.early_bytes -= sum(len(sh[3]) for sh in early)
+        for sh in early:
+            if frame.pack_id not in self.receiving:
+                break
+            self.shard(sh, now)
+
+    def _complete_pack(self, pid: int, now: float) -> None:
+        """A pack's content is in: each member file is rebuilt (a delta
+        applied to this destination's copy), checked and staged."""
+        import lz4.block
+
+        from .encodings import decode_members
+        p = self.wanted.pop(pid)
+        self.receiving.pop(pid, None)
+        self.acks.pop(pid, None)
+        self.s.send(F.FileDone(pid, True, b""))  # (acknowledges every stripe of it)
+        f = p.frame
+        raw = p.buf.tobytes()
+        if f.codec == 1:
+            try:
+                raw = lz4.block.decompress(raw, uncompressed_size=f.raw_length)
+            except lz4.block.LZ4BlockError:
+                raise ProtocolError(f"Pack {pid}: corrupt content (LZ4)") from None
+        if len(raw) != f.raw_length:
+            raise ProtocolError(f"Pack {pid}: content of the wrong size")
+        dirs: dict = {}                         # rel -> apply.Dir (or None: cannot be opened)
+        try:
+            for m in decode_members(raw):
+                self._member(m, dirs)
+        finally:
+            for d in dirs.values():
+                if d is not None:
+                    d.release()
+        if len(self.to_place) >= PLACE_BATCH:
+            self._place()
+
+    def _dir_handle(self, rel: str, dirs: dict):
+        """The destination directory ``rel`` (an apply.Dir, reached from the
+        root without following symlinks), or None if it cannot be opened."""
+        from ..apply import Dir
+        from ..scan import open_rel_dir
+        if rel not in dirs:
+            try:
+                fd = open_rel_dir(self.apply.root_fd, rel)
+                dirs[rel] = Dir(fd, rel, stat.S_IMODE(os.fstat(fd).st_mode))
+            except OSError as exc:
+                self.report.error(rel + "/", exc.strerror or str(exc))
+                dirs[rel] = None
+        return dirs[rel]
+
+    def _member(self, m, dirs: dict) -> None:
+        """One file of a pack: rebuilt in memory, checked, staged beside the
+        file it replaces (no thread, no fsync: the batch is made durable
+        with one syncfs when placed)."""
+        from ..fs import NO_SPACE, os_error
+        inc = self.wanted.get(m.file_id)
+        if not isinstance(inc, _Incoming) or inc.frame is not None:
+            raise ProtocolError(f"pack member {m.file_id} was not asked for")
+        del self.wanted[m.file_id]
+        self._finished(inc)
+        if m.status != F.FILE_OK:
+            if m.status == F.FILE_VANISHED:
+                self.report.vanished(inc.path)
+            else:
+                self.report.error(inc.path, os.fsdecode(m.message))
+            self._keep_old(inc)
+            return
+        if stat.S_IFMT(m.mode) != stat.S_IFREG:
+            raise ProtocolError(f"pack member {m.file_id}: not a regular file's mode")
+        if m.delta:
+            if inc.prev is None or inc.prev.kind != "f":
+                raise ProtocolError(f"pack member {m.file_id}: a delta for a file without a basis")
+            data, literal = self._rebuild(inc, m, dirs)
+        else:
+            if len(m.content) != m.size:
+                raise ProtocolError(f"pack member {m.file_id}: content is not its size")
+            data, literal = m.content, m.size
+        digest = _blake3(data) if data is not None else None
+        if digest != m.blake3:
+            if m.delta and not inc.retried:
+                self._rewant(inc)
+                return
+            self.report.error(inc.path, "content does not match its BLAKE3; not applied")
+            self._keep_old(inc)
+            return
+        attrs = (m.mode, m.seconds * 10**9 + m.nanoseconds, m.uid, m.gid)
+        parent = self._dir_handle(inc.rel, dirs)
+        if parent is None:
+            self._keep_old(inc)
+            return
+        try:
+            staged = self.apply.stage_data(inc.path, data, digest.hex(), attrs, "new" if inc.prev is None else
+                                           "update", literal, m.size - literal, parent)
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise os_error(inc.path, exc) from None     # a full disk ends the run, not one file
+            self.report.error(inc.path, exc.strerror or str(exc))
+            self._keep_old(inc)
+            return
+        self.to_place.append((staged, inc))
+
+    def _rebuild(self, inc: _Incoming, m, dirs: dict):
+        """(the file ``m``'s wire delta makes from this destination's copy,
+        literal bytes), or (None, 0) if the copy cannot be read as a regular
+        file of the size the delta was made against."""
+        import numpy as np
+
+        from ..fs import pread_all
+        from ..patch import assemble_in_memory
+        from .encodings import delta_from_wire
+        d = self._dir_handle(inc.rel, dirs)
+        if d is None:
+            return None, 0
+        try:
+            fd = os.open(inc.entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+            try:
+                st = os.fstat(fd)
+                basis = pread_all(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
+            finally:
+                os.close(fd)
+        except OSError:
+            return None, 0
+        if basis is None:
+            return None, 0
+        kinds, sources, lengths, literals = delta_from_wire(m.content, len(basis), m.size)
+        out = assemble_in_memory(np.frombuffer(basis, np.uint8), kinds, sources, lengths, literals, m.size)
+        return out, len(literals)
+
     def _advance(self, inc: _Incoming, stripe: int) -> None:
         """-P: a stripe of ``inc`` is in; its share of the file's size."""
-        if self.s.progress is not None and inc.frame is not None:
+        if self.s.progress is not None and isinstance(inc, _Incoming) and inc.frame is not None:
             n = progress_share(inc.frame, stripe)
             inc.progressed += n
             self.s.progress.partial(n)
 
     def _finished(self, inc: _Incoming) -> None:
-        if self.s.progress is not None:
+        if self.s.progress is not None and isinstance(inc, _Incoming):
             self.s.progress.done(max(0, inc.entry.size - inc.progressed))
 
     def _complete(self, fid: int, now: float) -> None:
         """All of a file's content is in: check it (a delta is applied to
         the old copy first) and keep it for the next placing."""
         from ..content import ContentError
+        if fid >= F.PACK_BASE:
+            self._complete_pack(fid, now)
+            return
         inc = self.wanted.pop(fid)
         self.receiving.pop(fid, None)
         self.acks.pop(fid, None)                # its FileDone acknowledges the stripes not yet acknowledged
@@ -1540,8 +1850,11 @@ class _Receiver:
             if isinstance(exc, NoSpaceError):
                 raise
             msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self.report.error(inc.path, msg)
             self.s.send(F.FileDone(fid, False, os.fsencode(msg)))
+            if f.delta and not inc.retried and isinstance(exc, (ContentError, ResyncError)):
+                self._rewant(inc)               # the delta did not make the file: whole, once
+                return
+            self.report.error(inc.path, msg)
             self._keep_old(inc)
             return
         self.s.send(F.FileDone(fid, True, b""))
@@ -1578,9 +1891,9 @@ class _Receiver:
         handles: dict[str, Dir] = {}
         try:
             for staged, inc in batch:
-                if inc.frame.delta:
+                if inc.frame is not None and inc.frame.delta:
                     self.apply.stage_drop(-1, inc.tmp)
-                parent = handles.get(inc.rel)
+                parent = handles.get(inc.rel) or staged.parent
                 if parent is None:
                     try:
                         fd = open_rel_dir(self.apply.root_fd, inc.rel)
@@ -1643,6 +1956,7 @@ class _Receiver:
         result["stripes_repaired"] = self.stripes_repaired
         result["corrupt_shards"] = self.corrupt_shards
         result["resumed_bytes"] = self.resumed_bytes
+        result["redone"] = self.redone
         self.result = result
         self.s.send(F.Done(json.dumps(result).encode()))
         self.s.result = result                # finished when the sender's Bye arrives
@@ -1727,8 +2041,10 @@ class _Receiver:
             if a is None or inc.fd < 0 or not a.done or a.complete:
                 continue
             os.fdatasync(inc.fd)
-            if f.delta and not inc.sig_saved:              # once, whole: the checkpoint names it
-                self.apply.stage_write(inc.tmp + ".sig.tmp", inc.signature)
+            if f.delta and not inc.sig_saved:              # once, whole, with its salt: the checkpoint names it
+                from .encodings import signature_from_wire, signature_to_wire
+                self.apply.stage_write(inc.tmp + ".sig.tmp", signature_to_wire(
+                    signature_from_wire(inc.signature, self.s.salt), with_salt=True))
                 os.rename(inc.tmp + ".sig.tmp", inc.tmp + ".sig", src_dir_fd=self.apply.staging_fd,
                           dst_dir_fd=self.apply.staging_fd)
                 inc.sig_saved = True
@@ -1795,9 +2111,9 @@ def _parse_checkpoint(journal: bytes | None) -> dict[str, dict]:
 
 
 def _signature_parses(data: bytes) -> bool:
-    from ..signature import signature_from_bytes
+    from .encodings import signature_from_wire
     try:
-        signature_from_bytes(data, "a kept signature")
+        signature_from_wire(data, b"")
         return True
     except Exception:                           # anything unreadable: no resume, the delta starts over
         return False

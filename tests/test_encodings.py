@@ -1,0 +1,168 @@
+"""Protocol 3's compact encodings (resync.protocol.encodings): varints, wire
+signatures, wire deltas and pack members round-trip, keep their golden bytes,
+and refuse anything malformed with a ProtocolError only."""
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resync.delta import instructions_in_memory
+from resync.patch import assemble_in_memory
+from resync.protocol import encodings as E
+from resync.protocol.frames import FILE_ERROR, FILE_OK, FILE_VANISHED, ProtocolError
+from resync.signature import compute_signature, default_block_len
+
+from . import mix
+
+SALT = bytes(range(32))
+
+
+def _rsync_s2length(length: int, blength: int) -> int:
+    """rsync 3.4's sum_sizes_sqroot (generator.c), line by line, for the test."""
+    b = E.BLOCKSUM_BIAS
+    x = length
+    while True:
+        x >>= 1
+        if not x:
+            break
+        b += 2
+    c = blength
+    while True:
+        c >>= 1
+        if not c or not b:
+            break
+        b -= 1
+    s2 = int((b + 1 - 32 + 7) / 8)              # C's division truncates toward zero
+    return min(max(s2, 2), 16)
+
+
+@pytest.mark.parametrize("length", [1, 700, 5_000, 64 << 10, 1 << 20, 100 << 20, 1 << 30, 1 << 40])
+def test_strong_length_is_rsyncs(length):
+    block = default_block_len(length)
+    assert E.strong_len_for(length, block) == _rsync_s2length(length, block)
+
+
+@given(st.integers(0, (1 << 64) - 1))
+def test_varints_round_trip(v):
+    out = bytearray()
+    E.put_varint(out, v)
+    assert E.get_varint(out, 0, "t") == (v, len(out))
+    assert E.unzigzag(E.zigzag(v - (1 << 63))) == v - (1 << 63)
+
+
+def test_a_varint_over_ten_bytes_or_cut_short_is_refused():
+    with pytest.raises(ProtocolError, match="too long"):
+        E.get_varint(b"\x80" * 11, 0, "t")
+    with pytest.raises(ProtocolError, match="truncated"):
+        E.get_varint(b"\x80\x80", 0, "t")
+
+
+def _pair(seed: int, size: int):
+    """An old file and a new one made from it by a few edits (text, zeros,
+    repeated blocks: mix.data)."""
+    rnd = random.Random(seed)
+    old = mix.data(seed, size, mix.pick_kind(rnd))
+    new = bytearray(old)
+    for _ in range(rnd.randrange(0, 4)):
+        at = rnd.randrange(len(new) + 1)
+        new[at:at + rnd.randrange(0, 50)] = rnd.randbytes(rnd.randrange(0, 80))
+    return old, bytes(new)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("with_salt", [False, True])
+def test_signatures_round_trip(seed, with_salt):
+    old, _ = _pair(seed, random.Random(seed).randrange(0, 70_000))
+    data = np.frombuffer(old, np.uint8)
+    block = default_block_len(len(old))
+    sig = compute_signature(data, block, E.strong_len_for(len(old), block), salt=SALT, threads=1)
+    wire = E.signature_to_wire(sig, with_salt=with_salt)
+    back = E.signature_from_wire(wire, SALT if not with_salt else b"other salt, not used")
+    assert back.salt == SALT and back.block_len == sig.block_len and back.file_len == len(old)
+    assert np.array_equal(back.weak, sig.weak) and np.array_equal(back.check, sig.check)
+    assert np.array_equal(back.strong, sig.strong)
+    assert len(wire) == 14 + (32 if with_salt else 0) + sig.count * (8 + sig.strong_len)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_deltas_round_trip_and_rebuild_the_file(seed):
+    old, new = _pair(seed, random.Random(seed).randrange(1, 70_000))
+    block = default_block_len(len(old))
+    sig = compute_signature(np.frombuffer(old, np.uint8), block, E.strong_len_for(len(old), block), salt=SALT,
+                            threads=1)
+    wire = E.delta_to_wire(*instructions_in_memory(E.signature_from_wire(E.signature_to_wire(sig), SALT),
+                                                   np.frombuffer(new, np.uint8)))
+    kinds, sources, lengths, literals = E.delta_from_wire(wire, len(old), len(new))
+    out = assemble_in_memory(np.frombuffer(old, np.uint8), kinds, sources, lengths, literals, len(new))
+    assert out.tobytes() == new
+    if old == new and len(old) >= 4096:
+        assert len(wire) < 16                   # an unchanged file: a run of COPYs in a few bytes
+
+
+def test_golden_bytes():
+    """The wire bytes of a fixed signature, delta and pack (a change here is
+    a protocol change and needs a new frames.VERSION)."""
+    old = mix.data(5, 20_000, "text")
+    new = old[:7000] + b"inserted" + old[7000:]
+    sig = compute_signature(np.frombuffer(old, np.uint8), 700, E.strong_len_for(len(old), 700), salt=SALT,
+                            threads=1)
+    wsig = E.signature_to_wire(sig)
+    wdelta = E.delta_to_wire(*instructions_in_memory(sig, np.frombuffer(new, np.uint8)))
+    members = bytearray()
+    E.put_varint(members, 3)
+    E.encode_member(members, E.Member(7, FILE_OK, E.MEMBER_DELTA, b"h" * 32, 0o100644, 1_700_000_000, 5, len(new),
+                                      1000, 1000, wdelta))
+    E.encode_member(members, E.Member(8, FILE_VANISHED, message=b"gone"))
+    E.encode_member(members, E.Member(9, FILE_OK, 0, b"g" * 32, 0o100600, -5, 0, 3, 0, 0, b"abc"))
+    assert len(wsig) == 14 + 29 * (8 + 2)
+    assert wdelta[:1] == b"\x03"                # COPY, INSERT, COPY
+    digest = hashlib.sha256(wsig + wdelta + bytes(members)).hexdigest()
+    assert digest == "fb81d1964ddc880c6390ca81c11baf2028b322dc03374dbf08dd7ca7c4bf7a4f"
+
+
+def test_members_round_trip():
+    ms = [E.Member(1, FILE_OK, 0, b"a" * 32, 0o100644, -(1 << 40), 999_999_999, 0, 0, 0, b""),
+          E.Member(2, FILE_ERROR, message=b"Permission denied"),
+          E.Member(3, FILE_OK, E.MEMBER_DELTA, b"b" * 32, 0o100755, 1, 2, 5, 1 << 31, 65534, b"\x00\x01\x02")]
+    buf = bytearray()
+    E.put_varint(buf, len(ms))
+    for m in ms:
+        E.encode_member(buf, m)
+    assert E.decode_members(bytes(buf)) == ms
+
+
+@pytest.mark.parametrize("wire,why", [
+    (b"\x01\x0b\x00", "outside the basis"),              # COPY 5 bytes at 0 of a 4-byte basis
+    (b"\x01\x06abc", "do not add up"),                    # INSERT 3 for a 4-byte target
+    (b"\x01\x00", "empty instruction"),
+    (b"\x02\x04\x04abcd", "longer than its target"),       # two INSERTs of 2 for a 3-byte target
+])
+def test_hostile_deltas_are_refused(wire, why):
+    with pytest.raises(ProtocolError, match=why):
+        E.delta_from_wire(wire, 4, 4 if why != "longer than its target" else 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 5000), st.integers(0, 5000))
+def test_fuzzed_deltas_give_only_protocol_errors_or_a_checked_result(data, basis_len, target_len):
+    try:
+        kinds, sources, lengths, literals = E.delta_from_wire(data, basis_len, target_len)
+    except ProtocolError:
+        return
+    out = assemble_in_memory(np.zeros(basis_len, np.uint8), kinds, sources, lengths, literals, target_len)
+    assert out.shape[0] == target_len
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzzed_packs_and_signatures_give_only_protocol_errors(data):
+    for decode in (E.decode_members, lambda b: E.signature_from_wire(b, SALT)):
+        try:
+            decode(data)
+        except ProtocolError:
+            pass
