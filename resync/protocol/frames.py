@@ -17,7 +17,8 @@ from typing import NamedTuple
 from ..errors import ResyncError
 
 VERSION = 3                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
-#                                    3: packs, wire signatures and deltas (protocol.encodings; session 10)
+#                                    3: packs, wire signatures and deltas (protocol.encodings), listings
+#                                       as rsync's flist: fields that differ from the entry before (session 10)
 MAX_FRAME = 16 << 20
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
 NAME_MAX = 255
@@ -25,7 +26,6 @@ NAME_MAX = 255
 _U8, _U16, _U32, _U64, _I64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q", "<q"))
 _HEAD = struct.Struct("<IB")
 # fixed runs of fields, packed in one call (the same bytes as field by field)
-_LISTED_FIXED = struct.Struct("<BIqIQIIQ")        # kind, mode, seconds, nanoseconds, size, uid, gid, rdev
 _FILE_FIXED = struct.Struct("<IBBQ32sIqIQIIHHI")  # file id, status, delta, length, blake3, mode, seconds,
 #                                                   nanoseconds, size, uid, gid, k, m, shard size
 
@@ -277,33 +277,157 @@ def check_rel(rel: bytes, what: str) -> bytes:
     return rel
 
 
-def _listed(w: _W, e: Listed) -> None:
-    w.s16(e.name)
-    w.fixed(_LISTED_FIXED, e.kind, e.mode, e.seconds, e.nanoseconds, e.size, e.uid, e.gid, e.rdev)
-    w.s16(e.target)
-    w.s16(e.blake3)
+# -- Dir listings (protocol 3): each entry's fields only where they differ from the previous entry's
+
+_L_SHARED, _L_MODE, _L_UID, _L_GID, _L_SECONDS, _L_NS, _L_BLAKE3 = 1, 2, 4, 8, 16, 32, 64
+_NO_ENTRY = Listed(b"", 0, 0, 0, 0, 0, 0, 0, 0, b"", b"")
+_KIND_OF_FMT = {0o100000: 1, 0o040000: 2, 0o120000: 3, 0o020000: 4, 0o060000: 4, 0o010000: 5, 0o140000: 5}
 
 
-def _read_listed(r: _R, own: bool = False) -> Listed:
-    name = r.s16()
+def _put_listed(out: bytearray, e: Listed, prev: Listed) -> None:
+    from .encodings import put_varint, zigzag
+    shared = 0
+    limit = min(len(e.name), len(prev.name), 255)
+    while shared < limit and e.name[shared] == prev.name[shared]:
+        shared += 1
+    flags = ((_L_SHARED if shared else 0) | (_L_MODE if e.mode == prev.mode else 0)
+             | (_L_UID if e.uid == prev.uid else 0) | (_L_GID if e.gid == prev.gid else 0)
+             | (_L_SECONDS if e.seconds == prev.seconds else 0) | (_L_NS if e.nanoseconds else 0)
+             | (_L_BLAKE3 if e.blake3 else 0))
+    out.append(flags)
+    if shared:
+        out.append(shared)
+    put_varint(out, len(e.name) - shared)
+    out += e.name[shared:]
+    if not flags & _L_MODE:
+        put_varint(out, e.mode)
+    if not flags & _L_SECONDS:
+        put_varint(out, zigzag(e.seconds - prev.seconds))
+    if e.nanoseconds:
+        put_varint(out, e.nanoseconds)
+    if e.kind in (1, 3):
+        put_varint(out, e.size)
+    if not flags & _L_UID:
+        put_varint(out, e.uid)
+    if not flags & _L_GID:
+        put_varint(out, e.gid)
+    if e.kind == 4:
+        put_varint(out, e.rdev)
+    if e.kind == 3:
+        put_varint(out, len(e.target))
+        out += e.target
+    if e.blake3:
+        out += _fixed(e.blake3, 32)
+
+
+def _get_listed(buf, pos: int, prev: Listed, own: bool) -> tuple[Listed, int]:
+    from .encodings import get_varint, unzigzag
+    what = "Dir listing"
+
+    def varint(limit: int) -> int:
+        nonlocal pos
+        v, pos = get_varint(buf, pos, what)
+        if v > limit:
+            raise ProtocolError(f"{what}: field out of range")
+        return v
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(buf):
+            raise ProtocolError(f"{what}: truncated")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    flags = take(1)[0]
+    if flags & 0x80:
+        raise ProtocolError(f"{what}: unknown entry flags")
+    shared = take(1)[0] if flags & _L_SHARED else 0
+    if shared > len(prev.name) or (flags & _L_SHARED and not shared):
+        raise ProtocolError(f"{what}: bad shared name prefix")
+    name = prev.name[:shared] + take(varint(NAME_MAX))
     if own:
         if name:
             raise ProtocolError("Dir: the directory's own entry has a name")
     else:
         check_name(name, "directory entry")
-    fixed = r.fixed(_LISTED_FIXED)
-    kind = fixed[0]
-    if not 1 <= kind <= 5:
-        raise ProtocolError(f"directory entry {name[:64]!r}: bad kind {kind}")
-    e = Listed(name, *fixed, r.s16(), r.s16())
-    if e.nanoseconds >= 10**9 or e.size > 1 << 62 or len(e.blake3) not in (0, 32) \
-            or (kind == 3) != bool(e.target) or b"\0" in e.target:
-        raise ProtocolError(f"directory entry {name[:64]!r}: bad field")
-    return e
+    mode = prev.mode if flags & _L_MODE else varint(0xFFFFFFFF)
+    kind = _KIND_OF_FMT.get(mode & 0o170000)
+    if kind is None:
+        raise ProtocolError(f"directory entry {name[:64]!r}: mode {mode:o} of no known kind")
+    seconds = prev.seconds if flags & _L_SECONDS else prev.seconds + unzigzag(varint(1 << 64))
+    if not -(1 << 63) <= seconds < 1 << 63:
+        raise ProtocolError(f"{what}: mtime out of range")
+    ns = varint(10**9 - 1) if flags & _L_NS else 0
+    size = varint(1 << 62) if kind in (1, 3) else 0
+    uid = prev.uid if flags & _L_UID else varint(0xFFFFFFFF)
+    gid = prev.gid if flags & _L_GID else varint(0xFFFFFFFF)
+    rdev = varint((1 << 64) - 1) if kind == 4 else 0
+    target = take(varint(4095)) if kind == 3 else b""
+    if kind == 3 and (not target or b"\0" in target):
+        raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
+    digest = take(32) if flags & _L_BLAKE3 else b""
+    return Listed(name, kind, mode, seconds, ns, size, uid, gid, rdev, target, digest), pos
 
 
-def encode(frame) -> bytes:
-    """One frame, with its length prefix."""
+def encode_listing(attrs: Listed, entries, gone) -> bytes:
+    """A Dir frame's listing before compression: the directory's own entry,
+    ``varint n`` entries, ``varint g`` vanished names (``varint length |
+    name``); each entry as it differs from the one before (rsync's flist)."""
+    from .encodings import put_varint
+    out = bytearray()
+    _put_listed(out, attrs, _NO_ENTRY)
+    put_varint(out, len(entries))
+    prev = attrs
+    for e in entries:
+        _put_listed(out, e, prev)
+        prev = e
+    put_varint(out, len(gone))
+    for name in gone:
+        put_varint(out, len(name))
+        out += name
+    return bytes(out)
+
+
+def decode_listing(buf) -> tuple[Listed, tuple, tuple]:
+    """(own entry, entries, vanished names) of a listing (ProtocolError if malformed)."""
+    from .encodings import get_varint
+    view = memoryview(buf)
+    attrs, pos = _get_listed(view, 0, _NO_ENTRY, own=True)
+    if attrs.kind != 2:
+        raise ProtocolError("Dir: the directory's own entry is not a directory")
+    n, pos = get_varint(view, pos, "Dir listing")
+    if n > MAX_ENTRIES or n * 3 > len(view):
+        raise ProtocolError(f"Dir: {n} entries do not fit")
+    entries, prev = [], attrs
+    for _ in range(n):
+        prev, pos = _get_listed(view, pos, prev, own=False)
+        entries.append(prev)
+    g, pos = get_varint(view, pos, "Dir listing")
+    if g * 2 > len(view):
+        raise ProtocolError(f"Dir: {g} vanished names do not fit")
+    gone = []
+    for _ in range(g):
+        length, pos = get_varint(view, pos, "Dir listing")
+        if pos + length > len(view):
+            raise ProtocolError("Dir listing: truncated")
+        gone.append(check_name(bytes(view[pos:pos + length]), "Dir"))
+        pos += length
+    if pos != len(view):
+        raise ProtocolError(f"Dir listing: {len(view) - pos} bytes of trailing data")
+    return attrs, tuple(entries), tuple(gone)
+
+
+def _shared(a: bytes, b: bytes) -> int:
+    n, limit = 0, min(len(a), len(b), 255)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode(frame, prev_rel: bytes = b"") -> bytes:
+    """One frame, with its length prefix. ``prev_rel``: the path of the
+    Dir frame sent before this one on the stream (a Dir's path is sent as
+    what it shares with it and the rest, as rsync front-codes its names)."""
     w = _W()
     t = type(frame)
     if t is Hello:
@@ -328,26 +452,19 @@ def encode(frame) -> bytes:
         w.s16(frame.message[:4000])
     elif t is Dir:
         import lz4.block
-        body = _W()
-        _listed(body, frame.attrs)
-        body.u32(len(frame.entries))
-        for e in frame.entries:
-            _listed(body, e)
-        body.u32(len(frame.gone))
-        for name in frame.gone:
-            body.s16(name)
-        raw = bytes(body.b)
-        packed = lz4.block.compress(raw, store_size=False)
-        w.u32(frame.index)
-        w.s16(frame.rel)
-        if len(packed) < len(raw):
-            w.u8(1)
-            w.u32(len(raw))
-            w.s32(packed)
-        else:
-            w.u8(0)
-            w.u32(len(raw))
-            w.s32(raw)
+
+        from .encodings import put_varint
+        raw = encode_listing(frame.attrs, frame.entries, frame.gone)
+        packed = lz4.block.compress(raw, store_size=False) if len(raw) > 64 else raw
+        shared = _shared(frame.rel, prev_rel)
+        put_varint(w.b, frame.index)
+        w.u8(shared)
+        w.s16(frame.rel[shared:])
+        codec, stored = (1, packed) if len(packed) < len(raw) else (0, raw)
+        w.u8(codec)
+        put_varint(w.b, len(raw))
+        put_varint(w.b, len(stored))
+        w.raw(stored)
     elif t is DirFailed:
         w.u32(frame.index)
         w.s16(frame.rel)
@@ -420,8 +537,9 @@ def _fixed(v: bytes, n: int) -> bytes:
     return v
 
 
-def decode(kind: int, body) -> object:
-    """The frame of type ``kind`` from its body (without the length and type)."""
+def decode(kind: int, body, prev_rel: bytes = b"") -> object:
+    """The frame of type ``kind`` from its body (without the length and
+    type); ``prev_rel``: the path of the Dir frame before it (see encode)."""
     cls = _CLASSES.get(kind)
     if cls is None:
         raise ProtocolError(f"unknown frame type {kind:#x}")
@@ -447,7 +565,17 @@ def decode(kind: int, body) -> object:
         f = Error(r.u16(), r.s16())
     elif cls is Dir:
         import lz4.block
-        index, rel, codec, raw_len, stored = r.u32(), check_rel(r.s16(), "Dir"), r.u8(), r.u32(), r.s32()
+
+        from .encodings import get_varint
+        index, r.p = get_varint(r.b, r.p, "Dir")
+        shared = r.u8()
+        if shared > len(prev_rel) or index > 0xFFFFFFFF:
+            raise ProtocolError("Dir: bad path prefix or index")
+        rel = check_rel(prev_rel[:shared] + r.s16(), "Dir")
+        codec = r.u8()
+        raw_len, r.p = get_varint(r.b, r.p, "Dir")
+        length, r.p = get_varint(r.b, r.p, "Dir")
+        stored = r.raw(length)
         if codec not in (0, 1) or raw_len > MAX_FRAME * 255 or (codec == 0 and raw_len != len(stored)):
             raise ProtocolError("Dir: bad listing header")
         if codec == 1:
@@ -459,19 +587,7 @@ def decode(kind: int, body) -> object:
                 raise ProtocolError("Dir: corrupt listing (LZ4)") from None
             if len(stored) != raw_len:
                 raise ProtocolError("Dir: listing expands to the wrong size")
-        lr = _R(stored, "Dir listing")
-        attrs = _read_listed(lr, own=True)
-        if attrs.kind != 2:
-            raise ProtocolError("Dir: the directory's own entry is not a directory")
-        n = lr.u32()
-        if n > MAX_ENTRIES or n * 43 > len(stored):
-            raise ProtocolError(f"Dir: {n} entries do not fit")
-        entries = tuple(_read_listed(lr) for _ in range(n))
-        g = lr.u32()
-        if g * 2 > len(stored):
-            raise ProtocolError(f"Dir: {g} vanished names do not fit")
-        gone = tuple(check_name(lr.s16(), "Dir") for _ in range(g))
-        lr.end()
+        attrs, entries, gone = decode_listing(stored)
         names = [e.name for e in entries]
         if names != sorted(names) or len(set(names)) != len(names):
             raise ProtocolError("Dir: names not sorted or repeated")
@@ -546,6 +662,7 @@ class FrameReader:
 
     def __init__(self, limit: int = MAX_FRAME):
         self._buf = bytearray()
+        self.prev_rel = b""                    # the path of the last Dir frame (Dir paths are front-coded)
         self.limit = limit                     # the longest frame taken now (a server lowers it
                                                # until the client has proved its key)
 
@@ -561,7 +678,10 @@ class FrameReader:
                 return
             body = bytes(self._buf[_HEAD.size:4 + length])
             del self._buf[:4 + length]
-            yield decode(kind, body)
+            frame = decode(kind, body, self.prev_rel)
+            if type(frame) is Dir:
+                self.prev_rel = frame.rel
+            yield frame
 
     @property
     def pending(self) -> int:

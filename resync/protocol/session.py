@@ -200,6 +200,7 @@ class Session:
         self.path_settled = True         # False while the transport searches the path's MTU
         self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
         self._backlog = False            # frames received and not yet taken (WORK_SLICE ran out)
+        self._prev_rel = b""             # the path of the last Dir frame sent
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
                       "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
@@ -310,6 +311,10 @@ class Session:
 
     # -- for subclasses -------------------------------------------------------------------
     def send(self, frame) -> None:
+        if type(frame) is F.Dir:                # (its path is front-coded against the Dir before it)
+            self._out += F.encode(frame, self._prev_rel)
+            self._prev_rel = frame.rel
+            return
         self._out += F.encode(frame)
 
     @property
@@ -782,8 +787,9 @@ class _Sender:
             self._seal()                        # what this turn packed goes now (the receiver starts on it)
 
     def frame(self, frame, now: float) -> None:
-        if isinstance(frame, F.Want):
-            if frame.dir_index >= len(self.dirs):
+        self.last_ack = now                     # the receiver is alive and talking: it asks for itself
+        if isinstance(frame, F.Want):           # (a busy receiver planning directories acknowledged
+            if frame.dir_index >= len(self.dirs):   # late; probes then sent 560 kB of 1.2 MB in an update)
                 raise ProtocolError(f"Want for directory {frame.dir_index}, which was not listed")
             self.wants.append(frame)
             if self.s.progress is not None:     # -P: the total is known as the receiver asks
@@ -1180,6 +1186,8 @@ class _Sender:
         if first is None:
             return None
         delay = self._probe_delay()
+        if self.policy.loss < LOSSLESS:
+            return first + QUIET_FACTOR * delay
         return max(first + delay, min(self.last_ack + delay / 2, first + QUIET_FACTOR * delay))
 
     def timer(self, now: float) -> None:
@@ -1187,11 +1195,15 @@ class _Sender:
         acknowledged gets one more parity shard. The receiver asks for repairs
         of stripes it has seen shards of; a stripe lost whole (a small file's
         one or two datagrams, the last stripes of a file) it cannot know of —
-        the probe makes it known. While acknowledgements flow the receiver
-        is alive and asking for itself: then only a stripe unacknowledged for
-        QUIET_FACTOR probe delays is probed."""
+        the probe makes it known. While the receiver's frames flow (Acks,
+        Wants, anything) it is alive and asking for itself: then only a
+        stripe unacknowledged for QUIET_FACTOR probe delays is probed; so too
+        on a link that has lost nothing (a receiver busy planning a release
+        tree's directories was silent for 50 ms at a time, and probes made
+        560 kB of an update's 1.2 MB). (A pack's stripes are all announced:
+        its receiver asks for them itself.)"""
         delay = self._probe_delay()
-        acks_flow = self.last_ack + delay / 2 > now           # (the sums next_timer computes)
+        acks_flow = self.last_ack + delay / 2 > now or self.policy.loss < LOSSLESS   # (as next_timer)
         for o in self.active.values():
             for s, t in list(o.sent_at.items()):
                 if t + (QUIET_FACTOR * delay if acks_flow else delay) > now or s in o.acked:
@@ -1996,6 +2008,8 @@ class _Receiver:
                 continue
             inc.next_look = now + delay         # checked: the next look is a delay away
             top = a.highest_seen()              # (beyond it: not sent yet, or lost whole: the sender probes)
+            if isinstance(inc, _IncomingPack):
+                top = a.stripes - 1             # (announced whole, and sent together: lost whole is asked for)
             self._ask(fid, inc, [(s, n) for s, n in a.short() if s <= top], now)
 
     def abort(self, exc: ResyncError | None = None) -> None:
