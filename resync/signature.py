@@ -6,6 +6,7 @@ salt, so nobody can prepare colliding blocks before the signature exists.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -56,14 +57,22 @@ class Signature:
         return np.frombuffer(self.salt, dtype="<u4").astype(np.uint32)
 
     def check_weights(self) -> np.ndarray:
-        from .kernels.native import get
-        out = np.empty(self.block_len, np.uint32)
-        get("check_weights")(np.uint64(int.from_bytes(self.salt[:8], "little")), out)
-        return out
+        """The check sum's weights for this salt and block length (uint32
+        [block_len]; kept: a network transfer keys every signature with one
+        salt, and most small files have one block length; not to be changed)."""
+        return _check_weights(int.from_bytes(self.salt[:8], "little"), self.block_len)
 
     def header(self) -> formats.SigHeader:
         return formats.SigHeader(self.strong_len, self.block_len, self.file_len, self.count,
                                  self.salt, self.file_hash)
+
+
+@functools.lru_cache(maxsize=32)
+def _check_weights(seed: int, block_len: int) -> np.ndarray:
+    from .kernels.native import get
+    out = np.empty(block_len, np.uint32)
+    get("check_weights")(np.uint64(seed), out)
+    return out
 
 
 def whole_file_hash(data: np.ndarray, threads: int = 1) -> bytes:
@@ -114,8 +123,10 @@ def hash_blocks(data: np.ndarray, starts: np.ndarray, length: int, key: np.ndarr
 
 def compute_signature(data: np.ndarray, block_len: int | None = None,
                       strong_len: int = DEFAULT_STRONG_LEN, salt: bytes | None = None,
-                      threads: int | None = None) -> Signature:
-    """Signature of ``data`` (uint8 array, typically a memory map of the basis)."""
+                      threads: int | None = None, file_hash: bool = True) -> Signature:
+    """Signature of ``data`` (uint8 array, typically a memory map of the
+    basis). ``file_hash``: also the BLAKE3 of the whole basis (the signature
+    file format carries it; a network Want does not)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .kernels.native import get
@@ -133,7 +144,7 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
     sig = Signature(block_len, file_len, strong_len, salt, b"",
                     np.empty(count, dtype=np.uint32), np.empty(count, dtype=np.uint32),
                     np.empty((count, strong_len), dtype=np.uint8))
-    whole = HashInBackground(data)
+    whole = HashInBackground(data) if file_hash else None
     if count:
         weights = sig.check_weights()
         key = sig.key_words
@@ -158,7 +169,7 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
             with ThreadPoolExecutor(len(pieces)) as pool:
                 for f in [pool.submit(work, lo, hi) for lo, hi in pieces]:
                     f.result()
-    sig.file_hash = whole.result()
+    sig.file_hash = whole.result() if whole is not None else b""
     return sig
 
 

@@ -1510,11 +1510,11 @@ class _Receiver:
                 data = np.frombuffer(pread_all(fd, size), np.uint8)
                 block = default_block_len(data.shape[0])
                 return signature_to_wire(compute_signature(data, block, strong_len_for(data.shape[0], block),
-                                                           salt=self.s.salt, threads=1))
+                                                           salt=self.s.salt, threads=1, file_hash=False))
             with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
                 block = default_block_len(m.array.shape[0])
                 return signature_to_wire(compute_signature(m.array, block, strong_len_for(m.array.shape[0], block),
-                                                           salt=self.s.salt, threads=1))
+                                                           salt=self.s.salt, threads=1, file_hash=False))
         finally:
             os.close(fd)
 
