@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 
 
 from .options import emit, human, printable, say, warn_unrecorded
@@ -25,32 +26,67 @@ class _Lines:
             print(printable(f"resync: error: {text}"), file=sys.stderr, flush=True)
 
 
-def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete, patterns, dry_run,
-                itemize, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path,
-                no_history, show_progress=False, config_dir=None):
+@dataclass
+class RemoteSync:
+    """``resync sync`` with a resync:// end, as the command line gave it: the
+    one object the sync command hands over (the transfer's options, how to
+    connect, what to print and record)."""
+
+    src: str
+    dst: str
+    remote_src: object = None       # net.url.Remote, or None: SRC is local
+    remote_dst: object = None
+    checksum: bool = False
+    whole_file: bool = False
+    delete: bool = False
+    max_delete: int | None = None
+    patterns: list = field(default_factory=list)    # excludes, --exclude-from's included
+    dry_run: bool = False
+    itemize: bool = False
+    as_json: bool = False
+    verbose: bool = False
+    quiet: bool = False
+    show_progress: bool = False
+    peer_id: str | None = None
+    accept_new: bool = False
+    bwlimit: float | None = None
+    timeout: float = 60.0
+    retry_for: float = 300.0
+    history_path: str | None = None
+    no_history: bool = False
+    config_dir: str | None = None
+
+
+def remote_sync(a: RemoteSync):
+    from pathlib import Path
+
     from ..errors import UsageError
     from ..identity import load_identity
-    from ..net.client import run
+    from ..net.client import Transfer, run
     from ..protocol.session import Options
     from ..report import Report, RunStats
-    if remote_src is not None and remote_dst is not None:
+    if a.remote_src is not None and a.remote_dst is not None:
         raise UsageError("one of SRC and DST must be a local directory")
-    push = remote_dst is not None
-    remote, local = (remote_dst, src) if push else (remote_src, dst)
-    if peer_id:
+    src, dst, push = a.src, a.dst, a.remote_dst is not None
+    dry_run, itemize, quiet, as_json = a.dry_run, a.itemize, a.quiet, a.as_json
+    remote, local = (a.remote_dst, src) if push else (a.remote_src, dst)
+    if a.peer_id:
         from ..identity import parse_device_id
-        parse_device_id(peer_id)                # a mistyped ID is a usage error before any connection
-    from pathlib import Path
-    identity = load_identity(Path(config_dir) if config_dir else None, create=True)
-    known_peers = Path(config_dir) / "known_peers" if config_dir else None
-    options = Options(delete=delete, checksum=checksum, dry_run=dry_run, whole_file=bool(whole_file), itemize=itemize,
-                      max_delete=max_delete, excludes=patterns, bwlimit=bwlimit or 0)
+        parse_device_id(a.peer_id)              # a mistyped ID is a usage error before any connection
+    identity = load_identity(Path(a.config_dir) if a.config_dir else None, create=True)
+    transfer = Transfer(remote, push, local,
+                        Options(delete=a.delete, checksum=a.checksum, dry_run=dry_run, whole_file=bool(a.whole_file),
+                                itemize=itemize, max_delete=a.max_delete, excludes=a.patterns,
+                                bwlimit=a.bwlimit or 0),
+                        peer_id=a.peer_id, accept_new=a.accept_new, timeout=a.timeout, bwlimit=a.bwlimit,
+                        retry_for=a.retry_for,
+                        known_peers=Path(a.config_dir) / "known_peers" if a.config_dir else None)
     item_stream = sys.stderr if as_json else sys.stdout
-    record = not (dry_run or no_history)
+    record = not (dry_run or a.no_history)
     recorder = None
     if record:
         from ..store.recorder import RunRecorder
-        recorder = RunRecorder(history_path, "sync", src if not push else os.path.abspath(src),
+        recorder = RunRecorder(a.history_path, "sync", src if not push else os.path.abspath(src),
                                dst if push else os.path.abspath(dst))
     if push:
         report = _Lines(itemize, quiet, item_stream)
@@ -64,12 +100,11 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
         report = Report(RunStats(), on_item, on_error, recorder.file if recorder else None,
                         recorder.entry if recorder else None, dry_run=dry_run)
     meter = None
-    if show_progress and not quiet and sys.stderr.isatty():
+    if a.show_progress and not quiet and sys.stderr.isatty():
         from ..progress import Progress
         meter = Progress(sys.stderr)
     try:
-        session = run(remote, identity, push, local, options, report, peer_id=peer_id, accept_new=accept_new,
-                      timeout=timeout, bwlimit=bwlimit, retry_for=retry_for, meter=meter, known_peers=known_peers,
+        session = run(transfer, identity, report, meter=meter,
                       on_note=None if quiet else lambda text: say(f"resync: {text}", err=True),
                       on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
                                                                        err=True))
@@ -98,7 +133,7 @@ def remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, 
     item_stream.flush()
     if as_json:
         sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
-    if verbose and not quiet:
+    if a.verbose and not quiet:
         say(f"sync: {result.get('files', 0)} files, {result.get('dirs', 0)} dirs scanned "
             f"({human(result.get('bytes_scanned', 0))}); {result.get('files_transferred', 0)} transferred "
             f"({human(result.get('bytes_transferred', 0))}, {human(result.get('bytes_matched', 0))} reused"

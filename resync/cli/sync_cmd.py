@@ -90,11 +90,13 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
     if remote_dst is None:
         _check_dir(dst, must_exist=False)
     if remote_src is not None or remote_dst is not None:
-        from .remote import remote_sync
-        return remote_sync(src, dst, remote_src, remote_dst, checksum, whole_file, delete, max_delete,
-                           list(excludes) + _read_patterns(exclude_files), dry_run, itemize, as_json, verbose,
-                           quiet, peer_id, accept_new, bwlimit, timeout, retry_for, history_path, no_history,
-                           show_progress, config_dir=config_dir)
+        from .remote import RemoteSync, remote_sync
+        return remote_sync(RemoteSync(
+            src, dst, remote_src, remote_dst, checksum=checksum, whole_file=bool(whole_file), delete=delete,
+            max_delete=max_delete, patterns=list(excludes) + _read_patterns(exclude_files), dry_run=dry_run,
+            itemize=itemize, as_json=as_json, verbose=verbose, quiet=quiet, show_progress=show_progress,
+            peer_id=peer_id, accept_new=accept_new, bwlimit=bwlimit, timeout=timeout, retry_for=retry_for,
+            history_path=history_path, no_history=no_history, config_dir=config_dir))
 
     from ..sync import Syncer, SyncOptions
 

@@ -17,6 +17,8 @@ import asyncio
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ConnectionFailed, OutputClosed, StopSignal, TimedOut
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
@@ -66,19 +68,36 @@ def check_server(remote: Remote, cert_der: bytes, peer_id: str | None, accept_ne
     return got, False                                       # named the ID)
 
 
-async def _once(remote: Remote, identity, push: bool, local: str, options: Options, report, peer_id, accept_new,
-                timeout: float, bwlimit: float | None, known_peers, meter=None,
-                on_note=None, path: dict | None = None) -> ClientSession:
+@dataclass(frozen=True)
+class Transfer:
+    """One ``resync sync`` over the network, as the CLI asks the client to run
+    it (one typed object from the command line to the session): the server's
+    directory and the local one, which way, what the server is asked for
+    (``options``: the Hello's flags, excludes, limits), and how the client
+    connects, trusts and retries."""
+
+    remote: Remote
+    push: bool                      # True: local -> remote; False: remote -> local
+    local: str                      # the local directory
+    options: Options
+    peer_id: str | None = None      # the server's device ID (--peer-id); else known_peers
+    accept_new: bool = False        # trust and record a server not yet known (--accept-new)
+    timeout: float = 60.0           # s without a packet from the server before the connection is given up
+    bwlimit: float | None = None    # bytes per second this end sends at most (a pull's travels in Hello)
+    retry_for: float = 300.0        # s within which a lost connection or a busy destination is retried
+    known_peers: Path | None = None  # the known_peers file (default: the config directory's)
+
+
+async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None) -> ClientSession:
     """One connection. ``path``: the rate controller's model carried from
     one attempt to the next ("model" in it, read and written here)."""
     path = {} if path is None else path
     from aioquic.asyncio import connect
-    config = configuration(identity, is_client=True, idle_timeout=max(10.0, timeout))
+    config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
     stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
     with stop.signals():
         try:
-            session = await _connected(remote, identity, push, local, options, report, peer_id, accept_new,
-                                       timeout, bwlimit, known_peers, meter, on_note, path, config, connect, stop)
+            session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
         except asyncio.CancelledError:
             if stop.signum is None:
                 raise
@@ -140,8 +159,9 @@ class _Stop:
             self.link.leave()
 
 
-async def _connected(remote, identity, push, local, options, report, peer_id, accept_new, timeout, bwlimit,
-                     known_peers, meter, on_note, path, config, connect, stop: _Stop) -> ClientSession:
+async def _connected(t: Transfer, identity, report, meter, on_note, path, config, connect,
+                     stop: _Stop) -> ClientSession:
+    remote, timeout = t.remote, t.timeout
     try:
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                            wait_connected=False) as link:
@@ -161,23 +181,23 @@ async def _connected(remote, identity, push, local, options, report, peer_id, ac
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
             cert = pinned_certificate(link)
             try:
-                server_id, added = check_server(remote, cert, peer_id, accept_new, known_peers)
+                server_id, added = check_server(remote, cert, t.peer_id, t.accept_new, t.known_peers)
             except RefusedError:                # the server's log says why the client left
                 link.close(reason_phrase="the client does not trust this server's key (device ID not pinned)")
                 raise
             if added and on_note is not None:
                 on_note(f"{remote.address} added to known_peers as {server_id}")
-            session = ClientSession(identity, cert, push, remote.module, remote.path, local, options, report,
+            session = ClientSession(identity, cert, t.push, remote.module, remote.path, t.local, t.options, report,
                                     meter)
             stop.session = session
-            if bwlimit and push:                # a pull's limit travels in Hello: the server sends slower
-                link.bucket = TokenBucket(bwlimit)
+            if t.bwlimit and t.push:            # a pull's limit travels in Hello: the server sends slower
+                link.bucket = TokenBucket(t.bwlimit)
             done = asyncio.Event()
             link.on_session_done = done.set
             link.resume_path_model(path.get("model"))
             link.start(session, link._quic.get_next_available_stream_id())
             try:
-                await _run_session(link, session, done, remote, push, timeout)
+                await _run_session(link, session, done, remote, t.push, timeout)
             finally:
                 path["model"] = link.path_model() or path.get("model")
             session.server_id = server_id
@@ -220,12 +240,10 @@ def _new_listing(stats) -> None:
     stats.files = stats.dirs = stats.symlinks = stats.specials = stats.bytes_scanned = 0
 
 
-def run(remote: Remote, identity, push: bool, local: str, options: Options, report=None, peer_id=None,
-        accept_new=False, timeout: float = 60.0, bwlimit: float | None = None, retry_for: float = 300.0,
-        known_peers=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
-    """One transfer, retried after a lost or silent connection, or while the
+def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
+    """The transfer ``t``, retried after a lost or silent connection, or while the
     destination is busy with another device's transfer (backoff 1 s doubling
-    to 60 s, with jitter) for at most ``retry_for`` seconds; ``on_retry(why,
+    to 60 s, with jitter) for at most ``t.retry_for`` seconds; ``on_retry(why,
     seconds)`` is told of each wait, ``on_note(text)`` of a server recorded
     in known_peers; ``meter`` (resync.progress.Progress, -P)
     is shown each attempt's bytes. The session returned carries
@@ -241,8 +259,7 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             _new_listing(report.stats)                                   # in a push)
         attempts += 1
         try:
-            session = asyncio.run(_once(remote, identity, push, local, options, report, peer_id, accept_new,
-                                        timeout, bwlimit, known_peers, meter, on_note, path))
+            session = asyncio.run(_once(t, identity, report, meter, on_note, path))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
             error = exc
         else:
@@ -255,7 +272,7 @@ def run(remote: Remote, identity, push: bool, local: str, options: Options, repo
             if session.stats["datagrams_sent"] + session.stats["datagrams_received"]:
                 delay = 1.0                     # it moved content: a new outage, not the same one
         wait = delay * random.uniform(0.5, 1.0)
-        if time.monotonic() - started + wait > retry_for:
+        if time.monotonic() - started + wait > t.retry_for:
             raise error
         if on_retry is not None:
             on_retry(str(error), wait)

@@ -44,6 +44,7 @@ import os
 import stat
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from ..errors import FileError, NoSpaceError, OutputClosed, ResyncError
 from . import frames as F
@@ -138,16 +139,23 @@ def auth_message(server_nonce: bytes, client_nonce: bytes, server_cert_der: byte
                        client_key, module, path])
 
 
+@dataclass
 class Options:
-    """What the client asks for (Hello flags)."""
+    """What the client asks the server for (the Hello's flags, excludes and
+    limits), as both ends' sessions run it."""
 
-    __slots__ = ("delete", "checksum", "dry_run", "whole_file", "itemize", "max_delete", "excludes", "bwlimit")
+    delete: bool = False            # --delete
+    checksum: bool = False          # -c: compare files by BLAKE3
+    dry_run: bool = False           # -n
+    whole_file: bool = False        # -W: no deltas
+    itemize: bool = False           # -i: itemized lines (a push: sent back to the client)
+    max_delete: int | None = None   # --max-delete N
+    excludes: list = field(default_factory=list)     # gitignore patterns
+    bwlimit: int = 0                # bytes per second the sender may send; 0: no limit
 
-    def __init__(self, delete=False, checksum=False, dry_run=False, whole_file=False, itemize=False,
-                 max_delete=None, excludes=(), bwlimit=0):
-        self.delete, self.checksum, self.dry_run, self.whole_file = delete, checksum, dry_run, whole_file
-        self.itemize, self.max_delete, self.excludes = itemize, max_delete, list(excludes)
-        self.bwlimit = int(bwlimit or 0)        # bytes per second the sender may send; 0: no limit
+    def __post_init__(self):
+        self.excludes = list(self.excludes)
+        self.bwlimit = int(self.bwlimit or 0)
 
     @property
     def flags(self) -> int:
