@@ -131,8 +131,8 @@ def _die(receiver) -> None:
 
 
 def server_is_receiver(server) -> bool:
-    from resync.protocol.session import _Receiver
-    return isinstance(server.role, _Receiver)
+    from resync.protocol.receiver import Receiver
+    return isinstance(server.role, Receiver)
 
 
 def make_pair(tmp: Path, push: bool, local: Path, module_root: Path, path: str = "", options: Options | None = None,

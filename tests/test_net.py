@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from resync.apply import TEMP_PREFIX
-from resync.protocol.session import RECV_PREFIX
+from resync.protocol.receiver import RECV_PREFIX
 
 from . import mix
 from .test_sync import make_tree, mutate, seconds

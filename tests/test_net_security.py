@@ -19,8 +19,10 @@ from resync.errors import InternalError, NoSpaceError
 from resync.net import pmtu
 from resync.protocol import frames as F
 from resync.protocol.frames import ProtocolError
+from resync.protocol.receiver import Receiver
+from resync.protocol.sender import Sender
 from resync.protocol.session import (AUTH_LIMIT, HELLO_LIMIT, SHARD_SIZE, Options, PeerNoSpaceError, RefusedError,
-                                     _Receiver, _Sender, shard_size_for)
+                                     shard_size_for)
 
 from . import mix
 from .protopump import Channel, make_pair, pump
@@ -97,12 +99,12 @@ def test_a_push_makes_missing_directories_beneath_the_module(tmp_path):
     assert snapshot(mod / "up/real/new/deeper") == snapshot(src)
 
 
-def _listed_sender(root: Path) -> _Sender:
+def _listed_sender(root: Path) -> Sender:
     """A sender over ``root`` that has listed its whole tree."""
     s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, sent=[])
     s.send = s.sent.append
-    sender = _Sender(s, str(root), Options(), window=1 << 20)
-    while not sender.listed:
+    sender = Sender(s, str(root), Options(), window=1 << 20)
+    while not sender.lister.listed:
         sender.pump()
     return sender
 
@@ -119,7 +121,7 @@ def test_a_directory_swapped_for_a_symlink_after_listing_is_never_followed(tmp_p
         (mod / "d" / f"f{i}").write_text(f"public {i}\n")
         (outside / f"f{i}").write_text(f"SECRET {i}\n")
     sender = _listed_sender(mod)
-    index = sender.dirs.index("d")
+    index = sender.lister.dirs.index("d")
     os.rename(mod / "d", mod / "d.moved")
     os.symlink(outside, mod / "d")
     for i in range(5):
@@ -127,7 +129,7 @@ def test_a_directory_swapped_for_a_symlink_after_listing_is_never_followed(tmp_p
     sender.pump()
     files = [f for f in sender.s.sent if isinstance(f, F.File)]
     assert len(files) == 5 and all(f.status == F.FILE_ERROR for f in files)
-    assert not sender.active
+    assert not sender.stripes.active
     sender.close()
 
 
@@ -138,12 +140,12 @@ def test_a_directory_swapped_before_it_is_listed_is_refused(tmp_path):
     (outside / "f").write_text("SECRET\n")
     s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, sent=[])
     s.send = s.sent.append
-    sender = _Sender(s, str(mod), Options(), window=1 << 20)
-    first = next(sender._walk)                 # the root: lists a/
+    sender = Sender(s, str(mod), Options(), window=1 << 20)
+    first = sender.lister.next_frame()                 # the root: lists a/
     assert isinstance(first, F.Dir)
     os.rename(mod / "a", mod / "a.moved")
     os.symlink(outside, mod / "a")
-    frames = list(sender._walk)
+    frames = list(iter(sender.lister.next_frame, None))
     assert isinstance(frames[0], F.DirFailed) and frames[0].errno in (errno.ELOOP, errno.ENOTDIR)
     assert not any(isinstance(f, F.Dir) and any(e.name == b"f" for e in f.entries) for f in frames)
     sender.close()
@@ -230,14 +232,14 @@ def test_an_unexpected_error_in_a_session_ends_it_once_with_one_message(tmp_path
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, 8, files=6)
     calls = {"n": 0}
-    real = _Receiver.shard
+    real = Receiver.shard
 
     def shard(self, sh, now):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyError("a bug")
         return real(self, sh, now)
-    monkeypatch.setattr(_Receiver, "shard", shard)
+    monkeypatch.setattr(Receiver, "shard", shard)
     client, server = make_pair(tmp_path, True, src, dst)
     pump(client, server, Channel(random.Random(7)), max_time=60)
     assert isinstance(server.error, InternalError) and "KeyError" in str(server.error)
@@ -396,7 +398,7 @@ def test_a_sender_cuts_no_file_before_the_path_is_settled(tmp_path):
     for _ in range(40):                         # handshake, listing and Wants go through; no File
         server.receive_stream(client.stream_to_send(), 0.0)
         client.receive_stream(server.stream_to_send(), 0.0)
-    assert client.role is not None and client.role.wants and not client.role.active
+    assert client.role is not None and client.role.wants and not client.role.stripes.active
     client.shard_size = shard_size_for(1200)
     client.path_settled = True
     pump(client, server, Channel(random.Random(9)))

@@ -18,7 +18,11 @@ from hypothesis import strategies as st
 from resync.protocol import frames as F
 from resync.protocol.frames import ProtocolError
 from resync.protocol.session import ClientSession, Module, Options, RefusedError, ServerSession
+from resync.protocol import checkpoint as checkpoint_mod
+from resync.protocol import parity as parity_mod
+from resync.protocol import receiver as receiver_mod
 from resync.protocol import session as session_mod
+from resync.protocol import sender as sender_mod
 from resync.protocol.shards import HEADER, StripeAssembler, StripeEncoder, parse
 
 from . import mix
@@ -273,12 +277,12 @@ def test_a_killed_receiver_resumes_from_its_last_periodic_checkpoint(tmp_path, m
     (every CHECKPOINT_INTERVAL, or every CHECKPOINT_BYTES of content on a
     fast link); the next run resumes from it and ends identical. (Little
     parity, so that several files wait for repairs when it dies.)"""
-    monkeypatch.setattr(session_mod, "STRIPE_TARGET", 0.5)
+    monkeypatch.setattr(parity_mod, "STRIPE_TARGET", 0.5)
     if trigger == "time":
-        monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 0.02)
+        monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_INTERVAL", 0.02)
     else:
-        monkeypatch.setattr(session_mod, "CHECKPOINT_INTERVAL", 1000.0)
-        monkeypatch.setattr(session_mod, "CHECKPOINT_BYTES", 2 << 20)
+        monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_INTERVAL", 1000.0)
+        monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_BYTES", 2 << 20)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
@@ -422,7 +426,7 @@ def test_shards_that_overtake_their_file_frame_are_held_not_lost(tmp_path, monke
     shard is asked for again. Beyond the receiver's limit for such shards
     they are dropped, and the transfer still ends equal through repairs."""
     if not held:
-        monkeypatch.setattr(session_mod, "EARLY_BYTES", 3000)
+        monkeypatch.setattr(receiver_mod, "EARLY_BYTES", 3000)
     src, dst = tmp_path / "src", tmp_path / "dst"
     tree(src, 8)
     dst.mkdir()
@@ -431,7 +435,7 @@ def test_shards_that_overtake_their_file_frame_are_held_not_lost(tmp_path, monke
     assert client.error is None and server.error is None, (client.error, server.error)
     assert snapshot(dst) == snapshot(src)
     receiver = server.role
-    assert receiver.early == {} and receiver.early_bytes == 0
+    assert receiver.intake.early == {} and receiver.intake.early_bytes == 0
     if held:
         assert server.result["repairs_asked"] == 0 and client.result["probes"] == 0
         assert client.result["repair_shards"] == 0
@@ -443,7 +447,7 @@ def test_a_pull_is_sent_at_the_lower_of_the_client_and_server_limits_with_the_se
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    (src / "f").write_bytes(random.Random(1).randbytes(41 * session_mod.K_UNKNOWN * session_mod.SHARD_SIZE))    # 41 full stripes (the first file: loss not yet measured)
+    (src / "f").write_bytes(random.Random(1).randbytes(41 * parity_mod.K_UNKNOWN * session_mod.SHARD_SIZE))    # 41 full stripes (the first file: loss not yet measured)
     sent = {}
     for min_parity in (1, 4):
         for p in dst.iterdir():
@@ -595,10 +599,10 @@ def test_a_hostile_sender_cannot_write_outside_the_destination(tmp_path):
     dst.mkdir()
     outside.mkdir()
     os.symlink(outside, dst / "link")
-    from resync.protocol.session import _Receiver
+    from resync.protocol.receiver import Receiver
     from resync.report import Report
     server = ServerSession(*_server_args(tmp_path, dst))
-    server.role = _Receiver(server, str(dst), Options(), Report())
+    server.role = Receiver(server, str(dst), Options(), Report())
     attrs = F.Listed(b"", 2, 0o40755, 0, 0, 0, 0, 0, 0, b"", b"")
     evil = F.encode(F.Dir(0, b"", attrs, (LISTED._replace(name=b"ok"),), ()))
     server.receive_stream(evil, 0.0)
@@ -621,7 +625,7 @@ def test_the_stripe_size_follows_the_loss_within_256_shards(loss):
     parity meets the repair-round target within k + m <= 256 and costs no
     more parity per data shard than k = 128 would; no loss: 128."""
     from resync.erasure.policy import failure_probability, parity_for_target
-    from resync.protocol.session import DEFAULT_K, K_MARGIN, STRIPE_TARGET, stripe_k
+    from resync.protocol.parity import DEFAULT_K, K_MARGIN, STRIPE_TARGET, stripe_k
     k = stripe_k(loss)
     if loss == 0:
         assert k == DEFAULT_K
@@ -638,20 +642,22 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     shards of the same size as long as the path's datagrams hold them; a
     fresh one takes the k of the loss now and the path's shard size."""
     from types import SimpleNamespace
-    from resync.protocol.session import _Sender, shard_size_for, stripe_k
-    sender = SimpleNamespace(policy=SimpleNamespace(loss=0.2), s=SimpleNamespace(shard_size=1296), loss_reports=3)
+    from resync.protocol.parity import ParityPlanner, stripe_k
+    from resync.protocol.session import shard_size_for
+    planner = ParityPlanner(SimpleNamespace(shard_size=1296))
+    planner.policy.loss, planner.reports = 0.2, 3
     resume = F.Resume(bytes(32), 10_000_000, 224, 1296, ((0, 3),))
-    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", resume)) == (224, 1296)
-    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", None)) == (stripe_k(0.2), 1296) == (176, 1296)
+    assert planner.geometry(resume) == (224, 1296)
+    assert planner.geometry(None) == (stripe_k(0.2), 1296) == (176, 1296)
     smaller = F.Resume(bytes(32), 10_000_000, 224, 1136, ((0, 3),))      # cut while packets were smaller
-    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", smaller)) == (224, 1136)
-    sender.s.shard_size = shard_size_for(1200)                           # a path that carries no more than
-    assert _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", resume)) == (176, 1136)   # the minimum
-    sender.s.shard_size = 1296
-    sender.loss_reports = 0                     # nothing measured yet: a k whose parity reaches 35 % loss
-    k, _ = _Sender._file_geometry(sender, F.Want(1, 0, b"f", b"", None))
+    assert planner.geometry(smaller) == (224, 1136)
+    planner.s.shard_size = shard_size_for(1200)                          # a path that carries no more than
+    assert planner.geometry(resume) == (176, 1136)                       # the minimum
+    planner.s.shard_size = 1296
+    planner.reports = 0                         # nothing measured yet: a k whose parity reaches 35 % loss
+    k, _ = planner.geometry(None)
     from resync.erasure.policy import failure_probability, parity_for_target
-    from resync.protocol.session import STRIPE_TARGET
+    from resync.protocol.parity import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)
     assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET
 
@@ -673,7 +679,7 @@ def _push_with_late_first_loss_report(tmp_path, monkeypatch, owe: bool) -> dict:
             observe(lost, sent)
     client.observe_loss = late
     if not owe:
-        monkeypatch.setattr(session_mod._Sender, "_owe_parity", lambda self: None)
+        monkeypatch.setattr(sender_mod.Stripes, "owe_parity", lambda self: None)
     pump(client, server, Channel(random.Random(5), loss=0.3), rate=20e6)
     assert client.error is None and server.error is None
     assert (dst / "big").read_bytes() == (src / "big").read_bytes()

@@ -210,8 +210,8 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         started = link.created = time.monotonic()
 
         def done():
-            from ..protocol.session import _Receiver
-            if isinstance(session.role, _Receiver) or session.error is not None:
+            from ..protocol.receiver import Receiver
+            if isinstance(session.role, Receiver) or session.error is not None:
                 loop.call_soon(link.close)              # the receiver ends the connection, before the
             else:                                       # history is written (a slow write must not hold it)
                 loop.call_later(5.0, link.close)        # the client (the receiver) closes first

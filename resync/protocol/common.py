@@ -1,0 +1,56 @@
+"""What both ends of a transfer share: the errors a peer's Error frame
+becomes, the tunables both use, and the one rule of resuming."""
+from __future__ import annotations
+
+from ..errors import FileError, NoSpaceError, ResyncError
+from . import frames as F
+
+QUIET_FACTOR = 8                 # a file is quiet after this many repair (or probe) delays, even while others flow
+SMALL_FILE = 1 << 20             # files up to this size are read, not mapped
+WORK_SLICE = 0.02                # s of work (frames taken, files started) before the transport may send
+#                                  and read again: the two ends work at once instead of in turns
+
+
+class PeerNoSpaceError(NoSpaceError):
+    """the peer ran out of space: {}"""
+
+
+class PeerFileError(FileError):
+    """the peer could not read or write: {}"""
+
+
+class RefusedError(ResyncError):
+    """refused: {}"""
+
+    exit_code = 13
+
+
+class BusyError(RefusedError):
+    """refused: {}"""
+
+    # Another device's transfer is writing the destination: the client
+    # retries (within --retry-for), then gives up with exit 13.
+
+
+def resumes(r: F.Resume, frame: F.File) -> bool:
+    """Whether the sender of ``frame`` skips the stripes ``r`` offers — the
+    one rule both ends apply: the very content, cut into the same stripes."""
+    return (r.content == frame.content and r.length == frame.length and r.k == frame.k
+            and r.shard_size == frame.shard_size)
+
+
+def progress_share(frame: F.File, stripe: int) -> int:
+    """The bytes of the file ``frame`` describes that ``stripe`` of its
+    content stands for in a progress display (a delta's stripes scaled to the
+    file's size)."""
+    if not frame.length:
+        return 0
+    lo = stripe * frame.k * frame.shard_size
+    n = max(0, min(frame.k * frame.shard_size, frame.length - lo))
+    return n if not frame.delta else n * frame.size // frame.length
+
+
+def blake3_of(buffer) -> bytes:
+    """BLAKE3 (32 bytes) of a buffer, on all cores past 16 MiB."""
+    import blake3
+    return blake3.blake3(buffer, max_threads=blake3.blake3.AUTO if len(buffer) > 1 << 24 else 1).digest()
