@@ -11,6 +11,7 @@ name that could escape a directory.
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import NamedTuple
 
@@ -284,89 +285,149 @@ _NO_ENTRY = Listed(b"", 0, 0, 0, 0, 0, 0, 0, 0, b"", b"")
 _KIND_OF_FMT = {0o100000: 1, 0o040000: 2, 0o120000: 3, 0o020000: 4, 0o060000: 4, 0o010000: 5, 0o140000: 5}
 
 
+def _put_varint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
 def _put_listed(out: bytearray, e: Listed, prev: Listed) -> None:
-    from .encodings import put_varint, zigzag
-    shared = 0
-    limit = min(len(e.name), len(prev.name), 255)
-    while shared < limit and e.name[shared] == prev.name[shared]:
-        shared += 1
-    flags = ((_L_SHARED if shared else 0) | (_L_MODE if e.mode == prev.mode else 0)
-             | (_L_UID if e.uid == prev.uid else 0) | (_L_GID if e.gid == prev.gid else 0)
-             | (_L_SECONDS if e.seconds == prev.seconds else 0) | (_L_NS if e.nanoseconds else 0)
-             | (_L_BLAKE3 if e.blake3 else 0))
+    name, kind, mode, seconds, ns, size, uid, gid, rdev, target, digest = e
+    pname, _, pmode, pseconds, _, _, puid, pgid, _, _, _ = prev
+    shared = min(len(os.path.commonprefix((name, pname))), 255) if pname and name[:1] == pname[:1] else 0
+    flags = ((_L_SHARED if shared else 0) | (_L_MODE if mode == pmode else 0) | (_L_UID if uid == puid else 0)
+             | (_L_GID if gid == pgid else 0) | (_L_SECONDS if seconds == pseconds else 0) | (_L_NS if ns else 0)
+             | (_L_BLAKE3 if digest else 0))
     out.append(flags)
     if shared:
         out.append(shared)
-    put_varint(out, len(e.name) - shared)
-    out += e.name[shared:]
+    rest = name[shared:]
+    out.append(len(rest)) if len(rest) < 0x80 else _put_varint(out, len(rest))
+    out += rest
     if not flags & _L_MODE:
-        put_varint(out, e.mode)
+        _put_varint(out, mode)
     if not flags & _L_SECONDS:
-        put_varint(out, zigzag(e.seconds - prev.seconds))
-    if e.nanoseconds:
-        put_varint(out, e.nanoseconds)
-    if e.kind in (1, 3):
-        put_varint(out, e.size)
+        d = seconds - pseconds
+        _put_varint(out, d * 2 if d >= 0 else -d * 2 - 1)
+    if ns:
+        _put_varint(out, ns)
+    if kind == 1 or kind == 3:
+        out.append(size) if size < 0x80 else _put_varint(out, size)
     if not flags & _L_UID:
-        put_varint(out, e.uid)
+        _put_varint(out, uid)
     if not flags & _L_GID:
-        put_varint(out, e.gid)
-    if e.kind == 4:
-        put_varint(out, e.rdev)
-    if e.kind == 3:
-        put_varint(out, len(e.target))
-        out += e.target
-    if e.blake3:
-        out += _fixed(e.blake3, 32)
+        _put_varint(out, gid)
+    if kind == 4:
+        _put_varint(out, rdev)
+    if kind == 3:
+        _put_varint(out, len(target))
+        out += target
+    if digest:
+        out += _fixed(digest, 32)
 
 
 def _get_listed(buf, pos: int, prev: Listed, own: bool) -> tuple[Listed, int]:
-    from .encodings import get_varint, unzigzag
-    what = "Dir listing"
+    """One entry at ``pos`` of a listing (inline varints: a listing of 20,000
+    entries is decoded per directory as it comes)."""
+    end = len(buf)
+    vals = []
 
-    def varint(limit: int) -> int:
-        nonlocal pos
-        v, pos = get_varint(buf, pos, what)
-        if v > limit:
-            raise ProtocolError(f"{what}: field out of range")
-        return v
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(buf):
-            raise ProtocolError(f"{what}: truncated")
-        pos += n
-        return bytes(buf[pos - n:pos])
-
-    flags = take(1)[0]
+    def bad(why: str):
+        raise ProtocolError(f"Dir listing: {why}")
+    if pos >= end:
+        bad("truncated")
+    flags = buf[pos]
+    pos += 1
     if flags & 0x80:
-        raise ProtocolError(f"{what}: unknown entry flags")
-    shared = take(1)[0] if flags & _L_SHARED else 0
-    if shared > len(prev.name) or (flags & _L_SHARED and not shared):
-        raise ProtocolError(f"{what}: bad shared name prefix")
-    name = prev.name[:shared] + take(varint(NAME_MAX))
+        bad("unknown entry flags")
+    shared = 0
+    if flags & _L_SHARED:
+        if pos >= end:
+            bad("truncated")
+        shared = buf[pos]
+        pos += 1
+        if not shared or shared > len(prev.name):
+            bad("bad shared name prefix")
+    # the varints that follow, in order; how many depends on the flags and (after the mode) the kind
+    want = 1 + (not flags & _L_MODE)
+    for _ in range(want):
+        v = shift = 0
+        while True:
+            if pos >= end:
+                bad("truncated")
+            b = buf[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                bad("varint too long")
+        vals.append(v)
+        if len(vals) == 1:                      # the name's rest follows its length at once
+            n = vals[0]
+            if n > NAME_MAX or pos + n > end:
+                bad("truncated" if n <= NAME_MAX else "field out of range")
+            name = prev.name[:shared] + bytes(buf[pos:pos + n])
+            pos += n
     if own:
         if name:
             raise ProtocolError("Dir: the directory's own entry has a name")
     else:
         check_name(name, "directory entry")
-    mode = prev.mode if flags & _L_MODE else varint(0xFFFFFFFF)
+    mode = vals[1] if len(vals) > 1 else prev.mode
+    if mode > 0xFFFFFFFF:
+        bad("field out of range")
     kind = _KIND_OF_FMT.get(mode & 0o170000)
     if kind is None:
         raise ProtocolError(f"directory entry {name[:64]!r}: mode {mode:o} of no known kind")
-    seconds = prev.seconds if flags & _L_SECONDS else prev.seconds + unzigzag(varint(1 << 64))
-    if not -(1 << 63) <= seconds < 1 << 63:
-        raise ProtocolError(f"{what}: mtime out of range")
-    ns = varint(10**9 - 1) if flags & _L_NS else 0
-    size = varint(1 << 62) if kind in (1, 3) else 0
-    uid = prev.uid if flags & _L_UID else varint(0xFFFFFFFF)
-    gid = prev.gid if flags & _L_GID else varint(0xFFFFFFFF)
-    rdev = varint((1 << 64) - 1) if kind == 4 else 0
-    target = take(varint(4095)) if kind == 3 else b""
-    if kind == 3 and (not target or b"\0" in target):
-        raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
-    digest = take(32) if flags & _L_BLAKE3 else b""
-    return Listed(name, kind, mode, seconds, ns, size, uid, gid, rdev, target, digest), pos
+    fields = ((not flags & _L_SECONDS), bool(flags & _L_NS), kind in (1, 3), (not flags & _L_UID),
+              (not flags & _L_GID), kind == 4, kind == 3)
+    got = []
+    for present in fields:
+        if not present:
+            got.append(None)
+            continue
+        v = shift = 0
+        while True:
+            if pos >= end:
+                bad("truncated")
+            b = buf[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                bad("varint too long")
+        got.append(v)
+    dsec, ns, size, uid, gid, rdev, tlen = got
+    seconds = prev.seconds if dsec is None else prev.seconds + (dsec >> 1 if not dsec & 1 else -((dsec + 1) >> 1))
+    ns = ns or 0
+    size = size or 0
+    uid = prev.uid if uid is None else uid
+    gid = prev.gid if gid is None else gid
+    if ns >= 10**9 or size > 1 << 62 or uid > 0xFFFFFFFF or gid > 0xFFFFFFFF \
+            or not -(1 << 63) <= seconds < 1 << 63:
+        bad("field out of range")
+    target = b""
+    if kind == 3:
+        if not tlen or tlen > 4095:
+            raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
+        if pos + tlen > end:
+            bad("truncated")
+        target = bytes(buf[pos:pos + tlen])
+        pos += tlen
+        if b"\0" in target:
+            raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
+    digest = b""
+    if flags & _L_BLAKE3:
+        if pos + 32 > end:
+            bad("truncated")
+        digest = bytes(buf[pos:pos + 32])
+        pos += 32
+    return Listed(name, kind, mode, seconds, ns, size, uid, gid, rdev or 0, target, digest), pos
 
 
 def encode_listing(attrs: Listed, entries, gone) -> bytes:
