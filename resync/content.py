@@ -170,7 +170,7 @@ def write_local(fd: int, dir_fd: int, name: str, src_path: str, old_size: int, *
             st.st_uid, st.st_gid)
 
 
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
     """The (offset, length) runs of ``fd`` that hold data, found with
     SEEK_DATA / SEEK_HOLE (lseek(2)), when the file has holes (it occupies
     fewer blocks than its size); None when it has none, or the file system
@@ -203,7 +203,7 @@ def _copy_data(src_fd: int, dst_fd: int) -> int:
     A source with holes keeps them: only its data runs are copied and the
     copy is cut to the source's size (cp's --sparse=auto; rsync needs -S)."""
     size = os.fstat(src_fd).st_size
-    extents = _data_extents(src_fd, size)
+    extents = data_extents(src_fd, size)
     if extents is not None:
         return _copy_extents(src_fd, dst_fd, extents, size)
     total = 0

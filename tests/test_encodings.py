@@ -264,3 +264,44 @@ def test_dir_paths_are_front_coded_against_the_dir_before():
     r.feed(bad)
     with pytest.raises(ProtocolError, match="prefix"):
         list(r.frames())
+
+
+@pytest.mark.parametrize("runs,why", [
+    (((100, 10), (50, 10)), "not sorted"),
+    (((0, 10), (5, 10)), "overlapping"),
+    (((0, 0),), "empty"),
+    (((1 << 30, 1),), "past the file's end"),
+    (((0, 10),), "add up"),                          # 10 bytes of runs for a content of 20
+])
+def test_hostile_data_runs_are_refused(runs, why):
+    f = F.File(1, F.FILE_OK, False, 20, b"h" * 32, 0o100644, 0, 0, 1 << 20, 0, 0, 128, 1, 1296, b"", b"c" * 32,
+               runs)
+    r = F.FrameReader()
+    r.feed(F.encode(f))
+    with pytest.raises(ProtocolError, match="data runs"):
+        list(r.frames())
+
+
+def test_data_runs_gather_and_scatter_a_content(tmp_path):
+    """The sender's view of a sparse file's data runs as one content, read a
+    stripe at a time across run boundaries, and the receiver's scatter of
+    that content back to the file's offsets, give the file back."""
+    import os
+
+    from resync.protocol.sparse import DataRuns, content_starts, scatter
+    rnd = random.Random(2)
+    size = 1 << 20
+    runs = [(0, 1000), (5000, 3), (70_000, 40_000), (size - 7, 7)]
+    whole = np.zeros(size, np.uint8)
+    for off, n in runs:
+        whole[off:off + n] = np.frombuffer(rnd.randbytes(n), np.uint8)
+    view = DataRuns(whole, runs)
+    assert view.shape == (sum(n for _, n in runs),)
+    out = tmp_path / "f"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    starts = content_starts(runs)
+    for lo in range(0, view.shape[0], 1296):             # stripes of one shard, across the runs
+        scatter(fd, runs, starts, lo, view[lo:lo + 1296])
+    os.close(fd)
+    assert out.read_bytes() == whole.tobytes()

@@ -39,6 +39,8 @@ SAMPLES = [
     F.DirFailed(4, b"x", 13, b"Permission denied"), F.ListEnd(),
     F.Want(7, 3, b"f", b"SIG" * 10), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100)))),
     F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32, 4, 1280, b"", b"d" * 32),
+    F.File(9, F.FILE_OK, False, 300, b"h" * 32, 0o100600, 5, 0, 1 << 30, 0, 0, 128, 1, 1296, b"", b"d" * 32,
+           ((0, 100), (1 << 20, 200))),
     F.Ack(7, (0, 1, 5)), F.Repair(7, ((2, 3), (9, 32))), F.FileDone(7, False, b"no space"),
     F.Pack(F.PACK_BASE + 2, 1, 5000, 3000, 144, 20, 1296),
     F.Item(F.ITEM_LINE, b">f+++++++++ f"), F.Done(b'{"files": 1}'), F.Bye(),
@@ -60,7 +62,7 @@ def test_frame_bytes_are_stable():
     protocol change and needs a new VERSION)."""
     import hashlib
     wire = b"".join(F.encode(f) for f in SAMPLES)
-    assert hashlib.sha256(wire).hexdigest() == "2d582f3460d2cd6f09715aa4d7abd927ab42f5fbbfd002de0566bb8a6a329cf0"
+    assert hashlib.sha256(wire).hexdigest() == "e36212d45f1beb79285b06857bd9917a5a058d1e43e71851663540e14cc6e9ce"
 
 
 @pytest.mark.parametrize("frame,why", [

@@ -90,8 +90,8 @@ class Checkpoints:
                     if getattr(inc, "kept", None) is not None and inc.frame is None]
         for inc in r.receiving.values():
             a, f = inc.assembler, inc.frame
-            if a is None or inc.fd < 0 or not a.done or a.complete:
-                continue
+            if a is None or inc.fd < 0 or not a.done or a.complete or f.runs is not None:
+                continue                        # (a sparse file is not checkpointed: sent again after a cut)
             os.fdatasync(inc.fd)
             if f.delta and not inc.sig_saved:              # once, whole, with its salt: the checkpoint names it
                 from .encodings import signature_from_wire, signature_to_wire

@@ -138,6 +138,8 @@ class File(NamedTuple):            # sender -> receiver: a file's content follow
     shard_size: int
     message: bytes
     content: bytes = bytes(32)     # 32: BLAKE3 of the content (the file itself, or the delta)
+    runs: tuple | None = None      # a sparse file: its data runs ((offset, length), sorted), the content
+    #                                their bytes in order (the holes are not sent); None: not sparse
 
 
 FILE_OK, FILE_VANISHED, FILE_ERROR = 0, 1, 2
@@ -556,6 +558,14 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
                 frame.gid, frame.k, frame.m, frame.shard_size)
         w.s16(frame.message[:4000])
         w.raw(_fixed(frame.content, 32))
+        if frame.runs is None:
+            w.u8(0)
+        else:
+            w.u8(1)
+            w.u32(len(frame.runs))
+            for off, n in frame.runs:
+                w.u64(off)
+                w.u64(n)
     elif t is Pack:
         w.u32(frame.pack_id)
         w.u8(frame.codec)
@@ -677,6 +687,23 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
     elif cls is File:
         fid, status, delta, *rest = r.fixed(_FILE_FIXED)
         f = File(fid, status, bool(delta), *rest, r.s16(), r.raw(32))
+        sparse = r.u8()
+        if sparse == 1:
+            n = r.u32()
+            if n * 16 > len(body):
+                raise ProtocolError("File: data runs do not fit")
+            runs, end, total = [], 0, 0
+            for _ in range(n):
+                off, length = r.u64(), r.u64()
+                if off < end or length == 0 or off + length > f.size:
+                    raise ProtocolError("File: data runs not sorted, overlapping, empty or past the file's end")
+                runs.append((off, length))
+                end, total = off + length, total + length
+            if total != f.length or f.delta:
+                raise ProtocolError("File: data runs do not add up to the content")
+            f = f._replace(runs=tuple(runs))
+        elif sparse != 0:
+            raise ProtocolError("File: bad sparse flag")
         if f.status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or f.nanoseconds >= 10**9 or f.size > 1 << 62 \
                 or f.length > 1 << 62 or (f.status == FILE_OK and not (1 <= f.k and f.k + f.m <= 256
                                                                        and 64 <= f.shard_size <= 65536)):

@@ -490,7 +490,14 @@ class StripeIntake:
         inc.next_look = now + self.delay()
         from ..fs import pwrite_all
         fd = inc.fd
-        if stripe_count(frame.length, frame.k, frame.shard_size) == 1 and not frame.delta and k is None:
+        if frame.runs is not None:              # sparse: the data runs written at their offsets, the
+            from .sparse import content_starts, scatter     # rest left a hole
+            os.ftruncate(fd, frame.size)
+            runs, starts = frame.runs, content_starts(frame.runs)
+
+            def sink(off, data):
+                scatter(fd, runs, starts, off, data)
+        elif stripe_count(frame.length, frame.k, frame.shard_size) == 1 and not frame.delta and k is None:
             def sink(off, data):                # one stripe: one write, hashed as written
                 pwrite_all(fd, data, off)
                 inc.digest = blake3_of(data).hex()

@@ -584,7 +584,11 @@ class Sender:
                 self.packer.add(want, st, data)
                 self.sent_files += 1
                 return
-            if size <= SMALL_FILE:              # read: a map costs more than it saves for a small file
+            runs = None
+            if not want.signature:              # a sparse file sent whole: its data runs, not its holes
+                from ..content import data_extents
+                runs = data_extents(fd, size)
+            if size <= SMALL_FILE and runs is None:     # read: a map costs more than it saves
                 data = pread_all(fd, size)
                 size, array, closers = len(data), np.frombuffer(data, np.uint8), []
             else:
@@ -602,6 +606,10 @@ class Sender:
             if want.signature and size:
                 content, target, content_hash = self._delta(want, array, closers)
                 delta = True
+            elif runs is not None:
+                from .sparse import DataRuns
+                content, delta = DataRuns(array, runs), False
+                target, content_hash = blake3_of(data), content.blake3()
             else:
                 content, delta = array, False
                 target = content_hash = blake3_of(data)
@@ -610,7 +618,8 @@ class Sender:
                 c()
             raise
         frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
-                       size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash)
+                       size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash,
+                       tuple(runs) if runs is not None else None)
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
                                 shard_size)
 

@@ -1,0 +1,68 @@
+"""Sparse files over the network: a file's data runs as one content, its
+holes left out (docs/protocol.md: Sparse files). The sender reads the runs
+through ``DataRuns`` (no copy of the file); the receiver writes each piece
+of content back at its file offset (``scatter``) into a temp file cut to
+the file's size, so the holes stay holes."""
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from ..fs import pwrite_all
+
+
+class DataRuns:
+    """The data runs ``runs`` ((offset, length), sorted) of the file mapped
+    as ``array``, seen as one content: ``view[lo:hi]`` gathers the bytes of
+    content offsets lo..hi (what StripeEncoder reads a stripe at a time)."""
+
+    def __init__(self, array: np.ndarray, runs):
+        self.array, self.runs = array, list(runs)
+        self.starts = [0]
+        for _, n in self.runs:
+            self.starts.append(self.starts[-1] + n)
+        self.shape = (self.starts[-1],)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi = max(0, sl.start or 0), min(self.shape[0], self.shape[0] if sl.stop is None else sl.stop)
+        parts = []
+        i = bisect.bisect_right(self.starts, lo) - 1
+        while lo < hi and i < len(self.runs):
+            off, n = self.runs[i]
+            skip = lo - self.starts[i]
+            take = min(n - skip, hi - lo)
+            parts.append(self.array[off + skip:off + skip + take])
+            lo += take
+            i += 1
+        if not parts:
+            return np.zeros(0, np.uint8)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def blake3(self) -> bytes:
+        """BLAKE3 of the content (the runs' bytes in order)."""
+        import blake3
+        h = blake3.blake3()
+        for off, n in self.runs:
+            h.update(self.array[off:off + n])
+        return h.digest()
+
+
+def scatter(fd: int, runs, starts: list[int], off: int, data) -> None:
+    """Write ``data`` (content bytes from content offset ``off``) at the file
+    offsets of the runs holding them."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    i = bisect.bisect_right(starts, off) - 1
+    while view and i < len(runs):
+        roff, n = runs[i]
+        skip = off - starts[i]
+        take = min(n - skip, len(view))
+        pwrite_all(fd, view[:take], roff + skip)
+        view, off, i = view[take:], off + take, i + 1
+
+
+def content_starts(runs) -> list[int]:
+    starts = [0]
+    for _, n in runs:
+        starts.append(starts[-1] + n)
+    return starts
