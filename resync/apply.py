@@ -537,6 +537,18 @@ class Applier:
         self.report.item(f"cd+++++++++ {path}/")
         return True
 
+    def directory(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str) -> tuple[bool, Entry | None]:
+        """Directory ``e`` at ``path``: what is there in its way (``prev``,
+        not a directory) removed, then made if missing. (whether it is there
+        now, what was there before that stays: ``prev`` or None)."""
+        if prev is not None and prev.kind != "d":
+            if not self.make_way(parent, e.name, prev, path):
+                return False, prev
+            prev = None
+        if prev is None and not self.mkdir(parent, e, path):
+            return False, None
+        return True, prev
+
     def make_way(self, parent: Dir | None, name: str, prev: Entry, path: str) -> bool:
         """Remove the destination entry ``prev`` that has the wrong type (a
         non-empty directory only with ``replace_trees``)."""

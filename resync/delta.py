@@ -387,13 +387,10 @@ def instructions_in_memory(sig: Signature, data: np.ndarray) -> tuple[np.ndarray
     if n and n == sig.file_len and _same_blocks(sig, data):
         return (np.array([formats.COPY], np.uint8), np.zeros(1, np.int64), np.array([n], np.int64), b"")
     matches = find_matches(sig, data, threads=1)
-    kinds, sources, lengths, literal_positions = build_instructions(matches, int(data.shape[0]))
-    inserts = kinds == formats.INSERT
-    starts, counts = literal_positions, lengths[inserts]
-    if starts.shape[0] == 1:
-        literal = data[int(starts[0]):int(starts[0] + counts[0])].tobytes()
-    else:
-        literal = b"".join(data[s:s + n].tobytes() for s, n in zip(starts.tolist(), counts.tolist()))
+    kinds, sources, lengths, literal_positions = build_instructions(matches, n)
+    counts = lengths[kinds == formats.INSERT]
+    literal = b"".join(data[at:at + count].tobytes() for at, count in zip(literal_positions.tolist(),
+                                                                          counts.tolist()))
     return kinds, sources, lengths, literal
 
 

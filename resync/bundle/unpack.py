@@ -256,11 +256,7 @@ class _Unpacker:
                         apply.attributes(parent, e, prev, path, mtime=True)
                         report.entry(path, e, self.manifest[path][1].blake3.hex())
                     elif what == DIRECTORY:
-                        if prev is not None and prev.kind != "d":
-                            if not apply.make_way(parent, e.name, prev, path):
-                                continue
-                            prev = None
-                        if prev is None and not apply.mkdir(parent, e, path):
+                        if not apply.directory(parent, e, prev, path)[0]:
                             continue
                         report.entry(path, e, None)
                     else:

@@ -87,7 +87,7 @@ class Checkpoints:
         r.placement.place()
         entries = [k for k in self.kept.values()]            # not reached again yet: still kept
         entries += [inc.kept for inc in r.wanted.values()      # offered again, its File not here yet
-                    if getattr(inc, "kept", None) is not None and inc.frame is None]
+                    if inc.kept is not None and inc.frame is None]
         for inc in r.receiving.values():
             a, f = inc.assembler, inc.frame
             if a is None or inc.fd < 0 or not a.done or a.complete or f.runs is not None:

@@ -40,42 +40,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .frames import FILE_ERROR, FILE_OK, FILE_VANISHED, ProtocolError
+from .frames import get_varint, put_varint, unzigzag, zigzag  # noqa: F401  (the varints: frames' own)
 
-MAX_VARINT = 10
 MIN_STRONG, MAX_STRONG = 2, 16        # strong hash bytes per block on the wire
 BLOCKSUM_BIAS = 10                    # rsync's bias in sum_sizes_sqroot (generator.c)
 MEMBER_DELTA = 1                      # Member.flags: the content is a wire delta
-
-
-def put_varint(out: bytearray, v: int) -> None:
-    if v < 0:
-        raise ValueError("varint of a negative number")
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-
-
-def get_varint(buf, pos: int, what: str) -> tuple[int, int]:
-    """(value, position after it) of the varint at ``pos`` of ``buf``."""
-    v = shift = 0
-    for i in range(MAX_VARINT):
-        if pos + i >= len(buf):
-            raise ProtocolError(f"{what}: truncated")
-        b = buf[pos + i]
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return v, pos + i + 1
-        shift += 7
-    raise ProtocolError(f"{what}: varint too long")
-
-
-def zigzag(v: int) -> int:
-    return v * 2 if v >= 0 else -v * 2 - 1
-
-
-def unzigzag(v: int) -> int:
-    return v >> 1 if not v & 1 else -((v + 1) >> 1)
 
 
 # -- signatures ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ VERSION = 3                        # 2: Want.resume, File.content, Hello.bwlimit
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
 #                                       as rsync's flist: fields that differ from the entry before (session 10)
 MAX_FRAME = 16 << 20
+MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
 NAME_MAX = 255
 
@@ -287,11 +288,39 @@ _NO_ENTRY = Listed(b"", 0, 0, 0, 0, 0, 0, 0, 0, b"", b"")
 _KIND_OF_FMT = {0o100000: 1, 0o040000: 2, 0o120000: 3, 0o020000: 4, 0o060000: 4, 0o010000: 5, 0o140000: 5}
 
 
-def _put_varint(out: bytearray, v: int) -> None:
+def put_varint(out: bytearray, v: int) -> None:
+    """``v`` (>= 0) as a LEB128 varint: 7 bits a byte, low first."""
+    if v < 0:
+        raise ValueError("varint of a negative number")
     while v >= 0x80:
         out.append((v & 0x7F) | 0x80)
         v >>= 7
     out.append(v)
+
+
+def get_varint(buf, pos: int, what: str) -> tuple[int, int]:
+    """(value, position after it) of the varint at ``pos`` of ``buf``
+    (at most MAX_VARINT bytes; ProtocolError if cut short or longer)."""
+    if pos < len(buf) and buf[pos] < 0x80:
+        return buf[pos], pos + 1                # (most fields: one byte)
+    v = shift = 0
+    for i in range(MAX_VARINT):
+        if pos + i >= len(buf):
+            raise ProtocolError(f"{what}: truncated")
+        b = buf[pos + i]
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, pos + i + 1
+        shift += 7
+    raise ProtocolError(f"{what}: varint too long")
+
+
+def zigzag(v: int) -> int:
+    return v * 2 if v >= 0 else -v * 2 - 1
+
+
+def unzigzag(v: int) -> int:
+    return v >> 1 if not v & 1 else -((v + 1) >> 1)
 
 
 def _put_listed(out: bytearray, e: Listed, prev: Listed) -> None:
@@ -305,138 +334,104 @@ def _put_listed(out: bytearray, e: Listed, prev: Listed) -> None:
     if shared:
         out.append(shared)
     rest = name[shared:]
-    out.append(len(rest)) if len(rest) < 0x80 else _put_varint(out, len(rest))
+    out.append(len(rest)) if len(rest) < 0x80 else put_varint(out, len(rest))
     out += rest
     if not flags & _L_MODE:
-        _put_varint(out, mode)
+        put_varint(out, mode)
     if not flags & _L_SECONDS:
-        d = seconds - pseconds
-        _put_varint(out, d * 2 if d >= 0 else -d * 2 - 1)
+        put_varint(out, zigzag(seconds - pseconds))
     if ns:
-        _put_varint(out, ns)
+        put_varint(out, ns)
     if kind == 1 or kind == 3:
-        out.append(size) if size < 0x80 else _put_varint(out, size)
+        out.append(size) if size < 0x80 else put_varint(out, size)
     if not flags & _L_UID:
-        _put_varint(out, uid)
+        put_varint(out, uid)
     if not flags & _L_GID:
-        _put_varint(out, gid)
+        put_varint(out, gid)
     if kind == 4:
-        _put_varint(out, rdev)
+        put_varint(out, rdev)
     if kind == 3:
-        _put_varint(out, len(target))
+        put_varint(out, len(target))
         out += target
     if digest:
         out += _fixed(digest, 32)
 
 
 def _get_listed(buf, pos: int, prev: Listed, own: bool) -> tuple[Listed, int]:
-    """One entry at ``pos`` of a listing (inline varints: a listing of 20,000
-    entries is decoded per directory as it comes)."""
+    """One entry at ``pos`` of a listing, as it differs from ``prev``."""
+    what = "Dir listing"
     end = len(buf)
-    vals = []
-
-    def bad(why: str):
-        raise ProtocolError(f"Dir listing: {why}")
     if pos >= end:
-        bad("truncated")
+        raise ProtocolError(f"{what}: truncated")
     flags = buf[pos]
     pos += 1
     if flags & 0x80:
-        bad("unknown entry flags")
+        raise ProtocolError(f"{what}: unknown entry flags")
     shared = 0
     if flags & _L_SHARED:
         if pos >= end:
-            bad("truncated")
+            raise ProtocolError(f"{what}: truncated")
         shared = buf[pos]
         pos += 1
         if not shared or shared > len(prev.name):
-            bad("bad shared name prefix")
-    # the varints that follow, in order; how many depends on the flags and (after the mode) the kind
-    want = 1 + (not flags & _L_MODE)
-    for _ in range(want):
-        v = shift = 0
-        while True:
-            if pos >= end:
-                bad("truncated")
-            b = buf[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-            if shift > 63:
-                bad("varint too long")
-        vals.append(v)
-        if len(vals) == 1:                      # the name's rest follows its length at once
-            n = vals[0]
-            if n > NAME_MAX or pos + n > end:
-                bad("truncated" if n <= NAME_MAX else "field out of range")
-            name = prev.name[:shared] + bytes(buf[pos:pos + n])
-            pos += n
+            raise ProtocolError(f"{what}: bad shared name prefix")
+    n, pos = get_varint(buf, pos, what)
+    if n > NAME_MAX:
+        raise ProtocolError(f"{what}: field out of range")
+    if pos + n > end:
+        raise ProtocolError(f"{what}: truncated")
+    name = prev.name[:shared] + bytes(buf[pos:pos + n])
+    pos += n
     if own:
         if name:
             raise ProtocolError("Dir: the directory's own entry has a name")
     else:
         check_name(name, "directory entry")
-    mode = vals[1] if len(vals) > 1 else prev.mode
-    if mode > 0xFFFFFFFF:
-        bad("field out of range")
-    kind = _KIND_OF_FMT.get(mode & 0o170000)
+    mode = prev.mode
+    if not flags & _L_MODE:
+        mode, pos = get_varint(buf, pos, what)
+    kind = _KIND_OF_FMT.get(mode & 0o170000) if mode <= 0xFFFFFFFF else None
     if kind is None:
         raise ProtocolError(f"directory entry {name[:64]!r}: mode {mode:o} of no known kind")
-    fields = ((not flags & _L_SECONDS), bool(flags & _L_NS), kind in (1, 3), (not flags & _L_UID),
-              (not flags & _L_GID), kind == 4, kind == 3)
-    got = []
-    for present in fields:
-        if not present:
-            got.append(None)
-            continue
-        v = shift = 0
-        while True:
-            if pos >= end:
-                bad("truncated")
-            b = buf[pos]
-            pos += 1
-            v |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-            if shift > 63:
-                bad("varint too long")
-        got.append(v)
-    dsec, ns, size, uid, gid, rdev, tlen = got
-    seconds = prev.seconds if dsec is None else prev.seconds + (dsec >> 1 if not dsec & 1 else -((dsec + 1) >> 1))
-    ns = ns or 0
-    size = size or 0
-    uid = prev.uid if uid is None else uid
-    gid = prev.gid if gid is None else gid
-    if ns >= 10**9 or size > 1 << 62 or uid > 0xFFFFFFFF or gid > 0xFFFFFFFF \
+    seconds, ns, size, uid, gid, rdev, target, digest = prev.seconds, 0, 0, prev.uid, prev.gid, 0, b"", b""
+    if not flags & _L_SECONDS:
+        d, pos = get_varint(buf, pos, what)
+        seconds += unzigzag(d)
+    if flags & _L_NS:
+        ns, pos = get_varint(buf, pos, what)
+    if kind == 1 or kind == 3:
+        size, pos = get_varint(buf, pos, what)
+    if not flags & _L_UID:
+        uid, pos = get_varint(buf, pos, what)
+    if not flags & _L_GID:
+        gid, pos = get_varint(buf, pos, what)
+    if kind == 4:
+        rdev, pos = get_varint(buf, pos, what)
+    if ns >= 10**9 or size > 1 << 62 or uid > 0xFFFFFFFF or gid > 0xFFFFFFFF or rdev >= 1 << 64 \
             or not -(1 << 63) <= seconds < 1 << 63:
-        bad("field out of range")
-    target = b""
+        raise ProtocolError(f"{what}: field out of range")
     if kind == 3:
+        tlen, pos = get_varint(buf, pos, what)
         if not tlen or tlen > 4095:
             raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
         if pos + tlen > end:
-            bad("truncated")
+            raise ProtocolError(f"{what}: truncated")
         target = bytes(buf[pos:pos + tlen])
         pos += tlen
         if b"\0" in target:
             raise ProtocolError(f"directory entry {name[:64]!r}: bad symlink target")
-    digest = b""
     if flags & _L_BLAKE3:
         if pos + 32 > end:
-            bad("truncated")
+            raise ProtocolError(f"{what}: truncated")
         digest = bytes(buf[pos:pos + 32])
         pos += 32
-    return Listed(name, kind, mode, seconds, ns, size, uid, gid, rdev or 0, target, digest), pos
+    return Listed(name, kind, mode, seconds, ns, size, uid, gid, rdev, target, digest), pos
 
 
 def encode_listing(attrs: Listed, entries, gone) -> bytes:
     """A Dir frame's listing before compression: the directory's own entry,
     ``varint n`` entries, ``varint g`` vanished names (``varint length |
     name``); each entry as it differs from the one before (rsync's flist)."""
-    from .encodings import put_varint
     out = bytearray()
     _put_listed(out, attrs, _NO_ENTRY)
     put_varint(out, len(entries))
@@ -453,7 +448,6 @@ def encode_listing(attrs: Listed, entries, gone) -> bytes:
 
 def decode_listing(buf) -> tuple[Listed, tuple, tuple]:
     """(own entry, entries, vanished names) of a listing (ProtocolError if malformed)."""
-    from .encodings import get_varint
     view = memoryview(buf)
     attrs, pos = _get_listed(view, 0, _NO_ENTRY, own=True)
     if attrs.kind != 2:
@@ -515,8 +509,6 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         w.s16(frame.message[:4000])
     elif t is Dir:
         import lz4.block
-
-        from .encodings import put_varint
         raw = encode_listing(frame.attrs, frame.entries, frame.gone)
         packed = lz4.block.compress(raw, store_size=False) if len(raw) > 64 else raw
         shared = _shared(frame.rel, prev_rel)
@@ -636,8 +628,6 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
         f = Error(r.u16(), r.s16())
     elif cls is Dir:
         import lz4.block
-
-        from .encodings import get_varint
         index, r.p = get_varint(r.b, r.p, "Dir")
         shared = r.u8()
         if shared > len(prev_rel) or index > 0xFFFFFFFF:

@@ -245,7 +245,6 @@ class Receiver:
         result.update(repairs_asked=i.repairs_asked, stripes=i.stripes_received, stripes_repaired=i.stripes_repaired,
                       corrupt_shards=i.corrupt_shards, resumed_bytes=self.checkpoints.resumed_bytes,
                       redone=p.redone)
-        self.result = result
         self.s.send(F.Done(json.dumps(result).encode()))
         self.s.result = result                # finished when the sender's Bye arrives
 
@@ -353,11 +352,8 @@ class Planning:
                 apply.attributes(parent, e, prev, path)
                 report.entry(path, e, None)
             elif what == DIRECTORY:
-                if prev is not None and prev.kind != "d":
-                    if not apply.make_way(parent, e.name, prev, path):
-                        continue
-                    prev = None
-                if prev is None and not apply.mkdir(parent, e, path):
+                there, prev = apply.directory(parent, e, prev, path)
+                if not there:
                     continue
                 self.dir_attrs.append((path, e, prev))
                 if parent is not None:

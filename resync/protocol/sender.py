@@ -431,7 +431,7 @@ class Sender:
     """Lists ``root`` and sends what the receiver asks for (see the module)."""
 
     def __init__(self, session, root: str, options, window: int, min_parity: int = 1, root_fd: int | None = None):
-        self.s, self.root, self.options = session, root, options
+        self.s = session
         self.lister = Lister(root, options, root_fd)
         self.parity = ParityPlanner(session, min_parity)
         self.stripes = Stripes(session, self.parity, window, self._advance, self._retired)
