@@ -44,19 +44,21 @@ class ContentError(OSError):
 
 class Options:
     """Per-run settings of the writers: ``whole_file`` (no local delta),
-    ``hash_files`` (BLAKE3 of every file written, for the history) and
-    ``as_root`` (set owners)."""
+    ``hash_files`` (BLAKE3 of every file written, for the history),
+    ``as_root`` (set owners) and ``sparse`` (-S: blocks of zeros in any file
+    written become holes; without it only a source's own holes stay holes)."""
 
-    __slots__ = ("whole_file", "hash_files", "as_root")
+    __slots__ = ("whole_file", "hash_files", "as_root", "sparse")
 
-    def __init__(self, whole_file: bool = True, hash_files: bool = False, as_root: bool = False):
-        self.whole_file, self.hash_files, self.as_root = whole_file, hash_files, as_root
+    def __init__(self, whole_file: bool = True, hash_files: bool = False, as_root: bool = False,
+                 sparse: bool = False):
+        self.whole_file, self.hash_files, self.as_root, self.sparse = whole_file, hash_files, as_root, sparse
 
     def __getstate__(self):
-        return self.whole_file, self.hash_files, self.as_root
+        return self.whole_file, self.hash_files, self.as_root, self.sparse
 
     def __setstate__(self, state):
-        self.whole_file, self.hash_files, self.as_root = state
+        self.whole_file, self.hash_files, self.as_root, self.sparse = state
 
 
 def write_job(dir_fd: int, name: str, tmp: str, spec: tuple, expected: bytes | None, options: Options) -> tuple:
@@ -155,19 +157,24 @@ def write_local(fd: int, dir_fd: int, name: str, src_path: str, old_size: int, *
         literal, matched, digest = st.st_size, 0, None
         if not options.whole_file and old_size > 0 and st.st_size > 0:
             basis_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                literal, matched = _delta_data(basis_fd, src_fd, fd)
+            try:                                # a source with holes: its copy's zeros are holes too
+                literal, matched = _delta_data(basis_fd, src_fd, fd, options.sparse or has_holes(st))
             finally:
                 os.close(basis_fd)
         elif st.st_size < _SMALL_FILE:
             # One read, one write, and the hash from the same bytes.
-            literal, digest = _copy_small(src_fd, fd, st.st_size, options.hash_files)
+            literal, digest = _copy_small(src_fd, fd, st.st_size, options.hash_files, options.sparse)
         else:
-            literal = _copy_data(src_fd, fd)
+            literal = _copy_data(src_fd, fd, options.sparse)
     finally:
         os.close(src_fd)
     return (literal, matched, digest, stat.S_IFMT(st.st_mode) | stat.S_IMODE(st.st_mode), st.st_mtime_ns,
             st.st_uid, st.st_gid)
+
+
+def has_holes(st: os.stat_result) -> bool:
+    """Does the file occupy fewer blocks than its size (it has holes)?"""
+    return st.st_blocks * 512 < st.st_size
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
@@ -198,12 +205,15 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
     return extents
 
 
-def _copy_data(src_fd: int, dst_fd: int) -> int:
+def _copy_data(src_fd: int, dst_fd: int, sparse: bool = False) -> int:
     """Copy src to dst (both at offset 0) until EOF; returns the bytes copied.
     A source with holes keeps them: only its data runs are copied and the
-    copy is cut to the source's size (cp's --sparse=auto; rsync needs -S)."""
+    copy is cut to the source's size (cp's --sparse=auto; rsync needs -S).
+    ``sparse`` (-S): blocks of zeros within the data become holes too."""
     size = os.fstat(src_fd).st_size
     extents = data_extents(src_fd, size)
+    if sparse:
+        return _copy_sparse(src_fd, dst_fd, [(0, size)] if extents is None else extents, size)
     if extents is not None:
         return _copy_extents(src_fd, dst_fd, extents, size)
     total = 0
@@ -251,15 +261,40 @@ def _copy_extents(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size
     return total
 
 
-def _copy_small(src_fd: int, dst_fd: int, size: int, want_hash: bool) -> tuple[int, str | None]:
-    """Copy a small file with one read and one write; BLAKE3 of the bytes if asked."""
+def _copy_sparse(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size: int) -> int:
+    """-S: copy the data runs ``extents`` of src, leaving its blocks of zeros
+    unwritten (holes), and cut dst to ``size``. Returns the bytes read."""
+    from .fs import pread_all, pwrite_sparse
+    total = 0
+    for offset, length in extents:
+        done = 0
+        while done < length:
+            chunk = pread_all(src_fd, min(length - done, 8 << 20), offset + done)
+            if not chunk:
+                break                                          # (the source shrank meanwhile)
+            pwrite_sparse(dst_fd, chunk, offset + done)
+            done += len(chunk)
+        total += done
+    os.ftruncate(dst_fd, size)
+    return total
+
+
+def _copy_small(src_fd: int, dst_fd: int, size: int, want_hash: bool, sparse: bool = False) -> tuple[int, str | None]:
+    """Copy a small file with one read and one write; BLAKE3 of the bytes if
+    asked. ``sparse`` (-S): blocks of zeros are left as holes."""
     data = os.read(src_fd, size + 1)
     if len(data) > size:                         # the file grew since it was listed
         parts = [data]
         while chunk := os.read(src_fd, 1 << 20):
             parts.append(chunk)
         data = b"".join(parts)
-    view = memoryview(data)
+    if sparse:
+        from .fs import pwrite_sparse
+        pwrite_sparse(dst_fd, data, 0)
+        os.ftruncate(dst_fd, len(data))
+        view = memoryview(b"")
+    else:
+        view = memoryview(data)
     while view:
         view = view[os.write(dst_fd, view):]
     digest = None
@@ -269,15 +304,17 @@ def _copy_small(src_fd: int, dst_fd: int, size: int, want_hash: bool) -> tuple[i
     return len(data), digest
 
 
-def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
+def _delta_data(basis_fd: int, src_fd: int, dst_fd: int, sparse: bool = False) -> tuple[int, int]:
     """Write src to dst, reusing the blocks it shares with basis (the delta
-    engine run locally). Returns (literal, matched) bytes."""
+    engine run locally). ``sparse``: blocks of zeros are left as holes.
+    Returns (literal, matched) bytes."""
     import mmap
 
     import numpy as np
 
     from . import formats
     from .delta import build_instructions, find_matches
+    from .fs import pwrite_sparse
     from .kernels.native import get
     from .signature import compute_signature
 
@@ -302,9 +339,14 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
         while done < new.shape[0]:
             index, skip, filled = assemble(basis, new, 0, kinds, sources, lengths, index, skip, window)
             view = memoryview(window)[:filled]
+            if sparse:
+                pwrite_sparse(dst_fd, view, done)
+                view = view[:0]
             while view:
                 view = view[os.write(dst_fd, view):]
             done += filled
+        if sparse:
+            os.ftruncate(dst_fd, done)
         literal = int(lengths[is_insert].sum())
         return literal, int(new.shape[0]) - literal
     finally:
@@ -319,11 +361,12 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int) -> tuple[int, int]:
 
 @writer("delta-file")
 def write_delta_file(fd: int, dir_fd: int, name: str, delta_fd: int, root_fd: int, parent: str, basis: str,
-                     attrs: tuple, what: str, *, options: Options) -> tuple:
+                     attrs: tuple, what: str, sparse: bool = False, *, options: Options) -> tuple:
     """The delta in the file open at ``delta_fd`` applied to the destination's
     current file ``parent``/``basis`` (reached from ``root_fd`` without
     following a symlink; it must be a regular file). ``attrs``: the (mode,
-    mtime_ns, uid, gid) the result gets."""
+    mtime_ns, uid, gid) the result gets; ``sparse`` (the source had holes, or
+    -S): its blocks of zeros are left as holes."""
     from . import formats
     from .errors import VerificationError
     from .fs import MappedFile
@@ -339,7 +382,8 @@ def write_delta_file(fd: int, dir_fd: int, name: str, delta_fd: int, root_fd: in
             raise VerificationError(what, "the delta's basis is not a regular file")
         with MappedFile(f"/proc/self/fd/{delta_fd}", name=what) as d:
             parsed = formats.unpack_delta(d.buffer, d.name)
-            stats, digest = patch_into(f"/proc/self/fd/{bfd}", d, parsed, fd, what)
+            stats, digest = patch_into(f"/proc/self/fd/{bfd}", d, parsed, fd, what,
+                                       sparse=sparse or options.sparse)
     finally:
         os.close(bfd)
     return (stats.literal_bytes, stats.copied_bytes, digest, *attrs)

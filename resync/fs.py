@@ -105,6 +105,64 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+SPARSE_BLOCK = 4096     # a run of zeros this long, aligned to it in the file, becomes a hole (-S):
+#                         the page and block size of the file systems resync runs on
+
+
+def nonzero_runs(data, offset: int = 0, block: int = SPARSE_BLOCK) -> list[tuple[int, int]]:
+    """The (start, end) ranges of ``data`` (bytes-like) that hold something
+    other than zeros, ``data`` seen at file offset ``offset`` and cut at the
+    file's ``block`` boundaries: what must be written to put ``data`` into a
+    new file whose zeros are left as holes (rsync's -S, cp's
+    --sparse=always). Ranges are sorted, disjoint and not adjacent; an
+    all-zero ``data`` gives []. Cost: one vectorized pass (~1 ms a MiB here)."""
+    import numpy as np
+    a = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    n = int(a.shape[0])
+    if n == 0:
+        return []
+    head = min((-offset) % block, n)
+    blocks = (n - head) // block
+    bounds = [0]
+    flags = []
+    if head:
+        bounds.append(head)
+        flags.append(bool(a[:head].any()))
+    if blocks:
+        body = a[head:head + blocks * block].reshape(blocks, block)
+        nz = body.view(np.uint64).any(axis=1) if block % 8 == 0 else body.any(axis=1)
+        starts = np.arange(1, blocks + 1, dtype=np.int64) * block + head
+        # runs of equal flags: only where the flag changes is a bound kept
+        change = np.flatnonzero(nz[1:] != nz[:-1])
+        keep_ends = np.append(starts[change], starts[-1])
+        keep_flags = np.append(nz[change], nz[-1])
+        bounds.extend(int(x) for x in keep_ends)
+        flags.extend(bool(x) for x in keep_flags)
+    if head + blocks * block < n:
+        bounds.append(n)
+        flags.append(bool(a[head + blocks * block:].any()))
+    runs: list[tuple[int, int]] = []
+    for lo, hi, nonzero in zip(bounds, bounds[1:], flags):
+        if not nonzero:
+            continue
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
+def pwrite_sparse(fd: int, data, offset: int) -> None:
+    """Write ``data`` at ``offset`` of a new file, leaving its aligned blocks
+    of zeros unwritten: they read back as zeros because nothing was ever
+    written there, and take no space (holes). Only for a file created empty
+    for this content (a temp file); its size is set at the end
+    (``os.ftruncate``), so zeros at its end are a hole too."""
+    view = memoryview(data).cast("B")
+    for lo, hi in nonzero_runs(view, offset):
+        pwrite_all(fd, view[lo:hi], offset + lo)
+
+
 def pread_all(fd: int, size: int, offset: int = 0) -> bytes:
     """Up to ``size`` bytes from ``offset`` (fewer only at end of file: a
     file that shrank while read)."""
@@ -155,10 +213,13 @@ class StreamWriter:
     Use: ``buf = w.get()``; fill ``buf[:n]``; ``w.put(buf, n)`` (n equals the
     buffer size except for the last one); ``w.finish()``; always ``w.close()``.
     Errors of the background threads are raised from the next call.
+
+    ``sparse``: blocks of zeros are not written (``pwrite_sparse``): holes, in
+    a file created empty for this content.
     """
 
     def __init__(self, fd: int, buffer_size: int = 8 << 20, buffers: int = 4, direct: bool = True,
-                 hasher=None, writers: int = 2):
+                 hasher=None, writers: int = 2, sparse: bool = False):
         import mmap
         import queue
         import threading
@@ -168,6 +229,7 @@ class StreamWriter:
         if buffer_size % DIRECT_ALIGN:
             raise ValueError("buffer size must be a multiple of 4096")
         self._fd = fd
+        self._sparse = sparse                  # zeros left as holes (the file must be new: pwrite_sparse)
         self._offset = 0                       # where the next buffer put goes
         self._error: BaseException | None = None
         self._direct = direct and hasattr(os, "O_DIRECT") and self._set_direct(True)
@@ -205,6 +267,13 @@ class StreamWriter:
             return False
 
     def _write(self, view: memoryview, offset: int) -> None:
+        if self._sparse:                        # (pieces start and end on block bounds, but the last)
+            for lo, hi in nonzero_runs(view, offset):
+                self._write_run(view[lo:hi], offset + lo)
+        else:
+            self._write_run(view, offset)
+
+    def _write_run(self, view: memoryview, offset: int) -> None:
         aligned = len(view) % DIRECT_ALIGN == 0
         if self._direct and not aligned:
             with self._flags_lock:
@@ -269,12 +338,15 @@ class StreamWriter:
             t.join()
 
     def finish(self) -> None:
-        """Wait until everything is written (and hashed); raise any background error."""
+        """Wait until everything is written (and hashed); raise any background error.
+        A sparse writer's file is given its size (zeros at the end left a hole)."""
         if any(t.is_alive() for t in self._threads):
             self._stop()
         if self._direct:
             self._set_direct(False)
         self._check()
+        if self._sparse:
+            os.ftruncate(self._fd, self._offset)
 
     def close(self) -> None:
         """Stop the threads (also after an error in the caller) and free the buffers."""

@@ -118,10 +118,11 @@ def assemble_in_memory(basis: np.ndarray, kinds: np.ndarray, sources: np.ndarray
 
 
 def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.ParsedDelta, fd: int, out_name: str,
-               threads: int | None = None) -> tuple[PatchStats, str]:
+               threads: int | None = None, sparse: bool = False) -> tuple[PatchStats, str]:
     """Write the target of the parsed delta (``delta`` holds its file) into
     the empty file open at ``fd``, from the basis at ``basis_path`` (a path
-    the caller reached safely, e.g. /proc/self/fd/N/NAME). Returns the stats
+    the caller reached safely, e.g. /proc/self/fd/N/NAME); ``sparse``: its
+    blocks of zeros are left as holes (fs.pwrite_sparse). Returns the stats
     and the result's BLAKE3 (hex), checked: VerificationError if it is not
     the delta's target (the error then says whether the basis was the one
     the delta was made against)."""
@@ -148,7 +149,7 @@ def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.Parsed
 
         import blake3
         hasher = blake3.blake3()
-        writer = StreamWriter(fd, WINDOW, hasher=hasher)
+        writer = StreamWriter(fd, WINDOW, hasher=hasher, sparse=sparse)
         try:
             index, skip, written = 0, 0, 0
             while written < h.target_len:

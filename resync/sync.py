@@ -48,9 +48,10 @@ __all__ = ["SyncOptions", "SyncStats", "FileChange", "Syncer"]
 class SyncOptions:
     def __init__(self, checksum: bool = False, whole_file: bool = True, delete: bool = False,
                  max_delete: int | None = None, excludes: list[str] | None = None, dry_run: bool = False,
-                 threads: int | None = None, hash_files: bool = False):
+                 threads: int | None = None, hash_files: bool = False, sparse: bool = False):
         self.checksum = checksum
         self.whole_file = whole_file
+        self.sparse = sparse                  # -S: blocks of zeros written as holes
         self.delete = delete
         self.max_delete = max_delete
         self.excludes = list(excludes or [])
@@ -104,7 +105,7 @@ class Syncer:
         self._excludes = Excludes(self.opt.excludes)
         owners = os.geteuid() == 0
         self.apply = Applier(self.dst, self.report,
-                             Options(self.opt.whole_file, self.opt.hash_files), dry_run=self.opt.dry_run,
+                             Options(self.opt.whole_file, self.opt.hash_files, sparse=self.opt.sparse), dry_run=self.opt.dry_run,
                              owners=owners, workers=max(1, self.opt.threads or thread_count()),
                              replace_trees=self.opt.delete, excludes=self._excludes)
         self.plan = Planner(PlanOptions(self.opt.checksum, self.opt.delete, self.opt.max_delete, self._excludes,

@@ -171,3 +171,20 @@ def affine_byte(matrix: int, x: int) -> int:
         row = (matrix >> (8 * (7 - i))) & 0xFF
         out |= (bin(row & x).count("1") & 1) << i
     return out
+
+
+def nonzero_runs(data: bytes, offset: int, block: int) -> list[tuple[int, int]]:
+    """fs.nonzero_runs, byte by byte: cut ``data`` (at file offset ``offset``)
+    at the file's block boundaries; keep the pieces holding a non-zero byte,
+    adjacent ones merged."""
+    runs: list[tuple[int, int]] = []
+    lo = 0
+    while lo < len(data):
+        hi = min(len(data), lo + block - (offset + lo) % block)
+        if any(data[lo:hi]):
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((lo, hi))
+        lo = hi
+    return runs

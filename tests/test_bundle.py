@@ -338,7 +338,7 @@ def file_entry(path: str, content: bytes, record: int, mode=0o100644) -> P.Entry
 
 def whole_record(index: int, content: bytes, codec=P.CODEC_RAW, stored=None, raw_len=None) -> bytes:
     data = stored if stored is not None else content
-    return (P.RECORD.pack(P.WHOLE, index, len(content))
+    return (P.RECORD.pack(P.WHOLE, 0, index, len(content))
             + P.CHUNK.pack(codec, raw_len if raw_len is not None else len(content), len(data)) + data)
 
 
@@ -401,6 +401,9 @@ def test_lz4_bomb_and_bad_chunks_are_refused(tmp_path):
         whole_record(0, b"x" * 100, 7),                                                # unknown codec
         whole_record(0, b"x" * 100, P.CODEC_RAW, stored=b"x" * 100, raw_len=P.MAX_CHUNK + 1),
         whole_record(0, b"x" * 100, P.CODEC_LZ4, stored=b"\xff" * 50, raw_len=100),    # corrupt LZ4
+        whole_record(0, b"x" * 100, P.CODEC_HOLE, stored=b"x" * 100, raw_len=100),     # a hole that stores bytes
+        whole_record(0, b"x" * 100, P.CODEC_HOLE, stored=b"", raw_len=101),            # a hole past the end
+        P.RECORD.pack(P.WHOLE, 0x80, 0, 100) + P.CHUNK.pack(P.CODEC_RAW, 100, 100) + b"x" * 100,  # unknown flag
     ]
     for records in cases:
         hostile_bundle(tmp_path / "b", [file_entry("f", b"x" * 100, off)], records)
@@ -527,19 +530,26 @@ def test_bundle_format_is_frozen(tmp_path):
     """A fixed bundle (payload and shards) as bytes: changing any layout,
     constant or check breaks bundles already written and shows here."""
     content = b"frozen content\n" * 3
-    entries = [dir_entry("d"), file_entry("d/f", content, P.HEADER.size), link_entry("l", b"d/f")]
-    hostile_bundle(tmp_path / "b", entries, whole_record(1, content))
+    sparse = b"head" + bytes(3 << 12)                    # 4 bytes of data, then a hole to the end
+    first = whole_record(1, content)
+    second = (P.RECORD.pack(P.WHOLE, P.RECORD_SPARSE, 2, len(sparse)) + P.CHUNK.pack(P.CODEC_RAW, 4, 4)
+              + b"head" + P.CHUNK.pack(P.CODEC_HOLE, len(sparse) - 4, 0))
+    entries = [dir_entry("d"), file_entry("d/f", content, P.HEADER.size),
+               file_entry("d/s", sparse, P.HEADER.size + len(first)), link_entry("l", b"d/f")]
+    hostile_bundle(tmp_path / "b", entries, first + second)
     raw = (tmp_path / "b").read_bytes()
     assert hashlib.sha256(raw).hexdigest() == GOLDEN_BUNDLE
     unpack(str(tmp_path / "b"), str(tmp_path / "dst"))
     assert (tmp_path / "dst" / "d" / "f").read_bytes() == content
+    assert (tmp_path / "dst" / "d" / "s").read_bytes() == sparse
     assert os.readlink(tmp_path / "dst" / "l") == "d/f"
 
 
-# Payload version 2 (times as seconds + nanoseconds). The version-1 bundle of
-# the same entries (hash 04d7a199...) is tests/data/v1.bundle, still unpacked
+# Payload version 3 (record flags, hole chunks). The version-2 bundle of the
+# first three entries (hash e4e891a3...) is tests/data/v2.bundle, the
+# version-1 one (hash 04d7a199...) tests/data/v1.bundle, both still unpacked
 # by test_times.py.
-GOLDEN_BUNDLE = "e4e891a3f7d2674c31154c15e80a06fa9a4743e5479420eb50a9eb03b61b8cf6"
+GOLDEN_BUNDLE = "66ca16ac74acf708b0cf21ec212b918a155562ab3fff7193f8b53909896f3450"
 
 
 def test_tree_signature_format_is_frozen(tmp_path):
@@ -564,7 +574,7 @@ GOLDEN_TREE_SIGNATURE = "27199265c03a092b41e58769cb29398ee9e9e818f5fa19a6462affc
 
 
 @pytest.mark.parametrize("field,value,message", [
-    (0, b"RSYNCXXX", "bad payload magic"), (1, 3, "unsupported payload version 3"), (2, 6, "unknown flags")])
+    (0, b"RSYNCXXX", "bad payload magic"), (1, 4, "unsupported payload version 4"), (2, 6, "unknown flags")])
 def test_bad_payload_header(tmp_path, field, value, message):
     fields = [P.MAGIC, P.VERSION, 0, 0, b"H" * 16, bytes(32), 0]
     fields[field] = value
@@ -634,8 +644,8 @@ def test_record_framing_is_checked_by_verify_and_unpack(tmp_path):
     assert cli("verify", tmp_path / "ok").returncode == 0
     assert cli("unpack", tmp_path / "ok", tmp_path / "d1", "--no-history").returncode == 0
     assert (tmp_path / "d1" / "f").read_bytes() == content
-    bad_len = P.RECORD.pack(P.WHOLE, 0, len(content) + 1) + good[P.RECORD.size:]
-    delta_into_trailer = P.RECORD.pack(P.DELTA, 0, 1 << 20) + good[P.RECORD.size:]
+    bad_len = P.RECORD.pack(P.WHOLE, 0, 0, len(content) + 1) + good[P.RECORD.size:]
+    delta_into_trailer = P.RECORD.pack(P.DELTA, 0, 0, 1 << 20) + good[P.RECORD.size:]
     for name, records in (("len", bad_len), ("delta", delta_into_trailer)):
         hostile_bundle(tmp_path / name, [file_entry("f", content, off)], records)
         r = cli("verify", tmp_path / name)
@@ -655,8 +665,8 @@ def test_pack_refuses_a_bundle_that_does_not_read_back(tmp_path, monkeypatch):
     (src / "log").write_bytes(b"compressible " * 10_000)
     real = pack_module._whole
 
-    def short_record(out, fd, size):         # a writer bug: one chunk header lies about its length
-        digest = real(out, fd, size)
+    def short_record(out, fd, size, sparse=False):       # a writer bug: one chunk header lies about its length
+        digest = real(out, fd, size, sparse)
         out.put(b"\0")
         return digest
 
@@ -677,8 +687,8 @@ def test_a_file_changed_while_packed_is_left_out_and_the_bundle_reads_back(tmp_p
         (src / name).write_bytes(mix.data(ord(name), 200_000, "mixed"))
     real = pack_module._whole
 
-    def touched_while_read(out, fd, size):
-        digest = real(out, fd, size)
+    def touched_while_read(out, fd, size, sparse=False):
+        digest = real(out, fd, size, sparse)
         if os.readlink(f"/proc/self/fd/{fd}").endswith("/b"):
             os.utime(src / "b", ns=(1, 1))                # someone writes to it meanwhile
         return digest

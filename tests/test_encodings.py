@@ -282,6 +282,20 @@ def test_hostile_data_runs_are_refused(runs, why):
         list(r.frames())
 
 
+@pytest.mark.parametrize("delta,flag", [(False, 2), (True, 3), (False, 255)])
+def test_a_bad_sparse_flag_is_refused(delta, flag):
+    """Flag 2 (keep a delta's zeros as holes) is for deltas only; 3 and up
+    are not defined."""
+    f = F.File(1, F.FILE_OK, delta, 20, b"h" * 32, 0o100644, 0, 0, 1 << 20, 0, 0, 128, 1, 1296, b"", b"c" * 32)
+    wire = bytearray(F.encode(f))
+    assert wire[-1] == 0                            # the sparse flag ends the frame
+    wire[-1] = flag
+    r = F.FrameReader()
+    r.feed(bytes(wire))
+    with pytest.raises(ProtocolError, match="bad sparse flag"):
+        list(r.frames())
+
+
 def test_data_runs_gather_and_scatter_a_content(tmp_path):
     """The sender's view of a sparse file's data runs as one content, read a
     stripe at a time across run boundaries, and the receiver's scatter of

@@ -110,6 +110,16 @@ def test_tree_signature_pack_and_unpack_keep_every_time(tmp_path):
     assert snapshot(dst) == snapshot(src)
 
 
+def test_bundles_of_version_2_still_read(tmp_path):
+    """Version 2 had no record flags and no hole chunks; what was written
+    then is still unpacked (the golden bundle of session 10)."""
+    raw = (DATA / "v2.bundle").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == "e4e891a3f7d2674c31154c15e80a06fa9a4743e5479420eb50a9eb03b61b8cf6"
+    unpack(str(DATA / "v2.bundle"), str(tmp_path / "dst"))
+    assert (tmp_path / "dst" / "d" / "f").read_bytes() == b"frozen content\n" * 3
+    assert os.readlink(tmp_path / "dst" / "l") == "d/f"
+
+
 def test_bundles_and_tree_signatures_of_version_1_still_read(tmp_path):
     """Format version 1 stored times as i64 nanoseconds; what was written
     then is still unpacked (the file holds a bundle packed by resync 0.x)."""

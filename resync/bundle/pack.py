@@ -9,6 +9,7 @@ import stat
 import tempfile
 import time
 
+from ..content import has_holes
 from ..errors import FileError, ResyncError, UsageError
 from ..fs import TEMP_PREFIX, MappedFile, atomic_output, raise_os_error
 from ..report import FileChange, Report, RunStats
@@ -120,35 +121,71 @@ class _Payload:
         self.pos += len(memoryview(data).cast("B"))
 
 
-def _whole(out: _Payload, fd: int, size: int) -> bytes | None:
+def _whole(out: _Payload, fd: int, size: int, sparse: bool = False) -> bytes | None:
     """Stream ``size`` bytes of ``fd`` as LZ4 chunks; their BLAKE3, or None if
-    the file ended early (then zeros make up the declared size)."""
+    the file ended early (then zeros make up the declared size). The file's
+    holes (SEEK_HOLE) travel as hole chunks, nothing stored; with ``sparse``
+    (-S) so do its blocks of zeros."""
     import blake3
     import lz4.block
+
+    from ..content import data_extents
+    from ..fs import nonzero_runs, pread_all
     h = blake3.blake3()
-    done = 0
-    short = False
-    while done < size:
-        want = min(P.CHUNK_RAW, size - done)
-        raw = os.read(fd, want) if not short else b""
-        while len(raw) < want and not short:
-            more = os.read(fd, want - len(raw))
-            if not more:
-                short = True
-                break
-            raw += more
-        if len(raw) < want:
-            raw = raw.ljust(want, b"\0")
+    extents = data_extents(fd, size)
+    pieces: list[tuple[int, int, bool]] = []        # (offset, length, data?) tiling 0..size
+    at = 0
+    for offset, length in ([(0, size)] if extents is None else extents):
+        if offset > at:
+            pieces.append((at, offset - at, False))
+        pieces.append((offset, length, True))
+        at = offset + length
+    if at < size:
+        pieces.append((at, size - at, False))
+
+    def hole(n: int) -> None:
+        for lo in range(0, n, P.MAX_HOLE):
+            step = min(P.MAX_HOLE, n - lo)
+            out.put(P.CHUNK.pack(P.CODEC_HOLE, step, 0))
+            for z in range(0, step, len(_ZEROS)):
+                h.update(_ZEROS[:min(len(_ZEROS), step - z)])
+
+    def data(raw: bytes) -> None:
         h.update(raw)
         packed = lz4.block.compress(raw, store_size=False)
         if len(packed) < len(raw):
             out.put(P.CHUNK.pack(P.CODEC_LZ4, len(raw), len(packed)) + packed)
         else:
             out.put(P.CHUNK.pack(P.CODEC_RAW, len(raw), len(raw)) + raw)
-        done += want
-    if not short and os.read(fd, 1):
+
+    short = False
+    for offset, length, is_data in pieces:
+        if not is_data:
+            hole(length)
+            continue
+        for lo in range(offset, offset + length, P.CHUNK_RAW):
+            want = min(P.CHUNK_RAW, offset + length - lo)
+            raw = pread_all(fd, want, lo) if not short else b""
+            if len(raw) < want:
+                short = True
+                raw = raw.ljust(want, b"\0")
+            if not sparse:
+                data(raw)
+                continue
+            at = 0
+            for a, b in nonzero_runs(raw, lo):
+                if a > at:
+                    hole(a - at)
+                data(raw[a:b])
+                at = b
+            if at < want:
+                hole(want - at)
+    if not short and pread_all(fd, 1, size):
         return None                 # grew while being read
     return None if short else h.digest()
+
+
+_ZEROS = bytes(1 << 20)
 
 
 def _read_back(fd: int, out: str, bundle_id: bytes, entries: int) -> None:
@@ -179,12 +216,14 @@ class _Listed:
 
 
 def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: int = DEFAULT_M,
-         shard_size: int = DEFAULT_SHARD, on_entry=None, on_file=None) -> PackStats:
+         shard_size: int = DEFAULT_SHARD, on_entry=None, on_file=None, sparse: bool = False) -> PackStats:
     """Write bundle ``out`` holding tree ``src`` as the destination described
     by tree signature ``against`` lacks it (everything, without one): the
     source is compared with the signature's entries directory by directory
     (``plan.Planner``, the same rules as sync), and a file the plan
-    transfers travels as a delta against the signature's blocks, or whole."""
+    transfers travels as a delta against the signature's blocks, or whole.
+    A file's holes are not stored and unpack as holes; ``sparse`` (-S): its
+    blocks of zeros neither."""
     from ..plan import ATTRS, DIRECTORY, LINK, SPECIAL, TRANSFER, PlanOptions, Planner
 
     t0 = time.monotonic()
@@ -239,7 +278,8 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
                     basis = old.get(path) if prev is not None and prev.kind == "f" else None
                     if basis is not None and basis.unread:
                         basis = None            # its content is unknown: the file travels whole
-                    _record(path, e, basis, src, tmp, body, len(entries), stats, report, failed, add, unknown)
+                    _record(path, e, basis, src, tmp, body, len(entries), stats, report, failed, add, unknown,
+                            sparse)
                     continue
                 if prev is None:
                     stats.created += 1
@@ -281,7 +321,7 @@ def pack(src: str, out: str, against: str | None = None, k: int = DEFAULT_K, m: 
 
 
 def _record(path: str, e, basis: TreeEntry | None, src: str, tmp: str, body: _Payload, index: int,
-            stats: PackStats, report: Report, failed, add, unknown: list[str]) -> None:
+            stats: PackStats, report: Report, failed, add, unknown: list[str], sparse: bool = False) -> None:
     """Write the record of the file ``path`` (a delta against the signature's
     ``basis``, or whole) and its manifest entry; a file that cannot be read is
     left out (and named), one that changes while it is read is left out with
@@ -303,6 +343,7 @@ def _record(path: str, e, basis: TreeEntry | None, src: str, tmp: str, body: _Pa
             return
         e = FsEntry.from_stat(e.name, st)
         record = body.pos
+        flags = P.RECORD_SPARSE if sparse or has_holes(st) else 0     # its zeros unpacked as holes
         digest: bytes | None = b""
         if basis is not None:
             delta_path = os.path.join(tmp, "delta")
@@ -316,15 +357,15 @@ def _record(path: str, e, basis: TreeEntry | None, src: str, tmp: str, body: _Pa
                 with MappedFile(delta_path) as d:
                     digest = formats.unpack_delta(d.buffer, path).header.target_hash
                     size = len(d.buffer)
-                    body.put(P.RECORD.pack(P.DELTA, index, size))
+                    body.put(P.RECORD.pack(P.DELTA, flags, index, size))
                     for lo in range(0, size, P.CHUNK_RAW):
                         body.put(d.buffer[lo:lo + P.CHUNK_RAW])
                 os.unlink(delta_path)
                 stats.delta_files += 1
                 literal, matched = ds.literal_bytes, ds.matched_bytes
         else:
-            body.put(P.RECORD.pack(P.WHOLE, index, e.size))
-            digest = _whole(body, fd_src, e.size)
+            body.put(P.RECORD.pack(P.WHOLE, flags, index, e.size))
+            digest = _whole(body, fd_src, e.size, sparse)
             stats.whole_files += 1
             literal, matched = e.size, 0
         after = os.fstat(fd_src)

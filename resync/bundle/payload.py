@@ -1,19 +1,25 @@
 """The bundle payload: what the shard file (``shards.py``) protects.
 
 Little-endian throughout; a time is ``i64 seconds | u32 nanoseconds`` (see
-``manifest.py``). Version 2 (version 1, still read, stored every time as
-``i64 nanoseconds`` and had no flags in tree-signature entries)::
+``manifest.py``). Version 3 (version 2, still read, had no record flags and
+no hole chunks; version 1, still read, stored every time as ``i64
+nanoseconds`` and had no flags in tree-signature entries)::
 
-    header   8s "RSYNCBDL" | u16 version 2 | u16 flags (1: made against a tree
+    header   8s "RSYNCBDL" | u16 version 3 | u16 flags (1: made against a tree
              signature) | u32 0 | 16s bundle id | 32s tree signature id (or zeros)
              | i64 created (ns since the epoch)
     records  one per file whose content travels, in manifest order:
-             u8 kind (1 whole, 2 delta) | 3x 0 | u32 entry index | u64 length | body
+             u8 kind (1 whole, 2 delta) | u8 flags (1: sparse: the file's
+             blocks of zeros are written as holes) | 2x 0 | u32 entry index
+             | u64 length | body
              whole: length is the file's size (logical bytes, = the entry's
-                    size); the body is chunks of u8 codec (0 raw, 1 LZ4 block)
-                    | u32 raw length (<= 4 MiB) | u32 stored length | stored
-                    bytes, until the raw lengths reach the file's size (each
-                    chunk's stored length delimits it)
+                    size); the body is chunks of u8 codec (0 raw, 1 LZ4 block,
+                    2 hole) | u32 raw length (<= 4 MiB; a hole's <= 1 GiB) |
+                    u32 stored length (a hole's: 0) | stored bytes, until the
+                    raw lengths reach the file's size (each chunk's stored
+                    length delimits it); a hole chunk stands for raw length
+                    zeros, not stored and written as a hole (the source's
+                    holes, and with pack -S its blocks of zeros)
              delta: length is the body's stored size; the body is a resync
                     delta against the destination's file at that path
     trailer  root: u32 mode | time mtime | u32 uid | u32 gid
@@ -44,11 +50,12 @@ from .manifest import (FLAG_UNLISTED, KIND_CODES, KINDS, MAX_PATH, MAX_SIZE, NON
 
 MAGIC = b"RSYNCBDL"
 END_MAGIC = b"RSYNCEND"
-VERSION = 2
-VERSIONS = (1, 2)           # what this resync reads
+VERSION = 3
+VERSIONS = (1, 2, 3)        # what this resync reads
 FLAG_AGAINST = 1
+RECORD_SPARSE = 1           # a record's flags (version 3)
 HEADER = struct.Struct("<8sHHI16s32sq")
-RECORD = struct.Struct("<B3xIQ")
+RECORD = struct.Struct("<BBxxIQ")
 CHUNK = struct.Struct("<BII")
 ENTRY = struct.Struct("<BIqIQIIQ32sQ")
 AGAINST = struct.Struct("<BBQqI")
@@ -63,7 +70,9 @@ WHOLE = 1
 DELTA = 2
 CODEC_RAW = 0
 CODEC_LZ4 = 1
+CODEC_HOLE = 2              # version 3: raw length zeros, nothing stored
 MAX_CHUNK = 4 << 20
+MAX_HOLE = 1 << 30          # a hole chunk's raw length, at most
 CHUNK_RAW = 1 << 20          # what pack cuts files into
 WHAT = "resync bundle"
 

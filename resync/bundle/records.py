@@ -55,6 +55,7 @@ class BundleInfo:
     created_ns: int
     trailer: P.Trailer
     trailer_offset: int
+    version: int = P.VERSION
 
 
 def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
@@ -93,7 +94,7 @@ def read_bundle(reader: ShardReader) -> tuple[PayloadStream, BundleInfo]:
         raise FormatError(name, P.WHAT, "trailer expands to the wrong size")
     against = bool(flags & P.FLAG_AGAINST)
     trailer = P.unpack_trailer(raw, name, t_off, against, version)
-    return stream, BundleInfo(bundle_id, against_id if against else None, created, trailer, t_off)
+    return stream, BundleInfo(bundle_id, against_id if against else None, created, trailer, t_off, version)
 
 
 def check_health(reader: ShardReader) -> list:
@@ -119,21 +120,25 @@ def check_bundle(reader: ShardReader) -> tuple[list, BundleInfo]:
     return health, info
 
 
-def record_header(stream: PayloadStream, info: BundleInfo, index: int, e: P.Entry, name: str) -> tuple[int, int, int]:
-    """(kind, body offset, length) of manifest entry ``index``'s record, checked.
+def record_header(stream: PayloadStream, info: BundleInfo, index: int, e: P.Entry,
+                  name: str) -> tuple[int, int, int, int]:
+    """(kind, body offset, length, flags) of manifest entry ``index``'s
+    record, checked.
 
     ``length`` is a logical size for a whole-file record (the file's size; its
     chunks, each with its stored length, delimit themselves) and the stored
-    size for a delta record (the delta file's length)."""
-    kind, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))
+    size for a delta record (the delta file's length). ``flags``: RECORD_SPARSE
+    or 0 (version 3; always 0 before)."""
+    kind, flags, rec_index, length = P.RECORD.unpack(stream.read(e.record, P.RECORD.size))
     body = e.record + P.RECORD.size
-    if rec_index != index or kind not in (P.WHOLE, P.DELTA):
+    if rec_index != index or kind not in (P.WHOLE, P.DELTA) \
+            or flags & ~(P.RECORD_SPARSE if info.version >= 3 else 0):
         raise FormatError(name, P.WHAT, f"{e.path}: bad record header")
     if kind == P.WHOLE and length != e.size:
         raise FormatError(name, P.WHAT, f"{e.path}: record size differs from the manifest")
     if kind == P.DELTA and length > info.trailer_offset - body:
         raise FormatError(name, P.WHAT, f"{e.path}: delta record runs into the trailer")
-    return kind, body, length
+    return kind, body, length, flags
 
 
 def delta_header(stream: PayloadStream, body: int, length: int, e: P.Entry, name: str):
@@ -166,9 +171,9 @@ def check_records(stream: PayloadStream, info: BundleInfo, name: str) -> None:
         if e.record != expected:
             raise FormatError(name, P.WHAT, f"{e.path}: record at {e.record}, where the previous one ends "
                                             f"at {expected}")
-        kind, body, length = record_header(stream, info, index, e, name)
+        kind, body, length, _ = record_header(stream, info, index, e, name)
         if kind == P.WHOLE:
-            expected = decode_whole(stream, body, info.trailer_offset, e, None, name)
+            expected = decode_whole(stream, body, info.trailer_offset, e, None, name, info.version)
             continue
         expected = body + length
         parsed = delta_header(stream, body, length, e, name)
@@ -202,7 +207,7 @@ def _skip_abandoned(stream: PayloadStream, pos: int, target: int, end: int, name
     be a well-formed record (its framing is checked, not its content).
     Returns where the last one ends (``target`` unless something else is there)."""
     while pos < target and target - pos >= P.RECORD.size:
-        kind, _, length = P.RECORD.unpack(stream.read(pos, P.RECORD.size))
+        kind, _, _, length = P.RECORD.unpack(stream.read(pos, P.RECORD.size))
         body = pos + P.RECORD.size
         if kind == P.DELTA and length <= end - body:
             nxt = body + length
@@ -210,7 +215,7 @@ def _skip_abandoned(stream: PayloadStream, pos: int, target: int, end: int, name
             nxt, done = body, 0
             while done < length and nxt + P.CHUNK.size <= end:
                 codec, raw_len, stored = P.CHUNK.unpack(stream.read(nxt, P.CHUNK.size))
-                if codec not in (P.CODEC_RAW, P.CODEC_LZ4) or not 0 < raw_len <= P.MAX_CHUNK or stored > raw_len:
+                if not _chunk_ok(codec, raw_len, stored, length - done, end - nxt - P.CHUNK.size):
                     return pos
                 nxt += P.CHUNK.size + stored
                 done += raw_len
@@ -224,30 +229,51 @@ def _skip_abandoned(stream: PayloadStream, pos: int, target: int, end: int, name
     return pos
 
 
-def decode_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int | None, name: str) -> int:
-    """Decode a whole-file record body at ``pos`` into ``out_fd`` (None: only
-    check it); returns the position after it. Checks every chunk header
-    before decompressing, and the content against the entry's BLAKE3."""
+def _chunk_ok(codec: int, raw_len: int, stored: int, left: int, room: int, version: int = P.VERSION) -> bool:
+    """Is a whole-file chunk header sound: a known codec, a raw length within
+    its limit and the ``left`` bytes of the file, a stored length that fits
+    the ``room`` before the trailer and matches its codec?"""
+    if codec == P.CODEC_HOLE:
+        return version >= 3 and 0 < raw_len <= min(P.MAX_HOLE, left) and stored == 0
+    return (codec in (P.CODEC_RAW, P.CODEC_LZ4) and 0 < raw_len <= min(P.MAX_CHUNK, left) and stored <= room
+            and (stored == raw_len if codec == P.CODEC_RAW else stored <= raw_len))
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def decode_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int | None, name: str,
+                 version: int = P.VERSION, sparse: bool = False) -> int:
+    """Decode a whole-file record body at ``pos`` into the new file
+    ``out_fd`` (None: only check it); returns the position after it. Checks
+    every chunk header before decompressing, and the content against the
+    entry's BLAKE3. Hole chunks are left unwritten (holes: the file is cut to
+    its size at the end); with ``sparse`` so are blocks of zeros in data."""
     import blake3
+
+    from ..fs import pwrite_all, pwrite_sparse
     h = blake3.blake3()
     done = 0
+    put = pwrite_sparse if sparse else pwrite_all
     while done < e.size:
         codec, raw_len, stored = P.CHUNK.unpack(stream.read(pos, P.CHUNK.size))
         pos += P.CHUNK.size
-        if codec not in (P.CODEC_RAW, P.CODEC_LZ4) or not 0 < raw_len <= P.MAX_CHUNK \
-                or raw_len > e.size - done or stored > end - pos \
-                or (codec == P.CODEC_RAW and stored != raw_len) or (codec == P.CODEC_LZ4 and stored > raw_len):
+        if not _chunk_ok(codec, raw_len, stored, e.size - done, end - pos, version):
             raise FormatError(name, P.WHAT, f"{e.path}: bad chunk header")
-        data = _decode_chunk(stream.read(pos, stored), codec, raw_len, name, f"{e.path}:")
-        pos += stored
-        h.update(data)
-        if out_fd is not None:
-            view = memoryview(data)
-            while len(view):
-                view = view[os.write(out_fd, view):]
+        if codec == P.CODEC_HOLE:
+            for lo in range(0, raw_len, len(_ZEROS)):
+                h.update(_ZEROS[:min(len(_ZEROS), raw_len - lo)])
+        else:
+            data = _decode_chunk(stream.read(pos, stored), codec, raw_len, name, f"{e.path}:")
+            pos += stored
+            h.update(data)
+            if out_fd is not None:
+                put(out_fd, data, done)
         done += raw_len
     if h.digest() != e.blake3:
         raise VerificationError(name, f"{e.path}: content does not match its BLAKE3; nothing applied")
+    if out_fd is not None:
+        os.ftruncate(out_fd, e.size)        # (a hole at the end)
     return pos
 
 
@@ -255,18 +281,21 @@ def decode_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: 
 
 @writer("bundle-whole")
 def write_whole(fd: int, dir_fd: int, name: str, stream: PayloadStream, body: int, end: int, e: P.Entry,
-                bundle: str, *, options) -> tuple:
-    """A whole-file record decoded into ``fd`` (checked against its BLAKE3)."""
-    decode_whole(stream, body, end, e, fd, bundle)
+                bundle: str, version: int = P.VERSION, sparse: bool = False, *, options) -> tuple:
+    """A whole-file record decoded into ``fd`` (checked against its BLAKE3;
+    ``sparse``: the record's flag, blocks of zeros written as holes)."""
+    decode_whole(stream, body, end, e, fd, bundle, version, sparse or options.sparse)
     return e.size, 0, e.blake3.hex(), e.mode, e.mtime_ns, e.uid, e.gid
 
 
 @writer("bundle-delta")
 def write_delta(fd: int, dir_fd: int, name: str, stream: PayloadStream, body: int, length: int, e: P.Entry,
-                bundle: str, root_fd: int, parent: str, basis: str, scratch_fd: int, *, options) -> tuple:
+                bundle: str, root_fd: int, parent: str, basis: str, scratch_fd: int, sparse: bool = False,
+                *, options) -> tuple:
     """A delta record applied to the destination's current file ``parent``/
     ``basis`` (reached from ``root_fd`` without following a symlink) into
-    ``fd``; the record is copied to a scratch file in ``scratch_fd`` first."""
+    ``fd``; the record is copied to a scratch file in ``scratch_fd`` first.
+    ``sparse``: the record's flag, blocks of zeros written as holes."""
     from ..content import write_delta_file
     delta_header(stream, body, length, e, bundle)         # checked before anything is written
     scratch = f".delta-{body}"
@@ -278,7 +307,8 @@ def write_delta(fd: int, dir_fd: int, name: str, stream: PayloadStream, body: in
             while len(view):
                 view = view[os.write(dfd, view):]
         return write_delta_file(fd, dir_fd, name, dfd, root_fd, parent, basis,
-                                (e.mode, e.mtime_ns, e.uid, e.gid), f"{bundle}: {e.path}", options=options)
+                                (e.mode, e.mtime_ns, e.uid, e.gid), f"{bundle}: {e.path}", sparse,
+                                options=options)
     finally:
         os.close(dfd)
         try:

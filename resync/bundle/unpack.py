@@ -213,15 +213,16 @@ class _Unpacker:
                 if pe.record == NONE:
                     raise VerificationError(os.path.join(self.dst, path), "the bundle carries no content for "
                                             "it and the destination's copy differs; nothing applied")
-                kind, body, length = record_header(stream, info, index, pe, name)
+                kind, body, length, flags = record_header(stream, info, index, pe, name)
+                sparse = bool(flags & P.RECORD_SPARSE)
                 if kind == P.WHOLE:
-                    spec = ("bundle-whole", stream, body, info.trailer_offset, pe, name)
+                    spec = ("bundle-whole", stream, body, info.trailer_offset, pe, name, info.version, sparse)
                 else:
                     if prev is None or prev.kind != "f":
                         raise VerificationError(os.path.join(self.dst, path), "the delta's basis is missing; "
                                                                               "nothing applied")
                     spec = ("bundle-delta", stream, body, length, pe, name, apply.root_fd, rel, e.name,
-                            apply.staging_fd)
+                            apply.staging_fd, sparse)
                 try:
                     staged[path] = apply.stage(path, spec, pe.blake3, "new" if prev is None else "update")
                 except ContentError as exc:

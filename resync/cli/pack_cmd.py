@@ -23,10 +23,13 @@ def _parity(ctx, param, value):
                    "shards per stripe are repaired.")
 @click.option("--shard-size", type=click.IntRange(min=64), default=64 << 10, show_default=True,
               metavar="BYTES", help="Shard size (a multiple of 64; small bundles use less).")
+@click.option("-S", "--sparse", is_flag=True,
+              help="Store blocks of zeros as holes too (a file's own holes are never stored); "
+                   "unpack writes them as holes.")
 @json_option
 @click.option("-v", "--verbose", is_flag=True, help="Print a summary on stderr.")
 @history_options
-def command(src, out, against, parity, shard_size, as_json, verbose, history_path, no_history):
+def command(src, out, against, parity, shard_size, sparse, as_json, verbose, history_path, no_history):
     """Write tree SRC as one self-verifying, self-repairing bundle file for
     offline transport (like rsync --write-batch, with parity).
 
@@ -41,7 +44,7 @@ def command(src, out, against, parity, shard_size, as_json, verbose, history_pat
     k, m = parity
     stats = recorded(not no_history, history_path, "pack", src, out,
                      lambda on_entry, on_file: pack(src, out, against, k, m, shard_size,
-                                                    on_entry=on_entry, on_file=on_file))
+                                                    on_entry=on_entry, on_file=on_file, sparse=sparse))
     for message in stats.messages:
         say(f"resync: error: {message}", err=True)
     if as_json:

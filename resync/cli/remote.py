@@ -38,6 +38,7 @@ class RemoteSync:
     remote_dst: object = None
     checksum: bool = False
     whole_file: bool = False
+    sparse: bool = False
     delete: bool = False
     max_delete: int | None = None
     patterns: list = field(default_factory=list)    # excludes, --exclude-from's included
@@ -76,7 +77,7 @@ def remote_sync(a: RemoteSync):
     identity = load_identity(Path(a.config_dir) if a.config_dir else None, create=True)
     transfer = Transfer(remote, push, local,
                         Options(delete=a.delete, checksum=a.checksum, dry_run=dry_run, whole_file=bool(a.whole_file),
-                                itemize=itemize, max_delete=a.max_delete, excludes=a.patterns,
+                                sparse=a.sparse, itemize=itemize, max_delete=a.max_delete, excludes=a.patterns,
                                 bwlimit=a.bwlimit or 0),
                         peer_id=a.peer_id, accept_new=a.accept_new, timeout=a.timeout, bwlimit=a.bwlimit,
                         retry_for=a.retry_for,

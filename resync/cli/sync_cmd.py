@@ -41,6 +41,9 @@ def _check_dir(path: str, must_exist: bool) -> None:
 @click.option("-W/--no-whole-file", "--whole-file", "whole_file", default=None,
               help="Copy changed files whole (the default for local copies), or rebuild them from the "
                    "destination's old copy with the delta engine (the default over the network).")
+@click.option("-S", "--sparse", is_flag=True,
+              help="Write blocks of zeros as holes in every file (a source's own holes stay holes "
+                   "without it).")
 @click.option("--delete", is_flag=True, help="Delete destination entries that are not in SRC "
                                               "(after all transfers succeeded).")
 @click.option("--max-delete", type=click.IntRange(min=0), default=None, metavar="N",
@@ -70,7 +73,7 @@ def _check_dir(path: str, must_exist: bool) -> None:
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="resync:// only: this machine's key and known_peers (default ~/.config/resync).")
 @history_options
-def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclude_files, dry_run,
+def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes, exclude_files, dry_run,
             itemize, show_progress, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for,
             config_dir, history_path, no_history):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/. Either may be
@@ -92,7 +95,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
     if remote_src is not None or remote_dst is not None:
         from .remote import RemoteSync, remote_sync
         return remote_sync(RemoteSync(
-            src, dst, remote_src, remote_dst, checksum=checksum, whole_file=bool(whole_file), delete=delete,
+            src, dst, remote_src, remote_dst, checksum=checksum, whole_file=bool(whole_file), sparse=sparse, delete=delete,
             max_delete=max_delete, patterns=list(excludes) + _read_patterns(exclude_files), dry_run=dry_run,
             itemize=itemize, as_json=as_json, verbose=verbose, quiet=quiet, show_progress=show_progress,
             peer_id=peer_id, accept_new=accept_new, bwlimit=bwlimit, timeout=timeout, retry_for=retry_for,
@@ -105,7 +108,7 @@ def command(src, dst, checksum, whole_file, delete, max_delete, excludes, exclud
         raise UsageError("--config-dir is for resync:// transfers (a local sync uses no key)")
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)
-    options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, delete=delete,
+    options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, sparse=sparse, delete=delete,
                           max_delete=max_delete, excludes=patterns, dry_run=dry_run, hash_files=record)
     item_stream = sys.stderr if as_json else sys.stdout
 

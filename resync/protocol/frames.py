@@ -17,9 +17,10 @@ from typing import NamedTuple
 
 from ..errors import ResyncError
 
-VERSION = 3                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
+VERSION = 4                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
-#                                       as rsync's flist: fields that differ from the entry before (session 10)
+#                                       as rsync's flist: fields that differ from the entry before (session 10);
+#                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32)
 MAX_FRAME = 16 << 20
 MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
@@ -53,7 +54,7 @@ class Hello(NamedTuple):           # client -> server, first
     bwlimit: int = 0               # bytes per second the sender may send (the client's --bwlimit); 0: no limit
 
 
-FLAG_DELETE, FLAG_CHECKSUM, FLAG_DRY_RUN, FLAG_WHOLE_FILE, FLAG_ITEMIZE = 1, 2, 4, 8, 16
+FLAG_DELETE, FLAG_CHECKSUM, FLAG_DRY_RUN, FLAG_WHOLE_FILE, FLAG_ITEMIZE, FLAG_SPARSE = 1, 2, 4, 8, 16, 32
 
 
 class Challenge(NamedTuple):       # server -> client
@@ -141,6 +142,8 @@ class File(NamedTuple):            # sender -> receiver: a file's content follow
     content: bytes = bytes(32)     # 32: BLAKE3 of the content (the file itself, or the delta)
     runs: tuple | None = None      # a sparse file: its data runs ((offset, length), sorted), the content
     #                                their bytes in order (the holes are not sent); None: not sparse
+    holes: bool = False            # a delta whose result keeps its blocks of zeros as holes (the source
+    #                                has holes, or -S)
 
 
 FILE_OK, FILE_VANISHED, FILE_ERROR = 0, 1, 2
@@ -551,7 +554,7 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         w.s16(frame.message[:4000])
         w.raw(_fixed(frame.content, 32))
         if frame.runs is None:
-            w.u8(0)
+            w.u8(2 if frame.holes else 0)
         else:
             w.u8(1)
             w.u32(len(frame.runs))
@@ -692,6 +695,8 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
             if total != f.length or f.delta:
                 raise ProtocolError("File: data runs do not add up to the content")
             f = f._replace(runs=tuple(runs))
+        elif sparse == 2 and f.delta:
+            f = f._replace(holes=True)
         elif sparse != 0:
             raise ProtocolError("File: bad sparse flag")
         if f.status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or f.nanoseconds >= 10**9 or f.size > 1 << 62 \

@@ -771,7 +771,7 @@ class Placement:
         action = "new" if inc.prev is None else "update"
         try:
             if f.delta:
-                spec = ("delta-file", inc.fd, r.apply.root_fd, inc.rel, inc.entry.name, attrs, inc.path)
+                spec = ("delta-file", inc.fd, r.apply.root_fd, inc.rel, inc.entry.name, attrs, inc.path, f.holes)
                 try:
                     staged = r.apply.stage(inc.path, spec, f.blake3, action)
                 except BaseException:

@@ -18,6 +18,7 @@ import stat
 import time
 from collections import deque
 
+from ..content import has_holes
 from ..errors import ResyncError
 from . import frames as F
 from .common import WORK_SLICE, QUIET_FACTOR, SMALL_FILE, blake3_of, progress_share, resumes
@@ -25,6 +26,7 @@ from .frames import ProtocolError
 from .parity import DEFAULT_K, K_UNKNOWN, ParityPlanner, stripe_k
 from .shards import MAX_INDEX as MAX_SHARDS
 from .shards import StripeEncoder
+from .sparse import zero_free_runs
 
 MAX_ACTIVE = 64                  # files being sent at once (open, with stripes in flight)
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
@@ -442,6 +444,7 @@ class Sender:
         self.sent_files = 0
         self.resumed_bytes = 0                  # content not sent: the receiver kept it from a cut transfer
         self.tmp = None                         # scratch directory of the deltas of large files
+        self.sparse = bool(getattr(options, "sparse", False))     # -S: blocks of zeros travel as holes
 
     # -- the session's calls ----------------------------------------------------------
     def pump(self) -> None:
@@ -588,6 +591,8 @@ class Sender:
             if not want.signature:              # a sparse file sent whole: its data runs, not its holes
                 from ..content import data_extents
                 runs = data_extents(fd, size)
+                if self.sparse:                 # -S: its blocks of zeros are holes too
+                    runs = zero_free_runs(fd, size, runs)
             if size <= SMALL_FILE and runs is None:     # read: a map costs more than it saves
                 data = pread_all(fd, size)
                 size, array, closers = len(data), np.frombuffer(data, np.uint8), []
@@ -619,7 +624,7 @@ class Sender:
             raise
         frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
                        size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash,
-                       tuple(runs) if runs is not None else None)
+                       tuple(runs) if runs is not None else None, delta and (self.sparse or has_holes(st)))
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
                                 shard_size)
 

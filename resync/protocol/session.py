@@ -107,6 +107,7 @@ class Options:
     max_delete: int | None = None   # --max-delete N
     excludes: list = field(default_factory=list)     # gitignore patterns
     bwlimit: int = 0                # bytes per second the sender may send; 0: no limit
+    sparse: bool = False            # -S: blocks of zeros travel as holes and are written as holes
 
     def __post_init__(self):
         self.excludes = list(self.excludes)
@@ -116,14 +117,15 @@ class Options:
     def flags(self) -> int:
         return ((F.FLAG_DELETE if self.delete else 0) | (F.FLAG_CHECKSUM if self.checksum else 0)
                 | (F.FLAG_DRY_RUN if self.dry_run else 0) | (F.FLAG_WHOLE_FILE if self.whole_file else 0)
-                | (F.FLAG_ITEMIZE if self.itemize else 0))
+                | (F.FLAG_ITEMIZE if self.itemize else 0) | (F.FLAG_SPARSE if self.sparse else 0))
 
     @classmethod
     def from_hello(cls, h: F.Hello) -> "Options":
         excludes = [os.fsdecode(p) for p in h.excludes.split(b"\n") if p]
         return cls(bool(h.flags & F.FLAG_DELETE), bool(h.flags & F.FLAG_CHECKSUM), bool(h.flags & F.FLAG_DRY_RUN),
                    bool(h.flags & F.FLAG_WHOLE_FILE), bool(h.flags & F.FLAG_ITEMIZE),
-                   None if h.max_delete < 0 else h.max_delete, excludes, h.bwlimit)
+                   None if h.max_delete < 0 else h.max_delete, excludes, h.bwlimit,
+                   bool(h.flags & F.FLAG_SPARSE))
 
 
 def shard_size_for(datagram_size: int) -> int:

@@ -2,14 +2,17 @@
 holes left out (docs/protocol.md: Sparse files). The sender reads the runs
 through ``DataRuns`` (no copy of the file); the receiver writes each piece
 of content back at its file offset (``scatter``) into a temp file cut to
-the file's size, so the holes stay holes."""
+the file's size, so the holes stay holes. With -S the runs leave out the
+file's blocks of zeros as well (``zero_free_runs``)."""
 from __future__ import annotations
 
 import bisect
 
 import numpy as np
 
-from ..fs import pwrite_all
+from ..fs import nonzero_runs, pread_all, pwrite_all
+
+SCAN_STEP = 8 << 20         # bytes of a file read at a time to find its blocks of zeros
 
 
 class DataRuns:
@@ -66,3 +69,22 @@ def content_starts(runs) -> list[int]:
     for _, n in runs:
         starts.append(starts[-1] + n)
     return starts
+
+
+def zero_free_runs(fd: int, size: int, extents) -> list[tuple[int, int]] | None:
+    """-S: the (offset, length) runs of the file open at ``fd`` that hold
+    something other than zeros (fs.nonzero_runs, block-aligned), within its
+    data ``extents`` (content.data_extents; None: the whole file). None when
+    the file has no block of zeros (it is sent as it is)."""
+    runs: list[tuple[int, int]] = []
+    for offset, length in ([(0, size)] if extents is None else extents):
+        for lo in range(offset, offset + length, SCAN_STEP):
+            data = pread_all(fd, min(SCAN_STEP, offset + length - lo), lo)
+            for a, b in nonzero_runs(data, lo):
+                if runs and runs[-1][0] + runs[-1][1] == lo + a:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
+                else:
+                    runs.append((lo + a, b - a))
+    if extents is None and runs == [(0, size)]:
+        return None
+    return runs
