@@ -488,7 +488,7 @@ def test_cut_transfer_then_rerun_finishes_identical(sites, tmp_path, push, victi
         else:
             rc = server.stop(sig)
             proc.wait(120)
-            assert proc.returncode in (10, 30)
+            assert proc.returncode in (10, 30), proc.stderr.read()
             if sig == signal.SIGTERM:
                 assert rc == 0 and "checkpointed" in server.text()
         # nothing torn: each file is as it was or as it is now

@@ -37,7 +37,7 @@ SAMPLES = [
     F.Dir(3, b"a/b", F.Listed(b"", 2, 0o40755, 5, 6, 0, 0, 0, 0, b"", b""),
           (LISTED, LISTED._replace(name=b"zlink", kind=3, mode=0o120777, target=b"../t", size=4)), (b"gone",)),
     F.DirFailed(4, b"x", 13, b"Permission denied"), F.ListEnd(),
-    F.Want(7, 3, b"f", b"SIG" * 10), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100)))),
+    F.Want(7, 3, b"f", b"SIG" * 10), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100))), True),
     F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32, 4, 1280, b"", b"d" * 32),
     F.File(9, F.FILE_OK, False, 300, b"h" * 32, 0o100600, 5, 0, 1 << 30, 0, 0, 128, 1, 1296, b"", b"d" * 32,
            ((0, 100), (1 << 20, 200))),
@@ -64,7 +64,7 @@ def test_frame_bytes_are_stable():
     protocol change and needs a new VERSION)."""
     import hashlib
     wire = b"".join(F.encode(f) for f in SAMPLES)
-    assert hashlib.sha256(wire).hexdigest() == "9e1093fbf82260c94d2e9b7d159b20adac4ffa3c68e0dbb5bcfdc40f2ffa7ea5"
+    assert hashlib.sha256(wire).hexdigest() == "ef46c1eaf5785be91f04c14f95342b2ec9e0a71e03d4dd3a2a91438e19d340db"
 
 
 @pytest.mark.parametrize("frame,why", [
@@ -75,6 +75,16 @@ def test_frames_refuse_names_that_escape(frame, why):
     r = F.FrameReader()
     r.feed(frame)
     with pytest.raises(ProtocolError, match=why):
+        list(r.frames())
+
+
+def test_a_want_with_unknown_flags_is_refused():
+    wire = bytearray(F.encode(F.Want(1, 0, b"ok", b"", None, True)))
+    assert wire[-1] == F.WANT_UPDATE                # the flags end a Want without a Resume
+    wire[-1] |= 4
+    r = F.FrameReader()
+    r.feed(bytes(wire))
+    with pytest.raises(ProtocolError, match="unknown flags"):
         list(r.frames())
 
 

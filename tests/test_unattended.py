@@ -274,3 +274,34 @@ def test_a_retried_pull_counts_its_tree_once_and_its_whole_duration(pair, tmp_pa
                                           if f.is_file() and not f.is_symlink())
     assert wall - 1.5 <= result["duration"] <= wall + 0.5
     _same(src, tmp_path / "back")
+
+
+def test_a_retried_push_counts_what_every_attempt_placed(pair, tmp_path):
+    """A push cut by a server restart and retried: the files and bytes
+    transferred are those of the whole run (what the server confirmed in the
+    cut attempt, which the next one finds in place, plus the next one's),
+    not only the last attempt's."""
+    import json
+    client, server, sid, src, module = pair
+    (src / "image.bin").unlink()                           # small files: many placed before the cut
+    for i in range(40):
+        mix.write(src / f"more-{i}.bin", 100 + i, 40_000, "mixed")
+    files = [f for f in src.rglob("*") if f.is_file() and not f.is_symlink()]
+    p = client.popen("sync", "--json", src, server.url("m", "p"), "--peer-id", sid,
+                     "--bwlimit", "300K", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    server.stop()
+    assert p.poll() is None, "the push ended before the cut"
+    placed = [f for f in (module / "p").rglob("*") if f.is_file() and not f.name.startswith(".resync-tmp")]
+    restarted = Server(server.site, "--module", f"m={module}", "--allow", client.id, port=server.port)
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        restarted.stop()
+    assert p.returncode == 0, err
+    result = json.loads(out)
+    assert result["attempts"] == 2 and placed, (result["attempts"], len(placed))
+    assert result["files_transferred"] == len(files), (result["files_transferred"], len(files), len(placed))
+    assert result["bytes_transferred"] == sum(f.stat().st_size for f in files)
+    assert result["created"] >= len(files)
+    _same(src, module / "p")

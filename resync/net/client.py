@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConnectionFailed, OutputClosed, StopSignal, TimedOut
+from ..protocol.sender import Tally
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
 from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, configuration
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
@@ -200,6 +201,8 @@ async def _connected(t: Transfer, identity, report, meter, on_note, path, config
                 await _run_session(link, session, done, remote, t.push, timeout)
             finally:
                 path["model"] = link.path_model() or path.get("model")
+                tally = getattr(session.role, "tally", None)
+                path["tally"] = tally.counts if tally is not None else None
             session.server_id = server_id
             return session
     except OSError as exc:
@@ -243,7 +246,8 @@ def _new_listing(stats) -> None:
 def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
     """The transfer ``t``, retried after a lost or silent connection, or while the
     destination is busy with another device's transfer (backoff 1 s doubling
-    to 60 s, with jitter) for at most ``t.retry_for`` seconds; ``on_retry(why,
+    to 60 s, with jitter) for at most ``t.retry_for`` seconds (a retried push's
+    statistics add what the server confirmed in the cut attempts); ``on_retry(why,
     seconds)`` is told of each wait, ``on_note(text)`` of a server recorded
     in known_peers; ``meter`` (resync.progress.Progress, -P)
     is shown each attempt's bytes. The session returned carries
@@ -251,6 +255,7 @@ def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=N
     the last error (other refusals and protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
     path: dict = {}                             # the path's model, from one attempt to the next
+    carried = dict.fromkeys(Tally.KEYS, 0)      # a push: what the server confirmed in cut attempts
     attempts = 0
     while True:
         if meter is not None:
@@ -258,6 +263,7 @@ def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=N
         if attempts and getattr(report, "stats", None) is not None:     # (a pull's: this end lists nothing
             _new_listing(report.stats)                                   # in a push)
         attempts += 1
+        path["tally"] = None
         try:
             session = asyncio.run(_once(t, identity, report, meter, on_note, path))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
@@ -265,12 +271,18 @@ def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=N
         else:
             if session.error is None:
                 session.attempts, session.wall = attempts, time.monotonic() - started
+                if t.push and any(carried.values()):
+                    session.result = {**session.result,
+                                      **{k: session.result.get(k, 0) + v for k, v in carried.items()}}
                 return session
             error = session.error
             if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
                 raise error
             if session.stats["datagrams_sent"] + session.stats["datagrams_received"]:
                 delay = 1.0                     # it moved content: a new outage, not the same one
+        if t.push and path["tally"]:
+            for k, v in path["tally"].items():
+                carried[k] += v
         wait = delay * random.uniform(0.5, 1.0)
         if time.monotonic() - started + wait > t.retry_for:
             raise error

@@ -20,7 +20,8 @@ from ..errors import ResyncError
 VERSION = 4                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
 #                                       as rsync's flist: fields that differ from the entry before (session 10);
-#                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32)
+#                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32),
+#                                       Want.update (session 11)
 MAX_FRAME = 16 << 20
 MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
@@ -113,6 +114,10 @@ class Want(NamedTuple):            # receiver -> sender: send this file
     name: bytes
     signature: bytes               # the receiver's copy's block signature (delta), or empty (whole)
     resume: "Resume | None" = None  # content the receiver kept from a cut transfer
+    update: bool = False           # the receiver has an older entry at that path (else it is new there)
+
+
+WANT_RESUME, WANT_UPDATE = 1, 2    # a Want's flags
 
 
 class Resume(NamedTuple):          # in a Want: stripes of earlier content the receiver holds
@@ -535,10 +540,8 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         w.u32(frame.dir_index)
         w.s16(frame.name)
         w.s32(frame.signature)
-        if frame.resume is None:
-            w.u8(0)
-        else:
-            w.u8(1)
+        w.u8((WANT_RESUME if frame.resume is not None else 0) | (WANT_UPDATE if frame.update else 0))
+        if frame.resume is not None:
             w.raw(_fixed(frame.resume.content, 32))
             w.u64(frame.resume.length)
             w.u16(frame.resume.k)
@@ -665,7 +668,10 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
         if fid >= PACK_BASE:
             raise ProtocolError(f"Want: file id {fid} is in the packs' range")
         resume = None
-        if r.u8():
+        flags = r.u8()
+        if flags & ~(WANT_RESUME | WANT_UPDATE):
+            raise ProtocolError("Want: unknown flags")
+        if flags & WANT_RESUME:
             content, length, k, shard_size, n = r.raw(32), r.u64(), r.u16(), r.u32(), r.u32()
             if n * 8 > len(body) or length > 1 << 62:
                 raise ProtocolError("Want: resume ranges do not fit")
@@ -676,7 +682,7 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
                     raise ProtocolError("Want: resume ranges not sorted, overlapping or empty")
                 end = first + count
             resume = Resume(content, length, k, shard_size, ranges)
-        f = Want(fid, index, name, signature, resume)
+        f = Want(fid, index, name, signature, resume, bool(flags & WANT_UPDATE))
     elif cls is File:
         fid, status, delta, *rest = r.fixed(_FILE_FIXED)
         f = File(fid, status, bool(delta), *rest, r.s16(), r.raw(32))

@@ -373,7 +373,7 @@ class Planning:
         if resume is not None:
             self.next_id += 1
             r.wanted[fid] = inc
-            r.s.send(F.Want(fid, index, os.fsencode(e.name), inc.signature, resume))
+            r.s.send(F.Want(fid, index, os.fsencode(e.name), inc.signature, resume, prev is not None))
             return
         signature = b""
         if prev is not None and prev.kind == "f" and prev.size and not r.options.whole_file:
@@ -384,7 +384,7 @@ class Planning:
         self.next_id += 1
         inc.signature = signature
         r.wanted[fid] = inc
-        r.s.send(F.Want(fid, index, os.fsencode(e.name), signature))
+        r.s.send(F.Want(fid, index, os.fsencode(e.name), signature, None, prev is not None))
 
     def signature(self, dir_fd: int, name: str, path: str) -> bytes:
         """The wire signature (protocol.encodings) of this destination's copy
@@ -419,7 +419,7 @@ class Planning:
         inc.fd, inc.tmp, inc.digest = -1, "", None
         self.redone += 1
         self.r.wanted[fid] = inc
-        self.r.s.send(F.Want(fid, inc.index, os.fsencode(inc.entry.name), b""))
+        self.r.s.send(F.Want(fid, inc.index, os.fsencode(inc.entry.name), b"", None, inc.prev is not None))
 
 
 class StripeIntake:

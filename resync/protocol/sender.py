@@ -381,6 +381,7 @@ class Packer:
         self.sender = sender
         self.buf = bytearray()                  # members of the pack being filled (encodings.encode_member)
         self.members: list[int] = []
+        self.owed: list = []                    # the members' (update, size, literal bytes): Tally.owe
         self.sealed = 0                         # packs sealed so far (the next one's id: PACK_BASE + sealed)
         self.active = 0                         # sealed and not yet acknowledged
 
@@ -388,17 +389,19 @@ class Packer:
         import numpy as np
 
         from .encodings import MEMBER_DELTA, Member, delta_to_wire, encode_member, signature_from_wire
-        flags, content = 0, data
+        flags, content, literal = 0, data, len(data)
         if want.signature and data:
             from ..delta import instructions_in_memory
             sig = signature_from_wire(want.signature, self.sender.s.salt)
-            wire = delta_to_wire(*instructions_in_memory(sig, np.frombuffer(data, np.uint8)))
+            delta = instructions_in_memory(sig, np.frombuffer(data, np.uint8))
+            wire = delta_to_wire(*delta)
             if len(wire) < len(data):
-                flags, content = MEMBER_DELTA, wire
+                flags, content, literal = MEMBER_DELTA, wire, len(delta[3])
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
         encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data), st.st_mode, seconds, ns,
                                        len(data), st.st_uid, st.st_gid, content))
         self.members.append(want.file_id)
+        self.owed.append((want.update, len(data), literal))
         if len(self.buf) >= PACK_BYTES:
             self.seal()
 
@@ -424,9 +427,39 @@ class Packer:
         sender.s.send(frame)
         sender.stripes.add(Outgoing(frame, StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, frame.shard_size),
                                     frame.m, None, self.members))
+        sender.tally.owe(pid, self.owed)
         self.sealed += 1
         self.active += 1
-        self.buf, self.members = bytearray(), []
+        self.buf, self.members, self.owed = bytearray(), [], []
+
+
+class Tally:
+    """What the receiver confirmed (FileDone) of the contents sent, counted
+    as the receiver counts it: files, their sizes, literal and matched bytes,
+    new and updated. A retried push adds a cut attempt's tally to the last
+    attempt's statistics (net.client.run): the files it placed are not sent
+    again, so nothing else would count them."""
+
+    KEYS = ("files_transferred", "bytes_transferred", "bytes_literal", "bytes_matched", "created", "updated")
+
+    def __init__(self):
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        self.owed: dict[int, list] = {}         # content id -> [(update, size, literal bytes)] of its files
+
+    def owe(self, cid: int, files: list) -> None:
+        self.owed[cid] = files
+
+    def confirmed(self, cid: int, ok: bool) -> None:
+        files = self.owed.pop(cid, None)
+        if not ok or files is None:
+            return
+        c = self.counts
+        for update, size, literal in files:
+            c["files_transferred"] += 1
+            c["bytes_transferred"] += size
+            c["bytes_literal"] += literal
+            c["bytes_matched"] += max(0, size - literal)
+            c["updated" if update else "created"] += 1
 
 
 class Sender:
@@ -442,6 +475,7 @@ class Sender:
         self.more = False                       # Wants left for the next turn (WORK_SLICE ran out)
         self.queued: dict[int, int] = {}        # -P: file id -> the size it was shown with
         self.sent_files = 0
+        self.tally = Tally()
         self.resumed_bytes = 0                  # content not sent: the receiver kept it from a cut transfer
         self.tmp = None                         # scratch directory of the deltas of large files
         self.sparse = bool(getattr(options, "sparse", False))     # -S: blocks of zeros travel as holes
@@ -492,6 +526,7 @@ class Sender:
             self.stripes.repair(frame)
         elif isinstance(frame, F.FileDone):
             self.stripes.done(frame.file_id)
+            self.tally.confirmed(frame.file_id, frame.ok)
         elif isinstance(frame, F.Done):
             self.s.send(F.Bye())
             try:
@@ -627,6 +662,7 @@ class Sender:
                        tuple(runs) if runs is not None else None, delta and (self.sparse or has_holes(st)))
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
                                 shard_size)
+        self.tally.owe(want.file_id, [(want.update, size, frame.length)])
 
         def close():
             for c in closers:
