@@ -140,8 +140,8 @@ class Syncer:
             self._walk(src_st)
             if self.report.progress is not None:
                 self.report.progress.scanned()
-            apply.commit(final=True)
-            apply.shutdown_workers()
+            apply.pipeline.commit(final=True)
+            apply.pipeline.shutdown_workers()
             self._delete()
             apply.finish_dirs(self._dirs)
         except BaseException:
@@ -195,7 +195,7 @@ class Syncer:
                 if apply.too_many_open():
                     # Pending work keeps its directories open: in a wide tree with few
                     # files per directory, commit early rather than run out of descriptors.
-                    apply.commit(final=True)
+                    apply.pipeline.commit(final=True)
 
     def _list_pair(self, p: _Pending, lister: TreeLister) -> _Listing:
         """Open a pending directory in DST and list it in SRC and DST."""
@@ -248,16 +248,16 @@ class Syncer:
             what, e, prev, path = d[0], d[1], d[2], d[3]
             if what == TRANSFER:
                 spec = ("local", f"{self.src}/{path}", prev.size if prev is not None and prev.kind == "f" else -1)
-                apply.transfer(parent, e, prev, path, d[4], spec)
+                apply.pipeline.transfer(parent, e, prev, path, d[4], spec)
             elif what == ATTRS:
-                apply.attributes(parent, e, prev, path)
+                apply.entries.attributes(parent, e, prev, path)
                 report.entry(path, e, None)
             elif what == DIRECTORY:
                 sub = self._enter_dir(parent, e, prev, path)
                 if sub is not None:
                     subdirs.append(sub)
             else:
-                apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
+                apply.entries.carry_out(parent, d)      # LINK, FIX, SPECIAL
         return subdirs
 
     def _enter_dir(self, parent: Dir | None, e: Entry, prev: Entry | None, path: str) -> _Pending | None:
@@ -280,7 +280,7 @@ class Syncer:
     # ------------------------------------------------------------- deletions
     def _delete(self) -> None:
         plan, apply = self.plan, self.apply
-        apply.keep(plan.extras)                     # what stays though the source lacks it: in the manifest
+        apply.deleter.keep(plan.extras)                     # what stays though the source lacks it: in the manifest
         if not plan.deletions:
             return
         count = 0
@@ -288,11 +288,11 @@ class Syncer:
             for rel, e in plan.deletions:
                 count += 1
                 if e.kind == "d" and apply.root_fd >= 0:
-                    count += apply.count_tree(rel, e.name)
+                    count += apply.deleter.count_tree(rel, e.name)
         refused = plan.deletion_refusal(count)
         if refused:
             self.stats.deletion_refused = refused
-            apply.keep(plan.deletions)             # they stay: the manifest says so
+            apply.deleter.keep(plan.deletions)             # they stay: the manifest says so
             return
-        apply.delete(plan.deletions, apply.count_tree)
+        apply.deleter.delete(plan.deletions, apply.deleter.count_tree)
 

@@ -107,7 +107,8 @@ def test_unreadable_destination_directory_of_ours_is_listed(tmp_path, unlock):
 
 
 def test_a_run_that_stops_early_gives_directories_their_mode_back(tmp_path, monkeypatch, unlock):
-    from resync import apply as apply_module, sync as sync_module
+    from resync import sync as sync_module
+    from resync.apply import access as apply_module
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     read_only_tree(src)

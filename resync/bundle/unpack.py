@@ -8,7 +8,7 @@ signature -- that the destination is still in the state that signature
 describes. Then the bundle's manifest is compared with the destination like
 any source listing (``plan.Planner``): files already as the bundle makes them
 (an interrupted unpack run again) are kept. Every other file's new content is
-staged and checked against its BLAKE3 (``apply.Applier.stage``, in a staging
+staged and checked against its BLAKE3 (``apply.Staging.stage``, in a staging
 directory inside the destination, ``.resync-tmp-unpack-*``); only when all of
 them are staged and durable are they placed, links and specials made,
 attributes set, the bundle's deletions done, and directory attributes set
@@ -132,12 +132,12 @@ class _Unpacker:
             if info.against_id is not None:
                 _check_against(self.dst, current, trailer)
             decisions = self._plan(current)
-            apply.begin_staging(info.bundle_id.hex()[:16])
+            apply.staging.begin(info.bundle_id.hex()[:16])
             staged = self._stage(decisions, current)
-            apply.make_staged_durable()
+            apply.staging.make_durable()
             self._place(decisions, current, staged)
-            apply.delete(self._deletions(current), apply.count_tree)
-            apply.end_staging()                 # before the root's attributes: it changed the root's mtime
+            apply.deleter.delete(self._deletions(current), apply.deleter.count_tree)
+            apply.staging.end()                 # before the root's attributes: it changed the root's mtime
             self._finish_dirs(current)
         except BaseException:
             apply.abort()
@@ -172,7 +172,7 @@ class _Unpacker:
         destination's state is unknown."""
         errors: list = []
         apply = self.apply
-        open_up = None if apply.dac else (lambda pfd, name, rel: apply.opened.setdefault(rel, open_up_at(pfd, name)))
+        open_up = None if apply.access.dac else (lambda pfd, name, rel: apply.access.opened.setdefault(rel, open_up_at(pfd, name)))
         current = {path: e for path, e, _ in walk(self.dst, errors, open_up)}
         unlisted = {a.path for a in self.trailer.against if a.unlisted}
         for rel, exc in errors:
@@ -222,9 +222,9 @@ class _Unpacker:
                         raise VerificationError(os.path.join(self.dst, path), "the delta's basis is missing; "
                                                                               "nothing applied")
                     spec = ("bundle-delta", stream, body, length, pe, name, apply.root_fd, rel, e.name,
-                            apply.staging_fd, sparse)
+                            apply.staging.fd, sparse)
                 try:
-                    staged[path] = apply.stage(path, spec, pe.blake3, "new" if prev is None else "update")
+                    staged[path] = apply.staging.stage(path, spec, pe.blake3, "new" if prev is None else "update")
                 except ContentError as exc:
                     raise VerificationError(name, f"{path}: {exc.strerror}") from None
                 except OSError as exc:
@@ -248,20 +248,20 @@ class _Unpacker:
                     what, e, prev, path = d[0], d[1], d[2], d[3]
                     if what == TRANSFER:
                         try:
-                            apply.place(staged[path], parent, e, prev, path, d[4])
+                            apply.staging.place(staged[path], parent, e, prev, path, d[4])
                         except OSError as exc:
                             report.error(path, exc.strerror or str(exc))
                             continue
                         report.entry(path, staged[path].result.entry, staged[path].result.blake3)
                     elif what == ATTRS:
-                        apply.attributes(parent, e, prev, path, mtime=True)
+                        apply.entries.attributes(parent, e, prev, path, mtime=True)
                         report.entry(path, e, self.manifest[path][1].blake3.hex())
                     elif what == DIRECTORY:
                         if not apply.directory(parent, e, prev, path)[0]:
                             continue
                         report.entry(path, e, None)
                     else:
-                        apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
+                        apply.entries.carry_out(parent, d)      # LINK, FIX, SPECIAL
             finally:
                 parent.release()
         apply.sync_dirs()

@@ -50,14 +50,14 @@ class Checkpoints:
         if k is None:
             return None
         if k["delta"]:
-            signature = r.apply.stage_read(k["tmp"] + ".sig")
+            signature = r.apply.staging.read(k["tmp"] + ".sig")
             if signature is None or prev is None or prev.kind != "f" or [prev.size, prev.mtime_ns] != k["basis"] \
                     or r.options.whole_file or not _signature_parses(signature):
                 self.forget(k)
                 return None
             inc.signature, inc.sig_saved = signature, True
         try:                                    # held open from here: what is offered cannot go missing
-            fd = r.apply.stage_reopen(k["tmp"])
+            fd = r.apply.staging.reopen(k["tmp"])
             if os.fstat(fd).st_size != k["length"]:
                 os.close(fd)
                 raise OSError(0, "not the checkpointed length")
@@ -72,7 +72,7 @@ class Checkpoints:
     def forget(self, k: dict) -> None:
         for name in (k["tmp"], k["tmp"] + ".sig"):
             try:
-                os.unlink(name, dir_fd=self.r.apply.staging_fd)
+                os.unlink(name, dir_fd=self.r.apply.staging.fd)
             except OSError:
                 pass
 
@@ -95,16 +95,16 @@ class Checkpoints:
             os.fdatasync(inc.fd)
             if f.delta and not inc.sig_saved:              # once, whole, with its salt: the checkpoint names it
                 from .encodings import signature_from_wire, signature_to_wire
-                r.apply.stage_write(inc.tmp + ".sig.tmp", signature_to_wire(
+                r.apply.staging.write(inc.tmp + ".sig.tmp", signature_to_wire(
                     signature_from_wire(inc.signature, r.s.salt), with_salt=True))
-                os.rename(inc.tmp + ".sig.tmp", inc.tmp + ".sig", src_dir_fd=r.apply.staging_fd,
-                          dst_dir_fd=r.apply.staging_fd)
+                os.rename(inc.tmp + ".sig.tmp", inc.tmp + ".sig", src_dir_fd=r.apply.staging.fd,
+                          dst_dir_fd=r.apply.staging.fd)
                 inc.sig_saved = True
             entries.append({"path": os.fsencode(inc.path).hex(), "tmp": inc.tmp, "content": f.content.hex(),
                             "length": f.length, "delta": f.delta, "k": f.k, "shard_size": f.shard_size,
                             "basis": [inc.prev.size, inc.prev.mtime_ns] if f.delta else None,
                             "stripes": _ranges(a.done)})
-        r.apply.stage_checkpoint(json.dumps({"version": 1, "files": entries}).encode())
+        r.apply.staging.checkpoint(json.dumps({"version": 1, "files": entries}).encode())
 
 
 def _ranges(stripes) -> list[list[int]]:

@@ -113,7 +113,7 @@ class Receiver:
         self.root_before = os.fstat(self.apply.root_fd) if self.apply.root_fd >= 0 else None
         journal = None
         if not options.dry_run:
-            journal = self.apply.begin_staging(os.urandom(8).hex(), prefix=RECV_PREFIX, resume=True)
+            journal = self.apply.staging.begin(os.urandom(8).hex(), prefix=RECV_PREFIX, resume=True)
         self.wanted: dict[int, Incoming | IncomingPack] = {}
         self.receiving: dict[int, Incoming | IncomingPack] = {}    # content arriving (its File or Pack came)
         self.finished_here = False
@@ -204,8 +204,8 @@ class Receiver:
                 self.placement.drop(fid, keep_old=False)
         self.receiving.clear()
         if resumable:
-            self.apply.keep_staging()
-            self.apply.close_up()
+            self.apply.staging.keep()
+            self.apply.access.close_up()
         else:
             self.apply.abort()
         self.apply.close()
@@ -217,23 +217,23 @@ class Receiver:
         self.placement.place()
         apply, p = self.apply, self.planning
         plan = p.plan
-        apply.keep(plan.extras)                 # what stays though the source lacks it: in the manifest
+        apply.deleter.keep(plan.extras)                 # what stays though the source lacks it: in the manifest
         if p.empty_source:                      # as local sync: nothing deleted, the root left as it was
             self.stats.deletion_refused = p.empty_source
-            apply.keep(plan.deletions)
+            apply.deleter.keep(plan.deletions)
             p.root_attrs = p.root_prev
         elif plan.deletions:
             count = 0
             if not self.stats.errors:
                 for rel, e in plan.deletions:
-                    count += 1 + (apply.count_tree(rel, e.name) if e.kind == "d" and apply.root_fd >= 0 else 0)
+                    count += 1 + (apply.deleter.count_tree(rel, e.name) if e.kind == "d" and apply.root_fd >= 0 else 0)
             refused = plan.deletion_refusal(count)
             if refused:
                 self.stats.deletion_refused = refused
-                apply.keep(plan.deletions)
+                apply.deleter.keep(plan.deletions)
             else:
-                apply.delete(plan.deletions, apply.count_tree)
-        apply.end_staging()
+                apply.deleter.delete(plan.deletions, apply.deleter.count_tree)
+        apply.staging.end()
         dirs = list(p.dir_attrs)
         if p.root_attrs is not None:
             dirs.insert(0, ("", p.root_attrs, p.root_prev))
@@ -345,11 +345,11 @@ class Planning:
             what, e, prev, path = d[0], d[1], d[2], d[3]
             if what == TRANSFER:
                 if dry_run or parent is None:
-                    apply.transfer(None, e, prev, path, d[4], ())
+                    apply.pipeline.transfer(None, e, prev, path, d[4], ())
                     continue
                 self.want(index, rel, e, prev, path, d[4], parent)
             elif what == ATTRS:
-                apply.attributes(parent, e, prev, path)
+                apply.entries.attributes(parent, e, prev, path)
                 report.entry(path, e, None)
             elif what == DIRECTORY:
                 there, prev = apply.directory(parent, e, prev, path)
@@ -359,7 +359,7 @@ class Planning:
                 if parent is not None:
                     report.entry(path, e, None)
             else:
-                apply.carry_out(parent, d)      # LINK, FIX, SPECIAL
+                apply.entries.carry_out(parent, d)      # LINK, FIX, SPECIAL
 
     def want(self, index: int, rel: str, e, prev, path: str, code: str, parent) -> None:
         """Ask for a file: with this destination's copy's block signature, so
@@ -481,7 +481,7 @@ class StripeIntake:
             r.checkpoints.forget(k)
             k = None
         if k is None:
-            inc.fd, inc.tmp = r.apply.stage_open()
+            inc.fd, inc.tmp = r.apply.staging.open()
         inc.last_shard = now
         inc.next_look = now + self.delay()
         from ..fs import pwrite_all
@@ -698,7 +698,7 @@ class PackIntake:
             placement.keep_old(inc)
             return
         try:
-            staged = r.apply.stage_data(inc.path, data, digest.hex(), attrs, "new" if inc.prev is None else
+            staged = r.apply.staging.data(inc.path, data, digest.hex(), attrs, "new" if inc.prev is None else
                                         "update", literal, m.size - literal, parent)
         except OSError as exc:
             if exc.errno in NO_SPACE:
@@ -773,14 +773,14 @@ class Placement:
             if f.delta:
                 spec = ("delta-file", inc.fd, r.apply.root_fd, inc.rel, inc.entry.name, attrs, inc.path, f.holes)
                 try:
-                    staged = r.apply.stage(inc.path, spec, f.blake3, action)
+                    staged = r.apply.staging.stage(inc.path, spec, f.blake3, action)
                 except BaseException:
-                    r.apply.stage_drop(inc.fd, inc.tmp)
+                    r.apply.staging.drop(inc.fd, inc.tmp)
                     raise
                 os.close(inc.fd)                # the delta stays until the file is placed: a kill
                 inc.fd = -1                     # before that resumes it from the last checkpoint
             else:
-                staged = r.apply.stage_finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
+                staged = r.apply.staging.finish(inc.path, inc.fd, inc.tmp, f.blake3, attrs, action, f.length, 0,
                                               time.monotonic() - inc.started, inc.digest)
         except (ContentError, OSError, ResyncError) as exc:
             from ..fs import NO_SPACE, os_error
@@ -812,7 +812,7 @@ class Placement:
             return
         self.finished(inc)
         if inc.fd >= 0:
-            r.apply.stage_drop(inc.fd, inc.tmp)
+            r.apply.staging.drop(inc.fd, inc.tmp)
         if keep_old:
             self.keep_old(inc)
 
@@ -828,12 +828,12 @@ class Placement:
             return
         apply, report = self.r.apply, self.r.report
         batch, self.to_place = self.to_place, []
-        apply.make_staged_durable()
+        apply.staging.make_durable()
         handles: dict[str, Dir] = {}
         try:
             for staged, inc in batch:
                 if inc.frame is not None and inc.frame.delta:
-                    apply.stage_drop(-1, inc.tmp)
+                    apply.staging.drop(-1, inc.tmp)
                 parent = handles.get(inc.rel) or staged.parent
                 if parent is None:
                     try:
@@ -843,7 +843,7 @@ class Placement:
                         continue
                     parent = handles[inc.rel] = Dir(fd, inc.rel, stat.S_IMODE(os.fstat(fd).st_mode))
                 try:
-                    apply.place(staged, parent, inc.entry, inc.prev, inc.path, inc.code)
+                    apply.staging.place(staged, parent, inc.entry, inc.prev, inc.path, inc.code)
                 except OSError as exc:
                     report.error(inc.path, exc.strerror or str(exc))
                     self.keep_old(inc)
