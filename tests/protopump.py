@@ -126,7 +126,7 @@ def _die(receiver) -> None:
     for inc in receiver.wanted.values():
         if inc.fd >= 0:
             os.close(inc.fd)
-    receiver.apply.keep_staging()
+    receiver.apply.staging.keep()
     receiver.apply.close()
 
 
