@@ -192,7 +192,7 @@ async def _connected(t: Transfer, identity, report, meter, on_note, path, config
                                     meter)
             stop.session = session
             if t.bwlimit and t.push:            # a pull's limit travels in Hello: the server sends slower
-                link.bucket = TokenBucket(t.bwlimit)
+                link.feeder.bucket = TokenBucket(t.bwlimit)
             done = asyncio.Event()
             link.on_session_done = done.set
             link.resume_path_model(path.get("model"))

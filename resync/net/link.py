@@ -6,6 +6,13 @@ after every event the session's control bytes are written to the stream, its
 shard datagrams handed to QUIC while QUIC's own datagram queue is short (QUIC
 paces and congestion-controls them; resync's window and acknowledgements
 bound how far the sender runs ahead), and the session's timer is armed.
+
+``SessionLink`` is the connection (aioquic's protocol: packets in and out,
+events, the session's timer, the connection's end); its parts, each one job:
+``feeder.Feeder`` (the session's shards and control bytes into QUIC, loss
+reports, --bwlimit), ``pathsearch.PathSearch`` (the path MTU search and the
+packet size), ``liveness.Liveness`` (PINGs after a tail loss, keepalive,
+packets doubled on a lossy idle path).
 """
 from __future__ import annotations
 
@@ -24,32 +31,22 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnectionState
 
-from ..protocol.session import shard_size_for
-from ..protocol.shards import PROBE
 from . import ALPN, pmtu
 from .congestion import NAME as RATE_CONTROLLER
 from .congestion import controller_of, install_pacer
+from .feeder import Feeder, TokenBucket  # noqa: F401  (TokenBucket: for callers)
+from .liveness import Liveness
+from .pathsearch import PathSearch
 from .reset import is_reset, peer_tokens
 
-MAX_DATAGRAM_SIZE = 1350          # bytes of UDP payload per packet once the path is known to carry them
-PROBE_OVERHEAD = 30               # a probe packet's bytes besides its padding datagram's: short header
                                   # (1 + 8-byte connection ID + 2-byte packet number), AEAD tag 16, frame 3
-SETTLE_WAIT = 0.25                # s (or SETTLE_RTTS RTTs) after the handshake a sender waits at most ...
-SETTLE_RTTS = 4                   # ... for the path MTU search before it cuts files to the minimum's shards
-DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
-LOSS_SAMPLE = 500                # packets per loss report to the session (a moving average's sample)
-LOSS_FIRST_SAMPLE = 100          # ... and for its first, taken as it is (at 50 it read low: losses are declared late)
 TIMER_DEFER = 0.05                # s a session timer may wait for the packets queued in the socket
 RX_BATCH = 32                    # packets read from the socket in one go, before the links transmit
-PROBE_MIN = 0.02                  # s: the shortest interval between PINGs for a tail loss
 SOCKET_BUFFER = 8 << 20           # bytes of UDP socket buffer asked for, each way
-REDUNDANT_LOSS = 0.02            # on a path losing more than this share of packets ...
-REDUNDANT_FLIGHT = 8              # ... packets sent with fewer than this many in flight go out twice
 HANDSHAKE_COPIES = 3              # times the client sends each of its handshake packets
 SERVER_HANDSHAKE_COPIES = 2       # times the server sends its handshake packets, if the client's came short
 CLOSE_COPIES = 3                  # times a leaving client sends its CONNECTION_CLOSE
 FLOW_WINDOW = 64 << 20            # QUIC flow control for the control stream (resync has its own)
-KEEPALIVE = 5.0                   # s without a packet sent after which an idle connection PINGs
 # Linux's IP_RECVERR and IPV6_RECVERR (<linux/in.h>, <linux/in6.h>; Python's socket module lacks them)
 _RECVERR = ((socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25)) if sys.platform.startswith("linux") else ()
 
@@ -74,7 +71,7 @@ def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> Quic
     any CA (it pins the server's key itself, see client.pinned_certificate)."""
     from cryptography.hazmat.primitives import serialization  # noqa: F401  (aioquic needs cryptography)
     # packets start at QUIC's minimum (RFC 9000 14: every path carries it) and grow once a probe of
-    # MAX_DATAGRAM_SIZE is acknowledged (SessionLink: resync.net.pmtu)
+    # MAX_DATAGRAM_SIZE is acknowledged (PathSearch: resync.net.pmtu)
     config = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=idle_timeout,
                                max_datagram_frame_size=65536, max_datagram_size=pmtu.BASE,
                                max_data=FLOW_WINDOW, max_stream_data=FLOW_WINDOW,
@@ -85,28 +82,6 @@ def configuration(identity, is_client: bool, idle_timeout: float = 60.0) -> Quic
         config.verify_mode = ssl.CERT_NONE
         config.server_name = "resync"
     return config
-
-
-class TokenBucket:
-    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a
-    second (at least one packet: a rate under 13.5 KB/s still moves)."""
-
-    def __init__(self, rate: float):
-        self.rate, self.last = float(rate), time.monotonic()
-        self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE)
-        self.tokens = self.burst
-
-    def allow(self, want: int, size: int) -> int:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        n = min(want, int(self.tokens // max(size, 1)))
-        self.tokens -= n * size
-        return max(n, 0)
-
-    def refund(self, size: int) -> None:
-        """Tokens taken by ``allow`` but not used."""
-        self.tokens += size
 
 
 def _grow_buffers(sock) -> None:
@@ -213,7 +188,6 @@ class SessionLink(QuicConnectionProtocol):
         install_pacer(self._quic)
         self.session = None
         self.stream_id: int | None = None
-        self.bucket: TokenBucket | None = None
         self.closed_event = asyncio.Event()
         self.close_reason = ""
         self._session_timer = None
@@ -221,28 +195,22 @@ class SessionLink(QuicConnectionProtocol):
         self._timer_due = None
         self.on_session_done = None
         self.last_progress = time.monotonic()
-        self._decided_seen = self._lost_seen = 0
-        self._starved = False
         self._receiving = False
         self.batch: PacketBatch | None = None   # set by whoever owns the UDP socket
         self._deferred = False
         self._counting: _CountingTransport | None = None
-        self._probe = None
         self._fileno = -1
         self._leaving = False
-        self._handshake_done = False
-        self._last_shard_at = 0.0               # time.monotonic() of the last shard received
+        self.handshake_done = False
+        self.last_shard_at = 0.0                # time.monotonic() of the last shard received
         self.udp = {"udp_bytes_sent": 0, "udp_bytes_received": 0, "udp_packets_sent": 0,
                     "udp_packets_received": 0}
         self.preauth_limit = 0                  # bytes a server takes before the client's proof (0: any)
         self.reset_tokens: set[bytes] = set()   # a client's: the server's stateless reset tokens
         self.last_received = time.monotonic()   # when the peer last sent a packet
-        self._pings = 0
-        self.pings_acked: set[int] = set()      # numbers of ping()s the peer acknowledged
-        self.pmtu = pmtu.PathMTU((MAX_DATAGRAM_SIZE,))
-        self.datagram_size = pmtu.BASE          # bytes of UDP payload per packet now
-        self._settle_by: float | None = None    # when a sender stops waiting for the MTU search
-        self._path_done = False                 # the search is over for good (every size confirmed)
+        self.feeder = Feeder(self)              # the session's shards and control bytes into QUIC
+        self.paths = PathSearch(self)           # the path MTU search: the packet size
+        self.liveness = Liveness(self)          # PINGs after a tail loss, keepalive; redundant sends
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -322,7 +290,7 @@ class SessionLink(QuicConnectionProtocol):
         the handshake is done: nothing listens there (a server that is down
         or not started): the handshake fails at once, not after its
         timeout (the client retries within --retry-for)."""
-        if isinstance(exc, ConnectionRefusedError) and not self._handshake_done \
+        if isinstance(exc, ConnectionRefusedError) and not self.handshake_done \
                 and self._quic.configuration.is_client:
             self.close_reason = "nothing listens there (port unreachable)"
             waiter, self._connected_waiter = self._connected_waiter, None
@@ -346,15 +314,6 @@ class SessionLink(QuicConnectionProtocol):
                                                                   reason_phrase=self.close_reason)
             self._quic._set_state(QuicConnectionState.TERMINATED)
         self.transmit()                         # (the session's end: its owner's callback)
-
-    def ping(self) -> int:
-        """An ack-eliciting PING now (a live peer acknowledges it within an
-        RTT); returns its number, found in ``pings_acked`` once it is."""
-        self._pings += 1
-        if not self.closed_event.is_set():
-            self._quic.send_ping(self._pings)
-            self.transmit()
-        return self._pings
 
     def refuse(self, why: str) -> None:
         """End a connection whose peer has not proved its key: the session
@@ -398,6 +357,10 @@ class SessionLink(QuicConnectionProtocol):
         if model and cc is not None:
             cc.resume_model(model)
 
+    def last_send(self) -> float:
+        """time.monotonic() of the last packet this end sent."""
+        return self._counting.last_send if self._counting is not None else time.monotonic()
+
     def _smoothed_rtt(self) -> float:
         """QUIC's smoothed RTT (s; 0 before any sample)."""
         return getattr(getattr(self._quic, "_loss", None), "_rtt_smoothed", 0) or 0
@@ -413,8 +376,8 @@ class SessionLink(QuicConnectionProtocol):
         cc = controller_of(self._quic)
         out["packets_lost"] = cc.packets_lost if cc is not None else 0
         out["rtt_ms"] = round(self._smoothed_rtt() * 1000, 2)
-        out["path_mtu"] = self.datagram_size    # bytes of UDP payload per packet at the end (pmtu)
-        out["pmtu_probes"] = self.pmtu.probes
+        out["path_mtu"] = self.paths.datagram_size      # bytes of UDP payload per packet at the end (pmtu)
+        out["pmtu_probes"] = self.paths.pmtu.probes
         return out
 
     def start(self, session, stream_id: int) -> None:
@@ -433,16 +396,16 @@ class SessionLink(QuicConnectionProtocol):
                 self.session.receive_stream(event.data, now)
         elif isinstance(event, events.DatagramFrameReceived):
             if self.session is not None:
-                self.last_progress = self._last_shard_at = time.monotonic()
+                self.last_progress = self.last_shard_at = time.monotonic()
                 data = event.data
                 if _CORRUPT_SHARDS and random.random() < _CORRUPT_SHARDS:
                     data = _flip_bit(data)
                 self.session.receive_datagram(data, now)
         elif isinstance(event, events.PingAcknowledged):
             if event.uid:
-                self.pings_acked.add(event.uid)
+                self.liveness.pings_acked.add(event.uid)
         elif isinstance(event, events.HandshakeCompleted):
-            self._handshake_done = True
+            self.handshake_done = True
             if self._quic.configuration.is_client:
                 self.reset_tokens = peer_tokens(self._quic)
         elif isinstance(event, events.ConnectionTerminated):
@@ -477,54 +440,25 @@ class SessionLink(QuicConnectionProtocol):
         if rtt:
             s.rtt = rtt
         cc = controller_of(self._quic)
-        if cc is not None:
-            # over the packets whose fate is known (acknowledged or declared lost): counted
-            # over those sent, the losses lag an RTT and startup's first reports read ~0
-            decided, lost = cc.packets_acked + cc.packets_lost, cc.packets_lost
-            if decided >= self._decided_seen + (LOSS_SAMPLE if self._decided_seen else LOSS_FIRST_SAMPLE):
-                s.observe_loss(lost - self._lost_seen, decided - self._decided_seen)
-                self._decided_seen, self._lost_seen = decided, lost
-        self._search_path(now, cc, s)
-        if self.bucket is None and getattr(s, "rate_limit", 0):
-            self.bucket = TokenBucket(s.rate_limit)     # a pull's --bwlimit, or the server's own
-        dry = True                              # the session gave less than QUIC had room for
-        if not s.finished and self.stream_id is not None:
-            pending = getattr(self._quic, "_datagrams_pending", ())
-            room = DATAGRAM_QUEUE - len(pending)
-            self._starved = False
-            if room > 0 and self.bucket is not None:
-                allowed = self.bucket.allow(room, self.datagram_size)
-                self._starved = allowed < room
-                room = allowed
-            dry = self._starved
-            if room > 0:
-                out = s.datagrams_to_send(now, room)
-                dry = dry or len(out) < room
-                for d in out:
-                    self._quic.send_datagram_frame(d)
-                if self.bucket is not None:
-                    self.bucket.refund((room - len(out)) * self.datagram_size)
-        if self.stream_id is not None:
-            data = s.stream_to_send()           # (after a session ends too: its last frames)
-            if data:
-                self._quic.send_stream_data(self.stream_id, data)
-        doubled = self._counting is not None and self._counting.copies == 1 and self._lossy_and_idle(cc)
+        self.feeder.report_loss(cc, s)
+        self.paths.step(now, cc, s)
+        dry = self.feeder.feed(now, s)
+        doubled = self._counting is not None and self._counting.copies == 1 and self.liveness.redundant(cc)
         if doubled:
             self._counting.copies = 2
         super().transmit()
         if doubled:
             self._counting.copies = 1
-        if self._counting is not None and self._counting.copies > 1 and self._handshake_done:
+        if self._counting is not None and self._counting.copies > 1 and self.handshake_done:
             # the handshake's copies end with the first packets of the session (the client's
             # Finished went out before it, with the copies: sent once, lost at 33 % loss in one
             # run in three, the server ignored the Hello until a probe timeout sent it again)
             self._counting.copies = 1
         self._tell_app_limited(cc, dry)
         if not s.finished:
-            if self._probe is None:
-                self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
+            self.liveness.arm()
             t = s.next_timer()
-            if self._starved:                   # --bwlimit: look again when tokens are back
+            if self.feeder.starved:             # --bwlimit: look again when tokens are back
                 t = min(t, now + 0.005) if t is not None else now + 0.005
             if t != self._session_timer_at:
                 if self._session_timer is not None:
@@ -539,126 +473,12 @@ class SessionLink(QuicConnectionProtocol):
                 done, self.on_session_done = self.on_session_done, None
                 done()
 
-    def _search_path(self, now: float, cc, s) -> None:
-        """The path MTU search (resync.net.pmtu): the fate of the probes QUIC
-        learnt since the last call, the next probe once the handshake is
-        done, and the session told the shard size and whether the search is
-        settled (or SETTLE_WAIT passed: a sender waits no longer)."""
-        if self._path_done:
-            return                              # (the common case, once per transmit: nothing to do)
-        if cc is None:                          # (another controller: no probes, the minimum)
-            s.shard_size, s.path_settled = shard_size_for(self.datagram_size), True
-            self._path_done = True
-            return
-        for acked, size in cc.probes:
-            if acked:
-                if self.pmtu.acked(size):
-                    self._set_datagram_size(self.pmtu.size, cc)
-            else:
-                self.pmtu.lost_probe(size, now)
-        cc.probes.clear()
-        if self._handshake_done and s.sends_content:       # (only the sender's packets carry content)
-            if self._settle_by is None:
-                self._settle_by = now + max(SETTLE_WAIT, SETTLE_RTTS * self.rtt())
-                self._loop.call_at(self._settle_by, self.drive)
-            decided = cc.packets_acked + cc.packets_lost
-            size = self.pmtu.probe(now, self.rtt(), cc.packets_lost / decided if decided else 0.0)
-            if size is not None and not self._send_probe(size, cc):
-                self.pmtu.unsent()
-        s.shard_size = shard_size_for(self.datagram_size)
-        s.path_settled = self.pmtu.settled or (self._settle_by is not None and now >= self._settle_by)
-        # every size confirmed: nothing will change (a search that failed is tried again later)
-        self._path_done = self.pmtu.settled and self.pmtu.target is None
-
-    def _send_probe(self, size: int, cc) -> bool:
-        """Send one packet of ``size`` bytes: a padding datagram that fills it
-        (shards.PROBE), built alone — QUIC's datagram queue empty, the
-        window opened for this one packet only, the connection's packet size
-        raised for this call only. False if it could not leave now (the
-        queue was not empty, the pacer or an ACK took the room): asked for
-        again later."""
-        quic = self._quic
-        pending = getattr(quic, "_datagrams_pending", None)
-        if pending is None or pending:
-            return False
-        probe = PROBE + bytes(size - PROBE_OVERHEAD - len(PROBE))
-        quic.send_datagram_frame(probe)
-        saved = quic._max_datagram_size, cc.congestion_window
-        quic._max_datagram_size, cc.congestion_window = size, cc.bytes_in_flight + size
-        try:
-            QuicConnectionProtocol.transmit(self)
-        finally:
-            quic._max_datagram_size, cc.congestion_window = saved
-            sent = not (pending and pending[0] is probe)
-            if not sent:
-                pending.popleft()
-        return sent
-
-    def _set_datagram_size(self, size: int, cc) -> None:
-        """Packets of ``size`` bytes from now on (a probe of it was
-        acknowledged): QUIC's packet builder, its pacer and the rate
-        controller (their per-packet figures), the session's shards."""
-        self.datagram_size = size
-        self._quic._max_datagram_size = size
-        pacer = getattr(getattr(self._quic, "_loss", None), "_pacer", None)
-        inner = getattr(pacer, "_pacer", pacer)             # (RatePacer wraps aioquic's)
-        if inner is not None and hasattr(inner, "_max_datagram_size"):
-            inner._max_datagram_size = size
-        cc.set_datagram_size(size)
-
-    def _lossy_and_idle(self, cc) -> bool:
-        """Whether this transmit's packets go out twice: on a path that has
-        lost more than REDUNDANT_LOSS of the packets so far, while fewer
-        than REDUNDANT_FLIGHT are in flight — the control exchanges before
-        content flows and after it (Welcome, listing, Want, the last File,
-        Done, Bye), where each lost packet costs a round trip or more (at
-        33 % loss the exchange before the first shard took ~0.5 s). QUIC
-        drops the copy it has seen; at most a few packets per round trip."""
-        return cc is not None and cc.packets_sent >= 4 and \
-            cc.packets_lost > REDUNDANT_LOSS * cc.packets_sent and \
-            cc.bytes_in_flight < REDUNDANT_FLIGHT * self.datagram_size and \
-            time.monotonic() - self._last_shard_at > self.rtt()    # (not a receiver's Acks mid-transfer)
-
     def _tell_app_limited(self, cc, dry: bool) -> None:
         """Tell the rate controller ``cc`` that the sender ran out of data
         (``dry`` and QUIC sent every datagram queued): the round measures
         resync, not the path (see RateController.on_app_limited)."""
         if cc is not None and dry and not getattr(self._quic, "_datagrams_pending", None):
             cc.on_app_limited()
-
-    def _on_probe(self) -> None:
-        """While anything is unacknowledged, a PING once no packet has gone
-        out for an RTT. aioquic finds a lost packet only from later packets
-        being acknowledged, or after a probe timeout that doubles with each
-        one in a row: a lost control frame (Hello, Challenge, the last File
-        or Done) took 7 s to come through at 33 % loss. A PING acknowledged
-        lets it declare the packet lost and send it again within ~1 RTT.
-        The PING is a probe, sent even when the window is full (RFC 9002
-        section 7): in an outage the window is full of lost packets, and a
-        plain PING waited for aioquic's doubling probe timeout — the rate
-        came back ~1 s after a 2 s blackout ended, not within an RTT."""
-        self._probe = None
-        s = self.session
-        if s is None or s.finished or self.closed_event.is_set():
-            return
-        if not self._handshake_done:
-            # (a PING in the handshake's packet spaces would postpone aioquic's probe timeout,
-            # the only thing that sends lost CRYPTO data again: the handshake stalled)
-            self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
-            return
-        cc = controller_of(self._quic)
-        quiet = time.monotonic() - self._counting.last_send if self._counting is not None else 0.0
-        if cc is not None and cc.bytes_in_flight > 0 and quiet >= self.rtt():
-            self._quic._send_probe()            # (aioquic's PTO probe: a PING let past the window)
-            self.transmit()
-        elif quiet >= KEEPALIVE:
-            # nothing to send for a while (one end waits for the other): a PING keeps a NAT's
-            # mapping, moves the connection to a rebound address at once, and makes a server
-            # that restarted answer with a stateless reset
-            self._quic.send_ping(0)
-            self.transmit()
-        if self._probe is None:
-            self._probe = self._loop.call_later(max(self.rtt(), PROBE_MIN), self._on_probe)
 
     def _on_timer(self) -> None:
         self._session_timer = self._session_timer_at = None

@@ -112,14 +112,14 @@ class _Locks:
             self.alive.discard(old)         # (told once; the newcomer's next try asks again)
             return False
         self.probing.add(old)
-        ping = link.ping()
+        ping = link.liveness.ping()
 
         def check() -> None:
             self.probing.discard(old)
             held = self.held.get(key)
             if held is None or held[1] is not old or old.finished:
                 return                          # it ended meanwhile: the newcomer takes the lock
-            if ping in link.pings_acked:
+            if ping in link.liveness.pings_acked:
                 self.alive.add(old)         # alive: the newcomer is busy, and retries
                 return
             from ..errors import ConnectionFailed

@@ -1,0 +1,93 @@
+"""What a link's session sends, fed to QUIC: its control bytes to the
+stream, its shards topped up within QUIC's datagram queue (QUIC paces and
+congestion-controls them; resync's window and acknowledgements bound how far
+the sender runs ahead) and a --bwlimit token bucket; and the losses QUIC
+declared, reported to the session (which sizes its parity by them)."""
+from __future__ import annotations
+
+import time
+
+from .pathsearch import MAX_DATAGRAM_SIZE
+
+DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
+LOSS_SAMPLE = 500                # packets per loss report to the session (a moving average's sample)
+LOSS_FIRST_SAMPLE = 100          # ... and for its first, taken as it is (at 50 it read low: losses are declared late)
+
+
+class TokenBucket:
+    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a
+    second (at least one packet: a rate under 13.5 KB/s still moves)."""
+
+    def __init__(self, rate: float):
+        self.rate, self.last = float(rate), time.monotonic()
+        self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE)
+        self.tokens = self.burst
+
+    def allow(self, want: int, size: int) -> int:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        n = min(want, int(self.tokens // max(size, 1)))
+        self.tokens -= n * size
+        return max(n, 0)
+
+    def refund(self, size: int) -> None:
+        """Tokens taken by ``allow`` but not used."""
+        self.tokens += size
+
+
+class Feeder:
+    """The link ``link``'s session fed to its QUIC connection. ``bucket``:
+    the --bwlimit of this end (a push's, set by the client), or the one the
+    session asks for (a pull's, from its Hello; the server's own)."""
+
+    def __init__(self, link):
+        self.link = link
+        self.bucket: TokenBucket | None = None
+        self.starved = False                    # the bucket held shards back: look again soon
+        self._decided_seen = self._lost_seen = 0
+
+    def report_loss(self, cc, s) -> None:
+        """Tell the session ``s`` of the losses over the packets whose fate
+        is known since the last report (acknowledged or declared lost:
+        counted over those sent, the losses lag an RTT and startup's first
+        reports read ~0), every LOSS_SAMPLE packets."""
+        if cc is None:
+            return
+        decided, lost = cc.packets_acked + cc.packets_lost, cc.packets_lost
+        if decided >= self._decided_seen + (LOSS_SAMPLE if self._decided_seen else LOSS_FIRST_SAMPLE):
+            s.observe_loss(lost - self._lost_seen, decided - self._decided_seen)
+            self._decided_seen, self._lost_seen = decided, lost
+
+    def feed(self, now: float, s) -> bool:
+        """Top up QUIC's datagram queue with the session's shards (within
+        the bucket), then hand its control bytes to the stream. Returns
+        whether the session gave less than QUIC had room for (``dry``: the
+        round measures resync, not the path)."""
+        link = self.link
+        quic = link._quic
+        if self.bucket is None and getattr(s, "rate_limit", 0):
+            self.bucket = TokenBucket(s.rate_limit)     # a pull's --bwlimit, or the server's own
+        dry = True
+        if not s.finished and link.stream_id is not None:
+            pending = getattr(quic, "_datagrams_pending", ())
+            room = DATAGRAM_QUEUE - len(pending)
+            self.starved = False
+            size = link.paths.datagram_size
+            if room > 0 and self.bucket is not None:
+                allowed = self.bucket.allow(room, size)
+                self.starved = allowed < room
+                room = allowed
+            dry = self.starved
+            if room > 0:
+                out = s.datagrams_to_send(now, room)
+                dry = dry or len(out) < room
+                for d in out:
+                    quic.send_datagram_frame(d)
+                if self.bucket is not None:
+                    self.bucket.refund((room - len(out)) * size)
+        if link.stream_id is not None:
+            data = s.stream_to_send()           # (after a session ends too: its last frames)
+            if data:
+                quic.send_stream_data(link.stream_id, data)
+        return dry
