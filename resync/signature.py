@@ -42,6 +42,8 @@ class Signature:
     weak: np.ndarray     # uint32[count]
     check: np.ndarray    # uint32[count]
     strong: np.ndarray   # uint8[count, strong_len]
+    check_bits: int = 32  # 16: the check's weights keep their high 16 bits only, so every check's low
+    #                       16 bits are 0 (a wire signature carries the high half: protocol.encodings)
 
     @property
     def count(self) -> int:
@@ -60,7 +62,7 @@ class Signature:
         """The check sum's weights for this salt and block length (uint32
         [block_len]; kept: a network transfer keys every signature with one
         salt, and most small files have one block length; not to be changed)."""
-        return _check_weights(int.from_bytes(self.salt[:8], "little"), self.block_len)
+        return _check_weights(int.from_bytes(self.salt[:8], "little"), self.block_len, self.check_bits)
 
     def header(self) -> formats.SigHeader:
         return formats.SigHeader(self.strong_len, self.block_len, self.file_len, self.count,
@@ -68,10 +70,15 @@ class Signature:
 
 
 @functools.lru_cache(maxsize=32)
-def _check_weights(seed: int, block_len: int) -> np.ndarray:
+def _check_weights(seed: int, block_len: int, bits: int = 32) -> np.ndarray:
+    """splitmix64 weights (kernels.weak.check_weights); with ``bits`` 16 only
+    their high halves: the check sum, taken mod 2^32, then has 16 low bits of
+    0 and 16 high bits that hash the window as a 16-bit sum would."""
     from .kernels.native import get
     out = np.empty(block_len, np.uint32)
     get("check_weights")(np.uint64(seed), out)
+    if bits == 16:
+        out &= np.uint32(0xFFFF0000)
     return out
 
 
@@ -123,10 +130,11 @@ def hash_blocks(data: np.ndarray, starts: np.ndarray, length: int, key: np.ndarr
 
 def compute_signature(data: np.ndarray, block_len: int | None = None,
                       strong_len: int = DEFAULT_STRONG_LEN, salt: bytes | None = None,
-                      threads: int | None = None, file_hash: bool = True) -> Signature:
+                      threads: int | None = None, file_hash: bool = True, check_bits: int = 32) -> Signature:
     """Signature of ``data`` (uint8 array, typically a memory map of the
     basis). ``file_hash``: also the BLAKE3 of the whole basis (the signature
-    file format carries it; a network Want does not)."""
+    file format carries it; a network Want does not). ``check_bits``: 32, or
+    16 for a wire signature (``Signature.check_bits``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .kernels.native import get
@@ -143,7 +151,7 @@ def compute_signature(data: np.ndarray, block_len: int | None = None,
     count = formats.block_count(file_len, block_len)
     sig = Signature(block_len, file_len, strong_len, salt, b"",
                     np.empty(count, dtype=np.uint32), np.empty(count, dtype=np.uint32),
-                    np.empty((count, strong_len), dtype=np.uint8))
+                    np.empty((count, strong_len), dtype=np.uint8), check_bits)
     whole = HashInBackground(data) if file_hash else None
     if count:
         weights = sig.check_weights()

@@ -37,7 +37,7 @@ SAMPLES = [
     F.Dir(3, b"a/b", F.Listed(b"", 2, 0o40755, 5, 6, 0, 0, 0, 0, b"", b""),
           (LISTED, LISTED._replace(name=b"zlink", kind=3, mode=0o120777, target=b"../t", size=4)), (b"gone",)),
     F.DirFailed(4, b"x", 13, b"Permission denied"), F.ListEnd(),
-    F.Want(7, 3, b"f", b"SIG" * 10), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100))), True),
+    F.Want(7, 3, b"f", b"SIG" * 10), F.Wants(3, 10, ((b"a", False, b""), (b"b.txt", True, b"SIG" * 50))), F.Want(8, 0, b"g", b"", F.Resume(b"c" * 32, 10**9, 32, 1280, ((0, 5), (9, 100))), True),
     F.File(7, F.FILE_OK, True, 1000, b"h" * 32, 0o100600, -1, 500, 2000, 1, 2, 32, 4, 1280, b"", b"d" * 32),
     F.File(9, F.FILE_OK, False, 300, b"h" * 32, 0o100600, 5, 0, 1 << 30, 0, 0, 128, 1, 1296, b"", b"d" * 32,
            ((0, 100), (1 << 20, 200))),
@@ -64,7 +64,7 @@ def test_frame_bytes_are_stable():
     protocol change and needs a new VERSION)."""
     import hashlib
     wire = b"".join(F.encode(f) for f in SAMPLES)
-    assert hashlib.sha256(wire).hexdigest() == "ef46c1eaf5785be91f04c14f95342b2ec9e0a71e03d4dd3a2a91438e19d340db"
+    assert hashlib.sha256(wire).hexdigest() == "3f2be1c2e4fe8254a63088ee946722761c3cc250d477d6ad57125fde56fc7521"
 
 
 @pytest.mark.parametrize("frame,why", [
@@ -74,6 +74,21 @@ def test_frame_bytes_are_stable():
 def test_frames_refuse_names_that_escape(frame, why):
     r = F.FrameReader()
     r.feed(frame)
+    with pytest.raises(ProtocolError, match=why):
+        list(r.frames())
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda w: w[:-1] + b"\x08", "unknown flags"),                 # the last entry's flags
+    (lambda w: w.replace(b"\x01a\x00", b"\x02..\x00"), "bad name"),
+    (lambda w: w[:13] + b"\x00" + w[14:], "bad count"),            # no entries
+])
+def test_hostile_wants_are_refused(edit, why):
+    wire = F.encode(F.Wants(0, 5, ((b"x", True, b""), (b"a", False, b""))))
+    assert wire[13] == 2                                          # 5 bytes of head, u32, u32, then the count
+    r = F.FrameReader()
+    bad = edit(wire)
+    r.feed(bad)
     with pytest.raises(ProtocolError, match=why):
         list(r.frames())
 

@@ -7,9 +7,12 @@ those fixed costs were most of the bytes (a Want carried 24 bytes per 700-byte
 block, a File frame and delta ~350 bytes of headers per file). The encodings
 here carry the same information as rsync's protocol does:
 
-- **Wire signature** (``signature_to_wire``): ``u32 block length | u64 file
-  length | u8 strong length | u8 flags | [32 salt] | weak[n] u32 | check[n]
-  u32 | strong[n]`` with n blocks (``formats.block_count``). The salt is there
+- **Wire signature** (``signature_to_wire``): ``varint block length | varint
+  file length | u8 strong length | u8 flags | [32 salt] | weak[n] u32 |
+  check[n] u16 | strong[n]`` with n blocks (``formats.block_count``): 8 bytes a
+  block with the usual 2-byte strong hash (rsync sends 6). The check is the
+  keyed sum's high half, its weights cut to 16 bits so that the low half is
+  always 0 (``Signature.check_bits``: both ends compute it so). The salt is there
   only with flag 1 (a signature kept from an earlier connection, offered to
   resume a delta); otherwise both ends derive it from the handshake
   (``session.signature_salt``). No basis hash (the receiver checks the
@@ -24,8 +27,9 @@ here carry the same information as rsync's protocol does:
   source is checked against the basis and the target before use.
 - **Pack members** (``Member``, ``encode_members``/``decode_members``): the
   content of a pack (protocol.md: packs) is ``varint n`` member records, each
-  ``u32 file id | u8 status | u8 flags`` and, for a file sent, ``32 BLAKE3 of
-  the file | varint mode | varint zigzag(mtime seconds) | varint nanoseconds |
+  ``u32 file id | u8 status | u8 flags`` and, for a file sent, ``16 BLAKE3 of
+  the file (its first 128 bits: the receiver computes the whole hash and
+  compares; rsync's whole-file check is 128 bits too) | varint mode | varint zigzag(mtime seconds) | varint nanoseconds |
   varint size | varint uid | varint gid | varint content length | content``,
   else ``varint message length | message``.
 
@@ -45,6 +49,7 @@ from .frames import get_varint, put_varint, unzigzag, zigzag  # noqa: F401  (the
 MIN_STRONG, MAX_STRONG = 2, 16        # strong hash bytes per block on the wire
 BLOCKSUM_BIAS = 10                    # rsync's bias in sum_sizes_sqroot (generator.c)
 MEMBER_DELTA = 1                      # Member.flags: the content is a wire delta
+MEMBER_HASH = 16                      # bytes of a member's BLAKE3 (the first)
 
 
 # -- signatures ------------------------------------------------------------------------
@@ -60,17 +65,20 @@ def strong_len_for(file_len: int, block_len: int) -> int:
     return max(MIN_STRONG, min(MAX_STRONG, (bits + 1 - 32 + 7) // 8))
 
 
-_SIG_HEAD = np.dtype([("block_len", "<u4"), ("file_len", "<u8"), ("strong_len", "u1"), ("flags", "u1")])
 SIG_SALT = 1                          # wire signature flag: its salt follows the header
 
 
 def signature_to_wire(sig, with_salt: bool = False) -> bytes:
-    """A ``signature.Signature`` as a Want carries it: no basis hash, and its
-    salt only ``with_salt``."""
-    head = np.array([(sig.block_len, sig.file_len, sig.strong_len, SIG_SALT if with_salt else 0)],
-                    _SIG_HEAD).tobytes()
-    return b"".join((head, sig.salt if with_salt else b"", sig.weak.astype("<u4", copy=False).tobytes(),
-                     sig.check.astype("<u4", copy=False).tobytes(),
+    """A ``signature.Signature`` computed with ``check_bits=16`` as a Want
+    carries it: no basis hash, and its salt only ``with_salt``."""
+    if sig.check_bits != 16:
+        raise ValueError("a wire signature's checks are 16-bit (compute_signature(check_bits=16))")
+    head = bytearray()
+    put_varint(head, sig.block_len)
+    put_varint(head, sig.file_len)
+    head += bytes((sig.strong_len, SIG_SALT if with_salt else 0))
+    return b"".join((bytes(head), sig.salt if with_salt else b"", sig.weak.astype("<u4", copy=False).tobytes(),
+                     (sig.check >> np.uint32(16)).astype("<u2").tobytes(),
                      np.ascontiguousarray(sig.strong[:, :sig.strong_len]).tobytes()))
 
 
@@ -79,23 +87,27 @@ def signature_from_wire(buf, salt: bytes):
     one it carries)."""
     from .. import formats
     from ..signature import Signature
-    if len(buf) < _SIG_HEAD.itemsize:
+    block_len, off = get_varint(buf, 0, "signature")
+    file_len, off = get_varint(buf, off, "signature")
+    if off + 2 > len(buf):
         raise ProtocolError("signature: truncated")
-    block_len, file_len, strong_len, flags = (int(x) for x in np.frombuffer(buf, _SIG_HEAD, 1)[0])
+    strong_len, flags = buf[off], buf[off + 1]
+    off += 2
     if not formats.MIN_BLOCK_LEN <= block_len <= formats.MAX_BLOCK_LEN or not MIN_STRONG <= strong_len <= MAX_STRONG \
             or file_len > 1 << 62 or flags & ~SIG_SALT:
         raise ProtocolError("signature: field out of range")
-    off = _SIG_HEAD.itemsize
     if flags & SIG_SALT:
+        if off + 32 > len(buf):
+            raise ProtocolError("signature: truncated")
         salt = bytes(buf[off:off + 32])
         off += 32
     n = formats.block_count(file_len, block_len)
-    if len(buf) != off + n * (8 + strong_len):
+    if len(buf) != off + n * (6 + strong_len):
         raise ProtocolError("signature: length does not match its blocks")
     weak = np.frombuffer(buf, "<u4", n, off).astype(np.uint32)
-    check = np.frombuffer(buf, "<u4", n, off + 4 * n).astype(np.uint32)
-    strong = np.frombuffer(buf, np.uint8, n * strong_len, off + 8 * n).reshape(n, strong_len).copy()
-    return Signature(block_len, file_len, strong_len, salt, b"", weak, check, strong)
+    check = np.frombuffer(buf, "<u2", n, off + 4 * n).astype(np.uint32) << np.uint32(16)
+    strong = np.frombuffer(buf, np.uint8, n * strong_len, off + 6 * n).reshape(n, strong_len).copy()
+    return Signature(block_len, file_len, strong_len, salt, b"", weak, check, strong, 16)
 
 
 # -- deltas ----------------------------------------------------------------------------
@@ -162,7 +174,7 @@ class Member(NamedTuple):
     file_id: int
     status: int                    # frames.FILE_OK, FILE_VANISHED, FILE_ERROR
     flags: int = 0                 # MEMBER_DELTA
-    blake3: bytes = b""            # 32: BLAKE3 of the file the content makes
+    blake3: bytes = b""            # MEMBER_HASH: the first bytes of the BLAKE3 of the file the content makes
     mode: int = 0
     seconds: int = 0
     nanoseconds: int = 0
@@ -185,8 +197,8 @@ def encode_member(out: bytearray, m: Member) -> None:
         put_varint(out, len(m.message))
         out += m.message
         return
-    if len(m.blake3) != 32:
-        raise ValueError("a member's BLAKE3 is 32 bytes")
+    if len(m.blake3) != MEMBER_HASH:
+        raise ValueError(f"a member's BLAKE3 is {MEMBER_HASH} bytes")
     out += m.blake3
     for v in (m.mode, zigzag(m.seconds), m.nanoseconds, m.size, m.uid, m.gid, len(m.content)):
         put_varint(out, v)
@@ -214,10 +226,10 @@ def decode_members(buf) -> list[Member]:
             out.append(Member(fid, status, flags, message=bytes(view[pos:pos + length])))
             pos += length
             continue
-        if pos + 32 > len(view):
+        if pos + MEMBER_HASH > len(view):
             raise ProtocolError("pack: truncated")
-        digest = bytes(view[pos:pos + 32])
-        pos += 32
+        digest = bytes(view[pos:pos + MEMBER_HASH])
+        pos += MEMBER_HASH
         fields = []
         for _ in range(7):
             v, pos = get_varint(view, pos, "pack")

@@ -21,7 +21,8 @@ VERSION = 4                        # 2: Want.resume, File.content, Hello.bwlimit
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
 #                                       as rsync's flist: fields that differ from the entry before (session 10);
 #                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32),
-#                                       Want.update (session 11)
+#                                       Want.update, Wants, 16-bit checks and varint headers in wire
+#                                       signatures, 16-byte member hashes (session 11)
 MAX_FRAME = 16 << 20
 MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
@@ -118,6 +119,15 @@ class Want(NamedTuple):            # receiver -> sender: send this file
 
 
 WANT_RESUME, WANT_UPDATE = 1, 2    # a Want's flags
+
+
+class Wants(NamedTuple):           # receiver -> sender: send these files of one directory (protocol 4)
+    dir_index: int
+    first_id: int                  # the file ids are first_id, first_id + 1, ... in order
+    wants: tuple                   # of (name, update, signature): as Want's fields, no resume
+
+
+WANTS_UPDATE, WANTS_SIGNATURE = 2, 4    # a Wants entry's flags
 
 
 class Resume(NamedTuple):          # in a Want: stripes of earlier content the receiver holds
@@ -550,6 +560,17 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
             for first, count in frame.resume.stripes:
                 w.u32(first)
                 w.u32(count)
+    elif t is Wants:
+        w.u32(frame.dir_index)
+        w.u32(frame.first_id)
+        put_varint(w.b, len(frame.wants))
+        for name, update, signature in frame.wants:
+            put_varint(w.b, len(name))
+            w.raw(name)
+            w.u8((WANTS_UPDATE if update else 0) | (WANTS_SIGNATURE if signature else 0))
+            if signature:
+                put_varint(w.b, len(signature))
+                w.raw(signature)
     elif t is File:
         w.fixed(_FILE_FIXED, frame.file_id, frame.status, 1 if frame.delta else 0, frame.length,
                 _fixed(frame.blake3, 32), frame.mode, frame.seconds, frame.nanoseconds, frame.size, frame.uid,
@@ -683,6 +704,26 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
                 end = first + count
             resume = Resume(content, length, k, shard_size, ranges)
         f = Want(fid, index, name, signature, resume, bool(flags & WANT_UPDATE))
+    elif cls is Wants:
+        index, first = r.u32(), r.u32()
+        n, r.p = get_varint(r.b, r.p, "Wants")
+        if not 0 < n <= MAX_ENTRIES or n > len(body) or first + n > PACK_BASE:
+            raise ProtocolError("Wants: bad count or file ids in the packs' range")
+        wants = []
+        for _ in range(n):
+            length, r.p = get_varint(r.b, r.p, "Wants")
+            name = check_name(r.raw(length), "Wants")
+            flags = r.u8()
+            if flags & ~(WANTS_UPDATE | WANTS_SIGNATURE):
+                raise ProtocolError("Wants: unknown flags")
+            signature = b""
+            if flags & WANTS_SIGNATURE:
+                length, r.p = get_varint(r.b, r.p, "Wants")
+                if not length:
+                    raise ProtocolError("Wants: empty signature")
+                signature = r.raw(length)
+            wants.append((name, bool(flags & WANTS_UPDATE), signature))
+        f = Wants(index, first, tuple(wants))
     elif cls is File:
         fid, status, delta, *rest = r.fixed(_FILE_FIXED)
         f = File(fid, status, bool(delta), *rest, r.s16(), r.raw(32))
@@ -740,7 +781,7 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
 
 _TYPES = {Hello: 0x01, Challenge: 0x02, Auth: 0x03, Welcome: 0x04, Error: 0x05,
           Dir: 0x10, DirFailed: 0x11, ListEnd: 0x12,
-          Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24, Pack: 0x25,
+          Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24, Pack: 0x25, Wants: 0x26,
           Item: 0x30, Done: 0x31, Bye: 0x32}
 _CLASSES = {v: k for k, v in _TYPES.items()}
 

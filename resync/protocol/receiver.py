@@ -25,6 +25,7 @@ from ..errors import NoSpaceError, ResyncError
 from . import frames as F
 from .checkpoint import Checkpoints, resume_of
 from .common import QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, progress_share, resumes
+from .encodings import MEMBER_HASH
 from .frames import ProtocolError
 from .shards import StripeAssembler, stripe_count
 
@@ -249,11 +250,15 @@ class Receiver:
         self.s.result = result                # finished when the sender's Bye arrives
 
 
+WANTS_BYTES = 64 << 10           # a directory's Wants frame is sent once its names and signatures reach this
+
+
 class Planning:
     """Listing intake: each Dir frame planned against this tree (plan.Planner)
     and applied at once where no content is needed (directories, symlinks,
-    attributes, specials); a Want for each file to transfer, with the block
-    signature of this tree's copy."""
+    attributes, specials); the files to transfer asked for in one Wants frame
+    per directory, each with the block signature of this tree's copy (a file
+    offered to resume: a Want of its own)."""
 
     def __init__(self, r: Receiver):
         from ..plan import PlanOptions, Planner
@@ -272,6 +277,8 @@ class Planning:
         self.listed = False
         self.next_id = 0
         self.redone = 0                         # files asked for again whole: their delta did not make them
+        self._batch: list = []                  # (name, update, signature) wanted in _batch_dir, not yet sent
+        self._batch_dir = self._batch_first = self._batch_bytes = 0
 
     def _same_content(self, path: str, dst_fd: int, name: str) -> bool:
         from ..content import hash_fd
@@ -335,8 +342,15 @@ class Planning:
         try:
             self._apply(frame.index, rel, entries, dst, parent)
         finally:
+            self.flush_wants()
             if parent is not None:
                 parent.release()
+
+    def flush_wants(self) -> None:
+        """Send the Wants gathered for one directory as one frame."""
+        if self._batch:
+            self.r.s.send(F.Wants(self._batch_dir, self._batch_first, tuple(self._batch)))
+            self._batch, self._batch_bytes = [], 0
 
     def _apply(self, index: int, rel: str, entries, dst, parent) -> None:
         from ..plan import ATTRS, DIRECTORY, TRANSFER
@@ -371,6 +385,7 @@ class Planning:
             r.s.progress.queued(e.size)
         resume = r.checkpoints.resumable(path, prev, inc)
         if resume is not None:
+            self.flush_wants()                  # (file ids stay in order on the stream)
             self.next_id += 1
             r.wanted[fid] = inc
             r.s.send(F.Want(fid, index, os.fsencode(e.name), inc.signature, resume, prev is not None))
@@ -384,7 +399,15 @@ class Planning:
         self.next_id += 1
         inc.signature = signature
         r.wanted[fid] = inc
-        r.s.send(F.Want(fid, index, os.fsencode(e.name), signature, None, prev is not None))
+        if self._batch and self._batch_dir != index:
+            self.flush_wants()
+        if not self._batch:
+            self._batch_dir, self._batch_first = index, fid
+        name = os.fsencode(e.name)
+        self._batch.append((name, prev is not None, signature))
+        self._batch_bytes += len(name) + len(signature)
+        if self._batch_bytes >= WANTS_BYTES:    # (large files' signatures: the sender starts on them)
+            self.flush_wants()
 
     def signature(self, dir_fd: int, name: str, path: str) -> bytes:
         """The wire signature (protocol.encodings) of this destination's copy
@@ -399,7 +422,7 @@ class Planning:
         def signed(data):
             block = default_block_len(data.shape[0])
             return signature_to_wire(compute_signature(data, block, strong_len_for(data.shape[0], block),
-                                                       salt=self.r.s.salt, threads=1, file_hash=False))
+                                                       salt=self.r.s.salt, threads=1, file_hash=False, check_bits=16))
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             if os.fstat(fd).st_size <= SMALL_FILE:          # read: a map costs more than it saves
@@ -685,7 +708,7 @@ class PackIntake:
                 raise ProtocolError(f"pack member {m.file_id}: content is not its size")
             data, literal = m.content, m.size
         digest = blake3_of(data) if data is not None else None
-        if digest != m.blake3:
+        if digest is None or digest[:MEMBER_HASH] != m.blake3:
             if m.delta and not inc.retried:
                 r.planning.rewant(inc)
                 return

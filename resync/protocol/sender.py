@@ -388,7 +388,7 @@ class Packer:
     def add(self, want: F.Want, st: os.stat_result, data: bytes) -> None:
         import numpy as np
 
-        from .encodings import MEMBER_DELTA, Member, delta_to_wire, encode_member, signature_from_wire
+        from .encodings import MEMBER_DELTA, MEMBER_HASH, Member, delta_to_wire, encode_member, signature_from_wire
         flags, content, literal = 0, data, len(data)
         if want.signature and data:
             from ..delta import instructions_in_memory
@@ -398,8 +398,8 @@ class Packer:
             if len(wire) < len(data):
                 flags, content, literal = MEMBER_DELTA, wire, len(delta[3])
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
-        encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data), st.st_mode, seconds, ns,
-                                       len(data), st.st_uid, st.st_gid, content))
+        encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data)[:MEMBER_HASH], st.st_mode,
+                                       seconds, ns, len(data), st.st_uid, st.st_gid, content))
         self.members.append(want.file_id)
         self.owed.append((want.update, len(data), literal))
         if len(self.buf) >= PACK_BYTES:
@@ -508,18 +508,22 @@ class Sender:
 
     def frame(self, frame, now: float) -> None:
         self.stripes.last_heard = now           # the receiver is alive and talking: it asks for itself
-        if isinstance(frame, F.Want):
+        if isinstance(frame, (F.Want, F.Wants)):
             if frame.dir_index >= len(self.lister.dirs):
                 raise ProtocolError(f"Want for directory {frame.dir_index}, which was not listed")
-            self.wants.append(frame)
+            wants = [frame] if isinstance(frame, F.Want) else \
+                [F.Want(frame.first_id + i, frame.dir_index, name, signature, None, update)
+                 for i, (name, update, signature) in enumerate(frame.wants)]
+            self.wants.extend(wants)
             if self.s.progress is not None:     # -P: the total is known as the receiver asks
-                try:
-                    size = os.stat(frame.name, dir_fd=self.lister.dir_of(frame.dir_index),
-                                   follow_symlinks=False).st_size
-                except OSError:
-                    size = 0
-                self.queued[frame.file_id] = size
-                self.s.progress.queued(size)
+                for want in wants:
+                    try:
+                        size = os.stat(want.name, dir_fd=self.lister.dir_of(want.dir_index),
+                                       follow_symlinks=False).st_size
+                    except OSError:
+                        size = 0
+                    self.queued[want.file_id] = size
+                    self.s.progress.queued(size)
         elif isinstance(frame, F.Ack):
             self.stripes.ack(frame)
         elif isinstance(frame, F.Repair):
