@@ -771,6 +771,15 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     sent = client.stats["datagram_bytes_sent"] + client.stats["control_bytes_sent"]
     assert sent < total / 8, (sent, total)      # wire deltas of the 667 changed files, packed
     assert r["bytes_literal"] < 667 * 2 * 700       # about a block for each changed line
+    # what the receiver asked with: a Wants frame per directory, each file a name, a flag byte and
+    # its wire signature (8 bytes a block, a header of ~5), then FileDones and Acks
+    from resync import formats
+    from resync.signature import default_block_len
+    files = list(src.rglob("*.py"))
+    blocks = sum(formats.block_count(p.stat().st_size, default_block_len(p.stat().st_size)) for p in files)
+    names = sum(len(p.name) for p in files)
+    asked = server.stats["control_bytes_sent"]
+    assert asked < blocks * 8 + names + len(files) * 10 + (16 << 10), (asked, blocks, names, len(files))
 
 
 def test_a_delta_that_does_not_make_the_file_is_asked_for_again_whole(tmp_path, monkeypatch):
