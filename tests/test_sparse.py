@@ -147,21 +147,33 @@ def _image(path: Path, mib: int, marks: list[tuple[int, bytes]]) -> None:
     _sparse(path, mib << 20, marks)
 
 
+def _disk_image(path: Path, marks: list | None = None) -> list:
+    """A 32 MiB image holding ~1.1 MiB of data (``marks``, or new ones:
+    returned); the test is skipped where the file system keeps no holes."""
+    mib = 1 << 20
+    marks = marks or [(0, b"boot" * 2000), (9 * mib, os.urandom(mib)), (30 * mib, b"log line\n" * 5000)]
+    _image(path, 32, marks)
+    if _allocated(path) >= 16 * mib:
+        pytest.skip("this file system does not keep holes")
+    return marks
+
+
+def _edit(path: Path) -> None:
+    """A few bytes changed in the image's data."""
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"changed" * 100, (9 << 20) + 5000)
+    os.close(fd)
+
+
 def test_holes_stay_holes_through_a_local_delta(tmp_path):
     """An updated sparse image rebuilt from the old copy (--no-whole-file):
     the result keeps its holes (a delta's zeros are written as holes when the
     source has holes)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    mib = 1 << 20
-    marks = [(0, b"boot" * 2000), (9 * mib, os.urandom(mib)), (30 * mib, b"log line\n" * 5000)]
-    _image(src / "disk.img", 32, marks)
-    if _allocated(src / "disk.img") >= 16 * mib:
-        pytest.skip("this file system does not keep holes")
+    _disk_image(src / "disk.img")
     assert _sync(src, dst).returncode == 0
-    fd = os.open(src / "disk.img", os.O_WRONLY)
-    os.pwrite(fd, b"changed" * 100, 9 * mib + 5000)                  # a few bytes in the data
-    os.close(fd)
+    _edit(src / "disk.img")
     r = _sync("--no-whole-file", "-i", src, dst)
     assert r.returncode == 0, r.stderr
     assert (dst / "disk.img").read_bytes() == (src / "disk.img").read_bytes()
@@ -247,15 +259,9 @@ def test_holes_stay_holes_through_a_network_delta_and_dash_s(tmp_path, push):
     src.mkdir()
     dst.mkdir()
     mib = 1 << 20
-    marks = [(0, b"boot" * 2000), (9 * mib, os.urandom(mib)), (30 * mib, b"log line\n" * 5000)]
-    _image(src / "disk.img", 32, marks)
-    if _allocated(src / "disk.img") >= 16 * mib:
-        pytest.skip("this file system does not keep holes")
-    _image(dst / "disk.img", 32, marks)
+    _disk_image(dst / "disk.img", _disk_image(src / "disk.img"))
     os.utime(dst / "disk.img", ns=(10**18, 10**18))           # (the clock may not tick between the two)
-    fd = os.open(src / "disk.img", os.O_WRONLY)
-    os.pwrite(fd, b"changed" * 100, 9 * mib + 5000)
-    os.close(fd)
+    _edit(src / "disk.img")
     (src / "zeros.bin").write_bytes(b"start" + bytes(24 * mib) + b"end")
     server_root, local = (dst, src) if push else (src, dst)
     client, server = make_pair(tmp_path, push, local, server_root, options=Options(sparse=True))
