@@ -39,12 +39,13 @@ anything malformed: truncated, trailing bytes, out of range.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from .frames import FILE_ERROR, FILE_OK, FILE_VANISHED, ProtocolError
 from .frames import get_varint, put_varint, unzigzag, zigzag  # noqa: F401  (the varints: frames' own)
+
+if TYPE_CHECKING:
+    import numpy as np                  # (imported where used: a run that moves no content needs none)
 
 MIN_STRONG, MAX_STRONG = 2, 16        # strong hash bytes per block on the wire
 BLOCKSUM_BIAS = 10                    # rsync's bias in sum_sizes_sqroot (generator.c)
@@ -71,6 +72,7 @@ SIG_SALT = 1                          # wire signature flag: its salt follows th
 def signature_to_wire(sig, with_salt: bool = False) -> bytes:
     """A ``signature.Signature`` computed with ``check_bits=16`` as a Want
     carries it: no basis hash, and its salt only ``with_salt``."""
+    import numpy as np
     if sig.check_bits != 16:
         raise ValueError("a wire signature's checks are 16-bit (compute_signature(check_bits=16))")
     head = bytearray()
@@ -85,6 +87,7 @@ def signature_to_wire(sig, with_salt: bool = False) -> bytes:
 def signature_from_wire(buf, salt: bytes):
     """The Signature a Want carried, with this transfer's ``salt`` (or the
     one it carries)."""
+    import numpy as np
     from .. import formats
     from ..signature import Signature
     block_len, off = get_varint(buf, 0, "signature")
@@ -135,6 +138,7 @@ def delta_from_wire(buf, basis_len: int, target_len: int):
     ``kernels.assemble`` (INSERT sources are offsets in ``literals``).
     ProtocolError unless it makes exactly ``target_len`` bytes from a basis of
     ``basis_len`` with the literal bytes it holds."""
+    import numpy as np
     from .. import formats
     count, pos = get_varint(buf, 0, "delta")
     if count > len(buf):

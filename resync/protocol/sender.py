@@ -409,12 +409,12 @@ class Packer:
         """Send the pack being filled: its Pack frame, then its content (the
         members, LZ4-compressed when that is smaller) as one content's
         stripes, acknowledged and repaired like a file's."""
+        if not self.members:                    # (every turn: nothing imported for nothing)
+            return
         import lz4.block
         import numpy as np
 
         from .encodings import put_varint
-        if not self.members:
-            return
         raw = bytearray()
         put_varint(raw, len(self.members))
         raw += self.buf

@@ -26,10 +26,12 @@ counted as lost, and parity makes up for it.
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .frames import ProtocolError
+
+if TYPE_CHECKING:                                # numpy is imported where content moves (70 ms of a
+    import numpy as np                           # no-change run's start otherwise)
 
 MAGIC = 0xD5
 PROBE = b"\x50"                          # the first byte of a path MTU probe's padding datagram
@@ -88,6 +90,7 @@ class StripeEncoder:
         return geometry(self.length, self.k, self.size, stripe)
 
     def _data(self, stripe: int) -> np.ndarray:
+        import numpy as np                      # (imported when content moves: a run with none needs none)
         d, size = self.geometry(stripe)
         lo = stripe * self.k * self.size
         chunk = self.content[lo:lo + d * size]
@@ -97,6 +100,7 @@ class StripeEncoder:
 
     def shards(self, stripe: int, indexes) -> list[bytes]:
         """Datagrams for ``indexes`` of ``stripe`` (< d: data, >= d: parity rows)."""
+        import numpy as np
         if stripe in self._cache:
             data, parity = self._cache[stripe]
         else:
@@ -168,6 +172,7 @@ class StripeAssembler:
         return True
 
     def _decode(self, parts: dict[int, bytes], d: int) -> np.ndarray:
+        import numpy as np
         if all(i in parts for i in range(d)):
             return np.frombuffer(b"".join(parts[i] for i in range(d)), np.uint8)
         from ..erasure import ReedSolomon

@@ -7,10 +7,12 @@ file's blocks of zeros as well (``zero_free_runs``)."""
 from __future__ import annotations
 
 import bisect
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..fs import nonzero_runs, pread_all, pwrite_all
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SCAN_STEP = 8 << 20         # bytes of a file read at a time to find its blocks of zeros
 
@@ -28,6 +30,7 @@ class DataRuns:
         self.shape = (self.starts[-1],)
 
     def __getitem__(self, sl: slice) -> np.ndarray:
+        import numpy as np
         lo, hi = max(0, sl.start or 0), min(self.shape[0], self.shape[0] if sl.stop is None else sl.stop)
         parts = []
         i = bisect.bisect_right(self.starts, lo) - 1
@@ -54,6 +57,7 @@ class DataRuns:
 def scatter(fd: int, runs, starts: list[int], off: int, data) -> None:
     """Write ``data`` (content bytes from content offset ``off``) at the file
     offsets of the runs holding them."""
+    import numpy as np
     view = memoryview(np.ascontiguousarray(data)).cast("B")
     i = bisect.bisect_right(starts, off) - 1
     while view and i < len(runs):
