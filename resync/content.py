@@ -212,10 +212,8 @@ def _copy_data(src_fd: int, dst_fd: int, sparse: bool = False) -> int:
     ``sparse`` (-S): blocks of zeros within the data become holes too."""
     size = os.fstat(src_fd).st_size
     extents = data_extents(src_fd, size)
-    if sparse:
-        return _copy_sparse(src_fd, dst_fd, [(0, size)] if extents is None else extents, size)
-    if extents is not None:
-        return _copy_extents(src_fd, dst_fd, extents, size)
+    if sparse or extents is not None:
+        return _copy_extents(src_fd, dst_fd, [(0, size)] if extents is None else extents, size, sparse)
     total = 0
     try:
         while True:
@@ -236,44 +234,31 @@ def _copy_data(src_fd: int, dst_fd: int, sparse: bool = False) -> int:
         total += len(chunk)
 
 
-def _copy_extents(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size: int) -> int:
+def _copy_extents(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size: int,
+                  sparse: bool = False) -> int:
     """Copy the data runs ``extents`` of src to the same offsets of dst and
-    give dst ``size`` bytes: what lies between stays a hole. Returns the
-    bytes of data copied."""
-    from .fs import pwrite_all
+    give dst ``size`` bytes: what lies between stays a hole; with ``sparse``
+    (-S) so do the blocks of zeros within the runs (read and written around
+    them: fs.pwrite_sparse). Returns the bytes of data copied."""
+    from .fs import pwrite_all, pwrite_sparse
     total = 0
     for offset, length in extents:
         done = 0
         while done < length:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
-            except OSError as exc:
-                if exc.errno not in (18, 22, 38, 95):          # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    raise
-                chunk = os.pread(src_fd, min(length - done, 1 << 20), offset + done)
+            n = -1
+            if not sparse:
+                try:
+                    n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+                except OSError as exc:
+                    if exc.errno not in (18, 22, 38, 95):      # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                        raise
+            if n < 0:                                          # -S, or no copy_file_range: user space
+                chunk = os.pread(src_fd, min(length - done, 8 << 20), offset + done)
                 n = len(chunk)
-                pwrite_all(dst_fd, chunk, offset + done)
+                (pwrite_sparse if sparse else pwrite_all)(dst_fd, chunk, offset + done)
             if n == 0:
                 break                                          # (the source shrank meanwhile)
             done += n
-        total += done
-    os.ftruncate(dst_fd, size)
-    return total
-
-
-def _copy_sparse(src_fd: int, dst_fd: int, extents: list[tuple[int, int]], size: int) -> int:
-    """-S: copy the data runs ``extents`` of src, leaving its blocks of zeros
-    unwritten (holes), and cut dst to ``size``. Returns the bytes read."""
-    from .fs import pread_all, pwrite_sparse
-    total = 0
-    for offset, length in extents:
-        done = 0
-        while done < length:
-            chunk = pread_all(src_fd, min(length - done, 8 << 20), offset + done)
-            if not chunk:
-                break                                          # (the source shrank meanwhile)
-            pwrite_sparse(dst_fd, chunk, offset + done)
-            done += len(chunk)
         total += done
     os.ftruncate(dst_fd, size)
     return total
@@ -288,15 +273,12 @@ def _copy_small(src_fd: int, dst_fd: int, size: int, want_hash: bool, sparse: bo
         while chunk := os.read(src_fd, 1 << 20):
             parts.append(chunk)
         data = b"".join(parts)
+    from .fs import pwrite_sparse, write_all
     if sparse:
-        from .fs import pwrite_sparse
         pwrite_sparse(dst_fd, data, 0)
         os.ftruncate(dst_fd, len(data))
-        view = memoryview(b"")
     else:
-        view = memoryview(data)
-    while view:
-        view = view[os.write(dst_fd, view):]
+        write_all(dst_fd, data)
     digest = None
     if want_hash:
         import blake3
@@ -314,7 +296,7 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int, sparse: bool = False) -
 
     from . import formats
     from .delta import build_instructions, find_matches
-    from .fs import pwrite_sparse
+    from .fs import pwrite_sparse, write_all
     from .kernels.native import get
     from .signature import compute_signature
 
@@ -338,12 +320,10 @@ def _delta_data(basis_fd: int, src_fd: int, dst_fd: int, sparse: bool = False) -
         index, skip, done = 0, 0, 0
         while done < new.shape[0]:
             index, skip, filled = assemble(basis, new, 0, kinds, sources, lengths, index, skip, window)
-            view = memoryview(window)[:filled]
             if sparse:
-                pwrite_sparse(dst_fd, view, done)
-                view = view[:0]
-            while view:
-                view = view[os.write(dst_fd, view):]
+                pwrite_sparse(dst_fd, window[:filled], done)
+            else:
+                write_all(dst_fd, window[:filled])
             done += filled
         if sparse:
             os.ftruncate(dst_fd, done)

@@ -147,8 +147,7 @@ def _whole(out: _Payload, fd: int, size: int, sparse: bool = False) -> bytes | N
         for lo in range(0, n, P.MAX_HOLE):
             step = min(P.MAX_HOLE, n - lo)
             out.put(P.CHUNK.pack(P.CODEC_HOLE, step, 0))
-            for z in range(0, step, len(_ZEROS)):
-                h.update(_ZEROS[:min(len(_ZEROS), step - z)])
+            P.hash_zeros(h, step)
 
     def data(raw: bytes) -> None:
         h.update(raw)
@@ -183,9 +182,6 @@ def _whole(out: _Payload, fd: int, size: int, sparse: bool = False) -> bytes | N
     if not short and pread_all(fd, 1, size):
         return None                 # grew while being read
     return None if short else h.digest()
-
-
-_ZEROS = bytes(1 << 20)
 
 
 def _read_back(fd: int, out: str, bundle_id: bytes, entries: int) -> None:

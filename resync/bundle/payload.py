@@ -76,6 +76,16 @@ MAX_HOLE = 1 << 30          # a hole chunk's raw length, at most
 CHUNK_RAW = 1 << 20          # what pack cuts files into
 WHAT = "resync bundle"
 
+_ZEROS = bytes(1 << 20)
+
+
+def hash_zeros(hasher, n: int) -> None:
+    """Feed ``n`` zero bytes to ``hasher`` (a hole chunk's share of its file's
+    BLAKE3), a MiB at a time."""
+    for lo in range(0, n, len(_ZEROS)):
+        hasher.update(_ZEROS[:min(len(_ZEROS), n - lo)])
+
+
 MAX_TRAILER = 1 << 34      # 16 GiB: far beyond any real tree, and checked before allocation
 LZ4_MAX_RATIO = 255        # an LZ4 block cannot expand by more than this
 

@@ -239,9 +239,6 @@ def _chunk_ok(codec: int, raw_len: int, stored: int, left: int, room: int, versi
             and (stored == raw_len if codec == P.CODEC_RAW else stored <= raw_len))
 
 
-_ZEROS = bytes(1 << 20)
-
-
 def decode_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: int | None, name: str,
                  version: int = P.VERSION, sparse: bool = False) -> int:
     """Decode a whole-file record body at ``pos`` into the new file
@@ -261,8 +258,7 @@ def decode_whole(stream: PayloadStream, pos: int, end: int, e: P.Entry, out_fd: 
         if not _chunk_ok(codec, raw_len, stored, e.size - done, end - pos, version):
             raise FormatError(name, P.WHAT, f"{e.path}: bad chunk header")
         if codec == P.CODEC_HOLE:
-            for lo in range(0, raw_len, len(_ZEROS)):
-                h.update(_ZEROS[:min(len(_ZEROS), raw_len - lo)])
+            P.hash_zeros(h, raw_len)
         else:
             data = _decode_chunk(stream.read(pos, stored), codec, raw_len, name, f"{e.path}:")
             pos += stored

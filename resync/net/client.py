@@ -90,8 +90,9 @@ class Transfer:
 
 
 async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None) -> ClientSession:
-    """One connection. ``path``: the rate controller's model carried from
-    one attempt to the next ("model" in it, read and written here)."""
+    """One connection. ``path``: what one attempt leaves the next — the rate
+    controller's model ("model", read and written here) and, in a push, what
+    the server confirmed ("tally": Sender.tally's counts, written here)."""
     path = {} if path is None else path
     from aioquic.asyncio import connect
     config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
@@ -254,7 +255,7 @@ def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=N
     ``attempts`` and ``wall`` (seconds since the first attempt began). Raises
     the last error (other refusals and protocol errors are never retried)."""
     delay, started = 1.0, time.monotonic()
-    path: dict = {}                             # the path's model, from one attempt to the next
+    path: dict = {}                             # the path's model and the tally, from one attempt to the next
     carried = dict.fromkeys(Tally.KEYS, 0)      # a push: what the server confirmed in cut attempts
     attempts = 0
     while True:

@@ -118,7 +118,7 @@ class Want(NamedTuple):            # receiver -> sender: send this file
     update: bool = False           # the receiver has an older entry at that path (else it is new there)
 
 
-WANT_RESUME, WANT_UPDATE = 1, 2    # a Want's flags
+WANT_RESUME, WANT_UPDATE, WANT_SIGNATURE = 1, 2, 4    # a Want's flags (a Wants entry's: update, signature)
 
 
 class Wants(NamedTuple):           # receiver -> sender: send these files of one directory (protocol 4)
@@ -126,8 +126,6 @@ class Wants(NamedTuple):           # receiver -> sender: send these files of one
     first_id: int                  # the file ids are first_id, first_id + 1, ... in order
     wants: tuple                   # of (name, update, signature): as Want's fields, no resume
 
-
-WANTS_UPDATE, WANTS_SIGNATURE = 2, 4    # a Wants entry's flags
 
 
 class Resume(NamedTuple):          # in a Want: stripes of earlier content the receiver holds
@@ -567,7 +565,7 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         for name, update, signature in frame.wants:
             put_varint(w.b, len(name))
             w.raw(name)
-            w.u8((WANTS_UPDATE if update else 0) | (WANTS_SIGNATURE if signature else 0))
+            w.u8((WANT_UPDATE if update else 0) | (WANT_SIGNATURE if signature else 0))
             if signature:
                 put_varint(w.b, len(signature))
                 w.raw(signature)
@@ -714,15 +712,15 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
             length, r.p = get_varint(r.b, r.p, "Wants")
             name = check_name(r.raw(length), "Wants")
             flags = r.u8()
-            if flags & ~(WANTS_UPDATE | WANTS_SIGNATURE):
+            if flags & ~(WANT_UPDATE | WANT_SIGNATURE):
                 raise ProtocolError("Wants: unknown flags")
             signature = b""
-            if flags & WANTS_SIGNATURE:
+            if flags & WANT_SIGNATURE:
                 length, r.p = get_varint(r.b, r.p, "Wants")
                 if not length:
                     raise ProtocolError("Wants: empty signature")
                 signature = r.raw(length)
-            wants.append((name, bool(flags & WANTS_UPDATE), signature))
+            wants.append((name, bool(flags & WANT_UPDATE), signature))
         f = Wants(index, first, tuple(wants))
     elif cls is File:
         fid, status, delta, *rest = r.fixed(_FILE_FIXED)

@@ -478,7 +478,7 @@ class Sender:
         self.tally = Tally()
         self.resumed_bytes = 0                  # content not sent: the receiver kept it from a cut transfer
         self.tmp = None                         # scratch directory of the deltas of large files
-        self.sparse = bool(getattr(options, "sparse", False))     # -S: blocks of zeros travel as holes
+        self.sparse = options.sparse            # -S: blocks of zeros travel as holes
 
     # -- the session's calls ----------------------------------------------------------
     def pump(self) -> None:
