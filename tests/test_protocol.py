@@ -673,7 +673,7 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     from types import SimpleNamespace
     from resync.protocol.parity import ParityPlanner, stripe_k
     from resync.protocol.session import shard_size_for
-    planner = ParityPlanner(SimpleNamespace(shard_size=1296))
+    planner = ParityPlanner(SimpleNamespace(shard_size=1296, reliable=False))
     planner.policy.loss, planner.reports = 0.2, 3
     resume = F.Resume(bytes(32), 10_000_000, 224, 1296, ((0, 3),))
     assert planner.geometry(resume) == (224, 1296)
@@ -689,6 +689,41 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     from resync.protocol.parity import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)
     assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET
+    planner.s.reliable, planner.s.shard_size = True, 65536      # the TLS stream: no parity, 1 MiB stripes
+    assert planner.geometry(resume) == (16, 65536) and planner.full(16) == 0 and planner.parity(16, 3) == 0
+
+
+def _file_frame(length: int, k: int, size: int, content: bytes = bytes(32)) -> F.File:
+    return F.File(1, F.FILE_OK, False, length, content, 0o100644, 0, 0, length, 0, 0, k, 0, size, b"",
+                  content, None, False)
+
+
+def test_kept_stripes_carry_over_to_another_geometry():
+    """A content cut in one geometry and resumed in another (the TLS
+    stream's 64 KiB shards falling back to QUIC's datagrams, or back): every
+    new stripe whose bytes were all kept is carried, none other; against a
+    byte-by-byte reference over many geometries and kept sets."""
+    import random
+    from resync.protocol.common import carried
+    rng = random.Random(7)
+    for _ in range(400):
+        length = rng.choice([1, 100, 65536, 1 << 20, 5_000_000, rng.randrange(1, 20_000_000)])
+        ok, osz = rng.choice([(16, 65536), (128, 1296), (176, 1136), (3, 64)])
+        nk, nsz = rng.choice([(16, 65536), (128, 1296), (224, 1296), (5, 100)])
+        old_stripes = -(-length // (ok * osz))
+        kept = sorted(rng.sample(range(old_stripes), rng.randint(0, min(old_stripes, 6))))
+        runs = tuple((s, 1) for s in kept)
+        have = bytearray(length)                # which bytes the receiver holds
+        for s in kept:
+            have[s * ok * osz:min(length, (s + 1) * ok * osz)] = b"\1" * (min(length, (s + 1) * ok * osz) - s * ok * osz)
+        r = F.Resume(bytes(32), length, ok, osz, runs)
+        got = carried(r, _file_frame(length, nk, nsz))
+        want = [s for s in range(-(-length // (nk * nsz)))
+                if all(have[s * nk * nsz:min(length, (s + 1) * nk * nsz)])]
+        assert got == want, (length, ok, osz, nk, nsz, kept)
+    r = F.Resume(bytes(32), 1 << 20, 128, 1296, ((0, 3),))
+    assert carried(r, _file_frame(1 << 20, 16, 65536, b"\1" * 32)) == []      # another content: nothing
+    assert carried(r, _file_frame(1 << 20, 128, 1296)) == [0, 1, 2]
 
 
 def _push_with_late_first_loss_report(tmp_path, monkeypatch, owe: bool) -> dict:

@@ -66,8 +66,7 @@ class Checkpoints:
             inc.signature = b""
             return None
         inc.kept, inc.fd, inc.tmp = k, fd, k["tmp"]
-        return F.Resume(bytes.fromhex(k["content"]), k["length"], k["k"], k["shard_size"],
-                        tuple(map(tuple, k["stripes"])))
+        return resume_of(k)
 
     def forget(self, k: dict) -> None:
         for name in (k["tmp"], k["tmp"] + ".sig"):
@@ -119,7 +118,9 @@ def _ranges(stripes) -> list[list[int]]:
 
 
 def resume_of(k: dict) -> F.Resume:
-    return F.Resume(bytes.fromhex(k["content"]), k["length"], k["k"], k["shard_size"], ())
+    """A checkpoint entry as the Resume it offers (the stripes it holds)."""
+    return F.Resume(bytes.fromhex(k["content"]), k["length"], k["k"], k["shard_size"],
+                    tuple(map(tuple, k["stripes"])))
 
 
 def parse_checkpoint(journal: bytes | None) -> dict[str, dict]:

@@ -33,10 +33,40 @@ class BusyError(RefusedError):
 
 
 def resumes(r: F.Resume, frame: F.File) -> bool:
-    """Whether the sender of ``frame`` skips the stripes ``r`` offers — the
-    one rule both ends apply: the very content, cut into the same stripes."""
-    return (r.content == frame.content and r.length == frame.length and r.k == frame.k
-            and r.shard_size == frame.shard_size)
+    """Whether the content ``frame`` announces is the very one ``r`` kept
+    part of (same BLAKE3 and length): then what was kept is not sent again,
+    whatever stripes each attempt cut it into (``carried``)."""
+    return r.content == frame.content and r.length == frame.length
+
+
+def carried(r: F.Resume, frame: F.File) -> list[int]:
+    """The stripes of ``frame``'s content that the receiver already holds,
+    from what ``r`` offers (stripe ranges of the geometry the cut transfer
+    used, ``r.k`` x ``r.shard_size`` bytes a stripe) — the one rule both
+    ends apply. The same geometry: the ranges as they are. Another (a
+    fallback from the TLS stream's 64 KiB shards to QUIC's datagrams, a path
+    whose MTU dropped): every new stripe whose bytes lie wholly inside the
+    bytes kept; a new stripe only partly kept is sent again whole."""
+    if not resumes(r, frame) or not r.stripes:
+        return []
+    if r.k == frame.k and r.shard_size == frame.shard_size:
+        return [s for first, count in r.stripes for s in range(first, first + count)]
+    old, new, length = r.k * r.shard_size, frame.k * frame.shard_size, frame.length
+    if old <= 0 or new <= 0:
+        return []
+    spans: list[list[int]] = []                 # the bytes kept, adjacent ranges joined
+    for first, count in sorted(r.stripes):
+        lo, hi = first * old, min(length, (first + count) * old)
+        if spans and spans[-1][1] >= lo:
+            spans[-1][1] = max(spans[-1][1], hi)
+        elif hi > lo:
+            spans.append([lo, hi])
+    out: list[int] = []
+    for lo, hi in spans:
+        for s in range(-(-lo // new), -(-hi // new) + 1):
+            if s * new >= lo and s * new < length and min(length, (s + 1) * new) <= hi:
+                out.append(s)
+    return sorted(set(out))
 
 
 def progress_share(frame: F.File, stripe: int) -> int:

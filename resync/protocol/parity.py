@@ -18,6 +18,7 @@ K_MARGIN = 0.02                  # stripe_k plans for the loss estimate plus thi
 LOSS_SETTLED = 1500              # packets after which the loss estimate's own error is left out of parity
 K_UNKNOWN = 144                  # k before the loss is measured: its parity meets the target up to 35 % loss
 MIN_SHARD_SIZE = 64              # the smallest shard a peer may ask to resume with
+RELIABLE_K = 16                  # data shards per stripe on a reliable stream (16 x 64 KiB: 1 MiB stripes)
 
 
 class ParityPlanner:
@@ -39,7 +40,7 @@ class ParityPlanner:
 
     @property
     def lossless(self) -> bool:
-        return self.policy.loss < LOSSLESS
+        return self.s.reliable or self.policy.loss < LOSSLESS
 
     def observe(self, lost: int, sent: int) -> bool:
         """The transport's count of datagrams lost among those whose fate it
@@ -69,6 +70,8 @@ class ParityPlanner:
         MIN_PARITY (or --min-parity); for a shortened one (a small file, a
         file's tail) the same for its d — none on a link that has lost
         nothing (a small file would double), at least one otherwise."""
+        if self.s.reliable:
+            return 0
         if d == k:
             return self.full(k)
         if self.lossless:
@@ -76,7 +79,10 @@ class ParityPlanner:
         return max(1, min(self.full(k), parity_for(d, self.planned_loss())))
 
     def full(self, k: int) -> int:
-        """Parity shards for a full stripe of k at the loss estimated now."""
+        """Parity shards for a full stripe of k at the loss estimated now
+        (none on a reliable stream: nothing is lost there)."""
+        if self.s.reliable:
+            return 0
         return min(MAX_SHARDS - k, max(self.min_parity, parity_for(k, self.planned_loss())))
 
     def planned_loss(self) -> float:
@@ -103,7 +109,12 @@ class ParityPlanner:
         the k with the least parity per data shard at the loss estimated now
         (``stripe_k``), or K_UNKNOWN before any estimate (a single large file
         starts before the first loss sample), and the largest shard the path
-        carries now (``Session.shard_size``)."""
+        carries now (``Session.shard_size``). On a reliable stream
+        (``Session.reliable``: the TLS over TCP path) always RELIABLE_K shards
+        of the stream's size: a resumed content's kept stripes carry over
+        whatever geometry they were cut in (``common.carried``)."""
+        if self.s.reliable:
+            return RELIABLE_K, self.s.shard_size
         r = resume
         if r is not None and 1 <= r.k < MAX_SHARDS and MIN_SHARD_SIZE <= r.shard_size <= self.s.shard_size:
             return r.k, r.shard_size

@@ -24,7 +24,7 @@ import time
 from ..errors import NoSpaceError, ResyncError
 from . import frames as F
 from .checkpoint import Checkpoints, resume_of
-from .common import QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, progress_share, resumes
+from .common import QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, carried, progress_share, resumes
 from .encodings import MEMBER_HASH
 from .frames import ProtocolError
 from .shards import StripeAssembler, stripe_count
@@ -167,8 +167,9 @@ class Receiver:
 
     def next_timer(self) -> float | None:
         """When a content may need a repair (a delay after its last shard, or
-        its last look), or the next checkpoint is due."""
-        first = min((inc.next_look for inc in self.receiving.values()), default=None)
+        its last look; never on a reliable stream), or the next checkpoint is
+        due."""
+        first = None if self.s.reliable else min((inc.next_look for inc in self.receiving.values()), default=None)
         if first is not None and self.checkpoints.next_at is not None:
             first = min(first, self.checkpoints.next_at)
         return first
@@ -528,7 +529,7 @@ class StripeIntake:
                 pwrite_all(fd, data, off)
         inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size, sink)
         if k is not None:
-            done = [s for first, count in k["stripes"] for s in range(first, first + count)]
+            done = carried(resume_of(k), frame)
             r.checkpoints.resumed_bytes += inc.assembler.mark_done(done)
             for s in done:
                 r.placement.advance(inc, s)
@@ -575,7 +576,9 @@ class StripeIntake:
 
     def ask(self, fid: int, inc, short, now: float) -> None:
         """Ask for the shards ``short`` stripes still need, each stripe at most
-        once per repair delay."""
+        once per repair delay (none on a reliable stream: they are on their way)."""
+        if self.r.s.reliable:
+            return
         delay = self.delay()
         needs = [(s, n) for s, n in short if now - inc.asked.get(s, -1e9) >= delay]
         if needs:

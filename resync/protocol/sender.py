@@ -21,9 +21,9 @@ from collections import deque
 from ..content import has_holes
 from ..errors import ResyncError
 from . import frames as F
-from .common import WORK_SLICE, QUIET_FACTOR, SMALL_FILE, blake3_of, progress_share, resumes
+from .common import WORK_SLICE, QUIET_FACTOR, SMALL_FILE, blake3_of, carried, progress_share
 from .frames import ProtocolError
-from .parity import DEFAULT_K, K_UNKNOWN, ParityPlanner, stripe_k
+from .parity import DEFAULT_K, ParityPlanner
 from .shards import MAX_INDEX as MAX_SHARDS
 from .shards import StripeEncoder
 from .sparse import zero_free_runs
@@ -329,7 +329,10 @@ class Stripes:
         return max(PROBE_DELAY, 4 * self.s.rtt)
 
     def next_timer(self) -> float | None:
-        """When an unacknowledged stripe is due for a probe."""
+        """When an unacknowledged stripe is due for a probe (never on a
+        reliable stream: what was sent arrives)."""
+        if self.s.reliable:
+            return None
         first = min((min(o.sent_at.values()) for o in self.active.values() if o.sent_at), default=None)
         if first is None:
             return None
@@ -350,6 +353,8 @@ class Stripes:
         tree's directories was silent for 50 ms at a time, and probes made
         560 kB of an update's 1.2 MB). (A pack's stripes are all announced:
         its receiver asks for them itself.)"""
+        if self.s.reliable:
+            return
         delay = self._probe_delay()
         patient = self.last_heard + delay / 2 > now or self.parity.lossless     # (as next_timer)
         for o in self.active.values():
@@ -422,11 +427,11 @@ class Packer:
         codec, stored = (1, packed) if len(packed) < len(raw) else (0, bytes(raw))
         pid = F.PACK_BASE + self.sealed
         sender = self.sender
-        k = K_UNKNOWN if sender.parity.reports == 0 else stripe_k(sender.parity.loss)
-        frame = F.Pack(pid, codec, len(raw), len(stored), k, sender.parity.full(k), sender.s.shard_size)
+        k, size = sender.parity.geometry(None)
+        frame = F.Pack(pid, codec, len(raw), len(stored), k, sender.parity.full(k), size)
         sender.s.send(frame)
-        sender.stripes.add(Outgoing(frame, StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, frame.shard_size),
-                                    frame.m, None, self.members))
+        encoder = StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, size, not sender.s.reliable)
+        sender.stripes.add(Outgoing(frame, encoder, frame.m, None, self.members))
         sender.tally.owe(pid, self.owed)
         self.sealed += 1
         self.active += 1
@@ -665,7 +670,7 @@ class Sender:
                        size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash,
                        tuple(runs) if runs is not None else None, delta and (self.sparse or has_holes(st)))
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
-                                shard_size)
+                                shard_size, not self.s.reliable)
         self.tally.owe(want.file_id, [(want.update, size, frame.length)])
 
         def close():
@@ -673,15 +678,14 @@ class Sender:
                 c()
         out = self._send_file(frame, encoder, close)
         r = want.resume
-        if out is not None and r is not None and resumes(r, frame):
+        if out is not None and r is not None:
             # the receiver kept these stripes of this very content from a cut transfer
-            for first, count in r.stripes:
-                for stripe in range(first, min(first + count, encoder.stripes)):
-                    if stripe not in out.acked:
-                        out.acked.add(stripe)
-                        self._advance(out, stripe)
-                        d, size = encoder.geometry(stripe)
-                        self.resumed_bytes += min(d * size, frame.length - stripe * encoder.k * encoder.size)
+            for stripe in carried(r, frame):
+                if stripe < encoder.stripes and stripe not in out.acked:
+                    out.acked.add(stripe)
+                    self._advance(out, stripe)
+                    d, size = encoder.geometry(stripe)
+                    self.resumed_bytes += min(d * size, frame.length - stripe * encoder.k * encoder.size)
             out.skip_acked()
             self.stripes.retire(out)
 

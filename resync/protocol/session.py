@@ -147,7 +147,9 @@ class Session:
     ``path_settled`` (False while it still searches the path's MTU: a
     sender starts no file before, so that a large file is not cut into the
     smaller shards of the minimum; the transport settles it within a few
-    RTTs whatever the search finds)."""
+    RTTs whatever the search finds), and ``reliable`` (True on a transport
+    that delivers every shard in order, the TLS over TCP stream: stripes go
+    without parity, nothing is repaired or probed, shards carry no check)."""
 
     def __init__(self):
         self._reader = F.FrameReader()
@@ -163,6 +165,8 @@ class Session:
         self.rtt = 0.05                  # the transport's estimate (net sets it)
         self.shard_size = SHARD_SIZE     # shard bytes a datagram holds on this path (net sets it)
         self.path_settled = True         # False while the transport searches the path's MTU
+        self.reliable = False            # the transport loses nothing (the TLS stream): no parity, repairs,
+        #                                  probes or shard checks; net sets it
         self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
         self._backlog = False            # frames received and not yet taken (WORK_SLICE ran out)
         self._prev_rel = b""             # the path of the last Dir frame sent
@@ -225,7 +229,7 @@ class Session:
         self.stats["datagram_bytes_received"] += len(data)
         if self.finished or not isinstance(self.role, Receiver):
             return
-        self._guarded(self.role.shard, parse(data), now)
+        self._guarded(self.role.shard, parse(data, not self.reliable), now)
 
     def stream_to_send(self) -> bytes:
         if self.role is not None and not self.finished:

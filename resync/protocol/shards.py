@@ -21,7 +21,9 @@ path MTU probe to its size (resync.net.pmtu): the receiver drops it.
 ``check`` is the first 8 bytes of BLAKE3 over the 11 header bytes before it
 and the shard: QUIC already protects packets on the wire, this catches a shard
 corrupted above the transport (a bad relay, a test hook) — it is dropped and
-counted as lost, and parity makes up for it.
+counted as lost, and parity makes up for it. On the TLS stream (a reliable
+transport: no parity to make up for a dropped shard, and TLS authenticates
+every record end to end) ``check`` is zero and not looked at.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ PROBE = b"\x50"                          # the first byte of a path MTU probe's 
 HEAD = struct.Struct("<BIIH")
 CHECK = 8
 HEADER = HEAD.size + CHECK               # 19 bytes
+NO_CHECK = bytes(CHECK)                  # the check on a reliable stream
 MAX_INDEX = 256                          # k + all parity rows: GF(2^8)
 
 
@@ -62,24 +65,26 @@ def geometry(length: int, k: int, size: int, stripe: int) -> tuple[int, int]:
     return d, -(-left // d)
 
 
-def parse(datagram: bytes) -> tuple[int, int, int, memoryview] | None:
+def parse(datagram: bytes, checked: bool = True) -> tuple[int, int, int, memoryview] | None:
     """(file id, stripe, index, payload) of a shard datagram, or None if it
-    is not one or its check fails (a corrupt shard is a lost shard)."""
+    is not one or its check fails (a corrupt shard is a lost shard; not
+    looked at unless ``checked``: see the module)."""
     if len(datagram) < HEADER or datagram[0] != MAGIC:
         return None
     _, file_id, stripe, index = HEAD.unpack_from(datagram, 0)
     view = memoryview(datagram)
-    if _check(view[:HEAD.size], view[HEADER:]) != datagram[HEAD.size:HEADER]:
+    if checked and _check(view[:HEAD.size], view[HEADER:]) != datagram[HEAD.size:HEADER]:
         return None
     return file_id, stripe, index, view[HEADER:]
 
 
 class StripeEncoder:
     """Shards of one file's content. ``content``: a uint8 array (a memory map
-    of the file or of the delta), read a stripe at a time."""
+    of the file or of the delta), read a stripe at a time. ``checked``:
+    each shard carries its check (False on a reliable stream: zeros)."""
 
-    def __init__(self, file_id: int, content: np.ndarray, k: int, size: int):
-        self.file_id, self.k, self.size = file_id, k, size
+    def __init__(self, file_id: int, content: np.ndarray, k: int, size: int, checked: bool = True):
+        self.file_id, self.k, self.size, self.checked = file_id, k, size, checked
         self.content = content
         self.length = int(content.shape[0])
         self.stripes = stripe_count(self.length, k, size)
@@ -118,7 +123,7 @@ class StripeEncoder:
         for i in indexes:
             payload = data[i] if i < d else parity[i - d]
             head = HEAD.pack(MAGIC, self.file_id, stripe, i)
-            out.append(head + _check(head, payload) + payload.tobytes())
+            out.append(head + (_check(head, payload) if self.checked else NO_CHECK) + payload.tobytes())
         return out
 
     def forget(self, stripe: int) -> None:
