@@ -2,6 +2,7 @@
 """resync over QUIC vs an rsync daemon vs raw aioquic, on loopback, side by side.
 
     python bench/bench_net.py [--big-mib 256] [--files 20000] [--dir bench/.data] [--only big|tree|release]
+                              [--transport auto|quic|tcp]
 
 Three kinds of data, each pushed by both tools into their own destination:
 a single file of --big-mib MiB (mixed content: text, zeros, random, repeated
@@ -17,13 +18,16 @@ path). Tools:
   ``rsync -a --delete --stats SRC/ rsync://127.0.0.1:PORT/bench/`` (rsync's own
   protocol over TCP; delta transfer, as it uses for a remote);
 - resync: ``resync serve`` with a module, client
-  ``resync sync --delete --json SRC resync://127.0.0.1:PORT/bench`` (QUIC);
+  ``resync sync --delete --json --transport T SRC resync://127.0.0.1:PORT/bench``
+  (--transport: auto by default, which picks TLS over TCP on loopback; quic
+  measures the QUIC path);
 - raw aioquic (first copy only): the same bytes over one aioquic stream
   (bench/quic_raw.py), the ceiling for a Python QUIC transport.
 
 Wire bytes: rsync's --stats "Total bytes sent/received" (its TCP payload) and
-resync's own count of UDP payload bytes (QUIC headers, TLS, acknowledgements
-included). Ratios are resync / rsync (wire, time) and resync / raw aioquic
+resync's ``bytes_on_wire_sent``/``_received``: over QUIC its count of UDP
+payload bytes (QUIC headers, TLS, acknowledgements included), over TCP the
+kernel's count of TCP payload bytes (TLS records and handshake). Ratios are resync / rsync (wire, time) and resync / raw aioquic
 (goodput). Each tool runs as its own processes, servers warmed up first.
 """
 import argparse
@@ -65,6 +69,8 @@ def wait_for(pred, what: str, timeout: float = 60) -> None:
 
 
 class RsyncDaemon:
+    transport = "auto"
+
     def __init__(self, work: Path, dest: Path):
         import socket
         s = socket.socket()
@@ -100,6 +106,8 @@ class RsyncDaemon:
 
 
 class ResyncServer:
+    transport = "auto"
+
     def __init__(self, work: Path, dest: Path):
         self.client_env = dict(os.environ, XDG_CONFIG_HOME=str(work / "client-config"),
                                RESYNC_HISTORY=str(work / "client-history.duckdb"))
@@ -116,9 +124,10 @@ class ResyncServer:
 
     def push(self, src: Path) -> dict:
         dt, out = run([PY, "-m", "resync", "sync", "--delete", "--json", str(src),
-                       f"resync://127.0.0.1:{self.port}/bench", "--peer-id", self.server_id], self.client_env)
+                       f"resync://127.0.0.1:{self.port}/bench", "--peer-id", self.server_id,
+                       "--transport", self.transport], self.client_env)
         r = json.loads(out.splitlines()[-1])
-        return {"seconds": dt, "sent": r["udp_bytes_sent"], "received": r["udp_bytes_received"], "json": r}
+        return {"seconds": dt, "sent": r["bytes_on_wire_sent"], "received": r["bytes_on_wire_received"], "json": r}
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -164,7 +173,8 @@ def bench_set(name: str, src: Path, change, work: Path, rows: list, raw_rows: li
             b = server.push(src)
             assert same_tree(src, d_rsync) and same_tree(src, d_resync), f"{name} {step}: trees differ"
             rows.append((name, step, a, b))
-            print(f"  {name} / {step}: rsync daemon {a['seconds']:.2f} s, resync {b['seconds']:.2f} s", flush=True)
+            print(f"  {name} / {step}: rsync daemon {a['seconds']:.2f} s, resync {b['seconds']:.2f} s "
+                  f"({b['json'].get('transport')})", flush=True)
             if step == "first copy":
                 goodput = total * 8 / b["json"]["duration"] / 1e6 if b["json"].get("duration") else 0
                 raw_rows.append((name, total, raw, goodput, b["seconds"]))
@@ -179,6 +189,7 @@ def main():
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
     ap.add_argument("--only", choices=["big", "tree", "release"], default=None)
+    ap.add_argument("--transport", choices=["auto", "quic", "tcp"], default="auto")
     ap.add_argument("--releases", default=None,
                     help="comma-separated release pairs of bench/releases.py (default: all)")
     args = ap.parse_args()
@@ -186,8 +197,10 @@ def main():
         raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
     work = args.dir / "net"
     fresh(work)
+    ResyncServer.transport = args.transport
     rows, raw_rows = [], []
-    print(f"# resync over QUIC vs rsync --daemon vs raw aioquic, loopback, {os.cpu_count()} CPUs", flush=True)
+    print(f"# resync (--transport {args.transport}) vs rsync --daemon vs raw aioquic, loopback, "
+          f"{os.cpu_count()} CPUs", flush=True)
     if args.only in (None, "big"):
         big = work / "big-src"
         big.mkdir()
@@ -217,12 +230,13 @@ def main():
                 shutil.copytree(new, src, symlinks=True, copy_function=shutil.copyfile)
             bench_set(pair, src, upgrade, work, rows, raw_rows, steps=("first copy", "no change", "update"))
 
-    print("\n| data | step | rsync daemon | resync | time ratio | wire rsync (sent + received) "
-          "| wire resync (UDP, sent + received) | wire ratio |")
+    print("\n| data | step | rsync daemon | resync (transport) | time ratio | wire rsync (sent + received) "
+          "| wire resync (sent + received) | wire ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name, step, a, b in rows:
         wa, wb = a["sent"] + a["received"], b["sent"] + b["received"]
-        print(f"| {name} | {step} | {a['seconds']:.2f} s | {b['seconds']:.2f} s | {b['seconds'] / a['seconds']:.2f}x "
+        print(f"| {name} | {step} | {a['seconds']:.2f} s | {b['seconds']:.2f} s ({b['json'].get('transport')}) "
+              f"| {b['seconds'] / a['seconds']:.2f}x "
               f"| {a['sent']:,} + {a['received']:,} | {b['sent']:,} + {b['received']:,} | **{wb / wa:.2f}x** |")
     print("\n| data | bytes | raw aioquic stream | resync first copy (transfer) | goodput ratio | resync wall |")
     print("|---|---|---|---|---|---|")

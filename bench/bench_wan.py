@@ -3,7 +3,7 @@
 emulated WAN (tests/linkemu: 100 Mbit/s, 50 ms RTT), side by side in one run.
 
     python bench/bench_wan.py [--mib 256] [--losses 0,5,20,33] [--repeat 3]
-                              [--files 20000] [--only bulk|tree|release|disaster|lan|share]
+                              [--files 20000] [--only bulk|tree|release|disaster|lan|veth|share]
                               [--releases sympy,django,pandas] [--release-losses 0,5,20] [--dir /dev/shm/bw]
 
 Needs root (network namespaces). Steps, each at every loss in --losses
@@ -20,7 +20,11 @@ Needs root (network namespaces). Steps, each at every loss in --losses
   file goes through the delta path) at each of --release-losses;
 - **disaster**: the `disaster` profile (1 Mbit/s, RTT 150-250 ms, 20 % loss),
   a --disaster-mib file;
-- **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss;
+- **lan**: the `lan` profile (a veth pair at 1 Gbit/s), the bulk file, no loss
+  (resync as it chooses — TLS over TCP here — and over QUIC);
+- **veth**: a plain veth pair (no rate cap), a --veth-mib MiB random file:
+  resync (auto), resync over QUIC, the rsync daemon and rsync over ssh
+  (sshd in namespace B);
 - **share**: no loss, two resync pushes of the bulk file started together
   (the first to finish had share T_last / (2 T_first) of the link while
   both ran), then a resync push beside a TCP stream (tests/linkemu/probe.py,
@@ -151,12 +155,46 @@ class Tools:
         after = self._stats()
         return {d: after[d]["received_bytes"] - before[d]["received_bytes"] for d in ("ab", "ba")}
 
-    def resync(self, src: Path, limit=None) -> dict:
+    def resync(self, src: Path, limit=None, transport: str = "auto") -> dict:
         dt, out, wire = self._timed([PY, "-m", "resync", "sync", "--delete", "--json", "--retry-for", "0", src,
-                                     f"resync://{self.link.addr_b}:7000/bench", "--peer-id", self.server_id],
-                                    limit, env=self.env_c)
+                                     f"resync://{self.link.addr_b}:7000/bench", "--peer-id", self.server_id,
+                                     "--transport", transport], limit, env=self.env_c)
         r = json.loads(out.splitlines()[-1]) if out else {}
-        return {"seconds": dt, "wire": wire, "repairs": (r.get("stripes_repaired"), r.get("stripes")), "json": r}
+        return {"seconds": dt, "wire": wire, "repairs": (r.get("stripes_repaired"), r.get("stripes")), "json": r,
+                "transport": r.get("transport")}
+
+    def sshd(self) -> None:
+        """An sshd in namespace B (port 2222, a host key and an authorized
+        key of its own, root's login by key only): rsync over ssh, the
+        encrypted tool a user compares resync's TLS path with."""
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd):
+            raise SystemExit("sshd not found: apt-get install openssh-server (make bench-tools does it)")
+        d = self.work / "ssh"
+        d.mkdir(exist_ok=True)
+        for name in ("host", "client"):
+            if not (d / name).exists():
+                sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", d / name)
+        (d / "authorized_keys").write_text((d / "client.pub").read_text())
+        os.chmod(d / "authorized_keys", 0o600)
+        (d / "sshd_config").write_text(
+            f"Port 2222\nListenAddress {self.link.addr_b}\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nUsePAM no\nStrictModes no\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        self._start([sshd, "-D", "-e", "-f", d / "sshd_config"], stderr=open(d / "sshd.log", "w"))
+        self.ssh = ["ssh", "-i", str(d / "client"), "-p", "2222", "-o", "StrictHostKeyChecking=no",
+                    "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes"]
+        deadline = time.monotonic() + 20
+        while self.link.run("a", [*self.ssh, f"root@{self.link.addr_b}", "true"], capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+            time.sleep(0.2)
+
+    def rsync_ssh(self, src: Path, limit=None) -> dict:
+        dt, _, wire = self._timed(["rsync", "-a", "--delete", "--stats", "-e", " ".join(self.ssh), f"{src}/",
+                                   f"root@{self.link.addr_b}:{self.dst['rsync']}/"], limit)
+        return {"seconds": dt, "wire": wire}
 
     def rsync(self, src: Path, cc: str, limit=None) -> dict:
         for ns in ("a", "b"):
@@ -355,6 +393,41 @@ def share(tools: Tools, link: Link, bulk: Path, size: int) -> None:
               f"{t['mbit'] / (t['mbit'] + mbit):.0%} (target at least a third)", flush=True)
 
 
+def veth(work: Path, mib: int, repeat: int, rows: list) -> None:
+    """A --veth-mib MiB file of random bytes (nothing for rsync or resync to
+    save) over a plain veth pair between two namespaces, into an empty
+    destination: resync (auto: it picks TLS over TCP on this path), resync
+    over QUIC, the rsync daemon (clear text), rsync over ssh (encrypted, as
+    resync is); --repeat runs each, the median kept. Both ends' files on
+    --dir (tmpfs by default: the disk would be measured otherwise)."""
+    src = work / "veth-src"
+    src.mkdir(parents=True, exist_ok=True)
+    with open(src / "random.bin", "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    size = mib << 20
+    with Link("veth") as link, Tools(link, work / "veth") as tools:
+        tools.sshd()
+        runs: dict[str, list[dict]] = {"resync": [], "resync-quic": [], "rsync-daemon": [], "rsync-ssh": []}
+        for n in range(repeat):
+            reset(tools.dst["resync"], None)
+            r = tools.resync(src)
+            runs["resync"].append(r)
+            reset(tools.dst["rsync"], None)
+            runs["rsync-daemon"].append(tools.rsync(src, "cubic"))
+            reset(tools.dst["rsync"], None)
+            runs["rsync-ssh"].append(tools.rsync_ssh(src))
+            if n == 0:                          # (QUIC: ~30 s a GiB here; once is enough to show it)
+                reset(tools.dst["resync"], None)
+                runs["resync-quic"].append(tools.resync(src, transport="quic"))
+            print(f"  veth run {n + 1}: " + ", ".join(
+                f"{t} {x[-1]['seconds']:.2f} s" for t, x in runs.items() if x)
+                + f" (resync chose {r['transport']})", flush=True)
+        reset(tools.dst["resync"], None)
+        reset(tools.dst["rsync"], None)
+    rows.append((f"veth ({mib} MiB random)", 0.0, size, runs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=256)
@@ -362,7 +435,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--losses", default="0,5,20,33")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["bulk", "tree", "release", "disaster", "lan", "share"], action="append")
+    ap.add_argument("--only", choices=["bulk", "tree", "release", "disaster", "lan", "veth", "share"],
+                    action="append")
+    ap.add_argument("--veth-mib", type=int, default=1024)
     ap.add_argument("--releases", default="sympy,django,pandas")
     ap.add_argument("--release-losses", default="0,5,20")
     ap.add_argument("--tools", default="resync,rsync-bbr,rsync-cubic,quic-raw")
@@ -377,7 +452,7 @@ def main() -> None:
     if which[0] != "resync":
         raise SystemExit("--tools: resync first (the others are timed against it)")
     losses = [float(x) / 100 for x in args.losses.split(",")]
-    parts = args.only or ["bulk", "tree", "release", "disaster", "lan", "share"]
+    parts = args.only or ["bulk", "tree", "release", "disaster", "lan", "veth", "share"]
     work = args.dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -389,7 +464,8 @@ def main() -> None:
     rows: list = []
     try:
         bulk = work / "bulk-src"
-        size = make_file(bulk / "bulk.bin", args.mib, 7)
+        if set(parts) - {"veth", "release"}:
+            size = make_file(bulk / "bulk.bin", args.mib, 7)
         if "bulk" in parts or "tree" in parts:
             with Link("clean") as link, Tools(link, work / "clean") as tools:
                 print(f"link: clean profile + loss; forwarder real-time: {link.realtime}", flush=True)
@@ -433,10 +509,15 @@ def main() -> None:
             with Link("lan") as link, Tools(link, work / "lan") as tools:
                 reset(tools.dst["resync"], None)
                 r = tools.resync(bulk)
+                reset(tools.dst["resync"], None)
+                q = tools.resync(bulk, transport="quic")
                 reset(tools.dst["rsync"], None)
                 a = tools.rsync(bulk, "bbr")
                 x = tools.raw([bulk / "bulk.bin"])
-                rows.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "rsync-bbr": [a], "quic-raw": [x]}))
+                rows.append(("lan (1 Gbit/s)", 0.0, size, {"resync": [r], "resync-quic": [q], "rsync-bbr": [a],
+                                                           "quic-raw": [x]}))
+        if "veth" in parts:
+            veth(work, args.veth_mib, args.repeat, rows)
         if "share" in parts:
             with Link("clean") as link, Tools(link, work / "share") as tools:
                 share(tools, link, bulk, size)

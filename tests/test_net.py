@@ -129,24 +129,27 @@ def test_id_is_made_once_and_kept_private(sites):
 # -- push and pull ------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path):
+@pytest.mark.parametrize("transport", ["quic", "auto"])
+def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path, transport):
     """Rounds of edits with deletions, pushed and then pulled: each time the
     far side equals the source and rsync -a's copy, attribute for attribute;
     changed files travel as deltas; a round with no change sends only the
-    listing; verify passes on both sides."""
+    listing; verify passes on both sides. Over QUIC, and with the choice
+    left to resync (loopback: TLS over TCP), each recorded as such."""
     client, server_site = sites
+    wire = "udp" if transport == "quic" else "tcp"
     src, module, pulled, ref = tmp_path / "src", tmp_path / "module", tmp_path / "pulled", tmp_path / "ref"
     _tree(src, 1)
     module.mkdir()
     with Server(server_site, "--module", f"backup={module}", "--allow", client.id) as server:
-        common = ("--peer-id", server_site.id, "--json")
+        common = ("--peer-id", server_site.id, "--json", "--transport", transport)
         rnd = random.Random(2)
         for round_ in range(3):
             r = _json(client.run("sync", "--delete", src, server.url("backup", "photos"), *common))
             assert rsync_a(src, ref, "--delete").returncode == 0
             _same(src, module / "photos")
             assert seconds(snapshot(ref)) == seconds(snapshot(module / "photos"))   # rsync: to the second
-            assert r["errors"] == 0 and r["bytes_on_wire_sent"] > 0
+            assert r["errors"] == 0 and r["bytes_on_wire_sent"] > 0 and r["transport"] == wire.replace("udp", "quic")
             if round_:
                 assert r["bytes_matched"] > 0                     # deltas against the old copies
             r = _json(client.run("sync", "--delete", server.url("backup", "photos"), pulled, *common))
@@ -166,19 +169,21 @@ def test_push_then_pull_over_rounds_equal_rsync(sites, tmp_path):
     # the history: each network run has its transfers row, on both sides
     from resync.store import History
     _, rows = History(client.home / "data" / "resync" / "history.duckdb").query(
-        "SELECT t.role, t.peer, t.peer_id, t.udp_bytes_sent, t.udp_bytes_received, t.shards_sent, r.status "
-        "FROM transfers t JOIN runs r ON r.id = t.run_id ORDER BY r.started")
+        f"SELECT t.role, t.peer, t.peer_id, t.{wire}_bytes_sent, t.{wire}_bytes_received, t.shards_sent, r.status, "
+        "t.transport FROM transfers t JOIN runs r ON r.id = t.run_id ORDER BY r.started")
     assert [row[0] for row in rows] == ["push", "pull"] * 3 + ["push", "push"]
     assert all(row[1] == server.url("backup", "photos") and row[2] == server_site.id and row[3] > 0
-               and row[4] > 0 and row[6] == "ok" for row in rows)
+               and row[4] > 0 and row[6] == "ok" and row[7] == wire.replace("udp", "quic") for row in rows)
     assert rows[0][5] > 0 and rows[-1][5] == 0               # shards for the first push, none for no change
     _, rows = History(server_site.home / "data" / "resync" / "history.duckdb").query(
-        "SELECT t.role, t.peer_id, t.udp_bytes_received, r.command, r.destination, r.source FROM transfers t "
+        f"SELECT t.role, t.peer_id, t.{wire}_bytes_received, r.command, r.destination, r.source FROM transfers t "
         "JOIN runs r ON r.id = t.run_id ORDER BY r.started")
     assert [r[0] for r in rows] == ["receive", "send"] * 3 + ["receive", "receive"]   # the pulls too
     assert {r[1] for r in rows} == {client.id}
     assert all(r[2] > 0 and r[3] == "serve" for r in rows)
     assert all((r[4] if r[0] == "receive" else r[5]) == str(module / "photos") for r in rows)
+    label = "TLS over TCP" if wire == "tcp" else "QUIC"          # the server's log names the transport
+    assert re.search(rf"transfer [0-9a-f]+, {label}\): push into backup/photos: ok", log), log
 
 
 def test_push_options_dry_run_itemize_exclude_max_delete(sites, tmp_path):

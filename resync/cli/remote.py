@@ -53,6 +53,7 @@ class RemoteSync:
     bwlimit: float | None = None
     timeout: float = 60.0
     retry_for: float = 300.0
+    transport: str = "auto"         # "auto", "quic" or "tcp" (--transport)
     history_path: str | None = None
     no_history: bool = False
     config_dir: str | None = None
@@ -80,7 +81,7 @@ def remote_sync(a: RemoteSync):
                                 sparse=a.sparse, itemize=itemize, max_delete=a.max_delete, excludes=a.patterns,
                                 bwlimit=a.bwlimit or 0),
                         peer_id=a.peer_id, accept_new=a.accept_new, timeout=a.timeout, bwlimit=a.bwlimit,
-                        retry_for=a.retry_for,
+                        retry_for=a.retry_for, transport=a.transport,
                         known_peers=Path(a.config_dir) / "known_peers" if a.config_dir else None)
     item_stream = sys.stderr if as_json else sys.stdout
     record = not (dry_run or a.no_history)
@@ -123,9 +124,10 @@ def remote_sync(a: RemoteSync):
     result["transfer_id"] = session.transfer_id         # the server's log and history have it too
     result.update(session.stats)                # the protocol's bytes: control stream and shards
     wire = getattr(session, "transport", {})
-    result.update(wire)                         # UDP payload bytes and packets, QUIC's losses and RTT
-    result["bytes_on_wire_sent"] = wire.get("udp_bytes_sent", 0)
-    result["bytes_on_wire_received"] = wire.get("udp_bytes_received", 0)
+    result.update(wire)                         # QUIC: UDP payload bytes and packets, losses, RTT; TCP: its
+    tcp = wire.get("transport") == "tcp"        # payload bytes (TLS records), retransmissions, RTT
+    result["bytes_on_wire_sent"] = wire.get("tcp_bytes_sent" if tcp else "udp_bytes_sent", 0)
+    result["bytes_on_wire_received"] = wire.get("tcp_bytes_received" if tcp else "udp_bytes_received", 0)
     stats = RunStats.from_dict(result)
     if recorder is not None:
         from ..net import transfer_row
@@ -141,7 +143,7 @@ def remote_sync(a: RemoteSync):
             f"{', ' + human(result['resumed_bytes']) + ' resumed' if result.get('resumed_bytes') else ''}), "
             f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
             f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
-            f"over QUIC with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
+            f"over {'TLS over TCP' if tcp else 'QUIC'} with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
     error = stats.outcome_error()
     if error is not None:
         raise error

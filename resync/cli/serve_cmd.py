@@ -16,7 +16,7 @@ def _load_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
-CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "modules"}
+CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -100,15 +100,17 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
               help="Bytes per second each pull may send (K/M/G suffixes); a client's --bwlimit may lower it.")
 @click.option("--min-parity", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Parity shards per full stripe (128-240 data shards) at least, whatever the measured loss (default 1).")
+@click.option("--no-tcp", is_flag=True,
+              help="Offer QUIC only (by default TLS over TCP is offered on the same port number too).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A TOML file: listen, history, allow, bwlimit, min_parity, [modules.NAME] path / read_only / "
-                   "allow.")
+              help="A TOML file: listen, history, allow, bwlimit, min_parity, tcp, [modules.NAME] path / "
+                   "read_only / allow.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
 @history_options
-def command(listen, modules, read_only, allow, bwlimit, min_parity, config_path, config_dir, history_path,
+def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, config_path, config_dir, history_path,
             no_history):
-    """Serve directories to resync clients over QUIC, in the foreground
+    """Serve directories to resync clients over QUIC and TLS over TCP, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
     it, checkpointing transfers in flight (their clients resume them).
 
@@ -140,6 +142,9 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, config_path,
         min_parity = config.get("min_parity", 1)
         if not isinstance(min_parity, int) or isinstance(min_parity, bool) or not 1 <= min_parity <= 64:
             raise UsageError(f"{config_path}: min_parity must be a whole number from 1 to 64")
+    tcp = config.get("tcp", True)
+    if not isinstance(tcp, bool):
+        raise UsageError(f"{config_path}: tcp must be true or false")
     identity = load_identity(Path(config_dir) if config_dir else None, create=True)
     history = None
     if not no_history:
@@ -147,7 +152,7 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, config_path,
         history = history_path or config.get("history") or str(default_path())
     _prepare_kernels()
     asyncio.run(serve(host.strip("[]") or "0.0.0.0", int(port), mods, identity, history, bwlimit=bwlimit or 0,
-                      min_parity=min_parity))
+                      min_parity=min_parity, tcp=tcp and not no_tcp))
 
 
 def _prepare_kernels() -> None:

@@ -70,15 +70,20 @@ def _check_dir(path: str, must_exist: bool) -> None:
               help="resync:// only: give up when the server has sent nothing for this long.")
 @click.option("--retry-for", type=click.FloatRange(min=0), default=300, show_default=True, metavar="SECONDS",
               help="resync:// only: retry a lost connection (backoff 1 s to 60 s) for this long.")
+@click.option("--transport", type=click.Choice(["auto", "quic", "tcp"]), default="auto", show_default=True,
+              help="resync:// only: TLS over TCP (clean LAN paths: fastest), QUIC with parity (long or lossy "
+                   "paths), or auto: TCP when its handshake answers within 10 ms, else QUIC; a TCP path that "
+                   "breaks falls back to QUIC and resumes.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="resync:// only: this machine's key and known_peers (default ~/.config/resync).")
 @history_options
 def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes, exclude_files, dry_run,
             itemize, show_progress, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for,
-            config_dir, history_path, no_history):
+            transport, config_dir, history_path, no_history):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/. Either may be
     a server's directory, resync://HOST[:PORT]/MODULE[/PATH] (resync serve):
-    a push or a pull over QUIC, deltas and parity-protected shards.
+    a push or a pull over QUIC (deltas and parity-protected shards) or, on a
+    clean LAN, TLS over TCP.
 
     Examples: resync sync --delete -i photos/ /backup/photos/;
     resync sync photos/ resync://siteb:8730/backup/photos --peer-id SERVER-ID
@@ -99,13 +104,16 @@ def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes
             max_delete=max_delete, patterns=list(excludes) + _read_patterns(exclude_files), dry_run=dry_run,
             itemize=itemize, as_json=as_json, verbose=verbose, quiet=quiet, show_progress=show_progress,
             peer_id=peer_id, accept_new=accept_new, bwlimit=bwlimit, timeout=timeout, retry_for=retry_for,
-            history_path=history_path, no_history=no_history, config_dir=config_dir))
+            transport=transport, history_path=history_path, no_history=no_history, config_dir=config_dir))
 
     from ..sync import Syncer, SyncOptions
 
     if config_dir is not None:
         from ..errors import UsageError
         raise UsageError("--config-dir is for resync:// transfers (a local sync uses no key)")
+    if transport != "auto":
+        from ..errors import UsageError
+        raise UsageError("--transport is for resync:// transfers")
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)
     options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, sparse=sparse, delete=delete,

@@ -29,6 +29,7 @@ from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 STOP_GRACE = 2.0                  # s a stopped client waits at most for its session to end cleanly
 HANDSHAKE_TIMEOUT = 10.0          # s for the server to answer the handshake (--timeout, if shorter, is for a
                                   # live connection going silent: a lossy link's handshake takes 1-3 s)
+AUTO_RTT = 0.01                   # s: a TCP handshake within this picks TLS over TCP (--transport auto)
 
 
 def pinned_certificate(link: SessionLink) -> bytes:
@@ -87,6 +88,7 @@ class Transfer:
     bwlimit: float | None = None    # bytes per second this end sends at most (a pull's travels in Hello)
     retry_for: float = 300.0        # s within which a lost connection or a busy destination is retried
     known_peers: Path | None = None  # the known_peers file (default: the config directory's)
+    transport: str = "auto"         # "auto" (TLS over TCP on a short clean path, else QUIC), "quic", "tcp"
 
 
 async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None) -> ClientSession:
@@ -94,12 +96,16 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
     controller's model ("model", read and written here) and, in a push, what
     the server confirmed ("tally": Sender.tally's counts, written here)."""
     path = {} if path is None else path
-    from aioquic.asyncio import connect
-    config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
     stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
     with stop.signals():
         try:
-            session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
+            sock = await pick_transport(t, path)
+            if sock is not None:
+                session = await _connected_tcp(t, identity, report, meter, on_note, path, sock, stop)
+            else:
+                from aioquic.asyncio import connect
+                config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
+                session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
         except asyncio.CancelledError:
             if stop.signum is None:
                 raise
@@ -181,33 +187,111 @@ async def _connected(t: Transfer, identity, report, meter, on_note, path, config
                 raise TimedOut(f"{remote.address} did not answer the handshake within {wait:.0f} s") from None
             except ConnectionError:
                 raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
-            cert = pinned_certificate(link)
-            try:
-                server_id, added = check_server(remote, cert, t.peer_id, t.accept_new, t.known_peers)
-            except RefusedError:                # the server's log says why the client left
-                link.close(reason_phrase="the client does not trust this server's key (device ID not pinned)")
-                raise
-            if added and on_note is not None:
-                on_note(f"{remote.address} added to known_peers as {server_id}")
-            session = ClientSession(identity, cert, t.push, remote.module, remote.path, t.local, t.options, report,
-                                    meter)
-            stop.session = session
-            if t.bwlimit and t.push:            # a pull's limit travels in Hello: the server sends slower
-                link.feeder.bucket = TokenBucket(t.bwlimit)
-            done = asyncio.Event()
-            link.on_session_done = done.set
-            link.resume_path_model(path.get("model"))
-            link.start(session, link._quic.get_next_available_stream_id())
-            try:
-                await _run_session(link, session, done, remote, t.push, timeout)
-            finally:
-                path["model"] = link.path_model() or path.get("model")
-                tally = getattr(session.role, "tally", None)
-                path["tally"] = tally.counts if tally is not None else None
-            session.server_id = server_id
-            return session
+            return await _session_over(link, pinned_certificate(link), t, identity, report, meter, on_note, path,
+                                       stop)
     except OSError as exc:
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
+
+
+async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter, on_note, path: dict,
+                        stop: "_Stop") -> ClientSession:
+    """The session over a connected ``link`` (either transport) whose server
+    presented ``cert``: the server's key checked against the pin before a
+    byte of the protocol is sent, then the session driven to its end."""
+    remote = t.remote
+    try:
+        server_id, added = check_server(remote, cert, t.peer_id, t.accept_new, t.known_peers)
+    except RefusedError:                        # the server's log says why the client left
+        link.close(reason_phrase="the client does not trust this server's key (device ID not pinned)")
+        raise
+    if added and on_note is not None:
+        on_note(f"{remote.address} added to known_peers as {server_id}")
+    session = ClientSession(identity, cert, t.push, remote.module, remote.path, t.local, t.options, report, meter)
+    stop.session = session
+    if t.bwlimit and t.push:                    # a pull's limit travels in Hello: the server sends slower
+        link.feeder.bucket = TokenBucket(t.bwlimit)
+    done = asyncio.Event()
+    link.on_session_done = done.set
+    if isinstance(link, SessionLink):
+        link.resume_path_model(path.get("model"))
+        link.start(session, link._quic.get_next_available_stream_id())
+    else:
+        link.start(session)
+    try:
+        await _run_session(link, session, done, remote, t.push, t.timeout)
+    finally:
+        if isinstance(link, SessionLink):
+            path["model"] = link.path_model() or path.get("model")
+        tally = getattr(session.role, "tally", None)
+        path["tally"] = tally.counts if tally is not None else None
+    session.server_id = server_id
+    return session
+
+
+async def pick_transport(t: Transfer, path: dict):
+    """The connected TCP socket to run this attempt over TLS, or None for
+    QUIC. ``--transport tcp``: the socket, or ConnectionFailed. ``quic``:
+    None. ``auto``: a TCP connection that completes within AUTO_RTT (its
+    handshake took one round trip: a LAN, where QUIC in Python is the
+    bottleneck and TCP loses nothing worth parity), unless a TCP path failed
+    earlier in this run (``path["fallback"]``: the next attempts use QUIC and
+    resume what arrived); None on a longer round trip, a refusal, or
+    silence (a lossy path loses SYNs: QUIC with parity is the better
+    transport there)."""
+    if t.transport == "quic" or (t.transport == "auto" and path.get("fallback")):
+        return None
+    import socket
+    loop = asyncio.get_running_loop()
+    remote = t.remote
+    try:
+        infos = await loop.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
+    family, _, proto, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    sock.setblocking(False)
+    wait = HANDSHAKE_TIMEOUT if t.transport == "tcp" else AUTO_RTT
+    began = time.monotonic()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, addr), wait)
+    except (OSError, asyncio.TimeoutError) as exc:
+        sock.close()
+        if t.transport == "tcp":
+            why = "no answer" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
+            raise ConnectionFailed(f"{remote.address} (TCP): {why}") from None
+        return None
+    path["tcp_connect_ms"] = round((time.monotonic() - began) * 1000, 3)
+    return sock
+
+
+async def _connected_tcp(t: Transfer, identity, report, meter, on_note, path, sock, stop: "_Stop") -> ClientSession:
+    """One attempt over TLS 1.3 on the connected TCP socket ``sock``."""
+    from .tcp import HANDSHAKE_TIMEOUT as TLS_TIMEOUT
+    from .tcp import StreamLink, tls_context
+    remote = t.remote
+    loop = asyncio.get_running_loop()
+    try:
+        _, link = await loop.create_connection(StreamLink, sock=sock, ssl=tls_context(identity, False),
+                                               server_hostname="resync", ssl_handshake_timeout=TLS_TIMEOUT)
+    except OSError as exc:                      # (ssl.SSLError is one)
+        sock.close()
+        path["fallback"] = True
+        raise ConnectionFailed(f"{remote.address} (TLS over TCP): {getattr(exc, 'strerror', None) or exc}") from None
+    stop.link = link
+    cert = link.peer_certificate()
+    if cert is None:
+        link.close()
+        raise ConnectionFailed(f"{remote.address}: the server presented no certificate")
+    try:
+        session = await _session_over(link, cert, t, identity, report, meter, on_note, path, stop)
+    except (ConnectionFailed, TimedOut):
+        path["fallback"] = True                 # the TCP path broke: the next attempts use QUIC
+        raise
+    finally:
+        link.close()
+    if isinstance(session.error, (ConnectionFailed, TimedOut)):
+        path["fallback"] = True
+    return session
 
 
 async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.Event, remote: Remote,

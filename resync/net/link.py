@@ -347,6 +347,12 @@ class SessionLink(QuicConnectionProtocol):
         if not self._leaving:
             await super().wait_closed()
 
+    transport_name = "quic"
+
+    def peer_address(self):
+        """(host, port, ...) of the peer, as far as the connection knows it."""
+        return self._quic.get_peer_address()
+
     def path_model(self) -> dict | None:
         """The rate controller's model of the path (None before it has one)."""
         cc = controller_of(self._quic)
@@ -372,7 +378,7 @@ class SessionLink(QuicConnectionProtocol):
     def transport_stats(self) -> dict:
         """What crossed the wire: UDP payload bytes and packets both ways,
         QUIC's count of packets it declared lost, its smoothed RTT (ms)."""
-        out = dict(self.udp)
+        out = dict(self.udp, transport=self.transport_name)
         cc = controller_of(self._quic)
         out["packets_lost"] = cc.packets_lost if cc is not None else 0
         out["rtt_ms"] = round(self._smoothed_rtt() * 1000, 2)

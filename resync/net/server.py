@@ -21,6 +21,8 @@ import weakref
 from ..protocol.session import Module, ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
 from .link import PacketBatch, SessionLink, configuration
+from .tcp import HANDSHAKE_TIMEOUT as TCP_HANDSHAKE_TIMEOUT
+from .tcp import StreamLink, tls_context
 from .reset import CID_LENGTH, StatelessReset
 
 
@@ -142,10 +144,11 @@ class _Locks:
 
 
 async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,
-                ready=None, bwlimit: float = 0, min_parity: int = 1) -> None:
+                ready=None, bwlimit: float = 0, min_parity: int = 1, tcp: bool = True) -> None:
     """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening.
     ``bwlimit``: bytes per second each pull may send (a client's --bwlimit
-    may lower it); ``min_parity``: parity shards per stripe at least."""
+    may lower it); ``min_parity``: parity shards per stripe at least;
+    ``tcp``: offer TLS over TCP on the same port number too (net.tcp)."""
     from aioquic.asyncio import serve as quic_serve
     locks = _Locks()
     loop = asyncio.get_running_loop()
@@ -199,10 +202,9 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         if s is not None and not s.finished and not s.authenticated:
             link.refuse(f"no proof of the client's key within {PROOF_DEADLINE:.0f} s")
 
-    def create_protocol(*args, **kwargs):
-        link = SessionLink(*args, **kwargs)
-        resets.adopt(link._quic)                # reset tokens that survive a restart of this server
-        link.batch = batch[0] if batch else None
+    def adopt(link) -> None:
+        """A new connection (either transport): its session, and what
+        happens at its end."""
         link.preauth_limit = PREAUTH_BYTES
         session = ServerSession(identity, identity.cert_der, modules,
                                 report_factory=_report_factory(history, lambda s: locks.links[id(s)]),
@@ -236,7 +238,7 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                                                       session.client_id, "receive" if session.hello.push else "send"))
             who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
             if session.transfer_id and session.module:
-                who += f" (transfer {session.transfer_id})"
+                who += f" (transfer {session.transfer_id}, {'TLS over TCP' if link.transport_name == 'tcp' else 'QUIC'})"
             what = (f"{'push into' if session.hello.push else 'pull from'} {_shown(session)}"
                     if session.module else "handshake")
             if session.module and session.hello.flags & FLAG_DRY_RUN:
@@ -262,6 +264,18 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         loop.call_soon(admit, link)
         loop.call_later(PROOF_DEADLINE, deadline, link)
         links.add(link)
+
+    def create_protocol(*args, **kwargs):
+        link = SessionLink(*args, **kwargs)
+        resets.adopt(link._quic)                # reset tokens that survive a restart of this server
+        link.batch = batch[0] if batch else None
+        adopt(link)
+        return link
+
+    def create_stream():
+        link = StreamLink()
+        adopt(link)
+        link.start(link.session)                # (reliable: no parity; driven once TLS is up)
         return link
 
     from ..errors import ConnectionFailed
@@ -277,7 +291,15 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     sockname = server._transport.get_extra_info("sockname")
-    log(f"listening on {host}:{sockname[1]} as {identity.device_id}; modules: "
+    streams = None
+    if tcp:
+        try:
+            streams = await loop.create_server(create_stream, host, sockname[1], ssl=tls_context(identity, True),
+                                               ssl_handshake_timeout=TCP_HANDSHAKE_TIMEOUT, reuse_address=True)
+        except OSError as exc:                  # (the port number taken for TCP): QUIC only
+            log(f"TLS over TCP not offered on {host}:{sockname[1]}: {exc.strerror or exc}")
+    log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
+        "modules: "
         + ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values()))
     if ready is not None:
         ready(sockname[1])
@@ -292,6 +314,8 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                 link.drive()
             link.close()
         server.close()
+        if streams is not None:
+            streams.close()
 
 
 def _report_factory(history: str | None, link_of):
@@ -347,13 +371,13 @@ def _shown(session) -> str:
 
 
 def peer_host(link) -> str:
-    addr = link._quic.get_peer_address()
+    addr = link.peer_address()
     return addr[0] if addr else ""
 
 
 def peer_of(link) -> str:
     """The peer's address as HOST:PORT (as far as the connection knows it)."""
-    addr = link._quic.get_peer_address()
+    addr = link.peer_address()
     if not addr:
         return "an unknown address"
     host, port = addr[0], addr[1]

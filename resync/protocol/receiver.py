@@ -169,9 +169,11 @@ class Receiver:
         """When a content may need a repair (a delay after its last shard, or
         its last look; never on a reliable stream), or the next checkpoint is
         due."""
-        first = None if self.s.reliable else min((inc.next_look for inc in self.receiving.values()), default=None)
-        if first is not None and self.checkpoints.next_at is not None:
-            first = min(first, self.checkpoints.next_at)
+        looks = () if self.s.reliable else (inc.next_look for inc in self.receiving.values())
+        first = min(looks, default=None)
+        due = self.checkpoints.next_at
+        if due is not None and due != float("inf") and (first is not None or self.receiving):
+            first = due if first is None else min(first, due)
         return first
 
     def timer(self, now: float) -> None:

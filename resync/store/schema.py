@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 MIGRATIONS = [
     (1, [
@@ -113,13 +113,22 @@ MIGRATIONS = [
         "ALTER TABLE transfers ADD COLUMN attempts INTEGER",
         "ALTER TABLE transfers ADD COLUMN path_mtu INTEGER",
     ]),
+    # v8: which transport carried it ('quic', or 'tcp': TLS over TCP on a clean short path) and,
+    # for TCP, the kernel's counts (the udp_* columns are NULL then)
+    (8, [
+        "ALTER TABLE transfers ADD COLUMN transport VARCHAR",
+        "ALTER TABLE transfers ADD COLUMN tcp_bytes_sent BIGINT",
+        "ALTER TABLE transfers ADD COLUMN tcp_bytes_received BIGINT",
+        "ALTER TABLE transfers ADD COLUMN tcp_retransmits BIGINT",
+    ]),
 ]
 
 # transfers' columns after run_id, as the spool record's "transfer" object holds them
 TRANSFER_COLUMNS = ["peer", "peer_id", "role", "udp_bytes_sent", "udp_bytes_received", "udp_packets_sent",
                     "udp_packets_received", "packets_lost", "shards_sent", "shards_received", "repair_shards",
                     "repairs_asked", "probes", "corrupt_shards", "parity", "loss_estimate", "rtt_ms",
-                    "resumed_bytes", "stripes", "stripes_repaired", "transfer_id", "attempts", "path_mtu"]
+                    "resumed_bytes", "stripes", "stripes_repaired", "transfer_id", "attempts", "path_mtu",
+                    "transport", "tcp_bytes_sent", "tcp_bytes_received", "tcp_retransmits"]
 
 RUN_COLUMNS = ["id", "started", "finished", "source", "destination", "status", "files_scanned",
                "files_changed", "files_deleted", "bytes_scanned", "bytes_literal", "bytes_matched",

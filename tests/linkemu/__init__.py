@@ -24,7 +24,9 @@ link carries TCP as well as UDP, so rsync runs over the same link as resync.
 
 The ``lan`` profile has no forwarder (no userspace forwarder is accurate at
 1 Gbit/s on two cores): va and vb are one veth pair, offloads on, with a tbf
-qdisc at 1 Gbit/s on each end.
+qdisc at 1 Gbit/s on each end. The ``veth`` profile is the same pair without
+the tbf: as fast as the kernel moves packets between two hosts' stacks (a
+clean LAN or a data centre, where the CPU is the limit).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ ADDR_A, ADDR_B = "10.201.0.1", "10.201.0.2"
 # queue in s at the link rate (drop-tail). RTT = 2 x delay (+ jitter both ways).
 PROFILES: dict[str, dict] = {
     "lan": {"rate": 1e9},                                                    # a veth pair, tbf only
+    "veth": {},                                                              # a plain veth pair
     "wan": {"rate": 100e6, "delay": 0.025, "loss": 0.001, "queue": 0.1},      # 50 ms RTT
     "lossy": {"rate": 100e6, "delay": 0.025, "loss": 0.05, "queue": 0.1},
     "disaster": {"rate": 1e6, "delay": 0.075, "jitter": 0.05, "loss": 0.2, "queue": 0.5},  # RTT 150-250 ms
@@ -127,6 +130,7 @@ class Link:
         base = f"{PREFIX}{os.getpid()}-{Link._count}"
         self.ns = {"a": f"{base}-a", "b": f"{base}-b", "f": f"{base}-f"}
         self.profile = profile
+        self.direct = profile in ("lan", "veth")        # one veth pair, no forwarder
         self.params = dict(PROFILES[profile], **overrides)
         self.addr_a, self.addr_b = ADDR_A, ADDR_B
         self.forwarder: subprocess.Popen | None = None
@@ -149,7 +153,7 @@ class Link:
         a, b, f = self.ns["a"], self.ns["b"], self.ns["f"]
         for ns in (a, b):
             _sh("ip", "netns", "add", ns)
-        if self.profile == "lan":
+        if self.direct:
             _sh("ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
         else:
             binary = build()
@@ -175,7 +179,7 @@ class Link:
         macs = {ns: _mac(ns, dev) for ns, dev in ((a, "va"), (b, "vb"))}
         for ns, dev, peer, peer_ns in ((a, "va", ADDR_B, b), (b, "vb", ADDR_A, a)):
             _sh("ip", "-n", ns, "neigh", "replace", peer, "lladdr", macs[peer_ns], "dev", dev, "nud", "permanent")
-        if self.profile != "lan":
+        if not self.direct:
             self.forwarder = subprocess.Popen(["ip", "netns", "exec", f, str(build()), "forward", "fa", "fb"],
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
             ready = self.forwarder.stdout.readline()

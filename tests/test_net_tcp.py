@@ -1,0 +1,179 @@
+"""The TLS over TCP path (resync.net.tcp): which transport a run picks, a TCP
+path that breaks mid-transfer falling back to QUIC and resuming, and the
+server's refusals on the TCP door (a malformed record, a flood before the
+client's proof, a client whose key is not pinned)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from . import mix
+from .linkemu import Link, unavailable
+from .test_net import Server, Site, _same, _tree
+
+
+@pytest.fixture
+def sites(tmp_path):
+    return Site(tmp_path, "client"), Site(tmp_path, "server")
+
+
+def _json(r) -> dict:
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def _source(root: Path, mib: int = 24) -> Path:
+    src = root / "src"
+    _tree(src, 31, files=30)
+    mix.write(src / "large", 31, mib << 20, "mixed")
+    return src
+
+
+def test_tcp_is_picked_on_loopback_and_each_transport_can_be_asked_for(sites, tmp_path):
+    """auto on loopback: TLS over TCP (no parity, no repairs, 64 KiB shards);
+    --transport quic: QUIC; a server offering QUIC only (--no-tcp): auto
+    falls back to QUIC at once, --transport tcp fails as a connection
+    failure (exit 10) with one line."""
+    client, server_site = sites
+    src = _source(tmp_path, 8)
+    module = tmp_path / "module"
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        common = ("--json", "--peer-id", server_site.id)
+        r = _json(client.run("sync", src, server.url("m", "a"), *common))
+        assert r["transport"] == "tcp" and r["repair_shards"] == 0 and r["parity"] == 0
+        assert r["bytes_on_wire_sent"] > 8 << 20 and r["tcp_retransmits"] == 0
+        _same(src, module / "a")
+        r = _json(client.run("sync", src, server.url("m", "b"), *common, "--transport", "quic"))
+        assert r["transport"] == "quic" and r["udp_bytes_sent"] > 8 << 20
+        _same(src, module / "b")
+        r = _json(client.run("sync", server.url("m", "a"), tmp_path / "pulled", *common, "--transport", "tcp"))
+        assert r["transport"] == "tcp"
+        _same(src, tmp_path / "pulled")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-tcp") as server:
+        assert "(QUIC)" in server.text()
+        r = _json(client.run("sync", src, server.url("m", "c"), *common))
+        assert r["transport"] == "quic" and r["attempts"] == 1
+        _same(src, module / "c")
+        r = client.run("sync", src, server.url("m", "d"), *common, "--transport", "tcp", "--retry-for", "0")
+        assert r.returncode == 10 and "TCP" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = client.run("sync", "--transport", "tcp", src, tmp_path / "local")
+    assert r.returncode == 2 and "resync://" in r.stderr
+
+
+def test_a_tcp_path_cut_mid_transfer_falls_back_to_quic_and_resumes(sites, tmp_path):
+    """The server aborts the TCP connection once 12 MB have arrived (a test
+    hook): the client retries over QUIC, the receiver's checkpoint is
+    offered, and the stripes kept from the 64 KiB-shard attempt carry over
+    to QUIC's geometry: the second attempt sends what was missing, not the
+    whole (at most the missing bytes plus 10 %)."""
+    client, server_site = sites
+    src = _source(tmp_path, 32)
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    module = tmp_path / "module"
+    module.mkdir()
+    server_site.env["RESYNC_TEST_CUT_TCP"] = str(12 << 20)
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        r = _json(client.run("sync", src, server.url("m", "d"), "--json", "--peer-id", server_site.id))
+        log = server.text()
+    _same(src, module / "d")
+    assert r["attempts"] == 2 and r["transport"] == "quic", r
+    assert r["resumed_bytes"] > 4 << 20, r               # kept from the TCP attempt
+    missing = total - r["resumed_bytes"]
+    assert r["datagram_bytes_sent"] < 1.1 * missing + (1 << 20), (r["datagram_bytes_sent"], missing)
+    assert "TLS over TCP" in log and "QUIC): push into m/d: ok" in log, log
+
+
+@pytest.mark.parametrize("what", ["bad record", "flood"])
+def test_the_tcp_door_refuses_before_the_proof(sites, tmp_path, what):
+    """A stranger on the TCP port: a record of an unknown kind ends its
+    connection; records past the pre-proof allowance (1.5 MiB) end it too;
+    the server goes on serving (a real push afterwards works)."""
+    client, server_site = sites
+    module = tmp_path / "module"
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        async def stranger() -> bool:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            reader, writer = await asyncio.open_connection(server.host, server.port, ssl=ctx,
+                                                           server_hostname="resync")
+            try:
+                if what == "bad record":
+                    writer.write(struct.pack("<BI", 9, 4) + b"oops")
+                else:
+                    chunk = struct.pack("<BI", 2, 65536 + 19) + bytes(65536 + 19)
+                    for _ in range(40):                 # 2.6 MB of shard records, no Hello
+                        writer.write(chunk)
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 10)
+                return data == b""
+            except (ConnectionError, ssl.SSLError):
+                return True                             # (cut while it was still writing)
+            finally:
+                writer.close()
+        assert asyncio.run(stranger()), "the server kept the connection"
+        src = _source(tmp_path, 1)
+        r = _json(client.run("sync", src, server.url("m", "d"), "--json", "--peer-id", server_site.id))
+        assert r["transport"] == "tcp"
+        _same(src, module / "d")
+        time.sleep(0.3)
+        text = server.text()
+    why = "kind 9" if what == "bad record" else "before proving its key"
+    assert why in text, text
+
+
+WHY = unavailable()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(WHY), reason=WHY or "")
+@pytest.mark.parametrize("profile, want", [("veth", "tcp"), ("lossy", "quic"), ("clean", "quic")])
+def test_auto_picks_tcp_on_a_lan_and_keeps_quic_on_long_or_lossy_paths(tmp_path, profile, want):
+    """Two hosts (network namespaces): a plain veth pair (a LAN) gets TLS
+    over TCP; the emulated 50 ms WAN, clean or losing 5 % of its packets,
+    keeps QUIC with parity; the copy is exact either way."""
+    with Link(profile) as link:
+        client = Site(tmp_path, "client", link.cmd("a", []))
+        server_site = Site(tmp_path, "server", link.cmd("b", []))
+        module = tmp_path / "module"
+        module.mkdir()
+        src = tmp_path / "src"
+        _tree(src, 41, files=20)
+        mix.write(src / "large", 41, 2 << 20, "mixed")
+        with Server(server_site, "--module", f"m={module}", "--allow", client.id, host=link.addr_b) as server:
+            r = _json(client.run("sync", "--json", src, server.url("m", "d"), "--peer-id", server_site.id,
+                                 timeout=300))
+        assert r["transport"] == want, r
+        _same(src, module / "d")
+        if want == "quic" and profile == "lossy":
+            assert r["parity"] > 0 or r["repair_shards"] > 0
+
+
+def test_tcp_info_reads_the_kernels_counts():
+    """tcp_info: the kernel's RTT and byte counts of a connected socket."""
+    import socket
+
+    from resync.net.tcp import tcp_info
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    c = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    c.sendall(b"x" * 100_000)
+    got = 0
+    while got < 100_000:
+        got += len(peer.recv(1 << 20))
+    time.sleep(0.05)
+    info = tcp_info(c)
+    assert info["tcp_bytes_sent"] >= 100_000 and info["rtt_ms"] >= 0 and info["tcp_retransmits"] == 0
+    assert tcp_info(peer)["tcp_bytes_received"] >= 100_000
+    for s in (c, peer, srv):
+        s.close()
