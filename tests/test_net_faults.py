@@ -230,7 +230,7 @@ def test_after_a_full_module_the_next_push_succeeds_and_nothing_stays_open(sites
         assert r.returncode == 0, r.stderr
         _same(src, module / "x")
         assert not _staged(module)
-        assert len(_log_lines(server, "push into m/x", want=2)) == 2
+        assert len(_log_lines(server, "push into m/x", want=2)) == 2, server.text()
         assert _open_files(server.proc.pid, base, wait=3) == base    # no descriptor of m/x kept
     _push_into_a_full_module(client, server_site, tmp_path, then)
 
@@ -351,7 +351,8 @@ def test_a_1280_byte_path_carries_a_push_and_a_pull_in_1200_byte_packets(pair, t
     pair.mtu(pair.s, 1280)                          # client -> server black-holed over 1280
     with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history",
                 host=pair.addr_s) as server:
-        pin = ("--peer-id", server_site.id, "--timeout", "8", "--retry-for", "0", "--no-history", "--json")
+        pin = ("--peer-id", server_site.id, "--timeout", "8", "--retry-for", "0", "--no-history", "--json",
+               "--transport", "quic")      # (QUIC's own path MTU search; TCP has the MSS: tests/test_net_tcp.py)
         r = _json(client.run("sync", src, server.url("m", "x"), *pin, timeout=60))
         _same(src, module / "x")
         assert r["path_mtu"] == 1200 and r["pmtu_probes"] >= 1, r
@@ -374,7 +375,8 @@ def test_a_1500_byte_path_grows_packets_to_1350(pair, tmp_path):
     with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history",
                 host=pair.addr_s) as server:
         r = _json(client.run("sync", "--json", src, server.url("m", "x"), "--peer-id", server_site.id,
-                             "--timeout", "8", "--retry-for", "0", "--no-history", timeout=60))
+                             "--timeout", "8", "--retry-for", "0", "--no-history", "--transport", "quic",
+                             timeout=60))
     _same(src, module / "x")
     assert r["path_mtu"] == 1350 and r["pmtu_probes"] >= 1, r
 

@@ -101,7 +101,7 @@ def test_a_push_makes_missing_directories_beneath_the_module(tmp_path):
 
 def _listed_sender(root: Path) -> Sender:
     """A sender over ``root`` that has listed its whole tree."""
-    s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, sent=[])
+    s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, reliable=False, sent=[])
     s.send = s.sent.append
     sender = Sender(s, str(root), Options(), window=1 << 20)
     while not sender.lister.listed:
@@ -138,7 +138,7 @@ def test_a_directory_swapped_before_it_is_listed_is_refused(tmp_path):
     (mod / "a" / "d").mkdir(parents=True)
     outside.mkdir()
     (outside / "f").write_text("SECRET\n")
-    s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, sent=[])
+    s = SimpleNamespace(buffered=0, progress=None, shard_size=SHARD_SIZE, path_settled=True, reliable=False, sent=[])
     s.send = s.sent.append
     sender = Sender(s, str(mod), Options(), window=1 << 20)
     first = sender.lister.next_frame()                 # the root: lists a/

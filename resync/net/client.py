@@ -267,7 +267,7 @@ async def pick_transport(t: Transfer, path: dict):
 async def _connected_tcp(t: Transfer, identity, report, meter, on_note, path, sock, stop: "_Stop") -> ClientSession:
     """One attempt over TLS 1.3 on the connected TCP socket ``sock``."""
     from .tcp import HANDSHAKE_TIMEOUT as TLS_TIMEOUT
-    from .tcp import StreamLink, tls_context
+    from .tcp import LINGER, StreamLink, tls_context
     remote = t.remote
     loop = asyncio.get_running_loop()
     try:
@@ -289,6 +289,10 @@ async def _connected_tcp(t: Transfer, identity, report, meter, on_note, path, so
         raise
     finally:
         link.close()
+        try:                                    # (both ends' FINs: a moment, at most the linger)
+            await asyncio.wait_for(link.closed_event.wait(), LINGER)
+        except asyncio.TimeoutError:
+            pass
     if isinstance(session.error, (ConnectionFailed, TimedOut)):
         path["fallback"] = True
     return session

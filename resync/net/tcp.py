@@ -50,6 +50,9 @@ WRITE_HIGH = 4 << 20              # bytes waiting in the transport before the se
 SHARDS_PER_TURN = 16              # shards asked of the session per call (one stripe: RELIABLE_K)
 KEEPALIVE = 5.0                   # s without a record sent after which an idle connection PINGs
 HANDSHAKE_TIMEOUT = 10.0          # s for the TLS handshake
+LINGER = 2.0                      # s a closing end reads (and drops) what still comes, waiting for the peer's
+#                                   close: closing with unread data sends a TCP reset, which can destroy the
+#                                   peer's copy of this end's last records (its Error) before it reads them
 TCP_INFO_SIZE = 232               # bytes of struct tcp_info read (Linux <linux/tcp.h>)
 
 # A test hook, not a setting: RESYNC_TEST_CUT_TCP=N makes the server's TCP
@@ -177,6 +180,7 @@ class StreamLink(asyncio.Protocol):
         self._timer = None
         self._timer_at = None
         self._keepalive = None
+        self._linger = None
         self._closing = False
         self._info: dict = {}
         self.counts = {"bytes_in": 0, "bytes_out": 0, "records_in": 0, "records_out": 0}
@@ -207,6 +211,8 @@ class StreamLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.counts["bytes_in"] += len(data)
         self.last_received = time.monotonic()
+        if self._closing:
+            return                              # (lingering: see close)
         s = self.session
         if self.preauth_limit and self.counts["bytes_in"] > self.preauth_limit:
             if s is not None and not s.finished and not s.authenticated:
@@ -261,17 +267,22 @@ class StreamLink(asyncio.Protocol):
             self.close()
 
     def eof_received(self):
-        return None                             # (close: the session's end is connection_lost's)
+        """The peer's FIN: after this end's own (a lingering close) the
+        connection is over; before it, this end closes now (the session's
+        end is connection_lost's)."""
+        if self._closing:
+            self._end()
+        return None
 
     def connection_lost(self, exc) -> None:
         self._info = tcp_info(self._socket()) or self._info
         if not self.close_reason:
             self.close_reason = f"the TCP connection broke ({exc})" if exc is not None \
                 else "the peer closed the connection"
-        for h in (self._timer, self._keepalive):
+        for h in (self._timer, self._keepalive, self._linger):
             if h is not None:
                 h.cancel()
-        self._timer = self._keepalive = None
+        self._timer = self._keepalive = self._linger = None
         self._transport = None
         if self.session is not None and not self.session.finished:
             self.session.connection_lost(self.close_reason)
@@ -369,8 +380,13 @@ class StreamLink(asyncio.Protocol):
             self._transport.abort()
 
     def close(self, reason_phrase: str = "") -> None:
-        """Close after what is written has gone (``reason_phrase`` in a CLOSE
-        record, TLS close_notify, then FIN)."""
+        """Close: ``reason_phrase`` first, in a CLOSE record; once what is
+        written has gone, this end's FIN (the peer reads everything, then
+        its end); meanwhile and until the peer's FIN what arrives is dropped
+        unread, for at most LINGER s (a lingering close, as HTTP servers do:
+        closing a socket with unread data sends a reset, which can destroy
+        the peer's copy of this end's last records — its Error frame —
+        before it reads them)."""
         if reason_phrase and not self.close_reason:
             self.close_reason = reason_phrase
         if reason_phrase:
@@ -378,7 +394,30 @@ class StreamLink(asyncio.Protocol):
         if self._transport is not None and not self._closing:
             self._info = tcp_info(self._socket()) or self._info
             self._closing = True
-            self._transport.close()
+            self._cancel_timer()
+            self._linger = self._loop.call_later(LINGER, self._end)
+            self._half_close()
+
+    def _half_close(self) -> None:
+        """This end's FIN once its records have left (looked at every 5 ms)."""
+        t, sock = self._transport, self._socket()
+        if t is None or sock is None:
+            return
+        if t.get_write_buffer_size() > 0:
+            self._loop.call_later(0.005, self._half_close)
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._end()
+
+    def _end(self) -> None:
+        """The peer closed too, or did not within LINGER s: the connection is over."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._transport is not None:
+            self._transport.abort()
 
     leave = close
 
