@@ -689,8 +689,8 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     from resync.protocol.parity import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)
     assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET
-    planner.s.reliable, planner.s.shard_size = True, 65536      # the TLS stream: no parity, 1 MiB stripes
-    assert planner.geometry(resume) == (16, 65536) and planner.full(16) == 0 and planner.parity(16, 3) == 0
+    planner.s.reliable, planner.s.shard_size = True, 1 << 20    # the TLS stream: no parity, 4 MiB stripes
+    assert planner.geometry(resume) == (4, 1 << 20) and planner.full(4) == 0 and planner.parity(4, 3) == 0
 
 
 def _file_frame(length: int, k: int, size: int, content: bytes = bytes(32)) -> F.File:
@@ -708,8 +708,8 @@ def test_kept_stripes_carry_over_to_another_geometry():
     rng = random.Random(7)
     for _ in range(400):
         length = rng.choice([1, 100, 65536, 1 << 20, 5_000_000, rng.randrange(1, 20_000_000)])
-        ok, osz = rng.choice([(16, 65536), (128, 1296), (176, 1136), (3, 64)])
-        nk, nsz = rng.choice([(16, 65536), (128, 1296), (224, 1296), (5, 100)])
+        ok, osz = rng.choice([(4, 1 << 20), (16, 65536), (128, 1296), (176, 1136), (3, 64)])
+        nk, nsz = rng.choice([(4, 1 << 20), (128, 1296), (224, 1296), (5, 100)])
         old_stripes = -(-length // (ok * osz))
         kept = sorted(rng.sample(range(old_stripes), rng.randint(0, min(old_stripes, 6))))
         runs = tuple((s, 1) for s in kept)
@@ -841,3 +841,16 @@ def test_a_delta_that_does_not_make_the_file_is_asked_for_again_whole(tmp_path, 
     assert client.error is None and server.error is None, (client.error, server.error)
     assert snapshot(dst) == snapshot(src)
     assert spoiled and client.result["redone"] == 1 and client.result["errors"] == 0
+
+
+def test_stripe_geometry_bounds_hold_a_stripe_to_16_mib():
+    """A File or Pack frame's geometry: shards of 64 bytes to 1 MiB (the TLS
+    stream's), k + m <= 256, and at most 16 MiB a stripe (what a receiver
+    holds of one incomplete stripe) — a 1 MiB shard with k = 128 is refused."""
+    ok = _file_frame(10 << 20, 4, 1 << 20)
+    assert F.decode(F._TYPES[F.File], F.encode(ok)[5:]).shard_size == 1 << 20
+    for k, size in ((128, 1 << 20), (4, (1 << 20) + 1), (1, 63), (17, 1 << 20)):
+        bad = _file_frame(10 << 20, k, size)
+        with pytest.raises(F.ProtocolError):
+            F.decode(F._TYPES[F.File], F.encode(bad)[5:])
+    assert F.geometry_ok(248, 8, 65536) and F.geometry_ok(16, 0, 1 << 20) and not F.geometry_ok(16, 1, 1 << 20 | 1)

@@ -22,7 +22,7 @@ Records on the TLS stream (docs/protocol.md, "The TLS stream")::
     u8 kind | u32 length (little-endian) | length bytes
 
     kind 1 CONTROL  bytes of the control stream (frames), at most 1 MiB a record
-    kind 2 SHARD    one shard datagram (shards.py; its check zero), at most 64 KiB + 19
+    kind 2 SHARD    one shard datagram (shards.py; its check zero), at most 1 MiB + 19
     kind 3 PING     8 bytes the peer sends back in a PONG (is the peer alive?)
     kind 4 PONG     the 8 bytes of a PING
     kind 5 CLOSE    why this end closes (UTF-8, at most 1 KiB; the peer logs it), the last record
@@ -43,11 +43,14 @@ from . import ALPN
 RECORD = struct.Struct("<BI")
 CONTROL, SHARD, PING, PONG, CLOSE = 1, 2, 3, 4, 5
 MAX_REASON = 1024                 # bytes of a CLOSE record
+RECEIVE_BUFFER = 8 << 20          # bytes of the buffer records are decrypted into
+MIN_FREE = (2 << 20) + 64          # free bytes at its end below which what is left moves to its start
 MAX_CONTROL = 1 << 20             # bytes of control stream per record
-SHARD_SIZE = 1 << 16              # shard bytes on this path (File.shard_size's largest)
+SHARD_SIZE = 1 << 20              # shard bytes on this path (frames.MAX_SHARD_SIZE): few Python calls a GiB
 MAX_SHARD = SHARD_SIZE + 19       # ... with the shard's header (shards.HEADER)
+LIMITS = {CONTROL: MAX_CONTROL, SHARD: MAX_SHARD, PING: 8, PONG: 8, CLOSE: MAX_REASON}   # the longest of each kind
 WRITE_HIGH = 4 << 20              # bytes waiting in the transport before the session waits
-SHARDS_PER_TURN = 16              # shards asked of the session per call (one stripe: RELIABLE_K)
+SHARDS_PER_TURN = 4               # shards asked of the session per call (one stripe: RELIABLE_K)
 KEEPALIVE = 5.0                   # s without a record sent after which an idle connection PINGs
 HANDSHAKE_TIMEOUT = 10.0          # s for the TLS handshake
 LINGER = 2.0                      # s a closing end reads (and drops) what still comes, waiting for the peer's
@@ -151,7 +154,7 @@ class StreamFeeder:
                 link.write_record(SHARD, d)
 
 
-class StreamLink(asyncio.Protocol):
+class StreamLink(asyncio.BufferedProtocol):
     """One TLS connection's pump, the counterpart of ``link.SessionLink``:
     records in to the session with the loop's time, the session's output out
     after every event, the session's timer, the connection's end. The
@@ -176,7 +179,9 @@ class StreamLink(asyncio.Protocol):
         self.feeder = StreamFeeder(self)
         self._transport = None
         self._loop = asyncio.get_event_loop()
-        self._buf = bytearray()
+        self._rbuf = bytearray(RECEIVE_BUFFER)  # records arrive here (get_buffer), parsed in place
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0           # the bytes not parsed yet: _rbuf[_rstart:_rend]
         self._timer = None
         self._timer_at = None
         self._keepalive = None
@@ -208,42 +213,49 @@ class StreamLink(asyncio.Protocol):
         self.paused = False
         self.drive()
 
-    def data_received(self, data: bytes) -> None:
-        self.counts["bytes_in"] += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the TLS layer decrypts into: the free end of the receive
+        buffer (RECEIVE_BUFFER bytes; what is not parsed yet moved to its
+        start when less than a record's worth is free)."""
+        if RECEIVE_BUFFER - self._rend < MIN_FREE:
+            n = self._rend - self._rstart
+            self._rbuf[0:n] = self._rbuf[self._rstart:self._rend]
+            self._rstart, self._rend = 0, n
+        return self._rview[self._rend:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._rend += nbytes
+        self.counts["bytes_in"] += nbytes
         self.last_received = time.monotonic()
         if self._closing:
-            return                              # (lingering: see close)
+            self._rstart = self._rend             # (lingering: dropped, see close)
+            return
         s = self.session
         if self.preauth_limit and self.counts["bytes_in"] > self.preauth_limit:
             if s is not None and not s.finished and not s.authenticated:
                 self.refuse(f"sent over {self.preauth_limit} bytes before proving its key")
                 return
             self.preauth_limit = 0
-        if _CUT_AFTER and self.counts["bytes_in"] > _CUT_AFTER and self.session is not None \
-                and getattr(self.session, "hello", None) is not None:
+        if _CUT_AFTER and self.counts["bytes_in"] > _CUT_AFTER and s is not None \
+                and getattr(s, "hello", None) is not None:
             self._transport.abort()             # (the test hook: see _CUT_AFTER)
             return
-        buf = self._buf
-        buf += data
-        now = self._loop.time()
-        pos, end = 0, len(buf)
-        try:
-            while end - pos >= RECORD.size:
-                kind, length = RECORD.unpack_from(buf, pos)
-                if length > (MAX_CONTROL if kind == CONTROL else MAX_SHARD if kind == SHARD else
-                             MAX_REASON if kind == CLOSE else 8) or kind not in (CONTROL, SHARD, PING, PONG, CLOSE):
-                    self._broken(f"a record of kind {kind} and {length} bytes")
-                    return
-                if end - pos - RECORD.size < length:
-                    break
-                body = bytes(buf[pos + RECORD.size:pos + RECORD.size + length])
-                pos += RECORD.size + length
-                self.counts["records_in"] += 1
-                self._record(kind, body, now)
-                if self._closing:
-                    return
-        finally:
-            del buf[:pos]
+        view, now = self._rview, self._loop.time()
+        pos, end = self._rstart, self._rend
+        while end - pos >= RECORD.size:
+            kind, length = RECORD.unpack_from(view, pos)
+            if length > LIMITS.get(kind, -1):
+                self._broken(f"a record of kind {kind} and {length} bytes")
+                return
+            if end - pos - RECORD.size < length:
+                break
+            body = view[pos + RECORD.size:pos + RECORD.size + length]
+            pos += RECORD.size + length
+            self._rstart = pos
+            self.counts["records_in"] += 1
+            self._record(kind, body, now)      # (a view into the buffer: whoever keeps it copies it)
+            if self._closing or self._transport is None:
+                return
         self.drive()
 
     def _record(self, kind: int, body: bytes, now: float) -> None:
@@ -257,11 +269,11 @@ class StreamLink(asyncio.Protocol):
                 self.last_progress = time.monotonic()
                 s.receive_datagram(body, now)
         elif kind == PING:
-            self.write_record(PONG, body)
+            self.write_record(PONG, bytes(body))
         elif kind == PONG:
             self.liveness.pong(body)
         else:                                   # CLOSE: the peer leaves, and says why
-            self.close_reason = body.decode("utf-8", "replace") or "closed by the peer"
+            self.close_reason = bytes(body).decode("utf-8", "replace") or "closed by the peer"
             if s is not None and not s.finished:
                 s.connection_lost(self.close_reason)
             self.close()

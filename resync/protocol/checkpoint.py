@@ -166,7 +166,8 @@ def _checkpoint_entry(k) -> dict | None:
         if not (isinstance(tmp, str) and tmp.startswith(TEMP_PREFIX) and "/" not in tmp and "\0" not in tmp
                 and len(tmp) < 128 and "\0" not in path and len(content) == 32
                 and _whole(k["length"], 0, 1 << 62) and isinstance(k["delta"], bool)
-                and _whole(k["k"], 1, 255) and _whole(k["shard_size"], 64, 65536)
+                and _whole(k["k"], 1, 255) and _whole(k["shard_size"], 64, F.MAX_SHARD_SIZE)
+                and k["k"] * k["shard_size"] <= F.MAX_STRIPE_BYTES
                 and isinstance(stripes, list) and len(stripes) <= 1 << 20):
             return None
         if k["delta"] and not (isinstance(basis, list) and len(basis) == 2 and all(_whole(x, 0, 1 << 126)

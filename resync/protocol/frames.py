@@ -190,6 +190,16 @@ class Pack(NamedTuple):            # sender -> receiver: small files' contents f
 
 PACK_BASE = 0x80000000             # pack ids start here; a receiver's file ids stay below
 PACK_MAX = 16 << 20                # the most member bytes a pack may hold
+MAX_SHARD_SIZE = 1 << 20           # shard bytes at most (QUIC: a datagram's 1,296; the TLS stream: 1 MiB)
+MAX_STRIPE_BYTES = 256 << 16       # k x shard size at most: what a receiver holds of one stripe
+
+
+def geometry_ok(k: int, m: int, shard_size: int) -> bool:
+    """Whether a content cut into stripes of k data shards (and m parity)
+    of ``shard_size`` bytes is within bounds: k + m <= 256 (GF(2^8)), a
+    shard of 64 bytes to MAX_SHARD_SIZE, a stripe of at most
+    MAX_STRIPE_BYTES (the memory a receiver gives an incomplete stripe)."""
+    return 1 <= k and k + m <= 256 and 64 <= shard_size <= MAX_SHARD_SIZE and k * shard_size <= MAX_STRIPE_BYTES
 
 
 class Item(NamedTuple):            # receiver -> client: an itemized line or an error (push)
@@ -745,15 +755,14 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
         elif sparse != 0:
             raise ProtocolError("File: bad sparse flag")
         if f.status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or f.nanoseconds >= 10**9 or f.size > 1 << 62 \
-                or f.length > 1 << 62 or (f.status == FILE_OK and not (1 <= f.k and f.k + f.m <= 256
-                                                                       and 64 <= f.shard_size <= 65536)):
+                or f.length > 1 << 62 or (f.status == FILE_OK and not geometry_ok(f.k, f.m, f.shard_size)):
             raise ProtocolError("File: field out of range")
     elif cls is Pack:
         f = Pack(r.u32(), r.u8(), r.u32(), r.u32(), r.u16(), r.u16(), r.u32())
         if f.pack_id < PACK_BASE or f.codec not in (0, 1) or not 0 < f.raw_length <= PACK_MAX \
                 or not 0 < f.length <= f.raw_length + f.raw_length // 255 + 16 \
                 or (f.codec == 0 and f.length != f.raw_length) \
-                or not (1 <= f.k and f.k + f.m <= 256 and 64 <= f.shard_size <= 65536):
+                or not geometry_ok(f.k, f.m, f.shard_size):
             raise ProtocolError("Pack: field out of range")
     elif cls is Ack:
         fid, n = r.u32(), r.u32()

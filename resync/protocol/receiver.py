@@ -519,6 +519,19 @@ class StripeIntake:
 
             def sink(off, data):
                 scatter(fd, runs, starts, off, data)
+        elif r.s.reliable and not frame.delta and k is None:
+            import blake3                       # a reliable transport: shards come in order, each
+            hasher, end = blake3.blake3(), [0]  # written at once and hashed as written (no read-back)
+            if frame.length:
+                os.ftruncate(fd, frame.length)
+
+            def sink(off, data):
+                pwrite_all(fd, data, off)
+                if off == end[0]:
+                    hasher.update(data)
+                    end[0] += len(data)
+                    if end[0] == frame.length:
+                        inc.digest = hasher.hexdigest()
         elif stripe_count(frame.length, frame.k, frame.shard_size) == 1 and not frame.delta and k is None:
             def sink(off, data):                # one stripe: one write, hashed as written
                 pwrite_all(fd, data, off)
@@ -529,7 +542,8 @@ class StripeIntake:
 
             def sink(off, data):
                 pwrite_all(fd, data, off)
-        inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size, sink)
+        inc.assembler = StripeAssembler(frame.file_id, frame.length, frame.k, frame.shard_size, sink,
+                                        direct=r.s.reliable)
         if k is not None:
             done = carried(resume_of(k), frame)
             r.checkpoints.resumed_bytes += inc.assembler.mark_done(done)
@@ -548,14 +562,16 @@ class StripeIntake:
         inc = r.wanted.get(fid)
         if inc is None:
             if fid > r.packs.last and self.early_bytes + len(payload) <= EARLY_BYTES:
-                self.early.setdefault(fid, []).append(shard)    # a pack announced later (its Pack frame
-                self.early_bytes += len(payload)                # comes on the stream, behind datagrams)
+                # a pack announced later (its Pack frame comes on the stream, behind datagrams); kept
+                # as a copy (the transport may reuse the buffer the payload is a view of)
+                self.early.setdefault(fid, []).append((fid, stripe, index, bytes(payload)))
+                self.early_bytes += len(payload)
             return                              # late or duplicate shards of a finished file
         if inc.assembler is None:
             # Before its File frame: QUIC sends queued datagrams ahead of stream data,
             # and a lost stream packet is resent later. Held (up to EARLY_BYTES in all).
             if inc.frame is None and self.early_bytes + len(payload) <= EARLY_BYTES:
-                self.early.setdefault(fid, []).append(shard)
+                self.early.setdefault(fid, []).append((fid, stripe, index, bytes(payload)))
                 self.early_bytes += len(payload)
             return
         inc.last_shard = self.last_datagram = now

@@ -30,6 +30,7 @@ from .sparse import zero_free_runs
 
 MAX_ACTIVE = 64                  # files being sent at once (open, with stripes in flight)
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
+RELIABLE_WINDOW = 32 << 20       # content bytes unacknowledged at most on a reliable transport
 PROBE_DELAY = 0.1                # seconds (at least; 4 RTT on slower links) before an unacknowledged stripe is probed
 PACK_FILE = 64 << 10             # files up to this size travel in packs (their contents share stripes)
 PACK_BYTES = 256 << 10           # a pack is sealed once its members hold this much (or the turn ends)
@@ -197,6 +198,8 @@ class Stripes:
 
     def __init__(self, session, parity: ParityPlanner, window: int, advanced, retired):
         self.s, self.parity, self.window = session, parity, max(1 << 20, window)
+        if session.reliable:                    # the receiver holds nothing of a stripe there (each shard is
+            self.window = max(self.window, RELIABLE_WINDOW)     # written as it comes): TCP's window rules
         self.advanced, self.retired = advanced, retired
         self.active: dict[int, Outgoing] = {}
         self.order: deque = deque()             # content ids in the order their shards go out

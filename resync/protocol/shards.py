@@ -123,7 +123,13 @@ class StripeEncoder:
         for i in indexes:
             payload = data[i] if i < d else parity[i - d]
             head = HEAD.pack(MAGIC, self.file_id, stripe, i)
-            out.append(head + (_check(head, payload) if self.checked else NO_CHECK) + payload.tobytes())
+            if self.checked:                    # (bytes: what QUIC's DATAGRAM frames take)
+                out.append(head + _check(head, payload) + payload.tobytes())
+                continue
+            datagram = bytearray(HEADER + payload.shape[0])     # (one copy of a 1 MiB shard, not two)
+            datagram[:HEAD.size] = head
+            datagram[HEADER:] = memoryview(payload)
+            out.append(datagram)
         return out
 
     def forget(self, stripe: int) -> None:
@@ -134,13 +140,18 @@ class StripeEncoder:
 class StripeAssembler:
     """Puts one file's content back together from shards: ``add`` each one;
     a stripe is decoded as soon as k of its shards are in and handed to
-    ``sink(offset, bytes)``. Memory: the shards of incomplete stripes only."""
+    ``sink(offset, bytes)``. Memory: the shards of incomplete stripes only.
+    ``direct`` (a reliable transport: no parity, every data shard comes):
+    each data shard goes to the sink at its own offset as it arrives,
+    nothing is held, and a stripe is done when all its data shards are in."""
 
-    def __init__(self, file_id: int, length: int, k: int, size: int, sink):
+    def __init__(self, file_id: int, length: int, k: int, size: int, sink, direct: bool = False):
         self.file_id, self.length, self.k, self.size, self.sink = file_id, length, k, size, sink
+        self.direct = direct
         self.stripes = stripe_count(length, k, size)
         self.done: set[int] = set()
         self._parts: dict[int, dict[int, bytes]] = {}
+        self._written: dict[int, set[int]] = {}     # direct: stripe -> data shards written
         self.received = 0                   # shards taken
         self.duplicates = 0
         self.repaired = 0                   # stripes rebuilt with parity
@@ -161,6 +172,8 @@ class StripeAssembler:
         if stripe in self.done:
             self.duplicates += 1
             return False
+        if self.direct:
+            return self._write(stripe, index, d, size, payload)
         parts = self._parts.setdefault(stripe, {})
         if index in parts:
             self.duplicates += 1
@@ -176,14 +189,20 @@ class StripeAssembler:
         self.done.add(stripe)                   # only once it is written: a checkpoint lists done stripes
         return True
 
-    def _decode(self, parts: dict[int, bytes], d: int) -> np.ndarray:
-        import numpy as np
-        if all(i in parts for i in range(d)):
-            return np.frombuffer(b"".join(parts[i] for i in range(d)), np.uint8)
-        from ..erasure import ReedSolomon
-        self.repaired += 1
-        rs = ReedSolomon(d, max(max(parts) - d + 1, 1))
-        return rs.decode([parts.get(i) for i in range(rs.n)])
+    def _write(self, stripe: int, index: int, d: int, size: int, payload) -> bool:
+        written = self._written.setdefault(stripe, set())
+        if index >= d or index in written:      # (no parity on a reliable transport)
+            self.duplicates += 1
+            return False
+        lo = stripe * self.k * self.size + index * size
+        self.sink(lo, payload[:min(size, self.length - lo)])
+        written.add(index)
+        self.received += 1
+        if len(written) < d:
+            return False
+        del self._written[stripe]
+        self.done.add(stripe)
+        return True
 
     def mark_done(self, stripes) -> int:
         """Stripes already in the sink (kept from a cut transfer): done
@@ -193,9 +212,19 @@ class StripeAssembler:
             if 0 <= s < self.stripes and s not in self.done:
                 self.done.add(s)
                 self._parts.pop(s, None)
+                self._written.pop(s, None)
                 lo = s * self.k * self.size
                 total += min(self.k * self.size, self.length - lo)
         return total
+
+    def _decode(self, parts: dict[int, bytes], d: int) -> np.ndarray:
+        import numpy as np
+        if all(i in parts for i in range(d)):
+            return np.frombuffer(b"".join(parts[i] for i in range(d)), np.uint8)
+        from ..erasure import ReedSolomon
+        self.repaired += 1
+        rs = ReedSolomon(d, max(max(parts) - d + 1, 1))
+        return rs.decode([parts.get(i) for i in range(rs.n)])
 
     def need(self, stripe: int) -> int:
         """Shards still needed to rebuild ``stripe`` (0 when it is done)."""
