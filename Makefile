@@ -41,12 +41,14 @@ linkemu:
 	@$(PY) -c "import tests.linkemu as l; l.build()" 2>/dev/null || echo "linkemu: not built (no C compiler?)"
 
 # What bench/ compares against besides rdiff and rsync: zfec and pyeclib from
-# PyPI; Debian's ISA-L and liberasurecode (pyeclib's wheel also ships its own).
+# PyPI; Debian's ISA-L and liberasurecode (pyeclib's wheel also ships its own);
+# openssh-server (bench_wan.py's veth step runs rsync over ssh).
 bench-tools: tools
 	@$(PIP) install --quiet -e '.[test,bench]'
-	@dpkg -s libisal2 liberasurecode1 >/dev/null 2>&1 || { \
+	@dpkg -s libisal2 liberasurecode1 openssh-server >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libisal2 liberasurecode1 >/dev/null; }
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libisal2 liberasurecode1 \
+			openssh-server >/dev/null; }
 
 # The main job on a built-in default: mirror a generated sample tree, change it,
 # mirror again (recorded in a history database), show the history; then the
@@ -89,14 +91,15 @@ run: install tools
 	echo "+ resync sync -v $(RUN)/src $$URL --peer-id $$SERVER"; $$A sync -v $(RUN)/src $$URL --peer-id $$SERVER; \
 	$(PY) bench/gen.py change --fraction 0.05 --seed 4 $(RUN)/src; \
 	echo "+ resync sync -v --delete $(RUN)/src $$URL"; $$A sync -v --delete $(RUN)/src $$URL --peer-id $$SERVER; \
-	echo "+ resync sync -v $$URL $(RUN)/restore"; $$A sync -v $$URL $(RUN)/restore --peer-id $$SERVER; \
-	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/restore/ | grep . && exit 1 || echo "run: pushed and pulled back over QUIC, the restore equals the source (rsync -c)"; \
+	echo "+ resync sync -v --transport quic $$URL $(RUN)/restore"; $$A sync -v --transport quic $$URL $(RUN)/restore --peer-id $$SERVER; \
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/restore/ | grep . && exit 1 || echo "run: pushed over TLS on TCP (loopback: auto picks it), pulled back over QUIC, the restore equals the source (rsync -c)"; \
 	$$A verify $(RUN)/restore
 
 # The sync, unpack, bundle and network tests run once more as an ordinary user
 # (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs
 # them as nobody.
-USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py tests/test_net.py
+USER_TESTS := tests/test_sync.py tests/test_bundle.py tests/test_permissions.py tests/test_times.py tests/test_net.py \
+	tests/test_net_tcp.py
 
 test: install tools linkemu
 	$(PY) -m pytest -q

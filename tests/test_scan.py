@@ -154,3 +154,37 @@ def test_closing_early_stops_the_child(tmp_path):
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     assert lister.listing("d0000") is None
+
+
+@pytest.mark.parametrize("way", ["openat2", "walk"])
+def test_open_beneath_refuses_symlinks_either_way(tmp_path, monkeypatch, way):
+    """open_beneath with openat2(2) (one call) and with the component walk:
+    the same answers — a symlink anywhere on the path is ELOOP (even one to
+    a directory inside the tree), a file ENOTDIR, a missing part ENOENT or
+    made with ``create``; a real directory opens."""
+    import errno
+    import os
+
+    from resync import scan
+    if way == "walk":
+        monkeypatch.setattr(scan, "_OPENAT2", None)
+    elif scan._openat2() is None:
+        pytest.skip("no openat2 here")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "f").write_text("x")
+    (tmp_path / "a" / "in").symlink_to("b")
+    (tmp_path / "out").symlink_to("/")
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = scan.open_beneath(root, "a/b")
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "a" / "b"))
+        os.close(fd)
+        for rel, code in (("a/in", errno.ELOOP), ("a/in/x", errno.ELOOP), ("out", errno.ELOOP),
+                          ("out/tmp", errno.ELOOP), ("a/f", errno.ENOTDIR), ("a/nope/c", errno.ENOENT)):
+            with pytest.raises(OSError) as info:
+                scan.open_beneath(root, rel)
+            assert info.value.errno == code, (rel, info.value)
+        os.close(scan.open_beneath(root, "a/new/deeper", create=True))
+        assert (tmp_path / "a" / "new" / "deeper").is_dir()
+    finally:
+        os.close(root)
