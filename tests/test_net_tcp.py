@@ -16,6 +16,8 @@ import pytest
 
 from . import mix
 from .linkemu import Link, unavailable
+from resync.protocol.sender import STREAM_HIGH
+
 from .test_net import Server, Site, _same, _tree
 
 
@@ -89,6 +91,29 @@ def test_a_tcp_path_cut_mid_transfer_falls_back_to_quic_and_resumes(sites, tmp_p
     missing = total - r["resumed_bytes"]
     assert r["datagram_bytes_sent"] < 1.1 * missing + (1 << 20), (r["datagram_bytes_sent"], missing)
     assert "TLS over TCP" in log and "QUIC): push into m/d: ok" in log, log
+
+
+def test_trust_refusals_over_tcp_come_before_any_metadata(sites, tmp_path):
+    """--transport tcp: a server whose key is not pinned is left before a
+    record is sent (exit 13, its ID shown; the server's log says why the
+    client left); a client the module does not allow is refused (exit 13)
+    with nothing made in the module."""
+    client, server_site = sites
+    src = _source(tmp_path, 1)
+    module = tmp_path / "module"
+    module.mkdir()
+    stranger = Site(tmp_path, "stranger")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        r = client.run("sync", "--transport", "tcp", src, server.url("m", "x"))
+        assert r.returncode == 13 and server_site.id in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        r = stranger.run("sync", "--transport", "tcp", src, server.url("m", "y"), "--peer-id", server_site.id)
+        assert r.returncode == 13 and "not allowed" in r.stderr, r.stderr
+        deadline = time.monotonic() + 10
+        while "does not trust this server's key" not in server.text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = server.text()
+    assert os.listdir(module) == []
+    assert "does not trust this server's key" in text and "push into" not in text, text
 
 
 @pytest.mark.parametrize("what", ["bad record", "flood"])
@@ -177,3 +202,30 @@ def test_tcp_info_reads_the_kernels_counts():
     assert tcp_info(peer)["tcp_bytes_received"] >= 100_000
     for s in (c, peer, srv):
         s.close()
+
+
+def test_a_listing_longer_than_the_stream_buffer_flows_without_the_receiver_asking(sites, tmp_path):
+    """A no-change push of a tree whose listing is many times the sender's
+    control buffer (nothing to ask for: the receiver sends nothing while it
+    plans): the listing keeps flowing over TCP — the run ends in well under
+    the 5 s keep-alive that once was the only thing to wake the sender."""
+    client, server_site = sites
+    import random
+    rnd = random.Random(5)
+    src = tmp_path / "src"
+    for d in range(2000):
+        sub = src / f"{d:04d}-{rnd.randbytes(12).hex()}"
+        sub.mkdir(parents=True)
+        for f in range(6):
+            (sub / f"{rnd.randbytes(16).hex()}.txt").write_text(f"{d} {f}\n")
+    module = tmp_path / "module"
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history") as server:
+        args = ("sync", "--json", src, server.url("m", "d"), "--peer-id", server_site.id, "--no-history")
+        _json(client.run(*args))
+        t = time.monotonic()
+        r = _json(client.run(*args))
+        took = time.monotonic() - t
+    assert r["transport"] == "tcp" and r["files_transferred"] == 0
+    assert r["control_bytes_sent"] > 2 * STREAM_HIGH, r["control_bytes_sent"]
+    assert took < 4.0, f"{took:.1f} s"

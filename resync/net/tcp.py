@@ -120,7 +120,9 @@ class Pings:
 class StreamFeeder:
     """The session's control bytes and shards into the TLS stream, while
     fewer than WRITE_HIGH bytes wait in the transport (TCP's window paces
-    them), within the --bwlimit bucket (``bucket``, as ``feeder.Feeder``)."""
+    them; ``resume_writing`` drives again), within the --bwlimit bucket
+    (``bucket``, as ``feeder.Feeder``), for as long as the session has
+    something to send."""
 
     def __init__(self, link: "StreamLink"):
         self.link = link
@@ -148,10 +150,10 @@ class StreamFeeder:
             out = s.datagrams_to_send(now, room)
             if self.bucket is not None:
                 self.bucket.refund((room - len(out)) * SHARD_SIZE)
-            if not out:
-                return
-            for d in out:
-                link.write_record(SHARD, d)
+            if not out and not data:
+                return                          # (the session has nothing more to say now; a listing
+            for d in out:                       # goes on while its frames leave: nothing else would
+                link.write_record(SHARD, d)     # wake a sender whose receiver has nothing to ask)
 
 
 class StreamLink(asyncio.BufferedProtocol):
