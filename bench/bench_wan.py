@@ -155,10 +155,12 @@ class Tools:
         after = self._stats()
         return {d: after[d]["received_bytes"] - before[d]["received_bytes"] for d in ("ab", "ba")}
 
-    def resync(self, src: Path, limit=None, transport: str = "auto") -> dict:
+    transport = "auto"              # --resync-transport
+
+    def resync(self, src: Path, limit=None, transport: str | None = None) -> dict:
         dt, out, wire = self._timed([PY, "-m", "resync", "sync", "--delete", "--json", "--retry-for", "0", src,
                                      f"resync://{self.link.addr_b}:7000/bench", "--peer-id", self.server_id,
-                                     "--transport", transport], limit, env=self.env_c)
+                                     "--transport", transport or self.transport], limit, env=self.env_c)
         r = json.loads(out.splitlines()[-1]) if out else {}
         return {"seconds": dt, "wire": wire, "repairs": (r.get("stripes_repaired"), r.get("stripes")), "json": r,
                 "transport": r.get("transport")}
@@ -250,9 +252,13 @@ def fmt_runs(runs: list[dict], payload: int) -> tuple[str, str, str, float | Non
     return f"{med:.1f} s{spread}", good, wire_cell, med
 
 
+SEED = 1                          # --seed: the link's loss pattern (linkemu draws it from this seed)
+
+
 def step(name: str, tools: Tools, link: Link, loss: float, src: Path, payload: int, like: Path | None,
          repeat: int, which: list[str], rows: list) -> None:
     link.reset()
+    link.seed(SEED)
     link.set("both", loss=loss)
     runs: dict[str, list[dict]] = {t: [] for t in which}
     times = repeat if abs(loss - 0.2) < 1e-9 else 1
@@ -438,6 +444,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["bulk", "tree", "release", "disaster", "lan", "veth", "share"],
                     action="append")
     ap.add_argument("--veth-mib", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=1,
+                    help="the emulated link's random loss pattern: one seed draws the same losses for the same "
+                         "frames (a run that sends one frame more sees another pattern from then on)")
+    ap.add_argument("--resync-transport", choices=["auto", "quic", "tcp"], default="auto",
+                    help="resync's --transport in every step but veth's and lan's (which run both)")
     ap.add_argument("--releases", default="sympy,django,pandas")
     ap.add_argument("--release-losses", default="0,5,20")
     ap.add_argument("--tools", default="resync,rsync-bbr,rsync-cubic,quic-raw")
@@ -449,6 +460,9 @@ def main() -> None:
     if not shutil.which("rsync"):
         raise SystemExit("rsync not found: apt-get install rsync (make bench does it)")
     which = args.tools.split(",")
+    global SEED
+    SEED = args.seed
+    Tools.transport = args.resync_transport
     if which[0] != "resync":
         raise SystemExit("--tools: resync first (the others are timed against it)")
     losses = [float(x) / 100 for x in args.losses.split(",")]

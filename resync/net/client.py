@@ -244,22 +244,31 @@ async def pick_transport(t: Transfer, path: dict):
     loop = asyncio.get_running_loop()
     remote = t.remote
     try:
-        infos = await loop.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
+        try:                                    # (an address: no resolver thread in this process)
+            infos = socket.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            infos = await loop.getaddrinfo(remote.host, remote.port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
     family, _, proto, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
-    sock.setblocking(False)
-    wait = HANDSHAKE_TIMEOUT if t.transport == "tcp" else AUTO_RTT
     began = time.monotonic()
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, addr), wait)
-    except (OSError, asyncio.TimeoutError) as exc:
-        sock.close()
-        if t.transport == "tcp":
+    if t.transport == "auto":
+        # (blocking, for AUTO_RTT at most: a connect given up is closed with nothing of it
+        # left in the event loop, whose next socket may take the same descriptor number)
+        try:
+            sock = socket.create_connection(addr[:2], timeout=AUTO_RTT)
+        except OSError:
+            return None
+        sock.setblocking(False)
+    else:
+        sock = socket.socket(family, socket.SOCK_STREAM, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
             why = "no answer" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
             raise ConnectionFailed(f"{remote.address} (TCP): {why}") from None
-        return None
     path["tcp_connect_ms"] = round((time.monotonic() - began) * 1000, 3)
     return sock
 
