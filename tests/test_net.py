@@ -36,12 +36,17 @@ class Site:
         self.env.pop("RESYNC_HISTORY", None)
         self._id = None
 
+    sync_args: tuple = ()               # options added to every `sync` (e.g. --transport quic)
+
+    def _argv(self, args) -> list[str]:
+        extra = list(self.sync_args) if args and args[0] == "sync" else []
+        return [*self.prefix, PY, "-m", "resync", *map(str, args), *extra]
+
     def run(self, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.prefix, PY, "-m", "resync", *map(str, args)], capture_output=True, text=True,
-                              env=self.env, timeout=timeout, **kw)
+        return subprocess.run(self._argv(args), capture_output=True, text=True, env=self.env, timeout=timeout, **kw)
 
     def popen(self, *args, **kw) -> subprocess.Popen:
-        return subprocess.Popen([*self.prefix, PY, "-m", "resync", *map(str, args)], env=self.env, **kw)
+        return subprocess.Popen(self._argv(args), env=self.env, **kw)
 
     @property
     def id(self) -> str:

@@ -11,13 +11,16 @@ import subprocess
 import time
 
 from . import mix
-from .test_net import Server, Site, _same
+from .test_net import Server, Site, _checkpointed, _same
 
 
-def _push_across_a_restart(tmp_path, size: int, wait: float, *args) -> tuple[dict, str, float]:
+def _push_across_a_restart(tmp_path, size: int, wait: float, *args, checkpointed: bool = False
+                           ) -> tuple[dict, str, float]:
     """A --bwlimit 2M push of a ``size``-byte file killed (the server,
-    SIGKILL) after ``wait`` s and a new server on the same port: the push's
-    --json result, its stderr, and the seconds it took after the kill."""
+    SIGKILL) after ``wait`` s (``checkpointed``: once the receiver's
+    checkpoint holds stripes, at most ``wait`` s) and a new server on the
+    same port: the push's --json result, its stderr, and the seconds it took
+    after the kill."""
     client, server_site = Site(tmp_path, "client"), Site(tmp_path, "server")
     src, module = tmp_path / "src", tmp_path / "module"
     src.mkdir()
@@ -29,7 +32,9 @@ def _push_across_a_restart(tmp_path, size: int, wait: float, *args) -> tuple[dic
     push = client.popen("sync", "--json", src, first.url("m", "x"), "--peer-id", server_site.id, "--bwlimit", "2M",
                         "--timeout", "60", "--no-history", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True)
-    time.sleep(wait)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and not (checkpointed and _checkpointed(module / "x")):
+        time.sleep(0.05)
     first.stop(signal.SIGKILL)
     started = time.monotonic()
     second = Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history", port=port)
@@ -53,6 +58,6 @@ def test_a_killed_server_cuts_a_tcp_push_at_once_and_the_retry_resumes_over_quic
     """Past the first checkpoint (2 s) the server is killed: the client sees
     the reset at once, retries over QUIC (the TCP path failed) against the
     restarted server, and resumes what the first had checkpointed."""
-    r, _, took = _push_across_a_restart(tmp_path, 8_000_000, 2.5)
+    r, _, took = _push_across_a_restart(tmp_path, 12_000_000, 5.0, checkpointed=True)
     assert r["transport"] == "quic" and r["attempts"] == 2 and r["resumed_bytes"] > 0, r
     assert took < 15, f"{took:.1f} s"

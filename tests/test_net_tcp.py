@@ -182,6 +182,27 @@ def test_auto_picks_tcp_on_a_lan_and_keeps_quic_on_long_or_lossy_paths(tmp_path,
             assert r["parity"] > 0 or r["repair_shards"] > 0
 
 
+def test_bwlimit_holds_over_tcp_both_ways(sites, tmp_path):
+    """--bwlimit over the TLS stream: a push (the client's bucket) and a
+    pull (the limit travels in Hello: the server's bucket) of 6 MB take
+    about 6 MB / RATE — the 1 MiB shards are cut to a quarter second of the
+    rate, and one may leave the bucket in debt, which holds the next back."""
+    client, server_site = sites
+    src = tmp_path / "src"
+    src.mkdir()
+    mix.write(src / "f", 3, 6 << 20, "random")
+    module = tmp_path / "module"
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history") as server:
+        common = ("--json", "--peer-id", server_site.id, "--no-history", "--transport", "tcp")
+        r = _json(client.run("sync", src, server.url("m", "d"), "--bwlimit", "2M", *common))
+        assert 2.5 <= r["duration"] <= 5.0, r["duration"]        # 6 MiB at 2 MiB/s: 3 s
+        _same(src, module / "d")
+        r = _json(client.run("sync", server.url("m", "d"), tmp_path / "back", "--bwlimit", "3M", *common))
+        assert 1.6 <= r["duration"] <= 4.0, r["duration"]        # 2 s
+        _same(src, tmp_path / "back")
+
+
 def test_tcp_info_reads_the_kernels_counts():
     """tcp_info: the kernel's RTT and byte counts of a connected socket."""
     import socket

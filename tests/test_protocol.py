@@ -689,8 +689,8 @@ def test_a_resumed_file_keeps_the_stripes_it_was_cut_into():
     from resync.protocol.parity import STRIPE_TARGET
     m = parity_for_target(k, 0.35, STRIPE_TARGET)
     assert k > 128 and k + m <= 256 and failure_probability(k, m, 0.35) < STRIPE_TARGET
-    planner.s.reliable, planner.s.shard_size = True, 1 << 20    # the TLS stream: no parity, 4 MiB stripes
-    assert planner.geometry(resume) == (4, 1 << 20) and planner.full(4) == 0 and planner.parity(4, 3) == 0
+    planner.s.reliable, planner.s.shard_size = True, 1 << 20    # the TLS stream: no parity, 1 MiB stripes
+    assert planner.geometry(resume) == (1, 1 << 20) and planner.full(1) == 0 and planner.parity(4, 3) == 0
 
 
 def _file_frame(length: int, k: int, size: int, content: bytes = bytes(32)) -> F.File:

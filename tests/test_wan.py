@@ -33,6 +33,8 @@ class Wan:
     def __init__(self, root: Path, link: Link):
         self.root, self.link = root, link
         self.client = Site(root, "client", link.cmd("a", []))
+        self.client.sync_args = ("--transport", "quic")    # (QUIC's behaviour under loss is what these test;
+        #                                                    auto's choice: tests/test_net_tcp.py)
         self.server_site = Site(root, "server", link.cmd("b", []))
         self.module = root / "module"
         self.module.mkdir(exist_ok=True)

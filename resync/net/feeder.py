@@ -23,10 +23,13 @@ class TokenBucket:
         self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE)
         self.tokens = self.burst
 
-    def allow(self, want: int, size: int) -> int:
+    def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
+
+    def allow(self, want: int, size: int) -> int:
+        self._refill()
         n = min(want, int(self.tokens // max(size, 1)))
         self.tokens -= n * size
         return max(n, 0)
@@ -34,6 +37,16 @@ class TokenBucket:
     def refund(self, size: int) -> None:
         """Tokens taken by ``allow`` but not used."""
         self.tokens += size
+
+    def ready(self) -> bool:
+        """Refilled, whether anything may go now (the TLS stream's shards are
+        larger than a burst: one goes whenever the bucket is not in debt,
+        ``spend`` takes it, and the debt holds the next back)."""
+        self._refill()
+        return self.tokens > 0
+
+    def spend(self, size: int) -> None:
+        self.tokens -= size
 
 
 class Feeder:

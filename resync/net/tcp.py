@@ -50,7 +50,7 @@ SHARD_SIZE = 1 << 20              # shard bytes on this path (frames.MAX_SHARD_S
 MAX_SHARD = SHARD_SIZE + 19       # ... with the shard's header (shards.HEADER)
 LIMITS = {CONTROL: MAX_CONTROL, SHARD: MAX_SHARD, PING: 8, PONG: 8, CLOSE: MAX_REASON}   # the longest of each kind
 WRITE_HIGH = 4 << 20              # bytes waiting in the transport before the session waits
-SHARDS_PER_TURN = 4               # shards asked of the session per call (one stripe: RELIABLE_K)
+SHARDS_PER_TURN = 4               # shards asked of the session per call (4 MiB)
 KEEPALIVE = 5.0                   # s without a record sent after which an idle connection PINGs
 HANDSHAKE_TIMEOUT = 10.0          # s for the TLS handshake
 LINGER = 2.0                      # s a closing end reads (and drops) what still comes, waiting for the peer's
@@ -117,6 +117,16 @@ class Pings:
         self.pings_acked.add(int.from_bytes(body, "little"))
 
 
+def shard_size_for_rate(rate: float) -> int:
+    """Shard bytes under a --bwlimit of ``rate`` bytes/s: a quarter second's
+    worth, as a power of two from 64 KiB to SHARD_SIZE (a 1 MiB shard is 4 s
+    of a 256 KB/s limit: its bursts would be that long)."""
+    size = 1 << 16
+    while size * 2 <= min(SHARD_SIZE, rate / 4):
+        size *= 2
+    return size
+
+
 class StreamFeeder:
     """The session's control bytes and shards into the TLS stream, while
     fewer than WRITE_HIGH bytes wait in the transport (TCP's window paces
@@ -133,7 +143,8 @@ class StreamFeeder:
         link = self.link
         if self.bucket is None and getattr(s, "rate_limit", 0):
             from .feeder import TokenBucket
-            self.bucket = TokenBucket(s.rate_limit)
+            self.bucket = TokenBucket(s.rate_limit)     # (a pull's --bwlimit, or the server's own)
+            s.shard_size = shard_size_for_rate(s.rate_limit)
         self.starved = False
         while True:
             data = s.stream_to_send()           # (the sender starts files here: File frames go first)
@@ -143,13 +154,14 @@ class StreamFeeder:
                 return
             room = SHARDS_PER_TURN
             if self.bucket is not None:
-                room = self.bucket.allow(room, SHARD_SIZE)
-                if room == 0:
+                if not self.bucket.ready():
                     self.starved = True
                     return
+                room = 1
             out = s.datagrams_to_send(now, room)
             if self.bucket is not None:
-                self.bucket.refund((room - len(out)) * SHARD_SIZE)
+                for d in out:
+                    self.bucket.spend(len(d))
             if not out and not data:
                 return                          # (the session has nothing more to say now; a listing
             for d in out:                       # goes on while its frames leave: nothing else would
@@ -306,7 +318,8 @@ class StreamLink(asyncio.BufferedProtocol):
     # -- the owner's calls ----------------------------------------------------------------
     def start(self, session) -> None:
         self.session = session
-        session.reliable, session.shard_size = True, SHARD_SIZE
+        session.reliable = True
+        session.shard_size = SHARD_SIZE if self.feeder.bucket is None else shard_size_for_rate(self.feeder.bucket.rate)
         self.drive()
 
     def write_record(self, kind: int, body) -> None:

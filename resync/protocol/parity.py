@@ -18,7 +18,8 @@ K_MARGIN = 0.02                  # stripe_k plans for the loss estimate plus thi
 LOSS_SETTLED = 1500              # packets after which the loss estimate's own error is left out of parity
 K_UNKNOWN = 144                  # k before the loss is measured: its parity meets the target up to 35 % loss
 MIN_SHARD_SIZE = 64              # the smallest shard a peer may ask to resume with
-RELIABLE_K = 4                   # data shards per stripe on a reliable stream (4 x 1 MiB shards: 4 MiB stripes)
+RELIABLE_K = 1                   # data shards per stripe on a reliable stream: 1 MiB stripes, each acknowledged
+#                                  and checkpointed on its own (a cut loses at most a MiB a file in flight)
 
 
 class ParityPlanner:
