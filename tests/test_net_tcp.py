@@ -250,3 +250,107 @@ def test_a_listing_longer_than_the_stream_buffer_flows_without_the_receiver_aski
     assert r["transport"] == "tcp" and r["files_transferred"] == 0
     assert r["control_bytes_sent"] > 2 * STREAM_HIGH, r["control_bytes_sent"]
     assert took < 4.0, f"{took:.1f} s"
+
+
+class _Recorder:
+    """A session stand-in: keeps copies of what the link hands it."""
+
+    def __init__(self, authenticated: bool):
+        self.authenticated, self.finished, self.hello, self.rate_limit = authenticated, False, None, 0
+        self.control, self.shards = bytearray(), []
+
+    def receive_stream(self, data, now):
+        self.control += data
+
+    def receive_datagram(self, data, now):
+        self.shards.append(bytes(data))
+
+    def stream_to_send(self):
+        return b""
+
+    def datagrams_to_send(self, now, limit):
+        return []
+
+    def next_timer(self):
+        return None
+
+
+class _Transport:
+    def __init__(self):
+        self.written, self.aborted = bytearray(), False
+
+    def writelines(self, parts):
+        for p in parts:
+            self.written += p
+
+    def abort(self):
+        self.aborted = True
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def set_write_buffer_limits(self, high, low):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def _records(rnd) -> tuple[bytes, bytes, list[bytes], bytes]:
+    """A stream of records: control chunks, shards (64 B to 1 MiB), PINGs;
+    and the PONGs that answer them."""
+    from resync.net import tcp
+    out, control, shards, pongs = bytearray(), bytearray(), [], bytearray()
+    for _ in range(60):
+        pick = rnd.random()
+        if pick < 0.4:
+            body = rnd.randbytes(rnd.choice([1, 7, 300, 70_000, 1 << 20]))
+            control += body
+            out += tcp.RECORD.pack(tcp.CONTROL, len(body)) + body
+        elif pick < 0.9:
+            body = bytes([0xD5]) + rnd.randbytes(rnd.choice([18, 200, 65_555, (1 << 20) + 18]))
+            shards.append(body)
+            out += tcp.RECORD.pack(tcp.SHARD, len(body)) + body
+        else:
+            body = rnd.randbytes(8)
+            out += tcp.RECORD.pack(tcp.PING, 8) + body
+            pongs += tcp.RECORD.pack(tcp.PONG, 8) + body
+    return bytes(out), bytes(control), shards, bytes(pongs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_records_arrive_whole_whatever_the_reads_cut(seed):
+    """The record layer (fuzz): a random stream of control chunks, shards of
+    every size up to 1 MiB and PINGs, delivered in reads of random sizes
+    (a byte to megabytes) into the link's buffer: the session gets the
+    control bytes in order and every shard intact, each PING is answered;
+    before the peer's proof the buffer grows only to fit the records that
+    came (a stranger costs what it sends), after it to RECEIVE_BUFFER."""
+    import random
+
+    from resync.net import tcp
+    rnd = random.Random(seed)
+    stream, control, shards, pongs = _records(rnd)
+
+    async def feed() -> tuple:
+        link = tcp.StreamLink()
+        link.session = _Recorder(authenticated=seed % 2 == 0)
+        t = _Transport()
+        link._transport = t
+        pos, biggest = 0, 0
+        while pos < len(stream):
+            buf = link.get_buffer(-1)
+            assert len(buf) >= tcp.MIN_READ or len(buf) >= len(stream) - pos, len(buf)
+            n = min(len(buf), len(stream) - pos, rnd.choice([1, 5, 4096, 70_000, 1 << 20, 3 << 20]))
+            buf[:n] = stream[pos:pos + n]
+            pos += n
+            link.buffer_updated(n)
+            biggest = max(biggest, len(link._rbuf))
+        return link, t, biggest
+    link, t, biggest = asyncio.run(feed())
+    assert bytes(link.session.control) == control and link.session.shards == shards
+    assert bytes(t.written) == pongs
+    if seed % 2 == 0:
+        assert biggest == tcp.RECEIVE_BUFFER
+    else:
+        assert biggest <= 4 << 20, biggest              # (1 MiB records, a stranger's: never 8 MiB)

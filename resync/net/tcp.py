@@ -43,8 +43,9 @@ from . import ALPN
 RECORD = struct.Struct("<BI")
 CONTROL, SHARD, PING, PONG, CLOSE = 1, 2, 3, 4, 5
 MAX_REASON = 1024                 # bytes of a CLOSE record
-RECEIVE_BUFFER = 8 << 20          # bytes of the buffer records are decrypted into
-MIN_FREE = (2 << 20) + 64          # free bytes at its end below which what is left moves to its start
+RECEIVE_BUFFER = 8 << 20          # bytes of the buffer records are decrypted into, once the peer is proved
+FIRST_BUFFER = 256 << 10          # ... and before (grown to fit a longer record: a stranger costs what it sends)
+MIN_READ = 64 << 10               # free bytes at the buffer's end below which room is made
 MAX_CONTROL = 1 << 20             # bytes of control stream per record
 SHARD_SIZE = 1 << 20              # shard bytes on this path (frames.MAX_SHARD_SIZE): few Python calls a GiB
 MAX_SHARD = SHARD_SIZE + 19       # ... with the shard's header (shards.HEADER)
@@ -193,9 +194,10 @@ class StreamLink(asyncio.BufferedProtocol):
         self.feeder = StreamFeeder(self)
         self._transport = None
         self._loop = asyncio.get_event_loop()
-        self._rbuf = bytearray(RECEIVE_BUFFER)  # records arrive here (get_buffer), parsed in place
+        self._rbuf = bytearray(FIRST_BUFFER)    # records arrive here (get_buffer), parsed in place
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0           # the bytes not parsed yet: _rbuf[_rstart:_rend]
+        self._pending = 0                       # bytes of the record begun at _rstart (0: its header not in)
         self._timer = None
         self._timer_at = None
         self._keepalive = None
@@ -229,13 +231,30 @@ class StreamLink(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where the TLS layer decrypts into: the free end of the receive
-        buffer (RECEIVE_BUFFER bytes; what is not parsed yet moved to its
-        start when less than a record's worth is free)."""
-        if RECEIVE_BUFFER - self._rend < MIN_FREE:
-            n = self._rend - self._rstart
-            self._rbuf[0:n] = self._rbuf[self._rstart:self._rend]
-            self._rstart, self._rend = 0, n
+        buffer, room made first when less than MIN_READ is free or the
+        record begun does not fit (``_make_room``)."""
+        if len(self._rbuf) - self._rend < MIN_READ or len(self._rbuf) - self._rstart < self._pending:
+            self._make_room()
         return self._rview[self._rend:]
+
+    def _make_room(self) -> None:
+        """Move what is not parsed yet to the buffer's start, in a larger
+        buffer when the record begun needs it or the peer has proved its key
+        (RECEIVE_BUFFER: a transfer reads megabytes a call); before the proof
+        the buffer stays FIRST_BUFFER unless a record needs more."""
+        n = self._rend - self._rstart
+        size = len(self._rbuf)
+        if size < RECEIVE_BUFFER and getattr(self.session, "authenticated", True):
+            size = RECEIVE_BUFFER
+        while size < max(n, self._pending) + MIN_READ:
+            size *= 2
+        if size == len(self._rbuf):
+            self._rbuf[0:n] = self._rbuf[self._rstart:self._rend]
+        else:
+            grown = bytearray(size)
+            grown[0:n] = self._rview[self._rstart:self._rend]
+            self._rbuf, self._rview = grown, memoryview(grown)
+        self._rstart, self._rend = 0, n
 
     def buffer_updated(self, nbytes: int) -> None:
         self._rend += nbytes
@@ -262,7 +281,9 @@ class StreamLink(asyncio.BufferedProtocol):
                 self._broken(f"a record of kind {kind} and {length} bytes")
                 return
             if end - pos - RECORD.size < length:
+                self._pending = RECORD.size + length
                 break
+            self._pending = 0
             body = view[pos + RECORD.size:pos + RECORD.size + length]
             pos += RECORD.size + length
             self._rstart = pos
