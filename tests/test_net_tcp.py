@@ -354,3 +354,13 @@ def test_records_arrive_whole_whatever_the_reads_cut(seed):
         assert biggest == tcp.RECEIVE_BUFFER
     else:
         assert biggest <= 4 << 20, biggest              # (1 MiB records, a stranger's: never 8 MiB)
+
+
+def test_record_layout_golden():
+    """The TLS stream's record header as docs/protocol.md gives it: u8 kind,
+    u32 length little-endian; the kinds' numbers and limits."""
+    from resync.net import tcp
+    assert tcp.RECORD.pack(tcp.CONTROL, 3) + b"abc" == bytes.fromhex("0103000000616263")
+    assert tcp.RECORD.pack(tcp.SHARD, 1 << 20) == bytes.fromhex("0200001000")
+    assert (tcp.CONTROL, tcp.SHARD, tcp.PING, tcp.PONG, tcp.CLOSE) == (1, 2, 3, 4, 5)
+    assert tcp.LIMITS == {1: 1 << 20, 2: (1 << 20) + 19, 3: 8, 4: 8, 5: 1024}
