@@ -143,7 +143,7 @@ def remote_sync(a: RemoteSync):
             f"{', ' + human(result['resumed_bytes']) + ' resumed' if result.get('resumed_bytes') else ''}), "
             f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
             f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
-            f"over {'TLS over TCP' if tcp else 'QUIC'} with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
+            f"over {'TLS on TCP' if tcp else 'QUIC'} with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
     error = stats.outcome_error()
     if error is not None:
         raise error
