@@ -251,7 +251,6 @@ async def pick_transport(t: Transfer, path: dict):
     except OSError as exc:
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
     family, _, proto, _, addr = infos[0]
-    began = time.monotonic()
     if t.transport == "auto":
         # (blocking, for AUTO_RTT at most: a connect given up is closed with nothing of it
         # left in the event loop, whose next socket may take the same descriptor number)
@@ -269,7 +268,6 @@ async def pick_transport(t: Transfer, path: dict):
             sock.close()
             why = "no answer" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc))
             raise ConnectionFailed(f"{remote.address} (TCP): {why}") from None
-    path["tcp_connect_ms"] = round((time.monotonic() - began) * 1000, 3)
     return sock
 
 
@@ -307,7 +305,7 @@ async def _connected_tcp(t: Transfer, identity, report, meter, on_note, path, so
     return session
 
 
-async def _run_session(link: SessionLink, session: ClientSession, done: asyncio.Event, remote: Remote,
+async def _run_session(link, session: ClientSession, done: asyncio.Event, remote: Remote,
                        push: bool, timeout: float) -> None:
     """Drive ``session`` to its end (or a lost or silent connection: TimedOut
     after ``timeout`` s without data), then close the connection."""

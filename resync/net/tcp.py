@@ -4,7 +4,7 @@ QUIC in Python costs tens of microseconds per 1,350-byte packet (aioquic's
 packet builder, loss recovery and acknowledgements), which caps one
 connection near 300-400 Mbit/s a core. On a clean LAN that is 30x behind
 rsync. Here the kernel segments, paces and acknowledges, OpenSSL encrypts
-large records, and resync's shards are 64 KiB: a few thousand Python calls a
+large records, and resync's shards are 1 MiB: about a thousand Python calls a
 gigabyte instead of a million. Syncthing keeps TCP and QUIC side by side the
 same way; the client picks (``client.pick_transport``): TCP when the TCP
 handshake answers within ``AUTO_RTT`` (a LAN), QUIC for long or lossy paths
@@ -174,9 +174,10 @@ class StreamLink(asyncio.BufferedProtocol):
     records in to the session with the loop's time, the session's output out
     after every event, the session's timer, the connection's end. The
     surface its owners use is the same (``session``, ``on_session_done``,
-    ``closed_event``, ``close_reason``, ``last_progress``, ``drive``,
-    ``close``, ``leave``, ``refuse``, ``rtt``, ``transport_stats``,
-    ``peer_address``, ``liveness``, ``feeder``)."""
+    ``closed_event``, ``close_reason``, ``last_progress``, ``last_received``,
+    ``drive``, ``close``, ``leave``, ``refuse``, ``rtt``, ``transport_stats``,
+    ``peer_address``, ``liveness``, ``feeder``, ``preauth_limit``; the
+    server sets ``created``)."""
 
     transport_name = "tcp"
 
@@ -186,10 +187,8 @@ class StreamLink(asyncio.BufferedProtocol):
         self.closed_event = asyncio.Event()
         self.close_reason = ""
         self.last_progress = self.last_received = self.last_sent = time.monotonic()
-        self.created = time.monotonic()
         self.preauth_limit = 0                  # record bytes a server takes before the client's proof (0: any)
         self.paused = False
-        self.handshake_done = False
         self.liveness = Pings(self)
         self.feeder = StreamFeeder(self)
         self._transport = None
@@ -203,15 +202,16 @@ class StreamLink(asyncio.BufferedProtocol):
         self._keepalive = None
         self._linger = None
         self._closing = False
-        self._info: dict = {}
-        self.counts = {"bytes_in": 0, "bytes_out": 0, "records_in": 0, "records_out": 0}
+        self._sock = None                       # the TCP socket under TLS (tcp_info), once connected
+        self._peer = None                       # the peer's address, once connected
+        self._info: dict = {}                   # the kernel's last counts (tcp_info), kept for after the end
+        self.counts = {"bytes_in": 0, "records_in": 0, "records_out": 0}
 
     # -- asyncio's calls ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
         """After the TLS handshake (asyncio's SSL transport calls it then)."""
         self._transport = transport
         self._peer = transport.get_extra_info("peername")
-        self.handshake_done = True
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_HIGH // 4)
         sock = self._sock = transport.get_extra_info("socket")     # (open until connection_lost returns)
         if sock is not None:
@@ -322,7 +322,7 @@ class StreamLink(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc) -> None:
-        self._info = tcp_info(self._socket()) or self._info
+        self._kernel_counts()
         if not self.close_reason:
             self.close_reason = f"the TCP connection broke ({exc})" if exc is not None \
                 else "the peer closed the connection"
@@ -348,7 +348,6 @@ class StreamLink(asyncio.BufferedProtocol):
         if t is None or self._closing:
             return
         t.writelines((RECORD.pack(kind, len(body)), body))
-        self.counts["bytes_out"] += RECORD.size + len(body)
         self.counts["records_out"] += 1
         self.last_sent = time.monotonic()
 
@@ -365,8 +364,8 @@ class StreamLink(asyncio.BufferedProtocol):
         self.feeder.feed(now, s)
         if s.finished:
             self._cancel_timer()
-            self._info = tcp_info(self._socket()) or self._info    # (the counts at the end: the peer may close
-            self._session_end()                                    # before the owner asks)
+            self._kernel_counts()               # (the counts at the end: the peer may close before the owner asks)
+            self._session_end()
             return
         t = s.next_timer()
         if self.feeder.starved:                 # --bwlimit: look again when tokens are back
@@ -440,7 +439,7 @@ class StreamLink(asyncio.BufferedProtocol):
         if reason_phrase:
             self.write_record(CLOSE, reason_phrase.encode()[:MAX_REASON])
         if self._transport is not None and not self._closing:
-            self._info = tcp_info(self._socket()) or self._info
+            self._kernel_counts()
             self._closing = True
             self._cancel_timer()
             self._linger = self._loop.call_later(LINGER, self._end)
@@ -469,21 +468,21 @@ class StreamLink(asyncio.BufferedProtocol):
 
     leave = close
 
-    async def wait_closed(self) -> None:
-        await self.closed_event.wait()
-
     # -- what the owner reads -------------------------------------------------------------
-    _sock = None
-
     def _socket(self):
         sock = self._sock
         return sock if sock is not None and sock.fileno() >= 0 else None
 
-    def peer_address(self):
-        t = self._transport
-        return t.get_extra_info("peername") if t is not None else self._peer
+    def _kernel_counts(self) -> dict:
+        """tcp_info of the connection while its socket is open, else the last
+        counts read (kept at the session's end and at the close)."""
+        info = tcp_info(self._socket())
+        if info:
+            self._info = info
+        return self._info
 
-    _peer = None
+    def peer_address(self):
+        return self._peer
 
     def peer_certificate(self) -> bytes | None:
         """The DER certificate the peer presented in the TLS handshake."""
@@ -493,14 +492,13 @@ class StreamLink(asyncio.BufferedProtocol):
 
     def rtt(self) -> float:
         """TCP's smoothed RTT (s; 0.1 before any sample)."""
-        info = tcp_info(self._socket()) or self._info
-        return (info.get("rtt_ms") or 100) / 1000
+        return (self._kernel_counts().get("rtt_ms") or 100) / 1000
 
     def transport_stats(self) -> dict:
         """What crossed the wire: TCP payload bytes (TLS records, handshake
         included: the kernel's count) both ways, retransmitted segments, the
         smoothed RTT (ms); the transport's name."""
-        info = tcp_info(self._socket()) or self._info
+        info = self._kernel_counts()
         out = {"transport": self.transport_name, "records_sent": self.counts["records_out"],
                "records_received": self.counts["records_in"]}
         out.update(info)

@@ -44,7 +44,7 @@ def carried(r: F.Resume, frame: F.File) -> list[int]:
     from what ``r`` offers (stripe ranges of the geometry the cut transfer
     used, ``r.k`` x ``r.shard_size`` bytes a stripe) — the one rule both
     ends apply. The same geometry: the ranges as they are. Another (a
-    fallback from the TLS stream's 64 KiB shards to QUIC's datagrams, a path
+    fallback from the TLS stream's 1 MiB stripes to QUIC's datagrams, a path
     whose MTU dropped): every new stripe whose bytes lie wholly inside the
     bytes kept; a new stripe only partly kept is sent again whole."""
     if not resumes(r, frame) or not r.stripes:

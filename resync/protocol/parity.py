@@ -71,8 +71,6 @@ class ParityPlanner:
         MIN_PARITY (or --min-parity); for a shortened one (a small file, a
         file's tail) the same for its d — none on a link that has lost
         nothing (a small file would double), at least one otherwise."""
-        if self.s.reliable:
-            return 0
         if d == k:
             return self.full(k)
         if self.lossless:
