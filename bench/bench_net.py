@@ -2,7 +2,7 @@
 """resync over QUIC vs an rsync daemon vs raw aioquic, on loopback, side by side.
 
     python bench/bench_net.py [--big-mib 256] [--files 20000] [--dir bench/.data] [--only big|tree|release]
-                              [--transport auto|quic|tcp]
+                              [--transport auto|quic|tcp] [--repeat N] [--releases sympy,django,pandas]
 
 Three kinds of data, each pushed by both tools into their own destination:
 a single file of --big-mib MiB (mixed content: text, zeros, random, repeated
@@ -29,6 +29,8 @@ resync's ``bytes_on_wire_sent``/``_received``: over QUIC its count of UDP
 payload bytes (QUIC headers, TLS, acknowledgements included), over TCP the
 kernel's count of TCP payload bytes (TLS records and handshake). Ratios are resync / rsync (wire, time) and resync / raw aioquic
 (goodput). Each tool runs as its own processes, servers warmed up first.
+Release sets with --repeat N run their three steps N times from empty
+destinations, the tools alternated, and report each step's median time.
 """
 import argparse
 import json
@@ -36,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -156,31 +159,48 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 def bench_set(name: str, src: Path, change, work: Path, rows: list, raw_rows: list,
-              steps=("first copy", "no change", "after 1 % changed")) -> None:
+              steps=("first copy", "no change", "after 1 % changed"), reset=None, repeat: int = 1) -> None:
+    """Push ``src`` with both tools through ``steps`` (``change`` before the
+    last). With ``reset`` (puts ``src`` back as it was), the steps are run
+    ``repeat`` times from empty destinations and each step's row holds the
+    median time (and the last run's bytes)."""
     d_rsync, d_resync = work / f"{name}-rsync-dst", work / f"{name}-resync-dst"
     fresh(d_rsync)
     fresh(d_resync)
     daemon, server = RsyncDaemon(work, d_rsync), ResyncServer(work, d_resync)
+    times: dict = {}
     try:
-        files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
-        total = sum(p.stat().st_size for p in files)
-        subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
-        raw = raw_quic(files, work)
-        for step in steps:
-            if step == steps[-1]:
-                change()
-            a = daemon.push(src)
-            b = server.push(src)
-            assert same_tree(src, d_rsync) and same_tree(src, d_resync), f"{name} {step}: trees differ"
-            rows.append((name, step, a, b))
-            print(f"  {name} / {step}: rsync daemon {a['seconds']:.2f} s, resync {b['seconds']:.2f} s "
-                  f"({b['json'].get('transport')})", flush=True)
-            if step == "first copy":
-                goodput = total * 8 / b["json"]["duration"] / 1e6 if b["json"].get("duration") else 0
-                raw_rows.append((name, total, raw, goodput, b["seconds"]))
+        for rep in range(repeat if reset is not None else 1):
+            if rep:
+                reset()
+                for d in (d_rsync, d_resync):
+                    for p in d.iterdir():
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            files = sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+            total = sum(p.stat().st_size for p in files)
+            subprocess.run(["sh", "-c", f'find "{src}" -type f -exec cat {{}} + > /dev/null'], check=True)
+            raw = raw_quic(files, work) if not rep else None
+            for step in steps:
+                if step == steps[-1]:
+                    change()
+                a = daemon.push(src)
+                b = server.push(src)
+                assert same_tree(src, d_rsync) and same_tree(src, d_resync), f"{name} {step}: trees differ"
+                times.setdefault(step, []).append((a, b))
+                print(f"  {name} / {step}: rsync daemon {a['seconds']:.2f} s, resync {b['seconds']:.2f} s "
+                      f"({b['json'].get('transport')})", flush=True)
+                if step == "first copy" and raw is not None:
+                    goodput = total * 8 / b["json"]["duration"] / 1e6 if b["json"].get("duration") else 0
+                    raw_rows.append((name, total, raw, goodput, b["seconds"]))
     finally:
         daemon.stop()
         server.stop()
+    for step in steps:
+        runs = times[step]
+        a, b = dict(runs[-1][0]), dict(runs[-1][1])
+        a["seconds"] = statistics.median(r[0]["seconds"] for r in runs)
+        b["seconds"] = statistics.median(r[1]["seconds"] for r in runs)
+        rows.append((name, step, a, b))
 
 
 def main():
@@ -190,6 +210,8 @@ def main():
     ap.add_argument("--dir", type=Path, default=HERE / ".data")
     ap.add_argument("--only", choices=["big", "tree", "release"], default=None)
     ap.add_argument("--transport", choices=["auto", "quic", "tcp"], default="auto")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="release sets: run the steps this many times, report median times")
     ap.add_argument("--releases", default=None,
                     help="comma-separated release pairs of bench/releases.py (default: all)")
     args = ap.parse_args()
@@ -228,7 +250,12 @@ def main():
             def upgrade(src=src, new=new):   # the next release in its place, every mtime new
                 shutil.rmtree(src)
                 shutil.copytree(new, src, symlinks=True, copy_function=shutil.copyfile)
-            bench_set(pair, src, upgrade, work, rows, raw_rows, steps=("first copy", "no change", "update"))
+
+            def back(src=src, old=old):      # the old release again, as first copied
+                shutil.rmtree(src)
+                shutil.copytree(old, src, symlinks=True)
+            bench_set(pair, src, upgrade, work, rows, raw_rows, steps=("first copy", "no change", "update"),
+                      reset=back, repeat=args.repeat)
 
     print("\n| data | step | rsync daemon | resync (transport) | time ratio | wire rsync (sent + received) "
           "| wire resync (sent + received) | wire ratio |")

@@ -23,6 +23,8 @@ from .signature import HashInBackground, Signature, hash_blocks, read_signature
 MAX_CHAIN = 64                 # blocks sharing one weak sum tried per position
 _PIECE_BYTES = 64 << 20        # scan work unit
 LITERAL_CHUNK = 1 << 20
+_PARALLEL_BYTES = 4 << 20      # a thread per this many bytes at most: starting one (~0.1-1 ms on a busy
+#                                machine) costs more than scanning or compressing less
 
 
 @dataclass
@@ -149,9 +151,9 @@ def find_matches(sig: Signature, data: np.ndarray, threads: int | None = None) -
     from .kernels.native import get
     build_table, scan, sums_at = get("build_table"), get("scan"), get("sums_at")
 
-    threads = threads or thread_count()
     L = sig.block_len
     n = int(data.shape[0])
+    threads = max(1, min(threads or thread_count(), n // _PARALLEL_BYTES))
     full = sig.file_len // L
     key = sig.key_words
     weights = sig.check_weights() if sig.count else None
@@ -328,24 +330,32 @@ def write_delta(path: str | os.PathLike, sig: Signature, data: np.ndarray, targe
         write_all(fd, records)
         write_all(fd, chunk_table)
         chunks = _literal_chunks(data, literal_positions, literal_lengths, literal_len)
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            pending = []
-            i = 0
-            for raw in chunks:
-                pending.append((raw.shape[0], pool.submit(_encode_chunk, raw)))
-                if len(pending) > 2 * threads:
-                    raw_len, fut = pending.pop(0)
-                    stored_total += _put_chunk(fd, chunk_table, i, raw_len, *fut.result())
-                    i += 1
-            for raw_len, fut in pending:
-                stored_total += _put_chunk(fd, chunk_table, i, raw_len, *fut.result())
-                i += 1
+        for i, (raw_len, codec, payload) in enumerate(_encoded(chunks, threads if nchunks > 1 else 1)):
+            stored_total += _put_chunk(fd, chunk_table, i, raw_len, codec, payload)
         os.pwrite(fd, chunk_table.tobytes(), table_offset)
         digest = target_hash.result() if isinstance(target_hash, HashInBackground) else target_hash
         header = formats.DeltaHeader(sig.file_len, sig.file_hash, int(data.shape[0]), digest,
                                      int(kinds.shape[0]), literal_len, nchunks)
         os.pwrite(fd, formats.pack_delta_header(header), 0)
     return table_offset + chunk_table.nbytes + stored_total, stored_total
+
+
+def _encoded(chunks, threads: int):
+    """(raw length, codec, payload) of each chunk in order: compressed on this
+    thread, or by ``threads`` workers with at most 2 x threads chunks in flight."""
+    if threads <= 1:
+        for raw in chunks:
+            yield (raw.shape[0], *_encode_chunk(raw))
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for raw in chunks:
+            pending.append((raw.shape[0], pool.submit(_encode_chunk, raw)))
+            if len(pending) > 2 * threads:
+                raw_len, fut = pending.pop(0)
+                yield (raw_len, *fut.result())
+        for raw_len, fut in pending:
+            yield (raw_len, *fut.result())
 
 
 def _put_chunk(fd: int, table: np.ndarray, i: int, raw_len: int, codec: int, payload) -> int:

@@ -117,6 +117,44 @@ def assemble_in_memory(basis: np.ndarray, kinds: np.ndarray, sources: np.ndarray
     return out
 
 
+def _write_whole(fd: int, basis, literals: LiteralStream, h, kinds, sources, lengths, hasher, sparse: bool) -> None:
+    """The whole target (at most WINDOW bytes) assembled in one buffer, hashed
+    and written with one write (or its runs of data, ``sparse``)."""
+    from .fs import pwrite_sparse, write_all
+    from .kernels.native import get
+    out = np.empty(h.target_len, np.uint8)
+    lit, lit_base = literals.window(0, h.literal_len)
+    get("assemble")(basis, lit, lit_base, kinds, sources, lengths, 0, 0, out)   # (a short fill fails the hash)
+    hasher.update(out)
+    if sparse:
+        pwrite_sparse(fd, out, 0)
+        os.ftruncate(fd, h.target_len)
+    else:
+        write_all(fd, out)
+
+
+def _write_streamed(fd: int, basis, literals: LiteralStream, h, kinds, sources, lengths, literal_before, hasher,
+                    sparse: bool) -> None:
+    """The target assembled a window at a time, written and hashed by a
+    StreamWriter's threads while the next window is filled."""
+    from .kernels.native import get
+    assemble = get("assemble")
+    writer = StreamWriter(fd, WINDOW, hasher=hasher, sparse=sparse)
+    try:
+        index, skip, written = 0, 0, 0
+        while written < h.target_len:
+            window = writer.get()
+            lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
+            lit_hi = min(lit_lo + window.shape[0], h.literal_len)
+            lit, lit_base = literals.window(lit_lo, lit_hi)
+            index, skip, filled = assemble(basis, lit, lit_base, kinds, sources, lengths, index, skip, window)
+            writer.put(window, filled)
+            written += filled
+        writer.finish()
+    finally:
+        writer.close()
+
+
 def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.ParsedDelta, fd: int, out_name: str,
                threads: int | None = None, sparse: bool = False) -> tuple[PatchStats, str]:
     """Write the target of the parsed delta (``delta`` holds its file) into
@@ -126,9 +164,6 @@ def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.Parsed
     and the result's BLAKE3 (hex), checked: VerificationError if it is not
     the delta's target (the error then says whether the basis was the one
     the delta was made against)."""
-    from .kernels.native import get
-    assemble = get("assemble")
-
     threads = threads or thread_count()
     h = parsed.header
     basis = None
@@ -149,21 +184,11 @@ def patch_into(basis_path: str | None, delta: MappedFile, parsed: formats.Parsed
 
         import blake3
         hasher = blake3.blake3()
-        writer = StreamWriter(fd, WINDOW, hasher=hasher, sparse=sparse)
-        try:
-            index, skip, written = 0, 0, 0
-            while written < h.target_len:
-                window = writer.get()
-                lit_lo = int(literal_before[index]) + (skip if kinds[index] == formats.INSERT else 0)
-                lit_hi = min(lit_lo + window.shape[0], h.literal_len)
-                lit, lit_base = literals.window(lit_lo, lit_hi)
-                index, skip, filled = assemble(basis_data, lit, lit_base, kinds, sources,
-                                               lengths, index, skip, window)
-                writer.put(window, filled)
-                written += filled
-            writer.finish()
-        finally:
-            writer.close()
+        if h.target_len <= WINDOW:              # one window: built here, written once (no writer threads)
+            _write_whole(fd, basis_data, literals, h, kinds, sources, lengths, hasher, sparse)
+        else:
+            _write_streamed(fd, basis_data, literals, h, kinds, sources, lengths, literal_before, hasher,
+                            sparse)
         # The result's BLAKE3 alone proves it is the target, whatever
         # the basis was; the basis is hashed only to say which went wrong.
         if hasher.digest() != h.target_hash:

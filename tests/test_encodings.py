@@ -130,10 +130,40 @@ def test_golden_bytes():
     assert digest == "6c01e02a6cfd283dc7fe192a6ec14f367b365630ae7077f2fae09f3ef046b56d"
 
 
+def test_basis_hashes_round_trip_and_keep_their_golden_bytes():
+    from resync.protocol.common import keyed_hash
+    data = mix.data(3, 9_000, "text")
+    digest = keyed_hash(data, SALT)
+    assert len(digest) == E.BASIS_HASH and digest != keyed_hash(data, bytes(32))     # keyed: the salt matters
+    wire = E.basis_hash_to_wire(len(data), digest)
+    assert E.basis_hash_of(wire) == (len(data), digest)
+    assert wire == b"\x00\xa8\x46\x00\x02" + digest  # block length 0, varint 9,000, strong 0, flag 2
+    assert hashlib.sha256(wire).hexdigest() == \
+        "d42031e6861ed39fd20f0c00436d607e042e4bdc6a2ab385123da3336597f8e6"
+    sig = compute_signature(np.frombuffer(data, np.uint8), 700, 2, salt=SALT, threads=1, check_bits=16)
+    assert E.basis_hash_of(E.signature_to_wire(sig)) is None         # blocks: not a basis hash
+    with pytest.raises(ProtocolError):
+        E.signature_from_wire(wire, SALT)                             # nor is a basis hash a block signature
+
+
+@pytest.mark.parametrize("wire,why", [
+    (b"\x00\x10\x00\x02" + b"h" * 15, "wrong length"),
+    (b"\x00\x10\x00\x02" + b"h" * 17, "wrong length"),
+    (b"\x80\x05\x10\x00\x02" + b"h" * 16, "out of range"),       # a block length
+    (b"\x00\x10\x02\x02" + b"h" * 16, "out of range"),           # a strong length
+    (b"\x00\x10\x00\x03" + b"h" * 16, "out of range"),           # with the salt flag
+    (b"\x00\x10\x00", "truncated"),
+])
+def test_hostile_basis_hashes_are_refused(wire, why):
+    with pytest.raises(ProtocolError, match=why):
+        E.basis_hash_of(wire)
+
+
 def test_members_round_trip():
     ms = [E.Member(1, FILE_OK, 0, b"a" * 16, 0o100644, -(1 << 40), 999_999_999, 0, 0, 0, b""),
           E.Member(2, FILE_ERROR, message=b"Permission denied"),
-          E.Member(3, FILE_OK, E.MEMBER_DELTA, b"b" * 16, 0o100755, 1, 2, 5, 1 << 31, 65534, b"\x00\x01\x02")]
+          E.Member(3, FILE_OK, E.MEMBER_DELTA, b"b" * 16, 0o100755, 1, 2, 5, 1 << 31, 65534, b"\x00\x01\x02"),
+          E.Member(4, FILE_OK, E.MEMBER_SAME, b"c" * 16, 0o100644, 1_700_000_000, 7, 12_345, 0, 0, b"")]
     buf = bytearray()
     E.put_varint(buf, len(ms))
     for m in ms:
@@ -163,10 +193,23 @@ def test_fuzzed_deltas_give_only_protocol_errors_or_a_checked_result(data, basis
     assert out.shape[0] == target_len
 
 
+@pytest.mark.parametrize("flags,content,status", [
+    (E.MEMBER_DELTA | E.MEMBER_SAME, b"", FILE_OK),      # both
+    (E.MEMBER_SAME, b"x", FILE_OK),                      # same content, yet content
+    (4, b"", FILE_OK),                                   # an unknown flag
+    (E.MEMBER_SAME, b"", FILE_ERROR),                    # a flag on a failed file
+])
+def test_bad_member_flags_are_refused(flags, content, status):
+    buf = bytearray(b"\x01")
+    E.encode_member(buf, E.Member(1, status, flags, b"d" * 16, 0o100644, 1, 0, 0, 0, 0, content, b"why"))
+    with pytest.raises(ProtocolError):
+        E.decode_members(bytes(buf))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzzed_packs_and_signatures_give_only_protocol_errors(data):
-    for decode in (E.decode_members, lambda b: E.signature_from_wire(b, SALT)):
+    for decode in (E.decode_members, lambda b: E.signature_from_wire(b, SALT), E.basis_hash_of):
         try:
             decode(data)
         except ProtocolError:

@@ -60,11 +60,12 @@ def test_frames_round_trip(frame):
 
 def test_frame_bytes_are_stable():
     """Golden: the wire bytes of every sample frame (recorded from the
-    field-by-field encoder of protocol version 4; a change here is a
-    protocol change and needs a new VERSION)."""
+    field-by-field encoder of protocol version 5: only Hello's version
+    differs from 4's; a change here is a protocol change and needs a new
+    VERSION)."""
     import hashlib
     wire = b"".join(F.encode(f) for f in SAMPLES)
-    assert hashlib.sha256(wire).hexdigest() == "3f2be1c2e4fe8254a63088ee946722761c3cc250d477d6ad57125fde56fc7521"
+    assert hashlib.sha256(wire).hexdigest() == "dbbc04ad77d4da40e3ef11ac797d5e9ce916dd22931a896c2eab8f9104ad8d1b"
 
 
 @pytest.mark.parametrize("frame,why", [
@@ -778,10 +779,12 @@ def _release(root: Path, files: int, version: int) -> None:
 
 
 def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(tmp_path, monkeypatch):
-    """A push of 2,000 slightly changed small files (a release update): their
-    contents travel in packs (wire deltas, no stripe of their own), the
-    receiver rebuilds and stages them without starting a thread or calling
-    fsync per file, and the bytes sent are a small share of the tree."""
+    """A push of 2,000 small files with new mtimes, a third of them slightly
+    changed (a release update): the changed ones travel in packs as wire
+    deltas (no stripe of their own), rebuilt and staged by the receiver
+    without starting a thread or calling fsync per file; the others, asked
+    for with their basis hash, cost a member of a few bytes and keep their
+    inode (only their mtime set); the bytes sent are a small share of the tree."""
     import threading
     src, dst = tmp_path / "src", tmp_path / "dst"
     _release(src, 2000, 0)
@@ -794,12 +797,15 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     real_start, real_fsync = threading.Thread.start, os.fsync
     monkeypatch.setattr(threading.Thread, "start", lambda self: (starts.append(self.name), real_start(self))[1])
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    inodes = {p.relative_to(dst): p.stat().st_ino for p in dst.rglob("*.py")}
     client, server = make_pair(tmp_path, True, src, dst)
     pump(client, server, Channel(random.Random(2)))
     assert client.error is None and server.error is None, (client.error, server.error)
     assert snapshot(dst) == snapshot(src)
     r = client.result
-    assert r["files_transferred"] == 2000 and r["redone"] == 0
+    assert r["files_transferred"] == 667 and r["redone"] == 0
+    kept = {p for p, ino in inodes.items() if (dst / p).stat().st_ino == ino}
+    assert kept == {p for p in inodes if int(p.stem[1:]) % 3}           # the unchanged 1,333 stay where they are
     assert starts == []                         # no thread (per file or at all) at either end
     assert len(fsyncs) <= 16                    # durability in batches (syncfs), not per file or directory
     total = sum(p.stat().st_size for p in src.rglob("*.py"))
@@ -807,14 +813,49 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     assert sent < total / 8, (sent, total)      # wire deltas of the 667 changed files, packed
     assert r["bytes_literal"] < 667 * 2 * 700       # about a block for each changed line
     # what the receiver asked with: a Wants frame per directory, each file a name, a flag byte and
-    # its wire signature (8 bytes a block, a header of ~5), then FileDones and Acks
+    # its wire signature (8 bytes a block, a header of ~5) or basis hash (21 bytes), then FileDones and Acks
     from resync import formats
     from resync.signature import default_block_len
     files = list(src.rglob("*.py"))
-    blocks = sum(formats.block_count(p.stat().st_size, default_block_len(p.stat().st_size)) for p in files)
+    changed = [p for p in files if int(p.stem[1:]) % 3 == 0]
+    blocks = sum(formats.block_count(p.stat().st_size, default_block_len(p.stat().st_size)) for p in changed)
     names = sum(len(p.name) for p in files)
     asked = server.stats["control_bytes_sent"]
-    assert asked < blocks * 8 + names + len(files) * 10 + (16 << 10), (asked, blocks, names, len(files))
+    assert asked < blocks * 8 + names + len(files) * 10 + (len(files) - len(changed)) * 21 + (16 << 10), \
+        (asked, blocks, names, len(files))
+
+
+def test_a_small_file_of_the_same_size_is_checked_by_its_basis_hash(tmp_path, monkeypatch):
+    """Small files whose size stayed and mtime changed are asked for with
+    the basis's keyed hash: one whose content changed all the same comes
+    whole; a destination copy changed after it was hashed (the same member
+    would leave it wrong) is caught by the member's BLAKE3 and asked for
+    again whole; the rest keep their content and get the new mtime."""
+    from resync.protocol import receiver
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _release(src, 30, 0)
+    shutil.copytree(src, dst)
+    files = sorted(src.rglob("*.py"), key=lambda p: int(p.stem[1:]))
+    flipped = files[1]                              # the same size, other content
+    flipped.write_bytes(flipped.read_bytes().replace(b"return x", b"return y", 1))
+    touched = files[2]                              # the destination's copy, changed behind the basis hash
+    for i, p in enumerate(files):
+        os.utime(p, ns=(0, (1_800_000_000 + i) * 10**9))
+    real = receiver.Planning.signature
+
+    def sign_then_change(self, dir_fd, name, path, basis_hash=False):
+        out = real(self, dir_fd, name, path, basis_hash)
+        if name == touched.name:
+            (dst / path).write_bytes((dst / path).read_bytes().replace(b"return x", b"return z", 1))
+        return out
+    monkeypatch.setattr(receiver.Planning, "signature", sign_then_change)
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(4)))
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert snapshot(dst) == snapshot(src)
+    r = client.result
+    assert r["redone"] == 1 and r["errors"] == 0                        # the touched copy, once
+    assert r["files_transferred"] == 2 and r["bytes_literal"] == flipped.stat().st_size + touched.stat().st_size
 
 
 def test_a_delta_that_does_not_make_the_file_is_asked_for_again_whole(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import ConnectionFailed, OutputClosed, StopSignal, TimedOut
 from ..protocol.sender import Tally
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
-from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, TokenBucket, configuration
+from .feeder import TokenBucket
 from .url import Remote, parse_url  # noqa: F401  (parse_url: for callers)
 
 STOP_GRACE = 2.0                  # s a stopped client waits at most for its session to end cleanly
@@ -32,7 +32,7 @@ HANDSHAKE_TIMEOUT = 10.0          # s for the server to answer the handshake (--
 AUTO_RTT = 0.01                   # s: a TCP handshake within this picks TLS over TCP (--transport auto)
 
 
-def pinned_certificate(link: SessionLink) -> bytes:
+def pinned_certificate(link) -> bytes:
     """The DER certificate the server presented in this connection's TLS
     handshake (aioquic keeps it on its TLS context; there is no public
     accessor)."""
@@ -103,7 +103,9 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
             if sock is not None:
                 session = await _connected_tcp(t, identity, report, meter, on_note, path, sock, stop)
             else:
-                from aioquic.asyncio import connect
+                from aioquic.asyncio import connect     # (here: a run over TCP never imports aioquic)
+
+                from .link import configuration
                 config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
                 session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
         except asyncio.CancelledError:
@@ -132,7 +134,7 @@ class _Stop:
         self.loop, self.task = loop, task
         self.signum: int | None = None
         self.session: ClientSession | None = None
-        self.link: SessionLink | None = None
+        self.link = None                        # the link.SessionLink or tcp.StreamLink
 
     @contextmanager
     def signals(self):
@@ -169,6 +171,7 @@ class _Stop:
 
 async def _connected(t: Transfer, identity, report, meter, on_note, path, config, connect,
                      stop: _Stop) -> ClientSession:
+    from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink
     remote, timeout = t.remote, t.timeout
     try:
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
@@ -212,7 +215,8 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
         link.feeder.bucket = TokenBucket(t.bwlimit)
     done = asyncio.Event()
     link.on_session_done = done.set
-    if isinstance(link, SessionLink):
+    quic = hasattr(link, "path_model")          # a link.SessionLink (QUIC), not a tcp.StreamLink
+    if quic:
         link.resume_path_model(path.get("model"))
         link.start(session, link._quic.get_next_available_stream_id())
     else:
@@ -220,7 +224,7 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
     try:
         await _run_session(link, session, done, remote, t.push, t.timeout)
     finally:
-        if isinstance(link, SessionLink):
+        if quic:
             path["model"] = link.path_model() or path.get("model")
         tally = getattr(session.role, "tally", None)
         path["tally"] = tally.counts if tally is not None else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from .pathsearch import MAX_DATAGRAM_SIZE
+from .pmtu import MAX_DATAGRAM_SIZE
 
 DATAGRAM_QUEUE = 64               # shards queued in QUIC beyond what it is sending
 LOSS_SAMPLE = 500                # packets per loss report to the session (a moving average's sample)

@@ -10,8 +10,8 @@ from aioquic.asyncio import QuicConnectionProtocol
 from ..protocol.session import shard_size_for
 from ..protocol.shards import PROBE
 from . import pmtu
+from .pmtu import MAX_DATAGRAM_SIZE
 
-MAX_DATAGRAM_SIZE = 1350          # bytes of UDP payload per packet once the path is known to carry them
 PROBE_OVERHEAD = 30               # a probe packet's bytes besides its padding datagram's: short header
 #                                   (1 + 8-byte connection ID + 4-byte packet number), AEAD tag (16), frame type (1)
 SETTLE_WAIT = 0.25                # s (or SETTLE_RTTS RTTs) after the handshake a sender waits at most ...

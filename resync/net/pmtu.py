@@ -26,6 +26,7 @@ recovered by the connection's retry (a new connection searches again).
 from __future__ import annotations
 
 BASE = 1200                       # bytes: QUIC's smallest maximum datagram size (RFC 9000 section 14)
+MAX_DATAGRAM_SIZE = 1350          # bytes of UDP payload per packet once the path is known to carry them
 MAX_PROBES = 3                    # lost probes of one size before it is given up (RFC 8899 section 5.1.2)
 LOSSY = 0.05                      # a path losing more than this share of packets ...
 LOSSY_PROBES = 6                  # ... gives each size this many probes

@@ -7,6 +7,8 @@ from . import frames as F
 
 QUIET_FACTOR = 8                 # a file is quiet after this many repair (or probe) delays, even while others flow
 SMALL_FILE = 1 << 20             # files up to this size are read, not mapped
+PACK_FILE = 64 << 10             # files up to this size travel in packs (their contents share stripes); one
+#                                  of the basis's size is asked for with the basis's hash, not its blocks
 WORK_SLICE = 0.02                # s of work (frames taken, files started) before the transport may send
 #                                  and read again: the two ends work at once instead of in turns
 
@@ -78,6 +80,17 @@ def progress_share(frame: F.File, stripe: int) -> int:
     lo = stripe * frame.k * frame.shard_size
     n = max(0, min(frame.k * frame.shard_size, frame.length - lo))
     return n if not frame.delta else n * frame.size // frame.length
+
+
+def keyed_hash(buffer, salt: bytes) -> bytes:
+    """The first encodings.BASIS_HASH bytes of the BLAKE3 of ``buffer`` keyed
+    with this transfer's 32-byte ``salt`` (BLAKE3's keyed mode): a basis
+    hash (encodings.basis_hash_to_wire), which a peer cannot make collide
+    without the salt."""
+    import blake3
+
+    from .encodings import BASIS_HASH
+    return blake3.blake3(buffer, key=salt).digest(BASIS_HASH)
 
 
 def blake3_of(buffer) -> bytes:

@@ -20,6 +20,16 @@ here carry the same information as rsync's protocol does:
   (``strong_len_for``: rsync's ``sum_sizes_sqroot``), because the file's
   whole BLAKE3 checks every result and a file that fails it is asked for
   again whole.
+- **Basis hash** (``basis_hash_to_wire``): a wire signature with flag 2 and no
+  blocks, ``varint 0 | varint file length | u8 0 | u8 2 | 16 hash``: the first
+  16 bytes of the basis's BLAKE3 keyed with the transfer's salt. The receiver
+  sends it instead of blocks for a small file (``common.PACK_FILE``) whose
+  size has not changed, only its mtime: in a release update nearly every such
+  file has the same content (3,645 of 3,646 in django 5.1.3 to 5.1.4), and
+  its blocks would be hashed, sent and searched for nothing. The sender
+  answers with a same-content member when its file hashes the same, else
+  with the whole file (LZ4 in its pack; a small file of the same size whose
+  content changed is rare: 2 of 1,474 files in sympy 1.12 to 1.13.1).
 - **Wire delta** (``delta_to_wire``/``delta_from_wire``): ``varint count``, then
   per instruction ``varint (length << 1 | copy)`` and, for a COPY, ``varint
   zigzag(source - end of the previous COPY)`` (a run of blocks costs a byte or
@@ -31,7 +41,10 @@ here carry the same information as rsync's protocol does:
   the file (its first 128 bits: the receiver computes the whole hash and
   compares; rsync's whole-file check is 128 bits too) | varint mode | varint zigzag(mtime seconds) | varint nanoseconds |
   varint size | varint uid | varint gid | varint content length | content``,
-  else ``varint message length | message``.
+  else ``varint message length | message``. Flags: 1 the content is a wire
+  delta, 2 the receiver's copy is the file (its basis hash matched; no
+  content: the receiver checks the copy against the member's BLAKE3 and
+  sets its attributes).
 
 Varints are LEB128 (7 bits a byte, low first), at most 10 bytes; zigzag maps
 signed to unsigned as protobuf does. Every decoder raises ProtocolError for
@@ -50,6 +63,8 @@ if TYPE_CHECKING:
 MIN_STRONG, MAX_STRONG = 2, 16        # strong hash bytes per block on the wire
 BLOCKSUM_BIAS = 10                    # rsync's bias in sum_sizes_sqroot (generator.c)
 MEMBER_DELTA = 1                      # Member.flags: the content is a wire delta
+MEMBER_SAME = 2                       # Member.flags: no content, the receiver's copy is the file
+BASIS_HASH = 16                       # bytes of a basis hash (keyed BLAKE3, common.keyed_hash)
 MEMBER_HASH = 16                      # bytes of a member's BLAKE3 (the first)
 
 
@@ -67,6 +82,7 @@ def strong_len_for(file_len: int, block_len: int) -> int:
 
 
 SIG_SALT = 1                          # wire signature flag: its salt follows the header
+SIG_BASIS_HASH = 2                    # wire signature flag: no blocks, the basis's keyed hash instead
 
 
 def signature_to_wire(sig, with_salt: bool = False) -> bytes:
@@ -84,9 +100,37 @@ def signature_to_wire(sig, with_salt: bool = False) -> bytes:
                      np.ascontiguousarray(sig.strong[:, :sig.strong_len]).tobytes()))
 
 
+def basis_hash_to_wire(file_len: int, digest: bytes) -> bytes:
+    """A wire signature that is only the basis's length and keyed hash
+    (``common.keyed_hash``, BASIS_HASH bytes)."""
+    if len(digest) != BASIS_HASH:
+        raise ValueError(f"a basis hash is {BASIS_HASH} bytes")
+    head = bytearray(b"\0")
+    put_varint(head, file_len)
+    head += bytes((0, SIG_BASIS_HASH))
+    return bytes(head) + digest
+
+
+def basis_hash_of(buf) -> tuple[int, bytes] | None:
+    """(file length, keyed hash) of a basis-hash wire signature; None for a
+    signature of blocks (``signature_from_wire``). ProtocolError if malformed."""
+    block_len, off = get_varint(buf, 0, "signature")
+    file_len, off = get_varint(buf, off, "signature")
+    if off + 2 > len(buf):
+        raise ProtocolError("signature: truncated")
+    if not buf[off + 1] & SIG_BASIS_HASH:
+        return None
+    if block_len or buf[off] or buf[off + 1] != SIG_BASIS_HASH or file_len > 1 << 62:
+        raise ProtocolError("signature: basis hash field out of range")
+    if len(buf) != off + 2 + BASIS_HASH:
+        raise ProtocolError("signature: basis hash of the wrong length")
+    return file_len, bytes(buf[off + 2:])
+
+
 def signature_from_wire(buf, salt: bytes):
     """The Signature a Want carried, with this transfer's ``salt`` (or the
-    one it carries)."""
+    one it carries). ProtocolError for a basis hash (``basis_hash_of``) or
+    anything malformed."""
     import numpy as np
     from .. import formats
     from ..signature import Signature
@@ -177,7 +221,7 @@ class Member(NamedTuple):
     """One file's content in a pack (or why there is none)."""
     file_id: int
     status: int                    # frames.FILE_OK, FILE_VANISHED, FILE_ERROR
-    flags: int = 0                 # MEMBER_DELTA
+    flags: int = 0                 # MEMBER_DELTA or MEMBER_SAME
     blake3: bytes = b""            # MEMBER_HASH: the first bytes of the BLAKE3 of the file the content makes
     mode: int = 0
     seconds: int = 0
@@ -185,12 +229,16 @@ class Member(NamedTuple):
     size: int = 0
     uid: int = 0
     gid: int = 0
-    content: bytes = b""           # the file, or a wire delta (MEMBER_DELTA)
+    content: bytes = b""           # the file, a wire delta (MEMBER_DELTA), or nothing (MEMBER_SAME)
     message: bytes = b""
 
     @property
     def delta(self) -> bool:
         return bool(self.flags & MEMBER_DELTA)
+
+    @property
+    def same(self) -> bool:
+        return bool(self.flags & MEMBER_SAME)
 
 
 def encode_member(out: bytearray, m: Member) -> None:
@@ -221,7 +269,8 @@ def decode_members(buf) -> list[Member]:
             raise ProtocolError("pack: truncated")
         fid, status, flags = int.from_bytes(view[pos:pos + 4], "little"), view[pos + 4], view[pos + 5]
         pos += 6
-        if status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or flags & ~MEMBER_DELTA:
+        if status not in (FILE_OK, FILE_VANISHED, FILE_ERROR) or flags & ~(MEMBER_DELTA | MEMBER_SAME) \
+                or flags == MEMBER_DELTA | MEMBER_SAME or (flags and status != FILE_OK):
             raise ProtocolError("pack: bad member status or flags")
         if status != FILE_OK:
             length, pos = get_varint(view, pos, "pack")
@@ -240,7 +289,7 @@ def decode_members(buf) -> list[Member]:
             fields.append(v)
         mode, seconds, ns, size, uid, gid, length = fields
         if ns >= 10**9 or size > 1 << 62 or mode > 0xFFFFFFFF or uid > 0xFFFFFFFF or gid > 0xFFFFFFFF \
-                or pos + length > len(view):
+                or pos + length > len(view) or (length and flags & MEMBER_SAME):
             raise ProtocolError("pack: member field out of range")
         out.append(Member(fid, status, flags, digest, mode, unzigzag(seconds), ns, size, uid, gid,
                           bytes(view[pos:pos + length])))

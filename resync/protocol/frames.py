@@ -17,12 +17,14 @@ from typing import NamedTuple
 
 from ..errors import ResyncError
 
-VERSION = 4                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
+VERSION = 5                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
 #                                       as rsync's flist: fields that differ from the entry before (session 10);
 #                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32),
 #                                       Want.update, Wants, 16-bit checks and varint headers in wire
-#                                       signatures, 16-byte member hashes (session 11)
+#                                       signatures, 16-byte member hashes (session 11);
+#                                    5: basis-hash signatures for small files of the basis's size, answered
+#                                       by a same-content member (session 13)
 MAX_FRAME = 16 << 20
 MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame
@@ -113,7 +115,8 @@ class Want(NamedTuple):            # receiver -> sender: send this file
     file_id: int
     dir_index: int
     name: bytes
-    signature: bytes               # the receiver's copy's block signature (delta), or empty (whole)
+    signature: bytes               # the receiver's copy's block signature (delta), its basis hash (a small file
+    #                                of the same size: protocol.encodings), or empty (whole)
     resume: "Resume | None" = None  # content the receiver kept from a cut transfer
     update: bool = False           # the receiver has an older entry at that path (else it is new there)
 

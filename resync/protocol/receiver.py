@@ -24,7 +24,8 @@ import time
 from ..errors import NoSpaceError, ResyncError
 from . import frames as F
 from .checkpoint import Checkpoints, resume_of
-from .common import QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, carried, progress_share, resumes
+from .common import (PACK_FILE, QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, carried, keyed_hash, progress_share,
+                     resumes)
 from .encodings import MEMBER_HASH
 from .frames import ProtocolError
 from .shards import StripeAssembler, stripe_count
@@ -396,7 +397,7 @@ class Planning:
         signature = b""
         if prev is not None and prev.kind == "f" and prev.size and not r.options.whole_file:
             try:
-                signature = self.signature(parent.fd, e.name, path)
+                signature = self.signature(parent.fd, e.name, path, prev.size == e.size <= PACK_FILE)
             except (OSError, ResyncError):
                 signature = b""                # unreadable here: the whole file instead
         self.next_id += 1
@@ -412,15 +413,17 @@ class Planning:
         if self._batch_bytes >= WANTS_BYTES:    # (large files' signatures: the sender starts on them)
             self.flush_wants()
 
-    def signature(self, dir_fd: int, name: str, path: str) -> bytes:
+    def signature(self, dir_fd: int, name: str, path: str, basis_hash: bool = False) -> bytes:
         """The wire signature (protocol.encodings) of this destination's copy
-        of ``name``, keyed with this transfer's salt, its strong hashes as
-        long as the file's size needs (encodings.strong_len_for)."""
+        of ``name``, keyed with this transfer's salt: its blocks' sums, the
+        strong hashes as long as the file's size needs (encodings.strong_len_for);
+        or, ``basis_hash`` (a small file whose size did not change), only its
+        keyed hash."""
         import numpy as np
 
         from ..fs import MappedFile, pread_all
         from ..signature import compute_signature, default_block_len
-        from .encodings import signature_to_wire, strong_len_for
+        from .encodings import basis_hash_to_wire, signature_to_wire, strong_len_for
 
         def signed(data):
             block = default_block_len(data.shape[0])
@@ -428,8 +431,12 @@ class Planning:
                                                        salt=self.r.s.salt, threads=1, file_hash=False, check_bits=16))
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
-            if os.fstat(fd).st_size <= SMALL_FILE:          # read: a map costs more than it saves
-                return signed(np.frombuffer(pread_all(fd, os.fstat(fd).st_size), np.uint8))
+            size = os.fstat(fd).st_size
+            if size <= SMALL_FILE:                          # read: a map costs more than it saves
+                data = pread_all(fd, size)
+                if basis_hash and len(data) <= PACK_FILE:
+                    return basis_hash_to_wire(len(data), keyed_hash(data, self.r.s.salt))
+                return signed(np.frombuffer(data, np.uint8))
             with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
                 return signed(m.array)
         finally:
@@ -720,9 +727,12 @@ class PackIntake:
             return
         if stat.S_IFMT(m.mode) != stat.S_IFREG:
             raise ProtocolError(f"pack member {m.file_id}: not a regular file's mode")
+        if m.flags and (inc.prev is None or inc.prev.kind != "f"):
+            raise ProtocolError(f"pack member {m.file_id}: a delta or same content for a file without a basis")
+        if m.same:
+            self._same(inc, m, dirs)
+            return
         if m.delta:
-            if inc.prev is None or inc.prev.kind != "f":
-                raise ProtocolError(f"pack member {m.file_id}: a delta for a file without a basis")
             data, literal = self._rebuild(inc, m, dirs)
         else:
             if len(m.content) != m.size:
@@ -752,27 +762,51 @@ class PackIntake:
             return
         placement.to_place.append((staged, inc))
 
+    def _same(self, inc: Incoming, m, dirs: dict) -> None:
+        """A member the sender found to be this destination's copy (by its
+        basis hash): the copy is checked against the member's BLAKE3 (it may
+        have changed since it was hashed) and given the member's attributes
+        in place; a copy that no longer matches is asked for again whole."""
+        basis = self._basis(inc, dirs)
+        digest = blake3_of(basis) if basis is not None and len(basis) == m.size else None
+        if digest is None or digest[:MEMBER_HASH] != m.blake3:
+            if not inc.retried:
+                self.r.planning.rewant(inc)
+                return
+            self.r.report.error(inc.path, "content does not match its BLAKE3; not applied")
+            self.r.placement.keep_old(inc)
+            return
+        e = inc.entry._replace(mode=m.mode, size=m.size, mtime_ns=m.seconds * 10**9 + m.nanoseconds, uid=m.uid,
+                               gid=m.gid, perms=m.mode & 0o7777)
+        self.r.apply.entries.attributes(self._dir_handle(inc.rel, dirs), e, inc.prev, inc.path, mtime=True)
+        self.r.report.entry(inc.path, e, digest.hex())
+
+    def _basis(self, inc: Incoming, dirs: dict) -> bytes | None:
+        """This destination's copy of ``inc``, or None if it cannot be read
+        as a regular file."""
+        from ..fs import pread_all
+        d = self._dir_handle(inc.rel, dirs)
+        if d is None:
+            return None
+        try:
+            fd = os.open(inc.entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
+            try:
+                st = os.fstat(fd)
+                return pread_all(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
+
     def _rebuild(self, inc: Incoming, m, dirs: dict):
         """(the file ``m``'s wire delta makes from this destination's copy,
         literal bytes), or (None, 0) if the copy cannot be read as a regular
         file."""
         import numpy as np
 
-        from ..fs import pread_all
         from ..patch import assemble_in_memory
         from .encodings import delta_from_wire
-        d = self._dir_handle(inc.rel, dirs)
-        if d is None:
-            return None, 0
-        try:
-            fd = os.open(inc.entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
-            try:
-                st = os.fstat(fd)
-                basis = pread_all(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
-            finally:
-                os.close(fd)
-        except OSError:
-            return None, 0
+        basis = self._basis(inc, dirs)
         if basis is None:
             return None, 0
         kinds, sources, lengths, literals = delta_from_wire(m.content, len(basis), m.size)

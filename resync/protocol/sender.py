@@ -21,7 +21,7 @@ from collections import deque
 from ..content import has_holes
 from ..errors import ResyncError
 from . import frames as F
-from .common import WORK_SLICE, QUIET_FACTOR, SMALL_FILE, blake3_of, carried, progress_share
+from .common import PACK_FILE, QUIET_FACTOR, SMALL_FILE, WORK_SLICE, blake3_of, carried, keyed_hash, progress_share
 from .frames import ProtocolError
 from .parity import DEFAULT_K, ParityPlanner
 from .shards import MAX_INDEX as MAX_SHARDS
@@ -32,7 +32,6 @@ MAX_ACTIVE = 64                  # files being sent at once (open, with stripes 
 STREAM_HIGH = 256 << 10          # control bytes buffered before the sender stops listing ahead
 RELIABLE_WINDOW = 32 << 20       # content bytes unacknowledged at most on a reliable transport
 PROBE_DELAY = 0.1                # seconds (at least; 4 RTT on slower links) before an unacknowledged stripe is probed
-PACK_FILE = 64 << 10             # files up to this size travel in packs (their contents share stripes)
 PACK_BYTES = 256 << 10           # a pack is sealed once its members hold this much (or the turn ends)
 MAX_PACKS = 16                   # packs sealed and not yet acknowledged, at most
 
@@ -394,24 +393,38 @@ class Packer:
         self.active = 0                         # sealed and not yet acknowledged
 
     def add(self, want: F.Want, st: os.stat_result, data: bytes) -> None:
-        import numpy as np
-
-        from .encodings import MEMBER_DELTA, MEMBER_HASH, Member, delta_to_wire, encode_member, signature_from_wire
+        from .encodings import MEMBER_HASH, MEMBER_SAME, Member, encode_member
         flags, content, literal = 0, data, len(data)
         if want.signature and data:
-            from ..delta import instructions_in_memory
-            sig = signature_from_wire(want.signature, self.sender.s.salt)
-            delta = instructions_in_memory(sig, np.frombuffer(data, np.uint8))
-            wire = delta_to_wire(*delta)
-            if len(wire) < len(data):
-                flags, content, literal = MEMBER_DELTA, wire, len(delta[3])
+            flags, content, literal = self._against_basis(want.signature, data)
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
         encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data)[:MEMBER_HASH], st.st_mode,
                                        seconds, ns, len(data), st.st_uid, st.st_gid, content))
         self.members.append(want.file_id)
-        self.owed.append((want.update, len(data), literal))
+        self.owed.append((want.update, len(data), literal, bool(flags & MEMBER_SAME)))
         if len(self.buf) >= PACK_BYTES:
             self.seal()
+
+    def _against_basis(self, signature: bytes, data: bytes) -> tuple[int, bytes, int]:
+        """(member flags, content, literal bytes) of a file the receiver has a
+        copy of: nothing if ``signature`` is a basis hash this file matches,
+        a wire delta against a block signature if that is smaller, else the
+        file itself."""
+        import numpy as np
+
+        from .encodings import MEMBER_DELTA, MEMBER_SAME, basis_hash_of, delta_to_wire, signature_from_wire
+        salt = self.sender.s.salt
+        basis = basis_hash_of(signature)
+        if basis is not None:
+            if basis == (len(data), keyed_hash(data, salt)):
+                return MEMBER_SAME, b"", 0
+            return 0, data, len(data)           # changed, though of the same size: the whole file
+        from ..delta import instructions_in_memory
+        delta = instructions_in_memory(signature_from_wire(signature, salt), np.frombuffer(data, np.uint8))
+        wire = delta_to_wire(*delta)
+        if len(wire) < len(data):
+            return MEMBER_DELTA, wire, len(delta[3])
+        return 0, data, len(data)
 
     def seal(self) -> None:
         """Send the pack being filled: its Pack frame, then its content (the
@@ -452,7 +465,7 @@ class Tally:
 
     def __init__(self):
         self.counts = dict.fromkeys(self.KEYS, 0)
-        self.owed: dict[int, list] = {}         # content id -> [(update, size, literal bytes)] of its files
+        self.owed: dict[int, list] = {}         # content id -> [(update, size, literal bytes, same)] of its files
 
     def owe(self, cid: int, files: list) -> None:
         self.owed[cid] = files
@@ -462,7 +475,10 @@ class Tally:
         if not ok or files is None:
             return
         c = self.counts
-        for update, size, literal in files:
+        for update, size, literal, same in files:
+            if same:                            # the receiver's copy was the file: its attributes updated
+                c["updated"] += 1
+                continue
             c["files_transferred"] += 1
             c["bytes_transferred"] += size
             c["bytes_literal"] += literal
@@ -635,6 +651,9 @@ class Sender:
                 self.sent_files += 1
                 return
             runs = None
+            from .encodings import basis_hash_of
+            if want.signature and basis_hash_of(want.signature) is not None:
+                want = want._replace(signature=b"")     # grown past a pack since listed: whole
             if not want.signature:              # a sparse file sent whole: its data runs, not its holes
                 from ..content import data_extents
                 runs = data_extents(fd, size)
@@ -674,7 +693,7 @@ class Sender:
                        tuple(runs) if runs is not None else None, delta and (self.sparse or has_holes(st)))
         encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
                                 shard_size, not self.s.reliable)
-        self.tally.owe(want.file_id, [(want.update, size, frame.length)])
+        self.tally.owe(want.file_id, [(want.update, size, frame.length, False)])
 
         def close():
             for c in closers:
