@@ -111,7 +111,13 @@ class EntryWriter:
         fix_mtime = mtime and prev.mtime_ns != e.mtime_ns
         if prev.perms == e.perms and not fix_owner and not fix_mtime:
             return
-        if not (self.a.dry_run or parent is None):
+        if not (self.a.dry_run or parent is None) and prev.perms == e.perms and not fix_owner:
+            try:                # only the mtime (most of a release update): one utimensat, no symlink followed
+                os.utime(e.name, ns=(time.time_ns(), e.mtime_ns), dir_fd=parent.fd, follow_symlinks=False)
+            except OSError as exc:
+                self.a.report.error(path, exc.strerror or str(exc))
+                return
+        elif not (self.a.dry_run or parent is None):
             try:
                 # O_PATH: a file without read permission (mode 0200, 0000) has its mode changed too
                 fd = os.open(e.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)

@@ -39,6 +39,7 @@ import struct
 import time
 
 from . import ALPN
+from ..protocol.common import WORK_SLICE
 
 RECORD = struct.Struct("<BI")
 CONTROL, SHARD, PING, PONG, CLOSE = 1, 2, 3, 4, 5
@@ -147,6 +148,7 @@ class StreamFeeder:
             self.bucket = TokenBucket(s.rate_limit)     # (a pull's --bwlimit, or the server's own)
             s.shard_size = shard_size_for_rate(s.rate_limit)
         self.starved = False
+        turn_end = time.monotonic() + WORK_SLICE
         while True:
             data = s.stream_to_send()           # (the sender starts files here: File frames go first)
             for lo in range(0, len(data), MAX_CONTROL):
@@ -164,9 +166,12 @@ class StreamFeeder:
                 for d in out:
                     self.bucket.spend(len(d))
             if not out and not data:
-                return                          # (the session has nothing more to say now; a listing
-            for d in out:                       # goes on while its frames leave: nothing else would
-                link.write_record(SHARD, d)     # wake a sender whose receiver has nothing to ask)
+                return                          # (the session has nothing more to say now)
+            for d in out:
+                link.write_record(SHARD, d)
+            if time.monotonic() > turn_end:
+                return                          # the peer's frames are read; a sender with more to do (a
+            #                                     listing, files to start) has its timer due at once
 
 
 class StreamLink(asyncio.BufferedProtocol):

@@ -275,6 +275,7 @@ class Planning:
                             r.report, lambda path, e: r.report.entry(path, e, None),
                             lambda path: self.links[path], self._same_content)
         self.dirs: dict[int, str] = {}
+        self.top = -1                           # the highest directory index listed so far
         self.dir_attrs: list = []              # (path, entry, prev) for the end
         self.root_prev = self.root_attrs = None
         self.empty_source = ""                  # why --delete may delete nothing: the source root is empty
@@ -295,16 +296,18 @@ class Planning:
     def dir_failed(self, frame: F.DirFailed) -> None:
         rel = os.fsdecode(frame.rel)
         self.dirs[frame.index] = rel
+        self.top = max(self.top, frame.index)
         self.r.report.source_failed(rel + "/", OSError(frame.errno, os.fsdecode(frame.message)))
 
     def dir(self, frame: F.Dir) -> None:
         from ..apply import TEMP_PREFIX, Dir
         from ..scan import Entry, open_rel_dir, stat_dir
         r = self.r
-        if frame.index in self.dirs or (frame.index and frame.index != max(self.dirs, default=-1) + 1):
+        if frame.index in self.dirs or (frame.index and frame.index != self.top + 1):
             raise ProtocolError(f"Dir {frame.index} out of order")
         rel = os.fsdecode(frame.rel)
         self.dirs[frame.index] = rel
+        self.top = max(self.top, frame.index)
         attrs, entries = frame.attrs, []
         for e in frame.entries:
             name = os.fsdecode(e.name)
@@ -419,16 +422,8 @@ class Planning:
         strong hashes as long as the file's size needs (encodings.strong_len_for);
         or, ``basis_hash`` (a small file whose size did not change), only its
         keyed hash."""
-        import numpy as np
-
-        from ..fs import MappedFile, pread_all
-        from ..signature import compute_signature, default_block_len
-        from .encodings import basis_hash_to_wire, signature_to_wire, strong_len_for
-
-        def signed(data):
-            block = default_block_len(data.shape[0])
-            return signature_to_wire(compute_signature(data, block, strong_len_for(data.shape[0], block),
-                                                       salt=self.r.s.salt, threads=1, file_hash=False, check_bits=16))
+        from ..fs import pread_all
+        from .encodings import basis_hash_to_wire
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             size = os.fstat(fd).st_size
@@ -436,11 +431,24 @@ class Planning:
                 data = pread_all(fd, size)
                 if basis_hash and len(data) <= PACK_FILE:
                     return basis_hash_to_wire(len(data), keyed_hash(data, self.r.s.salt))
-                return signed(np.frombuffer(data, np.uint8))
+                return self._signed(data)
+            from ..fs import MappedFile
             with MappedFile(f"/proc/self/fd/{fd}", name=path) as m:
-                return signed(m.array)
+                return self._signed(m.array)
         finally:
             os.close(fd)
+
+    def _signed(self, data) -> bytes:
+        """The wire signature of ``data`` (bytes or a uint8 array)."""
+        import numpy as np
+
+        from ..signature import compute_signature, default_block_len
+        from .encodings import signature_to_wire, strong_len_for
+        if not isinstance(data, np.ndarray):
+            data = np.frombuffer(data, np.uint8)
+        block = default_block_len(data.shape[0])
+        return signature_to_wire(compute_signature(data, block, strong_len_for(data.shape[0], block),
+                                                   salt=self.r.s.salt, threads=1, file_hash=False, check_bits=16))
 
     def rewant(self, inc: Incoming) -> None:
         """Ask for a file again, whole: the delta made from its signature did
@@ -698,9 +706,9 @@ class PackIntake:
     def _dir_handle(self, rel: str, dirs: dict):
         """The destination directory ``rel`` (an apply.Dir, reached from the
         root without following symlinks), or None if it cannot be opened."""
-        from ..apply import Dir
-        from ..scan import open_rel_dir
         if rel not in dirs:
+            from ..apply import Dir
+            from ..scan import open_rel_dir
             try:
                 fd = open_rel_dir(self.r.apply.root_fd, rel)
                 dirs[rel] = Dir(fd, rel, stat.S_IMODE(os.fstat(fd).st_mode))

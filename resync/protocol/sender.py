@@ -510,6 +510,7 @@ class Sender:
         wanted files while the limits allow, for at most WORK_SLICE (the
         transport then sends what is ready; the timer goes on)."""
         lister = self.lister
+        start = time.monotonic()
         while not lister.listed and self.s.buffered < STREAM_HIGH:
             frame = lister.next_frame()
             if frame is None:
@@ -519,14 +520,16 @@ class Sender:
                     self.s.progress.scanned()
                 break
             self.s.send(frame)
-        deadline = time.monotonic() + WORK_SLICE
-        self.more = False
+            if time.monotonic() > start + WORK_SLICE / 2:
+                break                           # (the receiver plans what is listed while the rest is)
+        deadline = start + WORK_SLICE
+        self.more = not lister.listed
         st = self.stripes
         while self.wants and len(st.active) < MAX_ACTIVE and st.in_flight < st.window and self.s.path_settled \
                 and self.packer.active < MAX_PACKS:
             self._start(self.wants.popleft())
             if time.monotonic() > deadline:
-                self.more = bool(self.wants)
+                self.more = self.more or bool(self.wants)
                 break
         self.packer.seal()                      # what this turn packed goes now (the receiver starts on it)
 
