@@ -390,15 +390,21 @@ def test_a_lost_probe_is_neither_congestion_nor_random_loss():
     assert cc.probe_above == 1350 and cc.mds == 1350
 
 
-def test_a_sender_cuts_no_file_before_the_path_is_settled(tmp_path):
+def test_a_sender_cuts_no_large_file_before_the_path_is_settled(tmp_path):
+    """While the path MTU search runs, small files' packs go (cut to the
+    minimum's shards: few of them) and a large file waits, so that its
+    shards are not all cut to the minimum's size."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, 9, files=3)
+    (src / "zz-big.bin").write_bytes(mix.data(9, 300_000, "mixed"))
     client, server = make_pair(tmp_path, True, src, dst)
     client.path_settled = False
     for _ in range(40):                         # handshake, listing and Wants go through; no File
         server.receive_stream(client.stream_to_send(), 0.0)
         client.receive_stream(server.stream_to_send(), 0.0)
-    assert client.role is not None and client.role.wants and not client.role.stripes.active
+    role = client.role
+    assert role is not None and [w.name for w in role.wants] == [b"zz-big.bin"]
+    assert role.stripes.active and all(fid >= F.PACK_BASE for fid in role.stripes.active)   # packs only
     client.shard_size = shard_size_for(1200)
     client.path_settled = True
     pump(client, server, Channel(random.Random(9)))

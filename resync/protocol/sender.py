@@ -502,6 +502,7 @@ class Sender:
         self.tally = Tally()
         self.resumed_bytes = 0                  # content not sent: the receiver kept it from a cut transfer
         self.tmp = None                         # scratch directory of the deltas of large files
+        self.waiting = -1                       # the file id of a large file waiting for the path MTU search
         self.sparse = options.sparse            # -S: blocks of zeros travel as holes
 
     # -- the session's calls ----------------------------------------------------------
@@ -525,9 +526,14 @@ class Sender:
         deadline = start + WORK_SLICE
         self.more = not lister.listed
         st = self.stripes
-        while self.wants and len(st.active) < MAX_ACTIVE and st.in_flight < st.window and self.s.path_settled \
+        while self.wants and len(st.active) < MAX_ACTIVE and st.in_flight < st.window \
                 and self.packer.active < MAX_PACKS:
-            self._start(self.wants.popleft())
+            if not self.s.path_settled and self.wants[0].file_id == self.waiting:
+                break                           # a large file waits for the path's packet size
+            if not self._start(self.wants[0]):
+                self.waiting = self.wants[0].file_id
+                break
+            self.wants.popleft()
             if time.monotonic() > deadline:
                 self.more = self.more or bool(self.wants)
                 break
@@ -624,10 +630,13 @@ class Sender:
             self.s.progress.done(max(0, self.queued.pop(fid, 0) - progressed))
 
     # -- starting a wanted file -------------------------------------------------------------
-    def _start(self, want: F.Want) -> None:
+    def _start(self, want: F.Want) -> bool:
         """Open the wanted file and make its content (the file, or a delta
         against the receiver's signature): a small one joins a pack; a larger
-        one gets its File frame and stripes of its own."""
+        one gets its File frame and stripes of its own — once the path's MTU
+        search is settled (False until then: its shards would be cut to the
+        minimum's size for good; a pack's are few, and the first updates
+        start a few RTTs sooner)."""
         import numpy as np
 
         from ..fs import MappedFile, pread_all
@@ -641,7 +650,7 @@ class Sender:
             status = F.FILE_VANISHED if isinstance(exc, FileNotFoundError) else F.FILE_ERROR
             self._send_file(F.File(want.file_id, status, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, k, m,
                                    shard_size, os.fsencode(exc.strerror or str(exc))), None, None)
-            return
+            return True
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -652,7 +661,10 @@ class Sender:
                 os.close(fd)
                 self.packer.add(want, st, data)
                 self.sent_files += 1
-                return
+                return True
+            if not self.s.path_settled:
+                os.close(fd)
+                return False
             runs = None
             from .encodings import basis_hash_of
             if want.signature and basis_hash_of(want.signature) is not None:
@@ -673,7 +685,7 @@ class Sender:
             msg = exc.strerror if isinstance(exc, OSError) else str(exc)
             self._send_file(F.File(want.file_id, F.FILE_ERROR, False, 0, bytes(32), 0, 0, 0, 0, 0, 0, k, m,
                                    shard_size, os.fsencode(msg or "cannot read")), None, None)
-            return
+            return True
         os.close(fd)
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
         try:
@@ -713,6 +725,7 @@ class Sender:
                     self.resumed_bytes += min(d * size, frame.length - stripe * encoder.k * encoder.size)
             out.skip_acked()
             self.stripes.retire(out)
+        return True
 
     def _delta(self, want: F.Want, array, closers):
         """The delta of a large file against the receiver's signature, in a scratch file."""
