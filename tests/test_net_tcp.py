@@ -364,3 +364,42 @@ def test_record_layout_golden():
     assert tcp.RECORD.pack(tcp.SHARD, 1 << 20) == bytes.fromhex("0200001000")
     assert (tcp.CONTROL, tcp.SHARD, tcp.PING, tcp.PONG, tcp.CLOSE) == (1, 2, 3, 4, 5)
     assert tcp.LIMITS == {1: 1 << 20, 2: (1 << 20) + 19, 3: 8, 4: 8, 5: 1024}
+
+
+def test_a_push_of_small_files_over_tcp_imports_neither_aioquic_nor_numpy(sites, tmp_path):
+    """Start-up is most of a small run: a first copy of small files (and one
+    of 100 KB) and their new mtimes pushed over TLS on TCP load no aioquic
+    (QUIC is not used) and no NumPy (packs and whole files are cut as bytes;
+    a same-content member needs no delta); a changed small file's delta does."""
+    import subprocess
+    import sys
+    import random
+
+    from .test_sync import make_tree
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    make_tree(src, random.Random(41), files=40)
+    mix.write(src / "whole.bin", 41, 100_000, "text")
+    module.mkdir()
+    code = ("import sys\nfrom resync.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(sorted(m for m in ('aioquic', 'numpy') if m in sys.modules), code, file=sys.stderr)\n")
+
+    def push():
+        r = subprocess.run([sys.executable, "-c", code, "sync", "--json", src, server.url("m", "x"), "--peer-id",
+                            server_site.id], capture_output=True, text=True, env=client.env, timeout=120)
+        return r.stderr.strip().splitlines()[-1], json.loads(r.stdout.splitlines()[-1])
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+        assert push()[0] == "[] 0"
+        _same(src, module / "x")
+        touched = [p for p in src.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size < 60_000]
+        for p in touched:                           # new mtimes, the contents as they were
+            os.utime(p, ns=(0, p.stat().st_mtime_ns + 10**9))
+        seen, r = push()
+        assert seen == "[] 0" and r["files_transferred"] == 0 and r["updated"] >= len(touched) >= 30
+        _same(src, module / "x")
+        small = next(p for p in sorted(src.rglob("*")) if p.is_file() and 100 < p.stat().st_size < 60_000)
+        small.write_bytes(small.read_bytes() + b"one more line\n")
+        seen, r = push()
+        assert seen == "['numpy'] 0" and r["files_transferred"] == 1
+        _same(src, module / "x")

@@ -210,6 +210,24 @@ def test_the_last_stripe_is_shortened_not_padded(length, k, size, expect):
     assert len(last) == HEADER + sz
 
 
+@settings(max_examples=40, deadline=None)
+@given(content=mix.mixed_bytes(20_000), k=st.integers(1, 6), size=st.integers(64, 3000))
+def test_a_bytes_content_is_cut_as_an_array_is_on_a_reliable_stream(content, k, size):
+    """A reliable stream's contents of bytes (packs, small whole files: no
+    NumPy) give the very datagrams an array gives, padding included; parity
+    is refused."""
+    plain = StripeEncoder(5, content, k, size, False)
+    array = StripeEncoder(5, np.frombuffer(content, np.uint8), k, size, False)
+    assert plain.stripes == array.stripes
+    for s in range(plain.stripes):
+        d, _ = plain.geometry(s)
+        assert [bytes(x) for x in plain.shards(s, range(d))] == [bytes(x) for x in array.shards(s, range(d))]
+        with pytest.raises(ProtocolError):
+            plain.shards(s, [d])
+    with pytest.raises(ValueError):
+        StripeEncoder(5, b"abc", 1, 64, True)             # a checked stream's content is an array
+
+
 def test_a_corrupt_shard_is_a_lost_shard():
     enc = StripeEncoder(1, np.frombuffer(b"x" * 5000, np.uint8), 4, 256)
     d = bytearray(enc.shards(0, [0])[0])

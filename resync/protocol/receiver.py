@@ -398,9 +398,10 @@ class Planning:
             r.s.send(F.Want(fid, index, os.fsencode(e.name), inc.signature, resume, prev is not None))
             return
         signature = b""
-        if prev is not None and prev.kind == "f" and prev.size and not r.options.whole_file:
+        same_size = prev is not None and prev.size == e.size <= PACK_FILE     # (empty files too)
+        if prev is not None and prev.kind == "f" and (prev.size or same_size) and not r.options.whole_file:
             try:
-                signature = self.signature(parent.fd, e.name, path, prev.size == e.size <= PACK_FILE)
+                signature = self.signature(parent.fd, e.name, path, same_size)
             except (OSError, ResyncError):
                 signature = b""                # unreadable here: the whole file instead
         self.next_id += 1

@@ -395,7 +395,7 @@ class Packer:
     def add(self, want: F.Want, st: os.stat_result, data: bytes) -> None:
         from .encodings import MEMBER_HASH, MEMBER_SAME, Member, encode_member
         flags, content, literal = 0, data, len(data)
-        if want.signature and data:
+        if want.signature:
             flags, content, literal = self._against_basis(want.signature, data)
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
         encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data)[:MEMBER_HASH], st.st_mode,
@@ -410,8 +410,6 @@ class Packer:
         copy of: nothing if ``signature`` is a basis hash this file matches,
         a wire delta against a block signature if that is smaller, else the
         file itself."""
-        import numpy as np
-
         from .encodings import MEMBER_DELTA, MEMBER_SAME, basis_hash_of, delta_to_wire, signature_from_wire
         salt = self.sender.s.salt
         basis = basis_hash_of(signature)
@@ -419,6 +417,10 @@ class Packer:
             if basis == (len(data), keyed_hash(data, salt)):
                 return MEMBER_SAME, b"", 0
             return 0, data, len(data)           # changed, though of the same size: the whole file
+        if not data:
+            return 0, data, 0
+        import numpy as np
+
         from ..delta import instructions_in_memory
         delta = instructions_in_memory(signature_from_wire(signature, salt), np.frombuffer(data, np.uint8))
         wire = delta_to_wire(*delta)
@@ -433,7 +435,6 @@ class Packer:
         if not self.members:                    # (every turn: nothing imported for nothing)
             return
         import lz4.block
-        import numpy as np
 
         from .encodings import put_varint
         raw = bytearray()
@@ -446,7 +447,11 @@ class Packer:
         k, size = sender.parity.geometry(None)
         frame = F.Pack(pid, codec, len(raw), len(stored), k, sender.parity.full(k), size)
         sender.s.send(frame)
-        encoder = StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, size, not sender.s.reliable)
+        if sender.s.reliable:                   # (cut as it is: no parity, no NumPy)
+            encoder = StripeEncoder(pid, stored, k, size, False)
+        else:
+            import numpy as np
+            encoder = StripeEncoder(pid, np.frombuffer(stored, np.uint8), k, size)
         sender.stripes.add(Outgoing(frame, encoder, frame.m, None, self.members))
         sender.tally.owe(pid, self.owed)
         self.sealed += 1
@@ -637,10 +642,7 @@ class Sender:
         search is settled (False until then: its shards would be cut to the
         minimum's size for good; a pack's are few, and the first updates
         start a few RTTs sooner)."""
-        import numpy as np
-
-        from ..fs import MappedFile, pread_all
-        path = self.lister.path(want)
+        from ..fs import pread_all
         k, shard_size = self.parity.geometry(want.resume)
         m = self.parity.full(k)
         try:
@@ -676,9 +678,15 @@ class Sender:
                     runs = zero_free_runs(fd, size, runs)
             if size <= SMALL_FILE and runs is None:     # read: a map costs more than it saves
                 data = pread_all(fd, size)
-                size, array, closers = len(data), np.frombuffer(data, np.uint8), []
+                size, closers = len(data), []
+                if self.s.reliable and not want.signature:
+                    array = data                # sent as it is: cut without NumPy (shards.StripeEncoder)
+                else:
+                    import numpy as np
+                    array = np.frombuffer(data, np.uint8)
             else:
-                mapped = MappedFile(f"/proc/self/fd/{fd}", name=path)
+                from ..fs import MappedFile
+                mapped = MappedFile(f"/proc/self/fd/{fd}", name=self.lister.path(want))
                 data, array, closers = mapped.buffer, mapped.array, [mapped.close]
         except (OSError, ResyncError) as exc:
             os.close(fd)
@@ -703,11 +711,11 @@ class Sender:
             for c in closers:
                 c()
             raise
-        frame = F.File(want.file_id, F.FILE_OK, delta, int(content.shape[0]), target, st.st_mode, seconds, ns,
+        length = len(content) if isinstance(content, bytes) else int(content.shape[0])
+        frame = F.File(want.file_id, F.FILE_OK, delta, length, target, st.st_mode, seconds, ns,
                        size, st.st_uid, st.st_gid, k, m, shard_size, b"", content_hash,
                        tuple(runs) if runs is not None else None, delta and (self.sparse or has_holes(st)))
-        encoder = StripeEncoder(want.file_id, content if content.shape[0] else np.zeros(0, np.uint8), k,
-                                shard_size, not self.s.reliable)
+        encoder = StripeEncoder(want.file_id, content if length else b"", k, shard_size, not self.s.reliable)
         self.tally.owe(want.file_id, [(want.update, size, frame.length, False)])
 
         def close():

@@ -80,13 +80,17 @@ def parse(datagram: bytes, checked: bool = True) -> tuple[int, int, int, memoryv
 
 class StripeEncoder:
     """Shards of one file's content. ``content``: a uint8 array (a memory map
-    of the file or of the delta), read a stripe at a time. ``checked``:
-    each shard carries its check (False on a reliable stream: zeros)."""
+    of the file or of the delta), read a stripe at a time; or, unchecked,
+    bytes (a pack's content on a reliable stream: cut without NumPy, so a
+    first copy of small files never imports it). ``checked``: each shard
+    carries its check (False on a reliable stream: zeros)."""
 
-    def __init__(self, file_id: int, content: np.ndarray, k: int, size: int, checked: bool = True):
+    def __init__(self, file_id: int, content, k: int, size: int, checked: bool = True):
         self.file_id, self.k, self.size, self.checked = file_id, k, size, checked
         self.content = content
-        self.length = int(content.shape[0])
+        self.length = len(content) if isinstance(content, bytes) else int(content.shape[0])
+        if isinstance(content, bytes) and checked and content:
+            raise ValueError("a content of bytes is for an unchecked (reliable) stream")
         self.stripes = stripe_count(self.length, k, size)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}      # stripe -> (data, parity rows so far)
 
@@ -105,6 +109,8 @@ class StripeEncoder:
 
     def shards(self, stripe: int, indexes) -> list[bytes]:
         """Datagrams for ``indexes`` of ``stripe`` (< d: data, >= d: parity rows)."""
+        if isinstance(self.content, bytes):
+            return self._plain(stripe, indexes)
         import numpy as np
         if stripe in self._cache:
             data, parity = self._cache[stripe]
@@ -129,6 +135,23 @@ class StripeEncoder:
             datagram = bytearray(HEADER + payload.shape[0])     # (one copy of a 1 MiB shard, not two)
             datagram[:HEAD.size] = head
             datagram[HEADER:] = memoryview(payload)
+            out.append(datagram)
+        return out
+
+    def _plain(self, stripe: int, indexes) -> list[bytearray]:
+        """Unchecked data shards of a bytes content: row i of the stripe, the
+        last one padded with zeros (parity is never asked for on the
+        reliable stream these are for)."""
+        d, size = self.geometry(stripe)
+        lo = stripe * self.k * self.size
+        out = []
+        for i in indexes:
+            if i >= d:
+                raise ProtocolError(f"stripe {stripe}: parity of a content sent without any")
+            piece = self.content[lo + i * size:lo + (i + 1) * size]
+            datagram = bytearray(HEADER + size)
+            datagram[:HEAD.size] = HEAD.pack(MAGIC, self.file_id, stripe, i)
+            datagram[HEADER:HEADER + len(piece)] = piece
             out.append(datagram)
         return out
 
