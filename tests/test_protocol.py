@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -841,6 +842,37 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     asked = server.stats["control_bytes_sent"]
     assert asked < blocks * 8 + names + len(files) * 10 + (len(files) - len(changed)) * 21 + (16 << 10), \
         (asked, blocks, names, len(files))
+
+
+def test_a_larger_file_whose_delta_is_small_travels_in_a_pack(tmp_path, monkeypatch):
+    """A file past 64 KiB (up to 1 MiB) whose wire delta is at most 64 KiB is
+    a pack member (no File frame, scratch delta file or stripes of its own);
+    one whose delta is larger, or a sparse one, keeps its File frame; the
+    receiver refuses a member claiming more than a member holds."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    mix.write(src / "edited.txt", 21, 300_000, "text")
+    mix.write(src / "rewritten.bin", 22, 200_000, "random")
+    shutil.copytree(src, dst)
+    body = (src / "edited.txt").read_bytes()
+    (src / "edited.txt").write_bytes(body[:150_000] + b"a new line\n" + body[150_000:])
+    mix.write(src / "rewritten.bin", 23, 200_000, "random")
+    sent = []
+    real = session_mod.Session.send
+    monkeypatch.setattr(session_mod.Session, "send", lambda self, f: (sent.append(type(f).__name__), real(self, f))[1])
+    client, server = make_pair(tmp_path, True, src, dst)
+    pump(client, server, Channel(random.Random(6)))
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert snapshot(dst) == snapshot(src)
+    assert sent.count("File") == 1 and sent.count("Pack") == 1         # rewritten.bin alone has its own
+    assert client.result["files_transferred"] == 2 and client.result["bytes_literal"] < 210_000
+    from resync.protocol import encodings as E
+    from resync.protocol.receiver import PackIntake
+    big = E.Member(1, F.FILE_OK, 0, b"h" * 16, 0o100644, 0, 0, (1 << 20) + 1, 0, 0, b"")
+    r = SimpleNamespace(wanted={1: receiver_mod.Incoming("x", "", None, None, ">f+++++++++")},
+                        placement=SimpleNamespace(finished=lambda inc: None))
+    with pytest.raises(ProtocolError, match="more than a member holds"):
+        PackIntake(r)._member(big, {})
 
 
 def test_a_small_file_of_the_same_size_is_checked_by_its_basis_hash(tmp_path, monkeypatch):

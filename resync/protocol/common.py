@@ -9,6 +9,8 @@ QUIET_FACTOR = 8                 # a file is quiet after this many repair (or pr
 SMALL_FILE = 1 << 20             # files up to this size are read, not mapped
 PACK_FILE = 64 << 10             # files up to this size travel in packs (their contents share stripes); one
 #                                  of the basis's size is asked for with the basis's hash, not its blocks
+MEMBER_FILE = SMALL_FILE         # a file up to this size whose wire delta is at most PACK_FILE is a pack member
+MEMBER_BASIS = 16 << 20          # ... if its basis (the receiver's copy, read whole to rebuild it) is at most this
 WORK_SLICE = 0.02                # s of work (frames taken, files started) before the transport may send
 #                                  and read again: the two ends work at once instead of in turns
 

@@ -24,8 +24,8 @@ import time
 from ..errors import NoSpaceError, ResyncError
 from . import frames as F
 from .checkpoint import Checkpoints, resume_of
-from .common import (PACK_FILE, QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, carried, keyed_hash, progress_share,
-                     resumes)
+from .common import (MEMBER_BASIS, MEMBER_FILE, PACK_FILE, QUIET_FACTOR, SMALL_FILE, BusyError, blake3_of, carried,
+                     keyed_hash, progress_share, resumes)
 from .encodings import MEMBER_HASH
 from .frames import ProtocolError
 from .shards import StripeAssembler, stripe_count
@@ -276,6 +276,7 @@ class Planning:
                             lambda path: self.links[path], self._same_content)
         self.dirs: dict[int, str] = {}
         self.top = -1                           # the highest directory index listed so far
+        self.made: set[str] = set()             # directories this run made (empty when their Dir comes)
         self.dir_attrs: list = []              # (path, entry, prev) for the end
         self.root_prev = self.root_attrs = None
         self.empty_source = ""                  # why --delete may delete nothing: the source root is empty
@@ -332,8 +333,11 @@ class Planning:
             try:
                 fd = open_rel_dir(r.apply.root_fd, rel)
                 parent = Dir(fd, rel, stat.S_IMODE(os.fstat(fd).st_mode))
-                dst, temps = stat_dir(fd, skip_temps=True)
-                r.apply.remove_temps(parent, temps)
+                if rel in self.made:
+                    self.made.discard(rel)      # made by this run a moment ago: nothing to read in it
+                else:
+                    dst, temps = stat_dir(fd, skip_temps=True)
+                    r.apply.remove_temps(parent, temps)
             except OSError as exc:
                 if parent is None and rel and not r.options.dry_run:
                     r.report.error(rel + "/", f"cannot open destination directory: {exc.strerror or exc}")
@@ -373,9 +377,12 @@ class Planning:
                 apply.entries.attributes(parent, e, prev, path)
                 report.entry(path, e, None)
             elif what == DIRECTORY:
+                made = prev is None or prev.kind != "d"
                 there, prev = apply.directory(parent, e, prev, path)
                 if not there:
                     continue
+                if made and not dry_run and parent is not None:
+                    self.made.add(path)
                 self.dir_attrs.append((path, e, prev))
                 if parent is not None:
                     report.entry(path, e, None)
@@ -736,6 +743,8 @@ class PackIntake:
             return
         if stat.S_IFMT(m.mode) != stat.S_IFREG:
             raise ProtocolError(f"pack member {m.file_id}: not a regular file's mode")
+        if m.size > MEMBER_FILE:
+            raise ProtocolError(f"pack member {m.file_id}: {m.size} bytes, more than a member holds")
         if m.flags and (inc.prev is None or inc.prev.kind != "f"):
             raise ProtocolError(f"pack member {m.file_id}: a delta or same content for a file without a basis")
         if m.same:
@@ -801,7 +810,9 @@ class PackIntake:
             fd = os.open(inc.entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd)
             try:
                 st = os.fstat(fd)
-                return pread_all(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
+                if not stat.S_ISREG(st.st_mode) or st.st_size > MEMBER_BASIS:
+                    return None                 # (read whole: a copy past the bound is asked for again whole)
+                return pread_all(fd, st.st_size)
             finally:
                 os.close(fd)
         except OSError:

@@ -21,7 +21,8 @@ from collections import deque
 from ..content import has_holes
 from ..errors import ResyncError
 from . import frames as F
-from .common import PACK_FILE, QUIET_FACTOR, SMALL_FILE, WORK_SLICE, blake3_of, carried, keyed_hash, progress_share
+from .common import (MEMBER_BASIS, MEMBER_FILE, PACK_FILE, QUIET_FACTOR, SMALL_FILE, WORK_SLICE, blake3_of, carried,
+                     keyed_hash, progress_share)
 from .frames import ProtocolError
 from .parity import DEFAULT_K, ParityPlanner
 from .shards import MAX_INDEX as MAX_SHARDS
@@ -392,11 +393,16 @@ class Packer:
         self.sealed = 0                         # packs sealed so far (the next one's id: PACK_BASE + sealed)
         self.active = 0                         # sealed and not yet acknowledged
 
-    def add(self, want: F.Want, st: os.stat_result, data: bytes) -> None:
-        from .encodings import MEMBER_HASH, MEMBER_SAME, Member, encode_member
+    def add(self, want: F.Want, st: os.stat_result, data: bytes, delta_only: bool = False) -> bool:
+        """Add the file ``data`` (its ``st``) as a member; ``delta_only`` (a
+        file past PACK_FILE): only as a wire delta of at most PACK_FILE bytes,
+        else nothing is added and False returned."""
+        from .encodings import MEMBER_DELTA, MEMBER_HASH, MEMBER_SAME, Member, encode_member
         flags, content, literal = 0, data, len(data)
         if want.signature:
             flags, content, literal = self._against_basis(want.signature, data)
+        if delta_only and (flags != MEMBER_DELTA or len(content) > PACK_FILE):
+            return False
         seconds, ns = divmod(st.st_mtime_ns, 10**9)
         encode_member(self.buf, Member(want.file_id, F.FILE_OK, flags, blake3_of(data)[:MEMBER_HASH], st.st_mode,
                                        seconds, ns, len(data), st.st_uid, st.st_gid, content))
@@ -404,6 +410,7 @@ class Packer:
         self.owed.append((want.update, len(data), literal, bool(flags & MEMBER_SAME)))
         if len(self.buf) >= PACK_BYTES:
             self.seal()
+        return True
 
     def _against_basis(self, signature: bytes, data: bytes) -> tuple[int, bytes, int]:
         """(member flags, content, literal bytes) of a file the receiver has a
@@ -457,6 +464,13 @@ class Packer:
         self.sealed += 1
         self.active += 1
         self.buf, self.members, self.owed = bytearray(), [], []
+
+
+def _basis_len(signature: bytes) -> int:
+    """The basis length a wire signature states (its second varint)."""
+    from .encodings import get_varint
+    _, off = get_varint(signature, 0, "signature")
+    return get_varint(signature, off, "signature")[0]
 
 
 class Tally:
@@ -671,6 +685,13 @@ class Sender:
             from .encodings import basis_hash_of
             if want.signature and basis_hash_of(want.signature) is not None:
                 want = want._replace(signature=b"")     # grown past a pack since listed: whole
+            if want.signature and size <= MEMBER_FILE and not (self.sparse or has_holes(st)) \
+                    and _basis_len(want.signature) <= MEMBER_BASIS:
+                data = pread_all(fd, size)      # a small delta of a larger file: a pack member (no scratch
+                if self.packer.add(want, st, data, delta_only=True):     # file, no stripes of its own)
+                    os.close(fd)
+                    self.sent_files += 1
+                    return True
             if not want.signature:              # a sparse file sent whole: its data runs, not its holes
                 from ..content import data_extents
                 runs = data_extents(fd, size)
