@@ -25,12 +25,17 @@ MDS = 1350
 class Flow:
     """A sender. ``app_limited(t)``: True while the application has nothing
     to send (a handshake, a listing): the flow then sends only ``trickle``
-    packets per RTT and tells the controller, as SessionLink does."""
+    packets per RTT (or one every ``quiet`` s: a sender waiting for its
+    peer) and tells the controller, as SessionLink does. ``ack_delay(t)``:
+    the peer's processing before it acknowledges a packet sent at t (s)."""
 
-    def __init__(self, controller, start: float = 0.0, app_limited=None, trickle: int = 2):
+    def __init__(self, controller, start: float = 0.0, app_limited=None, trickle: int = 2, quiet: float = 0.0,
+                 ack_delay=None):
         self.cc, self.start = controller, start
         self.app_limited = app_limited or (lambda t: False)
         self.trickle = trickle
+        self.quiet = quiet                      # s between app-limited sends if set (else an RTT / trickle)
+        self.ack_delay = ack_delay or (lambda t: 0.0)   # s the peer holds the ack of a packet sent at t
         self.next_send = start
         self.delivered = []                    # (time, bytes) delivered to the receiver
         self._trickle_at = start
@@ -99,11 +104,12 @@ class Path:
                     f.cc.on_packets_lost(now=now, packets=[packet])
                 continue
             f = sender
-            packet = SimpleNamespace(sent_bytes=MDS, sent_time=now)
+            self._seq += 1
+            packet = SimpleNamespace(sent_bytes=MDS, sent_time=now, packet_number=self._seq)
             f.cc.on_packet_sent(packet=packet)
             if f.app_limited(now):
                 f.cc.on_app_limited()
-                f._trickle_at = now + self.rtt / f.trickle
+                f._trickle_at = now + (f.quiet or self.rtt / f.trickle)
             f.next_send = now + MDS / f.pacing_rate()
             # the bottleneck: drop-tail queue, then the wire
             backlog = max(self._free_at - now, 0.0) * self.rate
@@ -116,7 +122,7 @@ class Path:
             if self._dead(self._free_at) or self.rng.random() < self.loss:
                 push(self._free_at + self.rtt * 1.125, "lost", f, packet)
             else:
-                push(self._free_at + self.rtt, "ack", f, packet)
+                push(self._free_at + self.rtt + f.ack_delay(now), "ack", f, packet)
         self._now = until
 
     def queue_delay(self, lo: float, hi: float) -> float:

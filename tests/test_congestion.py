@@ -48,6 +48,23 @@ def test_a_slow_start_of_the_application_does_not_end_startup():
     assert flow.rate(0.5, 1.5) >= 0.85 * rate
 
 
+def test_a_slow_answer_to_the_first_packets_does_not_end_startup():
+    """A sender that sent its first packets and waits for its peer (a warm
+    server planning the listing they carried holds their acknowledgements
+    80 ms), then sends bulk data: the late acknowledgements end rounds in
+    which nothing was sent, yet they measured the peer, not a queue —
+    startup goes on as from nothing. (Taken for a queue, they ended startup
+    at the seventh packet: 5 % of the rate in the next second here, and over
+    the emulated link 2 s to reach the rate instead of 0.5.)"""
+    rate = 100 * MBIT
+    path = Path(rate, RTT, loss=0.2)
+    flow = Flow(_controller(), app_limited=lambda t: t < 0.3, quiet=0.05,
+                ack_delay=lambda t: 0.08 if t < 0.3 else 0.0)
+    path.run([flow], 1.3)
+    carried = flow.rate(0.3, 1.3) / 0.8 / rate
+    assert carried >= 0.6, carried              # (a startup from nothing carries 0.7 in its first second)
+
+
 def test_an_outage_keeps_the_model():
     """A 2 s outage (every packet lost): within 0.2 s of the path coming back
     the flow is at >= 80 % of the rate again, not starting over."""

@@ -379,7 +379,7 @@ def test_a_lost_probe_is_neither_congestion_nor_random_loss():
     congestion; and it must not raise the loss the parity is sized for."""
     from resync.net.congestion import RateController
     cc = RateController(max_datagram_size=1200)
-    small, probe = SimpleNamespace(sent_bytes=1200), SimpleNamespace(sent_bytes=1350)
+    small, probe = SimpleNamespace(sent_bytes=1200, packet_number=1), SimpleNamespace(sent_bytes=1350, packet_number=2)
     for p in (small, small, probe):
         cc.on_packet_sent(packet=p)
     cc.on_packets_lost(now=0.1, packets=[probe])

@@ -130,6 +130,8 @@ class RateController(QuicCongestionControl):
         self._round_lost_packets = self._round_acked_packets = 0
         self._round_min_rtt, self._round_max_rtt = math.inf, 0.0
         self._round_app_limited = False
+        self._last_sent_pn = -1                  # the last packet number sent
+        self._app_limited_pn = -1                # ... when the sender last ran dry
         self._hold_until = 0.0
         self._min_rtt = math.inf                 # this window's least RTT, and the last window's
         self._min_rtt_last = math.inf
@@ -187,10 +189,13 @@ class RateController(QuicCongestionControl):
     def on_packet_sent(self, *, packet) -> None:
         self.bytes_in_flight += packet.sent_bytes
         self.packets_sent += 1
+        self._last_sent_pn = packet.packet_number
 
     def on_packet_acked(self, *, now: float, packet) -> None:
         if packet.sent_bytes > self.probe_above:
             self.probes.append((True, packet.sent_bytes))
+        if packet.packet_number <= self._app_limited_pn:
+            self._round_app_limited = True      # sent before the sender ran dry: its RTT is the peer's too
         self.bytes_in_flight -= packet.sent_bytes
         self._round_delivered += packet.sent_bytes
         self._round_acked_packets += 1
@@ -204,8 +209,12 @@ class RateController(QuicCongestionControl):
 
     def on_app_limited(self) -> None:
         """Told by the sender that it had nothing more to send while the
-        window had room: this round's rate is the application's."""
+        window had room: this round's rate is the application's, and so is
+        that of the rounds the packets sent so far are acknowledged in (BBR's
+        app-limited mark: the peer answering what the sender then waits on,
+        a listing, is no queue)."""
         self._round_app_limited = True
+        self._app_limited_pn = self._last_sent_pn
 
     def on_packets_expired(self, *, packets) -> None:
         for packet in packets:
