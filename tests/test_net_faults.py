@@ -706,7 +706,9 @@ def test_paths_through_symlinks_out_of_the_module_are_refused(sites, tmp_path):
 def test_a_directory_swapped_for_a_symlink_during_pulls_never_leaks(sites, tmp_path):
     """case-net-03: while pulls of the module run, a thread swaps m/d and a
     symlink to a directory outside (renameat2 RENAME_EXCHANGE) every 0.5 ms:
-    no pulled file holds anything from outside."""
+    no pulled file holds anything from outside. A pull ends 0, 23 (d's
+    files, or d itself, could not be read) or 24 (a lookup racing with the
+    exchange found no d: it vanished for that instant)."""
     import ctypes
     import threading
     client, server_site = sites
@@ -737,7 +739,7 @@ def test_a_directory_swapped_for_a_symlink_during_pulls_never_leaks(sites, tmp_p
         results = []
         try:
             deadline = time.monotonic() + 8
-            for i in range(5):
+            for i in range(8):                  # (enough that one of them reads d's own files)
                 if time.monotonic() > deadline:
                     break
                 r = client.run("sync", server.url("m"), tmp_path / f"p{i}", "--peer-id", server_site.id,
@@ -751,7 +753,7 @@ def test_a_directory_swapped_for_a_symlink_during_pulls_never_leaks(sites, tmp_p
         assert server.proc.poll() is None and "Traceback" not in server.text()
     assert not failures and swaps[0] > 100, (failures, swaps)
     assert len(results) >= 3, results
-    assert all(rc in (0, 23) and "Traceback" not in err for rc, err in results), results
+    assert all(rc in (0, 23, 24) and "Traceback" not in err for rc, err in results), results
     leaked, public = [], 0
     for i in range(len(results)):
         for dirpath, _, files in os.walk(tmp_path / f"p{i}"):
