@@ -526,9 +526,11 @@ class Sender:
 
     # -- the session's calls ----------------------------------------------------------
     def pump(self) -> None:
-        """List ahead while the control stream is not backed up; start the
-        wanted files while the limits allow, for at most WORK_SLICE (the
-        transport then sends what is ready; the timer goes on)."""
+        """List ahead while the control stream is not backed up, for at most
+        half of WORK_SLICE (what is listed leaves, and the receiver plans it,
+        while the rest is listed); start the wanted files while the limits
+        allow, until WORK_SLICE is over (the transport then sends what is
+        ready; the timer, due at once while there is more, goes on)."""
         lister = self.lister
         start = time.monotonic()
         while not lister.listed and self.s.buffered < STREAM_HIGH:
