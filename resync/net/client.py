@@ -215,7 +215,8 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
         link.feeder.bucket = TokenBucket(t.bwlimit)
     done = asyncio.Event()
     link.on_session_done = done.set
-    quic = hasattr(link, "path_model")          # a link.SessionLink (QUIC), not a tcp.StreamLink
+    from .tcp import StreamLink
+    quic = not isinstance(link, StreamLink)     # a link.SessionLink
     if quic:
         link.resume_path_model(path.get("model"))
         link.start(session, link._quic.get_next_available_stream_id())

@@ -726,7 +726,10 @@ class PackIntake:
         return dirs[rel]
 
     def _member(self, m, dirs: dict) -> None:
-        """One file of a pack: rebuilt, checked, staged."""
+        """One file of a pack: rebuilt (or, a same-content member, this
+        destination's copy read back: it may have changed since it was
+        hashed), checked, staged (or given its attributes in place). A delta
+        or copy that does not make the file is asked for again whole, once."""
         from ..fs import NO_SPACE, os_error
         r, placement = self.r, self.r.placement
         inc = r.wanted.get(m.file_id)
@@ -748,21 +751,26 @@ class PackIntake:
         if m.flags and (inc.prev is None or inc.prev.kind != "f"):
             raise ProtocolError(f"pack member {m.file_id}: a delta or same content for a file without a basis")
         if m.same:
-            self._same(inc, m, dirs)
-            return
-        if m.delta:
+            data, literal = self._basis(inc, dirs), 0
+        elif m.delta:
             data, literal = self._rebuild(inc, m, dirs)
         else:
             if len(m.content) != m.size:
                 raise ProtocolError(f"pack member {m.file_id}: content is not its size")
             data, literal = m.content, m.size
-        digest = blake3_of(data) if data is not None else None
+        digest = blake3_of(data) if data is not None and len(data) == m.size else None
         if digest is None or digest[:MEMBER_HASH] != m.blake3:
-            if m.delta and not inc.retried:
+            if m.flags and not inc.retried:
                 r.planning.rewant(inc)
                 return
             r.report.error(inc.path, "content does not match its BLAKE3; not applied")
             placement.keep_old(inc)
+            return
+        if m.same:
+            e = inc.entry._replace(mode=m.mode, size=m.size, mtime_ns=m.seconds * 10**9 + m.nanoseconds,
+                                   uid=m.uid, gid=m.gid, perms=m.mode & 0o7777)
+            r.apply.entries.attributes(self._dir_handle(inc.rel, dirs), e, inc.prev, inc.path, mtime=True)
+            r.report.entry(inc.path, e, digest.hex())
             return
         attrs = (m.mode, m.seconds * 10**9 + m.nanoseconds, m.uid, m.gid)
         parent = self._dir_handle(inc.rel, dirs)
@@ -779,25 +787,6 @@ class PackIntake:
             placement.keep_old(inc)
             return
         placement.to_place.append((staged, inc))
-
-    def _same(self, inc: Incoming, m, dirs: dict) -> None:
-        """A member the sender found to be this destination's copy (by its
-        basis hash): the copy is checked against the member's BLAKE3 (it may
-        have changed since it was hashed) and given the member's attributes
-        in place; a copy that no longer matches is asked for again whole."""
-        basis = self._basis(inc, dirs)
-        digest = blake3_of(basis) if basis is not None and len(basis) == m.size else None
-        if digest is None or digest[:MEMBER_HASH] != m.blake3:
-            if not inc.retried:
-                self.r.planning.rewant(inc)
-                return
-            self.r.report.error(inc.path, "content does not match its BLAKE3; not applied")
-            self.r.placement.keep_old(inc)
-            return
-        e = inc.entry._replace(mode=m.mode, size=m.size, mtime_ns=m.seconds * 10**9 + m.nanoseconds, uid=m.uid,
-                               gid=m.gid, perms=m.mode & 0o7777)
-        self.r.apply.entries.attributes(self._dir_handle(inc.rel, dirs), e, inc.prev, inc.path, mtime=True)
-        self.r.report.entry(inc.path, e, digest.hex())
 
     def _basis(self, inc: Incoming, dirs: dict) -> bytes | None:
         """This destination's copy of ``inc``, or None if it cannot be read

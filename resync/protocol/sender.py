@@ -415,8 +415,9 @@ class Packer:
     def _against_basis(self, signature: bytes, data: bytes) -> tuple[int, bytes, int]:
         """(member flags, content, literal bytes) of a file the receiver has a
         copy of: nothing if ``signature`` is a basis hash this file matches,
-        a wire delta against a block signature if that is smaller, else the
-        file itself."""
+        a wire delta against a block signature if that is smaller and its
+        basis at most MEMBER_BASIS (the receiver reads a member's basis
+        whole), else the file itself."""
         from .encodings import MEMBER_DELTA, MEMBER_SAME, basis_hash_of, delta_to_wire, signature_from_wire
         salt = self.sender.s.salt
         basis = basis_hash_of(signature)
@@ -429,7 +430,10 @@ class Packer:
         import numpy as np
 
         from ..delta import instructions_in_memory
-        delta = instructions_in_memory(signature_from_wire(signature, salt), np.frombuffer(data, np.uint8))
+        sig = signature_from_wire(signature, salt)
+        if sig.file_len > MEMBER_BASIS:
+            return 0, data, len(data)
+        delta = instructions_in_memory(sig, np.frombuffer(data, np.uint8))
         wire = delta_to_wire(*delta)
         if len(wire) < len(data):
             return MEMBER_DELTA, wire, len(delta[3])
@@ -464,13 +468,6 @@ class Packer:
         self.sealed += 1
         self.active += 1
         self.buf, self.members, self.owed = bytearray(), [], []
-
-
-def _basis_len(signature: bytes) -> int:
-    """The basis length a wire signature states (its second varint)."""
-    from .encodings import get_varint
-    _, off = get_varint(signature, 0, "signature")
-    return get_varint(signature, off, "signature")[0]
 
 
 class Tally:
@@ -683,12 +680,11 @@ class Sender:
             if not self.s.path_settled:
                 os.close(fd)
                 return False
-            runs = None
+            runs = data = None
             from .encodings import basis_hash_of
             if want.signature and basis_hash_of(want.signature) is not None:
                 want = want._replace(signature=b"")     # grown past a pack since listed: whole
-            if want.signature and size <= MEMBER_FILE and not (self.sparse or has_holes(st)) \
-                    and _basis_len(want.signature) <= MEMBER_BASIS:
+            if want.signature and size <= MEMBER_FILE and not (self.sparse or has_holes(st)):
                 data = pread_all(fd, size)      # a small delta of a larger file: a pack member (no scratch
                 if self.packer.add(want, st, data, delta_only=True):     # file, no stripes of its own)
                     os.close(fd)
@@ -699,8 +695,8 @@ class Sender:
                 runs = data_extents(fd, size)
                 if self.sparse:                 # -S: its blocks of zeros are holes too
                     runs = zero_free_runs(fd, size, runs)
-            if size <= SMALL_FILE and runs is None:     # read: a map costs more than it saves
-                data = pread_all(fd, size)
+            if size <= SMALL_FILE and runs is None:     # read (once): a map costs more than it saves
+                data = pread_all(fd, size) if data is None else data
                 size, closers = len(data), []
                 if self.s.reliable and not want.signature:
                     array = data                # sent as it is: cut without NumPy (shards.StripeEncoder)
