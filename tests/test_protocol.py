@@ -61,12 +61,12 @@ def test_frames_round_trip(frame):
 
 def test_frame_bytes_are_stable():
     """Golden: the wire bytes of every sample frame (recorded from the
-    field-by-field encoder of protocol version 5: only Hello's version
-    differs from 4's; a change here is a protocol change and needs a new
+    field-by-field encoder of protocol version 6: only Hello's version
+    differs from 5's; a change here is a protocol change and needs a new
     VERSION)."""
     import hashlib
     wire = b"".join(F.encode(f) for f in SAMPLES)
-    assert hashlib.sha256(wire).hexdigest() == "dbbc04ad77d4da40e3ef11ac797d5e9ce916dd22931a896c2eab8f9104ad8d1b"
+    assert hashlib.sha256(wire).hexdigest() == "cc15238d080715409d8399c38fa370fe82c8ff0eefac4c6c1406d6cc437bac21"
 
 
 @pytest.mark.parametrize("frame,why", [
@@ -590,14 +590,17 @@ def _refused(client, server):
     return str(client.error)
 
 
-def test_unknown_client_unknown_module_and_read_only_are_refused_before_any_listing(tmp_path):
+def test_unknown_client_unknown_module_and_read_only_are_refused_before_any_listing_is_taken(tmp_path):
+    """(The client's early listing crosses with its proof; the server reads
+    none of it: it refuses with no role, having made nothing.)"""
     src, mod = tmp_path / "src", tmp_path / "mod"
     tree(src, 7)
     mod.mkdir()
     client, server = make_pair(tmp_path, True, src, mod, allowed=set())
     not_allowed = _refused(client, server)
     assert "is not allowed" in not_allowed
-    assert server.stats["control_bytes_received"] < 1000 and not any(mod.iterdir())
+    assert server.role is None and not any(mod.iterdir())
+    assert server.stats["control_bytes_received"] < 1000 + session_mod.EARLY_LISTING
     client, server = make_pair(tmp_path, True, src, mod, read_only=True)
     assert "read-only" in _refused(client, server)
     cid, sid = identities(tmp_path)
@@ -607,6 +610,45 @@ def test_unknown_client_unknown_module_and_read_only_are_refused_before_any_list
     assert "no module 'm'" in no_module
     assert no_module == not_allowed             # a device that may not use it learns nothing of the names
     assert not any(mod.iterdir())
+
+
+def test_a_push_lists_with_its_proof_and_the_server_holds_the_listing_until_it_admits_the_push(tmp_path):
+    """Protocol 6: a pushing client's first listing frames leave with its
+    Auth, a round trip before the Welcome — EARLY_LISTING bytes of them, no
+    more until the Welcome; a server still admitting the push (the
+    destination held by a transfer it is asking about) keeps them unread,
+    then plans them, and the push ends as any other."""
+    src, mod = tmp_path / "src", tmp_path / "mod"
+    import hashlib
+    for d in range(3):                          # a listing of ~150 KB (names with nothing in common, which
+        (src / f"d{d}").mkdir(parents=True)     # the listing's front coding cannot shorten): past the early part
+        for i in range(800):
+            (src / f"d{d}" / hashlib.sha256(b"%d %d" % (d, i)).hexdigest()).write_bytes(b"")
+    (src / "d0" / "text").write_bytes(b"some text\n" * 300)
+    mod.mkdir()
+    asked = []
+
+    def lock(key, fd, session):
+        asked.append(fd)
+        return None if len(asked) < 3 else True     # "ask again" twice, LOCK_POLL apart: then taken
+
+    client, server = make_pair(tmp_path, True, src, mod, lock=lock)
+    server.receive_stream(client.stream_to_send(), 0.0)     # Hello
+    client.receive_stream(server.stream_to_send(), 0.0)     # Challenge
+    out = b""
+    while more := client.stream_to_send():      # (the sender lists in turns of WORK_SLICE)
+        out += more
+    reader = F.FrameReader()
+    reader.feed(out)
+    frames = list(reader.frames())
+    assert type(frames[0]) is F.Auth and type(frames[1]) is F.Dir and type(frames[-1]) is F.Dir
+    listed = len(out) - len(F.encode(frames[0]))     # (nothing more until the Welcome: the loop ended)
+    assert session_mod.EARLY_LISTING <= listed <= session_mod.EARLY_LISTING + max(len(F.encode(f)) for f in frames)
+    server.receive_stream(out, 0.0)
+    assert server.role is None and asked == [None] and server.stream_to_send() == b""     # admitting
+    pump(client, server, Channel(random.Random(1)))
+    assert client.error is None and server.error is None and len(asked) == 4
+    assert snapshot(mod) == snapshot(src)
 
 
 def test_a_client_that_cannot_prove_its_key_is_refused(tmp_path):

@@ -103,9 +103,8 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
             if sock is not None:
                 session = await _connected_tcp(t, identity, report, meter, on_note, path, sock, stop)
             else:
-                from aioquic.asyncio import connect     # (here: a run over TCP never imports aioquic)
-
-                from .link import configuration
+                from .link import configuration         # (here: a run over TCP never imports aioquic)
+                from aioquic.asyncio import connect     # (after .link: see net.defer_import)
                 config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
                 session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
         except asyncio.CancelledError:
@@ -180,6 +179,8 @@ async def _connected(t: Transfer, identity, report, meter, on_note, path, config
             link.batch = PacketBatch(link, link._transport)
             link.handshake_copies(HANDSHAKE_COPIES)
             link.transmit()                         # connect() left the ClientHello unsent
+            from . import warm_up
+            warm_up()                               # (while the ClientHello crosses: the wait hides it)
             wait = min(timeout, HANDSHAKE_TIMEOUT)
             try:
                 await asyncio.wait_for(link.wait_connected(), wait)

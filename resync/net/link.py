@@ -26,10 +26,14 @@ import sys
 import termios
 import time
 
-from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnectionState
+from . import defer_import
+
+defer_import("service_identity")                # (before aioquic, which imports it: see defer_import)
+
+from aioquic.asyncio import QuicConnectionProtocol  # noqa: E402
+from aioquic.quic import events  # noqa: E402
+from aioquic.quic.configuration import QuicConfiguration  # noqa: E402
+from aioquic.quic.connection import QuicConnectionState  # noqa: E402
 
 from . import ALPN, pmtu
 from .congestion import NAME as RATE_CONTROLLER

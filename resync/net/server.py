@@ -20,6 +20,7 @@ import weakref
 
 from ..protocol.session import Module, ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
+from . import warm_up
 from .link import PacketBatch, SessionLink, configuration
 from .tcp import HANDSHAKE_TIMEOUT as TCP_HANDSHAKE_TIMEOUT
 from .tcp import StreamLink, tls_context
@@ -141,22 +142,6 @@ class _Locks:
         if held is not None and (session is None or held[1] is session):
             del self.held[key]
             os.close(held[0])
-
-
-def warm_up() -> None:
-    """Load now what a server's first transfer would load while its client
-    waits (~0.07 s here: NumPy, LZ4, BLAKE3, the delta and apply code, the native
-    kernels if built; a build is left to the first use)."""
-    import blake3  # noqa: F401
-    import lz4.block  # noqa: F401
-    import numpy  # noqa: F401
-
-    from .. import apply, delta, patch, signature  # noqa: F401
-    from ..kernels import native
-    if native.mode() == "native" and native.library_path().exists():
-        for name in native.EXPORTS:
-            if native.supported(name):
-                native.get(name)
 
 
 async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,

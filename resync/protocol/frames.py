@@ -17,14 +17,16 @@ from typing import NamedTuple
 
 from ..errors import ResyncError
 
-VERSION = 5                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
+VERSION = 6                        # 2: Want.resume, File.content, Hello.bwlimit (session 6);
 #                                    3: packs, wire signatures and deltas (protocol.encodings), listings
 #                                       as rsync's flist: fields that differ from the entry before (session 10);
 #                                    4: sparse files kept through deltas (File sparse 2) and -S (Hello flag 32),
 #                                       Want.update, Wants, 16-bit checks and varint headers in wire
 #                                       signatures, 16-byte member hashes (session 11);
 #                                    5: basis-hash signatures for small files of the basis's size, answered
-#                                       by a same-content member (session 13)
+#                                       by a same-content member (session 13);
+#                                    6: a pushing client lists after its Auth, before the Welcome; the
+#                                       server holds those frames until it has admitted the push (session 14)
 MAX_FRAME = 16 << 20
 MAX_VARINT = 10                  # bytes of a varint at most (64 bits)
 MAX_ENTRIES = 1 << 20           # entries in one directory frame

@@ -197,9 +197,8 @@ class Stripes:
     sender of progress."""
 
     def __init__(self, session, parity: ParityPlanner, window: int, advanced, retired):
-        self.s, self.parity, self.window = session, parity, max(1 << 20, window)
-        if session.reliable:                    # the receiver holds nothing of a stripe there (each shard is
-            self.window = max(self.window, RELIABLE_WINDOW)     # written as it comes): TCP's window rules
+        self.s, self.parity = session, parity
+        self.set_window(window)
         self.advanced, self.retired = advanced, retired
         self.active: dict[int, Outgoing] = {}
         self.order: deque = deque()             # content ids in the order their shards go out
@@ -208,6 +207,12 @@ class Stripes:
         self.last_heard = 0.0                   # the receiver's last frame
         self.repair_shards = 0
         self.probes = 0
+
+    def set_window(self, window: int) -> None:
+        """Content bytes in flight at most: the receiver's ``window`` (1 MiB at least)."""
+        self.window = max(1 << 20, window)
+        if self.s.reliable:                     # the receiver holds nothing of a stripe there (each shard is
+            self.window = max(self.window, RELIABLE_WINDOW)     # written as it comes): TCP's window rules
 
     def add(self, out: Outgoing) -> None:
         self.active[out.fid] = out
@@ -520,8 +525,20 @@ class Sender:
         self.tmp = None                         # scratch directory of the deltas of large files
         self.waiting = -1                       # the file id of a large file waiting for the path MTU search
         self.sparse = options.sparse            # -S: blocks of zeros travel as holes
+        self.listing_until: int | None = None  # control bytes the listing stops at until welcomed (a push)
 
     # -- the session's calls ----------------------------------------------------------
+    def before_welcome(self, listing: int) -> None:
+        """A pushing client's sender, made as the client sends its proof:
+        it lists ``listing`` control bytes ahead (whole frames: the last may
+        pass it) and waits for ``welcome`` for the rest."""
+        self.listing_until = self.s.stats["control_bytes_sent"] + self.s.buffered + listing
+
+    def welcome(self, window: int) -> None:
+        """The server took the push: its receiver's window, and the listing goes on."""
+        self.stripes.set_window(window)
+        self.listing_until = None
+
     def pump(self) -> None:
         """List ahead while the control stream is not backed up, for at most
         half of WORK_SLICE (what is listed leaves, and the receiver plans it,
@@ -530,7 +547,9 @@ class Sender:
         ready; the timer, due at once while there is more, goes on)."""
         lister = self.lister
         start = time.monotonic()
-        while not lister.listed and self.s.buffered < STREAM_HIGH:
+        until = STREAM_HIGH if self.listing_until is None else \
+            min(STREAM_HIGH, self.listing_until - self.s.stats["control_bytes_sent"])
+        while not lister.listed and self.s.buffered < until:
             frame = lister.next_frame()
             if frame is None:
                 lister.listed = True
@@ -542,7 +561,9 @@ class Sender:
             if time.monotonic() > start + WORK_SLICE / 2:
                 break                           # (the receiver plans what is listed while the rest is)
         deadline = start + WORK_SLICE
-        self.more = not lister.listed
+        held = self.listing_until is not None and \
+            self.s.stats["control_bytes_sent"] + self.s.buffered >= self.listing_until
+        self.more = not lister.listed and not held      # (held: the Welcome goes on with it)
         st = self.stripes
         while self.wants and len(st.active) < MAX_ACTIVE and st.in_flight < st.window \
                 and self.packer.active < MAX_PACKS:

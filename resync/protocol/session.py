@@ -25,6 +25,9 @@ Handshake (client C, server S), before any file metadata::
                        server's pinned device ID)
     S -> C  Welcome    or Error: unknown module, client not allowed, bad proof
 
+A pushing client lists (up to EARLY_LISTING bytes) right after its Auth, a
+round trip before the Welcome; the server holds what follows the Auth until
+it has admitted the push (HELD_LIMIT bytes at most), then plans it.
 Then the sender lists its tree (Dir ... ListEnd), the receiver plans each
 directory as it arrives and asks for what it lacks (Want: with its copy's
 block signature for a delta); the sender answers each Want with a File frame
@@ -61,6 +64,8 @@ SHARD_SIZE = 1296                # (at QUIC's 1,200-byte minimum: 1,136; see sha
 WINDOW = 8 << 20                 # content bytes in flight before the receiver acknowledges
 HELLO_LIMIT = (1 << 20) + (1 << 18)   # longest frame a server takes before Hello: a Hello at most
 AUTH_LIMIT = 256                 # ... and after it, before Auth (an Auth is 69 bytes)
+EARLY_LISTING = 64 << 10         # control bytes a pushing client lists after its Auth, before Welcome
+HELD_LIMIT = EARLY_LISTING + F.MAX_FRAME  # bytes a server holds after a client's Auth, before its Welcome
 LOCK_WAIT = 3.0                  # s a push waits for the server to learn whether the run holding its
 LOCK_POLL = 0.1                  # destination is alive (asked again this often), before "busy"
 
@@ -218,9 +223,19 @@ class Session:
             if self.finished:
                 return
             self._frame(frame, now)
+            if self.role is None and self._holding():
+                self._backlog = self._reader.pending > 0
+                if self._reader.pending > HELD_LIMIT:
+                    raise ProtocolError(f"over {HELD_LIMIT} bytes sent before Welcome")
+                return
             if self.role is not None and time.monotonic() > deadline:
                 self._backlog = self._reader.pending > 0
                 return
+
+    def _holding(self) -> bool:
+        """Whether what arrives now waits in the reader (a server that has the
+        client's proof and is still admitting it: the early listing)."""
+        return False
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         if data[:1] == PROBE:
@@ -363,6 +378,7 @@ class ClientSession(Session):
         self.module, self.path, self.local, self.options = os.fsencode(module), os.fsencode(path), local, options
         self.report = report
         self.nonce = os.urandom(16)
+        self.welcomed = False
         self.send(F.Hello(F.VERSION, push, identity.public_key, self.nonce, options.flags,
                           -1 if options.max_delete is None else options.max_delete, self.module, self.path,
                           b"\n".join(os.fsencode(p) for p in options.excludes), options.bwlimit))
@@ -372,19 +388,27 @@ class ClientSession(Session):
         return self.push
 
     def _handshake(self, frame, now: float) -> None:
-        if isinstance(frame, F.Challenge):
+        if isinstance(frame, F.Challenge) and not self.transfer_id:
             self.transfer_id = transfer_id(frame.nonce, self.nonce)
             self.salt = signature_salt(frame.nonce, self.nonce)
             msg = auth_message(frame.nonce, self.nonce, self.server_cert_der, self.identity.public_key,
                                self.module, self.path)
             self.send(F.Auth(self.identity.sign(msg)))
-        elif isinstance(frame, F.Welcome):
-            if self.push:
-                self.role = Sender(self, self.local, self.options, window=frame.window)
-            else:
-                self.role = Receiver(self, self.local, self.options, self.report, hold=True)
+            if self.push:                       # the listing starts with the proof, a round trip before
+                self.role = Sender(self, self.local, self.options, window=WINDOW)       # the Welcome
+                self.role.before_welcome(EARLY_LISTING)
+        elif isinstance(frame, F.Welcome) and self.transfer_id and not self.push:
+            self.welcomed = True
+            self.role = Receiver(self, self.local, self.options, self.report, hold=True)
         else:
             raise ProtocolError(f"{type(frame).__name__} before the handshake ended")
+
+    def _frame(self, frame, now: float) -> None:
+        if type(frame) is F.Welcome and self.push and not self.welcomed and self.role is not None:
+            self.welcomed = True
+            self.role.welcome(frame.window)
+            return
+        super()._frame(frame, now)
 
 
 class Module:
@@ -519,6 +543,9 @@ class ServerSession(Session):
     def _busy(self, rel: str) -> None:
         self._refuse(E_BUSY, f"another transfer into {self.module.name}/{rel} is running (or into a "
                              "directory above or below it); try again later")
+
+    def _holding(self) -> bool:
+        return self.client_id is not None       # (proved, not yet admitted: a push's early listing waits)
 
     def next_timer(self) -> float | None:
         if self._lock_wait is not None and not self.finished:
