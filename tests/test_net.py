@@ -583,3 +583,18 @@ def test_no_server_is_a_connection_failure(sites, tmp_path):
                    "--retry-for", "0")
     assert r.returncode in (10, 30), r.stderr
     assert r.stderr.count("\n") == 1 and time.monotonic() - t < 30
+
+
+def test_quic_start_up_defers_aioquics_unused_certificate_checker():
+    """aioquic imports service_identity (host-name checks resync never asks
+    for: it pins keys) at a cost of ~45 ms; net.link leaves a stand-in that
+    loads it on first use, and the stand-in then behaves as the module."""
+    code = ("import sys\nimport resync.net.link\n"
+            "print('service_identity.cryptography' in sys.modules, type(sys.modules['service_identity']).__name__)\n"
+            "import service_identity\n"
+            "print(issubclass(service_identity.VerificationError, Exception), "
+            "callable(service_identity.cryptography.verify_certificate_hostname), "
+            "'service_identity.cryptography' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["False _Deferred", "True True True"]
