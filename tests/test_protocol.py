@@ -644,8 +644,10 @@ def test_a_push_lists_with_its_proof_and_the_server_holds_the_listing_until_it_a
     assert type(frames[0]) is F.Auth and type(frames[1]) is F.Dir and type(frames[-1]) is F.Dir
     listed = len(out) - len(F.encode(frames[0]))     # (nothing more until the Welcome: the loop ended)
     assert session_mod.EARLY_LISTING <= listed <= session_mod.EARLY_LISTING + max(len(F.encode(f)) for f in frames)
-    server.receive_stream(out, 0.0)
-    assert server.role is None and asked == [None] and server.stream_to_send() == b""     # admitting
+    auth = len(F.encode(frames[0]))
+    for piece in (out[:auth], out[auth:auth + 1000], out[auth + 1000:]):   # (it arrives in pieces while
+        server.receive_stream(piece, 0.0)                                  # the server admits the push)
+        assert server.role is None and asked == [None] and server.stream_to_send() == b""
     pump(client, server, Channel(random.Random(1)))
     assert client.error is None and server.error is None and len(asked) == 4
     assert snapshot(mod) == snapshot(src)

@@ -219,15 +219,17 @@ class Session:
         far leave at once and the peer starts on them."""
         deadline = time.monotonic() + WORK_SLICE
         self._backlog = False
-        for frame in self._reader.frames():
-            if self.finished:
-                return
-            self._frame(frame, now)
+        frames = self._reader.frames()
+        while not self.finished:
             if self.role is None and self._holding():
-                self._backlog = self._reader.pending > 0
                 if self._reader.pending > HELD_LIMIT:
                     raise ProtocolError(f"over {HELD_LIMIT} bytes sent before Welcome")
+                self._backlog = self._reader.pending > 0
                 return
+            frame = next(frames, None)
+            if frame is None:
+                return
+            self._frame(frame, now)
             if self.role is not None and time.monotonic() > deadline:
                 self._backlog = self._reader.pending > 0
                 return
