@@ -182,6 +182,38 @@ def load_identity(directory: Path | None = None, create: bool = False) -> Identi
     return Identity(key_path, cert_path, key, cert)
 
 
+API_KEY_FILE = "api-key"
+
+
+def load_api_key(directory: Path | None = None, create: bool = False) -> str:
+    """The daemon's API key (net.api) from ``directory`` (default:
+    config_dir()), beside the device key: 32 random bytes as URL-safe base64
+    (``secrets.token_urlsafe``), made there first if ``create``, mode 0600.
+    IdentityError if it is missing (and not ``create``), unreadable, or
+    readable by others."""
+    import secrets
+    d = directory or config_dir()
+    path = d / API_KEY_FILE
+    try:
+        if not path.exists():
+            if not create:
+                raise IdentityError(f"{path}: no API key (it is made when `resync serve` first starts with "
+                                    "this config directory)")
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+        st = path.stat()
+        if st.st_mode & 0o077:
+            raise IdentityError(f"{path}: readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise IdentityError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise IdentityError(f"{path}: not an API key") from None
+    if len(key) < 16 or not key.isascii() or not key.isprintable():
+        raise IdentityError(f"{path}: not an API key (16 printable characters at least)")
+    return key
+
+
 def certificate_device_id(cert_der: bytes) -> str:
     """The device ID of the Ed25519 key in a DER certificate; BadDeviceId if
     the certificate does not hold an Ed25519 key."""

@@ -16,7 +16,7 @@ def _load_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
-CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules"}
+CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -33,7 +33,7 @@ def _check_config(config: dict, path: str) -> None:
         raise UsageError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
     if "allow" in config:
         ids(config["allow"], "allow")
-    for key in ("listen", "history"):
+    for key in ("listen", "history", "api", "metrics"):
         if key in config and not isinstance(config[key], str):
             raise UsageError(f"{path}: {key} must be a string")
     modules = config.get("modules", {})
@@ -102,14 +102,20 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
               help="Parity shards per full stripe (128-240 data shards) at least, whatever the measured loss (default 1).")
 @click.option("--no-tcp", is_flag=True,
               help="Offer QUIC only (by default TLS over TCP is offered on the same port number too).")
+@click.option("--api", "api_address", default=None, metavar="HOST:PORT",
+              help="Where the HTTP API listens (default 127.0.0.1:8731; every route but /health needs the "
+                   "key in the config directory's api-key; docs/api.md).")
+@click.option("--no-api", is_flag=True, help="No HTTP API (and no metrics).")
+@click.option("--metrics", "metrics_address", default=None, metavar="HOST:PORT",
+              help="Also serve /metrics alone here, without the API key (for Prometheus).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A TOML file: listen, history, allow, bwlimit, min_parity, tcp, [modules.NAME] path / "
-                   "read_only / allow.")
+              help="A TOML file: listen, history, allow, bwlimit, min_parity, tcp, api, metrics, [modules.NAME] "
+                   "path / read_only / allow.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
 @history_options
-def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, config_path, config_dir, history_path,
-            no_history):
+def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, api_address, no_api, metrics_address,
+            config_path, config_dir, history_path, no_history):
     """Serve directories to resync clients over QUIC and TLS over TCP, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
     it, checkpointing transfers in flight (their clients resume them).
@@ -127,11 +133,8 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, conf
     if config_path:
         _check_config(config, config_path)
     mods = _modules(config, modules, read_only, allow)
-    where = "--listen" if listen else f"{config_path}: listen"
-    listen = listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}"
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"{where} {listen!r}: expected HOST:PORT")
+    host, port = _address(listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}",
+                          "--listen" if listen else f"{config_path}: listen")
     if bwlimit is None and config.get("bwlimit") is not None:
         from .options import parse_rate
         try:
@@ -146,13 +149,37 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, conf
     if not isinstance(tcp, bool):
         raise UsageError(f"{config_path}: tcp must be true or false")
     identity = load_identity(Path(config_dir) if config_dir else None, create=True)
+    api = None
+    if not no_api:
+        from ..identity import config_dir as default_dir
+        from ..identity import load_api_key
+        from ..net.api import DEFAULT_PORT as API_PORT
+        from ..net.server import ApiOptions
+        asked = api_address or config.get("api")
+        api_host, api_port = _address(asked or f"127.0.0.1:{API_PORT}", "--api" if api_address else f"{config_path}: api")
+        metrics = metrics_address or config.get("metrics")
+        directory = Path(config_dir) if config_dir else default_dir()
+        api = ApiOptions(load_api_key(directory, create=True), api_host, api_port, bool(asked), directory,
+                         _address(metrics, "--metrics" if metrics_address else f"{config_path}: metrics")
+                         if metrics else None)
+    elif metrics_address:
+        raise UsageError("--metrics needs the API (not --no-api)")
     history = None
     if not no_history:
         from ..store import default_path
         history = history_path or config.get("history") or str(default_path())
     _prepare_kernels()
-    asyncio.run(serve(host.strip("[]") or "0.0.0.0", int(port), mods, identity, history, bwlimit=bwlimit or 0,
-                      min_parity=min_parity, tcp=tcp and not no_tcp))
+    asyncio.run(serve(host, port, mods, identity, history, bwlimit=bwlimit or 0,
+                      min_parity=min_parity, tcp=tcp and not no_tcp, api=api))
+
+
+def _address(value: str, where: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 address in brackets) as (host, port); an empty host is 0.0.0.0."""
+    from ..errors import UsageError
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{where} {value!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _prepare_kernels() -> None:

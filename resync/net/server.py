@@ -17,6 +17,8 @@ import signal
 import sys
 import time
 import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..protocol.session import Module, ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
@@ -145,13 +147,25 @@ class _Locks:
 
 
 async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,
-                ready=None, bwlimit: float = 0, min_parity: int = 1, tcp: bool = True) -> None:
+                ready=None, bwlimit: float = 0, min_parity: int = 1, tcp: bool = True,
+                api: "ApiOptions | None" = None) -> None:
     """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening.
     ``bwlimit``: bytes per second each pull may send (a client's --bwlimit
     may lower it); ``min_parity``: parity shards per stripe at least;
-    ``tcp``: offer TLS over TCP on the same port number too (net.tcp)."""
+    ``tcp``: offer TLS over TCP on the same port number too (net.tcp);
+    ``api``: the HTTP API and metrics (net.api), None for neither.
+    ConnectionFailed if it cannot listen (the API too, when its address was
+    asked for rather than the default)."""
     from aioquic.asyncio import serve as quic_serve
     warm_up()
+    from .. import __version__
+    from ..metrics import ServerMetrics
+    metrics = ServerMetrics(__version__, sorted(modules))
+    ended = {"completed": 0, "failed": 0}
+    instance_id = os.urandom(8).hex()
+    started_at = time.time()
+    listening: list[str] = []
+    api_url = None
     locks = _Locks()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -208,8 +222,13 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         """A new connection (either transport): its session, and what
         happens at its end."""
         link.preauth_limit = PREAUTH_BYTES
-        session = ServerSession(identity, identity.cert_der, modules,
-                                report_factory=_report_factory(history, lambda s: locks.links[id(s)]),
+        reports = _report_factory(history, lambda s: locks.links[id(s)])
+
+        def report_factory(s):              # (called at the Welcome: the daemon has taken the transfer)
+            s.taken_at = time.monotonic()
+            metrics.started(_direction(s))
+            return reports(s)
+        session = ServerSession(identity, identity.cert_der, modules, report_factory=report_factory,
                                 lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
         started = link.created = time.monotonic()
 
@@ -229,15 +248,21 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
                 links.discard(link)
                 return
             from ..report import RunStats
+            from . import transfer_row
             status = "failed" if session.error is not None else RunStats.from_dict(session.result).status
+            result = dict(session.result, **session.stats)
+            result["transfer_id"] = session.transfer_id
+            row = transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
+                               session.client_id, "receive" if session.hello.push else "send")
+            if getattr(session, "taken_at", None) is not None:
+                ok = session.error is None
+                ended["completed" if ok else "failed"] += 1
+                metrics.ended(_direction(session), session.module.name, ok, time.monotonic() - session.taken_at,
+                              dict(row, bytes_sent=row.get("udp_bytes_sent") or row.get("tcp_bytes_sent"),
+                                   bytes_received=row.get("udp_bytes_received") or row.get("tcp_bytes_received")))
             recorder = getattr(session, "recorder", None)
             if recorder is not None:
-                from . import transfer_row
-                result = dict(session.result, **session.stats)
-                result["transfer_id"] = session.transfer_id
-                recorder.finish(status, _Stats(session.result) if session.error is None else None,
-                                transfer=transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
-                                                      session.client_id, "receive" if session.hello.push else "send"))
+                recorder.finish(status, _Stats(session.result) if session.error is None else None, transfer=row)
             who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
             if session.transfer_id and session.module:
                 who += f" (transfer {session.transfer_id}, {'TLS over TCP' if link.transport_name == 'tcp' else 'QUIC'})"
@@ -303,11 +328,40 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
         "modules: "
         + ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values()))
+    shown_host = f"[{host}]" if ":" in host else host
+    listening += [f"{shown_host}:{sockname[1]} (QUIC)"] + ([f"{shown_host}:{sockname[1]} (TLS over TCP)"] if streams else [])
+
+    def status() -> dict:
+        """The API's /api/v1/status document (docs/api.md)."""
+        running = [x.session for x in links if x.session is not None and not x.session.finished
+                   and getattr(x.session, "taken_at", None) is not None]
+        pushes = sum(1 for x in running if x.hello.push)
+        return {"version": __version__, "device_id": identity.device_id, "instance_id": instance_id,
+                "started": started_at, "uptime_seconds": round(time.time() - started_at, 3),
+                "listen": listening, "api": api_url,
+                "modules": [{"name": m.name, "path": m.path, "read_only": m.read_only} for m in modules.values()],
+                "transfers": {"active": len(running), "push": pushes, "pull": len(running) - pushes, **ended}}
+    http = None
+    if api is not None:
+        from .api import Api
+        http = Api(api.key, status, metrics)
+        try:
+            api_url = await _listen_api(http, api, instance_id)
+        except BaseException:
+            await http.close()
+            server.close()
+            if streams is not None:
+                streams.close()
+            raise
     if ready is not None:
         ready(sockname[1])
     try:
         await stop.wait()
     finally:
+        if http is not None:
+            from .api import remove_api_file
+            await http.close()
+            remove_api_file(api.directory, instance_id)
         log("stopping: transfers in flight are stopped and checkpointed for resume")
         from ..errors import ConnectionFailed
         for link in list(links):
@@ -318,6 +372,54 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         server.close()
         if streams is not None:
             streams.close()
+
+
+@dataclass
+class ApiOptions:
+    """The daemon's HTTP API (net.api): its ``key``, where it listens
+    (``host``, ``port``; ``asked``: given by the operator — a daemon that
+    cannot listen there stops, while the default address taken only costs
+    the API, said in the log), the keyless metrics listener (``metrics``:
+    (host, port) or None), and the config ``directory`` its api.json goes to."""
+
+    key: str
+    host: str
+    port: int
+    asked: bool
+    directory: Path
+    metrics: tuple[str, int] | None = None
+
+
+async def _listen_api(http, api: ApiOptions, instance_id: str) -> str | None:
+    """Start the API's listeners; its URL (None if the default address was taken)."""
+    from ..errors import ConnectionFailed
+    from .api import loopback, url_of, write_api_file
+    try:
+        port = await http.listen(http.application(check_host=loopback(api.host)), api.host, api.port)
+    except OSError as exc:
+        if api.asked:
+            raise ConnectionFailed(f"cannot listen for the API on {api.host}:{api.port}: "
+                                   f"{exc.strerror or exc}") from None
+        log(f"API not offered: {api.host}:{api.port}: {exc.strerror or exc} (another daemon's? "
+            "--api HOST:PORT gives it another address)")
+        url = None
+    else:
+        url = url_of(api.host, port)
+        write_api_file(api.directory, url, instance_id)
+        log(f"API on {url} (its key: {api.directory / 'api-key'})")
+    if api.metrics is not None:
+        host, port = api.metrics
+        try:
+            port = await http.listen(http.metrics_application(check_host=loopback(host)), host, port)
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot listen for the metrics on {host}:{port}: {exc.strerror or exc}") from None
+        log(f"metrics without a key on {url_of(host, port)}/metrics")
+    return url
+
+
+def _direction(session) -> str:
+    """push or pull, as the client asked (the metrics' label)."""
+    return "push" if session.hello.push else "pull"
 
 
 def _report_factory(history: str | None, link_of):

@@ -1,0 +1,89 @@
+"""The daemon's Prometheus metrics (prometheus-client), served by its API.
+
+Names follow Prometheus's conventions (prometheus.io/docs/practices/naming):
+the ``resync_`` prefix, base units (seconds, bytes) last, counters ending in
+``_total``; labels only from small fixed sets — ``direction`` (``push`` or
+``pull``, as the client asked), ``module`` (the configured modules) — never a
+transfer id (the API's transfers say what each one did). Every label set of
+the configured modules starts at 0, so a rate over a quiet night is 0, not
+absent.
+
+A transfer's counters are added when it ends (from the figures its history
+row records); ``resync_active_transfers`` counts the running ones.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+DIRECTIONS = ("push", "pull")
+# s: from a small update to a day-long first copy of a large dataset
+DURATION_BUCKETS = (0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+# s: loopback to a satellite link
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# (name, help, the transfer row's key) of the counters a transfer adds to when it ends
+_COUNTED = (
+    ("resync_sent_bytes", "Bytes this daemon sent on the wire (UDP payload over QUIC, TCP payload over TLS).",
+     "bytes_sent"),
+    ("resync_received_bytes", "Bytes this daemon received on the wire.", "bytes_received"),
+    ("resync_shards_sent", "Shards (content datagrams) this daemon sent, parity and repairs included.",
+     "shards_sent"),
+    ("resync_shards_received", "Shards this daemon received.", "shards_received"),
+    ("resync_stripes_repaired", "Stripes the receiving end asked to be repaired (their parity was not enough).",
+     "stripes_repaired"),
+    ("resync_quic_packets_sent", "QUIC packets this daemon sent.", "udp_packets_sent"),
+    ("resync_quic_packets_lost", "QUIC packets this daemon's loss detection declared lost.", "packets_lost"),
+)
+
+
+class ServerMetrics:
+    """The metrics of one daemon, in a registry of its own (``registry``:
+    what the API's /metrics serves). ``version``: resync's; ``modules``: the
+    configured module names (their label sets start at 0)."""
+
+    def __init__(self, version: str, modules=()):
+        import prometheus_client
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        prometheus_client.disable_created_metrics()     # (no *_created series: noise for these counters)
+        r = self.registry = CollectorRegistry()
+        labels = ("direction", "module")
+        self.completed = Counter("resync_transfers_completed", "Transfers that ended complete (entries that "
+                                 "failed or vanished at the source included: they are reported, not retried).",
+                                 labels, registry=r)
+        self.failed = Counter("resync_transfers_failed", "Transfers that ended in an error after the daemon took "
+                              "them (cut, the peer's or this disk full, a protocol error).", labels, registry=r)
+        self.counters = {key: Counter(name, doc, labels, registry=r) for name, doc, key in _COUNTED}
+        self.active = Gauge("resync_active_transfers", "Transfers running now.", ("direction",), registry=r)
+        self.duration = Histogram("resync_transfer_duration_seconds", "Wall time of each transfer the daemon "
+                                  "took, from its Welcome to its end.", ("direction",), buckets=DURATION_BUCKETS,
+                                  registry=r)
+        self.rtt = Histogram("resync_rtt_seconds", "QUIC's smoothed round-trip time at the end of each transfer "
+                             "over QUIC.", buckets=RTT_BUCKETS, registry=r)
+        Gauge("resync_build_info", "resync's version (the value is 1).", ("version", "python"),
+              registry=r).labels(version, sys.version.split()[0]).set(1)
+        Gauge("resync_start_time_seconds", "When this daemon started (Unix time).", registry=r).set(time.time())
+        for direction in DIRECTIONS:
+            self.active.labels(direction)
+            self.duration.labels(direction)
+            for module in modules:
+                for c in (self.completed, self.failed, *self.counters.values()):
+                    c.labels(direction, module)
+
+    def started(self, direction: str) -> None:
+        self.active.labels(direction).inc()
+
+    def ended(self, direction: str, module: str, ok: bool, seconds: float, row: dict) -> None:
+        """A transfer that ``started`` has ended: ``row`` is its history row
+        (net.transfer_row, with ``bytes_sent`` and ``bytes_received``: the
+        wire's bytes at this end, whichever transport)."""
+        self.active.labels(direction).dec()
+        (self.completed if ok else self.failed).labels(direction, module).inc()
+        for key, counter in self.counters.items():
+            value = row.get(key)
+            if value:
+                counter.labels(direction, module).inc(value)
+        self.duration.labels(direction).observe(max(0.0, seconds))
+        rtt = row.get("rtt_ms")
+        if row.get("transport") == "quic" and rtt:
+            self.rtt.observe(rtt / 1000)

@@ -1,0 +1,291 @@
+"""The daemon's HTTP API (resync/net/api.py, docs/api.md): its doors (key,
+Host check, no CORS) through aiohttp's test client, the key file, and a real
+`resync serve` answering `resync status` and Prometheus scrapes whose
+counters agree with its history."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from resync.identity import IdentityError, load_api_key
+from resync.net.api import Api, loopback
+
+from .test_net import Server, _same, _tree
+
+KEY = "k" * 43
+
+
+class _Metrics:
+    def __init__(self):
+        from resync.metrics import ServerMetrics
+        self.m = ServerMetrics("9.9.9", ["m"])
+        self.registry = self.m.registry
+
+
+def _call(app, requests):
+    """Each (method, path, headers) against ``app``: [(status, headers, body)]."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def run():
+        async with TestClient(TestServer(app)) as client:
+            out = []
+            for method, path, headers in requests:
+                r = await client.request(method, path, headers=headers)
+                out.append((r.status, dict(r.headers), await r.read()))
+            return out
+    return asyncio.run(run())
+
+
+def _api(status=None):
+    return Api(KEY, status or (lambda: {"version": "9.9.9"}), _Metrics())
+
+
+def test_every_route_but_health_needs_the_key_and_says_nothing_without_it():
+    app = _api().application(check_host=True)
+    out = _call(app, [
+        ("GET", "/health", {}),
+        ("GET", "/api/v1/status", {}),
+        ("GET", "/api/v1/status", {"X-API-Key": KEY[:-1] + "x"}),
+        ("GET", "/api/v1/status", {"Authorization": f"Basic {KEY}"}),
+        ("GET", "/api/v1/status", {"X-API-Key": KEY}),
+        ("GET", "/api/v1/status", {"Authorization": f"Bearer {KEY}"}),
+        ("GET", "/no/such/route", {}),
+        ("GET", "/no/such/route", {"X-API-Key": KEY}),
+        ("POST", "/api/v1/status", {"X-API-Key": KEY}),
+        ("GET", "/metrics", {}),
+        ("GET", "/metrics", {"X-API-Key": KEY}),
+    ])
+    codes = [c for c, _, _ in out]
+    assert codes == [200, 401, 401, 401, 200, 200, 401, 404, 405, 401, 200]
+    assert json.loads(out[0][2]) == {"status": "OK"}
+    assert json.loads(out[4][2]) == {"version": "9.9.9"} == json.loads(out[5][2])
+    assert out[1][1]["WWW-Authenticate"].startswith("Bearer") and json.loads(out[1][2])["error"]
+    assert json.loads(out[7][2]) == {"error": "Not Found"}         # errors are JSON too
+    assert b"resync_build_info" in out[10][2] and out[10][1]["Content-Type"].startswith("text/plain")
+    for _, headers, _ in out:                   # no CORS; nothing cached, sniffed or framed
+        assert not any(h.lower().startswith("access-control-") for h in headers)
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Cache-Control"] == "no-store"
+        assert headers["X-Frame-Options"] == "DENY"
+
+
+def test_on_loopback_a_foreign_host_header_is_refused_even_with_the_key():
+    """DNS rebinding: a page whose name now points at 127.0.0.1 sends its own
+    name as Host; a name of this machine's loopback passes."""
+    app = _api().application(check_host=True)
+    hosts = ["evil.example", "evil.example:8731", "127.0.0.1.evil.example", "10.0.0.1:8731",
+             "localhost", "localhost:8731", "app.localhost:1", "127.0.0.1:8731", "[::1]:8731", "127.9.9.9"]
+    out = _call(app, [("GET", "/api/v1/status", {"X-API-Key": KEY, "Host": h}) for h in hosts]
+                + [("GET", "/health", {"Host": "evil.example"})])
+    assert [c for c, _, _ in out] == [403] * 4 + [200] * 6 + [403]
+    # bound elsewhere (the operator's choice: a key is the door), any Host is taken
+    out = _call(_api().application(check_host=False), [("GET", "/api/v1/status",
+                                                        {"X-API-Key": KEY, "Host": "siteb.example"})])
+    assert out[0][0] == 200
+
+
+def test_the_keyless_metrics_listener_serves_metrics_only():
+    app = _api().metrics_application(check_host=True)
+    out = _call(app, [("GET", "/metrics", {}), ("GET", "/api/v1/status", {}), ("GET", "/health", {}),
+                      ("GET", "/metrics", {"Host": "evil.example"})])
+    assert [c for c, _, _ in out] == [200, 404, 404, 403]
+    assert b"resync_transfers_completed_total" in out[0][2]
+
+
+def test_loopback_names():
+    assert all(loopback(h) for h in ("localhost", "LOCALHOST.", "a.b.localhost", "127.0.0.1", "127.1.2.3", "::1",
+                                     "[::1]"))
+    assert not any(loopback(h) for h in ("localhost.example", "evil-localhost", "10.0.0.1", "0.0.0.0", "::",
+                                         "example.org", ""))
+
+
+def test_the_api_key_is_made_once_private_and_refused_when_others_can_read_it(tmp_path):
+    with pytest.raises(IdentityError, match="no API key"):
+        load_api_key(tmp_path)
+    key = load_api_key(tmp_path, create=True)
+    path = tmp_path / "api-key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(key) >= 43
+    assert load_api_key(tmp_path, create=True) == key == load_api_key(tmp_path)
+    assert load_api_key(tmp_path / "other", create=True) != key
+    os.chmod(path, 0o644)
+    with pytest.raises(IdentityError, match="readable by others"):
+        load_api_key(tmp_path)
+    os.chmod(path, 0o600)
+    path.write_text("short\n")
+    with pytest.raises(IdentityError, match="not an API key"):
+        load_api_key(tmp_path)
+
+
+def _api_of(site) -> tuple[str, str]:
+    """(url, key) of the site's running daemon, from its config directory
+    (the API starts listening a moment after the transfers' ports)."""
+    d = Path(site.env["XDG_CONFIG_HOME"]) / "resync"
+    deadline = time.monotonic() + 30
+    while not (d / "api.json").exists():
+        assert time.monotonic() < deadline, "no api.json"
+        time.sleep(0.05)
+    return json.loads((d / "api.json").read_text())["url"], (d / "api-key").read_text().strip()
+
+
+def _get(url: str, key: str | None, path: str, host: str | None = None):
+    import urllib.error
+    import urllib.request
+    headers = {"X-API-Key": key} if key else {}
+    if host:
+        headers["Host"] = host
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
+    assert m, f"{name} {labels} not in the metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture
+def sites(tmp_path):
+    from .test_net import Site
+    return Site(tmp_path, "client"), Site(tmp_path, "server")
+
+
+def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(sites, tmp_path):
+    """Two pushes (QUIC and TLS over TCP) and a pull, then a push refused
+    (no such module: not a transfer the daemon took) and one cut by the
+    client's SIGKILL (failed): `resync status` and /metrics count them as
+    the history does, byte for byte; the daemon's own log names its API."""
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 61)
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--api", "127.0.0.1:0") as server:
+        url, key = _api_of(server_site)
+        assert re.search(r"API on http://127\.0\.0\.1:\d+ \(its key: .*api-key\)", server.text())
+        assert _get(url, None, "/api/v1/status")[0] == 401
+        assert _get(url, key, "/api/v1/status", host="attacker.example")[0] == 403
+        for transport in ("quic", "tcp"):
+            r = client.run("sync", "--json", src, server.url("m", transport), "--peer-id", server_site.id,
+                           "--transport", transport)
+            assert r.returncode == 0, r.stderr
+            _same(src, module / transport)
+        pulled = tmp_path / "pulled"
+        r = client.run("sync", server.url("m", "quic"), pulled, "--peer-id", server_site.id, "--transport", "quic")
+        assert r.returncode == 0, r.stderr
+        r = client.run("sync", src, server.url("nomodule", "x"), "--peer-id", server_site.id)
+        assert r.returncode == 13
+        p = client.popen("sync", src, server.url("m", "cut"), "--peer-id", server_site.id, "--bwlimit", "200K",
+                         "--retry-for", "0", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while json.loads(_get(url, key, "/api/v1/status")[1])["transfers"]["active"] == 0:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        running = _get(url, key, "/metrics")[1]
+        assert _metric(running, "resync_active_transfers", direction="push") == 1
+        p.kill()
+        p.wait()
+        while json.loads(_get(url, key, "/api/v1/status")[1])["transfers"]["failed"] == 0:
+            assert time.monotonic() < deadline + 30, "the cut transfer did not end at the daemon"
+            time.sleep(0.1)
+        r = client.run("status", "--json", "--config-dir", Path(server_site.env["XDG_CONFIG_HOME"]) / "resync")
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        assert status["transfers"] == {"active": 0, "completed": 3, "failed": 1, "push": 0, "pull": 0}
+        assert status["device_id"] == server_site.id and status["api"] == url
+        assert [m["name"] for m in status["modules"]] == ["m"]
+        text = _get(url, key, "/metrics")[1]
+        assert _metric(text, "resync_transfers_completed_total", direction="push", module="m") == 2
+        assert _metric(text, "resync_transfers_completed_total", direction="pull", module="m") == 1
+        assert _metric(text, "resync_transfers_failed_total", direction="push", module="m") == 1
+        assert _metric(text, "resync_active_transfers", direction="push") == 0
+        assert _metric(text, "resync_transfer_duration_seconds_count", direction="push") == 3
+        r = client.run("status", "--config-dir", Path(server_site.env["XDG_CONFIG_HOME"]) / "resync")
+        assert r.returncode == 0 and "3 completed and 1 failed" in r.stdout
+        assert server.stop() == 0
+    assert not (Path(server_site.env["XDG_CONFIG_HOME"]) / "resync" / "api.json").exists()
+    from resync.store import History
+    h = History(Path(server_site.env["XDG_DATA_HOME"]) / "resync" / "history.duckdb")
+    h.merge()
+    _, rows = h.query("SELECT role, sum(coalesce(udp_bytes_received, 0) + coalesce(tcp_bytes_received, 0)), "
+                      "sum(coalesce(udp_bytes_sent, 0) + coalesce(tcp_bytes_sent, 0)), sum(shards_received), "
+                      "sum(shards_sent), sum(coalesce(udp_packets_sent, 0)), count(*) FROM transfers "
+                      "GROUP BY role ORDER BY role")
+    (rx, rx_in, rx_out, rx_shards, _, rx_packets, n_rx), (tx, tx_in, tx_out, _, tx_shards, tx_packets, n_tx) = rows
+    assert (rx, n_rx, tx, n_tx) == ("receive", 3, "send", 1)
+    assert _metric(text, "resync_received_bytes_total", direction="push", module="m") == rx_in > 3_000_000
+    assert _metric(text, "resync_sent_bytes_total", direction="push", module="m") == rx_out
+    assert _metric(text, "resync_shards_received_total", direction="push", module="m") == rx_shards
+    assert _metric(text, "resync_sent_bytes_total", direction="pull", module="m") == tx_out > 3_000_000
+    assert _metric(text, "resync_shards_sent_total", direction="pull", module="m") == tx_shards > 0
+    assert _metric(text, "resync_quic_packets_sent_total", direction="pull", module="m") == tx_packets > 0
+    assert _metric(text, "resync_quic_packets_sent_total", direction="push", module="m") == rx_packets
+
+
+def test_status_without_a_daemon_or_with_a_wrong_key_is_a_one_line_error(sites, tmp_path):
+    client, server_site = sites
+    d = Path(server_site.env["XDG_CONFIG_HOME"]) / "resync"
+    r = client.run("status", "--config-dir", d)
+    assert r.returncode == 10 and r.stderr.count("\n") == 1 and "no daemon's API is known" in r.stderr
+    module = tmp_path / "module"
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--api", "127.0.0.1:0"):
+        url, _ = _api_of(server_site)
+        other = tmp_path / "other"
+        load_api_key(other, create=True)
+        r = client.run("status", "--config-dir", other, "--api", url)
+        assert r.returncode == 13 and r.stderr.count("\n") == 1 and "refused" in r.stderr
+    r = client.run("status", "--config-dir", d, "--api", url)
+    assert r.returncode == 10 and "no daemon answers" in r.stderr
+
+
+def test_an_api_address_in_use_stops_the_daemon_only_when_asked_for(sites, tmp_path):
+    """--api HOST:PORT taken: exit 10 with a line saying so; the default
+    address taken (another daemon's): the daemon serves, without an API,
+    and says so in its log."""
+    import socket
+    client, server_site = sites
+    module = tmp_path / "module"
+    module.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = server_site.run("serve", "--listen", "127.0.0.1:0", "--module", f"m={module}", "--allow", client.id,
+                            "--api", f"127.0.0.1:{port}", timeout=60)
+        assert r.returncode == 10 and f"cannot listen for the API on 127.0.0.1:{port}" in r.stderr
+        cfg = tmp_path / "serve.toml"
+        cfg.write_text(f'api = "127.0.0.1:{port}"\n')
+        r = server_site.run("serve", "--listen", "127.0.0.1:0", "--module", f"m={module}", "--allow", client.id,
+                            "--config", cfg, timeout=60)
+        assert r.returncode == 10                # (the config's address is asked for too)
+    r = server_site.run("serve", "--no-api", "--metrics", "127.0.0.1:0", "--module", f"m={module}", "--allow",
+                        client.id, timeout=60)
+    assert r.returncode == 2 and "--metrics needs the API" in r.stderr
+    from resync.net.api import DEFAULT_PORT
+    with socket.socket() as s:
+        try:                                    # (taken already: by another daemon, as in the case at hand)
+            s.bind(("127.0.0.1", DEFAULT_PORT))
+            s.listen()
+        except OSError:
+            pass
+        with Server(server_site, "--module", f"m={module}", "--allow", client.id) as server:
+            deadline = time.monotonic() + 30
+            while "API not offered" not in server.text():
+                assert time.monotonic() < deadline, server.text()
+                time.sleep(0.05)
+            assert f"127.0.0.1:{DEFAULT_PORT}" in server.text()
+            src = tmp_path / "src"
+            _tree(src, 62, files=5)
+            r = client.run("sync", src, server.url("m", "x"), "--peer-id", server_site.id)
+            assert r.returncode == 0, r.stderr
+            _same(src, module / "x")
