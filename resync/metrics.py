@@ -66,6 +66,11 @@ class ServerMetrics:
         for direction in DIRECTIONS:
             self.active.labels(direction)
             self.duration.labels(direction)
+        self.add_modules(modules)
+
+    def add_modules(self, modules) -> None:
+        """Label sets at 0 for these modules (a reload may add some)."""
+        for direction in DIRECTIONS:
             for module in modules:
                 for c in (self.completed, self.failed, *self.counters.values()):
                     c.labels(direction, module)

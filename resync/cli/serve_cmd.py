@@ -16,7 +16,8 @@ def _load_config(path: str) -> dict:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
-CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics"}
+CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics",
+               "max_transfers"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -100,6 +101,9 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
               help="Bytes per second each pull may send (K/M/G suffixes); a client's --bwlimit may lower it.")
 @click.option("--min-parity", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Parity shards per full stripe (128-240 data shards) at least, whatever the measured loss (default 1).")
+@click.option("--max-transfers", type=click.IntRange(0), default=None, metavar="N",
+              help="Transfers running at once at most; more are told the server is busy and retry (default 0: "
+                   "no cap).")
 @click.option("--no-tcp", is_flag=True,
               help="Offer QUIC only (by default TLS over TCP is offered on the same port number too).")
 @click.option("--api", "api_address", default=None, metavar="HOST:PORT",
@@ -109,16 +113,17 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
 @click.option("--metrics", "metrics_address", default=None, metavar="HOST:PORT",
               help="Also serve /metrics alone here, without the API key (for Prometheus).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A TOML file: listen, history, allow, bwlimit, min_parity, tcp, api, metrics, [modules.NAME] "
-                   "path / read_only / allow.")
+              help="A TOML file: listen, history, allow, bwlimit, min_parity, max_transfers, tcp, api, metrics, "
+                   "[modules.NAME] path / read_only / allow. SIGHUP reads it again.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
 @history_options
-def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, api_address, no_api, metrics_address,
-            config_path, config_dir, history_path, no_history):
+def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfers, no_tcp, api_address, no_api,
+            metrics_address, config_path, config_dir, history_path, no_history):
     """Serve directories to resync clients over QUIC and TLS over TCP, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
-    it, checkpointing transfers in flight (their clients resume them).
+    it, checkpointing transfers in flight (their clients resume them); SIGHUP
+    reads the config file and the modules again (transfers running go on).
 
     Example: resync serve --listen 0.0.0.0:8730 --module backup=/srv/backup --allow CLIENT-ID
     """
@@ -128,23 +133,35 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, api_
     from ..errors import UsageError
     from ..identity import load_identity
     from ..net import DEFAULT_PORT
-    from ..net.server import serve
-    config = _load_config(config_path) if config_path else {}
-    if config_path:
-        _check_config(config, config_path)
-    mods = _modules(config, modules, read_only, allow)
+    from ..net.server import Settings, serve
+
+    def settings() -> tuple[Settings, dict]:
+        """The config file and the flags, checked (UsageError, FileError)."""
+        config = _load_config(config_path) if config_path else {}
+        if config_path:
+            _check_config(config, config_path)
+        mods = _modules(config, modules, read_only, allow)
+        rate = bwlimit
+        if rate is None and config.get("bwlimit") is not None:
+            from .options import parse_rate
+            try:
+                rate = parse_rate(config["bwlimit"])
+            except ValueError as exc:
+                raise UsageError(f"{config_path}: bwlimit {exc}") from None
+        parity = min_parity
+        if parity is None:
+            parity = config.get("min_parity", 1)
+            if not isinstance(parity, int) or isinstance(parity, bool) or not 1 <= parity <= 64:
+                raise UsageError(f"{config_path}: min_parity must be a whole number from 1 to 64")
+        cap = max_transfers
+        if cap is None:
+            cap = config.get("max_transfers", 0)
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+                raise UsageError(f"{config_path}: max_transfers must be a whole number, 0 for no cap")
+        return Settings(mods, rate or 0, parity, cap), config
+    first, config = settings()
     host, port = _address(listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}",
                           "--listen" if listen else f"{config_path}: listen")
-    if bwlimit is None and config.get("bwlimit") is not None:
-        from .options import parse_rate
-        try:
-            bwlimit = parse_rate(config["bwlimit"])
-        except ValueError as exc:
-            raise UsageError(f"{config_path}: bwlimit {exc}") from None
-    if min_parity is None:
-        min_parity = config.get("min_parity", 1)
-        if not isinstance(min_parity, int) or isinstance(min_parity, bool) or not 1 <= min_parity <= 64:
-            raise UsageError(f"{config_path}: min_parity must be a whole number from 1 to 64")
     tcp = config.get("tcp", True)
     if not isinstance(tcp, bool):
         raise UsageError(f"{config_path}: tcp must be true or false")
@@ -169,8 +186,8 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, no_tcp, api_
         from ..store import default_path
         history = history_path or config.get("history") or str(default_path())
     _prepare_kernels()
-    asyncio.run(serve(host, port, mods, identity, history, bwlimit=bwlimit or 0,
-                      min_parity=min_parity, tcp=tcp and not no_tcp, api=api))
+    asyncio.run(serve(host, port, first, identity, history, tcp=tcp and not no_tcp, api=api,
+                      reload=lambda: settings()[0]))
 
 
 def _address(value: str, where: str) -> tuple[str, int]:

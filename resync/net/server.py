@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol.session import Module, ServerSession
+from ..protocol.session import ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
 from . import warm_up
 from .link import PacketBatch, SessionLink, configuration
@@ -146,21 +146,35 @@ class _Locks:
             os.close(held[0])
 
 
-async def serve(host: str, port: int, modules: dict[str, Module], identity, history: str | None = None,
-                ready=None, bwlimit: float = 0, min_parity: int = 1, tcp: bool = True,
-                api: "ApiOptions | None" = None) -> None:
+@dataclass
+class Settings:
+    """What a daemon serves, and how (``resync serve``'s flags and config
+    file; a SIGHUP reads them again): ``modules``; ``bwlimit``, bytes per
+    second each pull may send (a client's --bwlimit may lower it);
+    ``min_parity``, parity shards per stripe at least; ``max_transfers``,
+    transfers running at once at most (0: no cap)."""
+
+    modules: dict
+    bwlimit: float = 0
+    min_parity: int = 1
+    max_transfers: int = 0
+
+
+async def serve(host: str, port: int, settings: Settings, identity, history: str | None = None,
+                ready=None, tcp: bool = True, api: "ApiOptions | None" = None, reload=None) -> None:
     """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening.
-    ``bwlimit``: bytes per second each pull may send (a client's --bwlimit
-    may lower it); ``min_parity``: parity shards per stripe at least;
-    ``tcp``: offer TLS over TCP on the same port number too (net.tcp);
-    ``api``: the HTTP API and metrics (net.api), None for neither.
+    ``settings``: what is served, and how; ``reload()``: the settings read
+    again, called on SIGHUP (ResyncError: a mistake in them, which keeps the
+    ones in force); ``tcp``: offer TLS over TCP on the same port number too
+    (net.tcp); ``api``: the HTTP API and metrics (net.api), None for neither.
     ConnectionFailed if it cannot listen (the API too, when its address was
     asked for rather than the default)."""
     from aioquic.asyncio import serve as quic_serve
     warm_up()
     from .. import __version__
     from ..metrics import ServerMetrics
-    metrics = ServerMetrics(__version__, sorted(modules))
+    current = [settings]                        # (replaced whole by a reload: a session keeps the one it got)
+    metrics = ServerMetrics(__version__, sorted(settings.modules))
     ended = {"completed": 0, "failed": 0}
     instance_id = os.urandom(8).hex()
     started_at = time.time()
@@ -218,6 +232,32 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         if s is not None and not s.finished and not s.authenticated:
             link.refuse(f"no proof of the client's key within {PROOF_DEADLINE:.0f} s")
 
+    def running() -> list:
+        """The sessions of the transfers running (taken: past the Welcome, not ended)."""
+        return [x.session for x in links if x.session is not None and not x.session.finished
+                and getattr(x.session, "taken_at", None) is not None]
+
+    def full(session) -> str | None:
+        """Why ``session`` may not start now: max_transfers are running."""
+        cap = current[0].max_transfers
+        if cap and len(running()) >= cap:
+            return f"{cap} transfers are running already (the server's max_transfers); try again later"
+        return None
+
+    def reload_now() -> None:
+        """SIGHUP: the settings read again and put in force for the connections
+        that come next; transfers running keep theirs. A mistake keeps the
+        settings in force, said in the log."""
+        from ..errors import ResyncError
+        try:
+            new = reload()
+        except ResyncError as exc:
+            log(f"SIGHUP: not reloaded, the settings in force are kept: {exc}")
+            return
+        old, current[0] = current[0], new
+        metrics.add_modules(sorted(new.modules))
+        log("SIGHUP: reloaded: " + _changes(old, new))
+
     def adopt(link) -> None:
         """A new connection (either transport): its session, and what
         happens at its end."""
@@ -228,8 +268,10 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
             s.taken_at = time.monotonic()
             metrics.started(_direction(s))
             return reports(s)
-        session = ServerSession(identity, identity.cert_der, modules, report_factory=report_factory,
-                                lock=locks.take, bwlimit=bwlimit, min_parity=min_parity)
+        now = current[0]
+        session = ServerSession(identity, identity.cert_der, now.modules, report_factory=report_factory,
+                                lock=locks.take, bwlimit=now.bwlimit, min_parity=now.min_parity,
+                                capacity=full if now.max_transfers else None)
         started = link.created = time.monotonic()
 
         def done():
@@ -317,6 +359,8 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_now)
     sockname = server._transport.get_extra_info("sockname")
     streams = None
     if tcp:
@@ -326,21 +370,20 @@ async def serve(host: str, port: int, modules: dict[str, Module], identity, hist
         except OSError as exc:                  # (the port number taken for TCP): QUIC only
             log(f"TLS over TCP not offered on {host}:{sockname[1]}: {exc.strerror or exc}")
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
-        "modules: "
-        + ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values()))
+        "modules: " + _shown_modules(settings.modules))
     shown_host = f"[{host}]" if ":" in host else host
     listening += [f"{shown_host}:{sockname[1]} (QUIC)"] + ([f"{shown_host}:{sockname[1]} (TLS over TCP)"] if streams else [])
 
     def status() -> dict:
         """The API's /api/v1/status document (docs/api.md)."""
-        running = [x.session for x in links if x.session is not None and not x.session.finished
-                   and getattr(x.session, "taken_at", None) is not None]
-        pushes = sum(1 for x in running if x.hello.push)
+        now, active = current[0], running()
+        pushes = sum(1 for x in active if x.hello.push)
         return {"version": __version__, "device_id": identity.device_id, "instance_id": instance_id,
                 "started": started_at, "uptime_seconds": round(time.time() - started_at, 3),
-                "listen": listening, "api": api_url,
-                "modules": [{"name": m.name, "path": m.path, "read_only": m.read_only} for m in modules.values()],
-                "transfers": {"active": len(running), "push": pushes, "pull": len(running) - pushes, **ended}}
+                "listen": listening, "api": api_url, "max_transfers": now.max_transfers,
+                "modules": [{"name": m.name, "path": m.path, "read_only": m.read_only}
+                            for m in now.modules.values()],
+                "transfers": {"active": len(active), "push": pushes, "pull": len(active) - pushes, **ended}}
     http = None
     if api is not None:
         from .api import Api
@@ -415,6 +458,29 @@ async def _listen_api(http, api: ApiOptions, instance_id: str) -> str | None:
             raise ConnectionFailed(f"cannot listen for the metrics on {host}:{port}: {exc.strerror or exc}") from None
         log(f"metrics without a key on {url_of(host, port)}/metrics")
     return url
+
+
+def _shown_modules(modules: dict) -> str:
+    return ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values())
+
+
+def _changes(old: Settings, new: Settings) -> str:
+    """What a reload changed, for the log."""
+    out = []
+    for name in sorted(set(old.modules) | set(new.modules)):
+        a, b = old.modules.get(name), new.modules.get(name)
+        if a is None:
+            out.append(f"module {name} added ({b.path}{', read-only' if b.read_only else ''})")
+        elif b is None:
+            out.append(f"module {name} removed (its transfers running go on)")
+        elif (a.path, a.read_only, a.allowed) != (b.path, b.read_only, b.allowed):
+            what = [w for w, x, y in (("path", a.path, b.path), ("read-only", a.read_only, b.read_only),
+                                      ("allowed devices", a.allowed, b.allowed)) if x != y]
+            out.append(f"module {name}: {', '.join(what)} changed")
+    for field, shown in (("bwlimit", "bwlimit"), ("min_parity", "min_parity"), ("max_transfers", "max_transfers")):
+        if getattr(old, field) != getattr(new, field):
+            out.append(f"{shown} {getattr(old, field)} -> {getattr(new, field)}")
+    return "; ".join(out) or "nothing changed"
 
 
 def _direction(session) -> str:

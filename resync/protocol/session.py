@@ -432,8 +432,9 @@ class ServerSession(Session):
     alive); with fd None it only answers whether it would."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
-                 bwlimit: float = 0, min_parity: int = 1):
+                 bwlimit: float = 0, min_parity: int = 1, capacity=None):
         super().__init__()
+        self.capacity = capacity            # capacity(session): why it may not start now (the server's cap), or None
         self._reader.limit = HELLO_LIMIT       # until the client has proved its key: no frame
                                                # longer than a Hello can be (nothing held for more)
         self.bwlimit, self.min_parity = bwlimit, min_parity
@@ -509,6 +510,10 @@ class ServerSession(Session):
         nothing; then open (or make) the destination, Welcome, and become
         the receiver or the sender."""
         h, module = self.hello, self.module
+        full = self.capacity(self) if self.capacity is not None else None
+        if full:
+            self._refuse(E_BUSY, full)
+            return
         locked = h.push and not options.dry_run and self.lock is not None
         if locked:
             got = self.lock(self.target_key, None, self)

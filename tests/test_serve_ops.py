@@ -1,0 +1,94 @@
+"""Operating `resync serve` as rsyncd and sshd are operated: SIGHUP reads
+the configuration again without dropping a transfer (a mistake in it keeps
+the one in force), and a cap on the transfers running at once."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .test_api import _api_of, _get
+from .test_net import Server, _same, _tree
+
+
+@pytest.fixture
+def sites(tmp_path):
+    from .test_net import Site
+    return Site(tmp_path, "client"), Site(tmp_path, "server")
+
+
+def _wait(cond, what: str, seconds: float = 30):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _running(site) -> int:
+    url, key = _api_of(site)
+    return json.loads(_get(url, key, "/api/v1/status")[1])["transfers"]["active"]
+
+
+def test_sighup_reloads_modules_and_allow_lists_and_a_running_transfer_goes_on(sites, tmp_path):
+    client, server_site = sites
+    src, a, b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
+    _tree(src, 71)
+    a.mkdir()
+    b.mkdir()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'allow = ["{client.id}"]\n[modules.a]\npath = "{a}"\n')
+    with Server(server_site, "--config", cfg, "--api", "127.0.0.1:0") as server:
+        slow = client.popen("sync", src, server.url("a", "slow"), "--peer-id", server_site.id, "--bwlimit", "600K",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: _running(server_site) == 1, "the slow push did not start")
+        cfg.write_text(f'allow = ["{client.id}"]\nmax_transfers = 4\n[modules.a]\npath = "{a}"\n'
+                       f'[modules.b]\npath = "{b}"\nread_only = true\n')
+        server.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "SIGHUP: reloaded" in server.text(), "no reload in the log")
+        line = [x for x in server.text().splitlines() if "SIGHUP: reloaded" in x][0]
+        assert "module b added" in line and "max_transfers 0 -> 4" in line
+        r = client.run("sync", src, server.url("b", "x"), "--peer-id", server_site.id)
+        assert r.returncode == 13 and "read-only" in r.stderr        # b is there, as the file says now
+        r = client.run("sync", server.url("a", ""), tmp_path / "pulled-from-a", "--peer-id", server_site.id)
+        assert r.returncode == 0, r.stderr
+        cfg.write_text('allow = ["NOT-AN-ID"]\n[modules.a]\npath = "/nonexistent"\n')   # a mistake
+        server.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "SIGHUP: not reloaded" in server.text(), "the mistake was not reported")
+        r = client.run("sync", src, server.url("a", "after-mistake"), "--peer-id", server_site.id)
+        assert r.returncode == 0, r.stderr                              # the settings in force were kept
+        cfg.write_text(f'[modules.a]\npath = "{a}"\nallow = ["{server_site.id}"]\n')     # the client let go
+        server.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: server.text().count("SIGHUP: reloaded") == 2, "no second reload")
+        assert "module b removed" in server.text() and "module a: allowed devices changed" in server.text()
+        r = client.run("sync", src, server.url("a", "refused"), "--peer-id", server_site.id)
+        assert r.returncode == 13 and "is not allowed" in r.stderr
+        assert slow.wait(120) == 0, slow.stderr.read()                 # admitted before: it went on
+        _same(src, a / "slow")
+        _same(src, a / "after-mistake")
+        assert server.proc.poll() is None and server.stop() == 0
+
+
+def test_max_transfers_turns_the_next_one_away_as_busy_until_one_ends(sites, tmp_path):
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 72)
+    module.mkdir()
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--max-transfers", "1",
+                "--api", "127.0.0.1:0") as server:
+        slow = client.popen("sync", src, server.url("m", "one"), "--peer-id", server_site.id, "--bwlimit", "1M",
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: _running(server_site) == 1, "the slow push did not start")
+        r = client.run("sync", src, server.url("m", "two"), "--peer-id", server_site.id, "--retry-for", "0")
+        assert r.returncode == 13 and "1 transfers are running already" in r.stderr, r.stderr
+        assert not (module / "two").exists()
+        waited = client.popen("sync", src, server.url("m", "two"), "--peer-id", server_site.id, "--retry-for", "60",
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert slow.wait(120) == 0, slow.stderr.read()
+        assert waited.wait(120) == 0, waited.stderr.read()          # it retried, and went once the first ended
+        _same(src, module / "one")
+        _same(src, module / "two")
+        url, key = _api_of(server_site)
+        assert json.loads(_get(url, key, "/api/v1/status")[1])["max_transfers"] == 1
