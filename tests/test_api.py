@@ -99,6 +99,86 @@ def test_the_keyless_metrics_listener_serves_metrics_only():
     assert b"resync_transfers_completed_total" in out[0][2]
 
 
+def test_events_are_numbered_and_a_client_behind_the_buffer_is_told_what_it_missed():
+    from resync.net.events import Events
+
+    async def run():
+        ev = Events(size=3)
+        for n in range(5):
+            ev.publish("T", {"n": n})
+        assert [e["id"] for e in ev.since(0)[0]] == [3, 4, 5] and ev.since(0)[1] == 2
+        assert ev.since(1) == (ev.since(0)[0], 1)
+        assert [e["id"] for e in ev.since(3)[0]] == [4, 5] and ev.since(3)[1] == 0
+        assert ev.since(5) == ([], 0)
+        assert ev.since(99) == ev.since(0)          # a previous start's id: its ids began again
+        assert [e["data"]["n"] for e in ev.since(2)[0]] == [2, 3, 4]
+    asyncio.run(run())
+
+
+def _sse(app, headers, publish, read: int):
+    """``read`` events from /api/v1/events after ``publish(events)`` ran
+    (before and after connecting, as it likes): [(id, type, data)]."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def run():
+        async with TestClient(TestServer(app)) as client:
+            r = await client.get("/api/v1/events", headers={"X-API-Key": KEY, **headers})
+            assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+            publish()
+            out = []
+            while len(out) < read:
+                block = (await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)).decode()
+                if block.startswith(":"):
+                    continue
+                fields = dict(line.split(": ", 1) for line in block.strip().split("\n"))
+                out.append((int(fields["id"]), fields["event"], json.loads(fields["data"])["data"]))
+            r.close()
+            return out
+    return asyncio.run(run())
+
+
+def test_the_event_stream_replays_from_last_event_id_and_says_what_was_lost():
+    """SSE: a client reconnecting with Last-Event-ID gets every buffered
+    event after it, then the live ones; one further behind than the buffer
+    is told how many it lost (EventsMissed), then gets the rest."""
+    from resync.net.events import Events
+    api = Api(KEY, lambda: {}, _Metrics(), events=None)
+    api.events = Events(size=4)
+    for n in range(3):
+        api.events.publish("TransferProgress", {"n": n})
+    got = _sse(api.application(check_host=True), {"Last-Event-ID": "1"},
+               lambda: api.events.publish("TransferEnded", {"n": 3}), 3)
+    assert got == [(2, "TransferProgress", {"n": 1}), (3, "TransferProgress", {"n": 2}), (4, "TransferEnded", {"n": 3})]
+    for n in range(4, 7):                       # ids 5-7: the buffer holds 4-7 now
+        api.events.publish("TransferProgress", {"n": n})
+    got = _sse(api.application(check_host=True), {"Last-Event-ID": "1"}, lambda: None, 5)
+    assert got[0] == (3, "EventsMissed", {"missed": 2, "first_buffered": 4})
+    assert [g[0] for g in got[1:]] == [4, 5, 6, 7]
+    got = _sse(api.application(check_host=True), {}, lambda: api.events.publish("ConfigReloaded", {}), 1)
+    assert got == [(8, "ConfigReloaded", {})]   # a new client: what happens from now on
+
+
+def test_the_websocket_carries_the_events_and_refuses_another_hosts_page():
+    from aiohttp.test_utils import TestClient, TestServer
+    api = _api()
+
+    async def run():
+        async with TestClient(TestServer(api.application(check_host=True))) as client:
+            r = await client.get("/ws", headers={"X-API-Key": KEY, "Origin": "https://evil.example"})
+            assert r.status == 403
+            r = await client.get("/ws", headers={"Origin": "http://localhost:8731"})
+            assert r.status == 401                  # the key first
+            out = []
+            for origin in ({"Origin": "http://127.0.0.1:8731"}, {}):     # a loopback page; not a browser
+                ws = await client.ws_connect("/ws", headers={"X-API-Key": KEY, **origin})
+                api.events.publish("TransferStarted", {"id": "abc"})
+                out.append(json.loads((await asyncio.wait_for(ws.receive(), 5)).data))
+                await ws.close()
+            return out
+    a, b = asyncio.run(run())
+    assert (a["type"], a["data"], b["id"]) == ("TransferStarted", {"id": "abc"}, a["id"] + 1)
+
+
 def test_loopback_names():
     assert all(loopback(h) for h in ("localhost", "LOCALHOST.", "a.b.localhost", "127.0.0.1", "127.1.2.3", "::1",
                                      "[::1]"))
@@ -147,6 +227,24 @@ def _get(url: str, key: str | None, path: str, host: str | None = None):
         return exc.code, exc.read().decode()
 
 
+def _replayed(url: str, key: str, until) -> list[dict]:
+    """The events of a daemon's /api/v1/events from its first (since=0),
+    read until ``until(events)``."""
+    import aiohttp
+
+    async def run():
+        out = []
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/api/v1/events?since=0", headers={"X-API-Key": key}) as r:
+                while not until(out):
+                    block = (await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)).decode()
+                    if not block.startswith(":"):
+                        data = [line for line in block.split("\n") if line.startswith("data: ")][0]
+                        out.append(json.loads(data[len("data: "):]))
+        return out
+    return asyncio.run(run())
+
+
 def _metric(text: str, name: str, **labels) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
@@ -174,10 +272,12 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         assert re.search(r"API on http://127\.0\.0\.1:\d+ \(its key: .*api-key\)", server.text())
         assert _get(url, None, "/api/v1/status")[0] == 401
         assert _get(url, key, "/api/v1/status", host="attacker.example")[0] == 403
+        pushed = {}
         for transport in ("quic", "tcp"):
             r = client.run("sync", "--json", src, server.url("m", transport), "--peer-id", server_site.id,
                            "--transport", transport)
             assert r.returncode == 0, r.stderr
+            pushed[transport] = json.loads(r.stdout.splitlines()[-1])["transfer_id"]
             _same(src, module / transport)
         pulled = tmp_path / "pulled"
         r = client.run("sync", server.url("m", "quic"), pulled, "--peer-id", server_site.id, "--transport", "quic")
@@ -211,6 +311,26 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         assert _metric(text, "resync_transfer_duration_seconds_count", direction="push") == 3
         r = client.run("status", "--config-dir", Path(server_site.env["XDG_CONFIG_HOME"]) / "resync")
         assert r.returncode == 0 and "3 completed and 1 failed" in r.stdout
+        listed = json.loads(_get(url, key, "/api/v1/transfers")[1])
+        assert listed["total"] == 4 and [t["state"] for t in listed["transfers"]] == ["failed"] + ["completed"] * 3
+        assert [t["direction"] for t in listed["transfers"]] == ["push", "pull", "push", "push"]
+        assert [t["path"] for t in listed["transfers"]] == ["cut", "quic", "tcp", "quic"]
+        quic = listed["transfers"][3]
+        assert quic["id"] == pushed["quic"] and quic["peer_id"] == client.id and quic["module"] == "m"
+        assert quic["files_done"] == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+        assert json.loads(_get(url, key, f"/api/v1/transfers/{quic['id']}")[1]) == quic
+        assert _get(url, key, "/api/v1/transfers/0000000000000000")[0] == 404
+        assert json.loads(_get(url, key, "/api/v1/transfers?state=failed")[1])["total"] == 1
+        page = json.loads(_get(url, key, "/api/v1/transfers?limit=2&offset=1")[1])["transfers"]
+        assert page == listed["transfers"][1:3]
+        assert _get(url, key, "/api/v1/transfers?state=paused")[0] == 400
+        events = _replayed(url, key, until=lambda evs: sum(e["type"] == "TransferEnded" for e in evs) == 4)
+        assert [e["id"] for e in events] == list(range(1, len(events) + 1))      # from 1, none missing
+        for t in listed["transfers"]:
+            mine = [e["type"] for e in events if e["data"].get("id") == t["id"]]
+            assert mine[0] == "TransferStarted" and mine[-1] == "TransferEnded", mine
+            assert set(mine[1:-1]) <= {"TransferProgress"}
+        assert [e["data"] for e in events if e["type"] == "TransferEnded"] == listed["transfers"][::-1]
         assert server.stop() == 0
     assert not (Path(server_site.env["XDG_CONFIG_HOME"]) / "resync" / "api.json").exists()
     from resync.store import History

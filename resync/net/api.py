@@ -26,6 +26,7 @@ status`` reads both.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -66,15 +67,29 @@ def _error(status: int, message: str):
     return _json({"error": message}, status)
 
 
+SSE_PING = 15.0                  # s between keep-alive comments on an idle event stream
+PAGE = 100                       # transfers per page by default (limit=, at most MAX_PAGE)
+MAX_PAGE = 1000
+STATES = ("active", "completed", "failed")
+
+
 class Api:
     """The API of one daemon. ``key``: its API key; ``status()``: the
-    /api/v1/status document; ``metrics``: a resync.metrics.ServerMetrics."""
+    /api/v1/status document; ``metrics``: a resync.metrics.ServerMetrics;
+    ``transfers()``: the transfers it knows, newest first (docs/api.md);
+    ``events``: its net.events.Events."""
 
-    def __init__(self, key: str, status, metrics):
+    def __init__(self, key: str, status, metrics, transfers=None, events=None):
         self.key = key.encode()
         self.status = status
         self.metrics = metrics
+        self.transfers = transfers or (lambda: [])
+        if events is None:
+            from .events import Events
+            events = Events()
+        self.events = events
         self._runners: list = []
+        self._sockets: set = set()          # open WebSockets (closed when the daemon stops)
 
     # -- the guard ------------------------------------------------------------------------
     def _guard(self, check_host: bool, keyed: bool):
@@ -111,6 +126,10 @@ class Api:
         app = web.Application(middlewares=[self._guard(check_host, keyed=True)])
         app.router.add_get("/health", self._health)
         app.router.add_get("/api/v1/status", self._status)
+        app.router.add_get("/api/v1/transfers", self._transfers)
+        app.router.add_get("/api/v1/transfers/{id}", self._transfer)
+        app.router.add_get("/api/v1/events", self._events)
+        app.router.add_get("/ws", self._websocket)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -125,6 +144,106 @@ class Api:
 
     async def _status(self, request):
         return _json(self.status())
+
+    async def _transfers(self, request):
+        """GET /api/v1/transfers?state=active|completed|failed&limit=N&offset=N"""
+        q = request.query
+        state = q.get("state")
+        if state is not None and state not in STATES:
+            return _error(400, f"state must be one of {', '.join(STATES)}")
+        try:
+            limit = int(q.get("limit", PAGE))
+            offset = int(q.get("offset", 0))
+        except ValueError:
+            return _error(400, "limit and offset are whole numbers")
+        if not 1 <= limit <= MAX_PAGE or offset < 0:
+            return _error(400, f"limit is 1 to {MAX_PAGE}, offset 0 or more")
+        items = [t for t in self.transfers() if state is None or t["state"] == state]
+        return _json({"transfers": items[offset:offset + limit], "total": len(items), "offset": offset,
+                      "limit": limit})
+
+    async def _transfer(self, request):
+        for t in self.transfers():
+            if t["id"] == request.match_info["id"]:
+                return _json(t)
+        return _error(404, "no such transfer (ended ones are kept while the daemon runs, the last 100)")
+
+    def _replay(self, request) -> list[dict]:
+        """What a client reconnecting after event ``Last-Event-ID`` (or
+        ``?since=``) missed: the buffered events after it, led by an
+        EventsMissed when the buffer has moved past some."""
+        from .events import missed_event
+        raw = request.headers.get("Last-Event-ID", request.query.get("since", ""))
+        try:
+            last = int(raw) if raw else None
+        except ValueError:
+            last = None
+        if last is None:                        # a new client: what happens from now on
+            return []
+        events, missed = self.events.since(last)
+        if missed:
+            events.insert(0, missed_event(missed, events[0]["id"] if events else self.events.last_id + 1))
+        return events
+
+    async def _events(self, request):
+        """GET /api/v1/events: Server-Sent Events (id, event, data lines)."""
+        from aiohttp import web
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Content-Type-Options": "nosniff"})
+        await response.prepare(request)
+        last = self.events.last_id
+        backlog = self._replay(request)
+        try:
+            while not self.events.closed:
+                for e in backlog:
+                    await response.write(f"id: {e['id']}\nevent: {e['type']}\ndata: "
+                                         f"{json.dumps(e, sort_keys=True)}\n\n".encode())
+                    last = max(last, e["id"])
+                seen = self.events.last_id
+                await self.events.wait(SSE_PING)
+                backlog, _ = self.events.since(last)
+                if not backlog and self.events.last_id == seen:
+                    await response.write(b": ping\n\n")
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    async def _websocket(self, request):
+        """GET /ws: the events of /api/v1/events as JSON text messages. A
+        browser's request carries an Origin: only a loopback page's is taken
+        (cross-site WebSocket hijacking: browsers apply no same-origin rule
+        to WebSockets); a client that is not a browser sends none."""
+        from aiohttp import web
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            from urllib.parse import urlsplit
+            if not loopback(urlsplit(origin).hostname or ""):
+                return _error(403, "Origin check: a WebSocket from a page of another host is refused")
+        ws = web.WebSocketResponse(heartbeat=SSE_PING)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+
+        async def drain() -> None:              # (what the client sends is not read: its close ends this)
+            async for _ in ws:
+                pass
+        reading = asyncio.ensure_future(drain())
+        backlog, last = self._replay(request), self.events.last_id
+        try:
+            while not self.events.closed and not ws.closed and not reading.done():
+                for e in backlog:
+                    await ws.send_str(json.dumps(e, sort_keys=True))
+                    last = max(last, e["id"])
+                waiter = asyncio.ensure_future(self.events.wait(SSE_PING))
+                await asyncio.wait({waiter, reading}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                backlog, _ = self.events.since(last)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            reading.cancel()
+            self._sockets.discard(ws)
+            await ws.close()
+        return ws
 
     async def _metrics(self, request):
         from aiohttp import web
@@ -151,6 +270,11 @@ class Api:
         return runner.addresses[0][1]
 
     async def close(self) -> None:
+        """Stop listening; open event streams and WebSockets end first (an
+        open one held aiohttp's cleanup for its timeout)."""
+        self.events.close()
+        for ws in list(self._sockets):
+            await ws.close(code=1001, message=b"the daemon stops")
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []

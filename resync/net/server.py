@@ -146,6 +146,10 @@ class _Locks:
             os.close(held[0])
 
 
+RECENT = 100                      # ended transfers the API keeps showing
+PROGRESS_EVERY = 1.0              # s between TransferProgress events of a running transfer
+
+
 @dataclass
 class Settings:
     """What a daemon serves, and how (``resync serve``'s flags and config
@@ -173,8 +177,14 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     warm_up()
     from .. import __version__
     from ..metrics import ServerMetrics
+    from collections import deque
+
+    from .events import Events
     current = [settings]                        # (replaced whole by a reload: a session keeps the one it got)
     metrics = ServerMetrics(__version__, sorted(settings.modules))
+    events = Events()
+    recent: deque = deque(maxlen=RECENT)        # the transfers that ended, newest last
+    ticking = [None]                            # the progress timer while transfers run
     ended = {"completed": 0, "failed": 0}
     instance_id = os.urandom(8).hex()
     started_at = time.time()
@@ -237,6 +247,22 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         return [x.session for x in links if x.session is not None and not x.session.finished
                 and getattr(x.session, "taken_at", None) is not None]
 
+    def tick() -> None:
+        """A TransferProgress event a second for each transfer running."""
+        ticking[0] = None
+        active = [x for x in links if x.session is not None and not x.session.finished
+                  and getattr(x.session, "taken_at", None) is not None]
+        for x in active:
+            events.publish("TransferProgress", _described(x.session, x, "active"))
+        if active:
+            ticking[0] = loop.call_later(PROGRESS_EVERY, tick)
+
+    def transfers() -> list[dict]:
+        """The API's transfers: those running, then those ended, newest first."""
+        active = [_described(x.session, x, "active") for x in links if x.session is not None
+                  and not x.session.finished and getattr(x.session, "taken_at", None) is not None]
+        return sorted(active, key=lambda t: -t["started"]) + list(reversed(recent))
+
     def full(session) -> str | None:
         """Why ``session`` may not start now: max_transfers are running."""
         cap = current[0].max_transfers
@@ -256,7 +282,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             return
         old, current[0] = current[0], new
         metrics.add_modules(sorted(new.modules))
-        log("SIGHUP: reloaded: " + _changes(old, new))
+        changes = _changes(old, new)
+        log("SIGHUP: reloaded: " + changes)
+        events.publish("ConfigReloaded", {"changes": changes, "modules": sorted(new.modules)})
 
     def adopt(link) -> None:
         """A new connection (either transport): its session, and what
@@ -265,8 +293,11 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         reports = _report_factory(history, lambda s: locks.links[id(s)])
 
         def report_factory(s):              # (called at the Welcome: the daemon has taken the transfer)
-            s.taken_at = time.monotonic()
+            s.taken_at, s.taken_wall = time.monotonic(), time.time()
             metrics.started(_direction(s))
+            events.publish("TransferStarted", _described(s, link, "active"))
+            if ticking[0] is None:
+                ticking[0] = loop.call_later(PROGRESS_EVERY, tick)
             return reports(s)
         now = current[0]
         session = ServerSession(identity, identity.cert_der, now.modules, report_factory=report_factory,
@@ -299,6 +330,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             if getattr(session, "taken_at", None) is not None:
                 ok = session.error is None
                 ended["completed" if ok else "failed"] += 1
+                described = _described(session, link, "completed" if ok else "failed", status)
+                recent.append(described)
+                events.publish("TransferEnded", described)
                 metrics.ended(_direction(session), session.module.name, ok, time.monotonic() - session.taken_at,
                               dict(row, bytes_sent=row.get("udp_bytes_sent") or row.get("tcp_bytes_sent"),
                                    bytes_received=row.get("udp_bytes_received") or row.get("tcp_bytes_received")))
@@ -369,8 +403,6 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                                                ssl_handshake_timeout=TCP_HANDSHAKE_TIMEOUT, reuse_address=True)
         except OSError as exc:                  # (the port number taken for TCP): QUIC only
             log(f"TLS over TCP not offered on {host}:{sockname[1]}: {exc.strerror or exc}")
-    log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
-        "modules: " + _shown_modules(settings.modules))
     shown_host = f"[{host}]" if ":" in host else host
     listening += [f"{shown_host}:{sockname[1]} (QUIC)"] + ([f"{shown_host}:{sockname[1]} (TLS over TCP)"] if streams else [])
 
@@ -387,7 +419,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     http = None
     if api is not None:
         from .api import Api
-        http = Api(api.key, status, metrics)
+        http = Api(api.key, status, metrics, transfers, events)
         try:
             api_url = await _listen_api(http, api, instance_id)
         except BaseException:
@@ -396,11 +428,15 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             if streams is not None:
                 streams.close()
             raise
+    log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
+        "modules: " + _shown_modules(settings.modules))
     if ready is not None:
         ready(sockname[1])
     try:
         await stop.wait()
     finally:
+        if ticking[0] is not None:
+            ticking[0].cancel()
         if http is not None:
             from .api import remove_api_file
             await http.close()
@@ -458,6 +494,31 @@ async def _listen_api(http, api: ApiOptions, instance_id: str) -> str | None:
             raise ConnectionFailed(f"cannot listen for the metrics on {host}:{port}: {exc.strerror or exc}") from None
         log(f"metrics without a key on {url_of(host, port)}/metrics")
     return url
+
+
+def _described(session, link, state: str, outcome: str | None = None) -> dict:
+    """A transfer as the API shows it (docs/api.md "Transfers")."""
+    from ..protocol.receiver import Receiver
+    role = session.role
+    if isinstance(role, Receiver):
+        done = {"files_done": role.stats.files_transferred, "bytes_done": role.stats.bytes_transferred}
+    elif role is not None:
+        c = role.tally.counts
+        done = {"files_done": c["files_transferred"], "bytes_done": c["bytes_transferred"]}
+    else:
+        done = {"files_done": 0, "bytes_done": 0}
+    t = link.transport_stats()
+    sent = t.get("udp_bytes_sent") or t.get("tcp_bytes_sent") or 0
+    received = t.get("udp_bytes_received") or t.get("tcp_bytes_received") or 0
+    elapsed = max(time.monotonic() - session.taken_at, 1e-6)
+    return {"id": session.transfer_id, "direction": _direction(session), "state": state, "outcome": outcome,
+            "peer_id": session.client_id, "peer": peer_of(link), "module": session.module.name,
+            "path": os.fsdecode(session.hello.path).strip("/"), "transport": link.transport_name,
+            "dry_run": bool(session.hello.flags & FLAG_DRY_RUN), "started": session.taken_wall,
+            "ended": time.time() if state != "active" else None, "elapsed_seconds": round(elapsed, 3),
+            **done, "wire_bytes_sent": sent, "wire_bytes_received": received,
+            "rate_bytes_per_second": round((sent + received) / elapsed),
+            "error": str(session.error) if session.error is not None else None}
 
 
 def _shown_modules(modules: dict) -> str:
