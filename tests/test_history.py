@@ -314,3 +314,44 @@ def test_manifest_cut_short_by_a_crash_is_not_kept(tmp_path):
     assert rows == [("ok", None)]
     _, rows = History(db).query("SELECT count(*) FROM manifests")
     assert rows == [(0,)]
+
+
+def test_pruning_forgets_old_file_lists_and_manifests_but_keeps_runs_and_what_verify_needs(tmp_path):
+    """Retention (a server's history grew 18 MB in an afternoon): the runs
+    older than DAYS lose their changed-file rows and the manifests nothing
+    newer needs; every runs and transfers row stays, and each destination's
+    newest manifest — shared by a run that changed nothing — so verify
+    still works and the next run still carries hashes over."""
+    db, src, one, two = tmp_path / "h.duckdb", tmp_path / "src", tmp_path / "one", tmp_path / "two"
+    tree(src)
+    assert cli("sync", src, one, history=db).returncode == 0           # A: manifest A
+    (src / "f0").write_bytes(b"changed")
+    assert cli("sync", src, one, history=db).returncode == 0           # B: manifest B
+    assert cli("sync", src, one, history=db).returncode == 0           # C: nothing changed, shares B's
+    assert cli("sync", src, two, history=db).returncode == 0           # D: manifest D
+    h = History(db)
+    _, runs = h.query("SELECT id, manifest_run FROM runs ORDER BY started")
+    (a, ma), (b, mb), (c, mc), (d, md) = runs
+    assert (ma, mb, mc, md) == (a, b, b, d)
+    _, before = h.query("SELECT run_id, count(*) FROM manifests GROUP BY run_id ORDER BY run_id")
+    _, files_before = h.query("SELECT count(*) FROM run_files")
+    import time
+    assert h.prune(30) == {"runs": 0, "run_files": 0, "manifest_rows": 0}       # nothing that old
+    gone = h.prune(1, now=time.time() + 3 * 86400)                   # every run is old now
+    # A (its tree and files), B and D (their changed files); C changed nothing and keeps B's tree
+    assert gone == {"runs": 3, "run_files": files_before[0][0], "manifest_rows": dict(before)[a]}
+    _, after = h.query("SELECT id, manifest_run FROM runs ORDER BY started")
+    assert after == [(a, None), (b, b), (c, b), (d, d)]             # the summaries stay, A's tree is gone
+    _, kept = h.query("SELECT DISTINCT run_id FROM manifests ORDER BY run_id")
+    assert [k[0] for k in kept] == sorted([b, d])
+    _, left = h.query("SELECT count(*) FROM run_files")
+    assert left == [(0,)]
+    assert cli("verify", one, history=db).returncode == 0            # C -> B's manifest: still there
+    assert cli("verify", two, history=db).returncode == 0
+    (src / "f1").write_bytes(b"changed too")
+    assert cli("sync", src, one, history=db).returncode == 0         # the next run reads B's hashes
+    r = cli("history", "--prune", "0", "--json", history=db)
+    # B and C (B's tree: E's is the newest of one now) and E (its changed file); D keeps two's tree
+    assert r.returncode == 0 and json.loads(r.stdout)["runs"] == 3
+    r = cli("history", "--prune", "10", history=db)
+    assert r.returncode == 0 and r.stdout.startswith("pruned 0 runs older than 10 days")

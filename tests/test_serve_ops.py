@@ -92,3 +92,31 @@ def test_max_transfers_turns_the_next_one_away_as_busy_until_one_ends(sites, tmp
         _same(src, module / "two")
         url, key = _api_of(server_site)
         assert json.loads(_get(url, key, "/api/v1/status")[1])["max_transfers"] == 1
+
+
+def test_history_keep_days_prunes_the_servers_history_at_start_keeping_runs_and_the_newest_trees(sites, tmp_path):
+    from pathlib import Path
+
+    from resync.store import History
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 73, files=10)
+    module.mkdir()
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'history_keep_days = 0.00001\nallow = ["{client.id}"]\n[modules.m]\npath = "{module}"\n')
+    with Server(server_site, "--config", cfg, "--no-api") as server:
+        r = client.run("sync", src, server.url("m", "x"), "--peer-id", server_site.id)
+        assert r.returncode == 0, r.stderr
+        assert server.stop() == 0
+    time.sleep(1.0)                             # (0.00001 days: 0.86 s)
+    with Server(server_site, "--config", cfg, "--no-api") as server:
+        _wait(lambda: "history: pruned 1 runs older than 1e-05 days" in server.text(), "not pruned at the start")
+        assert server.stop() == 0
+    h = History(Path(server_site.env["XDG_DATA_HOME"]) / "resync" / "history.duckdb")
+    _, rows = h.query("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM transfers), "
+                      "(SELECT count(*) FROM run_files), (SELECT count(*) FROM manifests)")
+    runs, transfers, files, manifest = rows[0]
+    assert (runs, transfers, files) == (1, 1, 0) and manifest > 10    # the module's newest tree stays
+    cfg.write_text(f'history_keep_days = -1\nallow = ["{client.id}"]\n[modules.m]\npath = "{module}"\n')
+    r = server_site.run("serve", "--config", cfg, "--listen", "127.0.0.1:0", timeout=60)
+    assert r.returncode == 2 and "history_keep_days must be a number of days" in r.stderr

@@ -8,10 +8,14 @@ from .options import history_options, human, say
 @click.command("history")
 @click.option("--run", "run_id", metavar="ID", help="Show one run's changed files (an ID prefix is enough).")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Runs to list.")
+@click.option("--prune", "prune_days", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="Forget the file lists and manifests of runs older than DAYS days (runs and transfers "
+                   "stay, and each destination's newest manifest).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @history_options
-def command(run_id, limit, as_json, history_path, no_history):
-    """List recent runs, or one run's files, from the history database.
+def command(run_id, limit, prune_days, as_json, history_path, no_history):
+    """List recent runs, or one run's files, from the history database;
+    or prune it (--prune DAYS).
 
     Example: resync history --run 3f2a
     """
@@ -20,6 +24,14 @@ def command(run_id, limit, as_json, history_path, no_history):
     from ..store import History
 
     history = History(history_path)
+    if prune_days is not None:
+        gone = history.prune(prune_days, wait=30.0)
+        if as_json:
+            sys.stdout.write(json.dumps(gone) + "\n")
+        else:
+            say(f"pruned {gone['runs']} runs older than {prune_days:g} days: {gone['run_files']} changed-file rows "
+                f"and {gone['manifest_rows']} manifest rows (runs and transfers kept)")
+        return
     history.merge(wait=5.0)
     if run_id:
         cols, rows = history.query("SELECT id FROM runs WHERE id LIKE ? || '%' ORDER BY started DESC", [run_id])

@@ -17,7 +17,7 @@ def _load_config(path: str) -> dict:
 
 
 CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics",
-               "max_transfers"}
+               "max_transfers", "history_keep_days"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -113,8 +113,8 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
 @click.option("--metrics", "metrics_address", default=None, metavar="HOST:PORT",
               help="Also serve /metrics alone here, without the API key (for Prometheus).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A TOML file: listen, history, allow, bwlimit, min_parity, max_transfers, tcp, api, metrics, "
-                   "[modules.NAME] path / read_only / allow. SIGHUP reads it again.")
+              help="A TOML file: listen, history, history_keep_days, allow, bwlimit, min_parity, max_transfers, tcp, "
+                   "api, metrics, [modules.NAME] path / read_only / allow. SIGHUP reads it again.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
 @history_options
@@ -158,7 +158,10 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
             cap = config.get("max_transfers", 0)
             if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
                 raise UsageError(f"{config_path}: max_transfers must be a whole number, 0 for no cap")
-        return Settings(mods, rate or 0, parity, cap), config
+        keep = config.get("history_keep_days", 0)
+        if not isinstance(keep, (int, float)) or isinstance(keep, bool) or keep < 0:
+            raise UsageError(f"{config_path}: history_keep_days must be a number of days, 0 to keep everything")
+        return Settings(mods, rate or 0, parity, cap, float(keep)), config
     first, config = settings()
     host, port = _address(listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}",
                           "--listen" if listen else f"{config_path}: listen")

@@ -148,6 +148,7 @@ class _Locks:
 
 RECENT = 100                      # ended transfers the API keeps showing
 PROGRESS_EVERY = 1.0              # s between TransferProgress events of a running transfer
+PRUNE_EVERY = 86400.0             # s between prunings of the history (Settings.history_keep_days)
 
 
 @dataclass
@@ -156,12 +157,15 @@ class Settings:
     file; a SIGHUP reads them again): ``modules``; ``bwlimit``, bytes per
     second each pull may send (a client's --bwlimit may lower it);
     ``min_parity``, parity shards per stripe at least; ``max_transfers``,
-    transfers running at once at most (0: no cap)."""
+    transfers running at once at most (0: no cap); ``history_keep_days``:
+    the history is pruned to that many days (store.History.prune) at the
+    start and daily (0: never)."""
 
     modules: dict
     bwlimit: float = 0
     min_parity: int = 1
     max_transfers: int = 0
+    history_keep_days: float = 0             # the history's file lists and trees kept this long (0: forever)
 
 
 async def serve(host: str, port: int, settings: Settings, identity, history: str | None = None,
@@ -185,6 +189,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     events = Events()
     recent: deque = deque(maxlen=RECENT)        # the transfers that ended, newest last
     ticking = [None]                            # the progress timer while transfers run
+    pruning = [None]                            # the history's daily retention
     ended = {"completed": 0, "failed": 0}
     instance_id = os.urandom(8).hex()
     started_at = time.time()
@@ -246,6 +251,27 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         """The sessions of the transfers running (taken: past the Welcome, not ended)."""
         return [x.session for x in links if x.session is not None and not x.session.finished
                 and getattr(x.session, "taken_at", None) is not None]
+
+    def prune_history() -> None:
+        """The retention of the history (Settings.history_keep_days), in a
+        thread (a large delete must not hold transfers); again in a day."""
+        days = current[0].history_keep_days
+        if history is not None and days:
+            def job():
+                from ..store import History
+                return History(history).prune(days, wait=60.0)
+
+            def done(f) -> None:
+                try:
+                    gone = f.result()
+                except Exception as exc:         # (HistoryError: busy, its disk; logged, tried again tomorrow)
+                    log(f"history: not pruned: {exc}")
+                    return
+                if gone["runs"]:
+                    log(f"history: pruned {gone['runs']} runs older than {days:g} days ({gone['run_files']} "
+                        f"changed-file rows, {gone['manifest_rows']} manifest rows)")
+            loop.run_in_executor(None, job).add_done_callback(done)
+        pruning[0] = loop.call_later(PRUNE_EVERY, prune_history)
 
     def tick() -> None:
         """A TransferProgress event a second for each transfer running."""
@@ -430,13 +456,15 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             raise
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
         "modules: " + _shown_modules(settings.modules))
+    prune_history()
     if ready is not None:
         ready(sockname[1])
     try:
         await stop.wait()
     finally:
-        if ticking[0] is not None:
-            ticking[0].cancel()
+        for timer in (ticking[0], pruning[0]):
+            if timer is not None:
+                timer.cancel()
         if http is not None:
             from .api import remove_api_file
             await http.close()
@@ -538,7 +566,8 @@ def _changes(old: Settings, new: Settings) -> str:
             what = [w for w, x, y in (("path", a.path, b.path), ("read-only", a.read_only, b.read_only),
                                       ("allowed devices", a.allowed, b.allowed)) if x != y]
             out.append(f"module {name}: {', '.join(what)} changed")
-    for field, shown in (("bwlimit", "bwlimit"), ("min_parity", "min_parity"), ("max_transfers", "max_transfers")):
+    for field, shown in (("bwlimit", "bwlimit"), ("min_parity", "min_parity"), ("max_transfers", "max_transfers"),
+                         ("history_keep_days", "history_keep_days")):
         if getattr(old, field) != getattr(new, field):
             out.append(f"{shown} {getattr(old, field)} -> {getattr(new, field)}")
     return "; ".join(out) or "nothing changed"

@@ -235,6 +235,48 @@ class History:
         except OSError:
             pass     # the next reader or run merges the spool
 
+    def prune(self, keep_days: float, wait: float = LOCK_WAIT, now: float | None = None) -> dict:
+        """Retention: forget the per-file detail of the runs started more
+        than ``keep_days`` days before ``now`` (Unix time; default: now) —
+        their changed files (run_files) and the manifests no other run
+        needs — keeping every runs and transfers row (the summaries) and
+        each destination's newest manifest (what ``verify`` and the next
+        run read), and the manifests the kept runs share. Returns the counts
+        removed: {"runs": old runs that lost rows, "run_files": rows,
+        "manifest_rows": rows}. HistoryError if the database stays busy for
+        ``wait`` s. The file does not shrink: DuckDB reuses the freed blocks."""
+        self.merge(wait)
+        try:
+            con = self._connect(read_only=False, wait=wait)
+        except TimeoutError as exc:
+            raise HistoryError(self.path, f"busy for {wait:.0f} s: {exc}") from None
+        cutoff = (time.time() if now is None else now) - keep_days * 86400
+        old = "started < to_timestamp(?)::TIMESTAMP"          # (as the merge writes it)
+        try:
+            con.execute("BEGIN")
+            con.execute(f"""CREATE TEMP TABLE keep AS SELECT DISTINCT manifest_run AS id FROM runs
+                            WHERE manifest_run IS NOT NULL AND (NOT ({old}) OR id IN (
+                                SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY destination
+                                                ORDER BY started DESC) AS n FROM runs
+                                                WHERE manifest_run IS NOT NULL) WHERE n = 1))""", [cutoff])
+            runs = con.execute(f"SELECT count(*) FROM runs WHERE {old} AND ((manifest_run IS NOT NULL AND "
+                               "manifest_run NOT IN (SELECT id FROM keep)) OR EXISTS "
+                               "(SELECT 1 FROM run_files f WHERE f.run_id = runs.id))", [cutoff]).fetchone()[0]
+            manifest_rows = con.execute("DELETE FROM manifests WHERE run_id NOT IN (SELECT id FROM keep)"
+                                        ).fetchone()[0]
+            con.execute("UPDATE runs SET manifest_run = NULL WHERE manifest_run IS NOT NULL "
+                        "AND manifest_run NOT IN (SELECT id FROM keep)")
+            run_files = con.execute(f"DELETE FROM run_files WHERE run_id IN (SELECT id FROM runs WHERE {old})",
+                                    [cutoff]).fetchone()[0]
+            con.execute("DROP TABLE keep")
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")
+        except BaseException:
+            con.close()
+            raise
+        con.close()
+        return {"runs": runs, "run_files": run_files, "manifest_rows": manifest_rows}
+
     def merge(self, wait: float = LOCK_WAIT, hash_files: bool = False) -> int:
         """Move finished (or abandoned) spools into the database. Returns how
         many runs were merged; leaves spools alone while the database or
