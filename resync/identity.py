@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,27 @@ def load_identity(directory: Path | None = None, create: bool = False) -> Identi
         except OSError as exc:
             raise IdentityError(f"{cert_path}: {exc.strerror or exc}") from None
     return Identity(key_path, cert_path, key, cert)
+
+
+def rotate_identity(directory: Path | None = None) -> tuple[str, str, Path]:
+    """Make a new key for this machine in ``directory`` (default:
+    config_dir()): the old key and certificate are kept beside it as
+    ``key.pem.old-STAMP`` / ``cert.pem.old-STAMP`` (mode 0600), the new ones
+    take their names. Returns (old device ID, new device ID, where the old
+    key went). IdentityError if there is no key yet or it cannot be moved."""
+    d = directory or config_dir()
+    old = load_identity(d)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    kept = d / f"key.pem.old-{stamp}"
+    try:
+        os.link(old.key_path, kept)             # (the old key stays reachable whatever happens next)
+        os.link(old.cert_path, d / f"cert.pem.old-{stamp}")
+        os.unlink(old.key_path)
+        os.unlink(old.cert_path)
+    except OSError as exc:
+        raise IdentityError(f"{old.key_path}: cannot set the old key aside: {exc.strerror or exc}") from None
+    new = load_identity(d, create=True)
+    return old.device_id, new.device_id, kept
 
 
 API_KEY_FILE = "api-key"

@@ -1,9 +1,11 @@
 """Operating `resync serve` as rsyncd and sshd are operated: SIGHUP reads
 the configuration again without dropping a transfer (a mistake in it keeps
-the one in force), and a cap on the transfers running at once."""
+the one in force), a cap on the transfers running at once, the history's
+retention, and a machine's key rotated."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -120,3 +122,35 @@ def test_history_keep_days_prunes_the_servers_history_at_start_keeping_runs_and_
     cfg.write_text(f'history_keep_days = -1\nallow = ["{client.id}"]\n[modules.m]\npath = "{module}"\n')
     r = server_site.run("serve", "--config", cfg, "--listen", "127.0.0.1:0", timeout=60)
     assert r.returncode == 2 and "history_keep_days must be a number of days" in r.stderr
+
+
+def test_a_rotated_key_is_refused_until_the_server_allows_the_new_id(sites, tmp_path):
+    """resync id --rotate: a new key, the old one kept (0600); both IDs and
+    what the peers must change are printed; the server refuses the new ID
+    until its allow list names it (a SIGHUP takes the change)."""
+    import os
+    import stat
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 74, files=5)
+    module.mkdir()
+    old = client.id
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'allow = ["{old}"]\n[modules.m]\npath = "{module}"\n')
+    with Server(server_site, "--config", cfg, "--no-api") as server:
+        assert client.run("sync", src, server.url("m", "a"), "--peer-id", server_site.id).returncode == 0
+        r = client.run("id", "--rotate")
+        assert r.returncode == 0, r.stderr
+        new = re.search(r"new device ID: (\S+)", r.stdout).group(1)
+        assert f"old device ID: {old}" in r.stdout and new != old and f"replace {old} by {new}" in r.stdout
+        assert client.run("id").stdout.strip() == new
+        kept = re.search(r"\(the old key: (\S+)\)", r.stdout).group(1)
+        assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
+        r = client.run("sync", src, server.url("m", "b"), "--peer-id", server_site.id)
+        assert r.returncode == 13 and new in r.stderr and "is not allowed" in r.stderr
+        cfg.write_text(f'allow = ["{new}"]\n[modules.m]\npath = "{module}"\n')
+        server.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: "module m: allowed devices changed" in server.text(), "the reload did not take")
+        r = client.run("sync", src, server.url("m", "b"), "--peer-id", server_site.id)
+        assert r.returncode == 0, r.stderr
+        _same(src, module / "b")

@@ -6,7 +6,10 @@ from .options import say
 @click.command("id")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where the key lives (default: $XDG_CONFIG_HOME/resync, ~/.config/resync).")
-def command(config_dir):
+@click.option("--rotate", is_flag=True,
+              help="Make a new key (the old one kept beside it as key.pem.old-STAMP); print both IDs and "
+                   "what the peers must change.")
+def command(config_dir, rotate):
     """Print this machine's device ID (made once: an Ed25519 key and a
     self-signed certificate, mode 0600, in the config directory).
 
@@ -17,6 +20,17 @@ def command(config_dir):
     """
     from pathlib import Path
 
-    from ..identity import load_identity
-    identity = load_identity(Path(config_dir) if config_dir else None, create=True)
-    say(identity.device_id)
+    from ..identity import load_identity, rotate_identity
+    directory = Path(config_dir) if config_dir else None
+    if not rotate:
+        say(load_identity(directory, create=True).device_id)
+        return
+    old, new, kept = rotate_identity(directory)
+    say(f"old device ID: {old}")
+    say(f"new device ID: {new}")
+    say(f"(the old key: {kept})")
+    say("Tell the peers, before this machine's next transfer:")
+    say(f"  servers that allow it: replace {old} by {new} in their --allow or allow = [...], then")
+    say("    reload them (SIGHUP: systemctl reload resync-serve)")
+    say(f"  clients that pin it as a server: replace {old} by {new} on its line of their known_peers")
+    say("    (or run once with --peer-id NEW); a running `resync serve` here uses the new key after a restart")
