@@ -287,6 +287,28 @@ def lookup_peer(address: str, path: Path | None = None) -> str | None:
     return found
 
 
+def known_peers(path: Path | None = None) -> list[tuple[str, str]]:
+    """The (HOST[:PORT], device ID) lines of ``known_peers`` (default: the
+    config directory's), in the file's order; [] if there is none. A line
+    whose ID is malformed is left out (lookup_peer would refuse it)."""
+    p = path or known_peers_path()
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise IdentityError(f"{p}: {exc.strerror or exc}") from None
+    out = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2:
+            try:
+                out.append((fields[0], parse_device_id(fields[1])))
+            except ResyncError:
+                continue
+    return out
+
+
 def remember_peer(address: str, peer_id: str, path: Path | None = None) -> None:
     """Append ``address peer_id`` to the known peers (--accept-new)."""
     p = path or known_peers_path()

@@ -154,3 +154,35 @@ def test_a_rotated_key_is_refused_until_the_server_allows_the_new_id(sites, tmp_
         r = client.run("sync", src, server.url("m", "b"), "--peer-id", server_site.id)
         assert r.returncode == 0, r.stderr
         _same(src, module / "b")
+
+
+def test_peers_lists_the_servers_pinned_and_what_the_daemon_allows_each_device(sites, tmp_path):
+    from pathlib import Path
+    client, server_site = sites
+    src, a, b = tmp_path / "src", tmp_path / "a", tmp_path / "b"
+    _tree(src, 75, files=3)
+    a.mkdir()
+    b.mkdir()
+    other = "P5HFHLZ-Q6OKJMM-XTPEKY5-T6FARJY-TNHBMAG-CAEV2SQ-BC3PPOT-GPLLRAF"
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f'allow = ["{client.id}"]\n[modules.a]\npath = "{a}"\n'
+                   f'[modules.b]\npath = "{b}"\nread_only = true\nallow = ["{client.id}", "{other}"]\n')
+    with Server(server_site, "--config", cfg, "--api", "127.0.0.1:0") as server:
+        assert client.run("sync", src, server.url("a", "x"), "--peer-id", server_site.id).returncode == 0
+        r = client.run("peers", "--json")
+        assert r.returncode == 0, r.stderr
+        mine = json.loads(r.stdout)
+        assert mine == {"known_servers": [{"address": f"127.0.0.1:{server.port}", "device_id": server_site.id}],
+                        "allowed_by_daemon": None}
+        _api_of(server_site)
+        r = server_site.run("peers", "--json")
+        assert r.returncode == 0, r.stderr
+        allowed = {p["device_id"]: p["modules"] for p in json.loads(r.stdout)["allowed_by_daemon"]}
+        assert allowed == {client.id: [{"name": "a", "read_only": False}, {"name": "b", "read_only": True}],
+                           other: [{"name": "b", "read_only": True}]}
+        r = server_site.run("peers")
+        assert r.returncode == 0 and f"{other}  b (read-only)" in r.stdout
+        url, _ = _api_of(server_site)
+        assert _get(url, None, "/api/v1/peers")[0] == 401
+    r = client.run("peers", "--config-dir", Path(client.env["XDG_CONFIG_HOME"]) / "resync")
+    assert r.returncode == 0 and server_site.id in r.stdout and "no daemon runs" in r.stdout

@@ -77,13 +77,15 @@ class Api:
     """The API of one daemon. ``key``: its API key; ``status()``: the
     /api/v1/status document; ``metrics``: a resync.metrics.ServerMetrics;
     ``transfers()``: the transfers it knows, newest first (docs/api.md);
-    ``events``: its net.events.Events."""
+    ``events``: its net.events.Events; ``peers()``: the devices its
+    modules allow, each with the modules it may use."""
 
-    def __init__(self, key: str, status, metrics, transfers=None, events=None):
+    def __init__(self, key: str, status, metrics, transfers=None, events=None, peers=None):
         self.key = key.encode()
         self.status = status
         self.metrics = metrics
         self.transfers = transfers or (lambda: [])
+        self.peers = peers or (lambda: [])
         if events is None:
             from .events import Events
             events = Events()
@@ -126,6 +128,7 @@ class Api:
         app = web.Application(middlewares=[self._guard(check_host, keyed=True)])
         app.router.add_get("/health", self._health)
         app.router.add_get("/api/v1/status", self._status)
+        app.router.add_get("/api/v1/peers", self._peers)
         app.router.add_get("/api/v1/transfers", self._transfers)
         app.router.add_get("/api/v1/transfers/{id}", self._transfer)
         app.router.add_get("/api/v1/events", self._events)
@@ -144,6 +147,9 @@ class Api:
 
     async def _status(self, request):
         return _json(self.status())
+
+    async def _peers(self, request):
+        return _json({"peers": self.peers()})
 
     async def _transfers(self, request):
         """GET /api/v1/transfers?state=active|completed|failed&limit=N&offset=N"""

@@ -445,7 +445,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     http = None
     if api is not None:
         from .api import Api
-        http = Api(api.key, status, metrics, transfers, events)
+        http = Api(api.key, status, metrics, transfers, events, lambda: _peers(current[0].modules))
         try:
             api_url = await _listen_api(http, api, instance_id)
         except BaseException:
@@ -547,6 +547,16 @@ def _described(session, link, state: str, outcome: str | None = None) -> dict:
             **done, "wire_bytes_sent": sent, "wire_bytes_received": received,
             "rate_bytes_per_second": round((sent + received) / elapsed),
             "error": str(session.error) if session.error is not None else None}
+
+
+def _peers(modules: dict) -> list[dict]:
+    """The devices the modules allow, each with the modules it may use (the
+    API's /api/v1/peers; a device learns nothing of the others' modules)."""
+    out: dict[str, list] = {}
+    for m in sorted(modules.values(), key=lambda m: m.name):
+        for device in m.allowed:
+            out.setdefault(device, []).append({"name": m.name, "read_only": m.read_only})
+    return [{"device_id": d, "modules": out[d]} for d in sorted(out)]
 
 
 def _shown_modules(modules: dict) -> str:
