@@ -53,6 +53,8 @@ class ServerMetrics:
                                  labels, registry=r)
         self.failed = Counter("resync_transfers_failed", "Transfers that ended in an error after the daemon took "
                               "them (cut, the peer's or this disk full, a protocol error).", labels, registry=r)
+        self.cancelled = Counter("resync_transfers_cancelled", "Transfers the operator cancelled (the API).",
+                                 labels, registry=r)
         self.counters = {key: Counter(name, doc, labels, registry=r) for name, doc, key in _COUNTED}
         self.active = Gauge("resync_active_transfers", "Transfers running now.", ("direction",), registry=r)
         self.duration = Histogram("resync_transfer_duration_seconds", "Wall time of each transfer the daemon "
@@ -72,18 +74,20 @@ class ServerMetrics:
         """Label sets at 0 for these modules (a reload may add some)."""
         for direction in DIRECTIONS:
             for module in modules:
-                for c in (self.completed, self.failed, *self.counters.values()):
+                for c in (self.completed, self.failed, self.cancelled, *self.counters.values()):
                     c.labels(direction, module)
 
     def started(self, direction: str) -> None:
         self.active.labels(direction).inc()
 
-    def ended(self, direction: str, module: str, ok: bool, seconds: float, row: dict) -> None:
-        """A transfer that ``started`` has ended: ``row`` is its history row
-        (net.transfer_row, with ``bytes_sent`` and ``bytes_received``: the
-        wire's bytes at this end, whichever transport)."""
+    def ended(self, direction: str, module: str, state: str, seconds: float, row: dict) -> None:
+        """A transfer that ``started`` has ended, ``state`` completed, failed
+        or cancelled: ``row`` is its history row (net.transfer_row, with
+        ``bytes_sent`` and ``bytes_received``: the wire's bytes at this end,
+        whichever transport)."""
         self.active.labels(direction).dec()
-        (self.completed if ok else self.failed).labels(direction, module).inc()
+        {"completed": self.completed, "cancelled": self.cancelled}.get(state, self.failed).labels(
+            direction, module).inc()
         for key, counter in self.counters.items():
             value = row.get(key)
             if value:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from resync.identity import IdentityError, load_api_key
+from resync.apply import TEMP_PREFIX
 from resync.net.api import Api, loopback
+from resync.protocol.receiver import RECV_PREFIX
 
 from .test_net import Server, _same, _tree
 
@@ -245,6 +247,67 @@ def _replayed(url: str, key: str, until) -> list[dict]:
     return asyncio.run(run())
 
 
+def _post(url: str, key: str | None, path: str):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url + path, data=b"", method="POST", headers={"X-API-Key": key} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_operator_cancels_a_running_push_and_the_client_stops_without_retrying(sites, tmp_path):
+    """POST /api/v1/transfers/{id}/cancel: the client is told (exit 13, no
+    retry though --retry-for allows minutes), nothing staged stays and the
+    destination keeps its old files; the transfer shows as cancelled, in the
+    list, the events and the metrics."""
+    client, server_site = sites
+    src, module = tmp_path / "src", tmp_path / "module"
+    _tree(src, 63)
+    (module / "dst").mkdir(parents=True)
+    (module / "dst" / "old.txt").write_text("old\n")
+    with Server(server_site, "--module", f"m={module}", "--allow", client.id, "--api", "127.0.0.1:0") as server:
+        url, key = _api_of(server_site)
+        p = client.popen("sync", "--delete", src, server.url("m", "dst"), "--peer-id", server_site.id, "--bwlimit",
+                         "300K", "--retry-for", "300", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not (active := json.loads(_get(url, key, "/api/v1/transfers?state=active")[1])["transfers"]):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        tid = active[0]["id"]
+        assert _post(url, None, f"/api/v1/transfers/{tid}/cancel")[0] == 401
+        code, body = _post(url, key, f"/api/v1/transfers/{tid}/cancel")
+        assert code == 200 and json.loads(body)["state"] == "cancelled"
+        started = time.monotonic()
+        assert p.wait(30) == 13
+        assert time.monotonic() - started < 10                    # told at once, not retried
+        assert "cancelled" in p.stderr.read()
+        assert (module / "dst" / "old.txt").read_text() == "old\n"          # not deleted: the run did not end
+        for path in (module / "dst").rglob("*"):    # every path old or new; nothing staged left
+            rel = path.relative_to(module / "dst")
+            assert not path.name.startswith((TEMP_PREFIX, RECV_PREFIX)), rel
+            if rel.name == "old.txt":
+                continue
+            twin = src / rel
+            assert twin.is_symlink() == path.is_symlink() and twin.is_dir() == path.is_dir(), rel
+            if path.is_symlink():
+                assert os.readlink(path) == os.readlink(twin)
+            elif path.is_file():
+                assert path.read_bytes() == twin.read_bytes(), rel
+        deadline = time.monotonic() + 10
+        while (t := json.loads(_get(url, key, f"/api/v1/transfers/{tid}")[1]))["state"] != "cancelled":
+            assert time.monotonic() < deadline, t
+            time.sleep(0.05)
+        assert _post(url, key, f"/api/v1/transfers/{tid}/cancel")[0] == 409
+        text = _get(url, key, "/metrics")[1]
+        assert _metric(text, "resync_transfers_cancelled_total", direction="push", module="m") == 1
+        assert _metric(text, "resync_transfers_failed_total", direction="push", module="m") == 0
+        events = _replayed(url, key, until=lambda evs: any(e["type"] == "TransferEnded" for e in evs))
+        assert [e["data"]["state"] for e in events if e["type"] == "TransferEnded"] == ["cancelled"]
+
+
 def _metric(text: str, name: str, **labels) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
@@ -300,7 +363,7 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         r = client.run("status", "--json", "--config-dir", Path(server_site.env["XDG_CONFIG_HOME"]) / "resync")
         assert r.returncode == 0, r.stderr
         status = json.loads(r.stdout)
-        assert status["transfers"] == {"active": 0, "completed": 3, "failed": 1, "push": 0, "pull": 0}
+        assert status["transfers"] == {"active": 0, "completed": 3, "failed": 1, "cancelled": 0, "push": 0, "pull": 0}
         assert status["device_id"] == server_site.id and status["api"] == url
         assert [m["name"] for m in status["modules"]] == ["m"]
         text = _get(url, key, "/metrics")[1]
@@ -310,7 +373,7 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         assert _metric(text, "resync_active_transfers", direction="push") == 0
         assert _metric(text, "resync_transfer_duration_seconds_count", direction="push") == 3
         r = client.run("status", "--config-dir", Path(server_site.env["XDG_CONFIG_HOME"]) / "resync")
-        assert r.returncode == 0 and "3 completed and 1 failed" in r.stdout
+        assert r.returncode == 0 and "3 completed, 1 failed and 0 cancelled" in r.stdout
         listed = json.loads(_get(url, key, "/api/v1/transfers")[1])
         assert listed["total"] == 4 and [t["state"] for t in listed["transfers"]] == ["failed"] + ["completed"] * 3
         assert [t["direction"] for t in listed["transfers"]] == ["push", "pull", "push", "push"]
@@ -324,6 +387,8 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         page = json.loads(_get(url, key, "/api/v1/transfers?limit=2&offset=1")[1])["transfers"]
         assert page == listed["transfers"][1:3]
         assert _get(url, key, "/api/v1/transfers?state=paused")[0] == 400
+        assert _post(url, key, f"/api/v1/transfers/{quic['id']}/cancel")[0] == 409      # it has ended
+        assert _post(url, key, "/api/v1/transfers/0000000000000000/cancel")[0] == 404
         events = _replayed(url, key, until=lambda evs: sum(e["type"] == "TransferEnded" for e in evs) == 4)
         assert [e["id"] for e in events] == list(range(1, len(events) + 1))      # from 1, none missing
         for t in listed["transfers"]:

@@ -47,4 +47,5 @@ def command(api_url, config_dir, as_json):
                                  for m in status.get("modules", [])) or "none"))
     t = status.get("transfers", {})
     say(f"transfers: {t.get('active', 0)} running ({t.get('push', 0)} push, {t.get('pull', 0)} pull), "
-        f"{t.get('completed', 0)} completed and {t.get('failed', 0)} failed since the start")
+        f"{t.get('completed', 0)} completed, {t.get('failed', 0)} failed and {t.get('cancelled', 0)} cancelled "
+        "since the start")

@@ -70,7 +70,7 @@ def _error(status: int, message: str):
 SSE_PING = 15.0                  # s between keep-alive comments on an idle event stream
 PAGE = 100                       # transfers per page by default (limit=, at most MAX_PAGE)
 MAX_PAGE = 1000
-STATES = ("active", "completed", "failed")
+STATES = ("active", "completed", "failed", "cancelled")
 
 
 class Api:
@@ -78,14 +78,16 @@ class Api:
     /api/v1/status document; ``metrics``: a resync.metrics.ServerMetrics;
     ``transfers()``: the transfers it knows, newest first (docs/api.md);
     ``events``: its net.events.Events; ``peers()``: the devices its
-    modules allow, each with the modules it may use."""
+    modules allow, each with the modules it may use; ``cancel(id)``: ends
+    a running transfer, True (False if it is not running)."""
 
-    def __init__(self, key: str, status, metrics, transfers=None, events=None, peers=None):
+    def __init__(self, key: str, status, metrics, transfers=None, events=None, peers=None, cancel=None):
         self.key = key.encode()
         self.status = status
         self.metrics = metrics
         self.transfers = transfers or (lambda: [])
         self.peers = peers or (lambda: [])
+        self.cancel = cancel or (lambda transfer_id: None)
         if events is None:
             from .events import Events
             events = Events()
@@ -131,6 +133,7 @@ class Api:
         app.router.add_get("/api/v1/peers", self._peers)
         app.router.add_get("/api/v1/transfers", self._transfers)
         app.router.add_get("/api/v1/transfers/{id}", self._transfer)
+        app.router.add_post("/api/v1/transfers/{id}/cancel", self._cancel)
         app.router.add_get("/api/v1/events", self._events)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/metrics", self._metrics)
@@ -173,6 +176,17 @@ class Api:
             if t["id"] == request.match_info["id"]:
                 return _json(t)
         return _error(404, "no such transfer (ended ones are kept while the daemon runs, the last 100)")
+
+    async def _cancel(self, request):
+        """POST /api/v1/transfers/{id}/cancel: 200 and the transfer (now
+        cancelled); 409 if it has ended; 404 if unknown."""
+        tid = request.match_info["id"]
+        known = {t["id"]: t for t in self.transfers()}
+        if tid not in known:
+            return _error(404, "no such transfer")
+        if known[tid]["state"] != "active" or not self.cancel(tid):
+            return _error(409, f"the transfer is {known[tid]['state']}: only a running one can be cancelled")
+        return _json(dict(known[tid], state="cancelled", outcome="failed"))
 
     def _replay(self, request) -> list[dict]:
         """What a client reconnecting after event ``Last-Event-ID`` (or

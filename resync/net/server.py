@@ -190,7 +190,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     recent: deque = deque(maxlen=RECENT)        # the transfers that ended, newest last
     ticking = [None]                            # the progress timer while transfers run
     pruning = [None]                            # the history's daily retention
-    ended = {"completed": 0, "failed": 0}
+    ended = {"completed": 0, "failed": 0, "cancelled": 0}
     instance_id = os.urandom(8).hex()
     started_at = time.time()
     listening: list[str] = []
@@ -289,6 +289,20 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                   and not x.session.finished and getattr(x.session, "taken_at", None) is not None]
         return sorted(active, key=lambda t: -t["started"]) + list(reversed(recent))
 
+    def cancel(transfer_id: str) -> bool:
+        """The operator ends a running transfer (the API): the client is told
+        (it does not retry: exit 13), what was staged is removed, every
+        destination path stays old or new."""
+        from ..protocol.common import CancelledError
+        for x in list(links):
+            s = x.session
+            if s is not None and not s.finished and getattr(s, "taken_at", None) is not None \
+                    and s.transfer_id == transfer_id:
+                s.fail(CancelledError("the server's operator cancelled this transfer"))
+                x.drive()
+                return True
+        return False
+
     def full(session) -> str | None:
         """Why ``session`` may not start now: max_transfers are running."""
         cap = current[0].max_transfers
@@ -354,12 +368,14 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             row = transfer_row(result, link.transport_stats(), f"resync://{session.client_id}",
                                session.client_id, "receive" if session.hello.push else "send")
             if getattr(session, "taken_at", None) is not None:
+                from ..protocol.common import CancelledError
                 ok = session.error is None
-                ended["completed" if ok else "failed"] += 1
-                described = _described(session, link, "completed" if ok else "failed", status)
+                state = "completed" if ok else "cancelled" if isinstance(session.error, CancelledError) else "failed"
+                ended[state] += 1
+                described = _described(session, link, state, status)
                 recent.append(described)
                 events.publish("TransferEnded", described)
-                metrics.ended(_direction(session), session.module.name, ok, time.monotonic() - session.taken_at,
+                metrics.ended(_direction(session), session.module.name, state, time.monotonic() - session.taken_at,
                               dict(row, bytes_sent=row.get("udp_bytes_sent") or row.get("tcp_bytes_sent"),
                                    bytes_received=row.get("udp_bytes_received") or row.get("tcp_bytes_received")))
             recorder = getattr(session, "recorder", None)
@@ -445,7 +461,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     http = None
     if api is not None:
         from .api import Api
-        http = Api(api.key, status, metrics, transfers, events, lambda: _peers(current[0].modules))
+        http = Api(api.key, status, metrics, transfers, events, lambda: _peers(current[0].modules), cancel)
         try:
             api_url = await _listen_api(http, api, instance_id)
         except BaseException:

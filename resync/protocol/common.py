@@ -29,6 +29,13 @@ class RefusedError(ResyncError):
     exit_code = 13
 
 
+class CancelledError(RefusedError):
+    """cancelled: {}"""
+
+    # The server's operator cancelled the transfer (its API): the receiver
+    # keeps what arrived for a later run to resume; the client does not retry.
+
+
 class BusyError(RefusedError):
     """refused: {}"""
 

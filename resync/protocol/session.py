@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OutputClosed, ResyncError
 from . import frames as F
-from .common import WORK_SLICE, BusyError, PeerFileError, PeerNoSpaceError, RefusedError
+from .common import WORK_SLICE, BusyError, CancelledError, PeerFileError, PeerNoSpaceError, RefusedError
 from .frames import ProtocolError
 from .receiver import Receiver
 from .sender import Sender
@@ -72,6 +72,7 @@ LOCK_POLL = 0.1                  # destination is alive (asked again this often)
 # Error frame codes and the exit codes they become (README: exit codes).
 E_PROTOCOL, E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY, E_BUSY, E_INTERNAL, E_CUT = 1, 2, 3, 4, 5, 6, 7, 8
 E_NO_SPACE, E_FILE = 9, 10        # the peer's disk is full (exit 6), or failed to read or write (exit 3)
+E_CANCELLED = 11                  # the server's operator cancelled the transfer (exit 13, not retried)
 
 
 def transfer_id(server_nonce: bytes, client_nonce: bytes) -> str:
@@ -313,6 +314,7 @@ class Session:
         if tell_peer:
             from ..errors import ConnectionFailed, TimedOut
             code = E_CUT if isinstance(exc, (ConnectionFailed, TimedOut)) else E_BUSY if isinstance(exc, BusyError) \
+                else E_CANCELLED if isinstance(exc, CancelledError) \
                 else {12: E_PROTOCOL, 13: E_AUTH, 6: E_NO_SPACE, 3: E_FILE}.get(getattr(exc, "exit_code", 0),
                                                                               E_INTERNAL)
             try:
@@ -344,6 +346,8 @@ class Session:
         message = os.fsdecode(frame.message)
         if frame.code == E_BUSY:
             exc = BusyError(f"the peer says: {message}")
+        elif frame.code == E_CANCELLED:
+            exc = CancelledError(f"the peer says: {message}")
         elif frame.code in (E_AUTH, E_NO_MODULE, E_DENIED, E_READ_ONLY):
             exc = RefusedError(f"the peer says: {message}")
         elif frame.code == E_CUT:
