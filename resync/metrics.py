@@ -32,6 +32,8 @@ _COUNTED = (
     ("resync_shards_received", "Shards this daemon received.", "shards_received"),
     ("resync_stripes_repaired", "Stripes the receiving end asked to be repaired (their parity was not enough).",
      "stripes_repaired"),
+    ("resync_shards_recovered", "Data shards the receiving end rebuilt from parity (lost, corrupt or late on the "
+     "way).", "shards_recovered"),
     ("resync_quic_packets_sent", "QUIC packets this daemon sent.", "udp_packets_sent"),
     ("resync_quic_packets_lost", "QUIC packets this daemon's loss detection declared lost.", "packets_lost"),
 )

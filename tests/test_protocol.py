@@ -172,6 +172,7 @@ def test_any_k_shards_of_a_stripe_rebuild_it(content, k, m, seed):
     out = bytearray(len(content))
     asm = StripeAssembler(9, len(content), k, size, lambda off, data: out.__setitem__(
         slice(off, off + len(data)), bytes(data)))
+    rebuilt = 0
     for s in range(enc.stripes):
         d, _ = enc.geometry(s)
         shards = enc.shards(s, range(d + m))
@@ -180,6 +181,7 @@ def test_any_k_shards_of_a_stripe_rebuild_it(content, k, m, seed):
             keep = keep[:d - 1]
             shards = shards + enc.shards(s, [d + m + i for i in range(2)])
             keep += [d + m]
+        rebuilt += sum(1 for i in range(d) if i not in keep)          # data shards not among those taken
         for i in keep:
             got = parse(shards[i])
             assert got is not None and got[:3] == (9, s, i)
@@ -187,6 +189,7 @@ def test_any_k_shards_of_a_stripe_rebuild_it(content, k, m, seed):
             asm.add(got[1], got[2], got[3])
         assert asm.need(s) == 0
     assert asm.complete and bytes(out) == content
+    assert asm.rebuilt == rebuilt                         # (the daemon's resync_shards_recovered_total)
 
 
 @pytest.mark.parametrize("length, k, size, expect", [

@@ -248,6 +248,7 @@ class Receiver:
         result = self.stats.as_dict()
         i = self.intake
         result.update(repairs_asked=i.repairs_asked, stripes=i.stripes_received, stripes_repaired=i.stripes_repaired,
+                      shards_recovered=i.shards_recovered,
                       corrupt_shards=i.corrupt_shards, resumed_bytes=self.checkpoints.resumed_bytes,
                       redone=p.redone)
         self.s.send(F.Done(json.dumps(result).encode()))
@@ -485,6 +486,7 @@ class StripeIntake:
         self.repairs_asked = 0                  # stripes asked for (again each repair delay one stays short)
         self.stripes_repaired = 0               # distinct stripes asked for at least once
         self.stripes_received = 0               # stripes completed in this run
+        self.shards_recovered = 0               # data shards rebuilt from parity (lost, corrupt or late)
         self.last_datagram = 0.0
         self.corrupt_shards = 0
 
@@ -600,6 +602,7 @@ class StripeIntake:
         inc.last_shard = self.last_datagram = now
         inc.next_look = now + self.delay()
         r.checkpoints.took(len(payload), now)
+        rebuilt = inc.assembler.rebuilt
         try:
             stripe_done = inc.assembler.add(stripe, index, payload)
         except OSError as exc:                  # writing the stripe failed: the run ends (a full disk:
@@ -607,6 +610,7 @@ class StripeIntake:
             raise os_error(getattr(inc, "path", "a pack"), exc) from None
         if stripe_done:
             self.stripes_received += 1
+            self.shards_recovered += inc.assembler.rebuilt - rebuilt
             self.acks.setdefault(fid, []).append(stripe)
             r.placement.advance(inc, stripe)
             inc.asked.pop(stripe, None)

@@ -178,6 +178,7 @@ class StripeAssembler:
         self.received = 0                   # shards taken
         self.duplicates = 0
         self.repaired = 0                   # stripes rebuilt with parity
+        self.rebuilt = 0                    # data shards rebuilt from parity (missing when their stripe decoded)
 
     @property
     def complete(self) -> bool:
@@ -246,6 +247,7 @@ class StripeAssembler:
             return np.frombuffer(b"".join(parts[i] for i in range(d)), np.uint8)
         from ..erasure import ReedSolomon
         self.repaired += 1
+        self.rebuilt += sum(1 for i in range(d) if i not in parts)
         rs = ReedSolomon(d, max(max(parts) - d + 1, 1))
         return rs.decode([parts.get(i) for i in range(rs.n)])
 
