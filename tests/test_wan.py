@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,19 +198,9 @@ def test_flipped_bits_are_caught_by_quic_on_the_wire_and_by_the_stripe_check_abo
     assert result["corrupt_shards"] > 5         # each rebuilt from parity or a repair: the result is exact
 
 
-def test_the_link_rate_holds_at_20_percent_loss_and_a_transfer_completes_at_33(wan):
-    """The controller treats random loss as a measurement: at 20 % loss it
-    keeps sending at >= 85 % of the link rate (issue 13's figure) — measured
-    while the file flows, from a tenth of its frames to nine tenths (the
-    whole run's average also carries the handshake, the path MTU search and
-    the ending, a few tenths of a second that a busy machine stretches: it
-    read 83-85 Mbit/s in full test runs whose flow held 86-89) —, and at 33 %
-    it finishes."""
-    src = wan.root / "src"
-    src.mkdir()
-    _big(src / "large", 48, 26)
-    wan.serve()
-    wan.link.set("both", loss=0.2)
+@contextmanager
+def _sampled(wan):
+    """(time.monotonic(), bytes the link took from A) every 50 ms while the block runs."""
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
 
@@ -220,10 +211,27 @@ def test_the_link_rate_holds_at_20_percent_loss_and_a_transfer_completes_at_33(w
     t = threading.Thread(target=sample)
     t.start()
     try:
-        wan.push(src)
+        yield samples
     finally:
         stop.set()
         t.join()
+
+
+def test_the_link_rate_holds_at_20_percent_loss_and_a_transfer_completes_at_33(wan):
+    """The controller treats random loss as a measurement: at 20 % loss it
+    keeps sending at >= 85 % of the link rate (issue 13's figure) — measured
+    while the file flows, from a tenth of its frames to nine tenths (the
+    whole run's average also carries the handshake, the path MTU search and
+    the ending, ~10 % of the run, which a busy machine stretches: the whole
+    run read 83-85 Mbit/s in full test runs, 84-89 alone, while the flow
+    held 97-100) —, and at 33 % it finishes."""
+    src = wan.root / "src"
+    src.mkdir()
+    _big(src / "large", 48, 26)
+    wan.serve()
+    wan.link.set("both", loss=0.2)
+    with _sampled(wan) as samples:
+        wan.push(src)
     _same(src, wan.module / "d")
     first, total = samples[0][1], samples[-1][1] - samples[0][1]
     lo = next(x for x in samples if x[1] - first >= total / 10)
@@ -246,27 +254,15 @@ def test_the_rate_recovers_within_a_second_after_an_outage(wan):
     src.mkdir()
     _big(src / "large", 96, 28)
     wan.serve()
-    samples: list[tuple[float, int]] = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            samples.append((time.monotonic(), wan.link.stats()["ab"]["received_bytes"]))
-            time.sleep(0.05)
-    t = threading.Thread(target=sample)
-    t.start()
-    proc = wan.client.popen("sync", "--json", src, wan.url(), "--peer-id", wan.server_site.id,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _sampled(wan) as samples:
+        proc = wan.client.popen("sync", "--json", src, wan.url(), "--peer-id", wan.server_site.id,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while not samples or samples[-1][1] < 30 << 20:
             time.sleep(0.05)
             assert proc.poll() is None
         outage_start = time.monotonic()
         wan.link.blackout(2.0)
         out, err = proc.communicate(timeout=300)
-    finally:
-        stop.set()
-        t.join()
     assert proc.returncode == 0, err
     _same(src, wan.module / "d")
 
