@@ -59,6 +59,8 @@ class ServerMetrics:
                                  labels, registry=r)
         self.counters = {key: Counter(name, doc, labels, registry=r) for name, doc, key in _COUNTED}
         self.active = Gauge("resync_active_transfers", "Transfers running now.", ("direction",), registry=r)
+        self.queued = Gauge("resync_queued_transfers", "The daemon's own transfers waiting for a slot (pending), "
+                            "by priority.", ("priority",), registry=r)
         self.duration = Histogram("resync_transfer_duration_seconds", "Wall time of each transfer the daemon "
                                   "took, from its Welcome to its end.", ("direction",), buckets=DURATION_BUCKETS,
                                   registry=r)
@@ -79,22 +81,37 @@ class ServerMetrics:
                 for c in (self.completed, self.failed, self.cancelled, *self.counters.values()):
                     c.labels(direction, module)
 
+    def count_queued(self, queued) -> None:
+        """``queued()``: pending transfers by priority (read at each scrape)."""
+        from .net.sessions import PRIORITIES
+        for p in PRIORITIES:
+            self.queued.labels(p).set_function(lambda p=p: queued()[p])
+
     def started(self, direction: str) -> None:
         self.active.labels(direction).inc()
 
-    def ended(self, direction: str, module: str, state: str, seconds: float, row: dict) -> None:
-        """A transfer that ``started`` has ended, ``state`` completed, failed
-        or cancelled: ``row`` is its history row (net.transfer_row, with
+    def stopped(self, direction: str) -> None:
+        self.active.labels(direction).dec()
+
+    def ended(self, direction: str, module: str, state: str, seconds: float, row: dict,
+              running: bool = True) -> None:
+        """A transfer has ended, ``state`` completed, failed, cancelled,
+        expired (counted as failed: it did not complete) or paused (no outcome
+        counted: it goes on later); ``running``: it had ``started`` and
+        stops now. ``row`` is its history row (net.transfer_row, with
         ``bytes_sent`` and ``bytes_received``: the wire's bytes at this end,
         whichever transport)."""
-        self.active.labels(direction).dec()
-        {"completed": self.completed, "cancelled": self.cancelled}.get(state, self.failed).labels(
-            direction, module).inc()
+        if running:
+            self.stopped(direction)
+        if state != "paused":
+            {"completed": self.completed, "cancelled": self.cancelled}.get(state, self.failed).labels(
+                direction, module).inc()
         for key, counter in self.counters.items():
             value = row.get(key)
             if value:
                 counter.labels(direction, module).inc(value)
-        self.duration.labels(direction).observe(max(0.0, seconds))
+        if state != "paused":
+            self.duration.labels(direction).observe(max(0.0, seconds))
         rtt = row.get("rtt_ms")
         if row.get("transport") == "quic" and rtt:
             self.rtt.observe(rtt / 1000)

@@ -1,13 +1,12 @@
-"""A one-line progress display on a terminal: bytes done of bytes queued, rate,
-ETA and files. Counters are updated from any thread; a daemon thread redraws
-the line a few times a second. Silent when the stream is not a terminal."""
+"""A transfer's progress: bytes and files done of those queued, rate and ETA
+(``Counts``: what a daemon's API shows), and a one-line display of them on a
+terminal (``Progress``, -P: a daemon thread redraws the line a few times a
+second). Counters are updated from any thread."""
 from __future__ import annotations
 
 import sys
 import threading
 import time
-
-from .cli.options import human
 
 
 def _clock(seconds: float) -> str:
@@ -16,19 +15,16 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
-class Progress:
-    def __init__(self, stream=None, interval: float = 0.25):
-        self._stream = stream or sys.stderr
+class Counts:
+    """Bytes and files queued and done, since ``reset`` (the counters a
+    session's sender or receiver updates as a meter)."""
+
+    def __init__(self):
         self._lock = threading.Lock()
-        self._interval = interval
         self.bytes_queued = self.bytes_done = 0
         self.files_queued = self.files_done = 0
         self.scanning = True
         self._start = time.monotonic()
-        self._stop = threading.Event()
-        self._width = 0
-        self._thread = threading.Thread(target=self._run, daemon=True, name="resync-progress")
-        self._thread.start()
 
     def queued(self, nbytes: int) -> None:
         with self._lock:
@@ -57,7 +53,35 @@ class Progress:
     def scanned(self) -> None:
         self.scanning = False
 
+    def snapshot(self) -> dict:
+        """files_done, files_total, bytes_done, bytes_total (None while the
+        source is still being listed), rate_bytes_per_second since the
+        (last) start, eta_seconds (None while unknown)."""
+        with self._lock:
+            done, total = self.bytes_done, self.bytes_queued
+            fdone, ftotal = self.files_done, self.files_queued
+        rate = done / max(time.monotonic() - self._start, 1e-6)
+        listed = not self.scanning
+        return {"files_done": fdone, "files_total": ftotal if listed else None, "bytes_done": done,
+                "bytes_total": total if listed else None, "rate_bytes_per_second": round(rate),
+                "eta_seconds": round((total - done) / rate, 1) if listed and rate > 0 and total > done else
+                (0.0 if listed and total <= done else None)}
+
+
+class Progress(Counts):
+    """Counts shown on a terminal's one line (-P)."""
+
+    def __init__(self, stream=None, interval: float = 0.25):
+        super().__init__()
+        self._stream = stream or sys.stderr
+        self._interval = interval
+        self._stop = threading.Event()
+        self._width = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="resync-progress")
+        self._thread.start()
+
     def line(self) -> str:
+        from .cli.options import human
         with self._lock:
             done, total = self.bytes_done, self.bytes_queued
             fdone, ftotal = self.files_done, self.files_queued

@@ -17,7 +17,7 @@ import pytest
 
 from resync.identity import IdentityError, load_api_key
 from resync.apply import TEMP_PREFIX
-from resync.net.api import Api, loopback
+from resync.net.api import Api, Control, loopback
 from resync.protocol.receiver import RECV_PREFIX
 
 from .test_net import Server, _same, _tree
@@ -46,8 +46,16 @@ def _call(app, requests):
     return asyncio.run(run())
 
 
+class _Daemon(Control):
+    def __init__(self, status=None):
+        self._status = status or (lambda: {"version": "9.9.9"})
+
+    def status(self):
+        return self._status()
+
+
 def _api(status=None):
-    return Api(KEY, status or (lambda: {"version": "9.9.9"}), _Metrics())
+    return Api(KEY, _Daemon(status), _Metrics())
 
 
 def test_every_route_but_health_needs_the_key_and_says_nothing_without_it():
@@ -144,7 +152,7 @@ def test_the_event_stream_replays_from_last_event_id_and_says_what_was_lost():
     event after it, then the live ones; one further behind than the buffer
     is told how many it lost (EventsMissed), then gets the rest."""
     from resync.net.events import Events
-    api = Api(KEY, lambda: {}, _Metrics(), events=None)
+    api = Api(KEY, Control(), _Metrics(), events=None)
     api.events = Events(size=4)
     for n in range(3):
         api.events.publish("TransferProgress", {"n": n})
@@ -386,7 +394,7 @@ def test_a_real_daemon_answers_status_and_metrics_that_agree_with_its_history(si
         assert json.loads(_get(url, key, "/api/v1/transfers?state=failed")[1])["total"] == 1
         page = json.loads(_get(url, key, "/api/v1/transfers?limit=2&offset=1")[1])["transfers"]
         assert page == listed["transfers"][1:3]
-        assert _get(url, key, "/api/v1/transfers?state=paused")[0] == 400
+        assert _get(url, key, "/api/v1/transfers?state=stuck")[0] == 400
         assert _post(url, key, f"/api/v1/transfers/{quic['id']}/cancel")[0] == 409      # it has ended
         assert _post(url, key, "/api/v1/transfers/0000000000000000/cancel")[0] == 404
         events = _replayed(url, key, until=lambda evs: sum(e["type"] == "TransferEnded" for e in evs) == 4)

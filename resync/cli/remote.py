@@ -64,7 +64,7 @@ def remote_sync(a: RemoteSync):
 
     from ..errors import UsageError
     from ..identity import load_identity
-    from ..net.client import Transfer, run
+    from ..net.client import Transfer, result_of, run
     from ..protocol.session import Options
     from ..report import Report, RunStats
     if a.remote_src is not None and a.remote_dst is not None:
@@ -117,17 +117,9 @@ def remote_sync(a: RemoteSync):
     finally:
         if meter is not None:
             meter.close()
-    result = dict(session.result)
-    result["peer"] = str(remote)
-    # the whole run, retries and their waits included (the wire figures below are the last attempt's)
-    result["duration"], result["attempts"] = round(session.wall, 6), session.attempts
-    result["transfer_id"] = session.transfer_id         # the server's log and history have it too
-    result.update(session.stats)                # the protocol's bytes: control stream and shards
+    result = result_of(session, transfer)
     wire = getattr(session, "transport", {})
-    result.update(wire)                         # QUIC: UDP payload bytes and packets, losses, RTT; TCP: its
-    tcp = wire.get("transport") == "tcp"        # payload bytes (TLS records), retransmissions, RTT
-    result["bytes_on_wire_sent"] = wire.get("tcp_bytes_sent" if tcp else "udp_bytes_sent", 0)
-    result["bytes_on_wire_received"] = wire.get("tcp_bytes_received" if tcp else "udp_bytes_received", 0)
+    tcp = wire.get("transport") == "tcp"
     stats = RunStats.from_dict(result)
     if recorder is not None:
         from ..net import transfer_row

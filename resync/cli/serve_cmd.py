@@ -17,7 +17,7 @@ def _load_config(path: str) -> dict:
 
 
 CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics",
-               "max_transfers", "history_keep_days"}
+               "max_transfers", "history_keep_days", "bytes_per_second", "shards_per_second", "max_sessions"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -114,9 +114,11 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
               help="Also serve /metrics alone here, without the API key (for Prometheus).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A TOML file: listen, history, history_keep_days, allow, bwlimit, min_parity, max_transfers, tcp, "
-                   "api, metrics, [modules.NAME] path / read_only / allow. SIGHUP reads it again.")
+                   "api, metrics, bytes_per_second, shards_per_second, max_sessions, [modules.NAME] path / "
+                   "read_only / allow. SIGHUP reads it again.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where this server's key lives (default: $XDG_CONFIG_HOME/resync).")
+              help="Where this server's key, API key and own transfers (sessions/) live (default: "
+                   "$XDG_CONFIG_HOME/resync).")
 @history_options
 def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfers, no_tcp, api_address, no_api,
             metrics_address, config_path, config_dir, history_path, no_history):
@@ -158,10 +160,26 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
             cap = config.get("max_transfers", 0)
             if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
                 raise UsageError(f"{config_path}: max_transfers must be a whole number, 0 for no cap")
+        total = {}
+        for key in ("bytes_per_second", "shards_per_second"):
+            value = config.get(key, 0)
+            if key == "bytes_per_second" and isinstance(value, str):
+                from .options import parse_rate
+                try:
+                    value = parse_rate(value)
+                except ValueError as exc:
+                    raise UsageError(f"{config_path}: {key} {exc}") from None
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UsageError(f"{config_path}: {key} must be a number, 0 for no limit")
+            total[key] = float(value)
+        sessions = config.get("max_sessions", 4)
+        if not isinstance(sessions, int) or isinstance(sessions, bool) or not 1 <= sessions <= 1000:
+            raise UsageError(f"{config_path}: max_sessions must be a whole number from 1 to 1000")
         keep = config.get("history_keep_days", 0)
         if not isinstance(keep, (int, float)) or isinstance(keep, bool) or keep < 0:
             raise UsageError(f"{config_path}: history_keep_days must be a number of days, 0 to keep everything")
-        return Settings(mods, rate or 0, parity, cap, float(keep)), config
+        return Settings(mods, rate or 0, parity, cap, float(keep), total["bytes_per_second"],
+                        total["shards_per_second"], sessions), config
     first, config = settings()
     host, port = _address(listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}",
                           "--listen" if listen else f"{config_path}: listen")
@@ -169,16 +187,16 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
     if not isinstance(tcp, bool):
         raise UsageError(f"{config_path}: tcp must be true or false")
     identity = load_identity(Path(config_dir) if config_dir else None, create=True)
+    from ..identity import config_dir as default_dir
+    directory = Path(config_dir) if config_dir else default_dir()
     api = None
     if not no_api:
-        from ..identity import config_dir as default_dir
         from ..identity import load_api_key
         from ..net.api import DEFAULT_PORT as API_PORT
         from ..net.server import ApiOptions
         asked = api_address or config.get("api")
         api_host, api_port = _address(asked or f"127.0.0.1:{API_PORT}", "--api" if api_address else f"{config_path}: api")
         metrics = metrics_address or config.get("metrics")
-        directory = Path(config_dir) if config_dir else default_dir()
         api = ApiOptions(load_api_key(directory, create=True), api_host, api_port, bool(asked), directory,
                          _address(metrics, "--metrics" if metrics_address else f"{config_path}: metrics")
                          if metrics else None)
@@ -190,7 +208,7 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
         history = history_path or config.get("history") or str(default_path())
     _prepare_kernels()
     asyncio.run(serve(host, port, first, identity, history, tcp=tcp and not no_tcp, api=api,
-                      reload=lambda: settings()[0]))
+                      reload=lambda: settings()[0], state_dir=directory))
 
 
 def _address(value: str, where: str) -> tuple[str, int]:

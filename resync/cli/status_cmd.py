@@ -1,14 +1,11 @@
 import click
 
+from .daemon import call, with_api
 from .options import say
 
 
 @click.command("status")
-@click.option("--api", "api_url", default=None, metavar="URL",
-              help="The daemon's API (default: where the `resync serve` using this config directory "
-                   "listens, from its api.json).")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="The daemon's config directory: its api-key and api.json (default: $XDG_CONFIG_HOME/resync).")
+@with_api
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's status document as JSON.")
 def command(api_url, config_dir, as_json):
     """Show the local daemon's status: version, device ID, instance (new at
@@ -21,20 +18,8 @@ def command(api_url, config_dir, as_json):
     """
     import json
     import time
-    from pathlib import Path
 
-    from ..errors import ConnectionFailed
-    from ..identity import config_dir as default_dir
-    from ..identity import load_api_key
-    from ..net.api import API_FILE, request
-    d = Path(config_dir) if config_dir else default_dir()
-    if api_url is None:
-        try:
-            api_url = json.loads((d / API_FILE).read_text())["url"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ConnectionFailed(f"no daemon's API is known in {d} (no {API_FILE}: is `resync serve` running "
-                                   "with this config directory? --api URL names one)") from None
-    status = request(api_url, load_api_key(d), "/api/v1/status")
+    api_url, status = call(api_url, config_dir, "/api/v1/status")
     if as_json:
         say(json.dumps(status, sort_keys=True))
         return
@@ -49,3 +34,9 @@ def command(api_url, config_dir, as_json):
     say(f"transfers: {t.get('active', 0)} running ({t.get('push', 0)} push, {t.get('pull', 0)} pull), "
         f"{t.get('completed', 0)} completed, {t.get('failed', 0)} failed and {t.get('cancelled', 0)} cancelled "
         "since the start")
+    own = status.get("sessions")
+    if own:
+        say("own transfers: " + ", ".join(f"{n} {state}" for state, n in own.items() if n) if any(own.values())
+            else "own transfers: none")
+    if status.get("paused"):
+        say("paused: the daemon's transfers are paused (resync transfer resume --all)")

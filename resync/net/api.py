@@ -70,24 +70,87 @@ def _error(status: int, message: str):
 SSE_PING = 15.0                  # s between keep-alive comments on an idle event stream
 PAGE = 100                       # transfers per page by default (limit=, at most MAX_PAGE)
 MAX_PAGE = 1000
-STATES = ("active", "completed", "failed", "cancelled")
+STATES = ("pending", "active", "paused", "completed", "failed", "cancelled", "expired")
+
+
+class Control:
+    """What the API asks of its daemon (net.server implements it; this base
+    answers as a daemon with nothing to show). A method raises ValueError
+    for a bad request (400), net.sessions.NotFound (404), net.sessions.Conflict
+    for a transition the transfer's state does not allow (409), and
+    store.HistoryError when the change cannot be recorded (503)."""
+
+    def status(self) -> dict:
+        """The /api/v1/status document."""
+        return {}
+
+    def peers(self) -> list[dict]:
+        """The devices its modules allow, each with the modules it may use."""
+        return []
+
+    def transfers(self) -> list[dict]:
+        """Every transfer it knows, running and waiting first, newest first (docs/api.md)."""
+        return []
+
+    def submit(self, body) -> dict:
+        """A new transfer of its own (``POST /api/v1/transfers``)."""
+        raise ValueError("this daemon runs no transfers of its own")
+
+    def act(self, transfer_id: str, action: str) -> dict:
+        """``pause``, ``resume`` or ``cancel`` one transfer; the transfer."""
+        from .sessions import NotFound
+        raise NotFound(transfer_id)
+
+    def change(self, transfer_id: str, body) -> dict:
+        """PATCH: a transfer's priority and limits; the transfer."""
+        from .sessions import NotFound
+        raise NotFound(transfer_id)
+
+    def act_all(self, action: str) -> dict:
+        """``pause`` or ``resume`` everything: what changed."""
+        return {}
+
+    def limits(self) -> dict:
+        """The daemon's own limits (bytes_per_second, shards_per_second; 0: none)."""
+        return {"bytes_per_second": 0, "shards_per_second": 0}
+
+    def set_limits(self, body) -> dict:
+        raise ValueError("this daemon has no limits to change")
+
+
+def _answer(call, status: int = 200):
+    """The JSON answer of a Control call, its exceptions as error statuses."""
+    from ..store import HistoryError
+    from .sessions import Conflict, NotFound
+    try:
+        return _json(call(), status)
+    except NotFound as exc:
+        return _error(404, str(exc))
+    except Conflict as exc:
+        return _error(409, str(exc))
+    except HistoryError as exc:
+        return _error(503, str(exc))
+    except ValueError as exc:
+        return _error(400, str(exc))
+
+
+async def _body(request):
+    """The request's JSON body; ValueError (400) if it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise ValueError("the body must be JSON (Content-Type: application/json)") from None
 
 
 class Api:
-    """The API of one daemon. ``key``: its API key; ``status()``: the
-    /api/v1/status document; ``metrics``: a resync.metrics.ServerMetrics;
-    ``transfers()``: the transfers it knows, newest first (docs/api.md);
-    ``events``: its net.events.Events; ``peers()``: the devices its
-    modules allow, each with the modules it may use; ``cancel(id)``: ends
-    a running transfer, True (False if it is not running)."""
+    """The API of one daemon. ``key``: its API key; ``control``: the daemon
+    (a Control); ``metrics``: a resync.metrics.ServerMetrics; ``events``:
+    its net.events.Events."""
 
-    def __init__(self, key: str, status, metrics, transfers=None, events=None, peers=None, cancel=None):
+    def __init__(self, key: str, control: Control, metrics, events=None):
         self.key = key.encode()
-        self.status = status
+        self.control = control
         self.metrics = metrics
-        self.transfers = transfers or (lambda: [])
-        self.peers = peers or (lambda: [])
-        self.cancel = cancel or (lambda transfer_id: None)
         if events is None:
             from .events import Events
             events = Events()
@@ -132,8 +195,15 @@ class Api:
         app.router.add_get("/api/v1/status", self._status)
         app.router.add_get("/api/v1/peers", self._peers)
         app.router.add_get("/api/v1/transfers", self._transfers)
+        app.router.add_post("/api/v1/transfers", self._submit)
         app.router.add_get("/api/v1/transfers/{id}", self._transfer)
-        app.router.add_post("/api/v1/transfers/{id}/cancel", self._cancel)
+        app.router.add_patch("/api/v1/transfers/{id}", self._change)
+        for action in ("pause", "resume", "cancel"):
+            app.router.add_post(f"/api/v1/transfers/{{id}}/{action}", self._act)
+        app.router.add_post("/api/v1/pause", self._act_all)
+        app.router.add_post("/api/v1/resume", self._act_all)
+        app.router.add_get("/api/v1/limits", self._limits)
+        app.router.add_put("/api/v1/limits", self._set_limits)
         app.router.add_get("/api/v1/events", self._events)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/metrics", self._metrics)
@@ -149,13 +219,13 @@ class Api:
         return _json({"status": "OK"})
 
     async def _status(self, request):
-        return _json(self.status())
+        return _json(self.control.status())
 
     async def _peers(self, request):
-        return _json({"peers": self.peers()})
+        return _json({"peers": self.control.peers()})
 
     async def _transfers(self, request):
-        """GET /api/v1/transfers?state=active|completed|failed&limit=N&offset=N"""
+        """GET /api/v1/transfers?state=STATE&limit=N&offset=N"""
         q = request.query
         state = q.get("state")
         if state is not None and state not in STATES:
@@ -167,26 +237,51 @@ class Api:
             return _error(400, "limit and offset are whole numbers")
         if not 1 <= limit <= MAX_PAGE or offset < 0:
             return _error(400, f"limit is 1 to {MAX_PAGE}, offset 0 or more")
-        items = [t for t in self.transfers() if state is None or t["state"] == state]
+        items = [t for t in self.control.transfers() if state is None or t["state"] == state]
         return _json({"transfers": items[offset:offset + limit], "total": len(items), "offset": offset,
                       "limit": limit})
 
     async def _transfer(self, request):
-        for t in self.transfers():
-            if t["id"] == request.match_info["id"]:
-                return _json(t)
-        return _error(404, "no such transfer (ended ones are kept while the daemon runs, the last 100)")
-
-    async def _cancel(self, request):
-        """POST /api/v1/transfers/{id}/cancel: 200 and the transfer (now
-        cancelled); 409 if it has ended; 404 if unknown."""
         tid = request.match_info["id"]
-        known = {t["id"]: t for t in self.transfers()}
-        if tid not in known:
-            return _error(404, "no such transfer")
-        if known[tid]["state"] != "active" or not self.cancel(tid):
-            return _error(409, f"the transfer is {known[tid]['state']}: only a running one can be cancelled")
-        return _json(dict(known[tid], state="cancelled", outcome="failed"))
+        for t in self.control.transfers():
+            if t["id"] == tid:
+                return _json(t)
+        return _error(404, f"no such transfer: {tid} (the daemon keeps the last 100 inbound ones that ended, "
+                           "and its own sessions' last 1000)")
+
+    async def _submit(self, request):
+        """POST /api/v1/transfers: 202 and the new session (pending)."""
+        try:
+            body = await _body(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return _answer(lambda: self.control.submit(body), 202)
+
+    async def _act(self, request):
+        """POST /api/v1/transfers/{id}/pause|resume|cancel: the transfer;
+        409 for a transition its state does not allow; 404 if unknown."""
+        action = request.path.rsplit("/", 1)[1]
+        return _answer(lambda: self.control.act(request.match_info["id"], action))
+
+    async def _change(self, request):
+        try:
+            body = await _body(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return _answer(lambda: self.control.change(request.match_info["id"], body))
+
+    async def _act_all(self, request):
+        return _answer(lambda: self.control.act_all(request.path.rsplit("/", 1)[1]))
+
+    async def _limits(self, request):
+        return _json(self.control.limits())
+
+    async def _set_limits(self, request):
+        try:
+            body = await _body(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return _answer(lambda: self.control.set_limits(body))
 
     def _replay(self, request) -> list[dict]:
         """What a client reconnecting after event ``Last-Event-ID`` (or
@@ -331,9 +426,11 @@ def remove_api_file(directory: Path, instance_id: str) -> None:
 
 
 def request(url: str, key: str, path: str, method: str = "GET", body: dict | None = None) -> dict:
-    """One call to a daemon's API: its JSON answer. ConnectionFailed if
-    nothing answers, RefusedError for 401 and 403, and for any other
-    error status (ProtocolError, with the daemon's message)."""
+    """One call to a daemon's API: its JSON answer. ConnectionFailed (exit
+    10) if nothing answers; RefusedError (13) for 401 and 403 and for 409 (a
+    transition the transfer's state does not allow); UsageError (2) for 400
+    and 404; ProtocolError (12) for any other error status, with the
+    daemon's message."""
     import urllib.error
     import urllib.request
 
@@ -352,11 +449,48 @@ def request(url: str, key: str, path: str, method: str = "GET", body: dict | Non
             message = json.loads(exc.read()).get("error") or exc.reason
         except ValueError:
             message = exc.reason
-        if exc.code in (401, 403):
+        if exc.code in (401, 403, 409):
             raise RefusedError(f"the daemon at {url} refused: {message}") from None
+        if exc.code in (400, 404):
+            from ..errors import UsageError
+            raise UsageError(message) from None
         raise ProtocolError(f"the daemon at {url} answered {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         why = getattr(exc, "reason", exc)
         raise ConnectionFailed(f"no daemon answers at {url}: {getattr(why, 'strerror', None) or why}") from None
     except ValueError:
         raise ConnectionFailed(f"the daemon at {url} did not answer JSON") from None
+
+
+def follow(url: str, key: str, since: int, timeout: float = 4 * SSE_PING):
+    """The daemon's events after event ``since``, as they happen (its event
+    stream, GET /api/v1/events with Last-Event-ID): a generator of event
+    dicts (an EventsMissed first if the daemon's buffer has moved past
+    some). ConnectionFailed when the daemon is not there or goes silent for
+    ``timeout`` s (it sends a keep-alive every SSE_PING s)."""
+    import urllib.error
+    import urllib.request
+
+    from ..errors import ConnectionFailed
+    req = urllib.request.Request(url.rstrip("/") + "/api/v1/events",
+                                 headers={"X-API-Key": key, "Accept": "text/event-stream",
+                                          "Last-Event-ID": str(since)})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            data = []
+            for raw in r:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    try:
+                        yield json.loads("\n".join(data))
+                    except ValueError:
+                        pass
+                    data = []
+    except urllib.error.HTTPError as exc:
+        raise ConnectionFailed(f"the daemon at {url} refused its event stream: {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise ConnectionFailed(f"the event stream of {url} ended: {getattr(why, 'strerror', None) or why}") from None
+    raise ConnectionFailed(f"the daemon at {url} closed its event stream (it stopped?)")

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConnectionFailed, OutputClosed, StopSignal, TimedOut
+from ..errors import ConnectionFailed, OutputClosed, ResyncError, StopSignal, TimedOut
 from ..protocol.sender import Tally
 from ..protocol.session import BusyError, ClientSession, Options, RefusedError
 from .feeder import TokenBucket
@@ -89,14 +89,20 @@ class Transfer:
     retry_for: float = 300.0        # s within which a lost connection or a busy destination is retried
     known_peers: Path | None = None  # the known_peers file (default: the config directory's)
     transport: str = "auto"         # "auto" (TLS over TCP on a short clean path, else QUIC), "quic", "tcp"
+    limits: tuple = ()              # feeder.TokenBuckets more that this end's shards pass (a daemon's)
 
 
-async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None) -> ClientSession:
+async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None,
+                stop: "_Stop | None" = None) -> ClientSession:
     """One connection. ``path``: what one attempt leaves the next — the rate
     controller's model ("model", read and written here) and, in a push, what
-    the server confirmed ("tally": Sender.tally's counts, written here)."""
+    the server confirmed ("tally": Sender.tally's counts, written here).
+    ``stop``: how the attempt is stopped — by default SIGTERM and SIGHUP
+    (StopSignal); a daemon running the transfer passes its own, whose
+    ``interrupt(exc)`` ends the attempt with ``exc`` raised."""
     path = {} if path is None else path
-    stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
+    if stop is None:
+        stop = _Stop(asyncio.get_running_loop(), asyncio.current_task(), signals=True)
     with stop.signals():
         try:
             sock = await pick_transport(t, path)
@@ -108,30 +114,36 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
                 config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
                 session = await _connected(t, identity, report, meter, on_note, path, config, connect, stop)
         except asyncio.CancelledError:
-            if stop.signum is None:
+            if stop.reason is None:
                 raise
             session = None
     if stop.signum is not None:                 # (the session, if any, is checkpointed and the server told)
         raise StopSignal(stop.signum)
+    if stop.reason is not None:
+        raise stop.reason
     if session.output_closed:
         raise OutputClosed()
     return session
 
 
 class _Stop:
-    """SIGTERM and SIGHUP while a connection runs, taken by the event loop.
+    """How a running attempt is stopped: ``interrupt(exc)`` — a running
+    session fails as cut (a receiver checkpoints what arrived, the server is
+    told: E_CUT, or E_CANCELLED for a CancelledError), the connection is left
+    at once, and the attempt ends with ``exc`` within STOP_GRACE seconds at
+    most, whatever the peer does.
 
-    The CLI's handler raises StopSignal wherever Python happens to be; inside
-    an aioquic callback asyncio logs such an exception and goes on (a push
-    ignored SIGTERM three times in ten, hung once). Here the loop calls
-    ``stopped``: a running session fails as cut — a receiver checkpoints what
-    arrived, the server is told (E_CUT) —, the connection is left at once,
-    and the attempt ends with StopSignal (exit 128 + the signal) within
-    STOP_GRACE seconds at most, whatever the peer does."""
+    With ``signals``, SIGTERM and SIGHUP interrupt it, taken by the event
+    loop (the attempt ends with StopSignal: exit 128 + the signal). The CLI's
+    handler raises StopSignal wherever Python happens to be; inside an aioquic
+    callback asyncio logs such an exception and goes on (a push ignored
+    SIGTERM three times in ten, hung once). A daemon running its own
+    transfers (net.sessions) passes no signals and interrupts them itself."""
 
-    def __init__(self, loop, task):
-        self.loop, self.task = loop, task
+    def __init__(self, loop, task, signals: bool = False):
+        self.loop, self.task, self.take_signals = loop, task, signals
         self.signum: int | None = None
+        self.reason: BaseException | None = None
         self.session: ClientSession | None = None
         self.link = None                        # the link.SessionLink or tcp.StreamLink
 
@@ -139,7 +151,7 @@ class _Stop:
     def signals(self):
         import signal
         import threading
-        if threading.current_thread() is not threading.main_thread():
+        if not self.take_signals or threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -153,12 +165,20 @@ class _Stop:
                 signal.signal(sig, handler)
 
     def stopped(self, signum: int) -> None:
-        if self.signum is not None:
+        if self.reason is not None:
             return
-        self.signum = signum
         name = {1: "SIGHUP", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+        self.signum = signum
+        self.interrupt(StopSignal(signum), ConnectionFailed(f"the client was stopped ({name})"))
+
+    def interrupt(self, exc: BaseException, cut: ResyncError | None = None) -> None:
+        """End the attempt with ``exc``; its session fails with ``cut`` (by
+        default ``exc``, which must then be a ResyncError)."""
+        if self.reason is not None:
+            return
+        self.reason = exc
         if self.session is not None and not self.session.finished:
-            self.session.fail(ConnectionFailed(f"the client was stopped ({name})"))
+            self.session.fail(cut if cut is not None else exc)
             if self.link is not None:
                 self.link.drive()               # the Error frame out; the session's end ends the wait
             self.loop.call_later(STOP_GRACE, self.task.cancel)
@@ -214,6 +234,7 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
     stop.session = session
     if t.bwlimit and t.push:                    # a pull's limit travels in Hello: the server sends slower
         link.feeder.bucket = TokenBucket(t.bwlimit)
+    link.feeder.limits = list(t.limits)
     done = asyncio.Event()
     link.on_session_done = done.set
     from .tcp import StreamLink
@@ -345,6 +366,55 @@ def _new_listing(stats) -> None:
     stats.files = stats.dirs = stats.symlinks = stats.specials = stats.bytes_scanned = 0
 
 
+class Attempts:
+    """The retry policy of one transfer (see ``run``), for whoever drives
+    its attempts: the CLI (``run``: one event loop an attempt) or a daemon
+    running the transfer on its own loop (net.sessions). Before each
+    attempt ``begin()``; after it ``after(session)`` or ``after(error=exc)``,
+    which returns the session to keep (done) or the seconds to wait before
+    the next attempt, and raises the error that ends the transfer (a refusal,
+    a protocol error, or a lost connection past ``t.retry_for``)."""
+
+    def __init__(self, t: Transfer, report=None, meter=None):
+        self.t, self.report, self.meter = t, report, meter
+        self.delay, self.started, self.count = 1.0, time.monotonic(), 0
+        self.path: dict = {}                    # the path's model and the tally, from one attempt to the next
+        self.carried = dict.fromkeys(Tally.KEYS, 0)     # a push: what the server confirmed in cut attempts
+        self.error: BaseException | None = None
+
+    def begin(self) -> None:
+        if self.meter is not None:
+            self.meter.reset()
+        if self.count and getattr(self.report, "stats", None) is not None:  # (a pull's: this end lists
+            _new_listing(self.report.stats)                                  # nothing in a push)
+        self.count += 1
+        self.path["tally"] = None
+
+    def after(self, session: ClientSession | None = None, error: BaseException | None = None):
+        t = self.t
+        if session is not None:
+            if session.error is None:
+                session.attempts, session.wall = self.count, time.monotonic() - self.started
+                if t.push and any(self.carried.values()):
+                    session.result = {**session.result,
+                                      **{k: session.result.get(k, 0) + v for k, v in self.carried.items()}}
+                return session
+            error = session.error
+            if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
+                raise error
+            if session.stats["datagrams_sent"] + session.stats["datagrams_received"]:
+                self.delay = 1.0                # it moved content: a new outage, not the same one
+        self.error = error
+        if t.push and self.path["tally"]:
+            for k, v in self.path["tally"].items():
+                self.carried[k] += v
+        wait = self.delay * random.uniform(0.5, 1.0)
+        if time.monotonic() - self.started + wait > t.retry_for:
+            raise error
+        self.delay = min(self.delay * 2, 60.0)
+        return wait
+
+
 def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=None) -> ClientSession:
     """The transfer ``t``, retried after a lost or silent connection, or while the
     destination is busy with another device's transfer (backoff 1 s doubling
@@ -355,40 +425,36 @@ def run(t: Transfer, identity, report=None, on_retry=None, meter=None, on_note=N
     is shown each attempt's bytes. The session returned carries
     ``attempts`` and ``wall`` (seconds since the first attempt began). Raises
     the last error (other refusals and protocol errors are never retried)."""
-    delay, started = 1.0, time.monotonic()
-    path: dict = {}                             # the path's model and the tally, from one attempt to the next
-    carried = dict.fromkeys(Tally.KEYS, 0)      # a push: what the server confirmed in cut attempts
-    attempts = 0
+    attempts = Attempts(t, report, meter)
     while True:
-        if meter is not None:
-            meter.reset()
-        if attempts and getattr(report, "stats", None) is not None:     # (a pull's: this end lists nothing
-            _new_listing(report.stats)                                   # in a push)
-        attempts += 1
-        path["tally"] = None
+        attempts.begin()
         try:
-            session = asyncio.run(_once(t, identity, report, meter, on_note, path))
+            session = asyncio.run(_once(t, identity, report, meter, on_note, attempts.path))
         except (ConnectionFailed, TimedOut, BusyError) as exc:
-            error = exc
+            outcome = attempts.after(error=exc)
         else:
-            if session.error is None:
-                session.attempts, session.wall = attempts, time.monotonic() - started
-                if t.push and any(carried.values()):
-                    session.result = {**session.result,
-                                      **{k: session.result.get(k, 0) + v for k, v in carried.items()}}
-                return session
-            error = session.error
-            if not isinstance(error, (ConnectionFailed, TimedOut, BusyError)):
-                raise error
-            if session.stats["datagrams_sent"] + session.stats["datagrams_received"]:
-                delay = 1.0                     # it moved content: a new outage, not the same one
-        if t.push and path["tally"]:
-            for k, v in path["tally"].items():
-                carried[k] += v
-        wait = delay * random.uniform(0.5, 1.0)
-        if time.monotonic() - started + wait > t.retry_for:
-            raise error
+            outcome = attempts.after(session)
+        if isinstance(outcome, ClientSession):
+            return outcome
         if on_retry is not None:
-            on_retry(str(error), wait)
-        time.sleep(wait)
-        delay = min(delay * 2, 60.0)
+            on_retry(str(attempts.error), outcome)
+        time.sleep(outcome)
+
+
+def result_of(session: ClientSession, t: Transfer) -> dict:
+    """What a finished network transfer reports (``--json``'s object, the
+    history's run row): the receiver's statistics with the sender's counters,
+    the peer, the whole run's duration and attempts, the transfer id, the
+    protocol's and the transport's bytes."""
+    result = dict(session.result)
+    result["peer"] = str(t.remote)
+    # the whole run, retries and their waits included (the wire figures below are the last attempt's)
+    result["duration"], result["attempts"] = round(session.wall, 6), session.attempts
+    result["transfer_id"] = session.transfer_id         # the server's log and history have it too
+    result.update(session.stats)                # the protocol's bytes: control stream and shards
+    wire = getattr(session, "transport", {})
+    result.update(wire)                         # QUIC: UDP payload bytes and packets, losses, RTT; TCP: its
+    tcp = wire.get("transport") == "tcp"        # payload bytes (TLS records), retransmissions, RTT
+    result["bytes_on_wire_sent"] = wire.get("tcp_bytes_sent" if tcp else "udp_bytes_sent", 0)
+    result["bytes_on_wire_received"] = wire.get("tcp_bytes_received" if tcp else "udp_bytes_received", 0)
+    return result

@@ -15,38 +15,74 @@ LOSS_FIRST_SAMPLE = 100          # ... and for its first, taken as it is (at 50 
 
 
 class TokenBucket:
-    """--bwlimit: at most ``rate`` bytes per second, in bursts of a tenth of a
-    second (at least one packet: a rate under 13.5 KB/s still moves)."""
+    """At most ``rate`` bytes (``unit`` "bytes": --bwlimit, the daemon's
+    limits) or shards (``unit`` "shards") per second, in bursts of a tenth
+    of a second (at least one packet, or one shard: a rate under 13.5 KB/s
+    still moves). A rate of 0 is no limit. ``set_rate`` changes it while
+    shards flow (the daemon's API: PUT /api/v1/limits)."""
 
-    def __init__(self, rate: float):
-        self.rate, self.last = float(rate), time.monotonic()
-        self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE)
-        self.tokens = self.burst
+    def __init__(self, rate: float, unit: str = "bytes"):
+        if unit not in ("bytes", "shards"):
+            raise ValueError(f"unit {unit!r}: bytes or shards")
+        self.unit = unit
+        self.tokens = -1.0
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float) -> None:
+        self.rate, self.last = float(rate or 0), time.monotonic()
+        self.burst = max(self.rate / 10, MAX_DATAGRAM_SIZE if self.unit == "bytes" else 1)
+        self.tokens = self.burst if self.tokens < 0 else min(self.tokens, self.burst)
+
+    def _cost(self, size: int) -> int:
+        return max(size, 1) if self.unit == "bytes" else 1
 
     def _refill(self) -> None:
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
         self.last = now
 
-    def allow(self, want: int, size: int) -> int:
+    def available(self, want: int, size: int) -> int:
+        """How many of ``want`` shards of ``size`` bytes may go now."""
+        if not self.rate:
+            return want
         self._refill()
-        n = min(want, int(self.tokens // max(size, 1)))
-        self.tokens -= n * size
-        return max(n, 0)
+        return max(0, min(want, int(self.tokens // self._cost(size))))
 
-    def refund(self, size: int) -> None:
-        """Tokens taken by ``allow`` but not used."""
-        self.tokens += size
+    def take(self, n: int, size: int) -> None:
+        if self.rate:
+            self.tokens -= n * self._cost(size)
+
+    def allow(self, want: int, size: int) -> int:
+        n = self.available(want, size)
+        self.take(n, size)
+        return n
+
+    def refund(self, n: int, size: int) -> None:
+        """``n`` shards of ``size`` bytes taken by ``allow`` but not sent."""
+        self.take(-n, size)
 
     def ready(self) -> bool:
         """Refilled, whether anything may go now (the TLS stream's shards are
         larger than a burst: one goes whenever the bucket is not in debt,
         ``spend`` takes it, and the debt holds the next back)."""
+        if not self.rate:
+            return True
         self._refill()
         return self.tokens > 0
 
     def spend(self, size: int) -> None:
-        self.tokens -= size
+        self.take(1, size)
+
+
+def allowance(buckets, want: int, size: int) -> int:
+    """How many of ``want`` shards of ``size`` bytes every one of ``buckets``
+    lets go now, taken from each."""
+    n = want
+    for b in buckets:
+        n = min(n, b.available(want, size))
+    for b in buckets:
+        b.take(n, size)
+    return n
 
 
 class Feeder:
@@ -57,8 +93,14 @@ class Feeder:
     def __init__(self, link):
         self.link = link
         self.bucket: TokenBucket | None = None
-        self.starved = False                    # the bucket held shards back: look again soon
+        self.limits: list[TokenBucket] = []     # more buckets (a daemon's: its own and this transfer's)
+        self.starved = False                    # the buckets held shards back: look again soon
         self._decided_seen = self._lost_seen = 0
+
+    def buckets(self) -> list[TokenBucket]:
+        """The buckets limiting this link now (those with a rate)."""
+        out = [b for b in self.limits if b.rate]
+        return out + [self.bucket] if self.bucket is not None else out
 
     def report_loss(self, cc, s) -> None:
         """Tell the session ``s`` of the losses over the packets whose fate
@@ -87,8 +129,9 @@ class Feeder:
             room = DATAGRAM_QUEUE - len(pending)
             self.starved = False
             size = link.paths.datagram_size
-            if room > 0 and self.bucket is not None:
-                allowed = self.bucket.allow(room, size)
+            buckets = self.buckets()
+            if room > 0 and buckets:
+                allowed = allowance(buckets, room, size)
                 self.starved = allowed < room
                 room = allowed
             dry = self.starved
@@ -97,8 +140,8 @@ class Feeder:
                 dry = dry or len(out) < room
                 for d in out:
                     quic.send_datagram_frame(d)
-                if self.bucket is not None:
-                    self.bucket.refund((room - len(out)) * size)
+                for b in buckets:
+                    b.refund(room - len(out), size)
         if link.stream_id is not None:
             data = s.stream_to_send()           # (after a session ends too: its last frames)
             if data:

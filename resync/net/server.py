@@ -20,9 +20,11 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConnectionFailed
 from ..protocol.session import ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
 from . import warm_up
+from .api import Control
 from .link import PacketBatch, SessionLink, configuration
 from .tcp import HANDSHAKE_TIMEOUT as TCP_HANDSHAKE_TIMEOUT
 from .tcp import StreamLink, tls_context
@@ -159,22 +161,33 @@ class Settings:
     ``min_parity``, parity shards per stripe at least; ``max_transfers``,
     transfers running at once at most (0: no cap); ``history_keep_days``:
     the history is pruned to that many days (store.History.prune) at the
-    start and daily (0: never)."""
+    start and daily (0: never); ``bytes_per_second`` and
+    ``shards_per_second``: what the daemon sends in all (every transfer's
+    shards pass the same two token buckets; 0: no limit; the API's PUT
+    /api/v1/limits changes them until the daemon's next start, or a reload
+    that changes them); ``max_sessions``: its own transfers running at once
+    (net.sessions)."""
 
     modules: dict
     bwlimit: float = 0
     min_parity: int = 1
     max_transfers: int = 0
     history_keep_days: float = 0             # the history's file lists and trees kept this long (0: forever)
+    bytes_per_second: float = 0              # what the daemon sends in all, every transfer's shards (0: no limit)
+    shards_per_second: float = 0             # ... in shards a second (0: no limit)
+    max_sessions: int = 4                    # its own transfers (net.sessions) running at once
 
 
 async def serve(host: str, port: int, settings: Settings, identity, history: str | None = None,
-                ready=None, tcp: bool = True, api: "ApiOptions | None" = None, reload=None) -> None:
+                ready=None, tcp: bool = True, api: "ApiOptions | None" = None, reload=None,
+                state_dir: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``ready(port)`` is called once listening.
     ``settings``: what is served, and how; ``reload()``: the settings read
     again, called on SIGHUP (ResyncError: a mistake in them, which keeps the
     ones in force); ``tcp``: offer TLS over TCP on the same port number too
-    (net.tcp); ``api``: the HTTP API and metrics (net.api), None for neither.
+    (net.tcp); ``api``: the HTTP API and metrics (net.api), None for neither;
+    ``state_dir``: where the daemon's own transfers are kept (net.sessions:
+    its ``sessions`` directory; None: it runs none).
     ConnectionFailed if it cannot listen (the API too, when its address was
     asked for rather than the default)."""
     from aioquic.asyncio import serve as quic_serve
@@ -197,6 +210,10 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     api_url = None
     locks = _Locks()
     loop = asyncio.get_running_loop()
+    from .feeder import TokenBucket
+    limits = (TokenBucket(settings.bytes_per_second), TokenBucket(settings.shards_per_second, "shards"))
+    paused = [False]                            # POST /api/v1/pause: inbound transfers refused as busy
+    sessions = None                             # net.sessions.Sessions: the daemon's own transfers
     stop = asyncio.Event()
     links: set[SessionLink] = set()
     batch: list[PacketBatch] = []               # the listening socket's, once it exists
@@ -276,35 +293,22 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     def tick() -> None:
         """A TransferProgress event a second for each transfer running."""
         ticking[0] = None
-        active = [x for x in links if x.session is not None and not x.session.finished
-                  and getattr(x.session, "taken_at", None) is not None]
-        for x in active:
-            events.publish("TransferProgress", _described(x.session, x, "active"))
+        active = inbound()
+        for s_, x in active:
+            events.publish("TransferProgress", _described(s_, x, "active"))
         if active:
             ticking[0] = loop.call_later(PROGRESS_EVERY, tick)
 
-    def transfers() -> list[dict]:
-        """The API's transfers: those running, then those ended, newest first."""
-        active = [_described(x.session, x, "active") for x in links if x.session is not None
-                  and not x.session.finished and getattr(x.session, "taken_at", None) is not None]
-        return sorted(active, key=lambda t: -t["started"]) + list(reversed(recent))
-
-    def cancel(transfer_id: str) -> bool:
-        """The operator ends a running transfer (the API): the client is told
-        (it does not retry: exit 13), what was staged is removed, every
-        destination path stays old or new."""
-        from ..protocol.common import CancelledError
-        for x in list(links):
-            s = x.session
-            if s is not None and not s.finished and getattr(s, "taken_at", None) is not None \
-                    and s.transfer_id == transfer_id:
-                s.fail(CancelledError("the server's operator cancelled this transfer"))
-                x.drive()
-                return True
-        return False
+    def inbound() -> list:
+        """The inbound transfers running: (session, link) of each."""
+        return [(x.session, x) for x in links if x.session is not None and not x.session.finished
+                and getattr(x.session, "taken_at", None) is not None]
 
     def full(session) -> str | None:
-        """Why ``session`` may not start now: max_transfers are running."""
+        """Why ``session`` may not start now: the operator paused the
+        daemon's transfers, or max_transfers are running."""
+        if paused[0]:
+            return "the server's operator has paused its transfers; try again later"
         cap = current[0].max_transfers
         if cap and len(running()) >= cap:
             return f"{cap} transfers are running already (the server's max_transfers); try again later"
@@ -322,6 +326,12 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             return
         old, current[0] = current[0], new
         metrics.add_modules(sorted(new.modules))
+        if (old.bytes_per_second, old.shards_per_second) != (new.bytes_per_second, new.shards_per_second):
+            limits[0].set_rate(new.bytes_per_second)
+            limits[1].set_rate(new.shards_per_second)
+        if sessions is not None:
+            sessions.max_active = new.max_sessions
+            sessions.schedule()
         changes = _changes(old, new)
         log("SIGHUP: reloaded: " + changes)
         events.publish("ConfigReloaded", {"changes": changes, "modules": sorted(new.modules)})
@@ -330,6 +340,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         """A new connection (either transport): its session, and what
         happens at its end."""
         link.preauth_limit = PREAUTH_BYTES
+        link.own_limits = (TokenBucket(0), TokenBucket(0, "shards"))      # (PATCH /api/v1/transfers/ID)
+        link.feeder.limits = [*limits, *link.own_limits]
+        link.priority = "normal"
         reports = _report_factory(history, lambda s: locks.links[id(s)])
 
         def report_factory(s):              # (called at the Welcome: the daemon has taken the transfer)
@@ -342,7 +355,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         now = current[0]
         session = ServerSession(identity, identity.cert_der, now.modules, report_factory=report_factory,
                                 lock=locks.take, bwlimit=now.bwlimit, min_parity=now.min_parity,
-                                capacity=full if now.max_transfers else None)
+                                capacity=full)
         started = link.created = time.monotonic()
 
         def done():
@@ -370,8 +383,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             if getattr(session, "taken_at", None) is not None:
                 from ..protocol.common import CancelledError
                 ok = session.error is None
-                state = "completed" if ok else "cancelled" if isinstance(session.error, CancelledError) else "failed"
-                ended[state] += 1
+                state = "completed" if ok else "cancelled" if isinstance(session.error, CancelledError) else \
+                    "paused" if isinstance(session.error, _PausedCut) else "failed"
+                ended[state] = ended.get(state, 0) + 1
                 described = _described(session, link, state, status)
                 recent.append(described)
                 events.publish("TransferEnded", described)
@@ -458,11 +472,20 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 "listen": listening, "api": api_url, "max_transfers": now.max_transfers,
                 "modules": [{"name": m.name, "path": m.path, "read_only": m.read_only}
                             for m in now.modules.values()],
-                "transfers": {"active": len(active), "push": pushes, "pull": len(active) - pushes, **ended}}
+                "paused": paused[0], "limits": control.limits(),
+                "transfers": {"active": len(active), "push": pushes, "pull": len(active) - pushes, **ended},
+                "sessions": sessions.counts() if sessions is not None else None}
+    if state_dir is not None:
+        from ..store.sessions import SessionStore
+        from .sessions import Sessions
+        sessions = Sessions(SessionStore(Path(state_dir) / "sessions"), identity, state_dir, history, events, metrics,
+                            limits, log, settings.max_sessions)
+        metrics.count_queued(sessions.queued)
+    control = _Control(status, lambda: _peers(current[0].modules), inbound, recent, sessions, limits, paused, events)
     http = None
     if api is not None:
         from .api import Api
-        http = Api(api.key, status, metrics, transfers, events, lambda: _peers(current[0].modules), cancel)
+        http = Api(api.key, control, metrics, events)
         try:
             api_url = await _listen_api(http, api, instance_id)
         except BaseException:
@@ -474,6 +497,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
         "modules: " + _shown_modules(settings.modules))
     prune_history()
+    if sessions is not None:
+        sessions.restore()
     if ready is not None:
         ready(sockname[1])
     try:
@@ -487,6 +512,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
             await http.close()
             remove_api_file(api.directory, instance_id)
         log("stopping: transfers in flight are stopped and checkpointed for resume")
+        if sessions is not None:
+            await sessions.close()
         from ..errors import ConnectionFailed
         for link in list(links):
             if link.session is not None and not link.session.finished:
@@ -496,6 +523,119 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         server.close()
         if streams is not None:
             streams.close()
+
+
+class _PausedCut(ConnectionFailed):
+    """the operator paused the server's transfers: {}"""
+
+    # An inbound transfer cut by POST /api/v1/pause: both ends checkpoint; its client's
+    # retries are told busy until POST /api/v1/resume, then resume what arrived.
+
+
+class _Control(Control):
+    """The API's view of a running daemon (net.api.Control): the inbound
+    transfers (``inbound()``: (session, link) of the running ones; ``recent``:
+    those ended, newest last), its own sessions (net.sessions.Sessions, or
+    None), its limits (the two TokenBuckets every transfer passes) and the
+    pause of it all (``paused[0]``)."""
+
+    def __init__(self, status, peers, inbound, recent, sessions, limits, paused, events):
+        self.status, self.peers, self.inbound, self.recent = status, peers, inbound, recent
+        self.sessions, self.buckets, self.paused, self.events = sessions, limits, paused, events
+
+    def transfers(self) -> list[dict]:
+        live = [_described(s, x, "active") for s, x in self.inbound()]
+        done = list(reversed(self.recent))
+        if self.sessions is not None:
+            from .sessions import ENDED
+            for t in self.sessions.listed():
+                (done if t["state"] in ENDED else live).append(t)
+        when = (lambda t: -(t.get("created") or t.get("started") or 0))
+        return sorted(live, key=when) + sorted(done, key=lambda t: -(t.get("ended") or 0))
+
+    def _own(self, tid: str) -> bool:
+        return self.sessions is not None and tid in self.sessions.records
+
+    def _running(self, tid: str):
+        for s, x in self.inbound():
+            if s.transfer_id == tid:
+                return s, x
+        from .sessions import Conflict, NotFound
+        for t in self.recent:
+            if t["id"] == tid:
+                raise Conflict(f"transfer {tid} has ended ({t['state']})")
+        raise NotFound(tid)
+
+    def submit(self, body) -> dict:
+        if self.sessions is None:
+            raise ValueError("this daemon runs no transfers of its own (it has no state directory)")
+        record = self.sessions.submit(body)
+        return {**self.sessions.described(record), "event_id": self.events.last_id}     # (its TransferQueued)
+
+    def act(self, tid: str, action: str) -> dict:
+        from .sessions import Conflict
+        if self._own(tid):
+            return self.sessions.described(getattr(self.sessions, action)(tid))
+        s, x = self._running(tid)
+        if action != "cancel":
+            raise Conflict(f"transfer {tid} is inbound: its client runs it (pause it there, or pause the whole "
+                           "daemon: POST /api/v1/pause); it can be cancelled here")
+        from ..protocol.common import CancelledError
+        s.fail(CancelledError("the server's operator cancelled this transfer"))
+        x.drive()
+        return dict(_described(s, x, "cancelled", "failed"))
+
+    def change(self, tid: str, body) -> dict:
+        if self._own(tid):
+            return self.sessions.described(self.sessions.change(tid, body))
+        from .sessions import PRIORITIES, parse_limits
+        s, x = self._running(tid)
+        if not isinstance(body, dict) or not body:
+            raise ValueError("the body must be a JSON object with priority, bytes_per_second or shards_per_second")
+        if "priority" in body and body["priority"] not in PRIORITIES:
+            raise ValueError(f"priority {body['priority']!r}: one of {', '.join(PRIORITIES)}")
+        limits = parse_limits({k: v for k, v in body.items() if k != "priority"})
+        if "priority" in body:
+            x.priority = body["priority"]
+        for bucket, key in zip(x.own_limits, ("bytes_per_second", "shards_per_second")):
+            if key in limits:
+                bucket.set_rate(limits[key])
+        described = _described(s, x, "active")
+        self.events.publish("TransferChanged", described)
+        return described
+
+    def act_all(self, action: str) -> dict:
+        if action == "pause":
+            self.paused[0] = True
+            own = self.sessions.pause_all() if self.sessions is not None else []
+            cut = []
+            for s, x in self.inbound():
+                s.fail(_PausedCut("its client retries, and resumes once the daemon's transfers are resumed"))
+                x.drive()
+                cut.append(s.transfer_id)
+            log(f"paused by the operator: {len(own)} own transfers paused, {len(cut)} inbound cut "
+                "(new ones are told busy)")
+        else:
+            self.paused[0] = False
+            own = self.sessions.resume_all() if self.sessions is not None else []
+            cut = []
+            log(f"resumed by the operator: {len(own)} own transfers resumed, inbound ones taken again")
+        self.events.publish("Paused" if action == "pause" else "Resumed", {"sessions": own, "inbound": cut})
+        return {"paused": self.paused[0], "sessions": own, "inbound": cut}
+
+    def limits(self) -> dict:
+        return {"bytes_per_second": self.buckets[0].rate, "shards_per_second": self.buckets[1].rate}
+
+    def set_limits(self, body) -> dict:
+        from .sessions import parse_limits
+        limits = parse_limits(body)
+        for bucket, key in zip(self.buckets, ("bytes_per_second", "shards_per_second")):
+            if key in limits:
+                bucket.set_rate(limits[key])
+        now = self.limits()
+        log(f"limits: {now['bytes_per_second']:g} bytes/s, {now['shards_per_second']:g} shards/s in all (0: none)")
+        self.events.publish("LimitsChanged", now)
+        return now
 
 
 @dataclass
@@ -552,18 +692,21 @@ def _described(session, link, state: str, outcome: str | None = None) -> dict:
         done = {"files_done": c["files_transferred"], "bytes_done": c["bytes_transferred"]}
     else:
         done = {"files_done": 0, "bytes_done": 0}
+    own = getattr(link, "own_limits", None)
     t = link.transport_stats()
     sent = t.get("udp_bytes_sent") or t.get("tcp_bytes_sent") or 0
     received = t.get("udp_bytes_received") or t.get("tcp_bytes_received") or 0
     elapsed = max(time.monotonic() - session.taken_at, 1e-6)
-    return {"id": session.transfer_id, "direction": _direction(session), "state": state, "outcome": outcome,
+    return {"id": session.transfer_id, "kind": "inbound", "priority": getattr(link, "priority", "normal"),
+            "direction": _direction(session), "state": state, "outcome": outcome,
             "peer_id": session.client_id, "peer": peer_of(link), "module": session.module.name,
             "path": os.fsdecode(session.hello.path).strip("/"), "transport": link.transport_name,
             "dry_run": bool(session.hello.flags & FLAG_DRY_RUN), "started": session.taken_wall,
             "ended": time.time() if state != "active" else None, "elapsed_seconds": round(elapsed, 3),
             **done, "wire_bytes_sent": sent, "wire_bytes_received": received,
             "rate_bytes_per_second": round((sent + received) / elapsed),
-            "error": str(session.error) if session.error is not None else None}
+            "error": str(session.error) if session.error is not None else None,
+            "limits": {"bytes_per_second": own[0].rate, "shards_per_second": own[1].rate} if own else None}
 
 
 def _peers(modules: dict) -> list[dict]:
@@ -594,7 +737,8 @@ def _changes(old: Settings, new: Settings) -> str:
                                       ("allowed devices", a.allowed, b.allowed)) if x != y]
             out.append(f"module {name}: {', '.join(what)} changed")
     for field, shown in (("bwlimit", "bwlimit"), ("min_parity", "min_parity"), ("max_transfers", "max_transfers"),
-                         ("history_keep_days", "history_keep_days")):
+                         ("history_keep_days", "history_keep_days"), ("bytes_per_second", "bytes_per_second"),
+                         ("shards_per_second", "shards_per_second"), ("max_sessions", "max_sessions")):
         if getattr(old, field) != getattr(new, field):
             out.append(f"{shown} {getattr(old, field)} -> {getattr(new, field)}")
     return "; ".join(out) or "nothing changed"

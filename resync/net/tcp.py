@@ -139,7 +139,12 @@ class StreamFeeder:
     def __init__(self, link: "StreamLink"):
         self.link = link
         self.bucket = None                      # feeder.TokenBucket, or None
+        self.limits: list = []                  # more buckets (as feeder.Feeder's)
         self.starved = False
+
+    def buckets(self) -> list:
+        out = [b for b in self.limits if b.rate]
+        return out + [self.bucket] if self.bucket is not None else out
 
     def feed(self, now: float, s) -> None:
         link = self.link
@@ -156,15 +161,16 @@ class StreamFeeder:
             if s.finished or link.paused or link.buffered() >= WRITE_HIGH:
                 return
             room = SHARDS_PER_TURN
-            if self.bucket is not None:
-                if not self.bucket.ready():
+            buckets = self.buckets()
+            if buckets:
+                if not all(b.ready() for b in buckets):
                     self.starved = True
                     return
                 room = 1
             out = s.datagrams_to_send(now, room)
-            if self.bucket is not None:
+            for b in buckets:
                 for d in out:
-                    self.bucket.spend(len(d))
+                    b.spend(len(d))
             if not out and not data:
                 return                          # (the session has nothing more to say now)
             for d in out:
@@ -345,7 +351,8 @@ class StreamLink(asyncio.BufferedProtocol):
     def start(self, session) -> None:
         self.session = session
         session.reliable = True
-        session.shard_size = SHARD_SIZE if self.feeder.bucket is None else shard_size_for_rate(self.feeder.bucket.rate)
+        rates = [b.rate for b in self.feeder.buckets() if b.unit == "bytes"]
+        session.shard_size = shard_size_for_rate(min(rates)) if rates else SHARD_SIZE
         self.drive()
 
     def write_record(self, kind: int, body) -> None:
