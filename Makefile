@@ -84,7 +84,7 @@ run: install tools
 	CLIENT=$$($$A id); SERVER=$$($$B id); mkdir -p $(RUN)/site-b-backup; \
 	echo "run: this site is $$CLIENT, the server site is $$SERVER"; \
 	$$B serve --listen 127.0.0.1:0 --module backup=$(RUN)/site-b-backup --allow $$CLIENT 2>$(RUN)/serve.log & \
-	trap "kill $$! 2>/dev/null" EXIT; \
+	BPID=$$!; trap "kill $$BPID 2>/dev/null" EXIT; \
 	for i in $$(seq 100); do grep -q listening $(RUN)/serve.log && break; sleep 0.1; done; cat $(RUN)/serve.log; \
 	PORT=$$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' $(RUN)/serve.log); \
 	URL=resync://127.0.0.1:$$PORT/backup/photos; \
@@ -93,7 +93,16 @@ run: install tools
 	echo "+ resync sync -v --delete $(RUN)/src $$URL"; $$A sync -v --delete $(RUN)/src $$URL --peer-id $$SERVER; \
 	echo "+ resync sync -v --transport quic $$URL $(RUN)/restore"; $$A sync -v --transport quic $$URL $(RUN)/restore --peer-id $$SERVER; \
 	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/restore/ | grep . && exit 1 || echo "run: pushed over TLS on TCP (loopback: auto picks it), pulled back over QUIC, the restore equals the source (rsync -c)"; \
-	$$A verify $(RUN)/restore
+	$$A verify $(RUN)/restore; \
+	echo "run: this site's daemon takes a transfer of its own through its API and the run follows its events"; \
+	$$A serve --listen 127.0.0.1:0 --api 127.0.0.1:0 --module outbox=$(RUN)/src --read-only outbox --allow $$SERVER \
+		2>$(RUN)/serve-a.log & \
+	APID=$$!; trap "kill $$BPID $$APID 2>/dev/null" EXIT; \
+	for i in $$(seq 100); do grep -q listening $(RUN)/serve-a.log && break; sleep 0.1; done; cat $(RUN)/serve-a.log; \
+	echo "+ resync transfer add --wait --priority high $(RUN)/src $${URL%/photos}/daemon"; \
+	$$A transfer add --wait --priority high $(RUN)/src $${URL%/photos}/daemon --peer-id $$SERVER; \
+	echo "+ resync transfer list"; $$A transfer list; echo "+ resync status"; $$A status; \
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/site-b-backup/daemon/ | grep . && exit 1 || echo "run: the daemon's transfer completed, the copy equals the source (rsync -c)"
 
 # The sync, unpack, bundle and network tests run once more as an ordinary user
 # (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs
