@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -311,3 +312,50 @@ def test_pausing_everything_cuts_inbound_transfers_until_resumed_and_limits_chan
         assert r.returncode == 0, r.stderr
         assert took > 2.0, took                 # ~3 s at a third of the tree a second (0.1 s without)
         assert _call(url, key, "/api/v1/limits", "PUT", {"bytes_per_second": 0})[1]["bytes_per_second"] == 0
+
+
+def test_transfers_to_one_server_share_a_connection_and_pause_cancel_or_lose_it_one_by_one(pair, tmp_path):
+    """Three pushes over QUIC to one server run on channels of one
+    connection (one client address in the server's log): one paused and one
+    cancelled in the middle while the third goes on; the server killed and
+    started again: the running ones retry on a new connection and resume."""
+    a, b = pair
+    (tmp_path / "mb").mkdir()
+    sources = []
+    for i in range(3):
+        src = tmp_path / f"src{i}"
+        _tree(src, 30 + i, files=20)
+        sources.append(src)
+    total = sum(p.stat().st_size for p in sources[0].rglob("*") if p.is_file() and not p.is_symlink())
+    sb = Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api")
+    port = sb.port
+    with _daemon(a, tmp_path / "ma", b.id):
+        url, key = _api_of(a)
+        ids = [_call(url, key, "/api/v1/transfers", "POST",
+                     {"source": str(src), "destination": sb.url("m", f"d{i}"), "peer_id": b.id, "transport": "quic",
+                      "bytes_per_second": total // 8, "priority": ("critical", "high", "normal")[i]})[1]["id"]
+               for i, src in enumerate(sources)]
+        for tid in ids:
+            _until(url, key, tid, lambda t: t["state"] == "active" and t["progress"]["bytes_done"] > total // 10)
+        clients = set(re.findall(r"from (127\.0\.0\.1:\d+): push into m/d\d: started", sb.text()))
+        assert len(clients) == 1, sb.text()                        # one connection, three channels
+        assert _call(url, key, f"/api/v1/transfers/{ids[1]}/pause", "POST", {})[0] == 200
+        assert _call(url, key, f"/api/v1/transfers/{ids[2]}/cancel", "POST", {})[0] == 200
+        _until(url, key, ids[1], lambda t: t["state"] == "paused", 15)
+        _until(url, key, ids[2], lambda t: t["state"] == "cancelled", 15)
+        running = _call(url, key, f"/api/v1/transfers/{ids[0]}")[1]
+        assert running["state"] == "active", running              # the others' cut left it running
+        assert _call(url, key, f"/api/v1/transfers/{ids[0]}", "PATCH", {"priority": "normal"})[0] == 200
+        os.killpg(sb.proc.pid, signal.SIGKILL)                     # the server dies under the connection
+        sb.proc.wait(10)
+        sb._f.close()
+        time.sleep(1.0)
+        with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api", port=port) as again:
+            assert _call(url, key, f"/api/v1/transfers/{ids[1]}/resume", "POST", {})[0] == 200
+            for tid in ids[:2]:
+                done = _until(url, key, tid, lambda t: t["state"] == "completed", 90)
+                assert done["attempts"] >= 2 and done["result"]["transport"] == "quic"
+            _same(sources[0], tmp_path / "mb" / "d0")
+            _same(sources[1], tmp_path / "mb" / "d1")
+            _old_or_new(tmp_path / "mb" / "d2", sources[2], {}, checkpoint=True)
+            assert "d0: ok" in again.text() and "d1: ok" in again.text()

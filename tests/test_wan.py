@@ -273,3 +273,88 @@ def test_the_rate_recovers_within_a_second_after_an_outage(wan):
     back = outage_start + 2.0
     after = rate(back + 0.5, back + 1.0)
     assert after >= 0.7 * before, f"{before / 1e6:.0f} Mbit/s before, {after / 1e6:.0f} 0.5-1 s after"
+
+
+_WATCH = r"""
+import json, sys, time, urllib.request
+url, key = json.load(open(sys.argv[1]))["url"], open(sys.argv[2]).read().strip()
+while True:
+    req = urllib.request.Request(url + "/api/v1/transfers?limit=1000", headers={"X-API-Key": key})
+    ts = json.loads(urllib.request.urlopen(req, timeout=10).read())["transfers"]
+    print(json.dumps([time.monotonic(), {t["id"]: [t["state"], t["progress"]["bytes_done"]] for t in ts
+                                         if t.get("kind") == "outbound"}]), flush=True)
+    time.sleep(0.2)
+"""
+
+
+def test_priority_classes_share_one_connection_fifty_thirty_twenty_and_a_lone_transfer_gets_the_link(wan):
+    """Issue 23: the daemon's own pushes to one server share one QUIC
+    connection; one of each class at once over the emulated link (20 Mbit/s,
+    50 ms RTT) gets 50/30/20 % of what crosses while all three are busy
+    (within 5 points, from the daemon's own progress counts, sampled inside
+    its namespace: 49.6/30.1/20.4 here, 18.4 Mbit/s together); then a lone
+    normal one gets the link (18.4 Mbit/s)."""
+    from .test_api import _api_of
+    wan.link.set("both", rate=20e6)
+    wan.serve()
+    daemon_dir = wan.root / "own"
+    daemon_dir.mkdir()
+    daemon = Server(wan.client, "--module", f"own={daemon_dir}", "--allow", wan.server_site.id,
+                    "--api", "127.0.0.1:0", host=wan.link.addr_a)
+    try:
+        _api_of(wan.client)                                    # (its api.json written)
+        config = Path(wan.client.env["XDG_CONFIG_HOME"]) / "resync"
+        from .test_net import PY
+        watch = subprocess.Popen(wan.link.cmd("a", [PY, "-c", _WATCH, str(config / "api.json"),
+                                                    str(config / "api-key")]),
+                                 stdout=subprocess.PIPE, text=True)
+        ids = {}
+        for i, priority in enumerate(("critical", "high", "normal")):
+            src = wan.root / f"src{i}"
+            src.mkdir()
+            mix.write(src / "data", 30 + i, 12 << 20, "random")
+            r = wan.client.run("transfer", "add", src, wan.url(f"d{i}"), "--peer-id", wan.server_site.id,
+                               "--transport", "quic", "--priority", priority, "--json")
+            assert r.returncode == 0, r.stderr
+            ids[priority] = json.loads(r.stdout)["id"]
+        samples = []
+        for line in watch.stdout:
+            at, state = json.loads(line)
+            samples.append((at, state))
+            if all(state.get(t, ["?"])[0] in ("completed", "failed") for t in ids.values()):
+                break
+        for i in range(3):
+            _same(wan.root / f"src{i}", wan.module / f"d{i}")
+        busy = [(at, s) for at, s in samples if all(s.get(t, ["?"])[0] == "active" and s[t][1] > 0
+                                                    for t in ids.values())]
+        assert len(busy) >= 10, samples
+        (t0, first), (t1, last) = busy[2], busy[-2]                # (clear of the starts and the first end)
+        moved = {p: last[t][1] - first[t][1] for p, t in ids.items()}
+        total = sum(moved.values())
+        shares = {p: round(100 * moved[p] / total, 1) for p in moved}
+        assert all(abs(shares[p] - want) <= 5 for p, want in (("critical", 50), ("high", 30), ("normal", 20))), \
+            shares
+        together = total / (t1 - t0)
+        # a lone normal transfer: the whole link
+        src = wan.root / "src3"
+        src.mkdir()
+        mix.write(src / "data", 33, 12 << 20, "random")
+        r = wan.client.run("transfer", "add", src, wan.url("d3"), "--peer-id", wan.server_site.id,
+                           "--transport", "quic", "--json")
+        lone = json.loads(r.stdout)["id"]
+        alone = []
+        for line in watch.stdout:
+            at, state = json.loads(line)
+            if lone in state:
+                alone.append((at, state[lone][1]))
+                if state[lone][0] != "active":
+                    break
+        watch.kill()
+        _same(src, wan.module / "d3")
+        moving = [x for x in alone if x[1] > 0]
+        (a0, b0), (a1, b1) = moving[1], moving[-2]
+        assert (b1 - b0) / (a1 - a0) >= 0.85 * together, (shares, together, alone)
+        print(f"\nshares while all three were busy: {shares}; together {together * 8 / 1e6:.1f} Mbit/s, "
+              f"alone {(b1 - b0) / (a1 - a0) * 8 / 1e6:.1f} Mbit/s")
+    finally:
+        daemon.__exit__()

@@ -90,16 +90,19 @@ class Transfer:
     known_peers: Path | None = None  # the known_peers file (default: the config directory's)
     transport: str = "auto"         # "auto" (TLS over TCP on a short clean path, else QUIC), "quic", "tcp"
     limits: tuple = ()              # feeder.TokenBuckets more that this end's shards pass (a daemon's)
+    priority: str = "normal"        # its class on a connection shared with other transfers (net.channels)
 
 
 async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None,
-                stop: "_Stop | None" = None) -> ClientSession:
+                stop: "_Stop | None" = None, pool=None) -> ClientSession:
     """One connection. ``path``: what one attempt leaves the next — the rate
     controller's model ("model", read and written here) and, in a push, what
     the server confirmed ("tally": Sender.tally's counts, written here).
     ``stop``: how the attempt is stopped — by default SIGTERM and SIGHUP
     (StopSignal); a daemon running the transfer passes its own, whose
-    ``interrupt(exc)`` ends the attempt with ``exc`` raised."""
+    ``interrupt(exc)`` ends the attempt with ``exc`` raised. ``pool``: a
+    net.channels.Pool whose connection to the server the attempt shares
+    with other transfers (over QUIC; a daemon's own transfers)."""
     path = {} if path is None else path
     if stop is None:
         stop = _Stop(asyncio.get_running_loop(), asyncio.current_task(), signals=True)
@@ -108,6 +111,10 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
             sock = await pick_transport(t, path)
             if sock is not None:
                 session = await _connected_tcp(t, identity, report, meter, on_note, path, sock, stop)
+            elif pool is not None:
+                link, cert = await pool.channel(t, identity, stop)
+                stop.link = link
+                session = await _session_over(link, cert, t, identity, report, meter, on_note, path, stop)
             else:
                 from .link import configuration         # (here: a run over TCP never imports aioquic)
                 from aioquic.asyncio import connect     # (after .link: see net.defer_import)
@@ -237,8 +244,9 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
     link.feeder.limits = list(t.limits)
     done = asyncio.Event()
     link.on_session_done = done.set
+    from .channels import ChannelLink
     from .tcp import StreamLink
-    quic = not isinstance(link, StreamLink)     # a link.SessionLink
+    quic = not isinstance(link, (StreamLink, ChannelLink))     # a link.SessionLink of its own
     if quic:
         link.resume_path_model(path.get("model"))
         link.start(session, link._quic.get_next_available_stream_id())

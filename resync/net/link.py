@@ -214,6 +214,8 @@ class SessionLink(QuicConnectionProtocol):
         self.last_received = time.monotonic()   # when the peer last sent a packet
         self.feeder = Feeder(self)              # the session's shards and control bytes into QUIC
         self.paths = PathSearch(self)           # the path MTU search: the packet size
+        self.on_channels = None                 # (server) makes the Mux of a connection whose client opens
+        self._sniff: bytearray | None = None    # channels (net.channels), from its first bytes
         self.liveness = Liveness(self)          # PINGs after a tail loss, keepalive; redundant sends
 
     def connection_made(self, transport) -> None:
@@ -403,7 +405,12 @@ class SessionLink(QuicConnectionProtocol):
                 self.stream_id = event.stream_id
             if self.session is not None and event.stream_id == self.stream_id and event.data:
                 self.last_progress = time.monotonic()
-                self.session.receive_stream(event.data, now)
+                data = event.data
+                if self.on_channels is not None:
+                    data = self._channels(data)
+                    if not data:
+                        return
+                self.session.receive_stream(data, now)
         elif isinstance(event, events.DatagramFrameReceived):
             if self.session is not None:
                 self.last_progress = self.last_shard_at = time.monotonic()
@@ -423,6 +430,21 @@ class SessionLink(QuicConnectionProtocol):
             if self.session is not None and not self.session.finished:
                 self.session.connection_lost(self.close_reason)
             self.closed_event.set()
+
+    def _channels(self, data: bytes) -> bytes:
+        """(server) The connection's first bytes: the channel preface makes
+        it a Mux (``on_channels(link)``), anything else leaves it one
+        session's. What to give the session now (nothing while the first
+        four bytes are incomplete)."""
+        from ..protocol.mux import PREFACE
+        self._sniff = (self._sniff or bytearray()) + data
+        if len(self._sniff) < len(PREFACE) and PREFACE.startswith(bytes(self._sniff)):
+            return b""
+        data, self._sniff = bytes(self._sniff), None
+        make, self.on_channels = self.on_channels, None
+        if data.startswith(PREFACE):
+            self.session = make(self)
+        return data
 
     def drive(self) -> None:
         """Send what the session has (outside aioquic's own calls: at the

@@ -341,7 +341,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         happens at its end."""
         link.preauth_limit = PREAUTH_BYTES
         link.own_limits = (TokenBucket(0), TokenBucket(0, "shards"))      # (PATCH /api/v1/transfers/ID)
-        link.feeder.limits = [*limits, *link.own_limits]
+        link.feeder.limits = [*limits, *link.own_limits]    # (a channel's: its own; the connection has the daemon's)
         link.priority = "normal"
         reports = _report_factory(history, lambda s: locks.links[id(s)])
 
@@ -369,6 +369,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         def finish():
             locks.release(session.target_key if session.hello is not None and session.hello.push else None, session)
             locks.links.pop(id(session), None)
+            if link.session is not session:     # a connection of channels: each was its own transfer
+                links.discard(link)
+                return
             if not session.authenticated:
                 note_unproven(link, str(session.error or link.close_reason or "closed"))
                 links.discard(link)
@@ -425,11 +428,25 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         loop.call_later(PROOF_DEADLINE, deadline, link)
         links.add(link)
 
+    def channels(link):
+        """A connection whose client opened channels (net.channels): each
+        channel is adopted as a connection of its own would be."""
+        from ..protocol.mux import Mux
+        from .channels import ChannelLink
+
+        def accept(c):
+            x = ChannelLink(link, mux, c, shared=limits)
+            adopt(x)
+            return x.session
+        mux = Mux(client=False, accept=accept)
+        return mux
+
     def create_protocol(*args, **kwargs):
         link = SessionLink(*args, **kwargs)
         resets.adopt(link._quic)                # reset tokens that survive a restart of this server
         link.batch = batch[0] if batch else None
         adopt(link)
+        link.on_channels = channels
         return link
 
     def create_stream():

@@ -200,6 +200,8 @@ class Sessions:
         self.buckets: dict[str, tuple] = {}     # id -> (bytes, shards) TokenBuckets of the session
         self.closing = False
         self._expiry = self._ticking = None
+        from .channels import Pool
+        self.pool = Pool(limits)                # its transfers to one server share a QUIC connection
 
     # -- the daemon's start and stop -----------------------------------------------------
     def restore(self) -> None:
@@ -235,6 +237,7 @@ class Sessions:
                 tasks.append(run.task)
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+        await self.pool.close()
 
     # -- what the API asks ---------------------------------------------------------------
     def submit(self, body) -> dict:
@@ -299,6 +302,10 @@ class Sessions:
             raise Conflict(f"transfer {sid} has ended ({r['state']})")
         if "priority" in body:
             r["priority"] = body["priority"]
+            run = self.runs.get(sid)
+            link = getattr(run.stop, "link", None) if run is not None else None
+            if link is not None and hasattr(link, "priority"):
+                link.priority = body["priority"]        # (its class on the shared connection, at once)
         r["limits"].update(limits)
         self._apply_limits(sid)
         self._save(r)
@@ -448,7 +455,7 @@ class Sessions:
         return Transfer(parse_url(r["remote"]), push, r["local"], options, peer_id=o["peer_id"],
                         accept_new=o["accept_new"], timeout=o["timeout"], retry_for=max(0.0, r["expires"] - time.time()),
                         known_peers=Path(self.config_dir) / "known_peers", transport=o["transport"],
-                        limits=(*self.limits, *own))
+                        limits=(*self.limits, *own), priority=r["priority"])
 
     def _apply_limits(self, sid: str) -> None:
         own, r = self.buckets.get(sid), self.records[sid]
@@ -473,7 +480,8 @@ class Sessions:
                 self._save(r, quiet=True)
                 run.stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
                 try:
-                    session = await _once(t, self.identity, report, run.counts, None, attempts.path, run.stop)
+                    session = await _once(t, self.identity, report, run.counts, None, attempts.path, run.stop,
+                                          self.pool)
                 except (ConnectionFailed, TimedOut, BusyError) as exc:
                     outcome = attempts.after(error=exc)
                 else:

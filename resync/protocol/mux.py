@@ -29,7 +29,8 @@ then records ``u16 channel | u8 kind | u32 length | body``:
 - ``PRIORITY`` (either way; body ``u8 class``): the channel's class changed.
 
 A datagram is ``u16 channel | shard``. Channel numbers are the client's,
-from 1, never used twice in a connection; a channel ends when its session
+from 1, never used twice in a connection, none whose low byte is a path MTU
+probe's first (shards.PROBE: probes are the connection's, dropped here); a channel ends when its session
 has ended at this end (its last bytes sent): later datagrams for it are
 dropped. Everything else of a channel's session is as on a connection of
 its own: its proof, the server's checks, its resume.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import struct
 
 from .frames import ProtocolError
+from .shards import PROBE
 
 PREFACE = b"\xffRMX"
 RECORD = struct.Struct("<HBI")
@@ -56,7 +58,7 @@ class Channel:
     scheduler (``passed``: its virtual time, the shards it has sent over its
     share)."""
 
-    __slots__ = ("number", "session", "priority", "passed", "buckets", "on_done", "opened", "stats")
+    __slots__ = ("number", "session", "priority", "passed", "buckets", "on_done", "opened", "stats", "rate_set")
 
     def __init__(self, number: int, session, priority: str):
         self.number, self.session, self.priority = number, session, priority
@@ -64,6 +66,7 @@ class Channel:
         self.buckets: list = []                 # feeder.TokenBuckets its shards pass (its own limits)
         self.on_done = None                     # called once its session has ended and its bytes are out
         self.opened = False                     # (client) its OPEN is sent
+        self.rate_set = False                   # its session's own rate limit (a pull's --bwlimit) is a bucket
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "shards_sent": 0, "shards_received": 0}
 
 
@@ -160,8 +163,12 @@ class Mux:
         Hello is queued); ProtocolError when MAX_CHANNELS are open."""
         if len(self.channels) >= MAX_CHANNELS:
             raise ProtocolError(f"{MAX_CHANNELS} transfers share this connection already")
+        if self._next > 0xFFFF:
+            raise ProtocolError("this connection has carried all the channels it can: a new one is needed")
         c = Channel(self._next, session, priority)
         self._next += 1
+        while self._next & 0xFF == PROBE[0]:    # (a path MTU probe's padding starts with that byte)
+            self._next += 1
         self._adopt(c)
         self._out += RECORD.pack(c.number, OPEN, 1) + bytes([CLASSES.index(priority)])
         c.opened = True
@@ -227,8 +234,8 @@ class Mux:
         del self._in[:pos]
 
     def receive_datagram(self, data: bytes, now: float) -> None:
-        if len(data) < OVERHEAD:
-            return
+        if len(data) < OVERHEAD or data[0] == PROBE[0]:
+            return                              # (a path MTU probe's padding: no channel's)
         c = self.channels.get(CHANNEL.unpack_from(data)[0])
         if c is not None:
             self.stats["datagrams_received"] += 1
@@ -305,6 +312,10 @@ class Mux:
         return out
 
     def _take(self, c: Channel, now: float, want: int, size: int, allowance) -> list[bytes]:
+        if not c.rate_set and getattr(c.session, "rate_limit", 0):
+            from ..net.feeder import TokenBucket
+            c.buckets = [*c.buckets, TokenBucket(c.session.rate_limit)]     # (a pull's --bwlimit, or the
+            c.rate_set = True                                                #  server's own: its Hello's)
         if c.buckets:
             want = allowance([b for b in c.buckets if b.rate], want, size)
         if want <= 0:
@@ -336,11 +347,17 @@ class Mux:
                 c.session.handle_timer(now)
 
     def fail(self, exc, tell_peer: bool = True) -> None:
-        """Every session fails (the connection is being given up)."""
+        """Every session fails (the connection is being given up); the mux is finished."""
         for c in list(self.channels.values()):
             c.session.fail(exc, tell_peer)
-        self.error = exc
+        self.error, self.finished = exc, True
 
     def connection_lost(self, why: str) -> None:
-        for c in list(self.channels.values()):
+        """The connection is gone: every session is told (each ends as cut);
+        the mux is finished."""
+        for number, c in list(self.channels.items()):
             c.session.connection_lost(why)
+            del self.channels[number]
+            if c.on_done is not None:
+                c.on_done()
+        self.finished = True
