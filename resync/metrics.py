@@ -30,6 +30,8 @@ _COUNTED = (
     ("resync_shards_sent", "Shards (content datagrams) this daemon sent, parity and repairs included.",
      "shards_sent"),
     ("resync_shards_received", "Shards this daemon received.", "shards_received"),
+    ("resync_shards_lost", "Shards this daemon sent over QUIC in packets declared lost (their stripes' parity, "
+     "or a repair, made up for them).", "shards_lost"),
     ("resync_stripes_repaired", "Stripes the receiving end asked to be repaired (their parity was not enough).",
      "stripes_repaired"),
     ("resync_shards_recovered", "Data shards the receiving end rebuilt from parity (lost, corrupt or late on the "

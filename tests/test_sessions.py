@@ -274,7 +274,8 @@ def test_the_highest_priority_waiting_starts_first_and_a_ttl_expires_a_session(p
 def test_pausing_everything_cuts_inbound_transfers_until_resumed_and_limits_change_at_run_time(pair, tmp_path):
     """POST /api/v1/pause: the daemon's own paused, an inbound push cut and
     its client told busy (it retries) until POST /api/v1/resume, then it
-    completes; PUT /api/v1/limits slows what the daemon sends at once."""
+    completes; PUT /api/v1/limits slows what the daemon sends at once, in
+    bytes and in shards a second."""
     a, c = pair
     src = tmp_path / "src"
     _tree(src, 16, files=20)
@@ -312,6 +313,14 @@ def test_pausing_everything_cuts_inbound_transfers_until_resumed_and_limits_chan
         assert r.returncode == 0, r.stderr
         assert took > 2.0, took                 # ~3 s at a third of the tree a second (0.1 s without)
         assert _call(url, key, "/api/v1/limits", "PUT", {"bytes_per_second": 0})[1]["bytes_per_second"] == 0
+        # and in shards a second, over QUIC (a shard: ~1.3 KB)
+        assert _call(url, key, "/api/v1/limits", "PUT", {"shards_per_second": 1000})[0] == 200
+        started = time.monotonic()
+        r = c.run("sync", sa.url("own", "in"), tmp_path / "back2", "--peer-id", a.id, "--transport", "quic")
+        took = time.monotonic() - started
+        assert r.returncode == 0, r.stderr
+        assert took > 1.5, took                 # ~2.5 s for the tree's 2,600 shards (0.5 s without)
+        _same(src, tmp_path / "back2")
 
 
 def test_transfers_to_one_server_share_a_connection_and_pause_cancel_or_lose_it_one_by_one(pair, tmp_path):

@@ -135,6 +135,7 @@ class ChannelLink:
         return {**t, "udp_bytes_sent": c["bytes_sent"] + c["shards_sent"] * size,
                 "udp_bytes_received": c["bytes_received"] + c["shards_received"] * size,
                 "udp_packets_sent": c["shards_sent"], "udp_packets_received": c["shards_received"],
+                "shards_lost": c["shards_lost"],
                 "channel": self.channel.number, "shared_connection": True}
 
 
@@ -182,8 +183,8 @@ class _Connection:
 
     def closed(self) -> bool:
         """Whether it takes no more channels (ended, or out of channel numbers)."""
-        return self.task.done() or (self.link is not None and self.link.closed_event.is_set()) \
-            or self.mux._next > 0xFF00
+        return self.task.done() or self._end.is_set() or self.mux._next > 0xFF00 \
+            or (self.link is not None and self.link.closed_event.is_set())
 
     async def ready(self, stop) -> None:
         await asyncio.shield(self._ready)

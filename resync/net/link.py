@@ -216,7 +216,43 @@ class SessionLink(QuicConnectionProtocol):
         self.paths = PathSearch(self)           # the path MTU search: the packet size
         self.on_channels = None                 # (server) makes the Mux of a connection whose client opens
         self._sniff: bytearray | None = None    # channels (net.channels), from its first bytes
+        self.shards_lost = 0                    # shards in packets QUIC declared lost
+        self._count_lost_shards()
         self.liveness = Liveness(self)          # PINGs after a tail loss, keepalive; redundant sends
+
+    def _count_lost_shards(self) -> None:
+        """Give each DATAGRAM frame aioquic writes a delivery handler (it
+        gives them none: datagrams are never sent again), so that a shard in
+        a packet declared lost is counted: ``shards_lost``, and the channel's
+        own count on a connection of channels. aioquic's writer calls the
+        packet builder's ``start_frame``; the handler rides on that call."""
+        quic = self._quic
+        write = getattr(quic, "_write_datagram_frame", None)
+        if write is None:
+            return
+
+        def write_counted(builder, data, frame_type):
+            start = builder.start_frame
+
+            def start_frame(kind, capacity=1, handler=None, handler_args=()):
+                return start(kind, capacity, self._datagram_delivered, (bytes(data[:2]),))
+            builder.start_frame = start_frame
+            try:
+                return write(builder=builder, data=data, frame_type=frame_type)
+            finally:
+                del builder.start_frame
+        quic._write_datagram_frame = write_counted
+
+    def _datagram_delivered(self, delivery, head: bytes) -> None:
+        from aioquic.quic.packet_builder import QuicDeliveryState
+
+        from ..protocol.shards import PROBE
+        if delivery != QuicDeliveryState.LOST or head[:1] == PROBE:
+            return                              # (a path MTU probe's loss is the search's business)
+        self.shards_lost += 1
+        lost = getattr(self.session, "lost", None)      # (a Mux: the channel's count)
+        if lost is not None:
+            lost(head)
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -388,6 +424,7 @@ class SessionLink(QuicConnectionProtocol):
         cc = controller_of(self._quic)
         out["packets_lost"] = cc.packets_lost if cc is not None else 0
         out["rtt_ms"] = round(self._smoothed_rtt() * 1000, 2)
+        out["shards_lost"] = self.shards_lost
         out["path_mtu"] = self.paths.datagram_size      # bytes of UDP payload per packet at the end (pmtu)
         out["pmtu_probes"] = self.paths.pmtu.probes
         return out

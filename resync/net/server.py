@@ -395,7 +395,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 metrics.ended(_direction(session), session.module.name, state, time.monotonic() - session.taken_at,
                               dict(row, bytes_sent=row.get("udp_bytes_sent") or row.get("tcp_bytes_sent"),
                                    bytes_received=row.get("udp_bytes_received") or row.get("tcp_bytes_received"),
-                                   shards_recovered=session.result.get("shards_recovered")))
+                                   shards_recovered=session.result.get("shards_recovered"),
+                                   shards_lost=link.transport_stats().get("shards_lost")))
             recorder = getattr(session, "recorder", None)
             if recorder is not None:
                 recorder.finish(status, _Stats(session.result) if session.error is None else None, transfer=row)

@@ -95,7 +95,7 @@ def parse_submission(body, now: float) -> dict:
         value = body.get(key, default)
         if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
             raise ValueError(f"{key}: expected {_kind_name(kind)}")
-        spec[key] = value
+        spec[key] = list(value) if isinstance(value, list) else value
     if spec["source"] is None or spec["destination"] is None:
         raise ValueError("source and destination are required")
     try:
@@ -566,7 +566,8 @@ class Sessions:
         if self.metrics is not None:
             self.metrics.ended(r["direction"], r["module"], "completed", result.get("duration") or 0,
                                dict(row, bytes_sent=result.get("bytes_on_wire_sent"),
-                                    bytes_received=result.get("bytes_on_wire_received")), running=False)
+                                    bytes_received=result.get("bytes_on_wire_received"),
+                                    shards_lost=wire.get("shards_lost")), running=False)
         self._end(r, "completed", str(error) if error is not None else None,
                   error.exit_code if error is not None else 0)
 

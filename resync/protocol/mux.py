@@ -67,7 +67,8 @@ class Channel:
         self.on_done = None                     # called once its session has ended and its bytes are out
         self.opened = False                     # (client) its OPEN is sent
         self.rate_set = False                   # its session's own rate limit (a pull's --bwlimit) is a bucket
-        self.stats = {"bytes_sent": 0, "bytes_received": 0, "shards_sent": 0, "shards_received": 0}
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "shards_sent": 0, "shards_received": 0,
+                      "shards_lost": 0}
 
 
 class Mux:
@@ -331,6 +332,13 @@ class Mux:
         out = [head + s for s in shards]
         self.stats["datagram_bytes_sent"] += sum(len(d) for d in out)
         return out
+
+    def lost(self, head: bytes) -> None:
+        """A datagram that began ``head`` (its channel number) was lost on the way."""
+        if len(head) >= OVERHEAD:
+            c = self.channels.get(CHANNEL.unpack_from(head)[0])
+            if c is not None:
+                c.stats["shards_lost"] += 1
 
     def observe_loss(self, lost: int, sent: int) -> None:
         for c in self.channels.values():
