@@ -193,30 +193,15 @@ class _Connection:
         from aioquic.asyncio import connect
 
         from ..errors import ConnectionFailed, TimedOut
-        from . import warm_up
-        from .client import HANDSHAKE_TIMEOUT, pinned_certificate
-        from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink, configuration
+        from .client import handshake
+        from .link import SessionLink, configuration
         remote = t.remote
         config = configuration(identity, is_client=True, idle_timeout=max(10.0, t.timeout))
         try:
             async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                                wait_connected=False) as link:
                 self.link = link
-                link.batch = PacketBatch(link, link._transport)
-                link.handshake_copies(HANDSHAKE_COPIES)
-                link.transmit()
-                warm_up()
-                wait = min(t.timeout, HANDSHAKE_TIMEOUT)
-                try:
-                    await asyncio.wait_for(link.wait_connected(), wait)
-                except asyncio.TimeoutError:
-                    waiter = getattr(link, "_connected_waiter", None)
-                    if waiter is not None:
-                        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-                    raise TimedOut(f"{remote.address} did not answer the handshake within {wait:.0f} s") from None
-                except ConnectionError:
-                    raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
-                self.cert = pinned_certificate(link)
+                self.cert = await handshake(link, remote, t.timeout)
                 link.feeder.limits = list(self.pool.limits)
                 link.on_session_done = None
                 link.start(self.mux, link._quic.get_next_available_stream_id())

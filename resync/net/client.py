@@ -195,31 +195,41 @@ class _Stop:
             self.link.leave()
 
 
+async def handshake(link, remote: Remote, timeout: float) -> bytes:
+    """The QUIC handshake of the new connection ``link`` (aioquic's connect
+    leaves its ClientHello unsent), each packet sent HANDSHAKE_COPIES
+    times; the certificate the server presented. TimedOut when it does not
+    answer within ``timeout`` (at most HANDSHAKE_TIMEOUT), ConnectionFailed
+    when it refuses."""
+    from . import warm_up
+    from .link import HANDSHAKE_COPIES, PacketBatch
+    link.batch = PacketBatch(link, link._transport)
+    link.handshake_copies(HANDSHAKE_COPIES)
+    link.transmit()
+    warm_up()                                   # (while the ClientHello crosses: the wait hides it)
+    wait = min(timeout, HANDSHAKE_TIMEOUT)
+    try:
+        await asyncio.wait_for(link.wait_connected(), wait)
+    except asyncio.TimeoutError:
+        waiter = getattr(link, "_connected_waiter", None)       # fails later, as the link closes:
+        if waiter is not None:                                   # nobody else will look at it
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise TimedOut(f"{remote.address} did not answer the handshake within {wait:.0f} s") from None
+    except ConnectionError:
+        raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
+    return pinned_certificate(link)
+
+
 async def _connected(t: Transfer, identity, report, meter, on_note, path, config, connect,
                      stop: _Stop) -> ClientSession:
-    from .link import HANDSHAKE_COPIES, PacketBatch, SessionLink
-    remote, timeout = t.remote, t.timeout
+    from .link import SessionLink
+    remote = t.remote
     try:
         async with connect(remote.host, remote.port, configuration=config, create_protocol=SessionLink,
                            wait_connected=False) as link:
             stop.link = link
-            link.batch = PacketBatch(link, link._transport)
-            link.handshake_copies(HANDSHAKE_COPIES)
-            link.transmit()                         # connect() left the ClientHello unsent
-            from . import warm_up
-            warm_up()                               # (while the ClientHello crosses: the wait hides it)
-            wait = min(timeout, HANDSHAKE_TIMEOUT)
-            try:
-                await asyncio.wait_for(link.wait_connected(), wait)
-            except asyncio.TimeoutError:
-                waiter = getattr(link, "_connected_waiter", None)       # fails later, as the link closes:
-                if waiter is not None:                                   # nobody else will look at it
-                    waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
-                raise TimedOut(f"{remote.address} did not answer the handshake within {wait:.0f} s") from None
-            except ConnectionError:
-                raise ConnectionFailed(f"{remote.address}: {link.close_reason or 'refused'}") from None
-            return await _session_over(link, pinned_certificate(link), t, identity, report, meter, on_note, path,
-                                       stop)
+            cert = await handshake(link, remote, t.timeout)
+            return await _session_over(link, cert, t, identity, report, meter, on_note, path, stop)
     except OSError as exc:
         raise ConnectionFailed(f"{remote.address}: {exc.strerror or exc}") from None
 

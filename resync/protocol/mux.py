@@ -71,6 +71,27 @@ class Channel:
                       "shards_lost": 0}
 
 
+class _Passed:
+    """An attribute the transport sets on the session it drives (Session's
+    ``rtt``, ``shard_size``, ``path_settled``, ``reliable``): kept by the Mux
+    and set on each of its sessions (``adjust`` added), those to come too."""
+
+    def __init__(self, name: str, adjust: int = 0):
+        self.name, self.adjust = name, adjust
+
+    def __get__(self, mux, owner=None):
+        return self if mux is None else mux.passed[self.name]
+
+    def __set__(self, mux, value) -> None:
+        mux.passed[self.name] = value
+        for c in mux.channels.values():
+            setattr(c.session, self.name, value + self.adjust if self.adjust else value)
+
+    def given(self, mux, session) -> None:
+        value = mux.passed[self.name]
+        setattr(session, self.name, value + self.adjust if self.adjust else value)
+
+
 class Mux:
     """The sessions of one connection, presented to the transport as one
     session (the surface net's links drive: ``receive_stream``,
@@ -95,50 +116,15 @@ class Mux:
         self._in = bytearray()
         self._out = bytearray(PREFACE if client else b"")
         self._preface = not client               # (server) the preface is still to be read
-        self._rtt, self._shard_size, self._settled, self._reliable = 0.05, 1296, True, False
+        self.passed = {"rtt": 0.05, "shard_size": 1296, "path_settled": True, "reliable": False}
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
                       "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
-    # -- what the transport sets: passed to every session -------------------------------
-    def _each(self, name: str, value) -> None:
-        for c in self.channels.values():
-            setattr(c.session, name, value)
-
-    @property
-    def rtt(self) -> float:
-        return self._rtt
-
-    @rtt.setter
-    def rtt(self, value: float) -> None:
-        self._rtt = value
-        self._each("rtt", value)
-
-    @property
-    def shard_size(self) -> int:
-        return self._shard_size
-
-    @shard_size.setter
-    def shard_size(self, value: int) -> None:
-        self._shard_size = value
-        self._each("shard_size", value - OVERHEAD)
-
-    @property
-    def path_settled(self) -> bool:
-        return self._settled
-
-    @path_settled.setter
-    def path_settled(self, value: bool) -> None:
-        self._settled = value
-        self._each("path_settled", value)
-
-    @property
-    def reliable(self) -> bool:
-        return self._reliable
-
-    @reliable.setter
-    def reliable(self, value: bool) -> None:
-        self._reliable = value
-        self._each("reliable", value)
+    # -- what the transport sets: passed to every session (see _Passed) -----------------
+    rtt = _Passed("rtt")
+    shard_size = _Passed("shard_size", -OVERHEAD)      # (each datagram carries its channel number)
+    path_settled = _Passed("path_settled")
+    reliable = _Passed("reliable")
 
     @property
     def authenticated(self) -> bool:
@@ -154,9 +140,8 @@ class Mux:
 
     # -- channels -------------------------------------------------------------------------
     def _adopt(self, c: Channel) -> None:
-        s = c.session
-        s.rtt, s.shard_size, s.path_settled, s.reliable = self._rtt, self._shard_size - OVERHEAD, \
-            self._settled, self._reliable
+        for passed in (Mux.rtt, Mux.shard_size, Mux.path_settled, Mux.reliable):
+            passed.given(self, c.session)
         self.channels[c.number] = c
 
     def open(self, session, priority: str = "normal") -> Channel:
@@ -286,7 +271,7 @@ class Mux:
             c.passed = max(c.passed, self._present)
         order = {c.number: (CLASSES.index(c.priority), c.number) for c in live}
         out: list[bytes] = []
-        size = self._shard_size
+        size = self.shard_size
         active = live
         while active and len(out) < limit:
             given = dict.fromkeys((c.number for c in active), 0)
