@@ -198,6 +198,30 @@ def test_pause_resume_and_cancel_in_the_middle_lose_nothing_and_resend_nothing(p
         assert kinds[-1] == "TransferEnded"
 
 
+def test_a_running_transfers_own_limit_changes_at_once(pair, tmp_path):
+    """PATCH of a running transfer's bytes_per_second: held to 100 KB/s its
+    tree would take half a minute; lifted, it completes within seconds."""
+    a, b = pair
+    src = tmp_path / "src"
+    _tree(src, 17, files=10)
+    (tmp_path / "mb").mkdir()
+    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb, \
+            _daemon(a, tmp_path / "ma", b.id):
+        url, key = _api_of(a)
+        tid = _call(url, key, "/api/v1/transfers", "POST", {"source": str(src), "destination": sb.url("m", "d"),
+                                                             "peer_id": b.id, "bytes_per_second": 100_000})[1]["id"]
+        _until(url, key, tid, lambda t: t["state"] == "active" and t["progress"]["bytes_done"] > 0)
+        time.sleep(1.0)
+        slow = _call(url, key, f"/api/v1/transfers/{tid}")[1]["progress"]["bytes_done"]
+        assert slow < 400_000, slow
+        code, t = _call(url, key, f"/api/v1/transfers/{tid}", "PATCH", {"bytes_per_second": 0})
+        assert code == 200 and t["limits"]["bytes_per_second"] == 0
+        started = time.monotonic()
+        _until(url, key, tid, lambda t: t["state"] == "completed", 30)
+        assert time.monotonic() - started < 8
+        _same(src, tmp_path / "mb" / "d")
+
+
 def test_sessions_survive_the_daemons_sigkill_and_the_running_one_resumes(pair, tmp_path):
     """kill -9 of the daemon in the middle of a push: started again, it
     takes the session up from the server's checkpoints (what had arrived is
