@@ -9,7 +9,11 @@ from .options import say
 @click.option("--rotate", is_flag=True,
               help="Make a new key (the old one kept beside it as key.pem.old-STAMP); print both IDs and "
                    "what the peers must change.")
-def command(config_dir, rotate):
+@click.option("--card", is_flag=True,
+              help="Print this machine's card instead: its device key and its exchange key (X25519, made "
+                   "once), signed, in one line of base64 — what a source needs to seal envelopes to it "
+                   "(docs/relay.md); checked against its device ID wherever it is used.")
+def command(config_dir, rotate, card):
     """Print this machine's device ID (made once: an Ed25519 key and a
     self-signed certificate, mode 0600, in the config directory).
 
@@ -22,6 +26,13 @@ def command(config_dir, rotate):
 
     from ..identity import load_identity, rotate_identity
     directory = Path(config_dir) if config_dir else None
+    if card and rotate:
+        from ..errors import UsageError
+        raise UsageError("--card and --rotate: one at a time")
+    if card:
+        from ..relay.keys import load_exchange_key, make_card
+        say(make_card(load_identity(directory, create=True), load_exchange_key(directory, create=True)).text())
+        return
     if not rotate:
         say(load_identity(directory, create=True).device_id)
         return
