@@ -134,6 +134,37 @@ def _self_signed(key, common_name: str):
             .sign(key, None))
 
 
+def private_key(path: Path, kind, create: bool, missing: str):
+    """The PEM private key at ``path``, of class ``kind`` (cryptography's
+    Ed25519PrivateKey, X25519PrivateKey: made with its ``generate`` if
+    ``create`` and it does not exist, mode 0600 from the start).
+    IdentityError if it is missing (``missing`` says how to make it),
+    unreadable, readable by others, or not a ``kind`` key."""
+    from cryptography.hazmat.primitives import serialization
+    if not path.exists():
+        if not create:
+            raise IdentityError(f"{path}: {missing}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_private(path, kind.generate().private_bytes(serialization.Encoding.PEM,
+                                                               serialization.PrivateFormat.PKCS8,
+                                                               serialization.NoEncryption()))
+        except OSError as exc:
+            raise IdentityError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        st = path.stat()
+        if st.st_mode & 0o077:
+            raise IdentityError(f"{path}: readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise IdentityError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise IdentityError(f"{path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, kind):
+        raise IdentityError(f"{path}: not an {kind.__name__.replace('PrivateKey', '')} key")
+    return key
+
+
 def load_identity(directory: Path | None = None, create: bool = False) -> Identity:
     """This machine's identity from ``directory`` (default: config_dir()),
     made there first if ``create`` and it does not exist. IdentityError if it
@@ -143,29 +174,7 @@ def load_identity(directory: Path | None = None, create: bool = False) -> Identi
     from cryptography import x509
     d = directory or config_dir()
     key_path, cert_path = d / "key.pem", d / "cert.pem"
-    if not key_path.exists():
-        if not create:
-            raise IdentityError(f"{key_path}: no identity yet (run `resync id` to create one)")
-        try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            key = ed25519.Ed25519PrivateKey.generate()
-            _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-        except OSError as exc:
-            raise IdentityError(f"{key_path}: {exc.strerror or exc}") from None
-    try:
-        st = key_path.stat()
-        if st.st_mode & 0o077:
-            raise IdentityError(f"{key_path}: readable by others (mode {st.st_mode & 0o777:o}); "
-                                f"chmod 600 it")
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as exc:
-        raise IdentityError(f"{key_path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise IdentityError(f"{key_path}: not a PEM private key ({exc})") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise IdentityError(f"{key_path}: not an Ed25519 key")
+    key = private_key(key_path, ed25519.Ed25519PrivateKey, create, "no identity yet (run `resync id` to create one)")
     cert = None
     if cert_path.exists():
         try:

@@ -59,34 +59,11 @@ def load_exchange_key(directory: Path | None = None, create: bool = False):
     from ``directory`` (default: config_dir()), made there first if
     ``create``. IdentityError if it is missing (and not ``create``),
     unreadable, readable by others, or not an X25519 key."""
-    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import x25519
 
-    from ..identity import _write_private
-    d = directory or config_dir()
-    path = d / KEY_FILE
-    if not path.exists():
-        if not create:
-            raise IdentityError(f"{path}: no exchange key yet (run `resync id --card` to make one)")
-        try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            key = x25519.X25519PrivateKey.generate()
-            _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-        except OSError as exc:
-            raise IdentityError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        st = path.stat()
-        if st.st_mode & 0o077:
-            raise IdentityError(f"{path}: readable by others (mode {st.st_mode & 0o777:o}); chmod 600 it")
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise IdentityError(f"{path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise IdentityError(f"{path}: not a PEM private key ({exc})") from None
-    if not isinstance(key, x25519.X25519PrivateKey):
-        raise IdentityError(f"{path}: not an X25519 key")
-    return key
+    from ..identity import private_key
+    return private_key((directory or config_dir()) / KEY_FILE, x25519.X25519PrivateKey, create,
+                       "no exchange key yet (run `resync id --card` to make one)")
 
 
 def make_card(identity, exchange_key) -> Card:
