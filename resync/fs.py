@@ -43,14 +43,17 @@ def raise_os_error(path, exc: OSError):
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int]:
+def atomic_output(path: str | os.PathLike, durable: bool = True, mode: int | None = None) -> Iterator[int]:
     """Yield a file descriptor whose contents replace ``path`` only if the block
     completes: then the data is fsynced and renamed over ``path`` and the
-    directory is fsynced. On any exception the temp file is removed and
-    ``path`` keeps its old contents. A new file gets mode 0666 & ~umask; a
-    replaced file keeps its mode. ``durable=False`` skips both fsyncs, for a
-    caller that makes a whole batch durable at once (``syncfs``) or writes
-    scratch files.
+    directory is fsynced. On any exception the temp file (TEMP_PREFIX, in
+    the same directory) is removed and ``path`` keeps its old contents. A new
+    file gets mode 0666 & ~umask, a replaced file keeps its mode — or
+    ``mode`` when given (the temp file is 0600 from the start: a secret is
+    never readable by others on the way). ``durable=False`` skips both
+    fsyncs, for a caller that makes a whole batch durable at once
+    (``syncfs``) or writes scratch files. NoSpaceError (exit 6) for a full
+    file system, FileError (exit 3) for any other failure.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -58,9 +61,9 @@ def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int
         st = os.stat(path)
         if stat.S_ISDIR(st.st_mode):
             raise FileError(path, "is a directory")
-        mode = stat.S_IMODE(st.st_mode)
+        mode = stat.S_IMODE(st.st_mode) if mode is None else mode
     except FileNotFoundError:
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~_umask() if mode is None else mode
     except OSError as exc:
         raise_os_error(path, exc)
     try:
@@ -94,6 +97,13 @@ def atomic_output(path: str | os.PathLike, durable: bool = True) -> Iterator[int
         _fsync_dir(directory)
     except OSError as exc:
         raise_os_error(directory, exc)
+
+
+def write_durable(path: str | os.PathLike, data, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (``atomic_output``:
+    temp file, fsync, rename, directory fsync; its errors and ``mode``)."""
+    with atomic_output(path, mode=mode) as fd:
+        write_all(fd, data)
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:

@@ -106,17 +106,13 @@ class Identity:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the start, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Write ``data`` to ``path`` with mode 0600 from the start, atomically
+    and durably; IdentityError (exit 3) if it cannot be."""
+    from .fs import write_durable
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write_durable(path, data, mode=0o600)
+    except ResyncError as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def _self_signed(key, common_name: str):

@@ -36,25 +36,14 @@ class SessionStore:
     def save(self, record: dict) -> None:
         """Write ``record`` (a JSON object with an ``id`` of hex digits) in
         place of the one before, atomically and durably."""
-        path = self._path(record["id"])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from ..errors import ResyncError
+        from ..fs import write_durable
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, json.dumps(record, sort_keys=True).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            self._sync_directory()
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise HistoryError(self.directory, f"cannot record session {record['id']}: {exc.strerror or exc}") \
-                from None
+            write_durable(self._path(record["id"]), json.dumps(record, sort_keys=True).encode(), mode=0o600)
+        except (OSError, ResyncError) as exc:
+            raise HistoryError(self.directory, f"cannot record session {record['id']}: "
+                                               f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def remove(self, session_id: str) -> None:
         try:
@@ -84,9 +73,10 @@ class SessionStore:
             return [], []
         except OSError as exc:
             raise HistoryError(self.directory, f"cannot read the sessions: {exc.strerror or exc}") from None
+        from ..fs import TEMP_PREFIX
         for name in names:
             path = self.directory / name
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(TEMP_PREFIX):
                 try:
                     path.unlink()
                 except OSError:

@@ -1,0 +1,310 @@
+"""A relay's spool: the sealed envelopes it holds in custody (docs/relay.md),
+on disk, with what it must remember of each — and of those it gave up —
+so that a relay killed at any moment finds every envelope whole or absent.
+
+Layout, in the spool's directory (one file system: renames are atomic):
+
+- ``envelopes/ID`` — an envelope's bytes (its hop part as it arrived), named
+  by its id (hex BLAKE3 of the bytes no relay may change);
+- ``envelopes/ID.json`` — what the relay knows of it (``Held``), replaced
+  atomically as it changes;
+- ``tombstones/ID`` — an envelope delivered or removed, kept until its
+  expiry so that a copy arriving again (another relay, a disk, a replay)
+  is refused as a duplicate;
+- every file is written beside its name (fs.atomic_output: a temporary
+  file, fsync, rename, directory fsync — NNCP's spool and RFC 9171's
+  custody ask no less); a temporary file a crash left is removed at the
+  next start;
+- ``events.ndjson`` — every custody taken, refusal, forward, expiry and
+  removal, with its reason, one JSON object a line.
+
+Admission never evicts: an envelope that would pass the cap or leave the
+disk with less than ``min_free`` bytes is refused ("storage depleted") and
+its sender keeps custody (ION's and DTN Marshall Enterprise's rule).
+Envelopes are kept until their lifetime ends — the source's expiry, or the
+relay's ``max_hold`` if shorter (recorded as such: RFC 9171's lifetime
+override) —, never dropped after a number of failed forwards: those are
+marked stuck and tried less often.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import ResyncError
+
+MIN_FREE = 64 << 20               # bytes the disk keeps free whatever the cap
+BACKOFF_FIRST = 10_000            # ms before a failed forward is tried again, doubling ...
+BACKOFF_CAP = 3_600_000           # ... to an hour at most (with jitter: 50-100 %)
+STUCK_AFTER = 8                   # failed forwards after which an envelope is marked stuck (and kept)
+PRIORITY_ORDER = {"critical": 0, "high": 1, "normal": 2}
+
+
+class Refused(ResyncError):
+    """refused: {}"""
+
+    exit_code = 13
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+@dataclass
+class Held:
+    """An envelope in custody: its id (hex), size, header's routing fields,
+    when it arrived and from whom, its effective expiry (and whether the
+    relay's hold time shortened it), and its forwarding state."""
+
+    id: str
+    size: int
+    destination: str                       # hex device hash
+    source: str                            # hex device hash of the source
+    priority: str
+    created: int                           # ms (the source's clock)
+    expires: int                           # ms: when this relay gives it up
+    source_expires: int                    # ms: the source's expiry
+    shortened: bool                        # the relay's max_hold ended it before the source's expiry
+    received: int                          # ms (this relay's clock)
+    previous: str                          # hex device hash of the node it came from
+    hops: int
+    attempts: int = 0
+    next_attempt: int = 0                  # ms
+    stuck: bool = False
+    last_error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Spool:
+    """The envelopes a relay holds in ``directory`` (made 0700), at most
+    ``cap`` bytes of them (0: the disk's free space only), each kept at
+    most ``max_hold`` ms (0: until the source's expiry)."""
+
+    def __init__(self, directory: str | os.PathLike, cap: int = 0, max_hold: int = 0, min_free: int = MIN_FREE):
+        self.root = Path(directory)
+        self.cap, self.max_hold, self.min_free = cap, max_hold, min_free
+        self.envelopes, self.tombstones = self.root / "envelopes", self.root / "tombstones"
+        for d in (self.root, self.envelopes, self.tombstones):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.index: dict[str, Held] = {}
+        self.recover()
+
+    # -- start ------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """What a crash left: temporary files removed, an envelope without
+        its record verified and indexed again (one that does not verify is
+        removed), a record without its envelope dropped. Lines saying what
+        was done."""
+        from ..fs import TEMP_PREFIX
+        from ..relay.envelope import EnvelopeError, parse, verify
+        said = []
+        for d in (self.envelopes, self.tombstones):
+            for p in d.glob(TEMP_PREFIX + "*"):
+                p.unlink(missing_ok=True)
+                said.append(f"removed a partial write: {p.name}")
+        self.index = {}
+        names = {p.name for p in self.envelopes.iterdir()}
+        for name in sorted(names):
+            if name.endswith(".json"):
+                if name[:-5] not in names:
+                    (self.envelopes / name).unlink(missing_ok=True)
+                    said.append(f"dropped the record of a missing envelope {name[:-5]}")
+                continue
+            record = self.envelopes / (name + ".json")
+            try:
+                self.index[name] = Held(**json.loads(record.read_text()))
+                continue
+            except (OSError, ValueError, TypeError):
+                pass
+            try:
+                env = parse((self.envelopes / name).read_bytes())
+                verify(env)
+                if env.id.hex() != name:
+                    raise EnvelopeError("its id is not its name")
+            except (OSError, EnvelopeError) as exc:
+                (self.envelopes / name).unlink(missing_ok=True)
+                said.append(f"removed {name}: {exc}")
+                continue
+            self.index[name] = self._held(env, len(env.to_bytes()), _now_ms(), env.hops.previous)
+            self._save(self.index[name])
+            said.append(f"indexed {name} again")
+        for line in said:
+            self._event("recovered", "", line)
+        return said
+
+    # -- custody ----------------------------------------------------------------------
+    def used(self) -> int:
+        return sum(h.size for h in self.index.values())
+
+    def _held(self, env, size: int, now: int, previous: bytes) -> Held:
+        h = env.header
+        expires, shortened = h.expires, False
+        if self.max_hold and now + self.max_hold < h.expires:
+            expires, shortened = now + self.max_hold, True
+        from ..relay.keys import key_hash
+        return Held(env.id.hex(), size, h.destination.hex(), key_hash(h.source).hex(), h.priority, h.created,
+                    expires, h.expires, shortened, now, previous.hex(), env.hops.count)
+
+    def admit(self, env, size: int, now: int | None = None) -> None:
+        """Whether the relay may take custody of ``env`` (``size`` bytes):
+        Refused with its reason — ``expired`` (on arrival), ``hop limit``,
+        ``duplicate`` (held, or delivered or removed before its expiry),
+        ``storage depleted`` (the cap, or the disk's free space)."""
+        now = _now_ms() if now is None else now
+        h, key = env.header, env.id.hex()
+        if h.expires <= now:
+            raise Refused("expired", "its lifetime ended before it arrived")
+        if env.hops.count >= h.hop_limit:
+            raise Refused("hop limit", f"{env.hops.count} hops of {h.hop_limit}")
+        if key in self.index:
+            raise Refused("duplicate", "held here already")
+        if self._tombstone(key, now):
+            raise Refused("duplicate", "delivered or removed here before")
+        if self.cap and self.used() + size > self.cap:
+            raise Refused("storage depleted", f"{self.used() + size} bytes would pass the cap of {self.cap}")
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < size + self.min_free:
+            raise Refused("storage depleted", f"the disk has {st.f_bavail * st.f_frsize} bytes free")
+
+    def put(self, data: bytes, previous: bytes = bytes(32), now: int | None = None) -> Held:
+        """Take custody of the envelope ``data`` from node ``previous`` (its
+        device hash): verified (EnvelopeError), admitted (Refused), written
+        durably, indexed, recorded. A full disk on the way is a refusal
+        ("storage depleted") with nothing left behind."""
+        from ..relay.envelope import parse, verify
+        now = _now_ms() if now is None else now
+        env = parse(data)
+        verify(env)
+        try:
+            self.admit(env, len(data), now)
+        except Refused as exc:
+            self._event("refused", env.id.hex(), str(exc), reason=exc.reason)
+            raise
+        held = self._held(env, len(data), now, previous)
+        from ..errors import NoSpaceError
+        try:
+            self._save(held)                    # (a crash before the envelope is in: a record alone, dropped)
+            self._write(self.envelopes / held.id, data)
+        except NoSpaceError:
+            for p in (self.envelopes / held.id, self.envelopes / (held.id + ".json")):
+                p.unlink(missing_ok=True)
+            self._event("refused", held.id, "the disk filled while it was written", reason="storage depleted")
+            raise Refused("storage depleted", "the disk filled while it was written") from None
+        self.index[held.id] = held
+        self._event("taken", held.id, f"{held.size} bytes from {held.previous[:16]}", priority=held.priority,
+                    expires=held.expires, shortened=held.shortened)
+        return held
+
+    def read(self, key: str) -> bytes:
+        return (self.envelopes / key).read_bytes()
+
+    def due(self, now: int | None = None, destination: str | None = None) -> list[Held]:
+        """The envelopes to forward now (not waiting out a backoff), in
+        priority order, oldest first within a class; ``destination``: those
+        for one device (hex device hash)."""
+        now = _now_ms() if now is None else now
+        out = [h for h in self.index.values() if h.next_attempt <= now and h.expires > now
+               and (destination is None or h.destination == destination)]
+        return sorted(out, key=lambda h: (PRIORITY_ORDER[h.priority], h.created, h.id))
+
+    def failed(self, key: str, error: str, now: int | None = None, rng: random.Random | None = None) -> Held:
+        """A forward of ``key`` failed: tried again after a backoff (doubling,
+        with jitter); after STUCK_AFTER failures it is marked stuck — kept
+        until its expiry, tried at the backoff's cap."""
+        now = _now_ms() if now is None else now
+        h = self.index[key]
+        h.attempts += 1
+        wait = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (h.attempts - 1)) * (rng or random).uniform(0.5, 1.0)
+        h.next_attempt, h.last_error = now + int(wait), error
+        if h.attempts >= STUCK_AFTER and not h.stuck:
+            h.stuck = True
+            self._event("stuck", key, f"{h.attempts} forwards failed; kept until it expires: {error}")
+        self._save(h)
+        return h
+
+    def remove(self, key: str, reason: str, now: int | None = None) -> None:
+        """Give up custody of ``key`` (``reason``: delivered — the next hop
+        acknowledged it —, expired, removed by the operator ...): its bytes
+        deleted, a tombstone kept until its expiry, the event recorded."""
+        now = _now_ms() if now is None else now
+        h = self.index.pop(key, None)
+        expires = h.source_expires if h is not None else now
+        self._write(self.tombstones / key, json.dumps({"expires": expires, "reason": reason, "at": now}).encode())
+        (self.envelopes / key).unlink(missing_ok=True)
+        (self.envelopes / (key + ".json")).unlink(missing_ok=True)
+        self._sync(self.envelopes)
+        self._event(reason, key, "", size=h.size if h is not None else None)
+
+    def expire(self, now: int | None = None) -> list[tuple[str, str]]:
+        """The maintenance cycle: every envelope whose lifetime has ended is
+        removed (reason ``expired``, or ``hold time ended`` when the relay's
+        max_hold ended it first) and counted in the events; tombstones past
+        their expiry are forgotten. The (id, reason) removed."""
+        now = _now_ms() if now is None else now
+        gone = []
+        for key, h in list(self.index.items()):
+            if h.expires <= now:
+                reason = "hold time ended" if h.shortened else "expired"
+                self.remove(key, reason, now)
+                gone.append((key, reason))
+        for p in self.tombstones.iterdir():
+            try:
+                if json.loads(p.read_text())["expires"] <= now:
+                    p.unlink()
+            except (OSError, ValueError, KeyError):
+                p.unlink(missing_ok=True)
+        return gone
+
+    def status(self, now: int | None = None) -> dict:
+        """Queued bytes and envelopes per priority and per destination, the
+        oldest envelope's age, the stuck ones (``resync relay status``, the
+        API)."""
+        now = _now_ms() if now is None else now
+        out = {"envelopes": len(self.index), "bytes": self.used(), "cap": self.cap,
+               "by_priority": {p: {"envelopes": 0, "bytes": 0} for p in PRIORITY_ORDER}, "by_destination": {},
+               "stuck": sum(h.stuck for h in self.index.values()),
+               "oldest_seconds": round((now - min((h.received for h in self.index.values()), default=now)) / 1000, 3)}
+        for h in self.index.values():
+            for group in (out["by_priority"][h.priority],
+                          out["by_destination"].setdefault(h.destination, {"envelopes": 0, "bytes": 0})):
+                group["envelopes"] += 1
+                group["bytes"] += h.size
+        return out
+
+    # -- the files ----------------------------------------------------------------------
+    def _tombstone(self, key: str, now: int) -> bool:
+        try:
+            return json.loads((self.tombstones / key).read_text())["expires"] > now
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def _save(self, held: Held) -> None:
+        self._write(self.envelopes / (held.id + ".json"), json.dumps(asdict(held), sort_keys=True).encode())
+
+    def _write(self, path: Path, data: bytes) -> None:
+        from ..fs import write_durable
+        write_durable(path, data, mode=0o600)
+
+    @staticmethod
+    def _sync(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _event(self, kind: str, key: str, detail: str, **more) -> None:
+        line = json.dumps({"at": _now_ms(), "event": kind, "id": key, "detail": detail, **more}, sort_keys=True)
+        try:
+            with open(self.root / "events.ndjson", "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass                                # (a full disk: the custody itself is what matters)
