@@ -52,9 +52,9 @@ def _until(url: str, key: str, tid: str, pred, timeout: float = 60.0) -> dict:
         time.sleep(0.05)
 
 
-def _daemon(site: Site, module: Path, allow: str, *extra) -> Server:
+def _daemon(site: Site, module: Path, allow: str, *extra, port: int = 0) -> Server:
     module.mkdir(parents=True, exist_ok=True)
-    return Server(site, "--module", f"own={module}", "--allow", allow, "--api", "127.0.0.1:0", *extra)
+    return Server(site, "--module", f"own={module}", "--allow", allow, "--api", "127.0.0.1:0", *extra, port=port)
 
 
 def _old_or_new(dst: Path, src: Path, old: dict[str, bytes], checkpoint: bool = False) -> int:
@@ -392,3 +392,42 @@ def test_transfers_to_one_server_share_a_connection_and_pause_cancel_or_lose_it_
             _same(sources[1], tmp_path / "mb" / "d1")
             _old_or_new(tmp_path / "mb" / "d2", sources[2], {}, checkpoint=True)
             assert "d0: ok" in again.text() and "d1: ok" in again.text()
+
+
+def test_inbound_transfers_are_listed_across_a_restart_and_one_cut_by_sigkill_shows_so(pair, tmp_path):
+    a, c = pair
+    src = tmp_path / "src"
+    _tree(src, 18, files=20)
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    first = _daemon(a, tmp_path / "ma", c.id)
+    port = first.port
+    url, key = _api_of(a)
+    r = c.run("sync", src, first.url("own", "one"), "--peer-id", a.id)
+    assert r.returncode == 0, r.stderr
+    done = _call(url, key, "/api/v1/transfers?state=completed")[1]["transfers"]
+    assert len(done) == 1 and done[0]["kind"] == "inbound"
+    p = c.popen("sync", src, first.url("own", "two"), "--peer-id", a.id, "--bwlimit", str(total // 5),
+                "--retry-for", "120", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cut = _until_active(url, key)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    first._f.close()
+    (Path(a.env["XDG_CONFIG_HOME"]) / "resync" / "api.json").unlink()
+    with _daemon(a, tmp_path / "ma", c.id, port=port):
+        url, key = _api_of(a)
+        listed = {t["id"]: t for t in _call(url, key, "/api/v1/transfers")[1]["transfers"]}
+        assert listed[done[0]["id"]]["state"] == "completed"
+        assert listed[cut]["state"] == "failed" and "daemon stopped" in listed[cut]["error"]
+        assert p.wait(120) == 0, p.stderr.read()          # its client retried and resumed it
+        _same(src, tmp_path / "ma" / "two")
+        ended = [t for t in _call(url, key, "/api/v1/transfers?state=completed")[1]["transfers"]]
+        assert len(ended) == 2
+
+
+def _until_active(url: str, key: str) -> str:
+    deadline = time.monotonic() + 30
+    while not (active := _call(url, key, "/api/v1/transfers?state=active")[1]["transfers"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return active[0]["id"]

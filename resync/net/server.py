@@ -299,6 +299,55 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         if active:
             ticking[0] = loop.call_later(PROGRESS_EVERY, tick)
 
+    inbound_store = None                        # inbound transfers as records (store.sessions), if state_dir
+    if state_dir is not None:
+        from ..store.sessions import SessionStore
+        inbound_store = SessionStore(Path(state_dir) / "inbound")
+
+    def keep_inbound(described: dict) -> None:
+        """An inbound transfer's record, at its start and its end: the API
+        lists the last RECENT across the daemon's restarts."""
+        if inbound_store is None:
+            return
+        from ..store import HistoryError
+        try:
+            inbound_store.save(described)
+        except HistoryError as exc:
+            log(str(exc))
+
+    def forget_inbound(transfer_id: str) -> None:
+        if inbound_store is not None:
+            from ..store import HistoryError
+            try:
+                inbound_store.remove(transfer_id)
+            except HistoryError as exc:
+                log(str(exc))
+
+    def restore_inbound() -> None:
+        """The inbound transfers recorded before this start: the last RECENT
+        listed again; one recorded running was cut by the daemon's stop
+        (SIGKILL: its end unrecorded), and shows so — its client retries and
+        resumes it as a new transfer."""
+        if inbound_store is None:
+            return
+        from ..store import HistoryError
+        try:
+            records, problems = inbound_store.load()
+        except HistoryError as exc:
+            log(f"inbound transfers: not read: {exc}")
+            return
+        for line in problems:
+            log(f"inbound transfer not read: {line}")
+        for r in records:
+            if r.get("state") == "active":
+                r.update(state="failed", outcome="failed", ended=r.get("ended") or time.time(),
+                         error="the daemon stopped while it ran (its client resumes it when it retries)")
+                keep_inbound(r)
+        records.sort(key=lambda r: r.get("ended") or 0)
+        for r in records[:-RECENT]:
+            forget_inbound(r["id"])
+        recent.extend(records[-RECENT:])
+
     def inbound() -> list:
         """The inbound transfers running: (session, link) of each."""
         return [(x.session, x) for x in links if x.session is not None and not x.session.finished
@@ -348,7 +397,9 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         def report_factory(s):              # (called at the Welcome: the daemon has taken the transfer)
             s.taken_at, s.taken_wall = time.monotonic(), time.time()
             metrics.started(_direction(s))
-            events.publish("TransferStarted", _described(s, link, "active"))
+            started = _described(s, link, "active")
+            events.publish("TransferStarted", started)
+            keep_inbound(started)
             if ticking[0] is None:
                 ticking[0] = loop.call_later(PROGRESS_EVERY, tick)
             return reports(s)
@@ -390,7 +441,10 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                     "paused" if isinstance(session.error, _PausedCut) else "failed"
                 ended[state] = ended.get(state, 0) + 1
                 described = _described(session, link, state, status)
+                if len(recent) == RECENT:
+                    forget_inbound(recent[0]["id"])
                 recent.append(described)
+                keep_inbound(described)
                 events.publish("TransferEnded", described)
                 metrics.ended(_direction(session), session.module.name, state, time.monotonic() - session.taken_at,
                               dict(row, bytes_sent=row.get("udp_bytes_sent") or row.get("tcp_bytes_sent"),
@@ -515,6 +569,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
         "modules: " + _shown_modules(settings.modules))
     prune_history()
+    restore_inbound()
     if sessions is not None:
         sessions.restore()
     if ready is not None:
