@@ -1,0 +1,187 @@
+"""A tree mirrored through relays, at both ends (docs/relay.md, "A relayed
+tree"): the source seals each generation of its tree as a bundle against
+what the previous generation delivers; the destination checks the envelope,
+its place in the chain, then applies the bundle with unpack — the apply
+layer every other way of changing a destination uses.
+
+Source: per (destination, name) it keeps in its state directory the tree's
+id, the last generation sealed and its envelope's id, and the tree
+signature of what that generation makes the destination hold — the basis
+of the next generation's bundle (rsync's batch files and git's incremental
+bundles likewise need the destination's state; here the source keeps it
+instead of asking for it). A generation is built against the last one
+sealed, whether or not its receipt has come back: the destination's guard
+parks it until the one before has arrived.
+
+Destination: ``receive`` verifies the envelope (signature, payload hash,
+expiry), asks the guard, opens it, and unpacks its bundle into the
+directory the destination maps the source's name to; unpack refuses a
+destination that no longer matches the signature the bundle was made
+against, with nothing touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ResyncError, UsageError
+from .envelope import EnvelopeError
+from .guard import APPLY, ZERO
+
+DEFAULT_TTL = 30 * 86400 * 1000          # ms an envelope lives by default
+DEFAULT_HOPS = 16
+
+
+@dataclass
+class Sealed:
+    """What ``Outbox.seal`` made: the envelope's bytes and id, its generation."""
+
+    data: bytes
+    id: bytes
+    generation: int
+
+
+class Outbox:
+    """The source's relayed trees, in ``directory`` (its state: made 0700)."""
+
+    def __init__(self, directory: str | os.PathLike, identity):
+        self.directory, self.identity = Path(directory), identity
+
+    def _tree_dir(self, destination: str, name: str) -> Path:
+        from .keys import device_hash
+        key = device_hash(destination).hex()[:32] + "-" + _safe(name)
+        return self.directory / "trees" / key
+
+    def state(self, destination: str, name: str) -> dict:
+        """The tree's state: ``tree`` (hex id), ``generation`` (0: none
+        sealed), ``last`` (hex id of the last envelope)."""
+        path = self._tree_dir(destination, name) / "state.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {"tree": os.urandom(16).hex(), "generation": 0, "last": ZERO.hex()}
+        except (OSError, ValueError) as exc:
+            raise ResyncError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+
+    def seal(self, src: str, card, module: str, path: str = "", priority: str = "normal", now: int = 0,
+             ttl: int = DEFAULT_TTL, hop_limit: int = DEFAULT_HOPS, parity: tuple[int, int] = (50, 10)) -> Sealed:
+        """The next generation of tree ``src`` for the device of ``card``
+        (keys.Card), named ``module``/``path`` at the destination: a bundle
+        of what changed since the last generation sealed (everything, the
+        first time), sealed in an envelope; the tree's state advanced."""
+        import blake3
+
+        from ..bundle.pack import pack, signature_tree
+        from ..fs import write_durable
+        from .envelope import parse, seal
+        d = self._tree_dir(card.device_id, f"{module}/{path}")
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.state(card.device_id, f"{module}/{path}")
+        basis = d / "delivered.sig"
+        against = str(basis) if st["generation"] and basis.exists() else None
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            bundle = os.path.join(tmp, "bundle")
+            stats = pack(src, bundle, against, *parity)
+            if stats.errors:
+                raise ResyncError(f"{src}: {stats.errors} entries could not be read; nothing sealed "
+                                  f"({'; '.join(stats.messages[:3])})")
+            data = Path(bundle).read_bytes()
+            base = blake3.blake3(basis.read_bytes()).digest() if against else bytes(32)
+            generation = st["generation"] + 1
+            raw = seal(self.identity, card, {"kind": "bundle", "module": module, "path": path}, data,
+                       tree=bytes.fromhex(st["tree"]), generation=generation, previous=bytes.fromhex(st["last"]),
+                       base=base, priority=priority, created=now, expires=now + ttl, hop_limit=hop_limit)
+            nxt = os.path.join(tmp, "next.sig")
+            signature_tree(src, nxt)            # what the destination holds once this generation is applied
+            os.replace(nxt, basis)
+        env_id = parse(raw).id
+        write_durable(d / "state.json", json.dumps({"tree": st["tree"], "generation": generation,
+                                                    "last": env_id.hex()}).encode(), mode=0o600)
+        return Sealed(raw, env_id, generation)
+
+
+def _safe(name: str) -> str:
+    import hashlib
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Received:
+    """What ``receive`` did with an envelope: ``verdict`` (guard.APPLY,
+    REPLAY, PARK, REFUSE), why, and the generations applied (this one and
+    any parked ones it released), each with its unpack statistics."""
+
+    verdict: str
+    why: str
+    applied: list
+
+
+class Inbox:
+    """The destination's side: ``identity``, its ``exchange_key`` and
+    ``card``; ``chains``: guard.Chains; ``places(source_device_id, module,
+    path)``: the local directory a source's tree goes to (UsageError when
+    that source may not write there)."""
+
+    def __init__(self, identity, exchange_key, card, chains, places):
+        self.identity, self.exchange_key, self.card = identity, exchange_key, card
+        self.chains, self.places = chains, places
+
+    def receive(self, data: bytes, now: int) -> Received:
+        """Take an envelope: EnvelopeError (exit 4) if it is not whole or
+        not this device's, or its lifetime has ended."""
+        from .envelope import open_payload, parse, verify
+        from .keys import key_hash
+        env = parse(data)
+        verify(env)
+        h = env.header
+        if h.expires <= now:
+            raise EnvelopeError("its lifetime ended before it arrived")
+        if h.destination != key_hash(self.card.signing):
+            raise EnvelopeError("it is sealed to another device")
+        source = key_hash(h.source)
+        verdict, why = self.chains.offer(source, h.tree, h.generation, h.previous, env.id, data)
+        if verdict != APPLY:
+            return Received(verdict, why, [])
+        applied = []
+        ready = [(h.generation, env.id, data)]
+        while ready:
+            generation, env_id, raw = ready.pop()
+            e = parse(raw)
+            inner, bundle = open_payload(e, self.exchange_key, self.card)
+            stats = self._apply(e, inner, bundle)
+            applied.append((generation, stats))
+            ready += self.chains.applied(source, h.tree, generation, env_id)
+        return Received(APPLY, why, applied)
+
+    def _apply(self, env, inner: dict, bundle: bytes):
+        from ..bundle.unpack import unpack
+        from ..identity import device_id
+        if inner.get("kind") != "bundle" or not isinstance(inner.get("module"), str):
+            raise EnvelopeError("its payload is not a bundle of a named tree")
+        target = self.places(device_id(env.header.source), inner["module"], str(inner.get("path", "")))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bundle")
+            Path(path).write_bytes(bundle)
+            return unpack(path, target)
+
+
+def module_places(modules: dict[str, str], allowed: dict[str, set]):
+    """``places`` for an Inbox: ``modules`` name -> local directory;
+    ``allowed`` name -> device IDs that may write there. The path inside a
+    module is checked to stay beneath it (no '..', no absolute path)."""
+    def places(source: str, module: str, path: str) -> str:
+        if module not in modules or source not in allowed.get(module, set()):
+            raise UsageError(f"device {source} may not write module {module!r} here")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts) or path.startswith("/"):
+            raise UsageError(f"{path!r}: the path leaves the module")
+        root = os.path.realpath(modules[module])
+        target = os.path.join(root, *parts)
+        real = os.path.realpath(target)        # (a symlink inside the module must not lead out of it)
+        if real != root and not real.startswith(root.rstrip("/") + "/"):
+            raise UsageError(f"{path!r}: the path leaves the module (through a symlink)")
+        return target
+    return places
