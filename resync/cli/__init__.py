@@ -12,7 +12,8 @@ import click
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputClosed, ResyncError, StopSignal
 from .options import say
 from . import (delta_cmd, history_cmd, id_cmd, pack_cmd, patch_cmd, peers_cmd, repair_cmd, serve_cmd,
-               signature_cmd, signature_tree_cmd, status_cmd, sync_cmd, transfer_cmd, unpack_cmd, verify_cmd)
+               relay_cmd, signature_cmd, signature_tree_cmd, status_cmd, sync_cmd, transfer_cmd, unpack_cmd,
+               verify_cmd)
 
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())     # click >= 8.2
 CONTEXT = dict(help_option_names=["-h", "--help"], auto_envvar_prefix="RESYNC")
@@ -33,7 +34,7 @@ def _print_version(ctx: click.Context, _param, value: bool) -> None:
               help="Show the version and which kernels run, then exit.")
 def cli() -> None:
     """resync: mirror directory trees (sync, also to and from resync://
-    servers: serve, id, status, peers, transfer), rsync-style file deltas (signature, delta, patch)
+    servers: serve, id, status, peers, transfer; relay), rsync-style file deltas (signature, delta, patch)
     and parity-protected offline bundles (signature-tree, pack, unpack,
     verify, repair).
 
@@ -60,6 +61,7 @@ cli.add_command(serve_cmd.command)
 cli.add_command(status_cmd.command)
 cli.add_command(peers_cmd.command)
 cli.add_command(transfer_cmd.group)
+cli.add_command(relay_cmd.group)
 
 
 def _fail(message: str, code: int) -> None:

@@ -1,0 +1,176 @@
+"""``resync relay``: trees mirrored by sealed envelopes carried on a disk
+(docs/relay.md) — the sneakernet path; relays on the network come next."""
+import click
+
+from .options import say
+
+PRIORITIES = ("critical", "high", "normal")
+
+
+def _duration_ms(ctx, param, value):
+    from .transfer_cmd import _duration
+    seconds = _duration(ctx, param, value)
+    return None if seconds is None else int(seconds * 1000)
+
+
+@click.group("relay")
+def group():
+    """Mirror a tree to a device that is never online with this one, by sealed
+    envelopes (signed here, encrypted to that device: docs/relay.md) carried
+    in a directory — a removable disk, a shared folder.
+
+    Exit codes: 0 ok, 2 usage (a bad card, a device not allowed, a path out
+    of a module), 3 file error, 4 an envelope that is not whole or not this
+    device's, 5 the destination changed since the generation it was built
+    for was applied (nothing applied).
+    """
+
+
+@group.command("send")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--to", "card_text", required=True, metavar="CARD",
+              help="The destination's card (`resync id --card` there), or @FILE holding it.")
+@click.option("--to-id", "device", required=True, metavar="DEVICE-ID",
+              help="The destination's device ID, as you have checked it with its owner: the card must be its.")
+@click.option("--as", "name", required=True, metavar="MODULE[/PATH]",
+              help="Where the tree goes at the destination (its module, a path in it).")
+@click.option("--priority", type=click.Choice(PRIORITIES), default="normal", show_default=True)
+@click.option("--ttl", callback=_duration_ms, default="30d", show_default=True, metavar="DURATION",
+              help="The envelope's lifetime (relays and the destination refuse it after).")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@click.option("--json", "as_json", is_flag=True, help="What was sealed, as JSON on stdout.")
+def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, as_json):
+    """Seal the next generation of tree SRC for a device into directory OUT
+    (made if absent): what changed since the last generation sent to it,
+    signed with this machine's key and encrypted to that device. Carry OUT
+    there and run `resync relay receive`.
+
+    Example: resync relay send photos/ /media/usb/resync --to @site-b.card --to-id SITE-B-ID --as backup/photos
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from ..fs import write_durable
+    from ..identity import config_dir as default_dir
+    from ..identity import load_identity
+    from ..relay.keys import parse_card
+    from ..relay.trees import Outbox
+    if card_text.startswith("@"):
+        try:
+            card_text = Path(card_text[1:]).read_text()
+        except OSError as exc:
+            from ..errors import FileError
+            raise FileError.from_os(card_text[1:], exc) from None
+    card = parse_card(card_text, expect=device)
+    module, _, path = name.strip("/").partition("/")
+    d = Path(config_dir) if config_dir else default_dir()
+    outbox = Outbox(d / "relay" / "outbox", load_identity(d, create=True))
+    sealed = outbox.seal(src, card, module, path, priority=priority, now=int(time.time() * 1000), ttl=ttl)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    file = target / f"{sealed.id.hex()}.env"
+    write_durable(file, sealed.data)
+    result = {"envelope": sealed.id.hex(), "generation": sealed.generation, "bytes": len(sealed.data),
+              "file": str(file), "to": card.device_id, "as": name}
+    if as_json:
+        say(json.dumps(result, sort_keys=True))
+    else:
+        say(f"relay: generation {sealed.generation} of {src} for {card.device_id} as {name}: {file} "
+            f"({len(sealed.data)} bytes)")
+
+
+@group.command("receive")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--module", "modules", multiple=True, required=True, metavar="NAME=PATH",
+              help="A local directory envelopes may write, as module NAME; repeatable.")
+@click.option("--allow", "allowed", multiple=True, required=True, metavar="DEVICE-ID",
+              help="A source allowed to write the modules; repeatable.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope on stdout.")
+def receive_cmd(directory, modules, allowed, config_dir, as_json):
+    """Apply the envelopes in DIRECTORY that are sealed to this machine, in
+    each tree's order: the next generation is applied (as `resync unpack`
+    applies a bundle), one already applied or older is a replay (nothing
+    touched), a later one waits here until the one before it arrives.
+
+    Example: resync relay receive /media/usb/resync --module backup=/srv/backup --allow SITE-A-ID
+    """
+    import os
+    import shutil
+    import time
+    from pathlib import Path
+
+    from ..errors import ResyncError, UsageError
+    from ..identity import config_dir as default_dir
+    from ..identity import load_identity, parse_device_id
+    from ..relay.envelope import EnvelopeError, parse
+    from ..relay.guard import PARK, Chains
+    from ..relay.keys import key_hash, load_exchange_key, make_card
+    from ..relay.trees import Inbox, module_places
+    from ..store.guard import GuardStore
+    d = Path(config_dir) if config_dir else default_dir()
+    identity = load_identity(d, create=True)
+    exchange = load_exchange_key(d, create=True)
+    card = make_card(identity, exchange)
+    mods = {}
+    for spec in modules:
+        n, sep, p = spec.partition("=")
+        if not sep or not n or not p or not os.path.isdir(p):
+            raise UsageError(f"--module {spec!r}: expected NAME=PATH of an existing directory")
+        mods[n] = os.path.abspath(p)
+    who = {parse_device_id(a) for a in allowed}
+    inbox = Inbox(identity, exchange, card, Chains(GuardStore(d / "relay" / "applied")),
+                  module_places(mods, {n: who for n in mods}))
+    parked_dir = d / "relay" / "parked"
+    parked_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mine = key_hash(card.signing)
+    candidates = sorted(Path(directory).rglob("*.env")) + sorted(parked_dir.glob("*.env"))
+    worst: ResyncError | None = None
+    seen = set()
+    for file in candidates:
+        try:
+            data = file.read_bytes()
+            env = parse(data)
+        except (OSError, EnvelopeError) as exc:
+            worst = worst or EnvelopeError(f"{file}: {exc}")
+            _said(as_json, {"file": str(file), "verdict": "invalid", "why": str(exc)})
+            continue
+        if env.header.destination != mine or env.id in seen:
+            continue                            # (another device's, or the same envelope twice)
+        seen.add(env.id)
+        try:
+            r = inbox.receive(data, int(time.time() * 1000))
+        except ResyncError as exc:
+            worst = worst or exc
+            _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "refused", "why": str(exc)})
+            continue
+        if r.verdict == PARK and file.parent != parked_dir:
+            shutil.copyfile(file, parked_dir / file.name)
+        elif r.verdict != PARK and file.parent == parked_dir:
+            file.unlink(missing_ok=True)
+        _said(as_json, {"file": str(file), "envelope": env.id.hex(), "generation": env.header.generation,
+                        "verdict": r.verdict, "why": r.why, "applied": [g for g, _ in r.applied]})
+    # a parked copy that an apply released, or that is older than what is applied now, is done
+    for name in [p.name for p in parked_dir.glob("*.env")]:
+        try:
+            env = parse((parked_dir / name).read_bytes())
+        except (OSError, EnvelopeError):
+            continue
+        link = inbox.chains.store.get((key_hash(env.header.source), env.header.tree))
+        if link is not None and env.header.generation <= link.generation:
+            (parked_dir / name).unlink(missing_ok=True)
+    if worst is not None:
+        raise worst
+
+
+def _said(as_json: bool, d: dict) -> None:
+    import json
+    if as_json:
+        say(json.dumps(d, sort_keys=True))
+    else:
+        extra = f" (applied generations {', '.join(map(str, d['applied']))})" if d.get("applied") else ""
+        say(f"relay: {d['file']}: {d['verdict']}: {d.get('why', '')}{extra}")

@@ -1,0 +1,56 @@
+"""`resync relay send` and `receive`: a tree mirrored by envelopes carried in
+a directory (sneakernet), as two machines would run it."""
+from __future__ import annotations
+
+import json
+import random
+
+from .test_net import Site
+from .test_sync import make_tree, mutate
+from .treeutil import snapshot
+
+
+def _lines(r) -> list[dict]:
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+def test_a_tree_travels_by_disk_in_order_whatever_order_the_disks_come_in(tmp_path):
+    a, b = Site(tmp_path, "a"), Site(tmp_path, "b")
+    card = b.run("id", "--card").stdout.strip()
+    (tmp_path / "b.card").write_text(card + "\n")
+    src, backup = tmp_path / "src", tmp_path / "backup"
+    backup.mkdir()
+    make_tree(src, random.Random(1), files=30)
+    disks, states = [tmp_path / f"disk{i}" for i in range(3)], []
+    for i, disk in enumerate(disks):
+        if i:
+            mutate(src, random.Random(20 + i))
+        r = a.run("relay", "send", src, disk, "--to", f"@{tmp_path / 'b.card'}", "--to-id", b.id, "--as",
+                  "backup/photos", "--json")
+        assert r.returncode == 0, r.stderr
+        assert _lines(r)[0]["generation"] == i + 1
+        states.append(snapshot(src))
+    receive = ("relay", "receive", "--module", f"backup={backup}", "--allow", a.id, "--json")
+    r = b.run(*receive[:2], disks[0], *receive[2:])
+    assert r.returncode == 0, r.stderr
+    assert snapshot(backup / "photos") == states[0]
+    r = b.run(*receive[:2], disks[2], *receive[2:])                     # the third disk comes before the second
+    assert r.returncode == 0 and _lines(r)[0]["verdict"] == "park", r.stdout
+    assert snapshot(backup / "photos") == states[0]
+    r = b.run(*receive[:2], disks[1], *receive[2:])
+    assert r.returncode == 0, r.stderr
+    assert [g for x in _lines(r) for g in x["applied"]] == [2, 3]       # (the third from where it waited)
+    assert snapshot(backup / "photos") == states[2]
+    r = b.run(*receive[:2], disks[0], *receive[2:])                     # an old disk again: a replay
+    assert r.returncode == 0 and _lines(r)[0]["verdict"] == "replay"
+    # a damaged envelope: exit 4, one line, nothing applied
+    env = next(disks[1].glob("*.env"))
+    data = bytearray(env.read_bytes())
+    data[-50] ^= 1
+    env.write_bytes(bytes(data))
+    r = b.run(*receive[:2], disks[1], *receive[2:-1])
+    assert r.returncode == 4 and "does not match its hash" in r.stdout + r.stderr
+    assert snapshot(backup / "photos") == states[2]
+    # a card that is not the device's named: refused before anything is sealed
+    r = a.run("relay", "send", src, disks[0], "--to", card, "--to-id", a.id, "--as", "backup/photos")
+    assert r.returncode == 2 and "not" in r.stderr and r.stderr.count("\n") == 1
