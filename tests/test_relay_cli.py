@@ -54,3 +54,25 @@ def test_a_tree_travels_by_disk_in_order_whatever_order_the_disks_come_in(tmp_pa
     # a card that is not the device's named: refused before anything is sealed
     r = a.run("relay", "send", src, disks[0], "--to", card, "--to-id", a.id, "--as", "backup/photos")
     assert r.returncode == 2 and "not" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_parked_envelope_is_dropped_when_its_lifetime_ends(tmp_path):
+    import time
+    a, b = Site(tmp_path, "a"), Site(tmp_path, "b")
+    card = b.run("id", "--card").stdout.strip()
+    src, backup = tmp_path / "src", tmp_path / "backup"
+    backup.mkdir()
+    make_tree(src, random.Random(2), files=5)
+    send = ("relay", "send", src, None, "--to", card, "--to-id", b.id, "--as", "backup/x")
+    assert a.run(*[x if x is not None else tmp_path / "withheld" for x in send]).returncode == 0
+    mutate(src, random.Random(3))
+    r = a.run(*[x if x is not None else tmp_path / "short" for x in send], "--ttl", "2s")
+    assert r.returncode == 0, r.stderr
+    receive = ("relay", "receive", None, "--module", f"backup={backup}", "--allow", a.id, "--json")
+    r = b.run(*[x if x is not None else tmp_path / "short" for x in receive])
+    assert r.returncode == 0 and _lines(r)[0]["verdict"] == "park"
+    time.sleep(2.2)
+    (tmp_path / "empty").mkdir()
+    r = b.run(*[x if x is not None else tmp_path / "empty" for x in receive])
+    assert r.returncode == 0 and [x["verdict"] for x in _lines(r)] == ["expired"]
+    assert not list((b.home / "config" / "resync" / "relay" / "parked").iterdir())

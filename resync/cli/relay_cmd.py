@@ -128,6 +128,16 @@ def receive_cmd(directory, modules, allowed, config_dir, as_json):
     parked_dir = d / "relay" / "parked"
     parked_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mine = key_hash(card.signing)
+    now = int(time.time() * 1000)
+    for file in sorted(parked_dir.glob("*.env")):          # a parked envelope whose lifetime ended is gone
+        try:
+            expired = parse(file.read_bytes()).header.expires <= now
+        except (OSError, EnvelopeError):
+            expired = True
+        if expired:
+            file.unlink(missing_ok=True)
+            _said(as_json, {"file": str(file), "verdict": "expired",
+                            "why": "it waited here for the generation before it past its lifetime"})
     candidates = sorted(Path(directory).rglob("*.env")) + sorted(parked_dir.glob("*.env"))
     worst: ResyncError | None = None
     seen = set()
@@ -143,7 +153,7 @@ def receive_cmd(directory, modules, allowed, config_dir, as_json):
             continue                            # (another device's, or the same envelope twice)
         seen.add(env.id)
         try:
-            r = inbox.receive(data, int(time.time() * 1000))
+            r = inbox.receive(data, now)
         except ResyncError as exc:
             worst = worst or exc
             _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "refused", "why": str(exc)})
