@@ -125,7 +125,10 @@ def test_the_spool_holds_no_plaintext_name_or_content(tmp_path):
 def test_a_real_enospc_on_a_small_tmpfs_is_a_refusal_with_nothing_left(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"a tmpfs cannot be mounted here: {mounted.stderr.strip()}")
     try:
         spool = Spool(mnt / "spool", min_free=0)
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
