@@ -59,7 +59,13 @@ def _luhn32(group: str) -> str:
 
 def device_id(public_key: bytes) -> str:
     """The device ID of a raw 32-byte Ed25519 public key."""
-    raw = base64.b32encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")     # 52 characters
+    return device_id_of_hash(hashlib.sha256(public_key).digest())
+
+
+def device_id_of_hash(digest: bytes) -> str:
+    """The device ID whose key's SHA-256 is ``digest`` (32 bytes): base32
+    with a check character per 13, in 8 groups of 7 (Syncthing's form)."""
+    raw = base64.b32encode(digest).decode().rstrip("=")     # 52 characters
     checked = "".join(raw[i:i + 13] + _luhn32(raw[i:i + 13]) for i in range(0, 52, 13))
     return "-".join(checked[i:i + 7] for i in range(0, 56, 7))
 

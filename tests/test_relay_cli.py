@@ -43,6 +43,11 @@ def test_a_tree_travels_by_disk_in_order_whatever_order_the_disks_come_in(tmp_pa
     assert snapshot(backup / "photos") == states[2]
     r = b.run(*receive[:2], disks[0], *receive[2:])                     # an old disk again: a replay
     assert r.returncode == 0 and _lines(r)[0]["verdict"] == "replay"
+    sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"]
+    assert [(t["to"], t["name"], t["generation"]) for t in sent] == [(b.id, "backup/photos", 3)]
+    status = json.loads(b.run("relay", "status", "--json").stdout)
+    assert [(c["source"], c["generation"]) for c in status["applied"]] == [(a.id, 3)] and status["parked"] == []
+    assert "generation 3" in b.run("relay", "status").stdout
     # a damaged envelope: exit 4, one line, nothing applied
     env = next(disks[1].glob("*.env"))
     data = bytearray(env.read_bytes())
@@ -71,6 +76,8 @@ def test_a_parked_envelope_is_dropped_when_its_lifetime_ends(tmp_path):
     receive = ("relay", "receive", None, "--module", f"backup={backup}", "--allow", a.id, "--json")
     r = b.run(*[x if x is not None else tmp_path / "short" for x in receive])
     assert r.returncode == 0 and _lines(r)[0]["verdict"] == "park"
+    waiting = json.loads(b.run("relay", "status", "--json").stdout)["parked"]
+    assert [(p["source"], p["generation"]) for p in waiting] == [(a.id, 2)]
     time.sleep(2.2)
     (tmp_path / "empty").mkdir()
     r = b.run(*[x if x is not None else tmp_path / "empty" for x in receive])

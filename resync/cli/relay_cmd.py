@@ -184,3 +184,54 @@ def _said(as_json: bool, d: dict) -> None:
     else:
         extra = f" (applied generations {', '.join(map(str, d['applied']))})" if d.get("applied") else ""
         say(f"relay: {d['file']}: {d['verdict']}: {d.get('why', '')}{extra}")
+
+
+@group.command("status")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@click.option("--json", "as_json", is_flag=True, help="The same as one JSON object on stdout.")
+def status_cmd(config_dir, as_json):
+    """Show the relayed trees: those sent from here (to whom, as what, the last
+    generation and when), those applied here (from whom, the generation), and
+    the envelopes waiting here for the generation before them.
+
+    Example: resync relay status
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from ..identity import config_dir as default_dir
+    from ..identity import device_id_of_hash
+    from ..relay.envelope import EnvelopeError, parse
+    from ..relay.keys import key_hash
+    from ..relay.trees import Outbox
+    from ..store.guard import GuardStore
+    d = Path(config_dir) if config_dir else default_dir()
+    sent = Outbox(d / "relay" / "outbox", None).trees()
+    applied = GuardStore(d / "relay" / "applied").chains()
+    parked = []
+    for file in sorted((d / "relay" / "parked").glob("*.env")):
+        try:
+            h = parse(file.read_bytes()).header
+        except (OSError, EnvelopeError):
+            continue
+        parked.append({"file": str(file), "source": device_id_of_hash(key_hash(h.source)), "tree": h.tree.hex(),
+                       "generation": h.generation, "expires": h.expires})
+    if as_json:
+        say(json.dumps({"sent": sent, "applied": applied, "parked": parked}, sort_keys=True))
+        return
+
+    def when(ms) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "?"
+    say("sent from here:" if sent else "sent from here: nothing")
+    for t in sent:
+        say(f"  {t.get('src')} -> {t.get('to')} as {t.get('name')}: generation {t.get('generation')} "
+            f"({t.get('bytes', 0)} bytes, sealed {when(t.get('sealed'))})")
+    say("applied here:" if applied else "applied here: nothing")
+    for c in applied:
+        say(f"  from {c['source']} (tree {c['tree']}): generation {c['generation']}, applied {when(c['applied'])}")
+    if parked:
+        say("waiting here for the generation before them:")
+        for p in parked:
+            say(f"  from {p['source']} (tree {p['tree']}): generation {p['generation']}, until {when(p['expires'])}")

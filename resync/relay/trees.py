@@ -99,8 +99,22 @@ class Outbox:
             os.replace(nxt, basis)
         env_id = parse(raw).id
         write_durable(d / "state.json", json.dumps({"tree": st["tree"], "generation": generation,
-                                                    "last": env_id.hex()}).encode(), mode=0o600)
+                                                    "last": env_id.hex(), "to": card.device_id,
+                                                    "name": f"{module}/{path}".rstrip("/"), "src": os.path.abspath(src),
+                                                    "sealed": now, "bytes": len(raw)}).encode(), mode=0o600)
         return Sealed(raw, env_id, generation)
+
+    def trees(self) -> list[dict]:
+        """Every tree sent from here: ``to`` (device ID), ``name``, ``src``,
+        ``generation``, ``last`` (the last envelope's id), ``sealed`` (ms),
+        ``bytes`` (of the last envelope)."""
+        out = []
+        for state in sorted((self.directory / "trees").glob("*/state.json")):
+            try:
+                out.append(json.loads(state.read_text()))
+            except (OSError, ValueError):
+                continue
+        return sorted(out, key=lambda t: (t.get("to", ""), t.get("name", "")))
 
 
 def _safe(name: str) -> str:

@@ -38,13 +38,30 @@ class GuardStore:
             raise HistoryError(path, f"unreadable ({getattr(exc, 'strerror', None) or exc}): relayed generations "
                                      "of this tree are refused until it is repaired") from None
 
+    def chains(self) -> list[dict]:
+        """Every (source, tree) applied here: ``source`` (device ID), ``tree``
+        (hex), ``generation``, ``id`` (hex), ``applied`` (ms)."""
+        from ..identity import device_id_of_hash
+        out = []
+        for path in sorted(self.directory.glob("*-*.json")) if self.directory.is_dir() else []:
+            try:
+                d = json.loads(path.read_text())
+                source_hex, tree = path.stem.split("-")
+                source = device_id_of_hash(bytes.fromhex(source_hex))
+            except (OSError, ValueError):
+                continue
+            out.append({"source": source, "tree": tree, "generation": d.get("generation"), "id": d.get("id"),
+                        "applied": d.get("applied")})
+        return out
+
     def put(self, key, link) -> None:
         from ..errors import ResyncError
         from ..fs import write_durable
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_durable(self._path(key), json.dumps({"generation": link.generation, "id": link.id.hex()}).encode(),
-                          mode=0o600)
+            import time
+            write_durable(self._path(key), json.dumps({"generation": link.generation, "id": link.id.hex(),
+                                                       "applied": int(time.time() * 1000)}).encode(), mode=0o600)
         except (OSError, ResyncError) as exc:
             raise HistoryError(self.directory, f"cannot record the generation applied: "
                                                f"{getattr(exc, 'strerror', None) or exc}") from None
