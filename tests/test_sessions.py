@@ -57,6 +57,17 @@ def _daemon(site: Site, module: Path, allow: str, *extra, port: int = 0) -> Serv
     return Server(site, "--module", f"own={module}", "--allow", allow, "--api", "127.0.0.1:0", *extra, port=port)
 
 
+def _size(root: Path) -> int:
+    """Bytes of the regular files in a tree."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _server(site: Site, module: Path, allow: str, **kw) -> Server:
+    """``resync serve`` of module m (made if absent) for device ``allow``, without an API."""
+    module.mkdir(parents=True, exist_ok=True)
+    return Server(site, "--module", f"m={module}", "--allow", allow, "--no-api", **kw)
+
+
 def _old_or_new(dst: Path, src: Path, old: dict[str, bytes], checkpoint: bool = False) -> int:
     """Every path of ``dst`` is the source's (new) or what was there before
     (old), nothing half written in sight; how many are new. ``checkpoint``:
@@ -113,8 +124,7 @@ def test_a_push_submitted_to_the_daemon_runs_and_is_recorded_and_counted(pair, t
     a, b = pair
     src = tmp_path / "src"
     _tree(src, 11, files=30)
-    (tmp_path / "mb").mkdir()
-    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb, \
+    with _server(b, tmp_path / "mb", a.id) as sb, \
             _daemon(a, tmp_path / "ma", b.id):
         url, key = _api_of(a)
         r = a.run("transfer", "add", src, sb.url("m", "dst"), "--peer-id", b.id, "--priority", "high", "--wait",
@@ -150,8 +160,8 @@ def test_pause_resume_and_cancel_in_the_middle_lose_nothing_and_resend_nothing(p
     dst.mkdir(parents=True)
     old = {"old.txt": b"old\n"}
     (dst / "old.txt").write_bytes(b"old\n")
-    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
-    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb, \
+    total = _size(src)
+    with _server(b, tmp_path / "mb", a.id) as sb, \
             _daemon(a, tmp_path / "ma", b.id):
         url, key = _api_of(a)
         code, t = _call(url, key, "/api/v1/transfers", "POST",
@@ -204,8 +214,7 @@ def test_a_running_transfers_own_limit_changes_at_once(pair, tmp_path):
     a, b = pair
     src = tmp_path / "src"
     _tree(src, 17, files=10)
-    (tmp_path / "mb").mkdir()
-    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb, \
+    with _server(b, tmp_path / "mb", a.id) as sb, \
             _daemon(a, tmp_path / "ma", b.id):
         url, key = _api_of(a)
         tid = _call(url, key, "/api/v1/transfers", "POST", {"source": str(src), "destination": sb.url("m", "d"),
@@ -229,11 +238,10 @@ def test_sessions_survive_the_daemons_sigkill_and_the_running_one_resumes(pair, 
     a, b = pair
     src = tmp_path / "src"
     _tree(src, 14, files=30)
-    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
-    (tmp_path / "mb").mkdir()
+    total = _size(src)
     conf = tmp_path / "a.toml"
     conf.write_text("max_sessions = 1\n")
-    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb:
+    with _server(b, tmp_path / "mb", a.id) as sb:
         first = _daemon(a, tmp_path / "ma", b.id, "--config", conf)
         url, key = _api_of(a)
         body = {"source": str(src), "destination": sb.url("m", "one"), "peer_id": b.id, "bytes_per_second": total // 5}
@@ -264,10 +272,9 @@ def test_the_highest_priority_waiting_starts_first_and_a_ttl_expires_a_session(p
     a, b = pair
     src = tmp_path / "src"
     _tree(src, 15, files=10)
-    (tmp_path / "mb").mkdir()
     conf = tmp_path / "a.toml"
     conf.write_text("max_sessions = 1\n")
-    with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api") as sb, \
+    with _server(b, tmp_path / "mb", a.id) as sb, \
             _daemon(a, tmp_path / "ma", b.id, "--config", conf):
         url, key = _api_of(a)
         body = {"source": str(src), "peer_id": b.id}
@@ -303,7 +310,7 @@ def test_pausing_everything_cuts_inbound_transfers_until_resumed_and_limits_chan
     a, c = pair
     src = tmp_path / "src"
     _tree(src, 16, files=20)
-    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    total = _size(src)
     with _daemon(a, tmp_path / "ma", c.id) as sa:
         url, key = _api_of(a)
         p = c.popen("sync", src, sa.url("own", "in"), "--peer-id", a.id, "--bwlimit", str(total // 6),
@@ -353,14 +360,13 @@ def test_transfers_to_one_server_share_a_connection_and_pause_cancel_or_lose_it_
     cancelled in the middle while the third goes on; the server killed and
     started again: the running ones retry on a new connection and resume."""
     a, b = pair
-    (tmp_path / "mb").mkdir()
     sources = []
     for i in range(3):
         src = tmp_path / f"src{i}"
         _tree(src, 30 + i, files=20)
         sources.append(src)
-    total = sum(p.stat().st_size for p in sources[0].rglob("*") if p.is_file() and not p.is_symlink())
-    sb = Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api")
+    total = _size(sources[0])
+    sb = _server(b, tmp_path / "mb", a.id)
     port = sb.port
     with _daemon(a, tmp_path / "ma", b.id):
         url, key = _api_of(a)
@@ -383,7 +389,7 @@ def test_transfers_to_one_server_share_a_connection_and_pause_cancel_or_lose_it_
         sb.proc.wait(10)
         sb._f.close()
         time.sleep(1.0)
-        with Server(b, "--module", f"m={tmp_path / 'mb'}", "--allow", a.id, "--no-api", port=port) as again:
+        with _server(b, tmp_path / "mb", a.id, port=port) as again:
             assert _call(url, key, f"/api/v1/transfers/{ids[1]}/resume", "POST", {})[0] == 200
             for tid in ids[:2]:
                 done = _until(url, key, tid, lambda t: t["state"] == "completed", 90)
@@ -398,7 +404,7 @@ def test_inbound_transfers_are_listed_across_a_restart_and_one_cut_by_sigkill_sh
     a, c = pair
     src = tmp_path / "src"
     _tree(src, 18, files=20)
-    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    total = _size(src)
     first = _daemon(a, tmp_path / "ma", c.id)
     port = first.port
     url, key = _api_of(a)

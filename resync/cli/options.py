@@ -141,3 +141,18 @@ def rate_option(ctx, param, value):
         return parse_rate(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def duration_option(ctx, param, value):
+    """click callback of a duration: 90, 90s, 15m, 6h, 7d as seconds."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 1)
+    try:
+        seconds = float(text[:-1] if text[-1:] in "smhd" else text) * scale
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a duration, e.g. 90s, 15m, 6h or 7d") from None
+    if seconds <= 0:
+        raise click.BadParameter(f"{value!r}: must be more than 0")
+    return seconds

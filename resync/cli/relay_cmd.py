@@ -8,8 +8,8 @@ PRIORITIES = ("critical", "high", "normal")
 
 
 def _duration_ms(ctx, param, value):
-    from .transfer_cmd import _duration
-    seconds = _duration(ctx, param, value)
+    from .options import duration_option
+    seconds = duration_option(ctx, param, value)
     return None if seconds is None else int(seconds * 1000)
 
 

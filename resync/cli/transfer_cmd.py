@@ -2,24 +2,9 @@
 import click
 
 from .daemon import call, with_api
-from .options import human, rate_option, say
+from .options import duration_option, human, rate_option, say
 
 PRIORITIES = ("critical", "high", "normal")          # (net.sessions.PRIORITIES: not imported for --help)
-
-
-def _duration(ctx, param, value):
-    """click callback: 90, 90s, 15m, 6h, 7d as seconds."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 1)
-    try:
-        seconds = float(text[:-1] if text[-1:] in "smhd" else text) * scale
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration, e.g. 90s, 15m, 6h or 7d") from None
-    if seconds <= 0:
-        raise click.BadParameter(f"{value!r}: must be more than 0")
-    return seconds
 
 
 def _line(t: dict) -> str:
@@ -89,7 +74,7 @@ def list_cmd(api_url, config_dir, state, as_json):
 @click.argument("dst")
 @click.option("--priority", type=click.Choice(PRIORITIES), default="normal", show_default=True,
               help="Its class: critical, high or normal.")
-@click.option("--ttl", callback=_duration, default=None, metavar="DURATION",
+@click.option("--ttl", callback=duration_option, default=None, metavar="DURATION",
               help="Expire it if not completed within this time of now (90s, 15m, 6h, 7d; default 7d).")
 @click.option("-c", "--checksum", is_flag=True, help="Compare files by content (BLAKE3), not size and time.")
 @click.option("-W", "--whole-file", is_flag=True, help="Send whole files, no deltas.")

@@ -134,12 +134,14 @@ def _answer(call, status: int = 200):
         return _error(400, str(exc))
 
 
-async def _body(request):
-    """The request's JSON body; ValueError (400) if it is not JSON."""
+async def _with_body(request, call, status: int = 200):
+    """``call(body)``'s answer (as ``_answer``), the request's JSON body
+    given; 400 if the body is not JSON."""
     try:
-        return await request.json()
+        body = await request.json()
     except ValueError:
-        raise ValueError("the body must be JSON (Content-Type: application/json)") from None
+        return _error(400, "the body must be JSON (Content-Type: application/json)")
+    return _answer(lambda: call(body), status)
 
 
 class Api:
@@ -251,11 +253,7 @@ class Api:
 
     async def _submit(self, request):
         """POST /api/v1/transfers: 202 and the new session (pending)."""
-        try:
-            body = await _body(request)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return _answer(lambda: self.control.submit(body), 202)
+        return await _with_body(request, self.control.submit, 202)
 
     async def _act(self, request):
         """POST /api/v1/transfers/{id}/pause|resume|cancel: the transfer;
@@ -264,11 +262,7 @@ class Api:
         return _answer(lambda: self.control.act(request.match_info["id"], action))
 
     async def _change(self, request):
-        try:
-            body = await _body(request)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return _answer(lambda: self.control.change(request.match_info["id"], body))
+        return await _with_body(request, lambda body: self.control.change(request.match_info["id"], body))
 
     async def _act_all(self, request):
         return _answer(lambda: self.control.act_all(request.path.rsplit("/", 1)[1]))
@@ -277,11 +271,7 @@ class Api:
         return _json(self.control.limits())
 
     async def _set_limits(self, request):
-        try:
-            body = await _body(request)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        return _answer(lambda: self.control.set_limits(body))
+        return await _with_body(request, self.control.set_limits)
 
     def _replay(self, request) -> list[dict]:
         """What a client reconnecting after event ``Last-Event-ID`` (or

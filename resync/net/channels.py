@@ -24,7 +24,7 @@ class _Limits:
     shared ones are the connection's: not counted twice)."""
 
     def __init__(self, channel, shared=()):
-        self.channel, self.shared, self.bucket = channel, list(shared), None
+        self.channel, self.shared = channel, list(shared)
 
     @property
     def limits(self) -> list:
@@ -34,8 +34,15 @@ class _Limits:
     def limits(self, buckets) -> None:
         self.channel.buckets = [b for b in buckets if b not in self.shared]
 
-    def buckets(self) -> list:
-        return [b for b in self.channel.buckets if b.rate]
+    @property
+    def bucket(self):
+        return None
+
+    @bucket.setter
+    def bucket(self, bucket) -> None:
+        """A push's --bwlimit: one more of the channel's own buckets."""
+        if bucket is not None:
+            self.channel.buckets = [*self.channel.buckets, bucket]
 
 
 class ChannelLink:
@@ -53,7 +60,6 @@ class ChannelLink:
         self.feeder = _Limits(channel, shared)
         self.created = time.monotonic()
         channel.on_done = self._done
-        self.stream_id = channel.number         # (what a client's attempt asks of a link)
 
     # -- the connection's, as they are --------------------------------------------------
     @property
@@ -85,10 +91,6 @@ class ChannelLink:
     @priority.setter
     def priority(self, value: str) -> None:
         self.mux.set_priority(self.channel, value)
-        self.link.drive()
-
-    def start(self, session, stream_id=None) -> None:
-        self.session = session
         self.link.drive()
 
     def _done(self) -> None:
@@ -141,7 +143,7 @@ class ChannelLink:
 
 class Pool:
     """(client) One QUIC connection per server, shared by the transfers that
-    go to it: ``channel(t, identity, stop)`` opens a channel on it (making
+    go to it: ``channel(t, identity)`` opens a channel on it (making
     the connection first, or again after it was lost) and returns its
     ChannelLink and the server's certificate. A connection without channels
     for IDLE seconds is closed."""
@@ -152,12 +154,12 @@ class Pool:
         self.limits = tuple(limits)             # the daemon's token buckets: its connections' (not a channel's)
         self.connections: dict[tuple, "_Connection"] = {}
 
-    async def channel(self, t, identity, stop):
+    async def channel(self, t, identity):
         key = (t.remote.host, t.remote.port)
         conn = self.connections.get(key)
         if conn is None or conn.closed():
             conn = self.connections[key] = _Connection(self, key, t, identity)
-        await conn.ready(stop)
+        await asyncio.shield(conn.ready)
         return conn.open(t.priority), conn.cert
 
     async def close(self) -> None:
@@ -175,8 +177,7 @@ class _Connection:
         self.mux = Mux(client=True)
         self.cert = None
         self.links: set[ChannelLink] = set()
-        self.error: BaseException | None = None
-        self._ready = asyncio.get_running_loop().create_future()
+        self.ready = asyncio.get_running_loop().create_future()     # done once the connection can take channels
         self._end = asyncio.Event()
         self._idle = None
         self.task = asyncio.get_running_loop().create_task(self._run(t, identity))
@@ -185,9 +186,6 @@ class _Connection:
         """Whether it takes no more channels (ended, or out of channel numbers)."""
         return self.task.done() or self._end.is_set() or self.mux._next > 0xFF00 \
             or (self.link is not None and self.link.closed_event.is_set())
-
-    async def ready(self, stop) -> None:
-        await asyncio.shield(self._ready)
 
     async def _run(self, t, identity) -> None:
         from aioquic.asyncio import connect
@@ -205,7 +203,7 @@ class _Connection:
                 link.feeder.limits = list(self.pool.limits)
                 link.on_session_done = None
                 link.start(self.mux, link._quic.get_next_available_stream_id())
-                self._ready.set_result(None)
+                self.ready.set_result(None)
                 closed = asyncio.ensure_future(link.closed_event.wait())
                 ended = asyncio.ensure_future(self._end.wait())
                 await asyncio.wait({closed, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -225,15 +223,14 @@ class _Connection:
         finally:
             if self.pool.connections.get(self.key) is self:
                 del self.pool.connections[self.key]
-            if not self._ready.done():
-                self._ready.set_exception(ConnectionFailed(f"{remote.address}: the connection ended"))
-                self._ready.exception()
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionFailed(f"{remote.address}: the connection ended"))
+                self.ready.exception()
 
     def _fail(self, exc) -> None:
-        self.error = exc
-        if not self._ready.done():
-            self._ready.set_exception(exc)
-            self._ready.exception()             # (retrieved: a waiter that went away leaves no warning)
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()             # (retrieved: a waiter that went away leaves no warning)
 
     def open(self, priority: str) -> ChannelLink:
         """A channel for a session the caller starts (ChannelLink.start)."""
@@ -259,17 +256,16 @@ class _ClientChannel(ChannelLink):
 
     def __init__(self, conn: _Connection, priority: str):
         from ..protocol.mux import Channel
-        self.conn, self._priority = conn, priority
-        placeholder = Channel(0, None, priority)
+        self.conn = conn
+        placeholder = Channel(0, None, priority)            # (its class and limits until the OPEN)
         super().__init__(conn.link, conn.mux, placeholder, shared=conn.pool.limits)
 
-    def start(self, session, stream_id=None) -> None:
+    def start(self, session) -> None:
         self.session = session
-        self.channel = self.mux.open(session, self._priority)
+        self.channel = self.mux.open(session, self.channel.priority)
         self.channel.on_done = self._done
         self.channel.buckets = self.feeder.channel.buckets
         self.feeder.channel = self.channel
-        self.stream_id = self.channel.number
         self.link.drive()
 
     def _done(self) -> None:
@@ -281,9 +277,3 @@ class _ClientChannel(ChannelLink):
         self.conn.released(self)
 
     leave = close
-
-    def path_model(self):
-        return None
-
-    def resume_path_model(self, model) -> None:
-        pass

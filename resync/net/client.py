@@ -112,7 +112,7 @@ async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: d
             if sock is not None:
                 session = await _connected_tcp(t, identity, report, meter, on_note, path, sock, stop)
             elif pool is not None:
-                link, cert = await pool.channel(t, identity, stop)
+                link, cert = await pool.channel(t, identity)
                 stop.link = link
                 session = await _session_over(link, cert, t, identity, report, meter, on_note, path, stop)
             else:

@@ -74,6 +74,12 @@ class TokenBucket:
         self.take(1, size)
 
 
+def limiting(bucket: TokenBucket | None, limits) -> list[TokenBucket]:
+    """A feeder's buckets that limit it now: ``limits`` with a rate, and its own ``bucket``."""
+    out = [b for b in limits if b.rate]
+    return out + [bucket] if bucket is not None else out
+
+
 def allowance(buckets, want: int, size: int) -> int:
     """How many of ``want`` shards of ``size`` bytes every one of ``buckets``
     lets go now, taken from each."""
@@ -99,8 +105,7 @@ class Feeder:
 
     def buckets(self) -> list[TokenBucket]:
         """The buckets limiting this link now (those with a rate)."""
-        out = [b for b in self.limits if b.rate]
-        return out + [self.bucket] if self.bucket is not None else out
+        return limiting(self.bucket, self.limits)
 
     def report_loss(self, cc, s) -> None:
         """Tell the session ``s`` of the losses over the packets whose fate

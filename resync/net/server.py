@@ -264,11 +264,6 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         if s is not None and not s.finished and not s.authenticated:
             link.refuse(f"no proof of the client's key within {PROOF_DEADLINE:.0f} s")
 
-    def running() -> list:
-        """The sessions of the transfers running (taken: past the Welcome, not ended)."""
-        return [x.session for x in links if x.session is not None and not x.session.finished
-                and getattr(x.session, "taken_at", None) is not None]
-
     def prune_history() -> None:
         """The retention of the history (Settings.history_keep_days), in a
         thread (a large delete must not hold transfers); again in a day."""
@@ -349,9 +344,12 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         recent.extend(records[-RECENT:])
 
     def inbound() -> list:
-        """The inbound transfers running: (session, link) of each."""
+        """The inbound transfers running (taken: past the Welcome, not ended): (session, link) of each."""
         return [(x.session, x) for x in links if x.session is not None and not x.session.finished
                 and getattr(x.session, "taken_at", None) is not None]
+
+    def running() -> list:
+        return [s for s, _ in inbound()]
 
     def full(session) -> str | None:
         """Why ``session`` may not start now: the operator paused the
@@ -618,7 +616,7 @@ class _Control(Control):
 
     def transfers(self) -> list[dict]:
         live = [_described(s, x, "active") for s, x in self.inbound()]
-        done = list(reversed(self.recent))
+        done = list(self.recent)
         if self.sessions is not None:
             from .sessions import ENDED
             for t in self.sessions.listed():
@@ -661,15 +659,11 @@ class _Control(Control):
     def change(self, tid: str, body) -> dict:
         if self._own(tid):
             return self.sessions.described(self.sessions.change(tid, body))
-        from .sessions import PRIORITIES, parse_limits
+        from .sessions import parse_change
         s, x = self._running(tid)
-        if not isinstance(body, dict) or not body:
-            raise ValueError("the body must be a JSON object with priority, bytes_per_second or shards_per_second")
-        if "priority" in body and body["priority"] not in PRIORITIES:
-            raise ValueError(f"priority {body['priority']!r}: one of {', '.join(PRIORITIES)}")
-        limits = parse_limits({k: v for k, v in body.items() if k != "priority"})
-        if "priority" in body:
-            x.priority = body["priority"]
+        priority, limits = parse_change(body)
+        if priority is not None:
+            x.priority = priority
         for bucket, key in zip(x.own_limits, ("bytes_per_second", "shards_per_second")):
             if key in limits:
                 bucket.set_rate(limits[key])

@@ -158,6 +158,20 @@ def _check_limits(rate, shards) -> None:
             raise ValueError(f"{name}: expected a number, 0 or more (0: no limit)")
 
 
+def parse_change(body) -> tuple[str | None, dict]:
+    """The body of ``PATCH /api/v1/transfers/{id}``: its priority (None:
+    unchanged) and its limits (as ``parse_limits``); ValueError otherwise."""
+    if not isinstance(body, dict) or not body:
+        raise ValueError("the body must be a JSON object with priority, bytes_per_second or shards_per_second")
+    unknown = sorted(set(body) - {"priority", "bytes_per_second", "shards_per_second"})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: priority, bytes_per_second, shards_per_second)")
+    priority = body.get("priority")
+    if "priority" in body and priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r}: one of {', '.join(PRIORITIES)}")
+    return priority, parse_limits({k: v for k, v in body.items() if k != "priority"})
+
+
 def parse_limits(body) -> dict:
     """``{"bytes_per_second": N, "shards_per_second": N}`` (either may be
     left out: unchanged) from an API body; ValueError otherwise."""
@@ -290,22 +304,15 @@ class Sessions:
         """PATCH: ``priority`` and the session's own ``bytes_per_second`` /
         ``shards_per_second`` (ValueError for a bad body, Conflict once ended)."""
         r = self.get(sid)
-        if not isinstance(body, dict) or not body:
-            raise ValueError("the body must be a JSON object with priority, bytes_per_second or shards_per_second")
-        unknown = sorted(set(body) - {"priority", "bytes_per_second", "shards_per_second"})
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r} (known: priority, bytes_per_second, shards_per_second)")
-        if "priority" in body and body["priority"] not in PRIORITIES:
-            raise ValueError(f"priority {body['priority']!r}: one of {', '.join(PRIORITIES)}")
-        limits = parse_limits({k: v for k, v in body.items() if k != "priority"})
+        priority, limits = parse_change(body)
         if r["state"] in ENDED:
             raise Conflict(f"transfer {sid} has ended ({r['state']})")
-        if "priority" in body:
-            r["priority"] = body["priority"]
+        if priority is not None:
+            r["priority"] = priority
             run = self.runs.get(sid)
             link = getattr(run.stop, "link", None) if run is not None else None
             if link is not None and hasattr(link, "priority"):
-                link.priority = body["priority"]        # (its class on the shared connection, at once)
+                link.priority = priority                # (its class on the shared connection, at once)
         r["limits"].update(limits)
         self._apply_limits(sid)
         self._save(r)
@@ -314,20 +321,15 @@ class Sessions:
         return r
 
     def pause_all(self) -> list[str]:
-        out = []
-        for sid, r in list(self.records.items()):
-            if r["state"] in ("pending", "active"):
-                self.pause(sid)
-                out.append(sid)
+        out = [sid for sid, r in self.records.items() if r["state"] in ("pending", "active")]
+        for sid in out:
+            self.pause(sid)
         return out
 
     def resume_all(self) -> list[str]:
-        out = []
-        for sid, r in list(self.records.items()):
-            if r["state"] == "paused":
-                self._set(r, "pending", event="TransferResumed")
-                out.append(sid)
-        self.schedule()
+        out = [sid for sid, r in self.records.items() if r["state"] == "paused"]
+        for sid in out:
+            self.resume(sid)
         return out
 
     def counts(self) -> dict:

@@ -143,8 +143,8 @@ class StreamFeeder:
         self.starved = False
 
     def buckets(self) -> list:
-        out = [b for b in self.limits if b.rate]
-        return out + [self.bucket] if self.bucket is not None else out
+        from .feeder import limiting
+        return limiting(self.bucket, self.limits)
 
     def feed(self, now: float, s) -> None:
         link = self.link

@@ -58,14 +58,13 @@ class Channel:
     scheduler (``passed``: its virtual time, the shards it has sent over its
     share)."""
 
-    __slots__ = ("number", "session", "priority", "passed", "buckets", "on_done", "opened", "stats", "rate_set")
+    __slots__ = ("number", "session", "priority", "passed", "buckets", "on_done", "stats", "rate_set")
 
     def __init__(self, number: int, session, priority: str):
         self.number, self.session, self.priority = number, session, priority
         self.passed = 0.0
         self.buckets: list = []                 # feeder.TokenBuckets its shards pass (its own limits)
         self.on_done = None                     # called once its session has ended and its bytes are out
-        self.opened = False                     # (client) its OPEN is sent
         self.rate_set = False                   # its session's own rate limit (a pull's --bwlimit) is a bucket
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "shards_sent": 0, "shards_received": 0,
                       "shards_lost": 0}
@@ -109,7 +108,6 @@ class Mux:
         self.channels: dict[int, Channel] = {}
         self.finished = False
         self.error = None
-        self.output_closed = False
         self._next = 1
         self._present = 0.0                     # the scheduler's virtual time: the least of the busy channels'
         self._ended = 0                          # (server) the highest channel number seen: lower unknown ones ended
@@ -117,8 +115,6 @@ class Mux:
         self._out = bytearray(PREFACE if client else b"")
         self._preface = not client               # (server) the preface is still to be read
         self.passed = {"rtt": 0.05, "shard_size": 1296, "path_settled": True, "reliable": False}
-        self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
-                      "datagram_bytes_received": 0, "control_bytes_sent": 0, "control_bytes_received": 0}
 
     # -- what the transport sets: passed to every session (see _Passed) -----------------
     rtt = _Passed("rtt")
@@ -157,7 +153,6 @@ class Mux:
             self._next += 1
         self._adopt(c)
         self._out += RECORD.pack(c.number, OPEN, 1) + bytes([CLASSES.index(priority)])
-        c.opened = True
         return c
 
     def set_priority(self, c: Channel, priority: str) -> None:
@@ -198,7 +193,6 @@ class Mux:
 
     # -- the transport's surface ----------------------------------------------------------
     def receive_stream(self, data: bytes, now: float) -> None:
-        self.stats["control_bytes_received"] += len(data)
         self._in += data
         if self._preface:
             if len(self._in) < len(PREFACE):
@@ -224,8 +218,6 @@ class Mux:
             return                              # (a path MTU probe's padding: no channel's)
         c = self.channels.get(CHANNEL.unpack_from(data)[0])
         if c is not None:
-            self.stats["datagrams_received"] += 1
-            self.stats["datagram_bytes_received"] += len(data)
             c.stats["shards_received"] += 1
             c.session.receive_datagram(data[OVERHEAD:], now)
 
@@ -246,7 +238,6 @@ class Mux:
                     c.on_done()
         out = bytes(self._out)
         self._out.clear()
-        self.stats["control_bytes_sent"] += len(out)
         return out
 
     def datagrams_to_send(self, now: float, limit: int) -> list[bytes]:
@@ -259,7 +250,6 @@ class Mux:
         shards than it was given (idle, or held by its own limits) is dry:
         the rest goes to the others, and it rejoins at the present virtual
         time, owed nothing (a share not used is not banked)."""
-        from ..net.feeder import allowance
         live = [c for c in self.channels.values() if not c.session.finished]
         if not live or limit <= 0:
             return []
@@ -285,7 +275,7 @@ class Mux:
                 want = given[c.number]
                 if not want:
                     continue
-                got = self._take(c, now, want, size, allowance)
+                got = self._take(c, now, want, size)
                 out += got
                 c.passed += len(got) / share[c.number]
                 if len(got) < want:
@@ -297,26 +287,23 @@ class Mux:
         self._present = min(busy) if busy else max(c.passed for c in live)
         return out
 
-    def _take(self, c: Channel, now: float, want: int, size: int, allowance) -> list[bytes]:
+    def _take(self, c: Channel, now: float, want: int, size: int) -> list[bytes]:
+        """Up to ``want`` of channel ``c``'s shards, within its own limits."""
+        from ..net.feeder import TokenBucket, allowance, limiting
         if not c.rate_set and getattr(c.session, "rate_limit", 0):
-            from ..net.feeder import TokenBucket
             c.buckets = [*c.buckets, TokenBucket(c.session.rate_limit)]     # (a pull's --bwlimit, or the
             c.rate_set = True                                                #  server's own: its Hello's)
-        if c.buckets:
-            want = allowance([b for b in c.buckets if b.rate], want, size)
+        buckets = limiting(None, c.buckets)
+        if buckets:
+            want = allowance(buckets, want, size)
         if want <= 0:
             return []
         shards = c.session.datagrams_to_send(now, want)
-        if c.buckets and len(shards) < want:
-            for b in c.buckets:
-                if b.rate:
-                    b.refund(want - len(shards), size)
+        for b in buckets:
+            b.refund(want - len(shards), size)
         head = CHANNEL.pack(c.number)
         c.stats["shards_sent"] += len(shards)
-        self.stats["datagrams_sent"] += len(shards)
-        out = [head + s for s in shards]
-        self.stats["datagram_bytes_sent"] += sum(len(d) for d in out)
-        return out
+        return [head + s for s in shards]
 
     def lost(self, head: bytes) -> None:
         """A datagram that began ``head`` (its channel number) was lost on the way."""

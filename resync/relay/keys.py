@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +108,3 @@ def device_hash(device: str) -> bytes:
 def key_hash(signing: bytes) -> bytes:
     """The 32 bytes of the device ID of Ed25519 key ``signing``."""
     return hashlib.sha256(signing).digest()
-
-
-def random_id() -> bytes:
-    return os.urandom(16)
