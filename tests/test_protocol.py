@@ -848,7 +848,8 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     """A push of 2,000 small files with new mtimes, a third of them slightly
     changed (a release update): the changed ones travel in packs as wire
     deltas (no stripe of their own), rebuilt and staged by the receiver
-    without starting a thread or calling fsync per file; the others, asked
+    without starting a thread, made durable by fsyncs of the receiver's own
+    files and directories, not a syncfs; the others, asked
     for with their basis hash, cost a member of a few bytes and keep their
     inode (only their mtime set); the bytes sent are a small share of the tree."""
     import threading
@@ -863,6 +864,11 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     real_start, real_fsync = threading.Thread.start, os.fsync
     monkeypatch.setattr(threading.Thread, "start", lambda self: (starts.append(self.name), real_start(self))[1])
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    import resync.apply.applier
+    import resync.apply.staging
+    syncfs_calls: list[int] = []
+    for module in (resync.apply.applier, resync.apply.staging):
+        monkeypatch.setattr(module, "syncfs", lambda fd: (syncfs_calls.append(fd), False)[1])
     inodes = {p.relative_to(dst): p.stat().st_ino for p in dst.rglob("*.py")}
     client, server = make_pair(tmp_path, True, src, dst)
     pump(client, server, Channel(random.Random(2)))
@@ -873,7 +879,10 @@ def test_an_update_of_many_small_files_starts_no_thread_and_batches_durability(t
     kept = {p for p, ino in inodes.items() if (dst / p).stat().st_ino == ino}
     assert kept == {p for p in inodes if int(p.stem[1:]) % 3}           # the unchanged 1,333 stay where they are
     assert starts == []                         # no thread (per file or at all) at either end
-    assert len(fsyncs) <= 16                    # durability in batches (syncfs), not per file or directory
+    # durability of its own writes only: an fsync of each file and directory it changed (their
+    # writeback started together), never a syncfs, which waits for every writer on the disk
+    assert syncfs_calls == []
+    assert len(fsyncs) <= 667 + 40 * 7 + 16
     total = sum(p.stat().st_size for p in src.rglob("*.py"))
     sent = client.stats["datagram_bytes_sent"] + client.stats["control_bytes_sent"]
     assert sent < total / 8, (sent, total)      # wire deltas of the 667 changed files, packed

@@ -32,12 +32,17 @@ class Applier:
     may replace a non-empty directory (sync: with --delete; unpack: always).
     ``excludes``: the run's, which protect what they match inside a
     directory tree being removed, as the planner protects a directory's own
-    entries. Use ``open_root`` first; ``close`` (or ``abort`` on failure) last."""
+    entries. ``own_flush``: make this run's writes durable by fsyncs of its
+    own files and directories, never a syncfs (which also waits for every
+    other writer on the file system): the network receiver, which runs on an
+    event loop, several at once in a daemon. Use ``open_root`` first;
+    ``close`` (or ``abort`` on failure) last."""
 
     def __init__(self, root: str, report: Report, options: Options | None = None, *, dry_run: bool = False,
                  owners: bool | None = None, workers: int = 0, replace_trees: bool = False,
-                 excludes: Excludes | None = None):
+                 excludes: Excludes | None = None, own_flush: bool = False):
         self.root = root
+        self.own_flush = own_flush                 # flush this run's files and directories only, never syncfs
         self.excludes = excludes if excludes else None
         self.report = report
         self.stats = report.stats
@@ -247,9 +252,10 @@ class Applier:
         than SYNC_DIRS_EACH (a release tree's update touches hundreds of
         directories per batch; one journal commit serves them all, where an
         fsync each forced a commit each and stalled the file creations
-        queued behind it)."""
+        queued behind it). With ``own_flush`` always an fsync of each: after
+        the first one's commit the others find their names already durable."""
         dirty, self._dirty = self._dirty, {}
-        if len(dirty) > SYNC_DIRS_EACH and self.root_fd >= 0 and syncfs(self.root_fd):
+        if len(dirty) > SYNC_DIRS_EACH and not self.own_flush and self.root_fd >= 0 and syncfs(self.root_fd):
             for d in dirty.values():
                 d.release()
             return

@@ -11,7 +11,7 @@ import stat
 from ..fs import TEMP_PREFIX
 from ..report import FileChange
 from ..scan import DIR_FLAGS, Entry
-from .tree import USER_RWX, Dir, clear, read_regular, remove_tree, syncfs
+from .tree import USER_RWX, Dir, clear, fsync_files, read_regular, remove_tree, syncfs
 
 STAGE_PREFIX = TEMP_PREFIX + "unpack-"
 JOURNAL = "checkpoint.json"
@@ -219,16 +219,20 @@ class Staging:
             pass
 
     def make_durable(self) -> None:
-        """One syncfs for everything staged since the last call (or an fsync
-        per file)."""
+        """Make everything staged since the last call durable: one syncfs,
+        or (the applier's ``own_flush``, or no syncfs) an fsync of each file
+        with their writeback started together (``tree.fsync_files``)."""
         staged, self._staged = self._staged, []
-        if not staged or syncfs(self._stage.fd):
+        if not staged or (not self.a.own_flush and syncfs(self._stage.fd)):
             return
-        for s in staged:
-            fd = os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC, dir_fd=s.parent.fd if s.parent else self._stage.fd)
-            try:
-                os.fsync(fd)
-            finally:
+        fds: list[int] = []
+        try:
+            for s in staged:
+                fds.append(os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC,
+                                   dir_fd=s.parent.fd if s.parent else self._stage.fd))
+            fsync_files(fds)
+        finally:
+            for fd in fds:
                 os.close(fd)
 
     def place(self, staged: Staged, parent: Dir, e: Entry, prev: Entry | None, path: str, code: str) -> None:

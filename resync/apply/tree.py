@@ -42,6 +42,42 @@ def syncfs(fd: int) -> bool:
         return False
 
 
+_SYNC_FILE_RANGE_WRITE = 2              # linux/fs.h: start writeback of the range's dirty pages, do not wait
+_sync_file_range = None
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages out, without waiting (Linux's
+    sync_file_range(2) with SYNC_FILE_RANGE_WRITE; nothing where it is
+    missing: the fsync that follows does it all)."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+            _sync_file_range = f
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def fsync_files(fds: list[int]) -> None:
+    """Make these files durable (fsync), their writeback started together
+    first: the first fsync's journal commit then carries them all and the
+    others find nothing left to do, where an fsync each from cold forced a
+    commit each. Unlike ``syncfs``, this flushes only these files: a syncfs
+    also waits for every other writer's dirty data on the file system (1.1 s
+    measured beside a ``dd`` writing, against 1 ms for an fsync of a small
+    file) — what a daemon receiving many transfers at once, or any receiver
+    on an event loop, must not wait for. OSError from fsync."""
+    for fd in fds:
+        _start_writeback(fd)
+    for fd in fds:
+        os.fsync(fd)
+
+
 # -- permission bits as an ordinary user --------------------------------------------
 #
 # ``rsync -a`` copies a mode-0555 directory as 0555; a later run by a user

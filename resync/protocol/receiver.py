@@ -104,7 +104,7 @@ class Receiver:
         self.owners = os.geteuid() == 0
         self.apply = Applier(root, report, ContentOptions(hash_files=True), dry_run=options.dry_run,
                              owners=self.owners, workers=0, replace_trees=options.delete,
-                             excludes=Excludes(options.excludes))
+                             excludes=Excludes(options.excludes), own_flush=True)
         if root_fd is None:
             self.apply.open_root()
         else:
