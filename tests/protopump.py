@@ -50,7 +50,7 @@ def identities(tmp: Path):
 
 def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 600.0, rtt: float = 0.02,
          cut_at: float | None = None, cut_after: int | None = None, kill: bool = False,
-         rate: float | None = None, stream_delay: float = 0.0):
+         rate: float | None = None, stream_delay: float = 0.0, cut_when=None):
     """Run both sessions until both are finished; returns the final clock.
     ``cut_at``: at that protocol time the connection is lost (both sessions
     are told, as a transport would on a kill or a network outage);
@@ -61,7 +61,8 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
     (without it, time stands still while datagrams flow); ``stream_delay``:
     control bytes take this long (s) to arrive, so shards sent after a frame
     can overtake it (QUIC writes queued datagrams ahead of stream data, and
-    resends a lost stream packet later)."""
+    resends a lost stream packet later); ``cut_when``: a function of
+    nothing, the cut once it says True."""
     now = 0.0
     client.rtt = server.rtt = rtt
     in_transit: list[tuple[float, int, object, bytes]] = []     # control bytes on their way
@@ -105,7 +106,8 @@ def pump(client, server, channel: Channel, budget: int = 64, max_time: float = 6
             else:
                 now = max(now + 1e-6, min(times))
         taken = max(client.stats["datagrams_received"], server.stats["datagrams_received"])
-        if (cut_at is not None and now >= cut_at) or (cut_after is not None and taken >= cut_after):
+        if (cut_at is not None and now >= cut_at) or (cut_after is not None and taken >= cut_after) \
+                or (cut_when is not None and cut_when()):
             receiver = server if server_is_receiver(server) else client
             for s in (client, server):
                 if not (kill and s is receiver):

@@ -1,5 +1,6 @@
-"""``resync relay``: trees mirrored by sealed envelopes carried on a disk
-(docs/relay.md) — the sneakernet path; relays on the network come next."""
+"""``resync relay``: trees mirrored by sealed envelopes (docs/relay.md),
+carried on a disk (sneakernet) or handed to a relay (``resync serve
+--relay``) that holds them until the destination collects them."""
 import click
 
 from .options import say
@@ -26,9 +27,35 @@ def group():
     """
 
 
+def _is_url(text: str) -> bool:
+    return text[:9].lower() == "resync://"
+
+
+def _spool(d):
+    """This machine's own spool (envelopes waiting for a relay, or collected from one)."""
+    from ..store.spool import Spool
+    return Spool(d / "relay" / "spool")
+
+
+def _call(url: str, d, identity, spool, peer_id, deposit: bool, collect: bool, retry_for: float) -> dict:
+    """One exchange with the relay at ``url`` (relay.node.call), said on stderr when retried."""
+    from ..net.url import parse_relay_url
+    from ..relay.node import call
+    result, _, _ = call(parse_relay_url(url), identity, spool, peer_id=peer_id, deposit=deposit, collect=collect,
+                        known_peers=None, retry_for=retry_for,
+                        on_retry=lambda why, wait: say(f"relay: {why}; trying again in {wait:.0f} s", err=True))
+    return result
+
+
+_peer_option = click.option("--peer-id", default=None, metavar="DEVICE-ID",
+                            help="The relay's device ID (for a resync:// relay; else known_peers).")
+_retry_option = click.option("--retry-for", type=click.FloatRange(0), default=60.0, show_default=True,
+                             metavar="SECONDS", help="How long a lost connection to the relay is retried.")
+
+
 @group.command("send")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out")
 @click.option("--to", "card_text", required=True, metavar="CARD",
               help="The destination's card (`resync id --card` there), or @FILE holding it.")
 @click.option("--to-id", "device", required=True, metavar="DEVICE-ID",
@@ -40,14 +67,22 @@ def group():
               help="The envelope's lifetime (relays and the destination refuse it after).")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_peer_option
+@_retry_option
 @click.option("--json", "as_json", is_flag=True, help="What was sealed, as JSON on stdout.")
-def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, as_json):
-    """Seal the next generation of tree SRC for a device into directory OUT
-    (made if absent): what changed since the last generation sent to it,
-    signed with this machine's key and encrypted to that device. Carry OUT
-    there and run `resync relay receive`.
+def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_id, retry_for, as_json):
+    """Seal the next generation of tree SRC for a device into OUT: what changed
+    since the last generation sent to it, signed with this machine's key and
+    encrypted to that device. OUT is a directory (made if absent: carry it
+    there and run `resync relay receive`) or a relay, resync://HOST[:PORT]
+    (`resync serve --relay`), which holds it until the device collects it.
+    Handed to a relay, the envelope waits in this machine's spool until the
+    relay has acknowledged it whole; an unreachable relay leaves it there
+    (exit 10), and the next send to it hands it over too.
 
-    Example: resync relay send photos/ /media/usb/resync --to @site-b.card --to-id SITE-B-ID --as backup/photos
+    Examples: resync relay send photos/ /media/usb/resync --to @site-b.card --to-id SITE-B-ID --as backup/photos
+
+              resync relay send photos/ resync://relay.example:8730 --peer-id RELAY-ID --to @site-b.card ...
     """
     import json
     import time
@@ -69,6 +104,21 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, as_js
     d = Path(config_dir) if config_dir else default_dir()
     outbox = Outbox(d / "relay" / "outbox", load_identity(d, create=True))
     sealed = outbox.seal(src, card, module, path, priority=priority, now=int(time.time() * 1000), ttl=ttl)
+    if _is_url(out):
+        spool = _spool(d)
+        spool.put(sealed.data)
+        r = _call(out, d, outbox.identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
+        result = {"envelope": sealed.id.hex(), "generation": sealed.generation, "bytes": len(sealed.data),
+                  "relay": out, "to": card.device_id, "as": name, "handed_over": r.get("handed_over", 0),
+                  "refused": r.get("refusals", []), "waiting": len(spool.index)}
+        if as_json:
+            say(json.dumps(result, sort_keys=True))
+        else:
+            say(f"relay: generation {sealed.generation} of {src} for {card.device_id} as {name}: handed "
+                f"{r.get('handed_over', 0)} envelopes to {out}; {len(spool.index)} waiting here")
+            for x in r.get("refusals", []):
+                say(f"relay: {x['id'][:16]} refused by the relay: {x['reason']}: {x['detail']}")
+        return
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     file = target / f"{sealed.id.hex()}.env"
@@ -83,21 +133,27 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, as_js
 
 
 @group.command("receive")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("directory")
 @click.option("--module", "modules", multiple=True, required=True, metavar="NAME=PATH",
               help="A local directory envelopes may write, as module NAME; repeatable.")
 @click.option("--allow", "allowed", multiple=True, required=True, metavar="DEVICE-ID",
               help="A source allowed to write the modules; repeatable.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_peer_option
+@_retry_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope on stdout.")
-def receive_cmd(directory, modules, allowed, config_dir, as_json):
+def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_json):
     """Apply the envelopes in DIRECTORY that are sealed to this machine, in
     each tree's order: the next generation is applied (as `resync unpack`
     applies a bundle), one already applied or older is a replay (nothing
     touched), a later one waits here until the one before it arrives.
+    DIRECTORY may be a relay, resync://HOST[:PORT]: what it holds for this
+    machine is collected first (its mailbox), into this machine's spool.
 
-    Example: resync relay receive /media/usb/resync --module backup=/srv/backup --allow SITE-A-ID
+    Examples: resync relay receive /media/usb/resync --module backup=/srv/backup --allow SITE-A-ID
+
+              resync relay receive resync://relay.example:8730 --peer-id RELAY-ID --module backup=/srv/backup ...
     """
     import os
     import shutil
@@ -114,6 +170,8 @@ def receive_cmd(directory, modules, allowed, config_dir, as_json):
     from ..store.guard import GuardStore
     d = Path(config_dir) if config_dir else default_dir()
     identity = load_identity(d, create=True)
+    if not _is_url(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{directory}: not a directory (nor a relay's resync://HOST[:PORT])")
     exchange = load_exchange_key(d, create=True)
     card = make_card(identity, exchange)
     mods = {}
@@ -138,7 +196,14 @@ def receive_cmd(directory, modules, allowed, config_dir, as_json):
             file.unlink(missing_ok=True)
             _said(as_json, {"file": str(file), "verdict": "expired",
                             "why": "it waited here for the generation before it past its lifetime"})
-    candidates = sorted(Path(directory).rglob("*.env")) + sorted(parked_dir.glob("*.env"))
+    spool = None
+    if _is_url(directory):
+        spool = _spool(d)
+        _call(directory, d, identity, spool, peer_id, deposit=True, collect=True, retry_for=retry_for)
+        candidates = [spool.envelopes / h.id for h in spool.due(destination=mine.hex())]
+    else:
+        candidates = sorted(Path(directory).rglob("*.env"))
+    candidates += sorted(parked_dir.glob("*.env"))
     worst: ResyncError | None = None
     seen = set()
     for file in candidates:
@@ -159,9 +224,11 @@ def receive_cmd(directory, modules, allowed, config_dir, as_json):
             _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "refused", "why": str(exc)})
             continue
         if r.verdict == PARK and file.parent != parked_dir:
-            shutil.copyfile(file, parked_dir / file.name)
+            shutil.copyfile(file, parked_dir / (env.id.hex() + ".env"))
         elif r.verdict != PARK and file.parent == parked_dir:
             file.unlink(missing_ok=True)
+        if spool is not None and file.parent == spool.envelopes:
+            spool.remove(env.id.hex(), "applied" if r.verdict != PARK else "parked")
         _said(as_json, {"file": str(file), "envelope": env.id.hex(), "generation": env.header.generation,
                         "verdict": r.verdict, "why": r.why, "applied": [g for g, _ in r.applied]})
     # a parked copy that an apply released, or that is older than what is applied now, is done

@@ -17,7 +17,8 @@ def _load_config(path: str) -> dict:
 
 
 CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics",
-               "max_transfers", "history_keep_days", "bytes_per_second", "shards_per_second", "max_sessions"}
+               "max_transfers", "history_keep_days", "bytes_per_second", "shards_per_second", "max_sessions",
+               "relay", "relay_allow", "relay_cap", "relay_max_hold"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -34,7 +35,14 @@ def _check_config(config: dict, path: str) -> None:
         raise UsageError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
     if "allow" in config:
         ids(config["allow"], "allow")
-    for key in ("listen", "history", "api", "metrics"):
+    if "relay_allow" in config:
+        ids(config["relay_allow"], "relay_allow")
+    for key in ("relay_cap", "relay_max_hold"):
+        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)
+                              or config[key] < 0):
+            raise UsageError(f"{path}: {key} must be a number ({'bytes' if key == 'relay_cap' else 'seconds'}, 0 "
+                             "for no limit)")
+    for key in ("listen", "history", "api", "metrics", "relay"):
         if key in config and not isinstance(config[key], str):
             raise UsageError(f"{path}: {key} must be a string")
     modules = config.get("modules", {})
@@ -55,7 +63,27 @@ def _check_config(config: dict, path: str) -> None:
             raise UsageError(f"{path}: modules.{name}: path must be a string, read_only true or false")
 
 
-def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict:
+def _relay(config: dict, spool: str | None, allow: tuple, cap: int | None):
+    """The relaying settings (net.server.RelaySettings) from the flags and the
+    config file, or None when the daemon does not relay."""
+    import os
+
+    from ..errors import UsageError
+    from ..identity import parse_device_id
+    from ..net.server import RelaySettings
+    directory = spool or config.get("relay")
+    if not directory:
+        if allow:
+            raise UsageError("--relay-allow needs --relay DIR (the spool)")
+        return None
+    allowed = frozenset(parse_device_id(i) for i in list(config.get("relay_allow", [])) + list(allow))
+    if not allowed:
+        raise UsageError("relaying: no device allowed (--relay-allow DEVICE-ID, or relay_allow = [...])")
+    return RelaySettings(os.path.abspath(directory), allowed, int(cap if cap is not None else config.get("relay_cap", 0)),
+                         int(config.get("relay_max_hold", 0) * 1000))
+
+
+def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple, relaying: bool = False) -> dict:
     """Modules from the config file and the flags; every client ID checked."""
     import os
 
@@ -77,8 +105,9 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
     unknown = set(read_only) - set(out)
     if unknown:
         raise UsageError(f"--read-only {sorted(unknown)[0]!r}: no such module")
-    if not out:
-        raise UsageError("nothing to serve: give --module NAME=PATH or a --config file with [modules]")
+    if not out and not relaying:
+        raise UsageError("nothing to serve: give --module NAME=PATH (or --relay DIR) or a --config file with "
+                         "[modules]")
     for m in out.values():
         if not os.path.isdir(m.path):
             raise UsageError(f"module {m.name!r}: {m.path} is not a directory")
@@ -104,6 +133,14 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
 @click.option("--max-transfers", type=click.IntRange(0), default=None, metavar="N",
               help="Transfers running at once at most; more are told the server is busy and retry (default 0: "
                    "no cap).")
+@click.option("--relay", "relay_spool", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Relay sealed envelopes (docs/relay.md), kept in the spool DIR: devices given by --relay-allow "
+                   "hand theirs over and collect what is held for them.")
+@click.option("--relay-allow", multiple=True, metavar="DEVICE-ID",
+              help="A device allowed to use the relay; repeatable.")
+@click.option("--relay-cap", callback=None, type=click.IntRange(0), default=None, metavar="BYTES",
+              help="Bytes the relay holds at most; more is refused as 'storage depleted' (default 0: the "
+                   "disk's free space less 64 MiB).")
 @click.option("--no-tcp", is_flag=True,
               help="Offer QUIC only (by default TLS over TCP is offered on the same port number too).")
 @click.option("--api", "api_address", default=None, metavar="HOST:PORT",
@@ -114,14 +151,15 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple) -> dict
               help="Also serve /metrics alone here, without the API key (for Prometheus).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A TOML file: listen, history, history_keep_days, allow, bwlimit, min_parity, max_transfers, tcp, "
-                   "api, metrics, bytes_per_second, shards_per_second, max_sessions, [modules.NAME] path / "
-                   "read_only / allow. SIGHUP reads it again.")
+                   "api, metrics, bytes_per_second, shards_per_second, max_sessions, relay, relay_allow, "
+                   "relay_cap, relay_max_hold (s), [modules.NAME] path / read_only / allow. SIGHUP reads it again.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key, API key and own transfers (sessions/) live (default: "
                    "$XDG_CONFIG_HOME/resync).")
 @history_options
-def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfers, no_tcp, api_address, no_api,
-            metrics_address, config_path, config_dir, history_path, no_history):
+def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfers, relay_spool, relay_allow,
+            relay_cap, no_tcp, api_address, no_api, metrics_address, config_path, config_dir, history_path,
+            no_history):
     """Serve directories to resync clients over QUIC and TLS over TCP, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
     it, checkpointing transfers in flight (their clients resume them); SIGHUP
@@ -142,7 +180,8 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
         config = _load_config(config_path) if config_path else {}
         if config_path:
             _check_config(config, config_path)
-        mods = _modules(config, modules, read_only, allow)
+        relay = _relay(config, relay_spool, relay_allow, relay_cap)
+        mods = _modules(config, modules, read_only, allow, relay is not None)
         rate = bwlimit
         if rate is None and config.get("bwlimit") is not None:
             from .options import parse_rate
@@ -179,7 +218,7 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
         if not isinstance(keep, (int, float)) or isinstance(keep, bool) or keep < 0:
             raise UsageError(f"{config_path}: history_keep_days must be a number of days, 0 to keep everything")
         return Settings(mods, rate or 0, parity, cap, float(keep), total["bytes_per_second"],
-                        total["shards_per_second"], sessions), config
+                        total["shards_per_second"], sessions, relay), config
     first, config = settings()
     host, port = _address(listen or config.get("listen") or f"0.0.0.0:{DEFAULT_PORT}",
                           "--listen" if listen else f"{config_path}: listen")

@@ -91,6 +91,8 @@ class Transfer:
     transport: str = "auto"         # "auto" (TLS over TCP on a short clean path, else QUIC), "quic", "tcp"
     limits: tuple = ()              # feeder.TokenBuckets more that this end's shards pass (a daemon's)
     priority: str = "normal"        # its class on a connection shared with other transfers (net.channels)
+    session: object = None          # session(identity, server certificate): the session to run instead of a
+    #                                 push or pull (a relay exchange: protocol.session.RelayClientSession)
 
 
 async def _once(t: Transfer, identity, report, meter=None, on_note=None, path: dict | None = None,
@@ -247,7 +249,8 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
         raise
     if added and on_note is not None:
         on_note(f"{remote.address} added to known_peers as {server_id}")
-    session = ClientSession(identity, cert, t.push, remote.module, remote.path, t.local, t.options, report, meter)
+    session = t.session(identity, cert) if t.session is not None else \
+        ClientSession(identity, cert, t.push, remote.module, remote.path, t.local, t.options, report, meter)
     stop.session = session
     if t.bwlimit and t.push:                    # a pull's limit travels in Hello: the server sends slower
         link.feeder.bucket = TokenBucket(t.bwlimit)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import os
 import signal
 import sys
@@ -38,6 +39,7 @@ MAX_UNPROVEN_PER_HOST = 8         # ... and from one address
 PROOF_DEADLINE = 20.0             # s from a connection's first packet to the client's proof (Auth)
 PREAUTH_BYTES = (1 << 20) + (1 << 19)   # UDP bytes taken from a connection before its proof (a Hello fits)
 REFUSAL_LOG_INTERVAL = 10.0       # s between log lines about connections refused at the caps
+RELAY_MAINTENANCE = 60.0          # s between a relay's maintenance cycles (expired envelopes removed)
 PROBE_WAIT = 1.0                  # s (or 4 RTT) a PING may take to be acknowledged by a live connection
 
 
@@ -176,6 +178,21 @@ class Settings:
     bytes_per_second: float = 0              # what the daemon sends in all, every transfer's shards (0: no limit)
     shards_per_second: float = 0             # ... in shards a second (0: no limit)
     max_sessions: int = 4                    # its own transfers (net.sessions) running at once
+    relay: "RelaySettings | None" = None     # relaying on: the spool and who may use it
+
+
+@dataclass
+class RelaySettings:
+    """A daemon that relays (``resync serve --relay DIR``): sealed envelopes
+    taken into the spool ``spool`` (store.spool) from the devices in
+    ``allowed``, which also collect what it holds for them (their mailbox);
+    ``cap``: bytes held at most (0: the disk's free space less a margin);
+    ``max_hold``: ms an envelope is kept at most (0: until its own expiry)."""
+
+    spool: str
+    allowed: frozenset
+    cap: int = 0
+    max_hold: int = 0
 
 
 async def serve(host: str, port: int, settings: Settings, identity, history: str | None = None,
@@ -351,6 +368,29 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     def running() -> list:
         return [s for s, _ in inbound()]
 
+    spool = None
+    if settings.relay is not None:
+        from ..store.spool import Spool
+        spool = Spool(settings.relay.spool, settings.relay.cap, settings.relay.max_hold)
+        own_hash = hashlib.sha256(identity.public_key).digest()
+
+        def maintain():
+            for key, reason in spool.expire():
+                log(f"relay: envelope {key[:16]} removed: {reason}")
+            loop.call_later(RELAY_MAINTENANCE, maintain)
+        maintain()
+
+    def relay_ends(client_id: str, collect: bool):
+        """The two ends of a relay exchange with device ``client_id``, or
+        None: this daemon does not relay, or not for that device."""
+        r = current[0].relay
+        if spool is None or r is None or client_id not in r.allowed:
+            return None
+        from ..relay.keys import device_hash
+        from ..relay.node import SpoolIn, SpoolOut
+        peer = device_hash(client_id)
+        return (SpoolOut(spool, own_hash, peer, collecting=True) if collect else None), SpoolIn(spool, peer)
+
     def full(session) -> str | None:
         """Why ``session`` may not start now: the operator paused the
         daemon's transfers, or max_transfers are running."""
@@ -404,7 +444,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         now = current[0]
         session = ServerSession(identity, identity.cert_der, now.modules, report_factory=report_factory,
                                 lock=locks.take, bwlimit=now.bwlimit, min_parity=now.min_parity,
-                                capacity=full)
+                                capacity=full, relay=relay_ends)
         started = link.created = time.monotonic()
 
         def done():
@@ -423,6 +463,16 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 return
             if not session.authenticated:
                 note_unproven(link, str(session.error or link.close_reason or "closed"))
+                links.discard(link)
+                return
+            if session.relaying:
+                r = session.result
+                log(f"{session.client_id} from {peer_of(link)}: relay exchange: " + (
+                    str(session.error) if session.error is not None else
+                    f"took {r.get('taken', 0)} envelopes ({r.get('taken_bytes', 0)} B, "
+                    f"{r.get('resumed_bytes', 0)} B resumed), refused {r.get('refused_here', 0)}, "
+                    f"handed over {r.get('handed_over', 0)} ({r.get('handed_bytes', 0)} B), "
+                    f"{time.monotonic() - started:.2f} s"))
                 links.discard(link)
                 return
             from ..report import RunStats

@@ -43,3 +43,12 @@ def parse_url(url: str) -> Remote | None:
     except ValueError:
         raise UsageError(f"{url}: bad port") from None
     return Remote(u.hostname, port, parts[0], "/".join(parts[1:]))
+
+
+def parse_relay_url(url: str) -> Remote:
+    """A relay's ``resync://HOST[:PORT]`` (a path after it is refused: a
+    relay has no modules). UsageError otherwise."""
+    remote = parse_url(url.rstrip("/") + "/relay") if url.lower().startswith("resync://") else None
+    if remote is None or remote.path or remote.module != "relay":
+        raise UsageError(f"{url}: expected a relay's resync://HOST[:PORT]")
+    return Remote(remote.host, remote.port, "", "")

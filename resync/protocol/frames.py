@@ -61,6 +61,8 @@ class Hello(NamedTuple):           # client -> server, first
 
 
 FLAG_DELETE, FLAG_CHECKSUM, FLAG_DRY_RUN, FLAG_WHOLE_FILE, FLAG_ITEMIZE, FLAG_SPARSE = 1, 2, 4, 8, 16, 32
+FLAG_RELAY, FLAG_COLLECT = 64, 128  # a relay exchange (no module): sealed envelopes both ways; COLLECT: the
+#                                     server offers what it holds for the client's device (its mailbox)
 
 
 class Challenge(NamedTuple):       # server -> client
@@ -224,6 +226,36 @@ class Bye(NamedTuple):             # sender -> receiver: seen; the connection ma
 
 
 # -- the codec ---------------------------------------------------------------------------
+
+class RelayOffer(NamedTuple):      # either way in a relay exchange: an envelope this end would hand over
+    envelope_id: bytes             # 32: BLAKE3 of its signed header and payload
+    head: bytes                    # its first HEAD_SIZE bytes (magic, signed header, hop part as it would arrive)
+
+
+class RelayTake(NamedTuple):       # the other end: send it, from this offset of its payload (a resume)
+    envelope_id: bytes
+    offset: int
+
+
+class RelayRefuse(NamedTuple):     # the other end: not taken (the offering end keeps custody)
+    envelope_id: bytes
+    reason: bytes                  # a short word: expired, hop limit, duplicate, storage depleted, invalid ...
+    detail: bytes
+
+
+class RelayChunk(NamedTuple):      # payload bytes of an envelope taken, in order
+    envelope_id: bytes
+    offset: int
+    data: bytes
+
+
+class RelayCustody(NamedTuple):    # the receiving end holds it whole, verified and durable: the offering
+    envelope_id: bytes             # end may delete its copy (never acknowledged in turn)
+
+
+class RelayOver(NamedTuple):       # this end offers nothing more and every offer it made is settled
+    pass
+
 
 class _W:
     __slots__ = ("b",)
@@ -626,6 +658,24 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         w.s16(frame.text[:0xFFFF])
     elif t is Done:
         w.s32(frame.stats)
+    elif t is RelayOffer:
+        w.raw(_fixed(frame.envelope_id, 32))
+        w.s16(frame.head)
+    elif t is RelayTake:
+        w.raw(_fixed(frame.envelope_id, 32))
+        w.u64(frame.offset)
+    elif t is RelayRefuse:
+        w.raw(_fixed(frame.envelope_id, 32))
+        w.s16(frame.reason[:200])
+        w.s16(frame.detail[:4000])
+    elif t is RelayChunk:
+        w.raw(_fixed(frame.envelope_id, 32))
+        w.u64(frame.offset)
+        w.s32(frame.data)
+    elif t is RelayCustody:
+        w.raw(_fixed(frame.envelope_id, 32))
+    elif t is RelayOver:
+        pass
     else:
         raise TypeError(f"not a frame: {frame!r}")
     body = bytes(w.b)
@@ -785,6 +835,18 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
         f = Item(r.u8(), r.s16())
     elif cls is Done:
         f = Done(r.s32())
+    elif cls is RelayOffer:
+        f = RelayOffer(r.raw(32), r.s16())
+    elif cls is RelayTake:
+        f = RelayTake(r.raw(32), r.u64())
+    elif cls is RelayRefuse:
+        f = RelayRefuse(r.raw(32), r.s16(), r.s16())
+    elif cls is RelayChunk:
+        f = RelayChunk(r.raw(32), r.u64(), r.s32())
+    elif cls is RelayCustody:
+        f = RelayCustody(r.raw(32))
+    elif cls is RelayOver:
+        f = RelayOver()
     else:
         f = Bye()
     r.end()
@@ -794,7 +856,9 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
 _TYPES = {Hello: 0x01, Challenge: 0x02, Auth: 0x03, Welcome: 0x04, Error: 0x05,
           Dir: 0x10, DirFailed: 0x11, ListEnd: 0x12,
           Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24, Pack: 0x25, Wants: 0x26,
-          Item: 0x30, Done: 0x31, Bye: 0x32}
+          Item: 0x30, Done: 0x31, Bye: 0x32,
+          RelayOffer: 0x40, RelayTake: 0x41, RelayRefuse: 0x42, RelayChunk: 0x43, RelayCustody: 0x44,
+          RelayOver: 0x45}
 _CLASSES = {v: k for k, v in _TYPES.items()}
 
 

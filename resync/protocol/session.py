@@ -53,8 +53,8 @@ from .sender import Sender
 from .shards import PROBE, parse
 
 __all__ = ["AUTH_LIMIT", "HELLO_LIMIT", "SHARD_SIZE", "WINDOW", "BusyError", "ClientSession", "Module", "Options",
-           "PeerFileError", "PeerNoSpaceError", "RefusedError", "ServerSession", "Session", "shard_size_for",
-           "transfer_id"]
+           "PeerFileError", "PeerNoSpaceError", "RefusedError", "RelayClientSession", "ServerSession", "Session",
+           "shard_size_for", "transfer_id"]
 
 AUTH_CONTEXT = b"resync-auth-v1"
 # One shard per DATAGRAM frame in a 1,350-byte QUIC packet: short header (1 + 8-byte connection
@@ -293,6 +293,9 @@ class Session:
             if isinstance(self.role, Receiver) and self.role.finished_here and self.error is None:
                 self.finished = True
                 return
+            if getattr(self.role, "over_sent", False) and self.role.peer_over and self.error is None:
+                self.finish(self.role.result)   # (a relay exchange both ends had ended: only the Bye is missing)
+                return
             from ..errors import ConnectionFailed
             self.fail(ConnectionFailed(why), tell_peer=False)
 
@@ -417,6 +420,39 @@ class ClientSession(Session):
         super()._frame(frame, now)
 
 
+class RelayClientSession(ClientSession):
+    """A client's relay exchange (protocol.relay): hands ``outgoing``'s
+    envelopes to the server and, with ``collect``, takes what the server
+    holds for this device into ``incoming``."""
+
+    def __init__(self, identity, server_cert_der: bytes, outgoing, incoming, collect: bool):
+        Session.__init__(self)
+        self.identity, self.server_cert_der, self.push = identity, server_cert_der, True
+        self.module, self.path, self.local, self.options = b"", b"", "", Options()
+        self.report, self.progress = None, None
+        self.outgoing, self.incoming = outgoing, incoming
+        self.nonce = os.urandom(16)
+        self.welcomed = False
+        flags = F.FLAG_RELAY | (F.FLAG_COLLECT if collect else 0)
+        self.send(F.Hello(F.VERSION, True, identity.public_key, self.nonce, flags, -1, b"", b"", b"", 0))
+
+    def _handshake(self, frame, now: float) -> None:
+        from .relay import Exchange
+        if isinstance(frame, F.Challenge) and not self.transfer_id:
+            self.transfer_id = transfer_id(frame.nonce, self.nonce)
+            self.salt = signature_salt(frame.nonce, self.nonce)
+            self.send(F.Auth(self.identity.sign(auth_message(frame.nonce, self.nonce, self.server_cert_der,
+                                                             self.identity.public_key, b"", b""))))
+        elif isinstance(frame, F.Welcome) and self.transfer_id:
+            self.welcomed = True
+            self.role = Exchange(self, self.outgoing, self.incoming, client=True)
+        else:
+            raise ProtocolError(f"{type(frame).__name__} before the handshake ended")
+
+    def _frame(self, frame, now: float) -> None:
+        Session._frame(self, frame, now)
+
+
 class Module:
     """A directory the server offers: its name, path, whether clients may
     write into it, and the device IDs allowed to use it."""
@@ -436,8 +472,10 @@ class ServerSession(Session):
     alive); with fd None it only answers whether it would."""
 
     def __init__(self, identity, cert_der: bytes, modules: dict, report_factory=None, lock=None,
-                 bwlimit: float = 0, min_parity: int = 1, capacity=None):
+                 bwlimit: float = 0, min_parity: int = 1, capacity=None, relay=None):
         super().__init__()
+        self.relay = relay                  # relay(client_id, collect): (outgoing, incoming) of a relay
+        #                                     exchange for that device, or None (not allowed); None: no relaying
         self.capacity = capacity            # capacity(session): why it may not start now (the server's cap), or None
         self._reader.limit = HELLO_LIMIT       # until the client has proved its key: no frame
                                                # longer than a Hello can be (nothing held for more)
@@ -484,6 +522,9 @@ class ServerSession(Session):
             return
         self.client_id = device_id(h.client_key)
         self._reader.limit = F.MAX_FRAME
+        if h.flags & F.FLAG_RELAY:
+            self._relay_exchange(bool(h.flags & F.FLAG_COLLECT))
+            return
         module = self.modules.get(os.fsdecode(h.module))
         if module is None or self.client_id not in module.allowed:
             # the same answer whether the module exists or not: a device that may not use it
@@ -551,12 +592,34 @@ class ServerSession(Session):
                 os.close(fd)
             raise
 
+    def _relay_exchange(self, collect: bool) -> None:
+        """A client that relays: refused unless this server relays and allows
+        that device (the same answer either way); else Welcome, and the
+        exchange starts (protocol.relay)."""
+        from .relay import Exchange
+        ends = self.relay(self.client_id, collect) if self.relay is not None else None
+        if ends is None:
+            self._refuse(E_DENIED, f"no relaying here for device {self.client_id} (this server does not relay, "
+                                   "or this device is not allowed to use it)")
+            return
+        full = self.capacity(self) if self.capacity is not None else None
+        if full:
+            self._refuse(E_BUSY, full)
+            return
+        self.target = "relay"
+        self.send(F.Welcome(WINDOW))
+        self.role = Exchange(self, ends[0], ends[1], client=False)
+
     def _busy(self, rel: str) -> None:
         self._refuse(E_BUSY, f"another transfer into {self.module.name}/{rel} is running (or into a "
                              "directory above or below it); try again later")
 
     def _holding(self) -> bool:
         return self.client_id is not None       # (proved, not yet admitted: a push's early listing waits)
+
+    @property
+    def relaying(self) -> bool:
+        return self.hello is not None and bool(self.hello.flags & F.FLAG_RELAY)
 
     def next_timer(self) -> float | None:
         if self._lock_wait is not None and not self.finished:

@@ -180,8 +180,20 @@ def parse(data: bytes) -> Envelope:
     """The parts of an envelope's bytes (nothing checked but their layout:
     ``verify`` checks the signature and the payload). EnvelopeError (exit 4)
     for anything malformed."""
+    env = parse_head(bytes(memoryview(data)[:HEAD_SIZE]))
     view = memoryview(data)
-    if len(view) < HEAD_SIZE or bytes(view[:len(MAGIC)]) != MAGIC:
+    if len(view) - HEAD_SIZE != env.header.payload_length:
+        raise EnvelopeError(f"{len(view) - HEAD_SIZE} payload bytes, the header says {env.header.payload_length}")
+    return replace(env, payload=bytes(view[HEAD_SIZE:]))
+
+
+def parse_head(head: bytes) -> Envelope:
+    """An envelope's first HEAD_SIZE bytes — magic, signed header, hop part:
+    what a relay is offered before the payload — as an Envelope whose
+    payload is empty (``header.payload_length`` says how long it is).
+    EnvelopeError for anything malformed."""
+    view = memoryview(head)
+    if len(view) != HEAD_SIZE or bytes(view[:len(MAGIC)]) != MAGIC:
         raise EnvelopeError("not a resync envelope (no RSENV1 magic, or too short)")
     pos = len(MAGIC)
     (signed_length,) = _LENGTH.unpack_from(view, pos)
@@ -203,11 +215,18 @@ def parse(data: bytes) -> Envelope:
         raise EnvelopeError(f"version {version} (this resync reads version {VERSION})")
     if priority >= len(PRIORITIES) or not 1 <= limit <= MAX_HOPS or generation < 1:
         raise EnvelopeError("a header field out of range")
-    if len(view) - pos != length:
-        raise EnvelopeError(f"{len(view) - pos} payload bytes, the header says {length}")
     header = Header(source, destination, ephemeral, tree, generation, prev, base, PRIORITIES[priority], created,
                     expires, limit, length, digest)
-    return Envelope(header, signed, Hops(count, previous, age), bytes(view[pos:]))
+    return Envelope(header, signed, Hops(count, previous, age), b"")
+
+
+def verify_header(env: Envelope) -> None:
+    """The source's signature over the header (what a relay checks when it
+    is offered an envelope, before its payload). EnvelopeError."""
+    from ..identity import verify_signature
+    body, signature = env.signed[:-SIGNATURE], env.signed[-SIGNATURE:]
+    if not verify_signature(env.header.source, signature, SIGN_CONTEXT + body):
+        raise EnvelopeError("the source's signature does not match its header (changed on the way?)")
 
 
 def verify(env: Envelope) -> None:
@@ -215,11 +234,7 @@ def verify(env: Envelope) -> None:
     opening: the source's signature over the header, and the payload's
     length and BLAKE3. EnvelopeError saying which failed."""
     import blake3
-
-    from ..identity import verify_signature
-    body, signature = env.signed[:-SIGNATURE], env.signed[-SIGNATURE:]
-    if not verify_signature(env.header.source, signature, SIGN_CONTEXT + body):
-        raise EnvelopeError("the source's signature does not match its header (changed on the way?)")
+    verify_header(env)
     if len(env.payload) != env.header.payload_length or blake3.blake3(env.payload).digest() != env.header.payload_hash:
         raise EnvelopeError("the payload does not match its hash (changed on the way?)")
 

@@ -8,6 +8,10 @@ Layout, in the spool's directory (one file system: renames are atomic):
   by its id (hex BLAKE3 of the bytes no relay may change);
 - ``envelopes/ID.json`` — what the relay knows of it (``Held``), replaced
   atomically as it changes;
+- ``partial/ID`` — an envelope being received (its head, then its payload
+  as far as it came): a cut transfer resumes at its end, from whichever
+  node offers that id next; it becomes ``envelopes/ID`` (renamed) only
+  once whole and verified, so nothing half-received is ever visible;
 - ``tombstones/ID`` — an envelope delivered or removed, kept until its
   expiry so that a copy arriving again (another relay, a disk, a replay)
   is refused as a duplicate;
@@ -79,6 +83,18 @@ class Held:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Ingest:
+    """An envelope being received: its head parsed, its whole size, the
+    partial file's descriptor and end, the node it comes from."""
+
+    env: object
+    size: int
+    fd: int
+    end: int
+    previous: bytes
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -92,9 +108,11 @@ class Spool:
         self.root = Path(directory)
         self.cap, self.max_hold, self.min_free = cap, max_hold, min_free
         self.envelopes, self.tombstones = self.root / "envelopes", self.root / "tombstones"
-        for d in (self.root, self.envelopes, self.tombstones):
+        self.partial = self.root / "partial"
+        for d in (self.root, self.envelopes, self.tombstones, self.partial):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index: dict[str, Held] = {}
+        self.ingesting: dict[str, _Ingest] = {}      # envelopes being received now (begin ... finish)
         self.recover()
 
     # -- start ------------------------------------------------------------------------
@@ -106,7 +124,7 @@ class Spool:
         from ..fs import TEMP_PREFIX
         from ..relay.envelope import EnvelopeError, parse, verify
         said = []
-        for d in (self.envelopes, self.tombstones):
+        for d in (self.envelopes, self.tombstones):     # (partial/ stays: a cut transfer resumes from it)
             for p in d.glob(TEMP_PREFIX + "*"):
                 p.unlink(missing_ok=True)
                 said.append(f"removed a partial write: {p.name}")
@@ -142,30 +160,34 @@ class Spool:
 
     # -- custody ----------------------------------------------------------------------
     def used(self) -> int:
-        return sum(h.size for h in self.index.values())
+        """Bytes held, and reserved for the envelopes being received."""
+        return sum(h.size for h in self.index.values()) + sum(i.size for i in self.ingesting.values())
 
-    def _held(self, env, size: int, now: int, previous: bytes) -> Held:
+    def _held(self, env, size: int, now: int, previous: bytes, key: str | None = None) -> Held:
         h = env.header
         expires, shortened = h.expires, False
         if self.max_hold and now + self.max_hold < h.expires:
             expires, shortened = now + self.max_hold, True
         from ..relay.keys import key_hash
-        return Held(env.id.hex(), size, h.destination.hex(), key_hash(h.source).hex(), h.priority, h.created,
+        return Held(key or env.id.hex(), size, h.destination.hex(), key_hash(h.source).hex(), h.priority, h.created,
                     expires, h.expires, shortened, now, previous.hex(), env.hops.count)
 
-    def admit(self, env, size: int, now: int | None = None) -> None:
-        """Whether the relay may take custody of ``env`` (``size`` bytes):
-        Refused with its reason — ``expired`` (on arrival), ``hop limit``,
-        ``duplicate`` (held, or delivered or removed before its expiry),
+    def admit(self, env, size: int, now: int | None = None, key: str | None = None) -> None:
+        """Whether the relay may take custody of ``env`` (``size`` bytes;
+        ``key``: its id, hex, when only its head is here yet): Refused with
+        its reason — ``expired`` (on arrival), ``hop limit``, ``duplicate``
+        (held, being received, or delivered or removed before its expiry),
         ``storage depleted`` (the cap, or the disk's free space)."""
         now = _now_ms() if now is None else now
-        h, key = env.header, env.id.hex()
+        h, key = env.header, key or env.id.hex()
         if h.expires <= now:
             raise Refused("expired", "its lifetime ended before it arrived")
         if env.hops.count >= h.hop_limit:
             raise Refused("hop limit", f"{env.hops.count} hops of {h.hop_limit}")
         if key in self.index:
             raise Refused("duplicate", "held here already")
+        if key in self.ingesting:
+            raise Refused("duplicate", "being received here from another node")
         if self._tombstone(key, now):
             raise Refused("duplicate", "delivered or removed here before")
         if self.cap and self.used() + size > self.cap:
@@ -175,33 +197,167 @@ class Spool:
             raise Refused("storage depleted", f"the disk has {st.f_bavail * st.f_frsize} bytes free")
 
     def put(self, data: bytes, previous: bytes = bytes(32), now: int | None = None) -> Held:
-        """Take custody of the envelope ``data`` from node ``previous`` (its
-        device hash): verified (EnvelopeError), admitted (Refused), written
-        durably, indexed, recorded. A full disk on the way is a refusal
-        ("storage depleted") with nothing left behind."""
-        from ..relay.envelope import parse, verify
-        now = _now_ms() if now is None else now
+        """Take custody of the whole envelope ``data`` from node ``previous``
+        (its device hash): ``begin``, ``write``, ``finish`` at once. A carried
+        envelope (sneakernet) and a relayed one take the same path."""
+        from ..relay.envelope import HEAD_SIZE, EnvelopeError, parse
         env = parse(data)
-        verify(env)
+        key = env.id.hex()
+        self.begin(data[:HEAD_SIZE], key, previous, now)
         try:
-            self.admit(env, len(data), now)
-        except Refused as exc:
-            self._event("refused", env.id.hex(), str(exc), reason=exc.reason)
+            self.write(key, 0, memoryview(data)[HEAD_SIZE:])
+            return self.finish(key, now)
+        except (Refused, EnvelopeError):
             raise
-        held = self._held(env, len(data), now, previous)
+        except BaseException:
+            self.abandon(key, keep=False)
+            raise
+
+    def begin(self, head: bytes, key: str, previous: bytes = bytes(32), now: int | None = None) -> int:
+        """An envelope offered: its head (envelope.HEAD_SIZE bytes: magic,
+        signed header, hop part) and its id ``key`` (hex), from node
+        ``previous``. Its header's signature is checked (EnvelopeError) and it
+        is admitted (Refused, recorded) before a byte of its payload comes;
+        the payload's bytes already here from a cut transfer are kept: the
+        offset to resume from is returned. ``write`` then ``finish`` (or
+        ``abandon``)."""
+        from ..relay.envelope import HEAD_SIZE, parse_head, verify_header
+        now = _now_ms() if now is None else now
+        env = parse_head(head)
+        verify_header(env)
+        size = HEAD_SIZE + env.header.payload_length
+        try:
+            self.admit(env, size, now, key)
+        except Refused as exc:
+            self._event("refused", key, str(exc), reason=exc.reason)
+            raise
+        path = self.partial / key
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise self._no_space(key, exc) from None
+        try:
+            have = os.fstat(fd).st_size
+            offset = min(max(0, have - HEAD_SIZE), env.header.payload_length)
+            os.ftruncate(fd, HEAD_SIZE + offset)
+            from ..fs import pwrite_all
+            pwrite_all(fd, head, 0)             # (this offer's hop part)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise self._no_space(key, exc) from None
+        self.ingesting[key] = _Ingest(env, size, fd, HEAD_SIZE + offset, previous)
+        return offset
+
+    def write(self, key: str, offset: int, data) -> None:
+        """The payload's bytes at ``offset`` of an envelope begun: in order,
+        each piece where the last ended (ValueError otherwise). A full disk
+        is a refusal ("storage depleted"), the partial file removed."""
+        from ..fs import pwrite_all
+        from ..relay.envelope import HEAD_SIZE
+        ing = self.ingesting[key]
+        if HEAD_SIZE + offset != ing.end or ing.end + len(data) > ing.size:
+            raise ValueError(f"payload bytes at {offset} of {key[:16]}: expected {ing.end - HEAD_SIZE}")
+        try:
+            pwrite_all(ing.fd, data, ing.end)
+        except OSError as exc:
+            self.abandon(key, keep=False)
+            raise self._no_space(key, exc) from None
+        ing.end += len(data)
+
+    def received(self, key: str) -> int:
+        """Payload bytes of ``key`` received so far."""
+        from ..relay.envelope import HEAD_SIZE
+        return self.ingesting[key].end - HEAD_SIZE
+
+    def finish(self, key: str, now: int | None = None) -> Held:
+        """Every payload byte of ``key`` is in: fsynced, verified (its id,
+        the payload's length and BLAKE3: EnvelopeError, the partial file
+        removed), recorded, renamed into ``envelopes/``, the directories
+        fsynced, indexed: custody taken."""
+        import blake3
+
+        from ..relay.envelope import HEAD_SIZE, EnvelopeError
+        now = _now_ms() if now is None else now
+        ing = self.ingesting[key]
+        env = ing.env
+        try:
+            if ing.end != ing.size:
+                raise EnvelopeError(f"{ing.end - HEAD_SIZE} of {env.header.payload_length} payload bytes")
+            os.fsync(ing.fd)
+            payload, whole = blake3.blake3(), blake3.blake3(env.signed)     # (the id: signed header + payload)
+            with open(self.partial / key, "rb") as f:
+                f.seek(HEAD_SIZE)
+                while chunk := f.read(1 << 20):
+                    payload.update(chunk)
+                    whole.update(chunk)
+            if payload.digest() != env.header.payload_hash:
+                raise EnvelopeError("the payload does not match its hash (changed on the way?)")
+            if whole.hexdigest() != key:
+                raise EnvelopeError("its bytes are not the id it was offered as")
+        except EnvelopeError as exc:
+            self.abandon(key, keep=False)
+            self._event("refused", key, str(exc), reason="invalid")
+            raise
+        except OSError as exc:
+            self.abandon(key, keep=False)
+            raise self._no_space(key, exc) from None
+        held = self._held(env, ing.size, now, ing.previous, key)
         from ..errors import NoSpaceError
         try:
-            self._save(held)                    # (a crash before the envelope is in: a record alone, dropped)
-            self._write(self.envelopes / held.id, data)
-        except NoSpaceError:
-            for p in (self.envelopes / held.id, self.envelopes / (held.id + ".json")):
-                p.unlink(missing_ok=True)
-            self._event("refused", held.id, "the disk filled while it was written", reason="storage depleted")
-            raise Refused("storage depleted", "the disk filled while it was written") from None
-        self.index[held.id] = held
-        self._event("taken", held.id, f"{held.size} bytes from {held.previous[:16]}", priority=held.priority,
+            self._save(held)                    # (a crash before the rename: a record alone, dropped)
+            os.rename(self.partial / key, self.envelopes / key)
+            self._sync(self.envelopes)
+            self._sync(self.partial)
+        except (NoSpaceError, OSError) as exc:
+            (self.envelopes / (key + ".json")).unlink(missing_ok=True)
+            self.abandon(key, keep=False)
+            raise self._no_space(key, exc) from None
+        self._close(key)
+        self.index[key] = held
+        self._event("taken", key, f"{held.size} bytes from {held.previous[:16]}", priority=held.priority,
                     expires=held.expires, shortened=held.shortened)
         return held
+
+    def abandon(self, key: str, keep: bool = True) -> None:
+        """Stop receiving ``key`` (a cut connection: ``keep`` what came, for a
+        resume by offset; a refusal: remove it)."""
+        self._close(key)
+        if not keep:
+            (self.partial / key).unlink(missing_ok=True)
+
+    def _close(self, key: str) -> None:
+        ing = self.ingesting.pop(key, None)
+        if ing is not None:
+            try:
+                os.close(ing.fd)
+            except OSError:
+                pass
+
+    def _no_space(self, key: str, exc) -> ResyncError:
+        """An OSError while receiving ``key``: a full disk is a refusal
+        ("storage depleted", recorded), anything else the I/O error it is."""
+        from ..fs import NO_SPACE, os_error
+        if getattr(exc, "errno", None) in NO_SPACE or type(exc).__name__ == "NoSpaceError":
+            (self.partial / key).unlink(missing_ok=True)
+            self._event("refused", key, "the disk filled while it was written", reason="storage depleted")
+            return Refused("storage depleted", "the disk filled while it was written")
+        return exc if isinstance(exc, ResyncError) else os_error(str(self.partial / key), exc)
+
+    def head(self, key: str) -> bytes:
+        """The first HEAD_SIZE bytes of a held envelope (its hop part as it arrived)."""
+        from ..relay.envelope import HEAD_SIZE
+        with open(self.envelopes / key, "rb") as f:
+            return f.read(HEAD_SIZE)
+
+    def payload(self, key: str, offset: int, n: int) -> bytes:
+        """``n`` bytes (fewer at the end) of a held envelope's payload from ``offset``."""
+        from ..relay.envelope import HEAD_SIZE
+        fd = os.open(self.envelopes / key, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, n, HEAD_SIZE + offset)
+        finally:
+            os.close(fd)
 
     def read(self, key: str) -> bytes:
         return (self.envelopes / key).read_bytes()
@@ -261,6 +417,18 @@ class Spool:
                     p.unlink()
             except (OSError, ValueError, KeyError):
                 p.unlink(missing_ok=True)
+        from ..relay.envelope import HEAD_SIZE, EnvelopeError, parse_head
+        for p in self.partial.iterdir():        # what a cut transfer left, once its envelope has expired
+            if p.name in self.ingesting:
+                continue
+            try:
+                with open(p, "rb") as f:
+                    ended = parse_head(f.read(HEAD_SIZE)).header.expires <= now
+            except (OSError, EnvelopeError):
+                ended = True
+            if ended:
+                p.unlink(missing_ok=True)
+                self._event("expired", p.name, "a partial envelope, never completed")
         return gone
 
     def status(self, now: int | None = None) -> dict:

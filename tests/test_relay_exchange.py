@@ -1,0 +1,191 @@
+"""The relay exchange (resync.protocol.relay) between two spools, pumped in
+memory with a hand-moved clock: custody moves only on the receiving end's
+acknowledgement; refusals (duplicate, expired, storage depleted, an unknown
+device) leave the sender its copy; a cut resumes by offset from whichever
+node offers the id next; a critical envelope overtakes a large normal one;
+a mailbox is collected; a byte changed on the way is refused."""
+from __future__ import annotations
+
+import random
+import time
+
+from resync.identity import load_identity
+from resync.protocol.session import RelayClientSession, ServerSession
+from resync.relay import envelope as E
+from resync.relay.keys import device_hash, make_card
+from resync.relay.node import SpoolIn, SpoolOut
+from resync.store.spool import Spool
+
+from . import mix
+from .protopump import Channel, pump
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Net:
+    """Three devices: a source A, a relay R, a destination B, each with a spool."""
+
+    def __init__(self, tmp, cap: int = 0):
+        self.tmp = tmp
+        self.a, self.r, self.b = (load_identity(tmp / f"{n}-id", create=True) for n in "arb")
+        self.spools = {n: Spool(tmp / f"{n}-spool", cap=cap if n == "r" else 0, min_free=0) for n in "arb"}
+        from cryptography.hazmat.primitives.asymmetric import x25519
+        self.b_exchange = x25519.X25519PrivateKey.generate()
+        self.b_card = make_card(self.b, self.b_exchange)
+        self.allowed = {self.a.device_id, self.b.device_id}
+
+    def hash(self, who) -> bytes:
+        return device_hash(who.device_id)
+
+    def seal(self, data: bytes, generation: int = 1, priority: str = "normal", expires_in: int = 3_600_000,
+             tree: bytes = b"t" * 16) -> bytes:
+        now = _now_ms()
+        return E.seal(self.a, self.b_card, {"module": "m", "path": "p"}, data, tree=tree, generation=generation,
+                      previous=bytes(32), base=bytes(32), priority=priority, created=now, expires=now + expires_in)
+
+    def exchange(self, client: str, out: bool = True, collect: bool = False, channel=None, **pump_options):
+        """``client`` (a or b) calls R: offers its spool's envelopes (``out``), collects its mailbox."""
+        me = {"a": self.a, "b": self.b}[client]
+        mine, relay = self.spools[client], self.spools["r"]
+        server_ends = {}
+
+        def ends(device_id, collecting):
+            if device_id not in self.allowed:
+                return None
+            peer = device_hash(device_id)
+            server_ends["out"] = SpoolOut(relay, self.hash(self.r), peer, collecting=True) if collecting else None
+            server_ends["in"] = SpoolIn(relay, peer)
+            return server_ends["out"], server_ends["in"]
+        server = ServerSession(self.r, self.r.cert_der, {}, relay=ends)
+        c_out = SpoolOut(mine, self.hash(me), self.hash(self.r)) if out else None
+        c_in = SpoolIn(mine, self.hash(self.r))
+        client_s = RelayClientSession(me, self.r.cert_der, c_out, c_in, collect)
+        pump(client_s, server, channel or Channel(random.Random(1)), **pump_options)
+        return client_s, server, c_out, server_ends
+
+
+def test_a_deposits_r_holds_b_collects_and_custody_moves_only_on_acknowledgement(tmp_path):
+    net = Net(tmp_path)
+    raws = [net.seal(mix.data(i, size, kind), generation=i + 1)
+            for i, (size, kind) in enumerate([(0, "text"), (1, "zeros"), (700_000, "mixed"), (3_000_000, "repeat")])]
+    for raw in raws:
+        net.spools["a"].put(raw)
+    ids = sorted(E.parse(raw).id.hex() for raw in raws)
+    client, server, out, _ = net.exchange("a")
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert client.result["handed_over"] == 4 and sorted(out.handed) == ids
+    assert not net.spools["a"].index                                 # given up, each to a tombstone
+    assert sorted(net.spools["r"].index) == ids
+    for key in ids:                                                  # R's copy: the bytes, one hop more
+        env = E.parse((net.spools["r"].envelopes / key).read_bytes())
+        E.verify(env)
+        assert env.hops.count == 1 and env.hops.previous == net.hash(net.a) and env.id.hex() == key
+    # B calls in and collects its mailbox; R gives each up as delivered
+    client, server, _, ends = net.exchange("b", out=False, collect=True)
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert sorted(net.spools["b"].index) == ids and not net.spools["r"].index
+    assert sorted(ends["out"].handed) == ids
+    events = [line for line in (net.spools["r"].root / "events.ndjson").read_text().splitlines()]
+    assert sum('"event": "delivered"' in e for e in events) == 4
+    got = {E.parse(net.spools["b"].read(k)).id.hex(): E.open_payload(E.parse(net.spools["b"].read(k)), net.b_exchange,
+                                                                      net.b_card)[1] for k in ids}
+    assert sorted(got.values()) == sorted(E.open_payload(E.parse(r), net.b_exchange, net.b_card)[1] for r in raws)
+
+
+def test_refusals_leave_the_sender_its_copy(tmp_path):
+    net = Net(tmp_path, cap=1_000_000)
+    big = net.seal(mix.data(5, 2_000_000, "mixed"), generation=1)       # over R's cap
+    dup = net.seal(b"twice", generation=2)
+    net.spools["r"].put(dup)                                            # R holds it already
+    for raw in (big, dup):
+        net.spools["a"].put(raw)
+    client, server, out, _ = net.exchange("a")
+    assert client.error is None and server.error is None
+    reasons = sorted(r["reason"] for r in client.result["refusals"])
+    assert reasons == ["duplicate", "storage depleted"]
+    assert sorted(net.spools["a"].index) == sorted(E.parse(r).id.hex() for r in (big, dup))     # still A's
+    assert all(h.attempts == 1 and h.next_attempt > _now_ms() for h in net.spools["a"].index.values())
+    assert not list(net.spools["r"].partial.iterdir())                  # nothing half-kept at R
+
+
+def test_an_unknown_device_is_refused_before_anything_is_stored(tmp_path):
+    net = Net(tmp_path)
+    net.allowed = {net.b.device_id}
+    net.spools["a"].put(net.seal(b"x" * 1000))
+    client, server, _, _ = net.exchange("a")
+    assert client.error is not None and "not allowed" in str(client.error)
+    assert client.error.exit_code == 13
+    assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
+    assert len(net.spools["a"].index) == 1
+
+
+def test_a_cut_exchange_resumes_by_offset_and_takes_custody_once(tmp_path):
+    net = Net(tmp_path)
+    raw = net.seal(mix.data(9, 6_000_000, "mixed"))
+    key = E.parse(raw).id.hex()
+    net.spools["a"].put(raw)
+    partial = net.spools["r"].partial / key
+    client, server, _, _ = net.exchange("a", cut_when=lambda: partial.exists() and partial.stat().st_size > 2_500_000)
+    assert client.error is not None and server.error is not None
+    assert key in net.spools["a"].index and key not in net.spools["r"].index
+    kept = (net.spools["r"].partial / key).stat().st_size
+    assert E.HEAD_SIZE < kept < len(raw)                               # part of it, not visible as held
+    net.spools["r"] = Spool(net.tmp / "r-spool", min_free=0)          # R restarted: the partial stays
+    client, server, _, _ = net.exchange("a")
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert server.role.stats["resumed_bytes"] == kept - E.HEAD_SIZE
+    assert client.stats["control_bytes_sent"] < len(raw) - kept + 64_000   # only the rest travelled
+    assert list(net.spools["r"].index) == [key] and not net.spools["a"].index
+    assert net.spools["r"].read(key)[E.HEAD_SIZE:] == raw[E.HEAD_SIZE:]
+
+
+def test_a_critical_envelope_overtakes_a_large_normal_one(tmp_path):
+    net = Net(tmp_path)
+    big = net.seal(mix.data(3, 8_000_000, "mixed"), generation=1, priority="normal", tree=b"n" * 16)
+    net.spools["a"].put(big)
+    small = net.seal(b"urgent" * 100_000, generation=1, priority="critical", tree=b"c" * 16)
+    net.spools["a"].put(small)
+    order = []
+    real_finish = Spool.finish
+
+    def finish(self, key, now=None):
+        order.append(key)
+        return real_finish(self, key, now)
+    Spool.finish = finish
+    try:
+        client, server, _, _ = net.exchange("a")
+    finally:
+        Spool.finish = real_finish
+    assert client.error is None and server.error is None
+    assert order == [E.parse(small).id.hex(), E.parse(big).id.hex()]
+
+
+def test_a_byte_changed_on_the_way_is_refused_and_nothing_is_held(tmp_path):
+    net = Net(tmp_path)
+    raw = bytearray(net.seal(mix.data(4, 500_000, "text")))
+    net.spools["a"].put(bytes(raw))
+    key = E.parse(bytes(raw)).id.hex()
+    path = net.spools["a"].envelopes / key
+    data = bytearray(path.read_bytes())
+    data[E.HEAD_SIZE + 1000] ^= 1                                      # flipped in A's spool, as a bad disk would
+    path.write_bytes(bytes(data))
+    client, server, _, _ = net.exchange("a")
+    assert client.error is None and server.error is None
+    assert [r["reason"] for r in client.result["refusals"]] == ["invalid"]
+    assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
+    assert key in net.spools["a"].index
+
+
+def test_an_envelope_is_never_offered_back_to_the_node_it_came_from(tmp_path):
+    net = Net(tmp_path)
+    net.spools["a"].put(net.seal(b"loop"))
+    net.exchange("a")
+    assert len(net.spools["r"].index) == 1
+    # A calls R again, collecting nothing but offering: R must not offer A what came from A, and A
+    # (collecting) is not its destination: nothing moves
+    client, server, _, _ = net.exchange("a", collect=True)
+    assert client.error is None and client.result["taken"] == 0
+    out = SpoolOut(net.spools["r"], net.hash(net.r), net.hash(net.a))
+    assert out.next_offers(10, set()) == []
