@@ -49,7 +49,7 @@ def test_a_tree_travels_by_disk_in_order_whatever_order_the_disks_come_in(tmp_pa
     assert [(c["source"], c["generation"]) for c in status["applied"]] == [(a.id, 3)] and status["parked"] == []
     assert "generation 3" in b.run("relay", "status").stdout
     # a damaged envelope: exit 4, one line, nothing applied
-    env = next(disks[1].glob("*.env"))
+    env = max(disks[1].glob("*.env"), key=lambda p: p.stat().st_size)    # (the bundle, not B's receipt beside it)
     data = bytearray(env.read_bytes())
     data[-50] ^= 1
     env.write_bytes(bytes(data))
@@ -83,3 +83,21 @@ def test_a_parked_envelope_is_dropped_when_its_lifetime_ends(tmp_path):
     r = b.run(*[x if x is not None else tmp_path / "empty" for x in receive])
     assert r.returncode == 0 and [x["verdict"] for x in _lines(r)] == ["expired"]
     assert not list((b.home / "config" / "resync" / "relay" / "parked").iterdir())
+
+
+def test_the_receipt_comes_back_on_the_same_disk(tmp_path):
+    a, b = Site(tmp_path, "a"), Site(tmp_path, "b")
+    (tmp_path / "b.card").write_text(b.run("id", "--card").stdout)
+    src, backup, disk = tmp_path / "src", tmp_path / "backup", tmp_path / "disk"
+    backup.mkdir()
+    make_tree(src, random.Random(2), files=10)
+    sent = _lines(a.run("relay", "send", src, disk, "--to", f"@{tmp_path / 'b.card'}", "--to-id", b.id, "--as",
+                        "backup/x", "--json"))[0]
+    r = b.run("relay", "receive", disk, "--module", f"backup={backup}", "--allow", a.id, "--json")
+    assert r.returncode == 0 and _lines(r)[0]["verdict"] == "apply", r.stderr
+    assert len(list(disk.glob("*.env"))) == 2                        # the envelope, and B's receipt beside it
+    r = a.run("relay", "receive", disk, "--json")                     # the disk back at A: no module needed
+    assert r.returncode == 0, r.stderr
+    assert [x["verdict"] for x in _lines(r)] == ["receipt"]
+    tree = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
+    assert tree["confirmed"] == 1 and tree["receipt"]["envelope"] == sent["envelope"]

@@ -1,6 +1,7 @@
 """A relay on the network, as three machines run it: A hands sealed
 envelopes to R (`resync serve --relay`) while B is offline; B calls in,
 collects its mailbox and applies it; R gives each up only once B holds it;
+B's receipts travel back through R to A;
 R's spool never holds a name or a byte of content in the clear; a device R
 does not allow is refused before anything is stored; R killed (SIGKILL)
 mid-ingest keeps nothing half-visible and the next hand-over resumes."""
@@ -61,15 +62,28 @@ def test_a_tree_goes_through_a_relay_while_its_destination_is_offline(tmp_path):
         verdicts = [json.loads(line) for line in got.stdout.splitlines()]
         assert [v["verdict"] for v in verdicts] == ["apply", "apply"] and verdicts[-1]["applied"] == [2]
         assert snapshot(backup / "photos") == states[1]
-        assert not [p for p in (spool / "envelopes").iterdir()]          # given up once B held them
-        assert sorted(p.name for p in (spool / "tombstones").iterdir()) == held
+        # R gave both up once B held them; it holds B's two receipts for A now
+        assert set(held) <= {p.name for p in (spool / "tombstones").iterdir()}
+        receipts = [p for p in (spool / "envelopes").iterdir() if not p.name.endswith(".json")]
+        assert len(receipts) == 2 and not set(held) & {p.name for p in receipts}
+        from resync.relay import envelope as E
+        from resync.relay.keys import device_hash
+        assert {E.parse(p.read_bytes()).header.destination for p in receipts} == {device_hash(a.id)}
+        # A calls in: its receipts say both generations were applied
+        told = a.run("relay", "receive", f"resync://127.0.0.1:{server.port}", "--peer-id", r.id, "--json")
+        assert told.returncode == 0, told.stderr
+        assert [json.loads(line)["verdict"] for line in told.stdout.splitlines()] == ["receipt", "receipt"]
+        sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
+        assert sent["confirmed"] == 2 and sent["receipt"]["verdict"] == "apply"
+        assert "receipt: apply generation 2" in a.run("relay", "status").stdout
+        assert not [p for p in (spool / "envelopes").iterdir()]          # nothing left at R
         # the same again: nothing to collect, nothing applied twice
         again = b.run("relay", "receive", f"resync://127.0.0.1:{server.port}", "--peer-id", r.id,
                       "--module", f"backup={backup}", "--allow", a.id, "--json")
         assert again.returncode == 0 and again.stdout == "", again.stdout
         assert "relay exchange: took 1 envelopes" in server.text()
     events = [json.loads(line)["event"] for line in (spool / "events.ndjson").read_text().splitlines()]
-    assert events.count("taken") == 2 and events.count("delivered") == 2
+    assert events.count("taken") == 4 and events.count("delivered") == 4      # 2 generations, 2 receipts
 
 
 def test_a_device_the_relay_does_not_allow_is_refused_before_anything_is_stored(tmp_path):
@@ -121,3 +135,32 @@ def test_a_relay_killed_mid_ingest_shows_nothing_and_the_hand_over_resumes(tmp_p
         resumed = int(server.text().split(" B resumed")[0].rsplit("(", 1)[1].split(", ")[-1].split(" ")[0])
         assert resumed >= kept[0] - 1000
     assert len([p for p in (spool / "envelopes").iterdir() if not p.name.endswith(".json")]) == 2
+
+
+def test_a_destination_changed_locally_refuses_the_generation_and_the_source_is_told(tmp_path):
+    a, r, b = _sites(tmp_path)
+    src, backup, spool = tmp_path / "src", tmp_path / "backup", tmp_path / "r-spool"
+    backup.mkdir()
+    make_tree(src, random.Random(5), files=20)
+    url = None
+    with Server(r, "--relay", spool, "--relay-allow", a.id, "--relay-allow", b.id) as server:
+        url = f"resync://127.0.0.1:{server.port}"
+        receive = ("relay", "receive", url, "--peer-id", r.id, "--module", f"backup={backup}", "--allow", a.id,
+                   "--json")
+        _json(_send(a, b, server, r, src, tmp_path))
+        assert b.run(*receive).returncode == 0
+        first = snapshot(backup / "photos")
+        victim = sorted(p for p in (backup / "photos").rglob("*") if p.is_file())[0]
+        victim.write_bytes(b"changed at the destination\n")                 # someone edits B's copy
+        changed = snapshot(backup / "photos")
+        mutate(src, random.Random(9))
+        _json(_send(a, b, server, r, src, tmp_path))
+        got = b.run(*receive)
+        assert got.returncode == 5, (got.returncode, got.stderr)
+        assert json.loads(got.stdout.splitlines()[0])["verdict"] == "refused"
+        assert snapshot(backup / "photos") == changed != first              # nothing applied
+        told = a.run("relay", "receive", url, "--peer-id", r.id, "--json")
+        assert told.returncode == 0, told.stderr
+        sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
+        assert sent["receipt"]["verdict"] == "refuse" and sent["receipt"]["generation"] == 2
+        assert sent["confirmed"] == 1 and "changed" in sent["receipt"]["why"]

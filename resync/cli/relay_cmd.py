@@ -102,7 +102,9 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
     card = parse_card(card_text, expect=device)
     module, _, path = name.strip("/").partition("/")
     d = Path(config_dir) if config_dir else default_dir()
-    outbox = Outbox(d / "relay" / "outbox", load_identity(d, create=True))
+    from ..relay.keys import load_exchange_key, make_card
+    identity = load_identity(d, create=True)
+    outbox = Outbox(d / "relay" / "outbox", identity, make_card(identity, load_exchange_key(d, create=True)))
     sealed = outbox.seal(src, card, module, path, priority=priority, now=int(time.time() * 1000), ttl=ttl)
     if _is_url(out):
         spool = _spool(d)
@@ -134,9 +136,9 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
 
 @group.command("receive")
 @click.argument("directory")
-@click.option("--module", "modules", multiple=True, required=True, metavar="NAME=PATH",
+@click.option("--module", "modules", multiple=True, metavar="NAME=PATH",
               help="A local directory envelopes may write, as module NAME; repeatable.")
-@click.option("--allow", "allowed", multiple=True, required=True, metavar="DEVICE-ID",
+@click.option("--allow", "allowed", multiple=True, metavar="DEVICE-ID",
               help="A source allowed to write the modules; repeatable.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
@@ -166,7 +168,7 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
     from ..relay.envelope import EnvelopeError, parse
     from ..relay.guard import PARK, Chains
     from ..relay.keys import key_hash, load_exchange_key, make_card
-    from ..relay.trees import Inbox, module_places
+    from ..relay.trees import Inbox, Outbox, module_places
     from ..store.guard import GuardStore
     d = Path(config_dir) if config_dir else default_dir()
     identity = load_identity(d, create=True)
@@ -182,7 +184,7 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
         mods[n] = os.path.abspath(p)
     who = {parse_device_id(a) for a in allowed}
     inbox = Inbox(identity, exchange, card, Chains(GuardStore(d / "relay" / "applied")),
-                  module_places(mods, {n: who for n in mods}))
+                  module_places(mods, {n: who for n in mods}), Outbox(d / "relay" / "outbox", identity))
     parked_dir = d / "relay" / "parked"
     parked_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     mine = key_hash(card.signing)
@@ -221,6 +223,8 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
             r = inbox.receive(data, now)
         except ResyncError as exc:
             worst = worst or exc
+            if spool is not None and file.parent == spool.envelopes:
+                spool.remove(env.id.hex(), "refused")          # (its source is told by the receipt)
             _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "refused", "why": str(exc)})
             continue
         if r.verdict == PARK and file.parent != parked_dir:
@@ -228,9 +232,19 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
         elif r.verdict != PARK and file.parent == parked_dir:
             file.unlink(missing_ok=True)
         if spool is not None and file.parent == spool.envelopes:
-            spool.remove(env.id.hex(), "applied" if r.verdict != PARK else "parked")
+            spool.remove(env.id.hex(), {"apply": "applied", "park": "parked"}.get(r.verdict, r.verdict))
         _said(as_json, {"file": str(file), "envelope": env.id.hex(), "generation": env.header.generation,
                         "verdict": r.verdict, "why": r.why, "applied": [g for g, _ in r.applied]})
+    # the receipts to the sources: back on the same disk, or handed to the relay
+    if inbox.receipts:
+        if spool is not None:
+            for raw in inbox.receipts:
+                spool.put(raw)
+            _call(directory, d, identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
+        else:
+            from ..fs import write_durable
+            for raw in inbox.receipts:
+                write_durable(Path(directory) / f"{parse(raw).id.hex()}.env", raw)
     # a parked copy that an apply released, or that is older than what is applied now, is done
     for name in [p.name for p in parked_dir.glob("*.env")]:
         try:
@@ -293,8 +307,11 @@ def status_cmd(config_dir, as_json):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "?"
     say("sent from here:" if sent else "sent from here: nothing")
     for t in sent:
+        rc = t.get("receipt")
+        told = (f"; receipt: {rc['verdict']} generation {rc['generation']} {when(rc['at'])}"
+                + (f" ({rc['why']})" if rc["verdict"] != "apply" else "")) if rc else "; no receipt yet"
         say(f"  {t.get('src')} -> {t.get('to')} as {t.get('name')}: generation {t.get('generation')} "
-            f"({t.get('bytes', 0)} bytes, sealed {when(t.get('sealed'))})")
+            f"({t.get('bytes', 0)} bytes, sealed {when(t.get('sealed'))}){told}")
     say("applied here:" if applied else "applied here: nothing")
     for c in applied:
         say(f"  from {c['source']} (tree {c['tree']}): generation {c['generation']}, applied {when(c['applied'])}")

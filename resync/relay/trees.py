@@ -29,10 +29,12 @@ from pathlib import Path
 
 from ..errors import ResyncError, UsageError
 from .envelope import EnvelopeError
-from .guard import APPLY, ZERO
+from .guard import APPLY, PARK, REFUSE, ZERO
 
 DEFAULT_TTL = 30 * 86400 * 1000          # ms an envelope lives by default
 DEFAULT_HOPS = 16
+RECEIPT_TREE = b"\xff" * 16              # the tree id receipts carry: each stands alone, in no chain
+RECEIPT = "receipt"                      # Received.verdict of a receipt taken by the source
 
 
 @dataclass
@@ -45,10 +47,13 @@ class Sealed:
 
 
 class Outbox:
-    """The source's relayed trees, in ``directory`` (its state: made 0700)."""
+    """The source's relayed trees, in ``directory`` (its state: made 0700).
+    ``card``: this device's own card (keys.Card), sealed inside each envelope
+    (only the destination reads it) so that the destination can seal its
+    receipt back; None: no receipts asked for."""
 
-    def __init__(self, directory: str | os.PathLike, identity):
-        self.directory, self.identity = Path(directory), identity
+    def __init__(self, directory: str | os.PathLike, identity, card=None):
+        self.directory, self.identity, self.card = Path(directory), identity, card
 
     def _tree_dir(self, destination: str, name: str) -> Path:
         from .keys import device_hash
@@ -91,7 +96,10 @@ class Outbox:
             data = Path(bundle).read_bytes()
             base = blake3.blake3(basis.read_bytes()).digest() if against else bytes(32)
             generation = st["generation"] + 1
-            raw = seal(self.identity, card, {"kind": "bundle", "module": module, "path": path}, data,
+            inner = {"kind": "bundle", "module": module, "path": path}
+            if self.card is not None:
+                inner["reply"] = self.card.text()
+            raw = seal(self.identity, card, inner, data,
                        tree=bytes.fromhex(st["tree"]), generation=generation, previous=bytes.fromhex(st["last"]),
                        base=base, priority=priority, created=now, expires=now + ttl, hop_limit=hop_limit)
             nxt = os.path.join(tmp, "next.sig")
@@ -103,6 +111,30 @@ class Outbox:
                                                     "name": f"{module}/{path}".rstrip("/"), "src": os.path.abspath(src),
                                                     "sealed": now, "bytes": len(raw)}).encode(), mode=0o600)
         return Sealed(raw, env_id, generation)
+
+    def take_receipt(self, inner: dict, sender: str, now: int) -> dict | None:
+        """A receipt from device ``sender`` (its inner header: ``for`` the
+        envelope's id, ``tree``, ``generation``, ``verdict``, ``why``)
+        recorded in the tree's state: ``receipt`` (the latest generation's) and
+        ``confirmed`` (the highest generation applied there). The tree's
+        state, or None when no tree sent from here to that device matches."""
+        from ..fs import write_durable
+        for path in sorted((self.directory / "trees").glob("*/state.json")):
+            try:
+                st = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("tree") != inner.get("tree") or st.get("to") != sender:
+                continue
+            generation = int(inner.get("generation", 0))
+            if generation >= st.get("receipt", {}).get("generation", 0):     # (receipts may come in any order)
+                st["receipt"] = {"envelope": inner.get("for"), "generation": generation,
+                                 "verdict": inner.get("verdict"), "why": inner.get("why", ""), "at": now}
+            if inner.get("verdict") == APPLY:
+                st["confirmed"] = max(st.get("confirmed", 0), generation)
+            write_durable(path, json.dumps(st).encode(), mode=0o600)
+            return st
+        return None
 
     def trees(self) -> list[dict]:
         """Every tree sent from here: ``to`` (device ID), ``name``, ``src``,
@@ -139,13 +171,19 @@ class Inbox:
     path)``: the local directory a source's tree goes to (UsageError when
     that source may not write there)."""
 
-    def __init__(self, identity, exchange_key, card, chains, places):
+    def __init__(self, identity, exchange_key, card, chains, places, outbox: Outbox | None = None):
         self.identity, self.exchange_key, self.card = identity, exchange_key, card
-        self.chains, self.places = chains, places
+        self.chains, self.places, self.outbox = chains, places, outbox
+        self.receipts: list[bytes] = []         # receipts sealed to sources, for the caller to send back
 
     def receive(self, data: bytes, now: int) -> Received:
         """Take an envelope: EnvelopeError (exit 4) if it is not whole or
-        not this device's, or its lifetime has ended."""
+        not this device's, or its lifetime has ended. A generation applied,
+        a replay, or one refused (the destination changed: VerifyError from
+        unpack, re-raised) is answered with a receipt to its source when it
+        asked for one (``receipts``: the sealed receipts to send back, taken
+        by the caller). A receipt for this device's own trees is recorded by
+        ``outbox`` (verdict RECEIPT)."""
         from .envelope import open_payload, parse, verify
         from .keys import key_hash
         env = parse(data)
@@ -155,9 +193,13 @@ class Inbox:
             raise EnvelopeError("its lifetime ended before it arrived")
         if h.destination != key_hash(self.card.signing):
             raise EnvelopeError("it is sealed to another device")
+        if h.tree == RECEIPT_TREE:
+            return self._receipt(env, now)
         source = key_hash(h.source)
         verdict, why = self.chains.offer(source, h.tree, h.generation, h.previous, env.id, data)
         if verdict != APPLY:
+            if verdict != PARK:
+                self._reply(env, data, verdict, why, now)
             return Received(verdict, why, [])
         applied = []
         ready = [(h.generation, env.id, data)]
@@ -165,10 +207,51 @@ class Inbox:
             generation, env_id, raw = ready.pop()
             e = parse(raw)
             inner, bundle = open_payload(e, self.exchange_key, self.card)
-            stats = self._apply(e, inner, bundle)
+            try:
+                stats = self._apply(e, inner, bundle)
+            except ResyncError as exc:
+                self._reply(e, raw, REFUSE, str(exc), now, inner)
+                raise
             applied.append((generation, stats))
+            self._reply(e, raw, APPLY, "applied", now, inner)
             ready += self.chains.applied(source, h.tree, generation, env_id)
         return Received(APPLY, why, applied)
+
+    def _reply(self, env, raw: bytes, verdict: str, why: str, now: int, inner: dict | None = None) -> None:
+        """Seal a receipt of ``env`` to its source, if it sealed its card inside."""
+        from .envelope import open_payload, seal
+        from .keys import BadCard, parse_card
+        if inner is None:
+            try:
+                inner, _ = open_payload(env, self.exchange_key, self.card)
+            except EnvelopeError:
+                return
+        reply = inner.get("reply")
+        if not isinstance(reply, str):
+            return
+        from ..identity import device_id
+        try:
+            card = parse_card(reply, expect=device_id(env.header.source))
+        except BadCard:
+            return                              # (a card not the source's own: no receipt to anyone else)
+        h = env.header
+        body = {"kind": RECEIPT, "for": env.id.hex(), "tree": h.tree.hex(), "generation": h.generation,
+                "verdict": verdict, "why": why[:1000]}
+        self.receipts.append(seal(self.identity, card, body, b"", tree=RECEIPT_TREE, generation=1,
+                                  previous=env.id, base=bytes(32), priority=h.priority, created=now,
+                                  expires=max(h.expires, now + 1), hop_limit=DEFAULT_HOPS))
+
+    def _receipt(self, env, now: int) -> Received:
+        from ..identity import device_id
+        from .envelope import open_payload
+        inner, _ = open_payload(env, self.exchange_key, self.card)
+        if inner.get("kind") != RECEIPT:
+            raise EnvelopeError("an envelope of the receipts' tree that is not a receipt")
+        sender = device_id(env.header.source)
+        recorded = self.outbox.take_receipt(inner, sender, now) if self.outbox is not None else None
+        what = f"{inner.get('verdict')} at {sender}: generation {inner.get('generation')}" + \
+            (f" ({inner.get('why')})" if inner.get("verdict") != APPLY else "")
+        return Received(RECEIPT, what if recorded is not None else f"{what}, of no tree sent from here", [])
 
     def _apply(self, env, inner: dict, bundle: bytes):
         from ..bundle.unpack import unpack
