@@ -164,3 +164,50 @@ def test_a_destination_changed_locally_refuses_the_generation_and_the_source_is_
         sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
         assert sent["receipt"]["verdict"] == "refuse" and sent["receipt"]["generation"] == 2
         assert sent["confirmed"] == 1 and "changed" in sent["receipt"]["why"]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_relay_forwards_when_the_destination_comes_up_and_the_receipt_comes_back(tmp_path):
+    """A -> R while B's daemon is down; B comes up; R (routing B's envelopes to B)
+    forwards them, B applies them and acknowledges; R gives them up only then;
+    B's receipts go back to R (its route for any other device), where A collects them."""
+    import time
+    a, r, b = _sites(tmp_path)
+    src, backup = tmp_path / "src", tmp_path / "backup"
+    backup.mkdir()
+    make_tree(src, random.Random(11), files=30)
+    b_port = _free_port()
+    with Server(r, "--relay", tmp_path / "r-spool", "--relay-allow", a.id, "--relay-allow", b.id,
+                "--relay-route", f"{b.id}=resync://127.0.0.1:{b_port}") as relay:
+        out = _json(_send(a, b, relay, r, src, tmp_path))
+        assert out["handed_over"] == 1
+        time.sleep(1.0)                                                   # R tries B, which is down
+        assert "trying again in" in relay.text()
+        held = [p for p in (tmp_path / "r-spool" / "envelopes").iterdir() if not p.name.endswith(".json")]
+        assert len(held) == 1
+        with Server(b, "--module", f"backup={backup}", "--allow", a.id, "--relay", tmp_path / "b-spool",
+                    "--relay-allow", r.id, "--relay-route", f"*=resync://127.0.0.1:{relay.port}@{r.id}",
+                    port=b_port) as dest:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "for this device: apply" not in dest.text():
+                time.sleep(0.2)
+            assert snapshot(backup / "photos") == snapshot(src), dest.text()
+            # R gave B's envelope up once B acknowledged it; B's receipt came back to R for A
+            while time.monotonic() < deadline:
+                names = {p.name for p in (tmp_path / "r-spool" / "envelopes").iterdir()}
+                if held[0].name not in names and len([n for n in names if not n.endswith(".json")]) == 1:
+                    break
+                time.sleep(0.2)
+            assert held[0].name in {p.name for p in (tmp_path / "r-spool" / "tombstones").iterdir()}
+            told = a.run("relay", "receive", f"resync://127.0.0.1:{relay.port}", "--peer-id", r.id, "--json")
+            assert told.returncode == 0, told.stderr
+            assert [json.loads(line)["verdict"] for line in told.stdout.splitlines()] == ["receipt"]
+            sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
+            assert sent["confirmed"] == 1
+            assert "handed over 1 envelopes" in relay.text() and "handed over 1 envelopes" in dest.text()

@@ -18,7 +18,7 @@ def _load_config(path: str) -> dict:
 
 CONFIG_KEYS = {"listen", "history", "allow", "bwlimit", "min_parity", "tcp", "modules", "api", "metrics",
                "max_transfers", "history_keep_days", "bytes_per_second", "shards_per_second", "max_sessions",
-               "relay", "relay_allow", "relay_cap", "relay_max_hold"}
+               "relay", "relay_allow", "relay_cap", "relay_max_hold", "relay_routes"}
 MODULE_KEYS = {"path", "read_only", "allow"}
 
 
@@ -63,7 +63,7 @@ def _check_config(config: dict, path: str) -> None:
             raise UsageError(f"{path}: modules.{name}: path must be a string, read_only true or false")
 
 
-def _relay(config: dict, spool: str | None, allow: tuple, cap: int | None):
+def _relay(config: dict, spool: str | None, allow: tuple, cap: int | None, routes: tuple = ()):
     """The relaying settings (net.server.RelaySettings) from the flags and the
     config file, or None when the daemon does not relay."""
     import os
@@ -79,8 +79,12 @@ def _relay(config: dict, spool: str | None, allow: tuple, cap: int | None):
     allowed = frozenset(parse_device_id(i) for i in list(config.get("relay_allow", [])) + list(allow))
     if not allowed:
         raise UsageError("relaying: no device allowed (--relay-allow DEVICE-ID, or relay_allow = [...])")
+    from ..net.relaying import parse_route
+    specs = list(config.get("relay_routes", [])) + list(routes)
+    if not all(isinstance(x, str) for x in specs):
+        raise UsageError("relay_routes must be a list of \"DEVICE-ID=resync://HOST[:PORT][@PEER-ID]\" strings")
     return RelaySettings(os.path.abspath(directory), allowed, int(cap if cap is not None else config.get("relay_cap", 0)),
-                         int(config.get("relay_max_hold", 0) * 1000))
+                         int(config.get("relay_max_hold", 0) * 1000), tuple(parse_route(x) for x in specs))
 
 
 def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple, relaying: bool = False) -> dict:
@@ -141,6 +145,9 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple, relayin
 @click.option("--relay-cap", callback=None, type=click.IntRange(0), default=None, metavar="BYTES",
               help="Bytes the relay holds at most; more is refused as 'storage depleted' (default 0: the "
                    "disk's free space less 64 MiB).")
+@click.option("--relay-route", "relay_routes", multiple=True, metavar="TO=resync://HOST[:PORT][@PEER-ID]",
+              help="Where the relay hands envelopes for device TO (a device ID, or * for any other) next: a node "
+                   "it calls, which must prove to be PEER-ID (default: TO itself); repeatable.")
 @click.option("--no-tcp", is_flag=True,
               help="Offer QUIC only (by default TLS over TCP is offered on the same port number too).")
 @click.option("--api", "api_address", default=None, metavar="HOST:PORT",
@@ -152,13 +159,13 @@ def _modules(config: dict, flags: tuple, read_only: tuple, allow: tuple, relayin
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="A TOML file: listen, history, history_keep_days, allow, bwlimit, min_parity, max_transfers, tcp, "
                    "api, metrics, bytes_per_second, shards_per_second, max_sessions, relay, relay_allow, "
-                   "relay_cap, relay_max_hold (s), [modules.NAME] path / read_only / allow. SIGHUP reads it again.")
+                   "relay_cap, relay_max_hold (s), relay_routes, [modules.NAME] path / read_only / allow. SIGHUP reads it again.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where this server's key, API key and own transfers (sessions/) live (default: "
                    "$XDG_CONFIG_HOME/resync).")
 @history_options
 def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfers, relay_spool, relay_allow,
-            relay_cap, no_tcp, api_address, no_api, metrics_address, config_path, config_dir, history_path,
+            relay_cap, relay_routes, no_tcp, api_address, no_api, metrics_address, config_path, config_dir, history_path,
             no_history):
     """Serve directories to resync clients over QUIC and TLS over TCP, in the foreground
     (for systemd or cron): one line per connection on stderr; SIGTERM stops
@@ -180,7 +187,7 @@ def command(listen, modules, read_only, allow, bwlimit, min_parity, max_transfer
         config = _load_config(config_path) if config_path else {}
         if config_path:
             _check_config(config, config_path)
-        relay = _relay(config, relay_spool, relay_allow, relay_cap)
+        relay = _relay(config, relay_spool, relay_allow, relay_cap, relay_routes)
         mods = _modules(config, modules, read_only, allow, relay is not None)
         rate = bwlimit
         if rate is None and config.get("bwlimit") is not None:

@@ -178,7 +178,7 @@ class Settings:
     bytes_per_second: float = 0              # what the daemon sends in all, every transfer's shards (0: no limit)
     shards_per_second: float = 0             # ... in shards a second (0: no limit)
     max_sessions: int = 4                    # its own transfers (net.sessions) running at once
-    relay: "RelaySettings | None" = None     # relaying on: the spool and who may use it
+    relay: "RelaySettings | None" = None     # relaying on: the spool, who may use it, the routes
 
 
 @dataclass
@@ -193,6 +193,39 @@ class RelaySettings:
     allowed: frozenset
     cap: int = 0
     max_hold: int = 0
+    routes: tuple = ()                       # net.relaying.Route: where envelopes for other devices go next
+
+
+def _delivery(identity, state_dir: Path, modules):
+    """``deliver(data)`` for a relaying daemon's Forwarder: an envelope sealed
+    to this device applied through the destination's Inbox into the module
+    its source named (``modules()``: the daemon's modules now; a source may
+    write a module that allows its device ID), its guard's record and
+    parked copies in the config directory's ``relay/``; (verdict, why,
+    receipts to send back). Raises what Inbox.receive raises, with the
+    receipts attached (``exc.receipts``)."""
+    from ..relay.guard import Chains
+    from ..relay.keys import load_exchange_key, make_card
+    from ..relay.trees import Inbox, Outbox, module_places
+    from ..store.guard import GuardStore
+    exchange = load_exchange_key(state_dir, create=True)
+    chains = Chains(GuardStore(state_dir / "relay" / "applied"))
+    outbox = Outbox(state_dir / "relay" / "outbox", identity)
+
+    def deliver(data: bytes):
+        from ..errors import ResyncError
+        mods = modules()
+        inbox = Inbox(identity, exchange, make_card(identity, exchange), chains,
+                      module_places({n: m.path for n, m in mods.items()}, {n: m.allowed for n, m in mods.items()}),
+                      outbox)
+        try:
+            r = inbox.receive(data, int(time.time() * 1000))
+        except ResyncError as exc:
+            exc.receipts = inbox.receipts
+            raise
+        return r.verdict, r.why + (f" (generations {', '.join(str(g) for g, _ in r.applied)})" if r.applied else ""), \
+            inbox.receipts
+    return deliver
 
 
 async def serve(host: str, port: int, settings: Settings, identity, history: str | None = None,
@@ -379,6 +412,11 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 log(f"relay: envelope {key[:16]} removed: {reason}")
             loop.call_later(RELAY_MAINTENANCE, maintain)
         maintain()
+        from .relaying import Forwarder
+        forwarder = Forwarder(spool, identity, list(settings.relay.routes), log,
+                              _delivery(identity, state_dir, lambda: current[0].modules)
+                              if settings.modules and state_dir is not None else None)
+        forwarding = asyncio.ensure_future(forwarder.run())
 
     def relay_ends(client_id: str, collect: bool):
         """The two ends of a relay exchange with device ``client_id``, or
@@ -389,7 +427,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         from ..relay.keys import device_hash
         from ..relay.node import SpoolIn, SpoolOut
         peer = device_hash(client_id)
-        return (SpoolOut(spool, own_hash, peer, collecting=True) if collect else None), SpoolIn(spool, peer)
+        return (SpoolOut(spool, own_hash, peer, collecting=True) if collect else None), \
+            SpoolIn(spool, peer, forwarder.wake)
 
     def full(session) -> str | None:
         """Why ``session`` may not start now: the operator paused the
@@ -615,7 +654,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 streams.close()
             raise
     log(f"listening on {host}:{sockname[1]} (QUIC{', TLS over TCP' if streams else ''}) as {identity.device_id}; "
-        "modules: " + _shown_modules(settings.modules))
+        "modules: " + _shown_modules(settings.modules)
+        + (f"; relaying, spool {settings.relay.spool}, {len(settings.relay.routes)} routes" if spool else ""))
     prune_history()
     restore_inbound()
     if sessions is not None:
@@ -628,6 +668,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         for timer in (ticking[0], pruning[0]):
             if timer is not None:
                 timer.cancel()
+        if spool is not None:
+            forwarding.cancel()
         if http is not None:
             from .api import remove_api_file
             await http.close()

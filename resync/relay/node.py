@@ -90,8 +90,8 @@ class SpoolIn:
     """Where what ``peer`` offers goes: this node's spool (custody taken
     there; an envelope for this node itself is delivered from it later)."""
 
-    def __init__(self, spool: Spool, peer: bytes):
-        self.spool, self.peer = spool, peer
+    def __init__(self, spool: Spool, peer: bytes, on_taken=None):
+        self.spool, self.peer, self.on_taken = spool, peer, on_taken
         self.taken: list[str] = []
 
     def begin(self, head: bytes, key: str) -> int:
@@ -103,6 +103,8 @@ class SpoolIn:
     def finish(self, key: str) -> None:
         self.spool.finish(key)
         self.taken.append(key)
+        if self.on_taken is not None:
+            self.on_taken()
 
     def abandon(self, key: str, keep: bool = True) -> None:
         self.spool.abandon(key, keep)
