@@ -189,3 +189,91 @@ def test_an_envelope_is_never_offered_back_to_the_node_it_came_from(tmp_path):
     assert client.error is None and client.result["taken"] == 0
     out = SpoolOut(net.spools["r"], net.hash(net.r), net.hash(net.a))
     assert out.next_offers(10, set()) == []
+
+
+def _exchange(spools: dict, ids: dict, client: str, server: str, collect: bool = False, out: bool = True,
+              wanted=None):
+    """``client`` calls ``server`` (both keys of ``spools`` and ``ids``: identities)."""
+    me, srv = ids[client], ids[server]
+    ends = {}
+
+    def server_ends(device_id, collecting):
+        peer = device_hash(device_id)
+        ends["out"] = SpoolOut(spools[server], device_hash(srv.device_id), peer, collecting=True) if collecting \
+            else None
+        return ends["out"], SpoolIn(spools[server], peer)
+    s = ServerSession(srv, srv.cert_der, {}, relay=server_ends)
+    c_out = SpoolOut(spools[client], device_hash(me.device_id), device_hash(srv.device_id), wanted) if out else None
+    c = RelayClientSession(me, srv.cert_der, c_out, SpoolIn(spools[client], device_hash(srv.device_id)), collect)
+    pump(c, s, Channel(random.Random(3)))
+    assert c.error is None and s.error is None, (c.error, s.error)
+    return c.result
+
+
+def test_a_loop_through_three_relays_meets_a_tombstone_and_the_copy_stays_in_custody(tmp_path):
+    net = Net(tmp_path)
+    ids = {n: load_identity(tmp_path / f"{n}-id", create=True) for n in ("r1", "r2", "r3")}
+    ids["a"] = net.a
+    spools = {n: Spool(tmp_path / f"{n}-spool", min_free=0) for n in ("r1", "r2", "r3")}
+    spools["a"] = net.spools["a"]
+    raw = net.seal(b"round and round")
+    key = E.parse(raw).id.hex()
+    spools["a"].put(raw)
+    _exchange(spools, ids, "a", "r1")
+    _exchange(spools, ids, "r1", "r2")                  # R1 -> R2 (custody moves, R1 keeps a tombstone)
+    _exchange(spools, ids, "r2", "r3")
+    assert list(spools["r3"].index) == [key] and not spools["r1"].index and not spools["r2"].index
+    # R2 would never hand it back to R1 (where it came from)...
+    assert SpoolOut(spools["r2"], device_hash(ids["r2"].device_id),
+                    device_hash(ids["r1"].device_id)).next_offers(5, set()) == []
+    # ... and R3 -> R1 closes the loop: refused as a duplicate, R3 keeps custody
+    result = _exchange(spools, ids, "r3", "r1")
+    assert [r["reason"] for r in result["refusals"]] == ["duplicate"]
+    assert list(spools["r3"].index) == [key] and not spools["r1"].index
+    assert E.parse(spools["r3"].read(key)).hops.count == 3
+
+
+def test_the_same_envelope_by_two_relays_and_a_disk_is_applied_once(tmp_path):
+    from resync.relay.guard import Chains
+    from resync.relay.trees import Inbox, module_places
+    from resync.store.guard import GuardStore
+    net = Net(tmp_path)
+    ids = {"a": net.a, "b": net.b, "r1": net.r, "r2": load_identity(tmp_path / "r2-id", create=True)}
+    spools = {"a": net.spools["a"], "b": net.spools["b"], "r1": net.spools["r"],
+              "r2": Spool(tmp_path / "r2-spool", min_free=0)}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text("one copy only\n")
+    from resync.relay.trees import Outbox
+    sealed = Outbox(tmp_path / "outbox", net.a).seal(str(src), net.b_card, "m", "p", now=_now_ms())
+    key = sealed.id.hex()
+    spools["r1"].put(sealed.data)                          # A gave it to both relays (and to a disk)
+    spools["r2"].put(sealed.data)
+    _exchange(spools, ids, "b", "r1", collect=True, out=False)
+    result = _exchange(spools, ids, "b", "r2", collect=True, out=False)
+    assert result["refused_here"] == 1                     # B: a duplicate of what it holds
+    assert not spools["r1"].index and not spools["r2"].index   # both relays: delivered (by B's refusal too)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    inbox = Inbox(net.b, net.b_exchange, net.b_card, Chains(GuardStore(tmp_path / "applied")),
+                  module_places({"m": str(dst)}, {"m": {net.a.device_id}}))
+    verdicts = [inbox.receive(spools["b"].read(key), _now_ms()).verdict, inbox.receive(sealed.data, _now_ms()).verdict]
+    assert verdicts == ["apply", "replay"]                 # the relayed copy applied; the disk's a replay
+    assert (dst / "p" / "f.txt").read_text() == "one copy only\n"
+
+
+def test_a_thousand_small_envelopes_through_one_relay_none_lost_none_twice(tmp_path):
+    net = Net(tmp_path)
+    keys = set()
+    for i in range(1000):
+        raw = net.seal(f"envelope {i}\n".encode() * (i % 7 + 1), generation=i + 1,
+                       priority=("critical", "high", "normal")[i % 3])
+        keys.add(E.parse(raw).id.hex())
+        net.spools["a"].put(raw)
+    client, server, _, _ = net.exchange("a")
+    assert client.result["handed_over"] == 1000 and client.result["refused_by_peer"] == 0
+    client, server, _, ends = net.exchange("b", out=False, collect=True)
+    assert client.result["taken"] == 1000
+    assert set(net.spools["b"].index) == keys and not net.spools["r"].index and not net.spools["a"].index
+    events = [line for line in (net.spools["b"].root / "events.ndjson").read_text().splitlines()]
+    assert sum('"event": "taken"' in e for e in events) == 1000
