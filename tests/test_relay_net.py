@@ -211,3 +211,43 @@ def test_the_relay_forwards_when_the_destination_comes_up_and_the_receipt_comes_
             sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
             assert sent["confirmed"] == 1
             assert "handed over 1 envelopes" in relay.text() and "handed over 1 envelopes" in dest.text()
+
+
+def test_export_and_import_carry_the_same_envelopes_applied_once(tmp_path):
+    a, r, b = _sites(tmp_path)
+    src, backup, spool, disk = tmp_path / "src", tmp_path / "backup", tmp_path / "r-spool", tmp_path / "usb"
+    backup.mkdir()
+    make_tree(src, random.Random(12), files=15)
+    with Server(r, "--relay", spool, "--relay-allow", a.id, "--relay-allow", b.id) as server:
+        url = f"resync://127.0.0.1:{server.port}"
+        _json(_send(a, b, server, r, src, tmp_path))
+        # the relay's operator copies what it holds for B onto a disk, the relay running
+        out = _json(r.run("relay", "export", disk, "--spool", spool, "--to", b.id, "--json"))
+        assert len(out["copied"]) == 1
+        assert r.run("relay", "import", disk, "--spool", spool).returncode == 13    # its daemon holds the spool
+        got = b.run("relay", "receive", disk, "--module", f"backup={backup}", "--allow", a.id, "--json")
+        assert got.returncode == 0 and json.loads(got.stdout.splitlines()[0])["verdict"] == "apply", got.stderr
+        assert snapshot(backup / "photos") == snapshot(src)
+        # B calls the relay too: the relayed copy is the same envelope, a replay (nothing applied twice);
+        # the relay gives it up as delivered
+        got = b.run("relay", "receive", url, "--peer-id", r.id, "--module", f"backup={backup}", "--allow", a.id,
+                    "--json")
+        assert got.returncode == 0, got.stderr
+        assert [json.loads(line)["verdict"] for line in got.stdout.splitlines()] == ["replay"]
+        assert not [p for p in (spool / "envelopes").iterdir() if p.name == out["copied"][0]]
+        # the next generation travels by disk to a machine that imports it into the relay
+        mutate(src, random.Random(13))
+        r2 = a.run("relay", "send", src, tmp_path / "usb2", "--to", f"@{tmp_path / 'b.card'}", "--to-id", b.id,
+                   "--as", "backup/photos", "--json")
+        assert r2.returncode == 0, r2.stderr
+        imp = a.run("relay", "import", tmp_path / "usb2", url, "--peer-id", r.id, "--json")
+        assert imp.returncode == 0, imp.stderr
+        lines = [json.loads(line) for line in imp.stdout.splitlines()]
+        assert lines[0]["verdict"] == "taken" and lines[-1]["handed_over"] >= 1
+        again = a.run("relay", "import", tmp_path / "usb2", "--json")        # the same disk again: a duplicate
+        assert json.loads(again.stdout.splitlines()[0])["verdict"] == "refused"
+        got = b.run("relay", "receive", url, "--peer-id", r.id, "--module", f"backup={backup}", "--allow", a.id,
+                    "--json")
+        assert got.returncode == 0, got.stderr
+        assert "apply" in [json.loads(line)["verdict"] for line in got.stdout.splitlines()]
+        assert snapshot(backup / "photos") == snapshot(src)

@@ -31,10 +31,15 @@ def _is_url(text: str) -> bool:
     return text[:9].lower() == "resync://"
 
 
-def _spool(d):
-    """This machine's own spool (envelopes waiting for a relay, or collected from one)."""
+SPOOL_WAIT = 60.0                # s a command waits for another holding the spool
+
+
+def _spool(d, directory=None):
+    """This machine's own spool (envelopes waiting for a relay, or collected
+    from one), or the spool ``directory`` (a relay's: refused while its
+    daemon runs)."""
     from ..store.spool import Spool
-    return Spool(d / "relay" / "spool")
+    return Spool(directory or d / "relay" / "spool", lock_wait=SPOOL_WAIT if directory is None else 0)
 
 
 def _call(url: str, d, identity, spool, peer_id, deposit: bool, collect: bool, retry_for: float) -> dict:
@@ -319,3 +324,107 @@ def status_cmd(config_dir, as_json):
         say("waiting here for the generation before them:")
         for p in parked:
             say(f"  from {p['source']} (tree {p['tree']}): generation {p['generation']}, until {when(p['expires'])}")
+
+
+@group.command("export")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--spool", "spool_dir", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
+              help="The spool to copy from: a relay's (`serve --relay DIR`; read only, it may be running). "
+                   "Default: this machine's own.")
+@click.option("--to", "device", default=None, metavar="DEVICE-ID",
+              help="Only the envelopes for this device.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@click.option("--json", "as_json", is_flag=True, help="What was copied, as JSON on stdout.")
+def export_cmd(out, spool_dir, device, config_dir, as_json):
+    """Copy the envelopes a spool holds into directory OUT (made if absent),
+    as ID.env, for a disk to carry: the same envelopes, the same ids — the
+    destination applies each once, whichever way it comes first. The spool
+    keeps custody of its copies.
+
+    Example: resync relay export /media/usb/resync --spool /var/spool/resync --to SITE-B-ID
+    """
+    import json
+    from pathlib import Path
+
+    from ..fs import write_durable
+    from ..identity import config_dir as default_dir
+    from ..relay.keys import device_hash
+    from ..store.spool import Spool
+    d = Path(config_dir) if config_dir else default_dir()
+    spool = Spool(spool_dir or d / "relay" / "spool", read_only=True)     # (no lock: it only reads)
+    want = device_hash(device).hex() if device else None
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    copied, total = [], 0
+    for h in sorted(spool.index.values(), key=lambda h: h.received):
+        if want is not None and h.destination != want:
+            continue
+        file = target / f"{h.id}.env"
+        if not file.exists():
+            try:
+                write_durable(file, spool.read(h.id))
+            except FileNotFoundError:
+                continue                        # (handed over meanwhile)
+            copied.append(h.id)
+            total += h.size
+    if as_json:
+        say(json.dumps({"copied": copied, "bytes": total, "to": str(target)}, sort_keys=True))
+    else:
+        say(f"relay: {len(copied)} envelopes ({total} bytes) copied to {target}")
+
+
+@group.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.argument("relay", required=False)
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="The spool to take them into (a relay's, while its daemon is stopped). Default: this "
+                   "machine's own.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_peer_option
+@_retry_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope on stdout.")
+def import_cmd(directory, relay, spool_dir, config_dir, peer_id, retry_for, as_json):
+    """Take the envelopes in DIRECTORY (*.env, carried on a disk) into a
+    spool, each verified and admitted as a relay admits it — one held or
+    delivered before is a duplicate, refused —, and with RELAY
+    (resync://HOST[:PORT]) hand them to that relay.
+
+    Examples: resync relay import /media/usb/resync resync://relay.example:8730 --peer-id RELAY-ID
+
+              resync relay import /media/usb/resync --spool /var/spool/resync   (its relay stopped)
+    """
+    import json
+    from pathlib import Path
+
+    from ..errors import ResyncError
+    from ..identity import config_dir as default_dir
+    from ..identity import load_identity
+    from ..relay.envelope import EnvelopeError
+    d = Path(config_dir) if config_dir else default_dir()
+    if relay is not None and not _is_url(relay):
+        from ..errors import UsageError
+        raise UsageError(f"{relay}: expected a relay's resync://HOST[:PORT]")
+    spool = _spool(d, spool_dir)
+    worst = None
+    for file in sorted(Path(directory).rglob("*.env")):
+        try:
+            held = spool.put(file.read_bytes())
+            line = {"file": str(file), "envelope": held.id, "verdict": "taken"}
+        except EnvelopeError as exc:
+            worst = worst or exc
+            line = {"file": str(file), "verdict": "invalid", "why": str(exc)}
+        except ResyncError as exc:
+            line = {"file": str(file), "verdict": "refused", "why": str(exc)}
+        except OSError as exc:
+            line = {"file": str(file), "verdict": "unreadable", "why": exc.strerror or str(exc)}
+        say(json.dumps(line, sort_keys=True) if as_json else f"relay: {file}: {line['verdict']}"
+            + (f": {line['why']}" if "why" in line else ""))
+    if relay is not None:
+        r = _call(relay, d, load_identity(d, create=True), spool, peer_id, deposit=True, collect=False,
+                  retry_for=retry_for)
+        say(json.dumps({"relay": relay, "handed_over": r.get("handed_over", 0), "refused": r.get("refusals", [])},
+                       sort_keys=True) if as_json else f"relay: handed {r.get('handed_over', 0)} envelopes to {relay}")
+    if worst is not None:
+        raise worst

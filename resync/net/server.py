@@ -404,7 +404,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     spool = None
     if settings.relay is not None:
         from ..store.spool import Spool
-        spool = Spool(settings.relay.spool, settings.relay.cap, settings.relay.max_hold)
+        spool = Spool(settings.relay.spool, settings.relay.cap, settings.relay.max_hold, lock_wait=0)
         own_hash = hashlib.sha256(identity.public_key).digest()
 
         def maintain():

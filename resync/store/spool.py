@@ -104,16 +104,47 @@ class Spool:
     ``cap`` bytes of them (0: the disk's free space only), each kept at
     most ``max_hold`` ms (0: until the source's expiry)."""
 
-    def __init__(self, directory: str | os.PathLike, cap: int = 0, max_hold: int = 0, min_free: int = MIN_FREE):
+    def __init__(self, directory: str | os.PathLike, cap: int = 0, max_hold: int = 0, min_free: int = MIN_FREE,
+                 lock_wait: float | None = None, read_only: bool = False):
         self.root = Path(directory)
+        self.read_only = read_only              # look, change nothing (a running relay's spool: export)
         self.cap, self.max_hold, self.min_free = cap, max_hold, min_free
         self.envelopes, self.tombstones = self.root / "envelopes", self.root / "tombstones"
         self.partial = self.root / "partial"
         for d in (self.root, self.envelopes, self.tombstones, self.partial):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not read_only:
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index: dict[str, Held] = {}
         self.ingesting: dict[str, _Ingest] = {}      # envelopes being received now (begin ... finish)
+        self._lock = -1
+        if lock_wait is not None:
+            self._take_lock(lock_wait)
         self.recover()
+
+    def _take_lock(self, wait: float) -> None:
+        """One process changes a spool at a time (a daemon holds its spool's
+        ``lock`` as long as it runs; a command waits ``wait`` s for it):
+        ResyncError (exit 13 as a refusal) when another holds it longer."""
+        import fcntl
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Refused("in use", f"{self.root}: another process (a running relay?) holds this spool; "
+                                            "hand envelopes to a running relay through its resync:// URL") from None
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        """Let go of the spool's lock (the process's exit does too)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     # -- start ------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -123,6 +154,15 @@ class Spool:
         was done."""
         from ..fs import TEMP_PREFIX
         from ..relay.envelope import EnvelopeError, parse, verify
+        if self.read_only:
+            self.index = {}
+            for record in self.envelopes.glob("*.json"):
+                try:
+                    if (self.envelopes / record.name[:-5]).exists():
+                        self.index[record.name[:-5]] = Held(**json.loads(record.read_text()))
+                except (OSError, ValueError, TypeError):
+                    continue
+            return []
         said = []
         for d in (self.envelopes, self.tombstones):     # (partial/ stays: a cut transfer resumes from it)
             for p in d.glob(TEMP_PREFIX + "*"):
