@@ -41,6 +41,12 @@ _COUNTED = (
 )
 
 
+RELAY_PRIORITIES = ("critical", "high", "normal")
+RELAY_EVENTS = ("taken", "refused", "forwarded", "delivered", "applied", "replay", "parked", "expired",
+                "hold_time_ended", "removed", "stuck", "other")
+RELAY_REASONS = ("expired", "hop limit", "duplicate", "storage depleted", "invalid", "other")
+
+
 class ServerMetrics:
     """The metrics of one daemon, in a registry of its own (``registry``:
     what the API's /metrics serves). ``version``: resync's; ``modules``: the
@@ -82,6 +88,39 @@ class ServerMetrics:
             for module in modules:
                 for c in (self.completed, self.failed, self.cancelled, *self.counters.values()):
                     c.labels(direction, module)
+
+    def add_relay(self, status) -> None:
+        """A relaying daemon's series: what its spool holds (``status()``:
+        store.Spool.status, read at each scrape) and what happened to
+        envelopes (``relay_event``)."""
+        from prometheus_client import Counter, Gauge
+        r = self.registry
+        held = Gauge("resync_relay_envelopes", "Envelopes the relay holds, by priority.", ("priority",), registry=r)
+        size = Gauge("resync_relay_bytes", "Bytes of envelopes the relay holds, by priority.", ("priority",),
+                     registry=r)
+        for p in RELAY_PRIORITIES:
+            held.labels(p).set_function(lambda p=p: status()["by_priority"][p]["envelopes"])
+            size.labels(p).set_function(lambda p=p: status()["by_priority"][p]["bytes"])
+        Gauge("resync_relay_oldest_envelope_age_seconds", "How long the oldest envelope held has been here.",
+              registry=r).set_function(lambda: status()["oldest_seconds"])
+        Gauge("resync_relay_stuck_envelopes", "Envelopes held whose forwards failed many times (kept until they "
+              "expire).", registry=r).set_function(lambda: status()["stuck"])
+        self.relay_events = Counter("resync_relay_events", "What happened to envelopes: taken into custody, "
+                                    "refused, handed to the next hop or their destination, applied here, expired, "
+                                    "removed.", ("event",), registry=r)
+        self.relay_refusals = Counter("resync_relay_refusals", "Envelopes refused, by reason.", ("reason",),
+                                      registry=r)
+        for e in RELAY_EVENTS:
+            self.relay_events.labels(e)
+        for reason in RELAY_REASONS:
+            self.relay_refusals.labels(reason)
+
+    def relay_event(self, kind: str, reason: str | None = None) -> None:
+        """One of the spool's events (store.Spool's ``on_event``)."""
+        event = kind.replace(" ", "_")
+        self.relay_events.labels(event if event in RELAY_EVENTS else "other").inc()
+        if kind == "refused":
+            self.relay_refusals.labels(reason if reason in RELAY_REASONS else "other").inc()
 
     def count_queued(self, queued) -> None:
         """``queued()``: pending transfers by priority (read at each scrape)."""

@@ -251,3 +251,33 @@ def test_export_and_import_carry_the_same_envelopes_applied_once(tmp_path):
         assert got.returncode == 0, got.stderr
         assert "apply" in [json.loads(line)["verdict"] for line in got.stdout.splitlines()]
         assert snapshot(backup / "photos") == snapshot(src)
+
+
+def test_the_relay_shows_what_it_holds_in_its_api_metrics_and_cli_and_the_operator_removes_one(tmp_path):
+    from .test_api import _api_of, _metric
+    import urllib.request
+    a, r, b = _sites(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src, random.Random(14), files=5)
+    with Server(r, "--relay", tmp_path / "r-spool", "--relay-allow", a.id, "--relay-allow", b.id, "--relay-route",
+                f"{b.id}=resync://127.0.0.1:9@{b.id}", "--api", "127.0.0.1:0") as server:
+        _json(_send(a, b, server, r, src, tmp_path))
+        held = _json(r.run("relay", "held", "--json"))
+        assert held["relaying"] and held["envelopes"] == 1 and held["by_priority"]["normal"]["envelopes"] == 1
+        assert held["held"][0]["destination"] == b.id and held["held"][0]["source"] == a.id
+        assert held["routes"][0]["peer_id"] == b.id and held["routes"][0]["via"] == "127.0.0.1:9"
+        text = r.run("relay", "held").stdout
+        assert "1 envelopes" in text and f"for {b.id}" in text
+        url, key = _api_of(r)
+        metrics = urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers={"X-API-Key": key}),
+                                         timeout=10).read().decode()
+        assert _metric(metrics, "resync_relay_envelopes", priority="normal") == 1
+        assert _metric(metrics, "resync_relay_events_total", event="taken") == 1
+        gone = r.run("relay", "remove", held["held"][0]["id"])
+        assert gone.returncode == 0 and "removed" in gone.stdout, gone.stderr
+        assert _json(r.run("relay", "held", "--json"))["envelopes"] == 0
+        assert r.run("relay", "remove", held["held"][0]["id"]).returncode == 2          # no such envelope now
+        metrics = urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers={"X-API-Key": key}),
+                                         timeout=10).read().decode()
+        assert _metric(metrics, "resync_relay_events_total", event="removed") == 1
+        assert _metric(metrics, "resync_relay_envelopes", priority="normal") == 0

@@ -428,3 +428,66 @@ def import_cmd(directory, relay, spool_dir, config_dir, peer_id, retry_for, as_j
                        sort_keys=True) if as_json else f"relay: handed {r.get('handed_over', 0)} envelopes to {relay}")
     if worst is not None:
         raise worst
+
+
+@group.command("held")
+@click.option("--api", "api_url", default=None, metavar="URL",
+              help="The relaying daemon's API (default: where the `resync serve` using this config directory "
+                   "listens, from its api.json).")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="The daemon's config directory: its api-key and api.json (default: $XDG_CONFIG_HOME/resync).")
+@click.option("--json", "as_json", is_flag=True, help="The daemon's answer as JSON on stdout.")
+def held_cmd(api_url, config_dir, as_json):
+    """Show what the local relaying daemon (`resync serve --relay`) holds:
+    envelopes and bytes per priority and per destination, the oldest, the
+    stuck ones, each route's next hop and its backoff, and the envelopes
+    themselves (oldest first; no names: a relay has none). Exit 10 when no
+    daemon answers.
+
+    Example: resync relay held
+    """
+    import json
+    import time
+
+    from .daemon import call
+    _, r = call(api_url, config_dir, "/api/v1/relay")
+    if as_json:
+        say(json.dumps(r, sort_keys=True))
+        return
+    if not r.get("relaying"):
+        say("relay: this daemon does not relay (resync serve --relay DIR)")
+        return
+    say(f"relay: {r['envelopes']} envelopes, {r['bytes']} bytes in {r['spool']}"
+        + (f" (cap {r['cap']})" if r.get("cap") else "") + f"; oldest {r['oldest_seconds']:.0f} s; "
+        f"stuck {r['stuck']}")
+    for p, g in r["by_priority"].items():
+        if g["envelopes"]:
+            say(f"  {p}: {g['envelopes']} envelopes, {g['bytes']} bytes")
+    for route in r["routes"]:
+        to = "any other device" if route["to"] == "*" else ", ".join(route["to"])
+        say(f"  route: {to} via {route['via']} ({route['peer_id']})"
+            + (f": retrying in {route['next_try_in_seconds']:.0f} s after: {route['last_error']}"
+               if route["last_error"] else ""))
+    for h in r["held"]:
+        say(f"  {h['id'][:16]} {h['priority']:8} {h['bytes']:>12} B for {h['destination']}, until "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(h['expires'] / 1000))}"
+            + (", stuck" if h["stuck"] else "") + (f", {h['attempts']} failed: {h['last_error']}"
+                                                   if h["attempts"] else ""))
+
+
+@group.command("remove")
+@click.argument("envelope_id")
+@click.option("--api", "api_url", default=None, metavar="URL",
+              help="The relaying daemon's API (default: from this config directory's api.json).")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="The daemon's config directory: its api-key and api.json (default: $XDG_CONFIG_HOME/resync).")
+def remove_cmd(envelope_id, api_url, config_dir):
+    """Give up an envelope the local relaying daemon holds (its sender is not
+    told; a tombstone keeps another copy out until its expiry). Exit 2 when it
+    holds no such envelope, 10 when no daemon answers.
+
+    Example: resync relay remove 5f2c0d3a9e8b7f61d2...
+    """
+    from .daemon import call
+    _, h = call(api_url, config_dir, f"/api/v1/relay/envelopes/{envelope_id}", "DELETE")
+    say(f"relay: removed {h['id']} ({h['bytes']} bytes for {h['destination']})")

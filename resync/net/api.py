@@ -117,6 +117,15 @@ class Control:
     def set_limits(self, body) -> dict:
         raise ValueError("this daemon has no limits to change")
 
+    def relay(self) -> dict:
+        """GET /api/v1/relay: the spool, the routes, the envelopes held."""
+        return {"relaying": False}
+
+    def remove_envelope(self, envelope_id: str) -> dict:
+        """DELETE /api/v1/relay/envelopes/{id}: the operator gives one up."""
+        from .sessions import NotFound
+        raise NotFound(envelope_id)
+
 
 def _answer(call, status: int = 200):
     """The JSON answer of a Control call, its exceptions as error statuses."""
@@ -206,6 +215,8 @@ class Api:
         app.router.add_post("/api/v1/resume", self._act_all)
         app.router.add_get("/api/v1/limits", self._limits)
         app.router.add_put("/api/v1/limits", self._set_limits)
+        app.router.add_get("/api/v1/relay", self._relay)
+        app.router.add_delete("/api/v1/relay/envelopes/{id}", self._remove_envelope)
         app.router.add_get("/api/v1/events", self._events)
         app.router.add_get("/ws", self._websocket)
         app.router.add_get("/metrics", self._metrics)
@@ -266,6 +277,12 @@ class Api:
 
     async def _act_all(self, request):
         return _answer(lambda: self.control.act_all(request.path.rsplit("/", 1)[1]))
+
+    async def _relay(self, request):
+        return _answer(self.control.relay)
+
+    async def _remove_envelope(self, request):
+        return _answer(lambda: self.control.remove_envelope(request.match_info["id"]))
 
     async def _limits(self, request):
         return _json(self.control.limits())

@@ -401,7 +401,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     def running() -> list:
         return [s for s, _ in inbound()]
 
-    spool = None
+    spool = forwarder = None
     if settings.relay is not None:
         from ..store.spool import Spool
         spool = Spool(settings.relay.spool, settings.relay.cap, settings.relay.max_hold, lock_wait=0)
@@ -417,6 +417,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                               _delivery(identity, state_dir, lambda: current[0].modules)
                               if settings.modules and state_dir is not None else None)
         forwarding = asyncio.ensure_future(forwarder.run())
+        metrics.add_relay(spool.status)
+        spool.on_event = lambda kind, fields: metrics.relay_event(kind, fields.get("reason"))
 
     def relay_ends(client_id: str, collect: bool):
         """The two ends of a relay exchange with device ``client_id``, or
@@ -640,7 +642,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         sessions = Sessions(SessionStore(Path(state_dir) / "sessions"), identity, state_dir, history, events, metrics,
                             limits, log, settings.max_sessions)
         metrics.count_queued(sessions.queued)
-    control = _Control(status, lambda: _peers(current[0].modules), inbound, recent, sessions, limits, paused, events)
+    control = _Control(status, lambda: _peers(current[0].modules), inbound, recent, sessions, limits, paused, events,
+                       spool, forwarder if spool is not None else None)
     http = None
     if api is not None:
         from .api import Api
@@ -702,9 +705,29 @@ class _Control(Control):
     None), its limits (the two TokenBuckets every transfer passes) and the
     pause of it all (``paused[0]``)."""
 
-    def __init__(self, status, peers, inbound, recent, sessions, limits, paused, events):
+    def __init__(self, status, peers, inbound, recent, sessions, limits, paused, events, spool=None, forwarder=None):
         self.status, self.peers, self.inbound, self.recent = status, peers, inbound, recent
         self.sessions, self.buckets, self.paused, self.events = sessions, limits, paused, events
+        self.spool, self.forwarder = spool, forwarder
+
+    def relay(self) -> dict:
+        if self.spool is None:
+            return {"relaying": False}
+        now = time.monotonic()
+        routes = [{"to": sorted(r.to) or "*", "via": r.remote.address, "peer_id": r.peer_id,
+                   "next_try_in_seconds": round(max(0.0, r.next_try - now), 1), "last_error": r.last_error}
+                  for r in (self.forwarder.routes if self.forwarder is not None else [])]
+        return {"relaying": True, "spool": str(self.spool.root), **self.spool.status(), "routes": routes,
+                "held": self.spool.held()}
+
+    def remove_envelope(self, envelope_id: str) -> dict:
+        from .sessions import NotFound
+        if self.spool is None or envelope_id not in self.spool.index:
+            raise NotFound(f"no envelope {envelope_id} held here")
+        held = self.spool.held(limit=len(self.spool.index))
+        self.spool.remove(envelope_id, "removed")
+        self.events.publish("RelayEnvelopeRemoved", {"id": envelope_id})
+        return next(h for h in held if h["id"] == envelope_id)
 
     def transfers(self) -> list[dict]:
         live = [_described(s, x, "active") for s, x in self.inbound()]

@@ -116,6 +116,7 @@ class Spool:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index: dict[str, Held] = {}
         self.ingesting: dict[str, _Ingest] = {}      # envelopes being received now (begin ... finish)
+        self.on_event = None                    # on_event(kind, fields): each event as it is recorded (metrics)
         self._lock = -1
         if lock_wait is not None:
             self._take_lock(lock_wait)
@@ -509,7 +510,25 @@ class Spool:
         finally:
             os.close(fd)
 
+    def held(self, limit: int = 100) -> list[dict]:
+        """The envelopes held, oldest first (``limit`` at most): what an
+        operator sees of each (no name: the relay has none)."""
+        from ..identity import device_id_of_hash
+        out = []
+        for h in sorted(self.index.values(), key=lambda h: h.received)[:limit]:
+            out.append({"id": h.id, "bytes": h.size, "priority": h.priority,
+                        "destination": device_id_of_hash(bytes.fromhex(h.destination)),
+                        "source": device_id_of_hash(bytes.fromhex(h.source)), "received": h.received,
+                        "expires": h.expires, "shortened": h.shortened, "hops": h.hops, "attempts": h.attempts,
+                        "stuck": h.stuck, "last_error": h.last_error})
+        return out
+
     def _event(self, kind: str, key: str, detail: str, **more) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, more)
+            except Exception:                   # (a metric must never fail a custody)
+                pass
         line = json.dumps({"at": _now_ms(), "event": kind, "id": key, "detail": detail, **more}, sort_keys=True)
         try:
             with open(self.root / "events.ndjson", "a", encoding="utf-8") as f:
