@@ -291,8 +291,10 @@ def test_migration_from_version_1(tmp_path):
     RunRecorder(str(db), "sync", "/s", "/x").finish("ok", None)     # any write opens and migrates
     from resync.store.schema import SCHEMA_VERSION
     _, rows = h.query("SELECT max(version) FROM schema_version")
-    assert rows == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 8
+    assert rows == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 9
     _, rows = h.query("SELECT count(*) FROM transfers")
+    assert rows == [(0,)]
+    _, rows = h.query("SELECT count(*) FROM relay_events")
     assert rows == [(0,)]
     _, rows = h.query("SELECT path, path_raw, mtime_ns, typeof(mtime_ns) FROM manifests")
     assert rows == [("f", None, 1, "HUGEINT")]

@@ -281,3 +281,10 @@ def test_the_relay_shows_what_it_holds_in_its_api_metrics_and_cli_and_the_operat
                                          timeout=10).read().decode()
         assert _metric(metrics, "resync_relay_events_total", event="removed") == 1
         assert _metric(metrics, "resync_relay_envelopes", priority="normal") == 0
+        assert server.stop() == 0
+    # every event is in the relay's history too
+    from resync.store import History
+    _, rows = History(r.home / "data" / "resync" / "history.duckdb").query(
+        "SELECT event, envelope_id, node, bytes FROM relay_events ORDER BY occurred")
+    assert [(e, i) for e, i, _, _ in rows] == [("taken", held["held"][0]["id"]), ("removed", held["held"][0]["id"])]
+    assert {n for _, _, n, _ in rows} == {r.id} and rows[0][3] == held["held"][0]["bytes"]

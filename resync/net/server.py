@@ -418,7 +418,23 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                               if settings.modules and state_dir is not None else None)
         forwarding = asyncio.ensure_future(forwarder.run())
         metrics.add_relay(spool.status)
-        spool.on_event = lambda kind, fields: metrics.relay_event(kind, fields.get("reason"))
+        relay_events: list[dict] = []           # for the history, written a second after the first of them
+
+        def record_relay():
+            batch, relay_events[:] = list(relay_events), []
+            if history is not None and batch:
+                from ..store import History
+                try:
+                    History(history).record_relay_events(identity.device_id, batch)
+                except OSError as exc:
+                    log(f"relay: {len(batch)} events not recorded in the history: {exc.strerror or exc}")
+
+        def on_relay_event(event: dict) -> None:
+            metrics.relay_event(event["event"], event.get("reason"))
+            if not relay_events:
+                loop.call_later(1.0, record_relay)
+            relay_events.append(event)
+        spool.on_event = on_relay_event
 
     def relay_ends(client_id: str, collect: bool):
         """The two ends of a relay exchange with device ``client_id``, or
@@ -673,6 +689,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 timer.cancel()
         if spool is not None:
             forwarding.cancel()
+            record_relay()
+            spool.close()
         if http is not None:
             from .api import remove_api_file
             await http.close()

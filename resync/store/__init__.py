@@ -167,7 +167,8 @@ class History:
               merge: bool = True) -> tuple[list[str], list[tuple]]:
         """Run a read-only query: (column names, rows). Empty when there is no
         history yet. Pending run spools are merged first (``merge``)."""
-        if merge and self.spool_dir.is_dir() and any(self.spool_dir.glob("*.run.json")):
+        if merge and self.spool_dir.is_dir() and (any(self.spool_dir.glob("*.run.json"))
+                                                  or any(self.spool_dir.glob("*.relay.json"))):
             self.merge(wait)
         try:
             con = self._connect(read_only=True, wait=wait)
@@ -295,7 +296,43 @@ class History:
             self._hash_pending(wait)
         return merged
 
+    def record_relay_events(self, node: str, events: list[dict]) -> None:
+        """A relay's events (store.Spool's: at, event, id, reason, detail,
+        size, priority) spooled for the ``relay_events`` table, one file
+        written whole and durably (merged with the runs). OSError."""
+        from ..fs import write_durable
+        if not events:
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        write_durable(self.spool_dir / f"{int(time.time() * 1000)}-{os.urandom(4).hex()}.relay.json",
+                      json.dumps({"node": node, "events": events}).encode())
+
+    def _merge_relay(self, con) -> int:
+        files = sorted(self.spool_dir.glob("*.relay.json"))
+        for path in files:
+            try:
+                doc = json.loads(path.read_text())
+                rows = [(e["at"] / 1000, doc.get("node"), e["event"], e.get("id") or None, e.get("reason"),
+                         e.get("detail") or None, e.get("size"), e.get("priority")) for e in doc["events"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)    # (unreadable: written whole or not at all, so not ours)
+                continue
+            con.execute("BEGIN")
+            con.executemany("INSERT INTO relay_events VALUES (to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?)", rows)
+            con.execute("COMMIT")
+            path.unlink(missing_ok=True)
+        return len(files)
+
     def _merge_locked(self, wait: float) -> int:
+        if any(self.spool_dir.glob("*.relay.json")):
+            try:
+                con = self._connect(read_only=False, wait=wait)
+            except TimeoutError:
+                return 0
+            try:
+                self._merge_relay(con)
+            finally:
+                con.close()
         pending = []
         host = _hostname()
         for rec_path in sorted(self.spool_dir.glob("*.run.json")):

@@ -5,7 +5,7 @@ a writer opens an older database; ``schema_version`` records what ran.
 """
 import os
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 MIGRATIONS = [
     (1, [
@@ -120,6 +120,22 @@ MIGRATIONS = [
         "ALTER TABLE transfers ADD COLUMN tcp_bytes_sent BIGINT",
         "ALTER TABLE transfers ADD COLUMN tcp_bytes_received BIGINT",
         "ALTER TABLE transfers ADD COLUMN tcp_retransmits BIGINT",
+    ]),
+    # v9: what a relay did with each envelope (resync serve --relay): custody taken, refusals,
+    # hand-overs, deliveries, expiries, removals — one row per event
+    (9, [
+        """CREATE TABLE relay_events (
+            occurred TIMESTAMP NOT NULL,      -- UTC
+            node VARCHAR,                     -- the relay's device ID
+            event VARCHAR NOT NULL,           -- taken | refused | forwarded | delivered | applied | replay |
+            --                                   parked | expired | hold time ended | removed | stuck | recovered
+            envelope_id VARCHAR,              -- hex BLAKE3 of the envelope's signed header and payload
+            reason VARCHAR,                   -- a refusal's: expired | hop limit | duplicate | storage depleted | invalid
+            detail VARCHAR,
+            bytes BIGINT,
+            priority VARCHAR                  -- critical | high | normal (when known)
+        )""",
+        "CREATE INDEX relay_events_occurred ON relay_events (occurred)",
     ]),
 ]
 

@@ -116,7 +116,7 @@ class Spool:
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index: dict[str, Held] = {}
         self.ingesting: dict[str, _Ingest] = {}      # envelopes being received now (begin ... finish)
-        self.on_event = None                    # on_event(kind, fields): each event as it is recorded (metrics)
+        self.on_event = None                    # on_event(event): each event (a dict) as it is recorded
         self._lock = -1
         if lock_wait is not None:
             self._take_lock(lock_wait)
@@ -357,7 +357,7 @@ class Spool:
         self._close(key)
         self.index[key] = held
         self._event("taken", key, f"{held.size} bytes from {held.previous[:16]}", priority=held.priority,
-                    expires=held.expires, shortened=held.shortened)
+                    expires=held.expires, shortened=held.shortened, size=held.size)
         return held
 
     def abandon(self, key: str, keep: bool = True) -> None:
@@ -438,7 +438,8 @@ class Spool:
         (self.envelopes / key).unlink(missing_ok=True)
         (self.envelopes / (key + ".json")).unlink(missing_ok=True)
         self._sync(self.envelopes)
-        self._event(reason, key, "", size=h.size if h is not None else None)
+        self._event(reason, key, "", size=h.size if h is not None else None,
+                    priority=h.priority if h is not None else None)
 
     def expire(self, now: int | None = None) -> list[tuple[str, str]]:
         """The maintenance cycle: every envelope whose lifetime has ended is
@@ -524,12 +525,13 @@ class Spool:
         return out
 
     def _event(self, kind: str, key: str, detail: str, **more) -> None:
+        event = {"at": _now_ms(), "event": kind, "id": key, "detail": detail, **more}
         if self.on_event is not None:
             try:
-                self.on_event(kind, more)
-            except Exception:                   # (a metric must never fail a custody)
+                self.on_event(event)
+            except Exception:                   # (a metric or the history must never fail a custody)
                 pass
-        line = json.dumps({"at": _now_ms(), "event": kind, "id": key, "detail": detail, **more}, sort_keys=True)
+        line = json.dumps(event, sort_keys=True)
         try:
             with open(self.root / "events.ndjson", "a", encoding="utf-8") as f:
                 f.write(line + "\n")
