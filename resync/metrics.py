@@ -44,7 +44,7 @@ _COUNTED = (
 RELAY_PRIORITIES = ("critical", "high", "normal")
 RELAY_EVENTS = ("taken", "refused", "forwarded", "delivered", "applied", "replay", "parked", "expired",
                 "hold_time_ended", "removed", "stuck", "other")
-RELAY_REASONS = ("expired", "hop limit", "duplicate", "storage depleted", "invalid", "other")
+RELAY_REASONS = ("expired", "hop limit", "duplicate", "busy", "storage depleted", "invalid", "other")
 
 
 class ServerMetrics:

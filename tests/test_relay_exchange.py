@@ -6,8 +6,11 @@ node offers the id next; a critical envelope overtakes a large normal one;
 a mailbox is collected; a byte changed on the way is refused."""
 from __future__ import annotations
 
+import os
 import random
 import time
+
+import pytest
 
 from resync.identity import load_identity
 from resync.protocol.session import RelayClientSession, ServerSession
@@ -139,6 +142,42 @@ def test_a_cut_exchange_resumes_by_offset_and_takes_custody_once(tmp_path):
     assert client.stats["control_bytes_sent"] < len(raw) - kept + 64_000   # only the rest travelled
     assert list(net.spools["r"].index) == [key] and not net.spools["a"].index
     assert net.spools["r"].read(key)[E.HEAD_SIZE:] == raw[E.HEAD_SIZE:]
+
+
+def test_a_critical_envelope_arriving_behind_a_gibibyte_of_normal_ones_arrives_first(tmp_path):
+    """A hands R four 256 MiB normal envelopes; once R has 64 MiB of the first, a
+    1 MiB critical one enters A's spool: it is offered at A's next look and
+    overtakes at the next chunk — R holds it before any of the normal ones."""
+    net = Net(tmp_path)
+    big = []
+    for i in range(4):
+        raw = net.seal(mix.data(20 + i, 256 << 20, "random"), generation=1, priority="normal", tree=bytes([i]) * 16)
+        net.spools["a"].put(raw)
+        big.append(E.parse(raw).id.hex())
+        del raw
+    urgent = net.seal(mix.data(30, 1 << 20, "text"), generation=1, priority="critical", tree=b"u" * 16)
+    urgent_id = E.parse(urgent).id.hex()
+    order, real_finish = [], Spool.finish
+
+    def finish(self, key, now=None):
+        if self is net.spools["r"]:
+            order.append(key)
+        return real_finish(self, key, now)
+    partial = net.spools["r"].partial / big[0]
+    dropped = []
+
+    def arrive() -> bool:
+        if not dropped and partial.exists() and partial.stat().st_size > 64 << 20:
+            net.spools["a"].put(urgent)
+            dropped.append(True)
+        return False
+    Spool.finish = finish
+    try:
+        client, server, _, _ = net.exchange("a", cut_when=arrive)
+    finally:
+        Spool.finish = real_finish
+    assert client.error is None and server.error is None
+    assert dropped and order[0] == urgent_id and sorted(order[1:]) == sorted(big)
 
 
 def test_a_critical_envelope_overtakes_a_large_normal_one(tmp_path):
@@ -277,3 +316,83 @@ def test_a_thousand_small_envelopes_through_one_relay_none_lost_none_twice(tmp_p
     assert set(net.spools["b"].index) == keys and not net.spools["r"].index and not net.spools["a"].index
     events = [line for line in (net.spools["b"].root / "events.ndjson").read_text().splitlines()]
     assert sum('"event": "taken"' in e for e in events) == 1000
+
+
+def _tamper(spool: Spool, key: str, offset: int, mask: int = 0x40) -> None:
+    path = spool.envelopes / key
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_bytes_a_relay_changes_are_refused_at_the_destination_and_a_changed_hop_count_is_not(tmp_path):
+    net = Net(tmp_path)
+    raws = [net.seal(mix.data(40 + i, 200_000, "text"), generation=1, tree=bytes([i + 1]) * 16) for i in range(3)]
+    keys = [E.parse(raw).id.hex() for raw in raws]
+    for raw in raws:
+        net.spools["a"].put(raw)
+    net.exchange("a")
+    assert sorted(net.spools["r"].index) == sorted(keys)
+    _tamper(net.spools["r"], keys[0], E.HEAD_SIZE + 5000)         # R flips a payload byte
+    _tamper(net.spools["r"], keys[1], 8 + 4 + 100)                # ... a byte of the signed header
+    _tamper(net.spools["r"], keys[2], E.HEAD_SIZE - 41, 0x03)     # ... the hop count, 1 to 2 (relay-mutable)
+    client, server, _, _ = net.exchange("b", out=False, collect=True)
+    assert client.error is None and server.error is None, (client.error, server.error)
+    assert list(net.spools["b"].index) == [keys[2]]                # only the one whose hop count changed
+    assert client.result["refused_here"] == 2 and not list(net.spools["b"].partial.iterdir())
+    assert sorted(net.spools["r"].index) == sorted(keys[:2])       # R keeps custody of what B refused
+
+
+def test_expired_on_arrival_and_a_relay_hold_time_shorter_than_the_source_expiry(tmp_path):
+    net = Net(tmp_path)
+    net.spools["r"] = Spool(tmp_path / "r-spool", max_hold=60_000, min_free=0)       # R holds a minute at most
+    old = net.seal(b"late", generation=1, tree=b"o" * 16, expires_in=3_600_000)
+    fresh = net.seal(b"fresh", generation=1, tree=b"f" * 16, expires_in=3_600_000)
+    net.spools["a"].put(old, now=_now_ms() - 3_000_000)
+    net.spools["a"].put(fresh)
+    env = E.parse(old)
+    assert env.header.expires > _now_ms()                           # (not yet: it expires in 10 minutes)
+    client, _, _, _ = net.exchange("a")
+    assert client.result["handed_over"] == 2
+    held = net.spools["r"].index[E.parse(fresh).id.hex()]
+    assert held.shortened and held.expires <= _now_ms() + 60_000 < held.source_expires
+    gone = net.spools["r"].expire(now=_now_ms() + 61_000)
+    assert sorted(reason for _, reason in gone) == ["hold time ended", "hold time ended"]
+    # A's clock runs an hour behind: it offers what has expired by R's clock; R refuses it at the door
+    expired = net.seal(b"too late", generation=1, tree=b"x" * 16, expires_in=1_000)
+    net.spools["a"].put(expired)
+    import time as _time
+    _time.sleep(1.1)
+    import resync.relay.node as node
+    real = node._now_ms
+    node._now_ms = lambda: real() - 3_600_000
+    try:
+        client, _, _, _ = net.exchange("a")
+    finally:
+        node._now_ms = real
+    assert [r["reason"] for r in client.result["refusals"]] == ["expired"]
+    assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_real_enospc_at_the_relay_is_a_refusal_the_sender_keeps_custody(tmp_path):
+    import subprocess
+    net = Net(tmp_path)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"a tmpfs cannot be mounted here: {mounted.stderr.strip()}")
+    try:
+        net.spools["r"] = Spool(mnt / "spool", min_free=0)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        raw = net.seal(os.urandom(free - 2_000))                   # admitted (it fits), then the disk fills
+        net.spools["a"].put(raw)
+        client, server, _, _ = net.exchange("a")
+        assert client.error is None and server.error is None, (client.error, server.error)
+        assert [r["reason"] for r in client.result["refusals"]] == ["storage depleted"], (client.result, list(net.spools["r"].index))
+        assert E.parse(raw).id.hex() in net.spools["a"].index       # A keeps custody
+        assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -288,3 +288,45 @@ def test_the_relay_shows_what_it_holds_in_its_api_metrics_and_cli_and_the_operat
         "SELECT event, envelope_id, node, bytes FROM relay_events ORDER BY occurred")
     assert [(e, i) for e, i, _, _ in rows] == [("taken", held["held"][0]["id"]), ("removed", held["held"][0]["id"])]
     assert {n for _, _, n, _ in rows} == {r.id} and rows[0][3] == held["held"][0]["bytes"]
+
+
+def test_a_relay_killed_mid_forward_resumes_by_offset_and_the_destination_applies_once(tmp_path):
+    import time
+    a, r, b = _sites(tmp_path)
+    src, backup, r_spool, b_spool = tmp_path / "src", tmp_path / "backup", tmp_path / "r-spool", tmp_path / "b-spool"
+    src.mkdir()
+    backup.mkdir()
+    mix.write(src / "big.bin", 6, 120_000_000, "random")
+    b_port = _free_port()
+    relay_args = ("--relay", r_spool, "--relay-allow", a.id, "--relay-route", f"{b.id}=resync://127.0.0.1:{b_port}")
+    relay = Server(r, *relay_args)
+    try:
+        _json(_send(a, b, relay, r, src, tmp_path))                         # R holds it; B is down
+        with Server(b, "--module", f"backup={backup}", "--allow", a.id, "--relay", b_spool, "--relay-allow", r.id,
+                    port=b_port) as dest:
+            deadline = time.monotonic() + 60
+            partial = b_spool / "partial"
+            while time.monotonic() < deadline:
+                sizes = [p.stat().st_size for p in partial.iterdir()] if partial.exists() else []
+                if sizes and sizes[0] > 10_000_000:
+                    break
+                time.sleep(0.002)
+            relay.proc.send_signal(signal.SIGKILL)                           # R dies mid-forward
+            relay.proc.wait(30)
+            relay._f.close()
+            time.sleep(0.5)
+            kept = [p.stat().st_size for p in partial.iterdir()]
+            assert len(kept) == 1 and 10_000_000 < kept[0] < 120_000_000, kept
+            assert not [p for p in (b_spool / "envelopes").iterdir()]        # nothing half-visible at B
+            assert not (backup / "photos").exists()
+            relay = Server(r, *relay_args)                                   # R again: it still has custody
+            while time.monotonic() < deadline + 60 and "for this device: apply" not in dest.text():
+                time.sleep(0.2)
+            assert dest.text().count("for this device: apply") == 1, dest.text()
+            assert (backup / "photos" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+            taken = [line for line in dest.text().splitlines() if "relay exchange: took 1" in line]
+            resumed = int(taken[-1].split(" B resumed")[0].rsplit(", ", 1)[1].split(" ")[0])
+            assert resumed >= kept[0] - 1_000_000, (resumed, kept)            # the rest only, from the offset
+    finally:
+        if relay.proc.poll() is None:
+            relay.stop()

@@ -93,6 +93,7 @@ class Forwarder:
         return wanted
 
     async def run(self) -> None:
+        self._wake.set()                        # (a first look at once: a restarted relay has work waiting)
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._sleep())

@@ -253,6 +253,11 @@ class RelayCustody(NamedTuple):    # the receiving end holds it whole, verified 
     envelope_id: bytes             # end may delete its copy (never acknowledged in turn)
 
 
+class RelayReceived(NamedTuple):   # the receiving end, each RECEIVED_EVERY bytes: how far it has the payload
+    envelope_id: bytes             # (the sender sees the receiver alive on a slow link, and is woken to send on)
+    offset: int
+
+
 class RelayOver(NamedTuple):       # this end offers nothing more and every offer it made is settled
     pass
 
@@ -674,6 +679,9 @@ def encode(frame, prev_rel: bytes = b"") -> bytes:
         w.s32(frame.data)
     elif t is RelayCustody:
         w.raw(_fixed(frame.envelope_id, 32))
+    elif t is RelayReceived:
+        w.raw(_fixed(frame.envelope_id, 32))
+        w.u64(frame.offset)
     elif t is RelayOver:
         pass
     else:
@@ -845,6 +853,8 @@ def decode(kind: int, body, prev_rel: bytes = b"") -> object:
         f = RelayChunk(r.raw(32), r.u64(), r.s32())
     elif cls is RelayCustody:
         f = RelayCustody(r.raw(32))
+    elif cls is RelayReceived:
+        f = RelayReceived(r.raw(32), r.u64())
     elif cls is RelayOver:
         f = RelayOver()
     else:
@@ -858,7 +868,7 @@ _TYPES = {Hello: 0x01, Challenge: 0x02, Auth: 0x03, Welcome: 0x04, Error: 0x05,
           Want: 0x20, File: 0x21, Ack: 0x22, Repair: 0x23, FileDone: 0x24, Pack: 0x25, Wants: 0x26,
           Item: 0x30, Done: 0x31, Bye: 0x32,
           RelayOffer: 0x40, RelayTake: 0x41, RelayRefuse: 0x42, RelayChunk: 0x43, RelayCustody: 0x44,
-          RelayOver: 0x45}
+          RelayOver: 0x45, RelayReceived: 0x46}
 _CLASSES = {v: k for k, v in _TYPES.items()}
 
 

@@ -11,6 +11,7 @@ Per envelope, the offering end O and the receiving end R::
             RelayRefuse   why not (expired, hop limit, duplicate, storage depleted, invalid, ...):
                           decided on the head alone, before any payload byte is sent
     O -> R  RelayChunk    payload bytes in order, CHUNK at a time, the highest priority first
+    R -> O  RelayReceived how far it has come, every RECEIVED_EVERY bytes (O knows R is alive)
     R -> O  RelayCustody  whole, verified (signature, payload BLAKE3, id) and durable: O may
                           delete its copy. A custody acknowledgement is never acknowledged.
             RelayRefuse   the payload did not verify, or the disk filled: O keeps custody
@@ -29,6 +30,11 @@ from . import frames as F
 from .frames import ProtocolError
 
 CHUNK = 256 << 10                # payload bytes per RelayChunk: a higher priority overtakes at the next one
+LOOK_EVERY = 8                   # chunks sent between looks for new envelopes to offer (an urgent arrival)
+RECEIVED_EVERY = 1 << 20         # payload bytes between RelayReceived frames: on a 1 Mbit/s link one each 8 s,
+#                                  well inside the sender's 30 s without news from the peer
+PUMP_AGAIN = 0.005               # s: while payload waits to be sent, the timer asks for it again (a transport
+#                                  whose buffer filled below its pause mark would otherwise not ask)
 OFFERS_AHEAD = 16                # offers unsettled at once from one end
 MAX_INGEST = 64                  # envelopes one end receives at once (more offered: a protocol error)
 SEND_BUFFER = 1 << 20            # control-stream bytes queued before the transport takes them
@@ -84,10 +90,14 @@ class Exchange:
         self.stats = {"handed_over": 0, "handed_bytes": 0, "taken": 0, "taken_bytes": 0, "resumed_bytes": 0,
                       "refused_by_peer": 0, "refused_here": 0}
         self.refusals: list[dict] = []           # what the peer refused, and why (the first 100)
+        self._sent = 0                           # chunks since the last look for new offers
+        self._now = 0.0                          # the clock as last given (frames, timer)
+        self._told: dict[str, int] = {}          # id -> payload offset last told the peer (RelayReceived)
         self._offer_more()
 
     # -- the session's surface -----------------------------------------------------------
     def frame(self, frame, now: float) -> None:
+        self._now = now
         t = type(frame)
         if t is F.RelayOffer:
             self._offered(frame)
@@ -118,6 +128,10 @@ class Exchange:
             self.stats["handed_bytes"] += o.length
             self.outgoing.handed_over(o.key)
             self._offer_more()
+        elif t is F.RelayReceived:
+            o = self._mine(frame.envelope_id, "RelayReceived")
+            if not o.taken or frame.offset > o.offset:
+                raise ProtocolError(f"RelayReceived of {o.key[:16]} at {frame.offset}, beyond what was sent")
         elif t is F.RelayOver:
             if self.peer_over:
                 raise ProtocolError("RelayOver twice")
@@ -131,8 +145,14 @@ class Exchange:
     def pump(self) -> None:
         """Payload chunks while the stream takes them: always the most urgent
         envelope taken (priority, then the order offered), so a critical one
-        offered behind a large normal one overtakes it at the next chunk."""
+        offered behind a large normal one overtakes it at the next chunk.
+        Every LOOK_EVERY chunks the spool is asked again for envelopes to
+        offer: one arriving while a large one is sent is offered then, not
+        after it."""
         while self.s.buffered < SEND_BUFFER:
+            if self._sent >= LOOK_EVERY:
+                self._sent = 0
+                self._offer_more()
             o = min((o for o in self.out.values() if o.taken and o.offset < o.length), key=lambda o: o.rank,
                     default=None)
             if o is None:
@@ -142,11 +162,14 @@ class Exchange:
                 raise ProtocolError(f"{o.key[:16]}: its payload ended early here")
             self.s.send(F.RelayChunk(bytes.fromhex(o.key), o.offset, data))
             o.offset += len(data)
+            self._sent += 1
 
     def timer(self, now: float) -> None:
-        pass
+        self._now = now
 
     def next_timer(self) -> float | None:
+        if any(o.taken and o.offset < o.length for o in self.out.values()):
+            return self._now + PUMP_AGAIN
         return None
 
     def abort(self, exc=None) -> None:
@@ -197,8 +220,13 @@ class Exchange:
             del self.into[key]
             self._refuse(key, exc)
             return
-        if f.offset + len(f.data) == length:
+        end = f.offset + len(f.data)
+        if end == length:
+            self._told.pop(key, None)
             self._complete(key)
+        elif end - self._told.get(key, 0) >= RECEIVED_EVERY:
+            self._told[key] = end
+            self.s.send(F.RelayReceived(f.envelope_id, end))
 
     def _complete(self, key: str) -> None:
         from ..errors import ResyncError

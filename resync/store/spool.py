@@ -217,7 +217,8 @@ class Spool:
         """Whether the relay may take custody of ``env`` (``size`` bytes;
         ``key``: its id, hex, when only its head is here yet): Refused with
         its reason — ``expired`` (on arrival), ``hop limit``, ``duplicate``
-        (held, being received, or delivered or removed before its expiry),
+        (held, or delivered or removed before its expiry), ``busy`` (being
+        received on another connection),
         ``storage depleted`` (the cap, or the disk's free space)."""
         now = _now_ms() if now is None else now
         h, key = env.header, key or env.id.hex()
@@ -227,8 +228,8 @@ class Spool:
             raise Refused("hop limit", f"{env.hops.count} hops of {h.hop_limit}")
         if key in self.index:
             raise Refused("duplicate", "held here already")
-        if key in self.ingesting:
-            raise Refused("duplicate", "being received here from another node")
+        if key in self.ingesting:               # (not a duplicate: nothing is held yet; the sender keeps it)
+            raise Refused("busy", "being received here on another connection; try again later")
         if self._tombstone(key, now):
             raise Refused("duplicate", "delivered or removed here before")
         if self.cap and self.used() + size > self.cap:
