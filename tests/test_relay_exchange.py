@@ -396,3 +396,18 @@ def test_a_real_enospc_at_the_relay_is_a_refusal_the_sender_keeps_custody(tmp_pa
         assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_an_envelope_being_received_on_another_connection_is_busy_and_its_sender_keeps_it(tmp_path):
+    net = Net(tmp_path)
+    raw = net.seal(mix.data(50, 2_000_000, "mixed"))
+    key = E.parse(raw).id.hex()
+    net.spools["a"].put(raw)
+    net.spools["b"].begin(raw[:E.HEAD_SIZE], key, net.hash(net.r))   # B receives it from elsewhere (still open)
+    net.spools["b"].write(key, 0, raw[E.HEAD_SIZE:E.HEAD_SIZE + 1000])
+    net.exchange("a")
+    client, _, _, _ = net.exchange("b", out=False, collect=True)
+    assert [r["reason"] for r in client.result.get("refusals", [])] == []
+    assert client.result["refused_here"] == 1
+    assert key in net.spools["r"].index                    # not taken for delivered: R keeps custody
+    assert net.spools["r"].index[key].attempts == 1
