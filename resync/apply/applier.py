@@ -270,7 +270,7 @@ class Applier:
     def abort(self) -> None:
         """The run failed or was interrupted: stop the workers, remove temp
         files not yet renamed, give opened-up directories their modes back."""
-        self.pipeline.shutdown_workers()
+        self.pipeline.shutdown_workers(kill=True)
         self.pipeline.discard_pending()
         self.staging.drop_beside()
         self.staging.end()

@@ -258,7 +258,29 @@ class Pipeline:
             except OSError:
                 pass
 
-    def shutdown_workers(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def shutdown_workers(self, kill: bool = False) -> None:
+        """Stop the copy workers: at the end of a run, once their work is
+        done; ``kill`` (an interrupted run): at once, SIGKILLed and reaped
+        first, before their temp files are removed. An orderly shutdown from
+        a stop signal's unwinding could hang for good — the signal may land
+        inside the executor's own bookkeeping, and its manager thread then
+        never hears of the shutdown (seen: SIGTERM during a copy, the run
+        blocked in ProcessPoolExecutor.shutdown)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if not kill:
+            pool.shutdown(wait=True)
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for p in procs:
+            try:
+                p.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+        for p in procs:
+            try:
+                p.join(5)
+            except (OSError, ValueError, AssertionError, AttributeError):
+                pass
+        pool.shutdown(wait=False, cancel_futures=True)     # (its manager thread sees the workers gone, and ends)
