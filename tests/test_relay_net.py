@@ -330,3 +330,61 @@ def test_a_relay_killed_mid_forward_resumes_by_offset_and_the_destination_applie
     finally:
         if relay.proc.poll() is None:
             relay.stop()
+
+
+def test_sync_via_a_relay_when_the_destination_is_down_then_directly_then_relayed_again(tmp_path):
+    """`resync sync SRC resync://B/... --via resync://R`: B down -> the next generation
+    goes to R and B applies it when it collects; B up -> a direct push (and the
+    relayed path learns what B holds); B down again -> generation 2, built on the
+    direct push's result, applies at B."""
+    a, r, b = _sites(tmp_path)
+    src, backup = tmp_path / "src", tmp_path / "backup"
+    backup.mkdir()
+    make_tree(src, random.Random(21), files=25)
+    b_port = _free_port()
+    dst = f"resync://127.0.0.1:{b_port}/backup/photos"
+    receive = ("relay", "receive", None, "--peer-id", r.id, "--module", f"backup={backup}", "--allow", a.id,
+               "--json")
+    with Server(r, "--relay", tmp_path / "r-spool", "--relay-allow", a.id, "--relay-allow", b.id) as relay:
+        via = ("--delete", "--peer-id", b.id, "--via", f"resync://127.0.0.1:{relay.port}", "--via-id", r.id,
+               "--card", f"@{tmp_path / 'b.card'}", "--retry-for", "0", "--json")
+        out = _json(a.run("sync", src, dst, *via))
+        assert out["relayed"] and out["generation"] == 1 and out["handed_over"] == 1
+        url = f"resync://127.0.0.1:{relay.port}"
+        got = b.run(*receive[:2], url, *receive[3:])
+        assert got.returncode == 0 and json.loads(got.stdout.splitlines()[0])["verdict"] == "apply", got.stderr
+        assert snapshot(backup / "photos") == snapshot(src)
+        mutate(src, random.Random(22))
+        with Server(b, "--module", f"backup={backup}", "--allow", a.id, port=b_port):
+            direct = _json(a.run("sync", src, dst, *via))
+            assert "relayed" not in direct and direct["files_transferred"] > 0
+        assert snapshot(backup / "photos") == snapshot(src)
+        mutate(src, random.Random(23))
+        out = _json(a.run("sync", src, dst, *via))
+        assert out["relayed"] and out["generation"] == 2
+        got = b.run(*receive[:2], url, *receive[3:])
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert snapshot(backup / "photos") == snapshot(src)
+        # neither B nor the relay: exit 10, the generation waits in A's spool
+    dead = a.run("sync", src, dst, "--delete", "--peer-id", b.id, "--via", f"resync://127.0.0.1:{_free_port()}", "--via-id", r.id,
+                 "--card", f"@{tmp_path / 'b.card'}", "--retry-for", "0")
+    assert dead.returncode == 10 and "waits in this machine's spool" in dead.stderr, dead.stderr
+    assert len(dead.stderr.strip().splitlines()) <= 2
+
+
+def test_sync_via_refuses_what_it_cannot_do_in_one_line(tmp_path):
+    a, r, b = _sites(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src, random.Random(31), files=3)
+    card = f"@{tmp_path / 'b.card'}"
+    dst = "resync://127.0.0.1:9/backup/photos"
+    for args, says in [
+        ((src, dst, "--peer-id", b.id, "--via", "resync://127.0.0.1:9", "--card", card), "--via needs --delete"),
+        ((src, dst, "--delete", "--via", "resync://127.0.0.1:9", "--card", card), "needs --peer-id"),
+        ((src, dst, "--delete", "--peer-id", a.id, "--via", "resync://127.0.0.1:9", "--card", card), "card"),
+        ((src, tmp_path / "local", "--via", "resync://127.0.0.1:9"), "for a push to resync://"),
+        ((src, dst, "--delete", "--peer-id", b.id, "--card", card), "go with --via"),
+    ]:
+        res = a.run("sync", *args)
+        assert res.returncode == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+            (args, res.returncode, res.stderr)

@@ -57,6 +57,93 @@ class RemoteSync:
     history_path: str | None = None
     no_history: bool = False
     config_dir: str | None = None
+    via: str | None = None          # a relay's resync://HOST[:PORT]: the way when DST cannot be reached
+    via_id: str | None = None       # its device ID
+    card_text: str | None = None    # DST's card (or @FILE)
+
+
+def _via(a: RemoteSync):
+    """(relay Remote, DST's card) for --via, checked before any connection:
+    a push, DST's device ID given and its card that device's. None without --via."""
+    from ..errors import UsageError
+    if a.via is None:
+        if a.via_id or a.card_text:
+            raise UsageError("--via-id and --card go with --via")
+        return None
+    if a.remote_dst is None:
+        raise UsageError("--via is for a push (DST a resync:// URL)")
+    if a.dry_run:
+        raise UsageError("--via does not go with --dry-run")
+    if not a.peer_id or not a.card_text:
+        raise UsageError("--via needs --peer-id (DST's device ID) and --card (its card)")
+    if not a.delete:                            # (a generation is a bundle: it mirrors SRC, deletions included)
+        raise UsageError("--via needs --delete: a relayed generation makes DST an exact mirror of SRC, and a "
+                         "direct push must leave the same tree")
+    from ..net.url import parse_relay_url
+    from ..relay.keys import parse_card
+    text = a.card_text
+    if text.startswith("@"):
+        try:
+            text = open(text[1:], encoding="ascii", errors="replace").read()
+        except OSError as exc:
+            from ..errors import FileError
+            raise FileError.from_os(text[1:], exc) from None
+    return parse_relay_url(a.via), parse_card(text, expect=a.peer_id)
+
+
+def _outbox(a: RemoteSync, identity):
+    from pathlib import Path
+
+    from ..identity import config_dir as default_dir
+    from ..relay.keys import load_exchange_key, make_card
+    from ..relay.trees import Outbox
+    d = Path(a.config_dir) if a.config_dir else default_dir()
+    return d, Outbox(d / "relay" / "outbox", identity, make_card(identity, load_exchange_key(d, create=True)))
+
+
+def _relayed(a: RemoteSync, why, identity, via, recorder) -> None:
+    """DST did not answer: the tree's next generation sealed to its device and
+    handed to the relay (relay.node.call); the envelope waits in this
+    machine's spool if the relay does not answer either (ConnectionFailed)."""
+    import time
+
+    from ..errors import ConnectionFailed, TimedOut
+    from ..relay.node import call
+    from ..store.spool import Spool
+    relay, card = via
+    remote = a.remote_dst
+    d, outbox = _outbox(a, identity)
+    name = f"{remote.module}/{remote.path}".rstrip("/")
+    try:
+        sealed = outbox.seal(a.src, card, remote.module, remote.path, now=int(time.time() * 1000))
+        spool = Spool(d / "relay" / "spool", lock_wait=60.0)
+        spool.put(sealed.data)
+    except BaseException:
+        if recorder is not None:
+            recorder.finish("failed", None)
+        raise
+    if not a.quiet:
+        say(f"resync: {remote.address} did not answer ({why}): generation {sealed.generation} of {a.src} sealed "
+            f"for {card.device_id}; handing it to the relay {relay.address}", err=True)
+    try:
+        r, _, _ = call(relay, identity, spool, peer_id=a.via_id, deposit=True, collect=False,
+                       retry_for=min(a.retry_for, 60.0), transport=a.transport)
+    except (ConnectionFailed, TimedOut) as exc:
+        if recorder is not None:
+            recorder.finish("failed", None)
+        raise ConnectionFailed(f"{remote.address} did not answer, nor the relay {relay.address} ({exc}); "
+                               f"generation {sealed.generation} waits in this machine's spool for the next run") \
+            from None
+    if recorder is not None:
+        recorder.finish("relayed", None)
+    result = {"relayed": True, "relay": str(relay), "envelope": sealed.id.hex(), "generation": sealed.generation,
+              "bytes": len(sealed.data), "to": card.device_id, "as": name, "handed_over": r.get("handed_over", 0),
+              "refused": r.get("refusals", []), "unreachable": str(why)}
+    if a.as_json:
+        sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+    elif not a.quiet:
+        say(f"resync: generation {sealed.generation} handed to the relay {relay.address}: {card.device_id} applies it "
+            "when it collects it (resync relay status shows its receipt)", err=True)
 
 
 def remote_sync(a: RemoteSync):
@@ -75,6 +162,7 @@ def remote_sync(a: RemoteSync):
     if a.peer_id:
         from ..identity import parse_device_id
         parse_device_id(a.peer_id)              # a mistyped ID is a usage error before any connection
+    via = _via(a)
     identity = load_identity(Path(a.config_dir) if a.config_dir else None, create=True)
     transfer = Transfer(remote, push, local,
                         Options(delete=a.delete, checksum=a.checksum, dry_run=dry_run, whole_file=bool(a.whole_file),
@@ -105,11 +193,20 @@ def remote_sync(a: RemoteSync):
     if a.show_progress and not quiet and sys.stderr.isatty():
         from ..progress import Progress
         meter = Progress(sys.stderr)
+    from ..errors import ConnectionFailed, TimedOut
     try:
         session = run(transfer, identity, report, meter=meter,
                       on_note=None if quiet else lambda text: say(f"resync: {text}", err=True),
                       on_retry=None if quiet else lambda why, wait: say(f"resync: {why}; retrying in {wait:.0f} s",
                                                                        err=True))
+    except (ConnectionFailed, TimedOut) as exc:
+        if meter is not None:
+            meter.close()
+        if via is None:
+            if recorder is not None:
+                recorder.finish("failed", None)
+            raise
+        return _relayed(a, exc, identity, via, recorder)
     except BaseException:
         if recorder is not None:
             recorder.finish("failed", None)
@@ -136,6 +233,10 @@ def remote_sync(a: RemoteSync):
             f"{result.get('deleted', 0)} deleted{' (dry run)' if dry_run else ''}; "
             f"{human(result['bytes_on_wire_sent'])} sent, {human(result['bytes_on_wire_received'])} received "
             f"over {'TLS on TCP' if tcp else 'QUIC'} with {remote.address}; {result.get('duration', 0):.2f} s", err=True)
+    if via is not None and stats.status == "ok":  # what DST holds now: the next relayed generation builds on it
+        remote = a.remote_dst
+        _, outbox = _outbox(a, identity)
+        outbox.delivered_directly(via[1].device_id, remote.module, remote.path, a.src)
     error = stats.outcome_error()
     if error is not None:
         raise error

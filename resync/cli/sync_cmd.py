@@ -76,17 +76,30 @@ def _check_dir(path: str, must_exist: bool) -> None:
                    "breaks falls back to QUIC and resumes.")
 @click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="resync:// only: this machine's key and known_peers (default ~/.config/resync).")
+@click.option("--via", default=None, metavar="resync://RELAY[:PORT]",
+              help="A push with --delete only: when DST cannot be reached within --retry-for, seal the tree's next "
+                   "generation for DST's device (--peer-id, --card) and hand it to this relay (docs/relay.md).")
+@click.option("--via-id", default=None, metavar="DEVICE-ID", help="With --via: the relay's device ID.")
+@click.option("--card", "card_text", default=None, metavar="CARD",
+              help="With --via: DST's card (`resync id --card` there), or @FILE holding it.")
 @history_options
 def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes, exclude_files, dry_run,
             itemize, show_progress, as_json, verbose, quiet, peer_id, accept_new, bwlimit, timeout, retry_for,
-            transport, config_dir, history_path, no_history):
+            transport, config_dir, via, via_id, card_text, history_path, no_history):
     """Mirror directory SRC into DST, like rsync -a SRC/ DST/. Either may be
     a server's directory, resync://HOST[:PORT]/MODULE[/PATH] (resync serve):
     a push or a pull over QUIC (deltas and parity-protected shards) or, on a
     clean LAN, TLS over TCP.
 
+    With --via, a push whose destination cannot be reached goes through a
+    store-and-forward relay instead: the next generation of the tree, sealed
+    to the destination's device, waits at the relay until the destination
+    collects it (exit 0, "relayed" in --json; exit 10 when the relay cannot
+    be reached either: the generation waits here for the next run).
+
     Examples: resync sync --delete -i photos/ /backup/photos/;
-    resync sync photos/ resync://siteb:8730/backup/photos --peer-id SERVER-ID
+    resync sync photos/ resync://siteb:8730/backup/photos --peer-id SERVER-ID;
+    resync sync --delete photos/ resync://siteb:8730/backup/photos --peer-id SITEB-ID --via resync://relay:8730 --via-id RELAY-ID --card @siteb.card
     """
     import json
     import os
@@ -104,7 +117,8 @@ def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes
             max_delete=max_delete, patterns=list(excludes) + _read_patterns(exclude_files), dry_run=dry_run,
             itemize=itemize, as_json=as_json, verbose=verbose, quiet=quiet, show_progress=show_progress,
             peer_id=peer_id, accept_new=accept_new, bwlimit=bwlimit, timeout=timeout, retry_for=retry_for,
-            transport=transport, history_path=history_path, no_history=no_history, config_dir=config_dir))
+            transport=transport, history_path=history_path, no_history=no_history, config_dir=config_dir,
+            via=via, via_id=via_id, card_text=card_text))
 
     from ..sync import Syncer, SyncOptions
 
@@ -114,6 +128,9 @@ def command(src, dst, checksum, whole_file, sparse, delete, max_delete, excludes
     if transport != "auto":
         from ..errors import UsageError
         raise UsageError("--transport is for resync:// transfers")
+    if via or via_id or card_text:
+        from ..errors import UsageError
+        raise UsageError("--via, --via-id and --card are for a push to resync:// (a local sync needs no relay)")
     patterns = list(excludes) + _read_patterns(exclude_files)
     record = not (dry_run or no_history)
     options = SyncOptions(checksum=checksum, whole_file=whole_file is not False, sparse=sparse, delete=delete,

@@ -86,7 +86,7 @@ class Outbox:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = self.state(card.device_id, f"{module}/{path}")
         basis = d / "delivered.sig"
-        against = str(basis) if st["generation"] and basis.exists() else None
+        against = str(basis) if basis.exists() else None     # (a direct sync may have set it: delivered_directly)
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             bundle = os.path.join(tmp, "bundle")
             stats = pack(src, bundle, against, *parity)
@@ -111,6 +111,18 @@ class Outbox:
                                                     "name": f"{module}/{path}".rstrip("/"), "src": os.path.abspath(src),
                                                     "sealed": now, "bytes": len(raw)}).encode(), mode=0o600)
         return Sealed(raw, env_id, generation)
+
+    def delivered_directly(self, destination: str, module: str, path: str, src: str) -> None:
+        """A direct sync (`resync sync --via`) has made the destination hold
+        tree ``src``: its signature becomes the basis of the next relayed
+        generation (the chain of generations goes on where it was)."""
+        from ..bundle.pack import signature_tree
+        d = self._tree_dir(destination, f"{module}/{path}")
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            nxt = os.path.join(tmp, "next.sig")
+            signature_tree(src, nxt)
+            os.replace(nxt, d / "delivered.sig")
 
     def take_receipt(self, inner: dict, sender: str, now: int) -> dict | None:
         """A receipt from device ``sender`` (its inner header: ``for`` the
