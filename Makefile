@@ -102,7 +102,25 @@ run: install tools
 	echo "+ resync transfer add --wait --priority high $(RUN)/src $${URL%/photos}/daemon"; \
 	$$A transfer add --wait --priority high $(RUN)/src $${URL%/photos}/daemon --peer-id $$SERVER; \
 	echo "+ resync transfer list"; $$A transfer list; echo "+ resync status"; $$A status; \
-	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/site-b-backup/daemon/ | grep . && exit 1 || echo "run: the daemon's transfer completed, the copy equals the source (rsync -c)"
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/site-b-backup/daemon/ | grep . && exit 1 || echo "run: the daemon's transfer completed, the copy equals the source (rsync -c)"; \
+	echo "run: site B goes offline; a third site relays (store and forward) what this site sends it meanwhile"; \
+	kill $$BPID; wait $$BPID 2>/dev/null || true; \
+	R="env XDG_CONFIG_HOME=$(RUN)/site-r $(VENV)/bin/resync"; RELAY=$$($$R id); $$B id --card > $(RUN)/site-b.card; \
+	$$R serve --listen 127.0.0.1:0 --no-api --relay $(RUN)/relay-spool --relay-allow $$CLIENT --relay-allow $$SERVER \
+		2>$(RUN)/serve-r.log & \
+	RPID=$$!; trap "kill $$APID $$RPID 2>/dev/null" EXIT; \
+	for i in $$(seq 100); do grep -q listening $(RUN)/serve-r.log && break; sleep 0.1; done; cat $(RUN)/serve-r.log; \
+	RURL=resync://127.0.0.1:$$(sed -n 's/.*listening on 127.0.0.1:\([0-9]*\).*/\1/p' $(RUN)/serve-r.log); \
+	$(PY) bench/gen.py change --fraction 0.05 --seed 5 $(RUN)/src; \
+	echo "+ resync sync -v --delete $(RUN)/src $${URL%/photos}/relayed --via $$RURL --card @site-b.card ..."; \
+	$$A sync -v --delete --retry-for 0 $(RUN)/src $${URL%/photos}/relayed --peer-id $$SERVER --via $$RURL --via-id $$RELAY \
+		--card @$(RUN)/site-b.card; \
+	echo "+ ls the relay's spool (sealed envelopes: ids, no names)"; ls -l $(RUN)/relay-spool/envelopes; \
+	echo "+ (site B, back online) resync relay receive $$RURL --module backup=... --allow $$CLIENT"; \
+	$$B relay receive $$RURL --peer-id $$RELAY --module backup=$(RUN)/site-b-backup --allow $$CLIENT; \
+	rsync -a --delete -n -i -c $(RUN)/src/ $(RUN)/site-b-backup/relayed/ | grep . && exit 1 || echo "run: mirrored through the relay while site B was offline; the copy equals the source (rsync -c)"; \
+	echo "+ resync relay receive $$RURL (this site: the receipt)"; $$A relay receive $$RURL --peer-id $$RELAY; \
+	echo "+ resync relay status"; $$A relay status
 
 # The sync, unpack, bundle and network tests run once more as an ordinary user
 # (permission bits apply; owners cannot be set): as root, tests/as-user.sh runs

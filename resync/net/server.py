@@ -920,7 +920,7 @@ def _peers(modules: dict) -> list[dict]:
 
 
 def _shown_modules(modules: dict) -> str:
-    return ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values())
+    return ", ".join(f"{m.name}={m.path}{' (read-only)' if m.read_only else ''}" for m in modules.values()) or "none"
 
 
 def _changes(old: Settings, new: Settings) -> str:
