@@ -411,3 +411,17 @@ def test_an_envelope_being_received_on_another_connection_is_busy_and_its_sender
     assert client.result["refused_here"] == 1
     assert key in net.spools["r"].index                    # not taken for delivered: R keeps custody
     assert net.spools["r"].index[key].attempts == 1
+
+
+def test_an_envelope_its_destination_dropped_is_not_taken_for_delivered(tmp_path):
+    net = Net(tmp_path)
+    raw = net.seal(b"dropped at B once")
+    key = E.parse(raw).id.hex()
+    net.spools["b"].put(raw)
+    net.spools["b"].remove(key, "removed")                  # B's operator removed it (or it expired there)
+    net.spools["a"].put(raw)
+    net.exchange("a")
+    client, _, _, _ = net.exchange("b", out=False, collect=True)
+    assert client.result["refused_here"] == 1
+    assert key in net.spools["r"].index                     # R keeps it: B never held it to the end
+    assert net.spools["r"].index[key].last_error.endswith("removed: given up here before (removed)")

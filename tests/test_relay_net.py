@@ -164,6 +164,32 @@ def test_a_destination_changed_locally_refuses_the_generation_and_the_source_is_
         sent = json.loads(a.run("relay", "status", "--json").stdout)["sent"][0]
         assert sent["receipt"]["verdict"] == "refuse" and sent["receipt"]["generation"] == 2
         assert sent["confirmed"] == 1 and "changed" in sent["receipt"]["why"]
+        # told, the source starts the chain again: its next generation is whole and makes B a mirror again
+        assert sent["generation"] == 0 and sent.get("restarted")
+        out = _json(_send(a, b, server, r, src, tmp_path))
+        assert out["generation"] == 1
+        got = b.run(*receive)
+        assert got.returncode == 0 and json.loads(got.stdout.splitlines()[0])["verdict"] == "apply", got.stdout
+        assert snapshot(backup / "photos") == snapshot(src)
+
+
+def test_an_envelope_that_cannot_be_applied_yet_is_kept_not_dropped(tmp_path):
+    a, r, b = _sites(tmp_path)
+    src, backup = tmp_path / "src", tmp_path / "backup"
+    backup.mkdir()
+    make_tree(src, random.Random(6), files=8)
+    with Server(r, "--relay", tmp_path / "r-spool", "--relay-allow", a.id, "--relay-allow", b.id) as server:
+        url = f"resync://127.0.0.1:{server.port}"
+        _json(_send(a, b, server, r, src, tmp_path))
+        got = b.run("relay", "receive", url, "--peer-id", r.id, "--json")      # B forgot --module
+        assert got.returncode == 2, got.stderr
+        assert json.loads(got.stdout.splitlines()[0])["verdict"] == "kept"
+        held = list((b.home / "config" / "resync" / "relay" / "spool" / "envelopes").glob("*.json"))
+        assert len(held) == 1                                            # still in B's spool, not tombstoned
+        got = b.run("relay", "receive", url, "--peer-id", r.id, "--module", f"backup={backup}", "--allow", a.id,
+                    "--json")
+        assert got.returncode == 0 and json.loads(got.stdout.splitlines()[0])["verdict"] == "apply", got.stdout
+        assert snapshot(backup / "photos") == snapshot(src)
 
 
 def _free_port() -> int:
@@ -361,7 +387,7 @@ def test_sync_via_a_relay_when_the_destination_is_down_then_directly_then_relaye
         assert snapshot(backup / "photos") == snapshot(src)
         mutate(src, random.Random(23))
         out = _json(a.run("sync", src, dst, *via))
-        assert out["relayed"] and out["generation"] == 2
+        assert out["relayed"] and out["generation"] == 1          # (a new chain from the direct push's tree)
         got = b.run(*receive[:2], url, *receive[3:])
         assert got.returncode == 0, got.stdout + got.stderr
         assert snapshot(backup / "photos") == snapshot(src)

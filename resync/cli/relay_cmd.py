@@ -110,10 +110,10 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
     from ..relay.keys import load_exchange_key, make_card
     identity = load_identity(d, create=True)
     outbox = Outbox(d / "relay" / "outbox", identity, make_card(identity, load_exchange_key(d, create=True)))
-    sealed = outbox.seal(src, card, module, path, priority=priority, now=int(time.time() * 1000), ttl=ttl)
+    now = int(time.time() * 1000)
     if _is_url(out):
-        spool = _spool(d)
-        spool.put(sealed.data)
+        spool = _spool(d)                       # (first: a generation is committed only once it is kept)
+        sealed = outbox.seal(src, card, module, path, priority=priority, now=now, ttl=ttl, store=spool.put)
         r = _call(out, d, outbox.identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
         result = {"envelope": sealed.id.hex(), "generation": sealed.generation, "bytes": len(sealed.data),
                   "relay": out, "to": card.device_id, "as": name, "handed_over": r.get("handed_over", 0),
@@ -128,8 +128,14 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
         return
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    file = target / f"{sealed.id.hex()}.env"
-    write_durable(file, sealed.data)
+    written = []
+
+    def store(raw: bytes) -> None:
+        from ..relay.envelope import parse
+        written.append(target / f"{parse(raw).id.hex()}.env")
+        write_durable(written[0], raw)
+    sealed = outbox.seal(src, card, module, path, priority=priority, now=now, ttl=ttl, store=store)
+    file = written[0]
     result = {"envelope": sealed.id.hex(), "generation": sealed.generation, "bytes": len(sealed.data),
               "file": str(file), "to": card.device_id, "as": name}
     if as_json:
@@ -163,7 +169,6 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
               resync relay receive resync://relay.example:8730 --peer-id RELAY-ID --module backup=/srv/backup ...
     """
     import os
-    import shutil
     import time
     from pathlib import Path
 
@@ -173,6 +178,7 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
     from ..relay.envelope import EnvelopeError, parse
     from ..relay.guard import PARK, Chains
     from ..relay.keys import key_hash, load_exchange_key, make_card
+    from ..fs import write_durable
     from ..relay.trees import Inbox, Outbox, module_places
     from ..store.guard import GuardStore
     d = Path(config_dir) if config_dir else default_dir()
@@ -227,13 +233,16 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
         try:
             r = inbox.receive(data, now)
         except ResyncError as exc:
+            from ..net.relaying import final_refusal
             worst = worst or exc
-            if spool is not None and file.parent == spool.envelopes:
+            kept = not final_refusal(exc)       # (a full disk, a module not given: kept for the next receive)
+            if spool is not None and file.parent == spool.envelopes and not kept:
                 spool.remove(env.id.hex(), "refused")          # (its source is told by the receipt)
-            _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "refused", "why": str(exc)})
+            _said(as_json, {"file": str(file), "envelope": env.id.hex(), "verdict": "kept" if kept else "refused",
+                            "why": str(exc)})
             continue
         if r.verdict == PARK and file.parent != parked_dir:
-            shutil.copyfile(file, parked_dir / (env.id.hex() + ".env"))
+            write_durable(parked_dir / (env.id.hex() + ".env"), data)     # (before the spool's copy goes)
         elif r.verdict != PARK and file.parent == parked_dir:
             file.unlink(missing_ok=True)
         if spool is not None and file.parent == spool.envelopes:
@@ -247,7 +256,6 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
                 spool.put(raw)
             _call(directory, d, identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
         else:
-            from ..fs import write_durable
             for raw in inbox.receipts:
                 write_durable(Path(directory) / f"{parse(raw).id.hex()}.env", raw)
     # a parked copy that an apply released, or that is older than what is applied now, is done

@@ -115,9 +115,9 @@ def _relayed(a: RemoteSync, why, identity, via, recorder) -> None:
     d, outbox = _outbox(a, identity)
     name = f"{remote.module}/{remote.path}".rstrip("/")
     try:
-        sealed = outbox.seal(a.src, card, remote.module, remote.path, now=int(time.time() * 1000))
-        spool = Spool(d / "relay" / "spool", lock_wait=60.0)
-        spool.put(sealed.data)
+        spool = Spool(d / "relay" / "spool", lock_wait=60.0)    # (first: committed only once kept)
+        sealed = outbox.seal(a.src, card, remote.module, remote.path, now=int(time.time() * 1000),
+                             store=spool.put)
     except BaseException:
         if recorder is not None:
             recorder.finish("failed", None)
@@ -236,7 +236,8 @@ def remote_sync(a: RemoteSync):
     if via is not None and stats.status == "ok":  # what DST holds now: the next relayed generation builds on it
         remote = a.remote_dst
         _, outbox = _outbox(a, identity)
-        outbox.delivered_directly(via[1].device_id, remote.module, remote.path, a.src)
+        import time
+        outbox.delivered_directly(via[1].device_id, remote.module, remote.path, a.src, int(time.time() * 1000))
     error = stats.outcome_error()
     if error is not None:
         raise error

@@ -126,14 +126,14 @@ class Forwarder:
         """One exchange with the route's next hop: what is due for it handed over."""
         from ..protocol.session import Options, RelayClientSession
         from ..relay.keys import device_hash
-        from ..relay.node import SpoolIn, SpoolOut
+        from ..relay.node import SpoolOut
         from .client import Transfer, _once, _Stop
         peer = device_hash(route.peer_id)
         ends = {}
 
         def session(identity, cert):
             ends["out"] = SpoolOut(self.spool, self.own, peer, self._wanted(route))
-            return RelayClientSession(identity, cert, ends["out"], SpoolIn(self.spool, peer), False)
+            return RelayClientSession(identity, cert, ends["out"], None, False)
         t = Transfer(route.remote, True, "", Options(), peer_id=route.peer_id, timeout=30.0, retry_for=0,
                      session=session)
         stop = _Stop(asyncio.get_running_loop(), asyncio.current_task())
@@ -162,16 +162,23 @@ class Forwarder:
         receipt queued for its source); a parked one stays until the
         generation before it arrives."""
         loop = asyncio.get_running_loop()
-        own = self.own.hex()
-        for h in sorted((h for h in self.spool.index.values() if h.destination == own),
+        own, now = self.own.hex(), int(time.time() * 1000)
+        for h in sorted((h for h in self.spool.index.values() if h.destination == own and h.next_attempt <= now),
                         key=lambda h: h.received):
             if h.id not in self.spool.index:
                 continue
-            data = await loop.run_in_executor(None, self.spool.read, h.id)
+            try:
+                data = await loop.run_in_executor(None, self.spool.read, h.id)
+            except OSError:
+                continue                        # (removed meanwhile: expired, the operator)
             try:
                 verdict, why, receipts = await loop.run_in_executor(None, self.deliver, data)
             except ResyncError as exc:
                 verdict, why, receipts = "refused", str(exc), getattr(exc, "receipts", [])
+                if not final_refusal(exc):      # (a full disk, a module not configured: kept, tried again)
+                    self.spool.failed(h.id, str(exc))
+                    self.log(f"relay: envelope {h.id[:16]} for this device not applied, kept: {exc}")
+                    continue
             for raw in receipts:
                 try:
                     self.spool.put(raw)
@@ -181,3 +188,12 @@ class Forwarder:
                 continue
             self.spool.remove(h.id, {"apply": "applied"}.get(verdict, verdict))
             self.log(f"relay: envelope {h.id[:16]} for this device: {verdict}: {why}")
+
+
+def final_refusal(exc: ResyncError) -> bool:
+    """Whether an envelope that failed to apply is refused for good (given up,
+    its source told): not whole or not this device's (exit 4), or the
+    destination changed since the generation before (exit 5). Anything else
+    — a full disk, an I/O error, a module not configured or not allowing
+    its source — may pass: the envelope is kept and tried again."""
+    return getattr(exc, "exit_code", None) in (4, 5)

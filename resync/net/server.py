@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConnectionFailed
+from ..errors import ConnectionFailed, ResyncError
 from ..protocol.session import ServerSession
 from ..protocol.frames import FLAG_DRY_RUN
 from . import warm_up
@@ -215,6 +215,7 @@ def _delivery(identity, state_dir: Path, modules):
     def deliver(data: bytes):
         from ..errors import ResyncError
         mods = modules()
+        mods = {n: m for n, m in mods.items() if not m.read_only}          # (clients may only pull from those)
         inbox = Inbox(identity, exchange, make_card(identity, exchange), chains,
                       module_places({n: m.path for n, m in mods.items()}, {n: m.allowed for n, m in mods.items()}),
                       outbox)
@@ -408,9 +409,13 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         own_hash = hashlib.sha256(identity.public_key).digest()
 
         def maintain():
-            for key, reason in spool.expire():
-                log(f"relay: envelope {key[:16]} removed: {reason}")
-            loop.call_later(RELAY_MAINTENANCE, maintain)
+            try:
+                for key, reason in spool.expire():
+                    log(f"relay: envelope {key[:16]} removed: {reason}")
+            except (OSError, ResyncError) as exc:
+                log(f"relay: the maintenance cycle failed, tried again in {RELAY_MAINTENANCE:.0f} s: {exc}")
+            finally:
+                loop.call_later(RELAY_MAINTENANCE, maintain)
         maintain()
         from .relaying import Forwarder
         forwarder = Forwarder(spool, identity, list(settings.relay.routes), log,

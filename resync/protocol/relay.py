@@ -138,6 +138,8 @@ class Exchange:
             self.peer_over = True
             self._maybe_end()
         elif t is F.Bye and not self.client:
+            if self.into or not self.peer_over:
+                raise ProtocolError("Bye before the exchange was over")
             self._finish()
         else:
             raise ProtocolError(f"{t.__name__} in a relay exchange")
@@ -189,6 +191,8 @@ class Exchange:
         key = f.envelope_id.hex()
         if self.incoming is None:
             raise ProtocolError("an envelope offered to an end that takes none")
+        if self.peer_over:
+            raise ProtocolError("an envelope offered after RelayOver")
         if key in self.into:
             raise ProtocolError(f"{key[:16]} offered twice")
         if len(self.into) >= MAX_INGEST:
@@ -271,4 +275,5 @@ class Exchange:
             self._finish()
 
     def _finish(self) -> None:
+        self.abort()                            # (nothing half-received is left open; none should be)
         self.s.finish(self.result)

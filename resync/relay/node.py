@@ -12,7 +12,8 @@ Rules (docs/relay.md "Custody on the wire"):
 - the peer's custody acknowledgement gives it up (``forwarded``, or
   ``delivered`` when the peer is its destination); a refusal leaves it here,
   tried again after the spool's backoff — except ``duplicate`` from its
-  destination, which holds or applied it already: given up as delivered.
+  destination, which holds or applied it already: given up as delivered
+  (a destination that dropped it — expired, removed — says ``removed``).
 """
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def call(remote, identity, spool: Spool, *, peer_id: str | None, deposit: bool =
     def session(identity, cert: bytes):
         server = device_hash(certificate_device_id(cert))
         ends["out"] = SpoolOut(spool, own, server) if deposit else None
-        ends["in"] = SpoolIn(spool, server)
+        ends["in"] = SpoolIn(spool, server) if collect else None     # (nothing taken that was not asked for)
         return RelayClientSession(identity, cert, ends["out"], ends["in"], collect)
     t = Transfer(remote, True, "", Options(), peer_id=peer_id, accept_new=accept_new, timeout=timeout,
                  retry_for=retry_for, known_peers=known_peers, transport=transport, session=session)
     s = run(t, identity, on_retry=on_retry)
-    return dict(s.result, transfer_id=s.transfer_id, attempts=s.attempts), ends.get("out"), ends["in"]
+    return dict(s.result, transfer_id=s.transfer_id, attempts=s.attempts), ends.get("out"), ends.get("in")

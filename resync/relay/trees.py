@@ -72,11 +72,15 @@ class Outbox:
             raise ResyncError(f"{path}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
 
     def seal(self, src: str, card, module: str, path: str = "", priority: str = "normal", now: int = 0,
-             ttl: int = DEFAULT_TTL, hop_limit: int = DEFAULT_HOPS, parity: tuple[int, int] = (50, 10)) -> Sealed:
+             ttl: int = DEFAULT_TTL, hop_limit: int = DEFAULT_HOPS, parity: tuple[int, int] = (50, 10),
+             store=None) -> Sealed:
         """The next generation of tree ``src`` for the device of ``card``
         (keys.Card), named ``module``/``path`` at the destination: a bundle
         of what changed since the last generation sealed (everything, the
-        first time), sealed in an envelope; the tree's state advanced."""
+        first time), sealed in an envelope; ``store(raw)`` keeps it (a
+        spool's put, a durable file) before the tree's state advances — if
+        it raises, nothing is committed and the next seal makes the same
+        generation again."""
         import blake3
 
         from ..bundle.pack import pack, signature_tree
@@ -104,6 +108,8 @@ class Outbox:
                        base=base, priority=priority, created=now, expires=now + ttl, hop_limit=hop_limit)
             nxt = os.path.join(tmp, "next.sig")
             signature_tree(src, nxt)            # what the destination holds once this generation is applied
+            if store is not None:
+                store(raw)
             os.replace(nxt, basis)
         env_id = parse(raw).id
         write_durable(d / "state.json", json.dumps({"tree": st["tree"], "generation": generation,
@@ -112,17 +118,26 @@ class Outbox:
                                                     "sealed": now, "bytes": len(raw)}).encode(), mode=0o600)
         return Sealed(raw, env_id, generation)
 
-    def delivered_directly(self, destination: str, module: str, path: str, src: str) -> None:
+    def delivered_directly(self, destination: str, module: str, path: str, src: str, now: int = 0) -> None:
         """A direct sync (`resync sync --via`) has made the destination hold
         tree ``src``: its signature becomes the basis of the next relayed
-        generation (the chain of generations goes on where it was)."""
+        generation, which starts a new chain (a new tree id): a generation
+        still on its way in the old chain was built for a tree the
+        destination no longer holds (refused there: nothing applied), and
+        the next one must not wait for it."""
         from ..bundle.pack import signature_tree
-        d = self._tree_dir(destination, f"{module}/{path}")
+        from ..fs import write_durable
+        name = f"{module}/{path}"
+        d = self._tree_dir(destination, name)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             nxt = os.path.join(tmp, "next.sig")
             signature_tree(src, nxt)
             os.replace(nxt, d / "delivered.sig")
+        st = self.state(destination, name)
+        st.update(tree=os.urandom(16).hex(), generation=0, last=ZERO.hex(), to=destination,
+                  name=name.rstrip("/"), src=os.path.abspath(src), direct=now)
+        write_durable(d / "state.json", json.dumps(st).encode(), mode=0o600)
 
     def take_receipt(self, inner: dict, sender: str, now: int) -> dict | None:
         """A receipt from device ``sender`` (its inner header: ``for`` the
@@ -139,11 +154,18 @@ class Outbox:
             if st.get("tree") != inner.get("tree") or st.get("to") != sender:
                 continue
             generation = int(inner.get("generation", 0))
-            if generation >= st.get("receipt", {}).get("generation", 0):     # (receipts may come in any order)
+            old = st.get("receipt", {})
+            if generation > old.get("generation", 0) or (generation == old.get("generation")
+                                                         and old.get("verdict") != APPLY):  # (any order)
                 st["receipt"] = {"envelope": inner.get("for"), "generation": generation,
                                  "verdict": inner.get("verdict"), "why": inner.get("why", ""), "at": now}
             if inner.get("verdict") == APPLY:
                 st["confirmed"] = max(st.get("confirmed", 0), generation)
+            if inner.get("verdict") == REFUSE:
+                # the destination holds a tree none of this chain was built for: the chain starts again,
+                # its next generation whole (a mirror: the destination's own changes are replaced)
+                st.update(tree=os.urandom(16).hex(), generation=0, last=ZERO.hex(), restarted=now)
+                (path.parent / "delivered.sig").unlink(missing_ok=True)
             write_durable(path, json.dumps(st).encode(), mode=0o600)
             return st
         return None
@@ -222,7 +244,8 @@ class Inbox:
             try:
                 stats = self._apply(e, inner, bundle)
             except ResyncError as exc:
-                self._reply(e, raw, REFUSE, str(exc), now, inner)
+                if getattr(exc, "exit_code", None) == 5:        # the destination changed: refused for good
+                    self._reply(e, raw, REFUSE, str(exc), now, inner)
                 raise
             applied.append((generation, stats))
             self._reply(e, raw, APPLY, "applied", now, inner)

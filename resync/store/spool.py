@@ -46,6 +46,7 @@ BACKOFF_FIRST = 10_000            # ms before a failed forward is tried again, d
 BACKOFF_CAP = 3_600_000           # ... to an hour at most (with jitter: 50-100 %)
 STUCK_AFTER = 8                   # failed forwards after which an envelope is marked stuck (and kept)
 PRIORITY_ORDER = {"critical": 0, "high": 1, "normal": 2}
+GIVEN_UP = ("expired", "hold time ended", "removed")   # tombstones of envelopes dropped here, not passed on
 
 
 class Refused(ResyncError):
@@ -201,8 +202,20 @@ class Spool:
 
     # -- custody ----------------------------------------------------------------------
     def used(self) -> int:
-        """Bytes held, and reserved for the envelopes being received."""
-        return sum(h.size for h in self.index.values()) + sum(i.size for i in self.ingesting.values())
+        """Bytes held, reserved for the envelopes being received, and left in
+        ``partial/`` by cut transfers (kept for a resume, so counted: an
+        allowed device cutting transfers on purpose cannot pass the cap)."""
+        left = 0
+        try:
+            for p in self.partial.iterdir():
+                if p.name not in self.ingesting:
+                    try:
+                        left += p.stat().st_size
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        return sum(h.size for h in self.index.values()) + sum(i.size for i in self.ingesting.values()) + left
 
     def _held(self, env, size: int, now: int, previous: bytes, key: str | None = None) -> Held:
         h = env.header
@@ -217,7 +230,8 @@ class Spool:
         """Whether the relay may take custody of ``env`` (``size`` bytes;
         ``key``: its id, hex, when only its head is here yet): Refused with
         its reason — ``expired`` (on arrival), ``hop limit``, ``duplicate``
-        (held, or delivered or removed before its expiry), ``busy`` (being
+        (held, or passed on here before its expiry), ``removed`` (given up
+        here before: expired, hold time ended, the operator), ``busy`` (being
         received on another connection),
         ``storage depleted`` (the cap, or the disk's free space)."""
         now = _now_ms() if now is None else now
@@ -230,7 +244,10 @@ class Spool:
             raise Refused("duplicate", "held here already")
         if key in self.ingesting:               # (not a duplicate: nothing is held yet; the sender keeps it)
             raise Refused("busy", "being received here on another connection; try again later")
-        if self._tombstone(key, now):
+        gone = self._tombstone(key, now)
+        if gone in GIVEN_UP:                    # (not here, and never passed on: not a duplicate)
+            raise Refused("removed", f"given up here before ({gone})")
+        if gone is not None:
             raise Refused("duplicate", "delivered or removed here before")
         if self.cap and self.used() + size > self.cap:
             raise Refused("storage depleted", f"{self.used() + size} bytes would pass the cap of {self.cap}")
@@ -351,7 +368,7 @@ class Spool:
             os.rename(self.partial / key, self.envelopes / key)
             self._sync(self.envelopes)
             self._sync(self.partial)
-        except (NoSpaceError, OSError) as exc:
+        except (NoSpaceError, OSError, ResyncError) as exc:
             (self.envelopes / (key + ".json")).unlink(missing_ok=True)
             self.abandon(key, keep=False)
             raise self._no_space(key, exc) from None
@@ -435,10 +452,14 @@ class Spool:
         now = _now_ms() if now is None else now
         h = self.index.pop(key, None)
         expires = h.source_expires if h is not None else now
-        self._write(self.tombstones / key, json.dumps({"expires": expires, "reason": reason, "at": now}).encode())
-        (self.envelopes / key).unlink(missing_ok=True)
-        (self.envelopes / (key + ".json")).unlink(missing_ok=True)
-        self._sync(self.envelopes)
+        try:
+            self._write(self.tombstones / key, json.dumps({"expires": expires, "reason": reason, "at": now}).encode())
+        except (OSError, ResyncError):          # (a full disk: the removal itself must still happen)
+            pass
+        finally:
+            (self.envelopes / key).unlink(missing_ok=True)
+            (self.envelopes / (key + ".json")).unlink(missing_ok=True)
+            self._sync(self.envelopes)
         self._event(reason, key, "", size=h.size if h is not None else None,
                     priority=h.priority if h is not None else None)
 
@@ -491,11 +512,13 @@ class Spool:
         return out
 
     # -- the files ----------------------------------------------------------------------
-    def _tombstone(self, key: str, now: int) -> bool:
+    def _tombstone(self, key: str, now: int) -> str | None:
+        """Why ``key`` was given up here, while its tombstone lasts; else None."""
         try:
-            return json.loads((self.tombstones / key).read_text())["expires"] > now
-        except (OSError, ValueError, KeyError):
-            return False
+            t = json.loads((self.tombstones / key).read_text())
+            return str(t.get("reason", "")) if t["expires"] > now else None
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
 
     def _save(self, held: Held) -> None:
         self._write(self.envelopes / (held.id + ".json"), json.dumps(asdict(held), sort_keys=True).encode())
