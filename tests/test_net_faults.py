@@ -563,8 +563,11 @@ def test_an_allowed_client_gets_in_while_strangers_hold_the_unproven_slots(serve
         stop = asyncio.Event()
         tasks = await _idle_strangers(server.port, stranger, MAX_UNPROVEN + 8, stop)
         try:
-            await asyncio.sleep(1.0)
-            assert sum(1 for t in tasks if not t.done()) == MAX_UNPROVEN_PER_HOST   # the oldest let go
+            for _ in range(100):                # the oldest let go (within a second, or a few on a busy machine)
+                await asyncio.sleep(0.1)
+                if sum(1 for t in tasks if not t.done()) == MAX_UNPROVEN_PER_HOST:
+                    break
+            assert sum(1 for t in tasks if not t.done()) == MAX_UNPROVEN_PER_HOST
             return await asyncio.get_running_loop().run_in_executor(None, lambda: client.run(
                 "sync", server.url("m", "x"), tmp_path / "got", "--peer-id", server_site.id, "--no-history",
                 "--retry-for", "0", timeout=60))
