@@ -9,7 +9,6 @@ holds the in-process versions of most of these."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import random
@@ -33,7 +32,7 @@ from resync.net.server import MAX_UNPROVEN, MAX_UNPROVEN_PER_HOST, PROOF_DEADLIN
 from . import mix
 from .test_net import Server, Site, _json, _same, _slow_push, _tree
 from .test_sync import make_tree
-from .treeutil import snapshot
+from .treeutil import snapshot, tmpfs
 
 ROOT = os.geteuid() == 0
 
@@ -64,21 +63,6 @@ def _small_tree(root: Path, seed: int, files: int = 12) -> None:
     (root / "empty").write_bytes(b"")
     (root / "notes.txt").write_bytes(mix.data(seed, 3000, "text"))
     (root / mix.odd_name(random.Random(seed), 0)).write_bytes(mix.data(seed + 1, 700, "repeat"))
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str):
-    """A tmpfs of ``size`` mounted at ``path`` for the block (root only)."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 def _fill(path: Path, leave: int = 0) -> None:
@@ -144,7 +128,7 @@ def test_a_pull_into_a_full_disk_ends_at_once_with_one_line(sites, tmp_path):
     src = module / "x"
     _small_tree(src, 1, files=6)
     _mostly_incompressible(src / "large.bin", 1, 4_000_000)
-    with _tmpfs(tmp_path / "small", "5m") as small, \
+    with tmpfs(tmp_path / "small", "5m") as small, \
             Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history") as server:
         base = _open_files(server.proc.pid)
         (small / "keep.txt").write_bytes(b"old\n")
@@ -181,7 +165,7 @@ def _push_into_a_full_module(client: Site, server_site: Site, tmp_path: Path, th
     src = tmp_path / "src"
     _small_tree(src, 2)
     _mostly_incompressible(src / "large.bin", 2, 3_000_000)
-    with _tmpfs(tmp_path / "module", "8m") as module, \
+    with tmpfs(tmp_path / "module", "8m") as module, \
             Server(server_site, "--module", f"m={module}", "--allow", client.id, "--no-history") as server:
         _fill(module / "filler", leave=1_000_000)
         base = _open_files(server.proc.pid)
@@ -244,7 +228,7 @@ def test_a_full_history_disk_leaves_the_push_unrecorded_not_failed(sites, tmp_pa
     _small_tree(src, 3)
     _mostly_incompressible(src / "large.bin", 3, 500_000)
     module.mkdir()
-    with _tmpfs(tmp_path / "hist", "1m") as hist:
+    with tmpfs(tmp_path / "hist", "1m") as hist:
         _fill(hist / "filler")
         assert os.statvfs(hist).f_bavail == 0
         with Server(server_site, "--module", f"m={module}", "--allow", client.id,

@@ -21,6 +21,7 @@ from resync.store.spool import Spool
 
 from . import mix
 from .protopump import Channel, pump
+from .treeutil import tmpfs
 
 
 def _now_ms() -> int:
@@ -376,26 +377,17 @@ def test_expired_on_arrival_and_a_relay_hold_time_shorter_than_the_source_expiry
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_real_enospc_at_the_relay_is_a_refusal_the_sender_keeps_custody(tmp_path):
-    import subprocess
     net = Net(tmp_path)
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"a tmpfs cannot be mounted here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "2m") as mnt:
         net.spools["r"] = Spool(mnt / "spool", min_free=0)
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         raw = net.seal(os.urandom(free - 2_000))                   # admitted (it fits), then the disk fills
         net.spools["a"].put(raw)
         client, server, _, _ = net.exchange("a")
         assert client.error is None and server.error is None, (client.error, server.error)
-        assert [r["reason"] for r in client.result["refusals"]] == ["storage depleted"], (client.result, list(net.spools["r"].index))
+        assert [r["reason"] for r in client.result["refusals"]] == ["storage depleted"]
         assert E.parse(raw).id.hex() in net.spools["a"].index       # A keeps custody
         assert not net.spools["r"].index and not list(net.spools["r"].partial.iterdir())
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_an_envelope_being_received_on_another_connection_is_busy_and_its_sender_keeps_it(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 
 import pytest
 
@@ -16,6 +15,7 @@ from resync.store.spool import STUCK_AFTER, Refused, Spool
 
 from . import mix
 from .test_envelope import DEST_CARD, FIELDS, SOURCE
+from .treeutil import tmpfs
 
 NOW = FIELDS["created"] + 1000
 NAMES = {"module": "secret-module", "path": "payroll/2026-q4"}
@@ -123,13 +123,7 @@ def test_the_spool_holds_no_plaintext_name_or_content(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_real_enospc_on_a_small_tmpfs_is_a_refusal_with_nothing_left(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
-                             text=True)
-    if mounted.returncode:
-        pytest.skip(f"a tmpfs cannot be mounted here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "1m") as mnt:
         spool = Spool(mnt / "spool", min_free=0)
         free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
         raw = _env(os.urandom(free - 2000))         # admitted (it fits), then the disk fills as it is written
@@ -139,5 +133,3 @@ def test_a_real_enospc_on_a_small_tmpfs_is_a_refusal_with_nothing_left(tmp_path)
         assert spool.index == {} and _leftovers(spool) == [] and not any(spool.envelopes.iterdir())
         fits = spool.put(_env(b"small", generation=2), now=NOW)         # and it goes on
         assert spool.read(fits.id)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)

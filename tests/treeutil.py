@@ -1,6 +1,7 @@
 """Helpers for tree tests: random trees, snapshots, rsync as the reference."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -37,3 +38,20 @@ def rsync_a(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess:
     if not shutil.which("rsync"):
         raise RuntimeError("rsync is not installed (make test installs it)")
     return subprocess.run(["rsync", "-a", *extra, f"{src}/", f"{dst}/"], capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` for the block (root only;
+    the test is skipped, saying why, where none can be mounted)."""
+    import pytest
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=False,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

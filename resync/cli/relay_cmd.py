@@ -3,6 +3,7 @@ carried on a disk (sneakernet) or handed to a relay (``resync serve
 --relay``) that holds them until the destination collects them."""
 import click
 
+from .daemon import with_api
 from .options import say
 
 PRIORITIES = ("critical", "high", "normal")
@@ -42,7 +43,7 @@ def _spool(d, directory=None):
     return Spool(directory or d / "relay" / "spool", lock_wait=SPOOL_WAIT if directory is None else 0)
 
 
-def _call(url: str, d, identity, spool, peer_id, deposit: bool, collect: bool, retry_for: float) -> dict:
+def _call(url: str, identity, spool, peer_id, deposit: bool, collect: bool, retry_for: float) -> dict:
     """One exchange with the relay at ``url`` (relay.node.call), said on stderr when retried."""
     from ..net.url import parse_relay_url
     from ..relay.node import call
@@ -52,6 +53,8 @@ def _call(url: str, d, identity, spool, peer_id, deposit: bool, collect: bool, r
     return result
 
 
+_config_option = click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
 _peer_option = click.option("--peer-id", default=None, metavar="DEVICE-ID",
                             help="The relay's device ID (for a resync:// relay; else known_peers).")
 _retry_option = click.option("--retry-for", type=click.FloatRange(0), default=60.0, show_default=True,
@@ -70,8 +73,7 @@ _retry_option = click.option("--retry-for", type=click.FloatRange(0), default=60
 @click.option("--priority", type=click.Choice(PRIORITIES), default="normal", show_default=True)
 @click.option("--ttl", callback=_duration_ms, default="30d", show_default=True, metavar="DURATION",
               help="The envelope's lifetime (relays and the destination refuse it after).")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_config_option
 @_peer_option
 @_retry_option
 @click.option("--json", "as_json", is_flag=True, help="What was sealed, as JSON on stdout.")
@@ -114,7 +116,7 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
     if _is_url(out):
         spool = _spool(d)                       # (first: a generation is committed only once it is kept)
         sealed = outbox.seal(src, card, module, path, priority=priority, now=now, ttl=ttl, store=spool.put)
-        r = _call(out, d, outbox.identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
+        r = _call(out, outbox.identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
         result = {"envelope": sealed.id.hex(), "generation": sealed.generation, "bytes": len(sealed.data),
                   "relay": out, "to": card.device_id, "as": name, "handed_over": r.get("handed_over", 0),
                   "refused": r.get("refusals", []), "waiting": len(spool.index)}
@@ -151,8 +153,7 @@ def send_cmd(src, out, card_text, device, name, priority, ttl, config_dir, peer_
               help="A local directory envelopes may write, as module NAME; repeatable.")
 @click.option("--allow", "allowed", multiple=True, metavar="DEVICE-ID",
               help="A source allowed to write the modules; repeatable.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_config_option
 @_peer_option
 @_retry_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope on stdout.")
@@ -212,7 +213,7 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
     spool = None
     if _is_url(directory):
         spool = _spool(d)
-        _call(directory, d, identity, spool, peer_id, deposit=True, collect=True, retry_for=retry_for)
+        _call(directory, identity, spool, peer_id, deposit=True, collect=True, retry_for=retry_for)
         candidates = [spool.envelopes / h.id for h in spool.due(destination=mine.hex())]
     else:
         candidates = sorted(Path(directory).rglob("*.env"))
@@ -254,7 +255,7 @@ def receive_cmd(directory, modules, allowed, config_dir, peer_id, retry_for, as_
         if spool is not None:
             for raw in inbox.receipts:
                 spool.put(raw)
-            _call(directory, d, identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
+            _call(directory, identity, spool, peer_id, deposit=True, collect=False, retry_for=retry_for)
         else:
             for raw in inbox.receipts:
                 write_durable(Path(directory) / f"{parse(raw).id.hex()}.env", raw)
@@ -281,8 +282,7 @@ def _said(as_json: bool, d: dict) -> None:
 
 
 @group.command("status")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="The same as one JSON object on stdout.")
 def status_cmd(config_dir, as_json):
     """Show the relayed trees: those sent from here (to whom, as what, the last
@@ -341,8 +341,7 @@ def status_cmd(config_dir, as_json):
                    "Default: this machine's own.")
 @click.option("--to", "device", default=None, metavar="DEVICE-ID",
               help="Only the envelopes for this device.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="What was copied, as JSON on stdout.")
 def export_cmd(out, spool_dir, device, config_dir, as_json):
     """Copy the envelopes a spool holds into directory OUT (made if absent),
@@ -388,8 +387,7 @@ def export_cmd(out, spool_dir, device, config_dir, as_json):
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="The spool to take them into (a relay's, while its daemon is stopped). Default: this "
                    "machine's own.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="This machine's keys and relay state (default: $XDG_CONFIG_HOME/resync).")
+@_config_option
 @_peer_option
 @_retry_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per envelope on stdout.")
@@ -430,7 +428,7 @@ def import_cmd(directory, relay, spool_dir, config_dir, peer_id, retry_for, as_j
         say(json.dumps(line, sort_keys=True) if as_json else f"relay: {file}: {line['verdict']}"
             + (f": {line['why']}" if "why" in line else ""))
     if relay is not None:
-        r = _call(relay, d, load_identity(d, create=True), spool, peer_id, deposit=True, collect=False,
+        r = _call(relay, load_identity(d, create=True), spool, peer_id, deposit=True, collect=False,
                   retry_for=retry_for)
         say(json.dumps({"relay": relay, "handed_over": r.get("handed_over", 0), "refused": r.get("refusals", [])},
                        sort_keys=True) if as_json else f"relay: handed {r.get('handed_over', 0)} envelopes to {relay}")
@@ -439,11 +437,7 @@ def import_cmd(directory, relay, spool_dir, config_dir, peer_id, retry_for, as_j
 
 
 @group.command("held")
-@click.option("--api", "api_url", default=None, metavar="URL",
-              help="The relaying daemon's API (default: where the `resync serve` using this config directory "
-                   "listens, from its api.json).")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="The daemon's config directory: its api-key and api.json (default: $XDG_CONFIG_HOME/resync).")
+@with_api
 @click.option("--json", "as_json", is_flag=True, help="The daemon's answer as JSON on stdout.")
 def held_cmd(api_url, config_dir, as_json):
     """Show what the local relaying daemon (`resync serve --relay`) holds:
@@ -484,12 +478,9 @@ def held_cmd(api_url, config_dir, as_json):
 
 
 @group.command("remove")
+@with_api
 @click.argument("envelope_id")
-@click.option("--api", "api_url", default=None, metavar="URL",
-              help="The relaying daemon's API (default: from this config directory's api.json).")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="The daemon's config directory: its api-key and api.json (default: $XDG_CONFIG_HOME/resync).")
-def remove_cmd(envelope_id, api_url, config_dir):
+def remove_cmd(api_url, config_dir, envelope_id):
     """Give up an envelope the local relaying daemon holds (its sender is not
     told; a tombstone keeps another copy out until its expiry). Exit 2 when it
     holds no such envelope, 10 when no daemon answers.

@@ -34,7 +34,6 @@ class Route:
     to: frozenset
     remote: object
     peer_id: str
-    text: str = ""
     delay: float = 0.0                      # (the hop's backoff: its state)
     next_try: float = 0.0
     last_error: str = field(default="")
@@ -58,7 +57,7 @@ def parse_route(spec: str) -> Route:
     else:
         targets = frozenset({parse_device_id(to.strip())})
     peer_id = parse_device_id(peer) if peer else next(iter(targets))
-    return Route(targets, parse_relay_url(url), peer_id, spec)
+    return Route(targets, parse_relay_url(url), peer_id)
 
 
 class Forwarder:
@@ -73,7 +72,6 @@ class Forwarder:
         self.own = device_hash(identity.device_id)
         self._routed = {device_hash(d).hex() for r in routes for d in r.to}
         self._wake = asyncio.Event()
-        self.delivering = False
 
     def wake(self) -> None:
         """Something changed (custody taken): look at the spool now."""
@@ -120,7 +118,7 @@ class Forwarder:
         from ..relay.node import SpoolOut
         from ..relay.keys import device_hash
         out = SpoolOut(self.spool, self.own, device_hash(route.peer_id), self._wanted(route))
-        return bool(out._candidates(int(time.time() * 1000)))
+        return bool(out.candidates(int(time.time() * 1000)))
 
     async def _call(self, route: Route) -> None:
         """One exchange with the route's next hop: what is due for it handed over."""

@@ -107,9 +107,7 @@ class Exchange:
             o = self._mine(frame.envelope_id, "RelayTake")
             if o.taken or frame.offset > o.length:
                 raise ProtocolError(f"RelayTake of {o.key[:16]} at {frame.offset} of {o.length}")
-            o.taken, o.offset = True, frame.offset
-            if o.offset == o.length:            # (all of it there already: its custody comes next)
-                pass
+            o.taken, o.offset = True, frame.offset      # (at its length: all there already, custody comes next)
         elif t is F.RelayRefuse:
             o = self._mine(frame.envelope_id, "RelayRefuse")
             del self.out[o.key]

@@ -37,20 +37,19 @@ class SpoolOut:
         self.wanted = wanted or (lambda h: True)
         self.collecting = collecting
         self.handed: list[str] = []
-        self.kept: list[tuple[str, str]] = []
 
-    def _candidates(self, now: int) -> list[Held]:
+    def candidates(self, now: int) -> list[Held]:
+        """What is to be offered now, in order (spool.due)."""
         peer = self.peer.hex()
         if self.collecting:
-            held = [h for h in self.spool.index.values() if h.destination == peer and h.expires > now]
-            return sorted(held, key=lambda h: (PRIORITY_ORDER[h.priority], h.created, h.id))
+            return self.spool.due(now, destination=peer, backoff=False)
         return [h for h in self.spool.due(now) if h.previous != peer and self.wanted(h)]
 
     def next_offers(self, n: int, offered: set) -> list[tuple[str, bytes, int]]:
         from .envelope import HEAD_SIZE, Hops, parse_head
         now = _now_ms()
         out = []
-        for h in self._candidates(now):
+        for h in self.candidates(now):
             if len(out) == n:
                 break
             if h.id in offered:
@@ -83,7 +82,6 @@ class SpoolOut:
             self.spool.remove(key, "delivered")         # (its destination has it already)
             self.handed.append(key)
             return
-        self.kept.append((key, reason))
         self.spool.failed(key, f"refused by {self.peer.hex()[:16]}: {reason}: {detail}")
 
 
@@ -93,7 +91,6 @@ class SpoolIn:
 
     def __init__(self, spool: Spool, peer: bytes, on_taken=None):
         self.spool, self.peer, self.on_taken = spool, peer, on_taken
-        self.taken: list[str] = []
 
     def begin(self, head: bytes, key: str) -> int:
         return self.spool.begin(head, key, self.peer)
@@ -103,7 +100,6 @@ class SpoolIn:
 
     def finish(self, key: str) -> None:
         self.spool.finish(key)
-        self.taken.append(key)
         if self.on_taken is not None:
             self.on_taken()
 

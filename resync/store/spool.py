@@ -324,11 +324,6 @@ class Spool:
             raise self._no_space(key, exc) from None
         ing.end += len(data)
 
-    def received(self, key: str) -> int:
-        """Payload bytes of ``key`` received so far."""
-        from ..relay.envelope import HEAD_SIZE
-        return self.ingesting[key].end - HEAD_SIZE
-
     def finish(self, key: str, now: int | None = None) -> Held:
         """Every payload byte of ``key`` is in: fsynced, verified (its id,
         the payload's length and BLAKE3: EnvelopeError, the partial file
@@ -421,12 +416,13 @@ class Spool:
     def read(self, key: str) -> bytes:
         return (self.envelopes / key).read_bytes()
 
-    def due(self, now: int | None = None, destination: str | None = None) -> list[Held]:
-        """The envelopes to forward now (not waiting out a backoff), in
+    def due(self, now: int | None = None, destination: str | None = None, backoff: bool = True) -> list[Held]:
+        """The envelopes to forward now (not waiting out a backoff, unless
+        ``backoff`` is False: a destination calling in for its mailbox), in
         priority order, oldest first within a class; ``destination``: those
         for one device (hex device hash)."""
         now = _now_ms() if now is None else now
-        out = [h for h in self.index.values() if h.next_attempt <= now and h.expires > now
+        out = [h for h in self.index.values() if (h.next_attempt <= now or not backoff) and h.expires > now
                and (destination is None or h.destination == destination)]
         return sorted(out, key=lambda h: (PRIORITY_ORDER[h.priority], h.created, h.id))
 
