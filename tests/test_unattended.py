@@ -271,7 +271,8 @@ def test_a_retried_pull_counts_its_tree_once_and_its_whole_duration(pair, tmp_pa
     assert p.returncode == 0, err
     result = json.loads(out)
     files = sum(1 for f in src.rglob("*") if f.is_file() and not f.is_symlink())
-    assert result["attempts"] == 2 and result["files"] == files, (result["attempts"], result["files"], files)
+    # (2 attempts, or 3 when a retry came before the restarted server listened: the tree counted once either way)
+    assert result["attempts"] in (2, 3) and result["files"] == files, (result["attempts"], result["files"], files)
     assert result["bytes_scanned"] == sum(f.stat().st_size for f in src.rglob("*")
                                           if f.is_file() and not f.is_symlink())
     assert wall - 1.5 <= result["duration"] <= wall + 0.5
