@@ -21,6 +21,8 @@ DIRECTIONS = ("push", "pull")
 DURATION_BUCKETS = (0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 # s: loopback to a satellite link
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# s: a timer run on time to a loop blocked for seconds (net.watch)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # (name, help, the transfer row's key) of the counters a transfer adds to when it ends
 _COUNTED = (
@@ -74,6 +76,10 @@ class ServerMetrics:
                                   registry=r)
         self.rtt = Histogram("resync_rtt_seconds", "QUIC's smoothed round-trip time at the end of each transfer "
                              "over QUIC.", buckets=RTT_BUCKETS, registry=r)
+        self.loop_lag = Histogram("resync_event_loop_lag_seconds", "How late the daemon's event loop ran a "
+                                  "timer due every 50 ms (transfers, the API and the metrics share the loop: a lag "
+                                  "of seconds stalls them all; the log says where it was blocked).",
+                                  buckets=LAG_BUCKETS, registry=r)
         Gauge("resync_build_info", "resync's version (the value is 1).", ("version", "python"),
               registry=r).labels(version, sys.version.split()[0]).set(1)
         Gauge("resync_start_time_seconds", "When this daemon started (Unix time).", registry=r).set(time.time())
