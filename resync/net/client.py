@@ -260,6 +260,8 @@ async def _session_over(link, cert: bytes, t: Transfer, identity, report, meter,
     from .channels import ChannelLink
     from .tcp import StreamLink
     quic = not isinstance(link, (StreamLink, ChannelLink))     # a link.SessionLink of its own
+    from .workers import attach
+    attach(session, link.drive)                 # (a pull's end: its fsyncs off the loop)
     if quic:
         link.resume_path_model(path.get("model"))
         link.start(session, link._quic.get_next_available_stream_id())

@@ -118,7 +118,9 @@ class Receiver:
             journal = self.apply.staging.begin(os.urandom(8).hex(), prefix=RECV_PREFIX, resume=True)
         self.wanted: dict[int, Incoming | IncomingPack] = {}
         self.receiving: dict[int, Incoming | IncomingPack] = {}    # content arriving (its File or Pack came)
-        self.finished_here = False
+        self.finished_here = False               # everything listed dealt with: the end is under way
+        self.ending = False                      # ... its changes being made off the event loop (_end)
+        self.done_sent = False                   # ... and over: Done sent
         self.started = time.monotonic()
         self.checkpoints = Checkpoints(self, journal)
         self.planning = Planning(self)
@@ -178,6 +180,8 @@ class Receiver:
         return first
 
     def timer(self, now: float) -> None:
+        if self.finished_here:
+            return
         self.checkpoints.timer(now)
         self.intake.timer(now)
 
@@ -194,6 +198,8 @@ class Receiver:
         resume, the staging directory kept. Otherwise everything staged is
         removed."""
         from ..errors import ConnectionFailed, TimedOut
+        if self.ending:                         # its end owns the tree now: once over, it cleans up
+            return                              # itself if it failed (_end_orphaned)
         resumable = isinstance(exc, (ConnectionFailed, TimedOut)) and not self.options.dry_run
         if resumable:
             try:
@@ -217,8 +223,25 @@ class Receiver:
 
     def _end(self) -> None:
         """Everything listed has been dealt with: place the last files,
-        delete (if allowed), set the directories' attributes, report."""
-        self.finished_here = True
+        delete (if allowed), set the directories' attributes — off the
+        event loop (``Session.run_blocking``): their fsyncs may wait seconds
+        behind another program's writes, and a daemon's loop serves every
+        other transfer and its API meanwhile — then report (Done)."""
+        self.finished_here = self.ending = True
+        self.s.run_blocking(self._apply_end, self._ended, self._end_orphaned)
+
+    def _end_orphaned(self, outcome) -> None:
+        """The session ended (cut, cancelled) while its end was being
+        made: if that failed, what it left staged is removed."""
+        self.ending = False
+        if outcome.exception() is not None:
+            try:
+                self.apply.abort()
+                self.apply.close()
+            except OSError:
+                pass
+
+    def _apply_end(self) -> None:
         self.placement.place()
         apply, p = self.apply, self.planning
         plan = p.plan
@@ -244,15 +267,20 @@ class Receiver:
             dirs.insert(0, ("", p.root_attrs, p.root_prev))
         apply.finish_dirs(dirs)
         apply.close()
+
+    def _ended(self, outcome) -> None:
+        self.ending = False
+        outcome.result()                        # (what the end raised fails the session: abort cleans up)
         self.stats.duration = time.monotonic() - self.started
         result = self.stats.as_dict()
         i = self.intake
         result.update(repairs_asked=i.repairs_asked, stripes=i.stripes_received, stripes_repaired=i.stripes_repaired,
                       shards_recovered=i.shards_recovered,
                       corrupt_shards=i.corrupt_shards, resumed_bytes=self.checkpoints.resumed_bytes,
-                      redone=p.redone)
+                      redone=self.planning.redone)
         self.s.send(F.Done(json.dumps(result).encode()))
         self.s.result = result                # finished when the sender's Bye arrives
+        self.done_sent = True
 
 
 WANTS_BYTES = 64 << 10           # a directory's Wants frame is sent once its names and signatures reach this

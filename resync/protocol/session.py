@@ -174,6 +174,10 @@ class Session:
         self.reliable = False            # the transport loses nothing (the TLS stream): no parity, repairs,
         #                                  probes or shard checks; net sets it
         self.progress = None             # resync.progress.Progress (-P) or None: queued, partial, done, scanned
+        self.blocking = None             # the transport's: blocking(job, back) runs job() off its event loop,
+        #                                  then back(future) on it and sends what the session has; None: here
+        self._worker = None              # the thread running a job of the session's (run_blocking), if any
+        self._held: list[bytes] = []     # frames that job sent, sent when it is over
         self._backlog = False            # frames received and not yet taken (WORK_SLICE ran out)
         self._prev_rel = b""             # the path of the last Dir frame sent
         self.stats = {"datagrams_sent": 0, "datagram_bytes_sent": 0, "datagrams_received": 0,
@@ -290,7 +294,7 @@ class Session:
         missing (the sender closes soon after it, and on a lossy link its
         CONNECTION_CLOSE may be all that arrives)."""
         if not self.finished:
-            if isinstance(self.role, Receiver) and self.role.finished_here and self.error is None:
+            if isinstance(self.role, Receiver) and self.role.done_sent and self.error is None:
                 self.finished = True
                 return
             if getattr(self.role, "over_sent", False) and self.role.peer_over and self.error is None:
@@ -300,7 +304,50 @@ class Session:
             self.fail(ConnectionFailed(why), tell_peer=False)
 
     # -- for subclasses -------------------------------------------------------------------
+    def run_blocking(self, job, then, orphaned=None) -> None:
+        """Run ``job()``, which may wait on the disk for long (fsyncs
+        behind another program's writes: seconds), where it holds nothing
+        else up — the transport's worker thread (``blocking``), or here and
+        now — then ``then(future)`` here (``future.result()``: what ``job``
+        returned, or raises what it raised, which ends the session as if
+        raised here). Frames ``job`` sends leave when it is over, before
+        those of ``then``. While it runs the session is fed as before; its
+        role must not touch what ``job`` does. If the session has ended
+        meanwhile (cut, cancelled), ``orphaned(future)`` is called instead
+        of ``then``, to clean up after ``job`` if it failed."""
+        def run():
+            import threading
+            self._worker = threading.get_ident()
+            try:
+                return job()
+            finally:
+                self._worker = None
+
+        def back(outcome) -> None:
+            held, self._held = self._held, []
+            for data in held:
+                self._out += data
+            if not self.finished:
+                self._guarded(then, outcome)
+            elif orphaned is not None:
+                orphaned(outcome)
+        if self.blocking is None:
+            from concurrent.futures import Future
+            outcome: Future = Future()
+            try:
+                outcome.set_result(run())
+            except BaseException as exc:        # (raised again by back, under _guarded)
+                outcome.set_exception(exc)
+            back(outcome)
+        else:
+            self.blocking(run, back)
+
     def send(self, frame) -> None:
+        if self._worker is not None:
+            import threading
+            if threading.get_ident() == self._worker:   # (run_blocking's job: sent when it is over)
+                self._held.append(F.encode(frame))
+                return
         if type(frame) is F.Dir:                # (its path is front-coded against the Dir before it)
             self._out += F.encode(frame, self._prev_rel)
             self._prev_rel = frame.rel
