@@ -29,6 +29,7 @@ from .api import Control
 from .link import PacketBatch, SessionLink, configuration
 from .tcp import HANDSHAKE_TIMEOUT as TCP_HANDSHAKE_TIMEOUT
 from .tcp import StreamLink, tls_context
+from .workers import attach
 from .reset import CID_LENGTH, StatelessReset
 
 
@@ -349,25 +350,34 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     if state_dir is not None:
         from ..store.sessions import SessionStore
         inbound_store = SessionStore(Path(state_dir) / "inbound")
+    # The transfers' records (their sessions' and the history's run records: fsyncs each) are written
+    # by a thread of their own, in the order asked: an fsync waits for whatever else the file system
+    # has to write (seconds, beside another program writing), and the loop serves every transfer.
+    from concurrent.futures import ThreadPoolExecutor
+    records = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resync-records")
+
+    def in_order(job) -> None:
+        """``job()`` on the records thread, after those asked before;
+        HistoryError or OSError it raises: logged."""
+        from ..store import HistoryError
+
+        def run() -> None:
+            try:
+                job()
+            except (HistoryError, OSError) as exc:
+                log(str(exc))
+        records.submit(run)
 
     def keep_inbound(described: dict) -> None:
         """An inbound transfer's record, at its start and its end: the API
         lists the last RECENT across the daemon's restarts."""
-        if inbound_store is None:
-            return
-        from ..store import HistoryError
-        try:
-            inbound_store.save(described)
-        except HistoryError as exc:
-            log(str(exc))
+        if inbound_store is not None:
+            record = dict(described)
+            in_order(lambda: inbound_store.save(record))
 
     def forget_inbound(transfer_id: str) -> None:
         if inbound_store is not None:
-            from ..store import HistoryError
-            try:
-                inbound_store.remove(transfer_id)
-            except HistoryError as exc:
-                log(str(exc))
+            in_order(lambda: inbound_store.remove(transfer_id))
 
     def restore_inbound() -> None:
         """The inbound transfers recorded before this start: the last RECENT
@@ -492,7 +502,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         link.own_limits = (TokenBucket(0), TokenBucket(0, "shards"))      # (PATCH /api/v1/transfers/ID)
         link.feeder.limits = [*limits, *link.own_limits]    # (a channel's: its own; the connection has the daemon's)
         link.priority = "normal"
-        reports = _report_factory(history, lambda s: locks.links[id(s)])
+        reports = _report_factory(history, lambda s: locks.links[id(s)], in_order)
 
         def report_factory(s):              # (called at the Welcome: the daemon has taken the transfer)
             s.taken_at, s.taken_wall = time.monotonic(), time.time()
@@ -562,8 +572,6 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                                    shards_recovered=session.result.get("shards_recovered"),
                                    shards_lost=link.transport_stats().get("shards_lost")))
             recorder = getattr(session, "recorder", None)
-            if recorder is not None:
-                recorder.finish(status, _Stats(session.result) if session.error is None else None, transfer=row)
             who = f"{session.client_id or 'unknown client'} from {peer_of(link)}"
             if session.transfer_id and session.module:
                 who += f" (transfer {session.transfer_id}, {'TLS over TCP' if link.transport_name == 'tcp' else 'QUIC'})"
@@ -582,13 +590,19 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 log(f"{who}: {what}: {status}{' (' + detail + ')' if detail else ''}, "
                     f"{r.get('files_transferred', 0)} files ({r.get('bytes_transferred', 0)} B), "
                     f"{time.monotonic() - started:.2f} s")
-            if recorder is not None and recorder.failed:
-                log(f"{who}: {what}: not recorded in the history: {recorder.failed}")
+            if recorder is not None:
+                stats = _Stats(session.result) if session.error is None else None
+
+                def record(recorder=recorder, stats=stats, row=row, who=who, what=what) -> None:
+                    if recorder.finish(status, stats, transfer=row):
+                        log(f"{who}: {what}: not recorded in the history: {recorder.failed}")
+                in_order(record)
             links.discard(link)
 
         link.on_session_done = done
         locks.links[id(session)] = link
         link.session = session                  # driven by the connection's events from now on
+        attach(session, link.drive)             # (its end's fsyncs off the loop: net.workers)
         loop.call_soon(admit, link)
         loop.call_later(PROOF_DEADLINE, deadline, link)
         links.add(link)
@@ -684,11 +698,15 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     restore_inbound()
     if sessions is not None:
         sessions.restore()
+    from .watch import LoopWatch
+    watch = LoopWatch(loop, log, metrics.loop_lag.observe)
+    watch.start()
     if ready is not None:
         ready(sockname[1])
     try:
         await stop.wait()
     finally:
+        watch.stop()
         for timer in (ticking[0], pruning[0]):
             if timer is not None:
                 timer.cancel()
@@ -712,6 +730,7 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
         server.close()
         if streams is not None:
             streams.close()
+        records.shutdown(wait=True)             # (the records asked for written before the daemon exits)
 
 
 class _PausedCut(ConnectionFailed):
@@ -954,12 +973,13 @@ def _direction(session) -> str:
     return "push" if session.hello.push else "pull"
 
 
-def _report_factory(history: str | None, link_of):
+def _report_factory(history: str | None, link_of, in_order):
     """Called as a transfer starts (Welcome sent): its start line in the
     log, and its record in the server's history — a push's with the
     destination's manifest (the Report returned), a pull's with no manifest
     (the module is its source: the run row and its transfers row say what
-    was sent, to whom)."""
+    was sent, to whom). The run's start record is written by ``in_order``
+    (the records thread), as its end is."""
     def make(session):
         from ..report import Report, RunStats
         from ..store import HistoryError
@@ -973,10 +993,11 @@ def _report_factory(history: str | None, link_of):
         source, destination = (f"resync://{session.client_id}", session.target) if push else \
             (session.target, f"resync://{session.client_id}")
         try:
-            session.recorder = RunRecorder(history, "serve", source, destination)
+            session.recorder = RunRecorder(history, "serve", source, destination, deferred=True)
         except HistoryError as exc:             # the history's disk full: the transfer goes on, unrecorded
             log(f"{session.client_id}: {what}: not recorded in the history: {exc}")
             return None
+        in_order(session.recorder.begin)
         if not push:
             return None
         return Report(RunStats(), on_file=session.recorder.file, on_entry=session.recorder.entry)

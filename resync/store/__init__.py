@@ -200,21 +200,27 @@ class History:
             con.close()
 
     # ----------------------------------------------------------------- spools
-    def start_run(self, command: str, source: str, destination: str) -> RunSpool:
-        from .. import __version__
+    def start_run(self, command: str, source: str, destination: str, write: bool = True) -> RunSpool:
+        """A new run's spool, its start record written (``write``; else
+        the caller writes it later: ``write_start``). HistoryError."""
         run = RunSpool(self.spool_dir, os.urandom(16).hex())
         try:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
-            self._write_start(run, command, source, destination, __version__)
+            if write:
+                self.write_start(run, command, source, destination)
         except OSError as exc:
             raise HistoryError(self.path, f"cannot record the run ({exc.strerror or exc}); "
                                           "use --history PATH or --no-history") from None
         return run
 
-    def _write_start(self, run: RunSpool, command: str, source: str, destination: str, version: str) -> None:
+    def write_start(self, run: RunSpool, command: str, source: str, destination: str,
+                    started: float | None = None) -> None:
+        """The run's start record, durably (OSError). ``started``: Unix
+        time (default: now)."""
+        from .. import __version__ as version
         run.write_record({"id": run.run_id, "command": command, "source": source,
                           "destination": destination, "status": "running",
-                          "started": time.time(), "pid": os.getpid(), "host": _hostname(),
+                          "started": time.time() if started is None else started, "pid": os.getpid(), "host": _hostname(),
                           "version": version})
 
     def finish_run(self, run: RunSpool, status: str, stats: dict) -> None:

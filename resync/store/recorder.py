@@ -30,11 +30,18 @@ class RunRecorder:
     full, an I/O error) never fails the run it records: recording stops,
     ``failed`` says why, and the caller reports it (a daemon logs it, the
     CLI prints a warning); the run's record stays "running" with the pid of
-    a process that is gone, which the next merge takes for an abandoned run."""
+    a process that is gone, which the next merge takes for an abandoned run.
 
-    def __init__(self, history_path: str | None, command: str, source: str, destination: str):
+    ``deferred``: the run's start record is not written here (an fsync) but
+    by ``begin``, which the caller runs before ``finish`` where waiting on
+    the disk holds nothing up (a daemon: its records thread)."""
+
+    def __init__(self, history_path: str | None, command: str, source: str, destination: str,
+                 deferred: bool = False):
+        import time
         self.history = History(history_path)
-        self.run = self.history.start_run(command, source, destination)
+        self.run = self.history.start_run(command, source, destination, write=not deferred)
+        self._start = (command, source, destination, time.time()) if deferred else None
         self.failed = ""
         try:
             self._manifest = open(self.run.manifest, "w", encoding="utf-8", buffering=1 << 20)
@@ -47,6 +54,16 @@ class RunRecorder:
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    def begin(self) -> None:
+        """Write the start record of a ``deferred`` recorder (a failure:
+        ``failed``, the run goes on unrecorded)."""
+        if self._start is not None and not self.failed:
+            try:
+                self.history.write_start(self.run, *self._start[:3], started=self._start[3])
+            except OSError as exc:              # (the spool files stay open: the run writes them meanwhile;
+                self.failed = f"{self.history.path}: {exc.strerror or exc}"     # finish closes them)
+            self._start = None
 
     def _fail(self, exc: OSError) -> None:
         if not self.failed:
@@ -87,6 +104,7 @@ class RunRecorder:
         # record states their sizes, and the merge keeps a file only if it is
         # complete, so a crash can lose a manifest but never shorten one.
         if self.failed:
+            self._fail(OSError())               # (closes the spool files, keeps the first reason)
             return self.failed
         sizes = {}
         try:
