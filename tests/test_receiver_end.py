@@ -1,8 +1,10 @@
-"""A receiver's end (its last files placed, deletions, directory attributes:
-fsyncs that may wait seconds on a busy disk) runs off the event loop
-(Session.run_blocking, net.workers): the session is fed meanwhile, its Done
-leaves after the end and after the lines the end itemized; a cut or a failure
-while it runs leaves every path old or new and nothing staged behind."""
+"""A receiver's waits on the disk run off the event loop (Session.run_blocking,
+net.workers): its end (its last files placed, deletions, directory
+attributes), and in the middle of a transfer its flushes (batches of files
+made durable, checkpoints). The session is fed meanwhile; its Done leaves
+after the end and after the lines the end itemized; a cut, a kill or a
+failure while they run leaves every path old or new and nothing staged
+behind, and a killed transfer resumes from the checkpoint a flush wrote."""
 from __future__ import annotations
 
 import errno
@@ -12,7 +14,10 @@ import threading
 from pathlib import Path
 
 from resync.errors import ConnectionFailed
+from resync.protocol import checkpoint as checkpoint_mod
 from resync.protocol import frames as F
+from resync.protocol import parity as parity_mod
+from resync.protocol import receiver as receiver_mod
 from resync.protocol.receiver import RECV_PREFIX, Receiver
 from resync.protocol.session import Options
 
@@ -49,6 +54,7 @@ class Worker:
                 future.set_exception(exc)
         threading.Thread(target=run, daemon=True).start()
         self.pending.append((future, back))
+        return future
 
     def poll(self) -> bool:
         """Deliver the jobs that are over (the pump's ``cut_when``: never cuts)."""
@@ -144,3 +150,61 @@ def test_an_end_that_fails_fails_the_session_tells_the_client_and_removes_what_i
     assert client.error is not None                      # told by the server's Error, not left waiting
     assert not _staging_left(dst)
     assert not server.role.done_sent
+
+
+def _many(root: Path, rng: random.Random) -> None:
+    _tree(root)
+    for i in range(40):
+        (root / "sub" / f"small-{i:02}.txt").write_text(f"line {i}\n" * (i * 7))
+    for i in range(2):
+        (root / f"large{i}").write_bytes(rng.randbytes(2_000_000) + bytes(1_000_000))
+
+
+def test_flushes_in_the_middle_of_a_transfer_run_off_the_loop_and_the_tree_arrives_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(receiver_mod, "PLACE_BATCH", 4)
+    monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_INTERVAL", 0.02)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _many(src, random.Random(1))
+    dst.mkdir()
+    (dst / "sub").mkdir()
+    (dst / "sub" / "small-03.txt").write_text("an older copy\n")
+    client, server = make_pair(tmp_path, True, src, dst)
+    worker = Worker(server, release_after=2)            # each flush still under way for two turns of the pump
+    journals = []
+    real_run = checkpoint_mod.Flush.run
+
+    def run(job):
+        journals.append(job.journal is not None)
+        real_run(job)
+    monkeypatch.setattr(checkpoint_mod.Flush, "run", run)
+    pump(client, server, Channel(random.Random(4), loss=0.05), cut_when=worker.poll, rate=50e6)
+    assert server.error is None and client.error is None, (server.error, client.error)
+    assert len(worker.threads) >= 4 and threading.get_ident() not in worker.threads
+    assert True in journals and False in journals, journals     # checkpoints and batches of placed files
+    assert snapshot(src, root_meta=False) == snapshot(dst, root_meta=False)
+    assert not _staging_left(dst)
+
+
+def test_a_receiver_killed_while_it_flushes_resumes_from_the_checkpoint_a_flush_wrote(tmp_path, monkeypatch):
+    monkeypatch.setattr(parity_mod, "STRIPE_TARGET", 0.5)
+    monkeypatch.setattr(receiver_mod, "PLACE_BATCH", 4)
+    monkeypatch.setattr(checkpoint_mod, "CHECKPOINT_INTERVAL", 0.02)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _many(src, random.Random(2))
+    dst.mkdir()
+    client, server = make_pair(tmp_path, True, src, dst)
+    worker = Worker(server, release_after=1)
+    pump(client, server, Channel(random.Random(5), loss=0.05), cut_after=3000, kill=True, rate=50e6,
+         cut_when=worker.poll)
+    worker.gate.set()                                   # (a real kill ends its threads too: here they finish)
+    for future, _ in worker.pending:
+        future.exception(30)
+    kept = list(dst.glob(RECV_PREFIX + "*/checkpoint.json"))
+    assert len(kept) == 1
+    client, server = make_pair(tmp_path, True, src, dst)
+    worker = Worker(server, release_after=1)
+    pump(client, server, Channel(random.Random(6), loss=0.05), cut_when=worker.poll)
+    assert server.error is None and client.error is None, (server.error, client.error)
+    assert snapshot(src, root_meta=False) == snapshot(dst, root_meta=False)
+    assert not _staging_left(dst)
+    assert client.result["resumed_bytes"] > 0

@@ -246,6 +246,12 @@ class Applier:
         if id(d) not in self._dirty:
             self._dirty[id(d)] = d.acquire()
 
+    def take_dirty(self) -> list[Dir]:
+        """The directories with names not yet durable, no longer counted
+        dirty here: the caller fsyncs and releases each."""
+        dirty, self._dirty = self._dirty, {}
+        return list(dirty.values())
+
     def sync_dirs(self) -> None:
         """Make the names the dirty directories gained or lost durable: an
         fsync of each, or one syncfs of the file system when there are more

@@ -75,10 +75,7 @@ class Staging:
         """Record ``journal`` (the caller's account of what the staging
         directory holds) durably and atomically in the staging directory;
         ``begin_staging(resume=True)`` of a later run returns it."""
-        tmp = JOURNAL + ".tmp"
-        self.write(tmp, journal)
-        os.rename(tmp, JOURNAL, src_dir_fd=self._stage.fd, dst_dir_fd=self._stage.fd)
-        os.fsync(self._stage.fd)
+        write_journal(self._stage.fd, journal)
 
     def reopen(self, tmp: str) -> int:
         """A descriptor (read-write) of a file a checkpointed run staged.
@@ -95,13 +92,7 @@ class Staging:
         """A side file of the staging directory (e.g. a signature a resumed
         transfer needs again), written and fsynced (its name is made durable
         by the next checkpoint's fsync of the directory)."""
-        from ..fs import write_all
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=self._stage.fd)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_side(self._stage.fd, name, data)
 
     def read(self, name: str, limit: int = 64 << 20) -> bytes | None:
         """A side file of the staging directory written by ``stage_write``
@@ -222,18 +213,39 @@ class Staging:
         """Make everything staged since the last call durable: one syncfs,
         or (the applier's ``own_flush``, or no syncfs) an fsync of each file
         with their writeback started together (``tree.fsync_files``)."""
-        staged, self._staged = self._staged, []
+        staged = self.take_staged()
         if not staged or (not self.a.own_flush and syncfs(self._stage.fd)):
             return
+        fds = self.open_staged(staged)
+        try:
+            fsync_files(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def take_staged(self) -> list[Staged]:
+        """What was staged since the last call (or ``make_durable``): the
+        caller makes it durable."""
+        staged, self._staged = self._staged, []
+        return staged
+
+    def untake(self, staged: list[Staged]) -> None:
+        """Give back what ``take_staged`` took (the caller could not make it durable)."""
+        self._staged[:0] = staged
+
+    def open_staged(self, staged: list[Staged]) -> list[int]:
+        """A read-only descriptor of each of these staged files, to fsync
+        them (the caller closes them). OSError (none left open)."""
         fds: list[int] = []
         try:
             for s in staged:
                 fds.append(os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC,
                                    dir_fd=s.parent.fd if s.parent else self._stage.fd))
-            fsync_files(fds)
-        finally:
+        except BaseException:
             for fd in fds:
                 os.close(fd)
+            raise
+        return fds
 
     def place(self, staged: Staged, parent: Dir, e: Entry, prev: Entry | None, path: str, code: str) -> None:
         """Rename a staged file over ``path`` (whatever is there: a
@@ -296,3 +308,24 @@ def _stat_journal(root_fd: int):
         finally:
             os.close(d)
     return key
+
+
+def write_side(dir_fd: int, name: str, data: bytes) -> None:
+    """``name`` in the directory ``dir_fd``: ``data`` written and fsynced
+    (its name made durable by the directory's next fsync). OSError."""
+    from ..fs import write_all
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_journal(dir_fd: int, journal: bytes) -> None:
+    """A staging directory's checkpoint (``dir_fd``: the directory),
+    replaced durably and atomically. OSError."""
+    tmp = JOURNAL + ".tmp"
+    write_side(dir_fd, tmp, journal)
+    os.rename(tmp, JOURNAL, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)

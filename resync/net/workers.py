@@ -30,7 +30,8 @@ def _executor():
 
 def attach(session, drive) -> None:
     """Run ``session``'s blocking work on the disk workers; ``drive()``: what
-    sends what the session has once the work is over (the link's)."""
+    sends what the session has once the work is over (the link's).
+    ``session.blocking(job, back)`` returns the job's future."""
     loop = asyncio.get_running_loop()
 
     def blocking(job, back) -> None:
@@ -46,4 +47,5 @@ def attach(session, drive) -> None:
             except RuntimeError:                # the loop has closed: the process is stopping
                 pass
         future.add_done_callback(returned)
+        return future
     session.blocking = blocking

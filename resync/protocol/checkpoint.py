@@ -36,7 +36,7 @@ class Checkpoints:
         if self.next_at is not None and now >= self.next_at:
             self.next_at = now + CHECKPOINT_INTERVAL
             try:
-                self.write()
+                self.r.placement.flush(checkpoint=True)
             except OSError:                     # a full disk or I/O error: the transfer goes on without
                 self.next_at = float("inf")     # checkpoints (placing will report what fails)
 
@@ -84,26 +84,116 @@ class Checkpoints:
         if r.options.dry_run or r.apply.root_fd < 0:
             return
         r.placement.place()
+        journal, syncs, sides = self._account()
+        for inc in syncs:
+            os.fdatasync(inc.fd)
+        for inc, data in sides:
+            save_signature(r.apply.staging.fd, inc.tmp, data)
+            inc.sig_saved = True
+        r.apply.staging.checkpoint(journal)
+
+    def prepare(self, job: "Flush") -> None:
+        """The checkpoint as ``job``'s to write, off the event loop: what
+        it records is taken now, the descriptors it needs duplicated (the
+        loop goes on writing and closing its own). OSError (``job`` owns
+        what was duplicated)."""
+        r = self.r
+        self.since = 0
+        journal, syncs, sides = self._account()
+        job.stage_fd = os.dup(r.apply.staging.fd)
+        for inc in syncs:
+            job.data_fds.append(os.dup(inc.fd))
+        job.sides = [(inc.tmp, data) for inc, data in sides]
+        job.saved = [inc for inc, _ in sides]
+        job.journal = journal
+
+    def _account(self) -> tuple[bytes, list, list]:
+        """The checkpoint: (its journal, the files still arriving that it
+        counts — their content made durable before it is written — and
+        (file, bytes) of the delta signatures to save beside them first)."""
+        r = self.r
         entries = [k for k in self.kept.values()]            # not reached again yet: still kept
         entries += [inc.kept for inc in r.wanted.values()      # offered again, its File not here yet
                     if inc.kept is not None and inc.frame is None]
+        syncs, sides = [], []
         for inc in r.receiving.values():
             a, f = inc.assembler, inc.frame
             if a is None or inc.fd < 0 or not a.done or a.complete or f.runs is not None:
                 continue                        # (a sparse file is not checkpointed: sent again after a cut)
-            os.fdatasync(inc.fd)
+            syncs.append(inc)
             if f.delta and not inc.sig_saved:              # once, whole, with its salt: the checkpoint names it
                 from .encodings import signature_from_wire, signature_to_wire
-                r.apply.staging.write(inc.tmp + ".sig.tmp", signature_to_wire(
-                    signature_from_wire(inc.signature, r.s.salt), with_salt=True))
-                os.rename(inc.tmp + ".sig.tmp", inc.tmp + ".sig", src_dir_fd=r.apply.staging.fd,
-                          dst_dir_fd=r.apply.staging.fd)
-                inc.sig_saved = True
+                sides.append((inc, signature_to_wire(signature_from_wire(inc.signature, r.s.salt), with_salt=True)))
             entries.append({"path": os.fsencode(inc.path).hex(), "tmp": inc.tmp, "content": f.content.hex(),
                             "length": f.length, "delta": f.delta, "k": f.k, "shard_size": f.shard_size,
                             "basis": [inc.prev.size, inc.prev.mtime_ns] if f.delta else None,
                             "stripes": _ranges(a.done)})
-        r.apply.staging.checkpoint(json.dumps({"version": 1, "files": entries}).encode())
+        return json.dumps({"version": 1, "files": entries}).encode(), syncs, sides
+
+
+class Flush:
+    """A receiver's disk work in the middle of a transfer, run off the event
+    loop (``Placement.flush``): the completed files made durable (they are
+    renamed into place back on the loop, once this is over), the
+    directories that gained or lost names since the last flush fsynced,
+    and — for a checkpoint (``journal``) — what has arrived of the files
+    still arriving, their delta signatures, then the checkpoint itself.
+    It owns its descriptors and directory handles (closed and released when
+    it is over). OSError from the files' fsyncs; the checkpoint's own
+    failure is ``journal_error`` (the transfer goes on without checkpoints),
+    a directory's is in ``dir_errors`` ((rel, message), reported on the loop)."""
+
+    def __init__(self, staged_fds: list[int]):
+        self.staged_fds = staged_fds
+        self.dirs: list = []
+        self.data_fds: list[int] = []
+        self.stage_fd = -1
+        self.sides: list[tuple[str, bytes]] = []
+        self.saved: list = []                   # the files whose signatures it saves
+        self.journal: bytes | None = None
+        self.journal_error: OSError | None = None
+        self.dir_errors: list[tuple[str, str]] = []
+
+    def run(self) -> None:
+        from ..apply.staging import write_journal
+        from ..apply.tree import fsync_files
+        try:
+            fsync_files(self.staged_fds)
+            for d in self.dirs:
+                try:
+                    os.fsync(d.fd)
+                except OSError as exc:
+                    self.dir_errors.append((d.rel, exc.strerror or str(exc)))
+            if self.journal is not None:
+                try:
+                    for fd in self.data_fds:
+                        os.fdatasync(fd)
+                    for tmp, data in self.sides:
+                        save_signature(self.stage_fd, tmp, data)
+                    write_journal(self.stage_fd, self.journal)
+                except OSError as exc:
+                    self.journal_error = exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (*self.staged_fds, *self.data_fds, *([self.stage_fd] if self.stage_fd >= 0 else [])):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.staged_fds, self.data_fds, self.stage_fd = [], [], -1
+        dirs, self.dirs = self.dirs, []
+        for d in dirs:
+            d.release()
+
+
+def save_signature(dir_fd: int, tmp: str, data: bytes) -> None:
+    """A delta's signature beside its temp file ``tmp`` in the staging
+    directory ``dir_fd`` (``tmp``.sig), written durably. OSError."""
+    from ..apply.staging import write_side
+    write_side(dir_fd, tmp + ".sig.tmp", data)
+    os.rename(tmp + ".sig.tmp", tmp + ".sig", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _ranges(stripes) -> list[list[int]]:

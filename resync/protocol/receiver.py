@@ -165,7 +165,7 @@ class Receiver:
 
     def pump(self) -> None:
         self.intake.send_acks()
-        if self.planning.listed and not self.wanted and not self.finished_here:
+        if self.planning.listed and not self.wanted and not self.finished_here and self.placement.flushing is None:
             self._end()
 
     def next_timer(self) -> float | None:
@@ -200,6 +200,7 @@ class Receiver:
         from ..errors import ConnectionFailed, TimedOut
         if self.ending:                         # its end owns the tree now: once over, it cleans up
             return                              # itself if it failed (_end_orphaned)
+        self.placement.settle()
         resumable = isinstance(exc, (ConnectionFailed, TimedOut)) and not self.options.dry_run
         if resumable:
             try:
@@ -741,7 +742,7 @@ class PackIntake:
                 if d is not None:
                     d.release()
         if len(r.placement.to_place) >= PLACE_BATCH:
-            r.placement.place()
+            r.placement.flush()
 
     def _dir_handle(self, rel: str, dirs: dict):
         """The destination directory ``rel`` (an apply.Dir, reached from the
@@ -864,6 +865,8 @@ class Placement:
     def __init__(self, r: Receiver):
         self.r = r
         self.to_place: list = []
+        self.flushing: list | None = None       # the batch a flush makes durable off the loop, until placed
+        self._flush = None                      # ... that flush's future (concurrent.futures)
 
     def advance(self, inc, stripe: int) -> None:
         """-P: a stripe of ``inc`` is in; its share of the file's size."""
@@ -921,7 +924,7 @@ class Placement:
             staged.result.matched = max(0, staged.result.size - f.length)
         self.to_place.append((staged, inc))
         if len(self.to_place) >= PLACE_BATCH:
-            self.place()
+            self.flush()
 
     def drop(self, fid: int, keep_old: bool) -> None:
         r = self.r
@@ -939,15 +942,87 @@ class Placement:
         if inc.prev is not None and inc.prev.kind != "d":
             self.r.report.entry(inc.path, inc.prev, None)
 
+    def flush(self, checkpoint: bool = False) -> None:
+        """In the middle of a transfer: make the completed files durable
+        and place them, and with ``checkpoint`` write the checkpoint too —
+        off the event loop where the transport has disk workers
+        (``Session.run_blocking``: an fsync may wait seconds behind another
+        program's writes; one flush at a time, one asked for while another
+        runs is left to the next), here otherwise. A flush's files are
+        renamed into place once it is over, after its checkpoint: a kill
+        before then sends them again. OSError (nothing taken)."""
+        from .checkpoint import Flush
+        r = self.r
+        if r.s.blocking is None:
+            r.checkpoints.write() if checkpoint else self.place()
+            return
+        if self.flushing is not None or r.options.dry_run or r.apply.root_fd < 0:
+            return
+        staging = r.apply.staging
+        staged = staging.take_staged()
+        try:
+            job = Flush(staging.open_staged(staged))
+            if checkpoint:
+                try:
+                    r.checkpoints.prepare(job)
+                except BaseException:
+                    job.close()
+                    raise
+        except BaseException:
+            staging.untake(staged)
+            raise
+        job.dirs = r.apply.take_dirty()
+        batch, self.to_place = self.to_place, []
+        self.flushing = batch
+        self._flush = r.s.run_blocking(job.run, lambda outcome: self._flushed(job, outcome))
+
+    def _flushed(self, job, outcome) -> None:
+        """A flush is over (back on the loop): its files renamed into place."""
+        batch, self.flushing, self._flush = self.flushing, None, None
+        r = self.r
+        outcome.result()                        # (its files could not be made durable: the transfer fails)
+        for rel, message in job.dir_errors:
+            r.report.error(rel + "/", message)
+        if job.journal is not None:
+            if job.journal_error is not None:   # the transfer goes on without checkpoints
+                r.checkpoints.next_at = float("inf")
+            else:
+                for inc in job.saved:
+                    inc.sig_saved = True
+        self._rename(batch)
+
+    def settle(self) -> None:
+        """The transfer stops: a flush under way is waited for (blocking,
+        the one wait on the disk left on the loop, at a cut or a cancel);
+        its files, if it made them durable, are placed by what follows."""
+        if self.flushing is None:
+            return
+        batch, future = self.flushing, self._flush
+        self.flushing = self._flush = None
+        try:
+            future.result()
+        except Exception:                       # (its files stay staged: removed, or resent after a resume)
+            return
+        self.to_place[:0] = batch
+
     def place(self) -> None:
-        """Make the completed files durable together, then rename them into place."""
+        """Make the completed files durable together, then rename them into
+        place (here and now: the end, a cut, a transport without disk
+        workers); and the directories that gained or lost names since the
+        last time (those flushes placed files in too) fsynced."""
+        try:
+            if self.to_place:
+                self.r.apply.staging.make_durable()
+                batch, self.to_place = self.to_place, []
+                self._rename(batch)
+        finally:
+            self.r.apply.sync_dirs()
+
+    def _rename(self, batch: list) -> None:
+        """Rename the files of ``batch``, durable, into place."""
         from ..apply import Dir
         from ..scan import open_rel_dir
-        if not self.to_place:
-            return
         apply, report = self.r.apply, self.r.report
-        batch, self.to_place = self.to_place, []
-        apply.staging.make_durable()
         handles: dict[str, Dir] = {}
         try:
             for staged, inc in batch:
@@ -971,7 +1046,6 @@ class Placement:
         finally:
             for h in handles.values():
                 h.release()
-            apply.sync_dirs()
 
 
 def _kind_of(mode: int) -> int:

@@ -304,7 +304,7 @@ class Session:
             self.fail(ConnectionFailed(why), tell_peer=False)
 
     # -- for subclasses -------------------------------------------------------------------
-    def run_blocking(self, job, then, orphaned=None) -> None:
+    def run_blocking(self, job, then, orphaned=None):
         """Run ``job()``, which may wait on the disk for long (fsyncs
         behind another program's writes: seconds), where it holds nothing
         else up — the transport's worker thread (``blocking``), or here and
@@ -314,7 +314,8 @@ class Session:
         those of ``then``. While it runs the session is fed as before; its
         role must not touch what ``job`` does. If the session has ended
         meanwhile (cut, cancelled), ``orphaned(future)`` is called instead
-        of ``then``, to clean up after ``job`` if it failed."""
+        of ``then``, to clean up after ``job`` if it failed. Returns the
+        job's future (concurrent.futures)."""
         def run():
             import threading
             self._worker = threading.get_ident()
@@ -339,8 +340,8 @@ class Session:
             except BaseException as exc:        # (raised again by back, under _guarded)
                 outcome.set_exception(exc)
             back(outcome)
-        else:
-            self.blocking(run, back)
+            return outcome
+        return self.blocking(run, back)
 
     def send(self, frame) -> None:
         if self._worker is not None:
