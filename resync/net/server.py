@@ -42,6 +42,7 @@ PREAUTH_BYTES = (1 << 20) + (1 << 19)   # UDP bytes taken from a connection befo
 REFUSAL_LOG_INTERVAL = 10.0       # s between log lines about connections refused at the caps
 RELAY_MAINTENANCE = 60.0          # s between a relay's maintenance cycles (expired envelopes removed)
 PROBE_WAIT = 1.0                  # s (or 4 RTT) a PING may take to be acknowledged by a live connection
+MERGE_AGAIN = 2.0                 # s between looks at a history merge under way, when another was asked for
 
 
 def log(message: str) -> None:
@@ -366,7 +367,10 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 job()
             except (HistoryError, OSError) as exc:
                 log(str(exc))
-        records.submit(run)
+        try:
+            records.submit(run)
+        except RuntimeError:                    # (the daemon is stopping: its records thread has ended)
+            run()
 
     def keep_inbound(described: dict) -> None:
         """An inbound transfer's record, at its start and its end: the API
@@ -378,6 +382,26 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
     def forget_inbound(transfer_id: str) -> None:
         if inbound_store is not None:
             in_order(lambda: inbound_store.remove(transfer_id))
+
+    merging = {"process": None, "again": False}
+
+    def merge_history() -> None:
+        """(On the records thread.) The history's spools merged by one
+        background process at a time: a hundred transfers ending together
+        started a hundred Python processes importing DuckDB, beside the
+        daemon on its cores. Asked while one runs: once more after it."""
+        process = merging["process"]
+        if process is not None and process.poll() is None:
+            if not merging["again"]:
+                merging["again"] = True
+                loop.call_soon_threadsafe(loop.call_later, MERGE_AGAIN, in_order, merge_again)
+            return
+        from ..store import History
+        merging["process"] = History(history).merge_in_background()
+
+    def merge_again() -> None:
+        merging["again"] = False
+        merge_history()
 
     def restore_inbound() -> None:
         """The inbound transfers recorded before this start: the last RECENT
@@ -594,8 +618,11 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 stats = _Stats(session.result) if session.error is None else None
 
                 def record(recorder=recorder, stats=stats, row=row, who=who, what=what) -> None:
-                    if recorder.finish(status, stats, transfer=row):
+                    inline = os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline"
+                    if recorder.finish(status, stats, transfer=row, merge=inline):
                         log(f"{who}: {what}: not recorded in the history: {recorder.failed}")
+                    elif not inline:
+                        merge_history()
                 in_order(record)
             links.discard(link)
 

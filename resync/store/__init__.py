@@ -230,17 +230,18 @@ class History:
         record["finished"] = time.time()
         run.write_record(record)
 
-    def merge_in_background(self) -> None:
+    def merge_in_background(self):
         """Merge spools in a detached process, so a command returns without
-        waiting for DuckDB (readers merge pending spools first anyway)."""
+        waiting for DuckDB (readers merge pending spools first anyway).
+        Returns the process (subprocess.Popen), None if it could not start."""
         import subprocess
         import sys
         try:
-            subprocess.Popen([sys.executable, "-m", "resync.store", "merge", str(self.path)],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            return subprocess.Popen([sys.executable, "-m", "resync.store", "merge", str(self.path)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
         except OSError:
-            pass     # the next reader or run merges the spool
+            return None     # the next reader or run merges the spool
 
     def prune(self, keep_days: float, wait: float = LOCK_WAIT, now: float | None = None) -> dict:
         """Retention: forget the per-file detail of the runs started more
