@@ -9,7 +9,7 @@ from resync.net.watch import LoopWatch
 
 
 def _blocking_callback() -> None:
-    time.sleep(0.9)                             # (as an fsync waiting behind another program's writes)
+    time.sleep(1.2)                             # (as an fsync waiting behind another program's writes)
 
 
 def test_a_blocked_loop_is_logged_with_where_it_was_blocked_and_how_long():
@@ -18,7 +18,7 @@ def test_a_blocked_loop_is_logged_with_where_it_was_blocked_and_how_long():
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        watch = LoopWatch(loop, lines.append, lags.append, stall_log=0.3)
+        watch = LoopWatch(loop, lines.append, lags.append, stall_log=0.5)
         watch.start()
         await asyncio.sleep(0.3)
         loop.call_soon(_blocking_callback)
@@ -29,8 +29,8 @@ def test_a_blocked_loop_is_logged_with_where_it_was_blocked_and_how_long():
     assert len(blocked) == 1, lines                         # once per stall, not once per look
     assert "tests/test_watch.py:" in blocked[0] and "_blocking_callback" in blocked[0], blocked
     again = [line for line in lines if "ran again after" in line]
-    assert len(again) == 1 and 0.8 <= float(again[0].split("after ")[1].split()[0]) <= 1.5, lines
-    assert max(lags) >= 0.8 and sorted(lags)[len(lags) // 2] < 0.05, lags
+    assert len(again) == 1 and 1.1 <= float(again[0].split("after ")[1].split()[0]) <= 2.0, lines
+    assert max(lags) >= 1.1 and sorted(lags)[len(lags) // 2] < 0.05, lags
 
 
 def test_a_loop_that_runs_on_time_logs_nothing():
@@ -38,7 +38,7 @@ def test_a_loop_that_runs_on_time_logs_nothing():
     lags: list[float] = []
 
     async def main() -> None:
-        watch = LoopWatch(asyncio.get_running_loop(), lines.append, lags.append, stall_log=0.3)
+        watch = LoopWatch(asyncio.get_running_loop(), lines.append, lags.append, stall_log=0.5)
         watch.start()
         for _ in range(20):
             await asyncio.sleep(0.02)
