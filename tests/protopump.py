@@ -132,6 +132,17 @@ def _die(receiver) -> None:
     receiver.apply.close()
 
 
+class RemoteLines:
+    """A client's report that keeps the lines the server sent it (Item
+    frames: (kind, text))."""
+
+    def __init__(self):
+        self.items: list[tuple[int, bytes]] = []
+
+    def remote(self, frame) -> None:
+        self.items.append((frame.kind, frame.text))
+
+
 def server_is_receiver(server) -> bool:
     from resync.protocol.receiver import Receiver
     return isinstance(server.role, Receiver)

@@ -27,7 +27,7 @@ from resync.protocol import sender as sender_mod
 from resync.protocol.shards import HEADER, StripeAssembler, StripeEncoder, parse
 
 from . import mix
-from .protopump import Channel, identities, make_pair, pump
+from .protopump import Channel, RemoteLines, identities, make_pair, pump
 from .test_sync import _restamp, make_tree, mutate, seconds
 from .treeutil import rsync_a, snapshot
 
@@ -571,15 +571,7 @@ def test_itemized_lines_of_a_push_reach_the_client(tmp_path):
     src.mkdir()
     (src / "a").write_text("a")
     dst.mkdir()
-
-    class Lines:
-        def __init__(self):
-            self.items = []
-
-        def remote(self, frame):
-            self.items.append((frame.kind, frame.text))
-
-    lines = Lines()
+    lines = RemoteLines()
     client, server = make_pair(tmp_path, True, src, dst, options=Options(itemize=True), client_report=lines)
     pump(client, server, Channel(random.Random(1)))
     assert (F.ITEM_LINE, b">f+++++++++ a") in lines.items

@@ -22,7 +22,7 @@ from resync.protocol.receiver import RECV_PREFIX, Receiver
 from resync.protocol.session import Options
 
 from . import mix
-from .protopump import Channel, make_pair, pump
+from .protopump import Channel, RemoteLines, make_pair, pump
 from .treeutil import snapshot
 
 
@@ -89,14 +89,7 @@ def test_the_end_runs_off_the_loop_and_done_follows_it_and_its_itemized_lines(tm
     _tree(src)
     dst.mkdir()
     (dst / "stale").write_text("only at the destination\n")
-
-    class Lines:
-        def __init__(self):
-            self.items = []
-
-        def remote(self, frame):
-            self.items.append((frame.kind, frame.text))
-    lines = Lines()
+    lines = RemoteLines()
     client, server = make_pair(tmp_path, True, src, dst, options=Options(delete=True, itemize=True),
                                client_report=lines)
     worker = Worker(server)
