@@ -618,11 +618,8 @@ async def serve(host: str, port: int, settings: Settings, identity, history: str
                 stats = _Stats(session.result) if session.error is None else None
 
                 def record(recorder=recorder, stats=stats, row=row, who=who, what=what) -> None:
-                    inline = os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline"
-                    if recorder.finish(status, stats, transfer=row, merge=inline):
+                    if recorder.finish(status, stats, transfer=row, background=merge_history):
                         log(f"{who}: {what}: not recorded in the history: {recorder.failed}")
-                    elif not inline:
-                        merge_history()
                 in_order(record)
             links.discard(link)
 

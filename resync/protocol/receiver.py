@@ -954,7 +954,10 @@ class Placement:
         from .checkpoint import Flush
         r = self.r
         if r.s.blocking is None:
-            r.checkpoints.write() if checkpoint else self.place()
+            if checkpoint:
+                r.checkpoints.write()
+            else:
+                self.place()
             return
         if self.flushing is not None or r.options.dry_run or r.apply.root_fd < 0:
             return

@@ -95,10 +95,14 @@ class RunRecorder:
                                  f'"literal_bytes":{change.literal},"matched_bytes":{change.matched},'
                                  f'"duration":{change.seconds:.6f},"blake3":{digest}}}\n')
 
-    def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None) -> str:
+    def finish(self, status: str, stats, merge: bool = True, transfer: dict | None = None,
+               background=None) -> str:
         """End the run: ``stats`` (RunStats-like, None for a run that
         failed), ``transfer`` (a network run's row of the transfers table,
-        schema.TRANSFER_COLUMNS). Returns ``failed``: "" when the run is
+        schema.TRANSFER_COLUMNS); ``merge``: then merge the spool into the
+        database, in a background process (``background()`` starts it, if
+        given: a daemon runs one at a time), or here with
+        RESYNC_HISTORY_MERGE=inline. Returns ``failed``: "" when the run is
         recorded, else why it is not."""
         # The spool files are not fsynced (that cost ~10 ms a run): the final
         # record states their sizes, and the merge keeps a file only if it is
@@ -137,5 +141,5 @@ class RunRecorder:
             if os.environ.get("RESYNC_HISTORY_MERGE", "background") == "inline":
                 self.history.merge(hash_files=True)
             else:
-                self.history.merge_in_background()
+                (background or self.history.merge_in_background)()
         return ""
